@@ -1,0 +1,262 @@
+"""``ce_engine.evaluate``: validate → loss → reduce → outputs (DESIGN §2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ce_engine.backend import get_namespace
+from ce_engine.dtypes import BFLOAT16, compute_dtype, is_floating
+from ce_engine.errors import ErrorItem, InputValidationError
+from ce_engine.layout import Array, Layout
+from ce_engine.losses._common import first_true
+from ce_engine.options import CommonOptions
+from ce_engine.registry import LossInputs, LossTerms, get_loss
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class EvaluationResult:
+    """Reduced loss plus ``sum``/``denominator`` for exact aggregation across batches.
+
+    ``value`` = sum / denominator for mean/batchmean, = sum for ``sum``, None for ``none`` (and
+    for a mean over zero counted weight).
+    """
+
+    loss: str
+    value: float | None
+    sum: float
+    denominator: float
+    count: int
+    ignored: int
+    reduction: str
+    normalization: str
+    unit: str
+    outputs: dict[str, Array] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    backend: str = "numpy"
+    compute_dtype: str = "float32"
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+def to_backend(xp: Any, array: Any, *, loc: str) -> Array:
+    """Host/device array → ``xp`` array; bfloat16 is widened to float32 (CuPy has no bf16)."""
+    if array is None:
+        raise InputValidationError.single((loc,), "field required", "missing")
+    if not hasattr(array, "dtype"):
+        try:
+            array = np.asarray(array)
+        except ValueError as exc:
+            raise InputValidationError.single((loc,), f"not a rectangular array: {exc}") from None
+    if array.dtype == BFLOAT16:
+        array = np.asarray(array).astype(np.float32)
+    if array.dtype == object:
+        raise InputValidationError.single((loc,), "not a numeric array", "dtype")
+    return xp.asarray(array)
+
+
+def _bad_logits(xp: Any, rows: Array, input_kind: str) -> Array:
+    """(M, C) mask of inputs that ``nan_policy`` handles: NaN, +inf (any inf for probabilities)."""
+    if input_kind == "probabilities":
+        return ~xp.isfinite(rows)
+    return xp.isnan(rows) | (rows == xp.inf)
+
+
+def _apply_nan_policy(
+    xp: Any, rows: Array, layout: Layout, opts: CommonOptions
+) -> tuple[Array, Array | None]:
+    """Returns (rows, exclude mask or None); raises on bad input for ``raise``."""
+    if opts.nan_policy == "propagate":
+        return rows, None
+    bad = _bad_logits(xp, rows, opts.input_kind)
+    bad_rows = bad.any(axis=-1)
+    if opts.input_kind != "probabilities":
+        bad_rows |= xp.all(rows == -xp.inf, axis=-1)
+    if opts.nan_policy == "raise":
+        idx = first_true(xp, bad)
+        if idx is not None:
+            row, cls = divmod(idx, layout.num_classes)
+            raise InputValidationError.single(
+                ("logits", *layout.element(row, cls)),
+                f"logit is {float(rows[row, cls])} (nan_policy='raise')",
+                "non_finite",
+            )
+        bad_row = first_true(xp, bad_rows)
+        if bad_row is not None:
+            raise InputValidationError.single(
+                ("logits", *layout.position(bad_row)),
+                "all logits of this position are -inf",
+                "non_finite",
+            )
+        return rows, None
+    if not bool(bad_rows.any()):
+        return rows, None
+    return xp.where(bad_rows[:, None], 0, rows), bad_rows
+
+
+def _sample_weight(xp: Any, sw: Any, layout: Layout, dtype: Any) -> Array | None:
+    if sw is None:
+        return None
+    s = to_backend(xp, sw, loc="sample_weight")
+    shape = tuple(s.shape)
+    if shape == (layout.batch_size,) and layout.positions_shape:
+        s = xp.broadcast_to(
+            s.reshape((layout.batch_size,) + (1,) * (len(layout.positions_shape) - 1)),
+            layout.positions_shape,
+        )
+    elif shape != layout.positions_shape:
+        raise InputValidationError.single(
+            ("sample_weight",),
+            f"sample_weight must have shape [{layout.batch_size}] or "
+            f"{list(layout.positions_shape)}, got {list(shape)}",
+            "shape_mismatch",
+        )
+    s = layout.to_positions(xp.asarray(s, dtype=dtype))
+    bad = first_true(xp, ~xp.isfinite(s) | (s < 0))
+    if bad is not None:
+        raise InputValidationError.single(
+            ("sample_weight", *layout.position(bad)),
+            "sample weights must be finite and >= 0",
+            "sample_weight",
+        )
+    return s
+
+
+def _check_outputs(
+    requested: Iterable[str], supported: frozenset[str], loss: str
+) -> frozenset[str]:
+    want = []
+    errors = []
+    for i, name in enumerate(requested):
+        if name not in supported:
+            errors.append(
+                ErrorItem(
+                    ("outputs", i),
+                    f"output {name!r} is not supported for {loss}; supported: "
+                    f"{', '.join(sorted(supported))}",
+                    "unsupported_output",
+                )
+            )
+        want.append(name)
+    if errors:
+        raise InputValidationError(errors)
+    return frozenset(want)
+
+
+def evaluate(
+    loss: str,
+    logits: Any,
+    targets: Any,
+    *,
+    options: Mapping[str, Any] | CommonOptions | None = None,
+    outputs: Iterable[str] = ("loss",),
+    metrics: Iterable[str] = (),
+    sample_weight: Any = None,
+    vector: Any = None,
+    backend: str = "auto",
+) -> EvaluationResult:
+    """Evaluate ``loss`` on a batch.
+
+    Shapes: logits (N, C) or (N, d1.., C) with classes on ``class_axis``; targets by
+    ``target_format``. Returns the reduced loss, ``sum``/``denominator``/``count``, the requested
+    ``outputs`` (arrays in the backend's namespace, logits' layout) and ``metrics``.
+    """
+    spec = get_loss(loss)
+    opts = spec.parse_options(options)
+    want = _check_outputs(outputs, spec.outputs, loss)
+    metric_names = list(metrics)
+    xp, backend_name = get_namespace(backend)
+
+    z = to_backend(xp, logits, loc="logits")
+    if z.dtype.kind == "b" or not (is_floating(z.dtype) or z.dtype.kind in "iu"):
+        raise InputValidationError.single(
+            ("logits",), f"logits must be numeric, got {z.dtype}", "dtype"
+        )
+    cdt = compute_dtype(logits.dtype if hasattr(logits, "dtype") else z.dtype)
+    layout = Layout.of(tuple(z.shape), opts.class_axis)
+    rows = layout.to_rows(xp, z.astype(cdt, copy=False))
+    rows, exclude = _apply_nan_policy(xp, rows, layout, opts)
+    t = to_backend(xp, targets, loc="targets")
+    s = _sample_weight(xp, sample_weight, layout, cdt)
+    v = None
+    if vector is not None:
+        v_arr = to_backend(xp, vector, loc="vector")
+        if tuple(v_arr.shape) != layout.shape:
+            raise InputValidationError.single(
+                ("vector",),
+                f"vector must have the logits' shape {list(layout.shape)}",
+                "shape_mismatch",
+            )
+        v = layout.to_rows(xp, v_arr.astype(cdt, copy=False))
+    elif "hvp" in want:
+        raise InputValidationError.single(("vector",), "output 'hvp' needs `vector`", "missing")
+
+    terms = spec.compute(LossInputs(xp, layout, rows, t, opts, s, exclude, want, v))
+    result = reduce_terms(terms, layout, opts, spec.name, want, xp)
+    result.backend = backend_name
+    result.compute_dtype = np.dtype(cdt).name
+    if metric_names:
+        from ce_engine.metrics import compute_metrics
+
+        result.metrics = compute_metrics(metric_names, xp, rows, t, layout, opts, s, exclude)
+    return result
+
+
+def reduce_terms(
+    terms: LossTerms, layout: Layout, opts: CommonOptions, name: str, want: frozenset[str], xp: Any
+) -> EvaluationResult:
+    """Apply ``reduction``/``normalization``/``log_base`` to per-position terms."""
+    base_scale = 1.0 / LN2 if opts.log_base == "2" else 1.0
+    total = float(terms.per_sample.sum(dtype=np.float64)) * base_scale
+    count = int(terms.valid.sum())
+    if opts.reduction == "batchmean":
+        denominator = float(layout.batch_size)
+    elif opts.normalization == "valid":
+        denominator = float(terms.valid_weight.sum(dtype=np.float64))
+    elif opts.normalization == "batch_size":
+        denominator = float(layout.batch_size)
+    elif opts.normalization == "all":
+        denominator = float(layout.num_positions)
+    else:
+        denominator = 1.0
+    if opts.reduction in ("mean", "batchmean"):
+        value = total / denominator if denominator > 0 else None
+        grad_scale = 1.0 / denominator if denominator > 0 else 0.0
+    else:
+        value = total if opts.reduction == "sum" else None
+        grad_scale = 1.0
+    grad_scale *= base_scale
+
+    outputs: dict[str, Array] = {}
+    for key, arr in terms.arrays.items():
+        if key in ("grad", "hessian", "hessian_diag", "hvp"):
+            arr = arr * arr.dtype.type(grad_scale) if grad_scale != 1.0 else arr
+        if key in ("hessian",):
+            outputs[key] = arr.reshape((*layout.positions_shape, *arr.shape[1:]))
+        elif arr.ndim == 2:
+            outputs[key] = layout.from_rows(xp, arr)
+        else:
+            outputs[key] = layout.from_positions(arr)
+    if "per_sample" in want:
+        per = terms.per_sample
+        outputs["per_sample"] = layout.from_positions(
+            per * per.dtype.type(base_scale) if base_scale != 1.0 else per
+        )
+    return EvaluationResult(
+        loss=name,
+        value=value,
+        sum=total,
+        denominator=denominator,
+        count=count,
+        ignored=layout.num_positions - count,
+        reduction=opts.reduction,
+        normalization="batch_size" if opts.reduction == "batchmean" else opts.normalization,
+        unit="bits" if opts.log_base == "2" else "nats",
+        outputs=outputs,
+        extras={k: v * base_scale for k, v in terms.extras.items()},
+    )

@@ -1,0 +1,46 @@
+"""Engine error types: structured, transport-agnostic (the service maps them to HTTP/gRPC)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ErrorItem:
+    """One problem with the input: where (``loc``), what (``msg``), a machine code (``type``)."""
+
+    loc: tuple[str | int, ...]
+    msg: str
+    type: str = "value_error"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loc": list(self.loc), "msg": self.msg, "type": self.type}
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+@dataclass
+class InputValidationError(EngineError):
+    """The inputs are not valid for the requested loss/options (HTTP 422, gRPC INVALID_ARGUMENT)."""
+
+    errors: list[ErrorItem] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.detail)
+
+    @property
+    def detail(self) -> str:
+        return "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in self.errors)
+
+    @classmethod
+    def single(
+        cls, loc: tuple[str | int, ...], msg: str, type: str = "value_error"
+    ) -> InputValidationError:
+        return cls([ErrorItem(loc, msg, type)])
+
+
+class BackendUnavailableError(EngineError):
+    """The requested array backend cannot be used here (HTTP 422, gRPC FAILED_PRECONDITION)."""

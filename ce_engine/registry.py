@@ -1,0 +1,126 @@
+"""The loss registry: name → compute function, options model, supported outputs.
+
+One registry drives validation, the `/v1/losses` catalog, the OpenAPI schema, gRPC and docs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pydantic
+
+from ce_engine.errors import ErrorItem, InputValidationError
+from ce_engine.layout import Array, Layout
+from ce_engine.options import CommonOptions
+
+#: Array outputs every loss may offer; a spec lists the subset it supports.
+ALL_OUTPUTS = (
+    "loss",
+    "per_sample",
+    "grad",
+    "probabilities",
+    "log_probabilities",
+    "hessian",
+    "hessian_diag",
+    "hvp",
+)
+
+
+@dataclass
+class LossInputs:
+    """What a loss function receives: rows (M, C) in compute dtype plus raw targets."""
+
+    xp: ModuleType
+    layout: Layout
+    logits: Array  # (M, C), compute dtype, class axis last
+    targets: Array  # as sent (xp array), the loss flattens it with `layout`
+    options: Any  # the loss's options model instance
+    sample_weight: Array | None  # (M,) compute dtype, or None
+    exclude: Array | None  # (M,) bool: positions dropped by nan_policy="omit"
+    want: frozenset[str]  # requested outputs
+    vector: Array | None = None  # (M, C) direction for hvp
+
+
+@dataclass
+class LossTerms:
+    """What a loss function returns, before reduction (all in nats, sample weights applied).
+
+    ``per_sample`` (M,) is s_i·ℓ_i (0 where not counted); ``valid_weight`` (M,) is each
+    position's share of the ``valid`` denominator; derivative arrays are of Σ_i per_sample.
+    """
+
+    per_sample: Array
+    valid_weight: Array
+    valid: Array
+    arrays: dict[str, Array] = field(default_factory=dict)  # grad, probabilities, …
+    extras: dict[str, float] = field(default_factory=dict)  # loss-specific scalars
+
+
+LossFn = Callable[[LossInputs], LossTerms]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    compute: LossFn
+    options_model: type[CommonOptions]
+    outputs: frozenset[str]
+    summary: str
+    formula: str = ""
+
+    def parse_options(self, options: Mapping[str, Any] | CommonOptions | None) -> Any:
+        """Validate raw options against the loss's model (errors located under ``options``)."""
+        if isinstance(options, self.options_model):
+            return options
+        if isinstance(options, CommonOptions):
+            options = options.model_dump(exclude_unset=True)
+        try:
+            return self.options_model.model_validate(dict(options or {}))
+        except pydantic.ValidationError as exc:
+            raise InputValidationError(
+                [
+                    ErrorItem(("options", *e["loc"]), e["msg"], e["type"])
+                    for e in exc.errors(include_url=False)
+                ]
+            ) from None
+
+    def defaults(self) -> dict[str, Any]:
+        return self.options_model().model_dump()
+
+    def options_schema(self) -> dict[str, Any]:
+        return self.options_model.model_json_schema()
+
+
+REGISTRY: dict[str, LossSpec] = {}
+
+
+def register(spec: LossSpec) -> LossSpec:
+    if spec.name in REGISTRY:
+        raise ValueError(f"loss {spec.name!r} registered twice")
+    unknown = spec.outputs - set(ALL_OUTPUTS)
+    if unknown:
+        raise ValueError(f"loss {spec.name!r} declares unknown outputs {sorted(unknown)}")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_loss(name: str) -> LossSpec:
+    import ce_engine.losses  # noqa: F401  (registers the built-in losses)
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise InputValidationError.single(
+            ("loss",),
+            f"unknown loss {name!r}; available: {', '.join(sorted(REGISTRY))}",
+            "unknown_loss",
+        ) from None
+
+
+def all_losses() -> dict[str, LossSpec]:
+    import ce_engine.losses  # noqa: F401
+
+    return dict(REGISTRY)

@@ -1,0 +1,127 @@
+"""Tensor (de)serialisation: nested JSON lists, ``{dtype, shape, data: base64}``, raw bytes.
+
+Tensors are decoded with an explicit dtype and shape (never unpickled); bytes are little-endian,
+C order. Element counts are checked before any allocation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from ce_engine.dtypes import WIRE_DTYPES, wire_name
+from service.errors import PayloadTooLarge, ValidationFailed
+
+
+def _invalid(loc: Sequence[str | int], msg: str, type_: str = "tensor") -> ValidationFailed:
+    return ValidationFailed(
+        f"{'.'.join(map(str, loc))}: {msg}", [{"loc": list(loc), "msg": msg, "type": type_}]
+    )
+
+
+def check_shape(shape: Sequence[Any], loc: Sequence[str | int], max_elements: int) -> int:
+    """Validate a declared shape; returns its element count (Python ints: no overflow)."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > 32:
+        raise _invalid((*loc, "shape"), "shape must be a list of at most 32 dimensions")
+    count = 1
+    for i, dim in enumerate(shape):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise _invalid((*loc, "shape", i), f"dimension must be an integer >= 0, got {dim!r}")
+        count *= dim
+        if count > max_elements:
+            raise PayloadTooLarge(
+                f"{'.'.join(map(str, loc))}: {math.prod(shape)} elements exceed the limit of "
+                f"{max_elements}",
+                [{"loc": list(loc), "msg": "too many elements", "type": "too_many_elements"}],
+            )
+    return count
+
+
+def from_bytes(
+    raw: bytes, dtype_name: str, shape: Sequence[Any], loc: Sequence[str | int], max_elements: int
+) -> np.ndarray:
+    """Little-endian C-order bytes + dtype + shape → array (zero-copy view)."""
+    dtype = WIRE_DTYPES.get(dtype_name)
+    if dtype is None:
+        raise _invalid(
+            (*loc, "dtype"),
+            f"unknown dtype {dtype_name!r}; expected one of {', '.join(WIRE_DTYPES)}",
+            "dtype",
+        )
+    count = check_shape(shape, loc, max_elements)
+    if len(raw) != count * dtype.itemsize:
+        raise _invalid(
+            (*loc, "data"),
+            f"{len(raw)} bytes do not match shape {list(shape)} of {dtype_name} "
+            f"({count * dtype.itemsize} bytes expected)",
+            "byte_length",
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
+
+
+def decode_tensor(value: Any, loc: Sequence[str | int], max_elements: int) -> np.ndarray:
+    """A request tensor → NumPy array.
+
+    Accepts an ndarray (passed through), a nested list of numbers / booleans, or a mapping
+    ``{dtype, shape, data}`` with ``data`` base64.
+    """
+    if isinstance(value, np.ndarray):
+        check_shape(list(value.shape), loc, max_elements)
+        return value
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if isinstance(value, dict):
+        fields = value
+        data = fields.get("data")
+        if not isinstance(data, (str, bytes)):
+            raise _invalid((*loc, "data"), "data must be a base64 string")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise _invalid((*loc, "data"), "data is not valid base64", "base64") from None
+        return from_bytes(raw, str(fields.get("dtype")), fields.get("shape", []), loc, max_elements)
+    if isinstance(value, (list, int, float, bool)):
+        return _from_nested(value, loc, max_elements)
+    raise _invalid(loc, "expected a nested list of numbers or {dtype, shape, data}")
+
+
+def _from_nested(value: Any, loc: Sequence[str | int], max_elements: int) -> np.ndarray:
+    shape: list[int] = []
+    probe = value
+    while isinstance(probe, list):  # declared shape from the first elements: cheap size check
+        shape.append(len(probe))
+        if not probe:
+            break
+        probe = probe[0]
+    check_shape(shape, loc, max_elements)
+    try:
+        array = np.array(value)
+    except (ValueError, TypeError) as exc:
+        raise _invalid(loc, f"not a rectangular array of numbers ({exc})", "ragged") from None
+    if array.dtype.kind not in "biuf":
+        raise _invalid(loc, "tensor elements must be numbers or booleans", "dtype")
+    if list(array.shape) != shape:
+        raise _invalid(loc, "not a rectangular array of numbers", "ragged")
+    return array
+
+
+def encode_tensor(array: np.ndarray, encoding: str) -> Any:
+    """Array → ``list`` (nested lists; non-finite become null), ``base64`` mapping, or ``raw``."""
+    if encoding == "raw":
+        return array
+    if encoding == "base64":
+        contiguous = np.ascontiguousarray(array)
+        if contiguous.dtype.byteorder == ">":
+            contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
+        return {
+            "dtype": wire_name(contiguous.dtype),
+            "shape": list(contiguous.shape),
+            "data": base64.b64encode(contiguous.tobytes()).decode("ascii"),
+        }
+    return array.tolist()

@@ -1,0 +1,142 @@
+"""Protocol-agnostic data plane: decode → validate → engine → encode.
+
+REST (JSON and protobuf), gRPC and OIP v2 adapters all call these functions; none computes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pydantic
+
+import ce_engine
+from ce_engine.backend import to_numpy
+from ce_engine.errors import BackendUnavailableError, InputValidationError
+from ce_engine.metrics import METRIC_NAMES
+from service.codecs import decode_tensor, encode_tensor
+from service.config import Settings
+from service.errors import (
+    MalformedBody,
+    PayloadTooLarge,
+    PreconditionFailed,
+    ValidationFailed,
+    truncate,
+)
+from service.schemas import EvaluateRequest, LossCatalog, LossInfo
+
+
+def validation_error_from_pydantic(
+    exc: pydantic.ValidationError, echo_max_chars: int = 120, prefix: tuple[str, ...] = ()
+) -> ValidationFailed:
+    """pydantic errors → 422 with ``errors[{loc, msg, type, input}]`` (input echo truncated)."""
+    items = []
+    for err in exc.errors(include_url=False):
+        item: dict[str, Any] = {
+            "loc": [*prefix, *err["loc"]],
+            "msg": err["msg"],
+            "type": err["type"],
+        }
+        if "input" in err and err["type"] != "missing":
+            item["input"] = truncate(err["input"], echo_max_chars)
+        items.append(item)
+    summary = "; ".join(f"{'.'.join(map(str, i['loc']))}: {i['msg']}" for i in items[:5])
+    return ValidationFailed(f"request validation failed: {summary}", items)
+
+
+def engine_error(exc: ce_engine.EngineError) -> ValidationFailed:
+    """Engine errors → service errors (one place)."""
+    if isinstance(exc, BackendUnavailableError):
+        return PreconditionFailed(
+            str(exc), [{"loc": ["backend"], "msg": str(exc), "type": "backend_unavailable"}]
+        )
+    assert isinstance(exc, InputValidationError)
+    return ValidationFailed(exc.detail, [e.to_dict() for e in exc.errors])
+
+
+def parse_evaluate_request(payload: Any, settings: Settings) -> EvaluateRequest:
+    if not isinstance(payload, dict):
+        raise MalformedBody("the request body must be a JSON object")
+    try:
+        return EvaluateRequest.model_validate(payload)
+    except pydantic.ValidationError as exc:
+        raise validation_error_from_pydantic(exc, settings.echo_max_chars) from None
+
+
+class DataPlane:
+    """Stateless evaluation (runs come with the store)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def decode(self, value: Any, loc: str) -> np.ndarray | None:
+        if value is None:
+            return None
+        return decode_tensor(value, (loc,), self.settings.max_elements)
+
+    def evaluate(self, request: EvaluateRequest, encoding: str | None = None) -> dict[str, Any]:
+        """Run one evaluation; ``encoding`` overrides ``request.tensor_encoding`` (e.g. ``raw``)."""
+        started = time.perf_counter()
+        logits = self.decode(request.logits, "logits")
+        targets = self.decode(request.targets, "targets")
+        if logits is not None and targets is not None:
+            total = logits.size + targets.size
+            if total > self.settings.max_elements:
+                raise decode_limit_error(total, self.settings.max_elements)
+        try:
+            result = ce_engine.evaluate(
+                request.loss,
+                logits,
+                targets,
+                options=request.options,
+                outputs=request.outputs,
+                metrics=request.metrics,
+                sample_weight=self.decode(request.sample_weight, "sample_weight"),
+                vector=self.decode(request.vector, "vector"),
+                backend=request.backend or self.settings.backend,
+            )
+        except ce_engine.EngineError as exc:
+            raise engine_error(exc) from None
+        enc = encoding or request.tensor_encoding
+        return {
+            "loss": result.loss,
+            "value": result.value,
+            "sum": result.sum,
+            "denominator": result.denominator,
+            "count": result.count,
+            "ignored": result.ignored,
+            "reduction": result.reduction,
+            "normalization": result.normalization,
+            "unit": result.unit,
+            "outputs": {k: encode_tensor(to_numpy(v), enc) for k, v in result.outputs.items()},
+            "metrics": result.metrics,
+            "extras": result.extras,
+            "backend": result.backend,
+            "compute_dtype": result.compute_dtype,
+            "elapsed_ms": (time.perf_counter() - started) * 1000.0,
+        }
+
+    @staticmethod
+    def catalog() -> LossCatalog:
+        return LossCatalog(
+            losses=[
+                LossInfo(
+                    name=spec.name,
+                    summary=spec.summary,
+                    formula=spec.formula,
+                    options_schema=spec.options_schema(),
+                    defaults=spec.defaults(),
+                    outputs=sorted(spec.outputs),
+                    metrics=list(METRIC_NAMES),
+                )
+                for spec in ce_engine.all_losses().values()
+            ]
+        )
+
+
+def decode_limit_error(total: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the request holds {total} tensor elements, over the limit of {limit}",
+        [{"loc": ["logits"], "msg": "too many elements", "type": "too_many_elements"}],
+    )

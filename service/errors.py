@@ -1,0 +1,127 @@
+"""The service's error hierarchy: each class carries its HTTP status, gRPC code and problem type.
+
+Adapters map exceptions once (RFC 9457 problem+json over HTTP, status + details over gRPC).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+PROBLEM_BASE = "urn:ce-eval:problem:"
+
+
+class ServiceError(Exception):
+    """Base: ``status_code`` (HTTP), ``grpc_code`` (grpc.StatusCode name), ``type`` (problem)."""
+
+    status_code: ClassVar[int] = 500
+    grpc_code: ClassVar[str] = "INTERNAL"
+    type: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal Server Error"
+
+    def __init__(
+        self,
+        detail: str,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+        self.headers = headers or {}
+
+    def problem(self, instance: str | None = None) -> dict[str, Any]:
+        """RFC 9457 body."""
+        body: dict[str, Any] = {
+            "type": PROBLEM_BASE + self.type,
+            "title": self.title,
+            "status": self.status_code,
+            "detail": self.detail,
+        }
+        if self.errors:
+            body["errors"] = self.errors
+        if instance:
+            body["instance"] = instance
+        return body
+
+
+class MalformedBody(ServiceError):
+    status_code, grpc_code, type, title = 400, "INVALID_ARGUMENT", "malformed-body", "Bad Request"
+
+
+class Unauthenticated(ServiceError):
+    status_code, grpc_code, type, title = 401, "UNAUTHENTICATED", "unauthenticated", "Unauthorized"
+
+
+class Forbidden(ServiceError):
+    status_code, grpc_code, type, title = 403, "PERMISSION_DENIED", "forbidden", "Forbidden"
+
+
+class NotFound(ServiceError):
+    status_code, grpc_code, type, title = 404, "NOT_FOUND", "not-found", "Not Found"
+
+
+class MethodNotAllowed(ServiceError):
+    status_code, grpc_code, type, title = (
+        405,
+        "UNIMPLEMENTED",
+        "method-not-allowed",
+        "Method Not Allowed",
+    )
+
+
+class Conflict(ServiceError):
+    status_code, grpc_code, type, title = 409, "ALREADY_EXISTS", "conflict", "Conflict"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code, grpc_code, type, title = (
+        413,
+        "RESOURCE_EXHAUSTED",
+        "payload-too-large",
+        "Content Too Large",
+    )
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code, grpc_code, type, title = (
+        415,
+        "INVALID_ARGUMENT",
+        "unsupported-media-type",
+        "Unsupported Media Type",
+    )
+
+
+class ValidationFailed(ServiceError):
+    status_code, grpc_code, type, title = (
+        422,
+        "INVALID_ARGUMENT",
+        "validation-error",
+        "Unprocessable Content",
+    )
+
+
+class PreconditionFailed(ValidationFailed):
+    """Valid request the server cannot honour here (e.g. backend cupy without a GPU)."""
+
+    grpc_code, type = "FAILED_PRECONDITION", "precondition-failed"
+
+
+class RateLimited(ServiceError):
+    status_code, grpc_code, type, title = (
+        429,
+        "RESOURCE_EXHAUSTED",
+        "rate-limited",
+        "Too Many Requests",
+    )
+
+
+class Unavailable(ServiceError):
+    status_code, grpc_code, type, title = 503, "UNAVAILABLE", "unavailable", "Service Unavailable"
+
+
+def truncate(value: Any, limit: int = 120) -> Any:
+    """Echo of client input, cut to ``limit`` characters (never the whole tensor)."""
+    if isinstance(value, (int, float, bool)) or value is None:
+        return value
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

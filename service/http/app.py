@@ -1,0 +1,85 @@
+"""FastAPI app factory + lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel
+
+import ce_engine
+from service import __version__
+from service.config import Settings
+from service.dataplane import DataPlane
+from service.http.errors import install_error_handlers
+from service.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.http.routes import router
+from service.logs import get_logger
+from service.schemas import EvaluateRequest
+
+log = get_logger("app")
+
+DESCRIPTION = (
+    "Loss evaluation: cross-entropy family losses, gradients, Hessians and metrics on NumPy or "
+    "CuPy. Errors are RFC 9457 `application/problem+json`."
+)
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """Add request models and every loss's options model (from the registry) to the schema."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=DESCRIPTION, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        specs = ce_engine.all_losses().values()
+        models: list[type[BaseModel]] = [EvaluateRequest, *(s.options_model for s in specs)]
+        for model in models:
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        request = components["EvaluateRequest"]
+        request["properties"]["loss"]["enum"] = sorted(s.name for s in specs)
+        request["properties"]["options"] = {
+            "description": "Options of the chosen loss.",
+            "anyOf": [{"$ref": f"#/components/schemas/{s.options_model.__name__}"} for s in specs],
+        }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.draining = False
+        log.info("started", extra={"fields": {"backend": settings.backend}})
+        yield
+        app.state.draining = True
+        log.info("stopped")
+
+    app = FastAPIOffline(
+        title="ce-eval", version=__version__, description=DESCRIPTION, lifespan=lifespan
+    )
+    app.state.settings = settings
+    app.state.dataplane = DataPlane(settings)
+    app.state.catalog = DataPlane.catalog().model_dump()
+    app.state.compute_limiter = anyio.CapacityLimiter(settings.max_inflight)
+    app.state.draining = False
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware)
+    _install_openapi(app)
+    return app

@@ -1,0 +1,27 @@
+"""orjson-backed responses (NumPy arrays serialised natively; non-finite floats become null)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import JSONResponse
+
+from service.errors import ServiceError
+
+
+class FastJSONResponse(JSONResponse):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class ProblemResponse(FastJSONResponse):
+    media_type = "application/problem+json"
+
+
+def problem_response(error: ServiceError, instance: str | None = None) -> ProblemResponse:
+    return ProblemResponse(
+        error.problem(instance), status_code=error.status_code, headers=error.headers or None
+    )

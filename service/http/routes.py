@@ -1,0 +1,98 @@
+"""Routes: a few lines each; parsing in ``bodies``, work in ``service.dataplane``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from anyio import to_thread
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from ce_engine.backend import available_backends
+from service.dataplane import DataPlane, parse_evaluate_request
+from service.errors import MalformedBody, UnsupportedMediaType
+from service.http.responses import FastJSONResponse
+from service.schemas import EvaluateResponse, Health, LossCatalog, Problem
+
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "content": {"application/problem+json": {}}}
+    for code in (400, 413, 415, 422, 503)
+}
+
+router = APIRouter()
+
+
+def _json_body_schema(name: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+        }
+    }
+
+
+async def read_json(request: Request) -> Any:
+    """Body → object: 415 unless JSON, 413 (body-limit middleware), 400 if malformed."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, got {content_type or 'none'!r}",
+            [
+                {
+                    "loc": ["header", "content-type"],
+                    "msg": "unsupported media type",
+                    "type": "media_type",
+                }
+            ],
+        )
+    body = await request.body()
+    if not body:
+        raise MalformedBody("the request body is empty")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedBody(
+            f"malformed JSON: {exc}",
+            [{"loc": ["body", exc.pos], "msg": exc.msg, "type": "json_invalid"}],
+        ) from None
+
+
+def _dataplane(request: Request) -> DataPlane:
+    dataplane: DataPlane = request.app.state.dataplane
+    return dataplane
+
+
+@router.post(
+    "/v1/evaluate",
+    tags=["evaluate"],
+    summary="Evaluate a loss (and gradients, Hessians, metrics) on one batch",
+    responses={200: {"model": EvaluateResponse}, **PROBLEMS},
+    openapi_extra=_json_body_schema("EvaluateRequest"),
+)
+async def evaluate(request: Request) -> Response:
+    dataplane = _dataplane(request)
+    payload = await read_json(request)
+    req = parse_evaluate_request(payload, dataplane.settings)
+    result = await to_thread.run_sync(
+        dataplane.evaluate, req, limiter=request.app.state.compute_limiter
+    )
+    return FastJSONResponse(result)
+
+
+@router.get("/v1/losses", tags=["catalog"], response_model=LossCatalog)
+async def losses(request: Request) -> Response:
+    return FastJSONResponse(request.app.state.catalog)
+
+
+@router.get("/healthz", tags=["health"], response_model=Health)
+async def healthz() -> Response:
+    return FastJSONResponse({"status": "ok"})
+
+
+@router.get("/readyz", tags=["health"], response_model=Health, responses={503: {"model": Health}})
+async def readyz(request: Request) -> Response:
+    checks = {"backends": orjson.dumps(available_backends()).decode()}
+    if request.app.state.draining:
+        return FastJSONResponse({"status": "draining", "checks": checks}, status_code=503)
+    return FastJSONResponse({"status": "ready", "checks": checks})

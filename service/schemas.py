@@ -1,0 +1,108 @@
+"""Pydantic request/response models of the REST API (v1). Loss options come from the registry."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ce_engine.dtypes import WIRE_DTYPES
+from ce_engine.registry import ALL_OUTPUTS
+
+TensorEncoding = Literal["list", "base64"]
+
+
+class TensorData(BaseModel):
+    """A tensor as little-endian C-order bytes, base64-encoded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: str = Field(..., json_schema_extra={"enum": list(WIRE_DTYPES)})
+    shape: list[int] = Field(..., description="Dimensions; the product must match the bytes.")
+    data: str = Field(..., description="base64 of the little-endian C-order bytes.")
+
+
+#: A tensor on the wire: nested lists of numbers, or TensorData.
+Tensor = list[Any] | TensorData
+
+
+class EvaluateRequest(BaseModel):
+    """POST /v1/evaluate body."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    loss: str = Field(..., description="A loss name from GET /v1/losses.")
+    logits: Tensor | Any = Field(..., description="(N, C) or (N, d1.., C); see class_axis.")
+    targets: Tensor | Any = Field(..., description="By target_format (see the loss options).")
+    sample_weight: Tensor | Any | None = Field(None, description="(N,) or positions' shape.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Loss options; schema per loss in GET /v1/losses."
+    )
+    outputs: list[str] = Field(
+        default_factory=lambda: ["loss"],
+        description=f"Any of {', '.join(ALL_OUTPUTS)} that the loss supports.",
+    )
+    vector: Tensor | Any | None = Field(None, description="Direction for `hvp` (logits' shape).")
+    metrics: list[str] = Field(default_factory=list, description="Metric names (DESIGN §2).")
+    backend: Literal["auto", "numpy", "cupy"] | None = Field(
+        None, description="Array backend; the server default when absent."
+    )
+    tensor_encoding: TensorEncoding = Field(
+        "list", description="How output tensors are returned: nested lists or base64."
+    )
+
+
+class EvaluateResponse(BaseModel):
+    """POST /v1/evaluate answer. ``value`` = sum / denominator for mean reductions."""
+
+    loss: str
+    value: float | None = Field(None, description="Reduced loss (absent for reduction none).")
+    sum: float
+    denominator: float
+    count: int = Field(..., description="Positions counted.")
+    ignored: int = Field(..., description="Positions not counted (ignore_index, omitted, …).")
+    reduction: str
+    normalization: str
+    unit: Literal["nats", "bits"]
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    extras: dict[str, float] = Field(default_factory=dict)
+    backend: str
+    compute_dtype: str
+    elapsed_ms: float
+
+
+class ProblemItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[ProblemItem] | None = None
+    instance: str | None = None
+
+
+class LossInfo(BaseModel):
+    name: str
+    summary: str
+    formula: str
+    options_schema: dict[str, Any]
+    defaults: dict[str, Any]
+    outputs: list[str]
+    metrics: list[str]
+
+
+class LossCatalog(BaseModel):
+    losses: list[LossInfo]
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

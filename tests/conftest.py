@@ -1,0 +1,27 @@
+"""Shared fixtures: the real app over httpx.ASGITransport (no mocks), reference helpers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from service.config import Settings
+from service.http.app import create_app
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(max_body_bytes=64 * 1024, max_elements=100_000, log_level="warning")
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as c,
+    ):
+        yield c
