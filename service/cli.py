@@ -4,13 +4,37 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
+from types import FrameType
+
+import uvicorn
 
 from service import __version__
+from service.admission import Admission
+
+
+class DrainingServer(uvicorn.Server):
+    """SIGTERM/SIGINT: refuse new evaluations and fail /readyz at once, keep listening for
+    ``drain_delay`` seconds (load balancers notice), then let uvicorn finish in-flight requests
+    within its graceful-shutdown timeout. A second signal exits without the delay."""
+
+    def __init__(self, config: uvicorn.Config, admission: Admission, drain_delay: float) -> None:
+        super().__init__(config)
+        self.admission = admission
+        self.drain_delay = drain_delay
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.admission.draining or self.drain_delay <= 0:
+            self.admission.draining = True
+            super().handle_exit(sig, frame)
+            return
+        self.admission.draining = True
+        timer = threading.Timer(self.drain_delay, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.config import Settings
     from service.http.app import create_app
     from service.logs import configure_logging
@@ -28,20 +52,22 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+    )
+    server = DrainingServer(config, app.state.dataplane.admission, settings.drain_delay_s)
     print(
         f"ce-eval {__version__} serving on http://{settings.host}:{settings.port} "
         f"(backend {settings.backend}; docs at /docs)",
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
+    server.run()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field
@@ -26,7 +27,37 @@ class Settings(BaseSettings):
     max_elements: int = Field(
         256 * 1024 * 1024, ge=1, description="Largest number of tensor elements in one request."
     )
-    max_inflight: int = Field(8, ge=1, description="Evaluations running at once (more → 503).")
+    max_inflight: int = Field(
+        16, ge=1, description="Evaluations admitted at once, running or queued (more → 503)."
+    )
+    compute_threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="Threads running engine work off the event loop.",
+    )
+    api_keys: str = Field("", description="Comma-separated API keys; empty = no authentication.")
+    public_paths: str = Field(
+        "/healthz,/readyz,/metrics,/docs,/openapi.json,/static-offline-docs,/v2/health",
+        description="Comma-separated path prefixes served without an API key.",
+    )
+    rate_limit_per_s: float = Field(
+        0.0, ge=0, description="Requests per second per API key (0 = unlimited)."
+    )
+    rate_limit_burst: float = Field(0.0, ge=0, description="Burst size of the per-key limit.")
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="After SIGTERM: seconds /readyz answers 503 before the listener closes.",
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM."
+    )
     log_level: str = Field("info", description="debug | info | warning | error.")
     log_format: Literal["json", "text"] = Field("json", description="Log line format.")
     echo_max_chars: int = Field(120, ge=0, description="Longest echo of bad input in errors.")
+
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def public_path_list(self) -> list[str]:
+        return [p.strip() for p in self.public_paths.split(",") if p.strip()]

@@ -6,8 +6,10 @@ REST (JSON and protobuf), gRPC and OIP v2 adapters all call these functions; non
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import anyio
 import numpy as np
 import pydantic
 
@@ -15,6 +17,7 @@ import ce_engine
 from ce_engine.backend import to_numpy
 from ce_engine.errors import BackendUnavailableError, InputValidationError
 from ce_engine.metrics import METRIC_NAMES
+from service.admission import Admission
 from service.codecs import decode_tensor, encode_tensor
 from service.config import Settings
 from service.errors import (
@@ -25,6 +28,8 @@ from service.errors import (
     truncate,
 )
 from service.schemas import EvaluateRequest, LossCatalog, LossInfo
+
+T = TypeVar("T")
 
 
 def validation_error_from_pydantic(
@@ -69,6 +74,18 @@ class DataPlane:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.admission = Admission(settings.max_inflight)
+        self.compute_limiter = anyio.CapacityLimiter(settings.compute_threads)
+
+    async def run_admitted(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run engine work in a worker thread, within the admission bound (else 503)."""
+        with self.admission.admit():
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self.compute_limiter)
+
+    async def evaluate_async(
+        self, request: EvaluateRequest, encoding: str | None = None
+    ) -> dict[str, Any]:
+        return await self.run_admitted(self.evaluate, request, encoding)
 
     def decode(self, value: Any, loc: str) -> np.ndarray | None:
         if value is None:

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
@@ -14,8 +13,10 @@ from pydantic import BaseModel
 
 import ce_engine
 from service import __version__
+from service.auth import Authenticator
 from service.config import Settings
 from service.dataplane import DataPlane
+from service.http.auth import ApiKeyMiddleware
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.http.routes import router
@@ -61,25 +62,32 @@ def _install_openapi(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
+    dataplane = DataPlane(settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.draining = False
+        dataplane.admission.draining = False
         log.info("started", extra={"fields": {"backend": settings.backend}})
         yield
-        app.state.draining = True
+        dataplane.admission.draining = True
         log.info("stopped")
 
     app = FastAPIOffline(
         title="ce-eval", version=__version__, description=DESCRIPTION, lifespan=lifespan
     )
     app.state.settings = settings
-    app.state.dataplane = DataPlane(settings)
+    app.state.dataplane = dataplane
     app.state.catalog = DataPlane.catalog().model_dump()
-    app.state.compute_limiter = anyio.CapacityLimiter(settings.max_inflight)
-    app.state.draining = False
     app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        ApiKeyMiddleware,
+        authenticator=Authenticator(
+            settings.api_key_list(), settings.rate_limit_per_s, settings.rate_limit_burst
+        ),
+        public=settings.public_path_list(),
+    )
     app.add_middleware(RequestContextMiddleware)
     _install_openapi(app)
     return app

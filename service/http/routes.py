@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from anyio import to_thread
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -74,10 +73,7 @@ async def evaluate(request: Request) -> Response:
     dataplane = _dataplane(request)
     payload = await read_json(request)
     req = parse_evaluate_request(payload, dataplane.settings)
-    result = await to_thread.run_sync(
-        dataplane.evaluate, req, limiter=request.app.state.compute_limiter
-    )
-    return FastJSONResponse(result)
+    return FastJSONResponse(await dataplane.evaluate_async(req))
 
 
 @router.get("/v1/losses", tags=["catalog"], response_model=LossCatalog)
@@ -92,7 +88,11 @@ async def healthz() -> Response:
 
 @router.get("/readyz", tags=["health"], response_model=Health, responses={503: {"model": Health}})
 async def readyz(request: Request) -> Response:
-    checks = {"backends": orjson.dumps(available_backends()).decode()}
-    if request.app.state.draining:
+    admission = _dataplane(request).admission
+    checks = {
+        "backends": orjson.dumps(available_backends()).decode(),
+        "inflight": f"{admission.inflight}/{admission.limit}",
+    }
+    if admission.draining:
         return FastJSONResponse({"status": "draining", "checks": checks}, status_code=503)
     return FastJSONResponse({"status": "ready", "checks": checks})

@@ -1,0 +1,50 @@
+"""Backpressure: a bounded number of evaluations admitted at once; beyond → 503 + Retry-After.
+
+Shared by every adapter (REST, gRPC, OIP) through :class:`service.dataplane.DataPlane`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from service.errors import Unavailable
+
+
+class Admission:
+    """At most ``limit`` evaluations admitted (running or waiting for a compute thread)."""
+
+    def __init__(self, limit: int, retry_after_s: int = 1) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.draining = False
+        self._inflight = 0
+        self._lock = threading.Lock()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        with self._lock:
+            if self.draining:
+                raise self._refuse("the server is shutting down", "draining")
+            if self._inflight >= self.limit:
+                raise self._refuse(
+                    f"evaluation queue is full ({self.limit} in flight)", "queue_full"
+                )
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    def _refuse(self, detail: str, reason: str) -> Unavailable:
+        return Unavailable(
+            detail,
+            [{"loc": [], "msg": detail, "type": reason}],
+            headers={"Retry-After": str(self.retry_after_s)},
+        )

@@ -1,0 +1,187 @@
+"""Backpressure (503), API keys (401/403/429), graceful shutdown, codec fuzzing."""
+
+from __future__ import annotations
+
+import base64
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.codecs import decode_tensor
+from service.config import Settings
+from service.errors import PayloadTooLarge, ValidationFailed
+from service.http.app import create_app
+from tests.serving import serve
+
+BODY = {"loss": "cross_entropy", "logits": [[1.0, 2.0, 0.5]], "targets": [1]}
+
+
+def make_client(**overrides: object) -> httpx.AsyncClient:
+    app = create_app(Settings(log_level="warning", **overrides))  # type: ignore[arg-type]
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+    client.app = app  # type: ignore[attr-defined]
+    return client
+
+
+async def test_queue_full_is_503_with_retry_after() -> None:
+    async with make_client(max_inflight=1) as client:
+        admission = client.app.state.dataplane.admission  # type: ignore[attr-defined]
+        with admission.admit():  # one evaluation in flight
+            r = await client.post("/v1/evaluate", json=BODY)
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["errors"][0]["type"] == "queue_full"
+        assert (await client.post("/v1/evaluate", json=BODY)).status_code == 200
+        assert admission.inflight == 0
+
+
+async def test_draining_refuses_and_readyz_503() -> None:
+    async with make_client() as client:
+        client.app.state.dataplane.admission.draining = True  # type: ignore[attr-defined]
+        assert (await client.get("/readyz")).status_code == 503
+        r = await client.post("/v1/evaluate", json=BODY)
+        assert r.status_code == 503 and r.json()["errors"][0]["type"] == "draining"
+        assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_api_keys() -> None:
+    async with make_client(api_keys="k-one, k-two") as client:
+        missing = await client.post("/v1/evaluate", json=BODY)
+        assert missing.status_code == 401
+        assert missing.headers["content-type"] == "application/problem+json"
+        assert missing.headers["www-authenticate"] == "Bearer"
+        wrong = await client.post("/v1/evaluate", json=BODY, headers={"X-API-Key": "nope"})
+        assert wrong.status_code == 403
+        bearer = await client.post(
+            "/v1/evaluate", json=BODY, headers={"Authorization": "Bearer k-two"}
+        )
+        assert bearer.status_code == 200
+        header = await client.post("/v1/evaluate", json=BODY, headers={"X-API-Key": "k-one"})
+        assert header.status_code == 200
+        assert (await client.get("/healthz")).status_code == 200  # public by default
+        assert (await client.get("/v1/losses")).status_code == 401
+
+
+async def test_rate_limit_per_key_429() -> None:
+    async with make_client(api_keys="a,b", rate_limit_per_s=0.5, rate_limit_burst=2) as client:
+        codes = [
+            (await client.get("/v1/losses", headers={"X-API-Key": "a"})).status_code
+            for _ in range(3)
+        ]
+        assert codes == [200, 200, 429]
+        limited = await client.get("/v1/losses", headers={"X-API-Key": "a"})
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        # another key has its own bucket
+        assert (await client.get("/v1/losses", headers={"X-API-Key": "b"})).status_code == 200
+
+
+def test_sigterm_drains_inflight_and_readyz_turns_503() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((1500, 8000)).astype("<f4")
+    payload = {
+        "loss": "cross_entropy",
+        "logits": {
+            "dtype": "float32",
+            "shape": list(logits.shape),
+            "data": base64.b64encode(logits.tobytes()).decode(),
+        },
+        "targets": rng.integers(0, 8000, size=1500).tolist(),
+        "outputs": ["grad", "probabilities", "log_probabilities"],
+        "tensor_encoding": "base64",
+    }
+    results: dict[str, int] = {}
+    env = {"CE_EVAL_DRAIN_DELAY_S": "1.5", "CE_EVAL_MAX_BODY_BYTES": str(256 * 1024 * 1024)}
+    with serve(env=env) as server:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+
+            def slow() -> None:
+                results["slow"] = client.post("/v1/evaluate", json=payload).status_code
+
+            worker = threading.Thread(target=slow)
+            worker.start()
+            deadline = time.monotonic() + 30
+            while client.get("/readyz").json()["checks"]["inflight"].startswith("0/"):
+                assert time.monotonic() < deadline, "the slow request never started"
+                time.sleep(0.01)
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+            with httpx.Client(base_url=server.url, timeout=10) as other:
+                assert other.get("/readyz").status_code == 503
+                refused = other.post("/v1/evaluate", json=BODY)
+                assert refused.status_code == 503 and "retry-after" in refused.headers
+            worker.join(timeout=60)
+        # uvicorn re-raises the captured SIGTERM once it has drained
+        assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert results["slow"] == 200
+
+
+# ---- codec fuzzing: any input → a decoded array or a 413/422, never anything else ----
+
+DTYPES = [
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "int8",
+    "int32",
+    "int64",
+    "uint8",
+    "bool",
+    "complex64",
+    "object",
+    "",
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from(DTYPES),
+    shape=st.lists(st.integers(min_value=-3, max_value=2**40), max_size=6)
+    | st.just("x")
+    | st.lists(st.text(max_size=3), max_size=2),
+    data=st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode())
+    | st.text(max_size=20)
+    | st.integers(),
+)
+def test_decode_tensor_fuzz(dtype: str, shape: object, data: object) -> None:
+    try:
+        array = decode_tensor({"dtype": dtype, "shape": shape, "data": data}, ("logits",), 10**6)
+    except (ValidationFailed, PayloadTooLarge) as exc:
+        assert exc.errors and exc.errors[0]["loc"][0] == "logits"
+        return
+    assert isinstance(array, np.ndarray) and list(array.shape) == shape
+
+
+nested = st.recursive(
+    st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(-(2**70), 2**70)
+    | st.booleans()
+    | st.text(max_size=2)
+    | st.none(),
+    lambda children: st.lists(children, max_size=4),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=nested)
+def test_decode_nested_fuzz(value: object) -> None:
+    try:
+        array = decode_tensor(value, ("targets",), 10**6)
+    except (ValidationFailed, PayloadTooLarge) as exc:
+        assert exc.errors[0]["loc"][0] == "targets"
+        return
+    assert array.dtype.kind in "biuf"
+
+
+def test_shape_product_overflow_is_413_before_allocation() -> None:
+    with pytest.raises(PayloadTooLarge):
+        decode_tensor(
+            {"dtype": "float32", "shape": [2**62, 2**62, 16], "data": ""}, ("logits",), 10**6
+        )
