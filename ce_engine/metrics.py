@@ -481,11 +481,11 @@ def metric_state(
     if "entropy" in shapes:
         sums["entropy"] = wsum(-xp.sum(times_log(xp, p, log_p), axis=-1))
     if "brier" in shapes:
-        p64 = p.astype(xp.float64, copy=False)
-        if q is None:
-            per_row = xp.sum(p64 * p64, axis=-1) - 2.0 * p64[ar, labels] + 1.0
+        if q is None:  # Σ_c (p_c − y_c)² = Σ_c p_c² − 2 p_y + 1 without a one-hot (M, C) array
+            p_y = p[ar, labels].astype(xp.float64)
+            per_row = xp.sum(p * p, axis=-1, dtype=xp.float64) - 2.0 * p_y + 1.0
         else:
-            per_row = xp.sum((p64 - q) ** 2, axis=-1)
+            per_row = xp.sum((p - q) ** 2, axis=-1)
         sums["brier"] = wsum(per_row)
     if "bin_count" in shapes:
         n_bins = options.n_bins

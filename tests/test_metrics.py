@@ -556,3 +556,26 @@ def test_merge_of_incompatible_states_raises(
 def test_no_metrics_no_state() -> None:
     res = ce_engine.evaluate("cross_entropy", np.zeros((2, 3)), np.array([0, 1]))
     assert res.metric_state is None and res.metrics == {}
+
+
+@pytest.mark.gpu
+def test_cupy_backend_matches_sklearn() -> None:
+    from ce_engine.backend import cupy_status
+
+    if cupy_status()[0] is None:
+        pytest.skip(cupy_status()[1])
+    z, y = logits_with_absent_class(60, 6)
+    w = RNG.uniform(0.1, 3.0, size=60)
+    y[::7] = -100
+    res = ce_engine.evaluate(
+        "cross_entropy",
+        z,
+        y,
+        options={"top_k": [1, 2, 6]},
+        metrics=ALL,
+        sample_weight=w,
+        backend="cupy",
+    )
+    assert res.backend == "cupy"
+    keep = y != -100
+    check_against_sklearn(res.metrics, y[keep], softmax(z[keep]), w[keep])
