@@ -393,9 +393,7 @@ def _labels_and_mask(
     q = layout.to_rows(xp, targets).astype(xp.float64, copy=False)
     if _option(options, "target_kind") == "logits":
         q = xp.exp(log_softmax(xp, q))
-    counted = xp.ones(layout.num_positions, dtype=bool)
-    if options.nan_policy == "omit":
-        counted &= ~xp.isnan(q).any(axis=-1)
+    counted = ~xp.isnan(q).any(axis=-1)  # as the loss: rows with a NaN target are not counted
     if fmt == "multi_hot":
         positives = xp.sum(q, axis=-1)
         counted &= positives > 0

@@ -579,3 +579,21 @@ def test_cupy_backend_matches_sklearn() -> None:
     assert res.backend == "cupy"
     keep = y != -100
     check_against_sklearn(res.metrics, y[keep], softmax(z[keep]), w[keep])
+
+
+@pytest.mark.parametrize("nan_policy", ["omit", "propagate"])
+def test_nan_probability_targets_are_not_counted_like_the_loss(nan_policy: str) -> None:
+    z = RNG.standard_normal((10, 3))
+    raw = RNG.random((10, 3))
+    q = raw / raw.sum(axis=1, keepdims=True)
+    q[4, 0] = np.nan
+    res = ce_engine.evaluate(
+        "cross_entropy", z, q, options={"nan_policy": nan_policy}, metrics=["accuracy", "support"]
+    )
+    keep = np.arange(10) != 4
+    assert res.metric_state is not None and res.metric_state.stats["count"] == res.count == 9
+    y = q[keep].argmax(axis=1)
+    assert res.metrics["accuracy"] == pytest.approx(
+        accuracy_score(y, softmax(z[keep]).argmax(axis=1))
+    )
+    np.testing.assert_allclose(res.metrics["support"], np.bincount(y, minlength=3))
