@@ -52,7 +52,7 @@ import numpy as np
 from ce_engine.backend import to_numpy
 from ce_engine.errors import ErrorItem, InputValidationError
 from ce_engine.layout import Array, Layout
-from ce_engine.losses._common import first_true, log_softmax, resolve_target_format, times_log
+from ce_engine.losses._common import first_true, log_softmax, resolve_target_format
 from ce_engine.options import CommonOptions
 
 METRIC_NAMES: tuple[str, ...] = (
@@ -366,6 +366,11 @@ def _check_request(
     return tuple(dict.fromkeys(names)), top_k
 
 
+def _masked_log(xp: ModuleType, coef: Array, log_p: Array) -> Array:
+    """log p where ``coef`` ≠ 0, else 0: so that coef · log p follows 0 · log 0 = 0."""
+    return xp.where(coef != 0, log_p, 0)
+
+
 def _option(options: Any, name: str) -> Any:
     return getattr(options, name, None)
 
@@ -471,13 +476,10 @@ def metric_state(
         ks = xp.asarray(top_k, dtype=xp.int64)
         sums["top_k_hits"] = ((rank[:, None] < ks[None, :]) * w[:, None]).sum(axis=0)
     if "nll" in shapes:
-        if q is None:
-            nll = -log_p[ar, labels]
-        else:
-            nll = -xp.sum(times_log(xp, q.astype(log_p.dtype, copy=False), log_p), axis=-1)
-        sums["nll"] = wsum(nll)
+        dense_nll = None if q is None else -xp.sum(q * _masked_log(xp, q, log_p), axis=-1)
+        sums["nll"] = wsum(-log_p[ar, labels] if dense_nll is None else dense_nll)
     if "entropy" in shapes:
-        sums["entropy"] = wsum(-xp.sum(times_log(xp, p, log_p), axis=-1))
+        sums["entropy"] = wsum(-xp.sum(p * _masked_log(xp, p, log_p), axis=-1))
     if "brier" in shapes:
         if q is None:  # Σ_c (p_c − y_c)² = Σ_c p_c² − 2 p_y + 1 without a one-hot (M, C) array
             p_y = p[ar, labels].astype(xp.float64)
