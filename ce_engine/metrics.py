@@ -207,13 +207,16 @@ class MetricState:
             raise ValueError(f"metric state statistics {sorted(raw)} do not match {sorted(shapes)}")
         stats: dict[str, Any] = {}
         for key, shape in shapes.items():
-            if key == "count":
-                stats[key] = int(raw[key])
-                continue
-            value = np.asarray(raw[key], dtype=np.float64)
-            if value.shape != shape:
+            try:
+                value = int(raw[key]) if key == "count" else np.asarray(raw[key], np.float64)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"metric state {key!r} is not numeric: {exc}") from None
+            if isinstance(value, int):
+                stats[key] = value
+            elif value.shape != shape:
                 raise ValueError(f"metric state {key!r} has shape {value.shape}, want {shape}")
-            stats[key] = value if shape else float(value)
+            else:
+                stats[key] = value if shape else float(value)
         return cls(names, num_classes, top_k, n_bins, log_base, stats)
 
     def compute(self) -> dict[str, Any]:

@@ -526,6 +526,10 @@ def test_to_dict_from_dict_round_trip_through_json() -> None:
         MetricState.from_dict(broken)
     with pytest.raises(ValueError):
         MetricState.from_dict({"names": ["accuracy"]})
+    broken = json.loads(json.dumps(state.to_dict()))
+    broken["stats"]["count"] = None
+    with pytest.raises(ValueError, match="count"):
+        MetricState.from_dict(broken)
 
 
 @pytest.mark.parametrize(
