@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format parity bench clean
+.PHONY: run test lint format parity soak clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
@@ -39,6 +39,10 @@ format: $(VENV)/.installed-dev
 parity: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
 	$(BIN)/python -m pytest tests -m "parity" -p no:cacheprovider $(PYTEST_ARGS)
+
+# Long load run: 64 clients for 10 minutes against a real server; fails on 5xx or RSS growth > 10%.
+soak: $(VENV)/.installed-dev
+	$(BIN)/python -m tests.load.soak --clients 64 --duration 600 --warmup 30
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
