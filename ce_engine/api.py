@@ -242,6 +242,11 @@ def reduce_terms(
             outputs[key] = layout.from_rows(xp, arr)
         else:
             outputs[key] = layout.from_positions(arr)
+    extras = {k: v * base_scale for k, v in terms.extras.items()}
+    for key, per_position in terms.per_sample_extras.items():
+        extra_total = float(per_position.sum(dtype=np.float64)) * base_scale
+        mean_like = opts.reduction in ("mean", "batchmean") and denominator > 0
+        extras[key] = extra_total / denominator if mean_like else extra_total
     if "per_sample" in want:
         per = terms.per_sample
         outputs["per_sample"] = layout.from_positions(
@@ -258,5 +263,5 @@ def reduce_terms(
         normalization="batch_size" if opts.reduction == "batchmean" else opts.normalization,
         unit="bits" if opts.log_base == "2" else "nats",
         outputs=outputs,
-        extras={k: v * base_scale for k, v in terms.extras.items()},
+        extras=extras,
     )

@@ -57,6 +57,9 @@ class LossTerms:
     valid: Array
     arrays: dict[str, Array] = field(default_factory=dict)  # grad, probabilities, …
     extras: dict[str, float] = field(default_factory=dict)  # loss-specific scalars
+    #: (M,) per-position companions of ``per_sample`` (e.g. KL's entropy and cross-entropy),
+    #: reduced into ``EvaluationResult.extras`` with the loss's own reduction
+    per_sample_extras: dict[str, Array] = field(default_factory=dict)
 
 
 LossFn = Callable[[LossInputs], LossTerms]
