@@ -4,6 +4,7 @@ from ce_engine.losses.binary_cross_entropy import binary_cross_entropy
 from ce_engine.losses.cross_entropy import cross_entropy
 from ce_engine.losses.focal import focal
 from ce_engine.losses.kl_divergence import kl_divergence
+from ce_engine.losses.linear_cross_entropy import linear_cross_entropy
 from ce_engine.losses.multiclass_hinge import multiclass_hinge
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "cross_entropy",
     "focal",
     "kl_divergence",
+    "linear_cross_entropy",
     "multiclass_hinge",
 ]
