@@ -258,13 +258,16 @@ def reduce_terms(
 
     outputs: dict[str, Array] = {}
     for key, arr in terms.arrays.items():
-        if key in ("grad", "hessian", "hessian_diag", "hvp") or key in PARAMETER_GRADS:
-            arr = arr * arr.dtype.type(grad_scale) if grad_scale != 1.0 else arr
-        if key in terms.penalty_grads:
-            arr = arr + terms.penalty_grads[key]
-        if key in PARAMETER_GRADS:
+        if key in PARAMETER_GRADS:  # owned by the loss (may be large, e.g. dW): in place
+            if grad_scale != 1.0:
+                arr *= arr.dtype.type(grad_scale)
+            if key in terms.penalty_grads:
+                arr += terms.penalty_grads[key]
             outputs[key] = arr
-        elif key in ("hessian",):
+            continue
+        if key in ("grad", "hessian", "hessian_diag", "hvp"):
+            arr = arr * arr.dtype.type(grad_scale) if grad_scale != 1.0 else arr
+        if key in ("hessian",):
             outputs[key] = arr.reshape((*layout.positions_shape, *arr.shape[1:]))
         elif arr.ndim == 2:
             outputs[key] = layout.from_rows(xp, arr)
