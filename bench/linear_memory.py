@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--d", type=int, default=1024)
     parser.add_argument("--c", type=int, default=32000)
-    parser.add_argument("--chunk-elements", type=int, default=1 << 21)
+    parser.add_argument("--chunk-elements", type=int, default=1 << 23)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", type=Path, default=RESULTS / "linear_memory.json")
     args = parser.parse_args(argv)

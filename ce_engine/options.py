@@ -187,7 +187,7 @@ class LinearCrossEntropyOptions(CrossEntropyOptions):
         0.0, ge=0.0, description="L2 penalty λ: adds (λ/2)·‖W‖² to the value and λ·W to dW."
     )
     chunk_elements: int = Field(
-        1 << 21,
+        1 << 23,
         ge=1,
         description="Row chunk size in logits elements (rows = max(1, chunk_elements // C)).",
     )

@@ -6,8 +6,6 @@ for target log-probabilities), ``optax.kl_divergence``.
 
 from __future__ import annotations
 
-import numpy as np
-
 from ce_engine.errors import InputValidationError
 from ce_engine.hessian import second_order
 from ce_engine.layout import Array
@@ -36,15 +34,14 @@ def _target_distribution(inp: LossInputs) -> tuple[Array, Array, Array]:
     if kind == "probabilities":
         q, valid = dense_targets(inp, "probabilities")
         return q, xp.log(xp.where(q > 0, q, 1)), valid
-    if inp.options.nan_policy == "raise":
-        bad = first_true(xp, xp.isnan(inp.targets) | (inp.targets == xp.inf))
-        if bad is not None:
-            raise InputValidationError.single(
-                ("targets", *(int(i) for i in np.unravel_index(bad, layout.shape))),
-                "target is NaN or +inf",
-                "non_finite",
-            )
     t = layout.to_rows(xp, inp.targets).astype(inp.logits.dtype, copy=False)
+    if inp.options.nan_policy == "raise":
+        bad = first_true(xp, xp.isnan(t) | (t == xp.inf))
+        if bad is not None:
+            row, cls = divmod(bad, layout.num_classes)
+            raise InputValidationError.single(
+                ("targets", *layout.element(row, cls)), "target is NaN or +inf", "non_finite"
+            )
     log_q = log_softmax(xp, t, inp.options.temperature) if kind == "logits" else t
     valid = xp.ones(layout.num_positions, dtype=bool)
     if inp.exclude is not None:

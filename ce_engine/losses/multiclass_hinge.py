@@ -47,7 +47,7 @@ def multiclass_hinge(inp: LossInputs) -> LossTerms:
     if o.variant == "weston_watkins":
         margins = xp.where(is_target, -xp.inf, (o.margin - z_y) + z)
         active = margins > 0
-        loss = xp.sum(xp.where(active, margins, 0), axis=-1)
+        loss = xp.sum(xp.maximum(margins, 0), axis=-1)  # maximum propagates NaN
         if grad is not None:
             grad += active
             grad[rows, y] -= xp.sum(active, axis=-1)
@@ -56,7 +56,7 @@ def multiclass_hinge(inp: LossInputs) -> LossTerms:
         k = xp.argmax(others, axis=-1)
         margin = (o.margin - z_y[:, 0]) + others[rows, k]
         active = margin > 0
-        loss = xp.where(active, margin, 0)
+        loss = xp.maximum(margin, 0)
         if grad is not None:
             grad[rows, k] += active
             grad[rows, y] -= active
