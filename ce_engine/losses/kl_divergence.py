@@ -59,7 +59,7 @@ def kl_divergence(inp: LossInputs) -> LossTerms:
     Gradients: (p Σq − q)/T for logits, −q for log-probabilities, −q/x for probabilities.
     Hessian: Σq (diag p − p pᵀ)/T² for logits, diag(q/x²) for probabilities, 0 for
     log-probabilities. ``extras``: ``entropy`` = −Σ q log q and ``cross_entropy`` = −Σ q log p,
-    reduced like the loss.
+    reduced like the loss (sums for ``sum`` and ``none``), so cross_entropy = entropy + value.
     """
     xp, opts, layout = inp.xp, inp.options, inp.layout
     o: KLDivergenceOptions = opts
