@@ -14,9 +14,10 @@ from ce_engine.dtypes import BFLOAT16, compute_dtype, is_floating
 from ce_engine.errors import ErrorItem, InputValidationError
 from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true
+from ce_engine.losses.linear_cross_entropy import linear_inputs
 from ce_engine.metrics import MetricState, metric_state
 from ce_engine.options import CommonOptions
-from ce_engine.registry import LossInputs, LossTerms, get_loss
+from ce_engine.registry import PARAMETER_GRADS, LossInputs, LossTerms, get_loss
 
 LN2 = math.log(2.0)
 
@@ -150,6 +151,16 @@ def _check_outputs(
     return frozenset(want)
 
 
+def _no_linear_inputs(loss: str, **tensors: Any) -> None:
+    given = [name for name, value in tensors.items() if value is not None]
+    if given:
+        raise InputValidationError.single(
+            (given[0],),
+            f"`{given[0]}` is only for linear-layer losses (linear_cross_entropy), not {loss}",
+            "unexpected",
+        )
+
+
 def evaluate(
     loss: str,
     logits: Any,
@@ -161,12 +172,17 @@ def evaluate(
     sample_weight: Any = None,
     vector: Any = None,
     backend: str = "auto",
+    features: Any = None,
+    weight: Any = None,
+    bias: Any = None,
 ) -> EvaluationResult:
     """Evaluate ``loss`` on a batch.
 
     Shapes: logits (N, C) or (N, d1.., C) with classes on ``class_axis``; targets by
     ``target_format``. Returns the reduced loss, ``sum``/``denominator``/``count``, the requested
     ``outputs`` (arrays in the backend's namespace, logits' layout) and ``metrics``.
+    Linear-layer losses (``linear_cross_entropy``) take ``features`` (N, D), ``weight`` (C, D)
+    and optional ``bias`` (C,) instead of logits (pass ``logits=None``).
     """
     spec = get_loss(loss)
     opts = spec.parse_options(options)
@@ -174,15 +190,23 @@ def evaluate(
     metric_names = list(metrics)
     xp, backend_name = get_namespace(backend)
 
-    z = to_backend(xp, logits, loc="logits")
-    if z.dtype.kind == "b" or not (is_floating(z.dtype) or z.dtype.kind in "iu"):
-        raise InputValidationError.single(
-            ("logits",), f"logits must be numeric, got {z.dtype}", "dtype"
+    linear: dict[str, Array | None] = {}
+    if spec.inputs == "linear":
+        layout, cdt, exclude, linear = linear_inputs(
+            xp, logits, features, weight, bias, opts, metric_names
         )
-    cdt = compute_dtype(logits.dtype if hasattr(logits, "dtype") else z.dtype)
-    layout = Layout.of(tuple(z.shape), opts.class_axis)
-    rows = layout.to_rows(xp, z.astype(cdt, copy=False))
-    rows, exclude = _apply_nan_policy(xp, rows, layout, opts)
+        rows = None
+    else:
+        _no_linear_inputs(loss, features=features, weight=weight, bias=bias)
+        z = to_backend(xp, logits, loc="logits")
+        if z.dtype.kind == "b" or not (is_floating(z.dtype) or z.dtype.kind in "iu"):
+            raise InputValidationError.single(
+                ("logits",), f"logits must be numeric, got {z.dtype}", "dtype"
+            )
+        cdt = compute_dtype(logits.dtype if hasattr(logits, "dtype") else z.dtype)
+        layout = Layout.of(tuple(z.shape), opts.class_axis)
+        rows = layout.to_rows(xp, z.astype(cdt, copy=False))
+        rows, exclude = _apply_nan_policy(xp, rows, layout, opts)
     t = to_backend(xp, targets, loc="targets")
     s = _sample_weight(xp, sample_weight, layout, cdt)
     v = None
@@ -198,7 +222,7 @@ def evaluate(
     elif "hvp" in want:
         raise InputValidationError.single(("vector",), "output 'hvp' needs `vector`", "missing")
 
-    terms = spec.compute(LossInputs(xp, layout, rows, t, opts, s, exclude, want, v))
+    terms = spec.compute(LossInputs(xp, layout, rows, t, opts, s, exclude, want, v, **linear))
     result = reduce_terms(terms, layout, opts, spec.name, want, xp)
     result.backend = backend_name
     result.compute_dtype = np.dtype(cdt).name
@@ -236,6 +260,13 @@ def reduce_terms(
 
     outputs: dict[str, Array] = {}
     for key, arr in terms.arrays.items():
+        if key in PARAMETER_GRADS:  # owned by the loss (may be large, e.g. dW): in place
+            if grad_scale != 1.0:
+                arr *= arr.dtype.type(grad_scale)
+            if key in terms.penalty_grads:
+                arr += terms.penalty_grads[key]
+            outputs[key] = arr
+            continue
         if key in ("grad", "hessian", "hessian_diag", "hvp"):
             arr = arr * arr.dtype.type(grad_scale) if grad_scale != 1.0 else arr
         if key in ("hessian",):
@@ -244,6 +275,14 @@ def reduce_terms(
             outputs[key] = layout.from_rows(xp, arr)
         else:
             outputs[key] = layout.from_positions(arr)
+    extras = {k: v * base_scale for k, v in terms.extras.items()}
+    if terms.penalty:
+        extras["penalty"] = terms.penalty
+        value = value + terms.penalty if value is not None else None
+    for key, per_position in terms.per_sample_extras.items():
+        extra_total = float(per_position.sum(dtype=np.float64)) * base_scale
+        mean_like = opts.reduction in ("mean", "batchmean") and denominator > 0
+        extras[key] = extra_total / denominator if mean_like else extra_total
     if "per_sample" in want:
         per = terms.per_sample
         outputs["per_sample"] = layout.from_positions(
@@ -260,5 +299,5 @@ def reduce_terms(
         normalization="batch_size" if opts.reduction == "batchmean" else opts.normalization,
         unit="bits" if opts.log_base == "2" else "nats",
         outputs=outputs,
-        extras={k: v * base_scale for k, v in terms.extras.items()},
+        extras=extras,
     )

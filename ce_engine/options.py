@@ -82,3 +82,118 @@ class CrossEntropyOptions(CommonOptions):
         if value is not None and any(not (w >= 0.0 and w < float("inf")) for w in value):
             raise ValueError("class weights must be finite and >= 0")
         return value
+
+
+def _non_negative_finite(values: list[float], what: str) -> None:
+    if any(not (v >= 0.0 and v < float("inf")) for v in values):
+        raise ValueError(f"{what} must be finite and >= 0")
+
+
+class BinaryCrossEntropyOptions(CommonOptions):
+    """Options of sigmoid (multi-label) binary cross-entropy."""
+
+    input_kind: Literal["logits", "probabilities"] = Field(
+        "logits", description="What `logits` holds: logits, or probabilities σ(z)."
+    )
+    weight: list[float] | list[list[Any]] | None = Field(
+        None,
+        description=(
+            "Element weights: per class, shape (C,), or a nested list of the logits' shape."
+        ),
+    )
+    pos_weight: float | list[float] | None = Field(
+        None, description="Weight pw of positive labels, a number or per class (C,)."
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, le=1.0, description="y ← (1 − ε)·y + ε/2.")
+
+    @field_validator("pos_weight")
+    @classmethod
+    def _pos_weight_non_negative(cls, value: float | list[float] | None) -> Any:
+        if value is not None:
+            _non_negative_finite([value] if isinstance(value, float) else value, "pos_weight")
+        return value
+
+
+class FocalOptions(CommonOptions):
+    """Options of the focal loss (Lin et al. 2017)."""
+
+    input_kind: Literal["logits"] = Field("logits", description="Focal loss takes logits.")
+    variant: Literal["sigmoid", "softmax"] = Field(
+        "sigmoid",
+        description=(
+            "sigmoid: per-label, targets of the logits' shape (torchvision sigmoid_focal_loss); "
+            "softmax: one distribution per position, −α_t (1 − p_t)^γ log p_t."
+        ),
+    )
+    alpha: float | list[float] | None = Field(
+        0.25,
+        description=(
+            "Balancing α: a number in [0, 1] or per class (C,); null disables it. Sigmoid: "
+            "α_t = α·y + (1 − α)(1 − y); softmax: α_t = α (or α_c of the target class)."
+        ),
+    )
+    gamma: float = Field(2.0, ge=0.0, description="Focusing exponent γ.")
+    target_format: Literal["auto", "index", "probabilities"] = Field(
+        "auto",
+        description="softmax variant: index (class ids) or probabilities; sigmoid: 0/1 or soft.",
+    )
+    ignore_index: int | None = Field(
+        -100, description="softmax variant, index targets equal to this are not counted."
+    )
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_range(cls, value: float | list[float] | None) -> Any:
+        if value is not None:
+            values = [value] if isinstance(value, float) else value
+            if any(not 0.0 <= v <= 1.0 for v in values):
+                raise ValueError("alpha must lie in [0, 1]")
+        return value
+
+
+class KLDivergenceOptions(CommonOptions):
+    """Options of KL(q ‖ p)."""
+
+    reduction: Reduction = Field(
+        "batchmean", description="batchmean (default: Σ KL / N), mean, sum or none."
+    )
+    target_kind: Literal["probabilities", "logits", "log_probabilities"] = Field(
+        "probabilities",
+        description=(
+            "How targets give q: probabilities, logits (q = softmax(t / T)) or "
+            "log-probabilities (PyTorch log_target=True)."
+        ),
+    )
+
+
+class MulticlassHingeOptions(CommonOptions):
+    """Options of the multi-class hinge loss."""
+
+    input_kind: Literal["logits"] = Field(
+        "logits", description="Hinge losses take scores (logits)."
+    )
+    variant: Literal["weston_watkins", "crammer_singer"] = Field(
+        "weston_watkins",
+        description=(
+            "weston_watkins: Σ_{j≠y} max(0, m − z_y + z_j); "
+            "crammer_singer: max(0, m + max_{j≠y} z_j − z_y)."
+        ),
+    )
+    margin: float = Field(1.0, ge=0.0, description="Margin m.")
+    ignore_index: int | None = Field(
+        -100, description="Targets equal to this are not counted (PyTorch default -100)."
+    )
+
+
+class LinearCrossEntropyOptions(CrossEntropyOptions):
+    """Options of softmax cross-entropy on a linear layer's output z = X Wᵀ + b."""
+
+    input_kind: Literal["logits"] = Field("logits", description="The logits are X Wᵀ + b.")
+    l2: float = Field(
+        0.0, ge=0.0, description="L2 penalty λ: adds (λ/2)·‖W‖² to the value and λ·W to dW."
+    )
+    chunk_elements: int = Field(
+        1 << 23,
+        ge=1,
+        description="Row chunk size in logits elements (rows = max(1, chunk_elements // C)).",
+    )

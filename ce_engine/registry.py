@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 
@@ -26,7 +26,13 @@ ALL_OUTPUTS = (
     "hessian",
     "hessian_diag",
     "hvp",
+    "grad_features",
+    "grad_weight",
+    "grad_bias",
 )
+
+#: Gradients w.r.t. parameters of ``inputs="linear"`` losses: returned in their own shapes.
+PARAMETER_GRADS = frozenset({"grad_features", "grad_weight", "grad_bias"})
 
 
 @dataclass
@@ -42,6 +48,10 @@ class LossInputs:
     exclude: Array | None  # (M,) bool: positions dropped by nan_policy="omit"
     want: frozenset[str]  # requested outputs
     vector: Array | None = None  # (M, C) direction for hvp
+    # inputs="linear" losses: logits = features @ weight.T + bias are never formed whole
+    features: Array | None = None  # (N, D), compute dtype
+    weight: Array | None = None  # (C, D), compute dtype
+    bias: Array | None = None  # (C,), compute dtype, or None
 
 
 @dataclass
@@ -57,6 +67,13 @@ class LossTerms:
     valid: Array
     arrays: dict[str, Array] = field(default_factory=dict)  # grad, probabilities, …
     extras: dict[str, float] = field(default_factory=dict)  # loss-specific scalars
+    #: (M,) per-position companions of ``per_sample`` (e.g. KL's entropy and cross-entropy),
+    #: reduced into ``EvaluationResult.extras`` with the loss's own reduction
+    per_sample_extras: dict[str, Array] = field(default_factory=dict)
+    #: a parameter penalty added to the reduced value as is (e.g. (λ/2)·‖W‖²), and its
+    #: gradients, added to the matching outputs after reduction scaling
+    penalty: float = 0.0
+    penalty_grads: dict[str, Array] = field(default_factory=dict)
 
 
 LossFn = Callable[[LossInputs], LossTerms]
@@ -70,6 +87,8 @@ class LossSpec:
     outputs: frozenset[str]
     summary: str
     formula: str = ""
+    #: "logits": rows of logits; "linear": ``features``, ``weight``, ``bias`` (no logits)
+    inputs: Literal["logits", "linear"] = "logits"
 
     def parse_options(self, options: Mapping[str, Any] | CommonOptions | None) -> Any:
         """Validate raw options against the loss's model (errors located under ``options``)."""

@@ -97,10 +97,13 @@ class DataPlane:
         started = time.perf_counter()
         logits = self.decode(request.logits, "logits")
         targets = self.decode(request.targets, "targets")
-        if logits is not None and targets is not None:
-            total = logits.size + targets.size
-            if total > self.settings.max_elements:
-                raise decode_limit_error(total, self.settings.max_elements)
+        linear = {
+            name: self.decode(getattr(request, name), name)
+            for name in ("features", "weight", "bias")
+        }
+        total = sum(a.size for a in (logits, targets, *linear.values()) if a is not None)
+        if total > self.settings.max_elements:
+            raise decode_limit_error(total, self.settings.max_elements)
         try:
             result = ce_engine.evaluate(
                 request.loss,
@@ -112,6 +115,7 @@ class DataPlane:
                 sample_weight=self.decode(request.sample_weight, "sample_weight"),
                 vector=self.decode(request.vector, "vector"),
                 backend=request.backend or self.settings.backend,
+                **linear,
             )
         except ce_engine.EngineError as exc:
             raise engine_error(exc) from None

@@ -32,7 +32,10 @@ class EvaluateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     loss: str = Field(..., description="A loss name from GET /v1/losses.")
-    logits: Tensor | Any = Field(..., description="(N, C) or (N, d1.., C); see class_axis.")
+    logits: Tensor | Any | None = Field(
+        None,
+        description="(N, C) or (N, d1.., C); see class_axis. Required except for linear losses.",
+    )
     targets: Tensor | Any = Field(..., description="By target_format (see the loss options).")
     sample_weight: Tensor | Any | None = Field(None, description="(N,) or positions' shape.")
     options: dict[str, Any] = Field(
@@ -44,6 +47,13 @@ class EvaluateRequest(BaseModel):
     )
     vector: Tensor | Any | None = Field(None, description="Direction for `hvp` (logits' shape).")
     metrics: list[str] = Field(default_factory=list, description="Metric names (DESIGN §2).")
+    features: Tensor | Any | None = Field(
+        None, description="linear_cross_entropy: features X (N, D); logits = X Wᵀ + b."
+    )
+    weight: Tensor | Any | None = Field(
+        None, description="linear_cross_entropy: weight W (C, D) (not the class weights option)."
+    )
+    bias: Tensor | Any | None = Field(None, description="linear_cross_entropy: bias b (C,).")
     backend: Literal["auto", "numpy", "cupy"] | None = Field(
         None, description="Array backend; the server default when absent."
     )

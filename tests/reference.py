@@ -75,3 +75,35 @@ def central_difference(
         x[idx] = orig
         grad[idx] = (up - down) / (2 * h)
     return grad
+
+
+def reduce_reference(
+    per: np.ndarray,
+    den: np.ndarray,
+    *,
+    n: int,
+    m: int,
+    reduction: str,
+    normalization: str = "valid",
+) -> float | None:
+    """Σ per / denominator per DESIGN §2 (None for ``none``), from per-position terms."""
+    total = float(per.sum())
+    if reduction == "sum":
+        return total
+    if reduction == "none":
+        return None
+    if reduction == "batchmean":
+        return total / n
+    d = {"valid": float(den.sum()), "batch_size": n, "all": m, "none": 1.0}[normalization]
+    return total / d
+
+
+def softplus(x: float) -> float:
+    """log(1 + eˣ) for one float, plainly."""
+    if x > 0:
+        return x + math.log1p(math.exp(-x))
+    return math.log1p(math.exp(x))
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))

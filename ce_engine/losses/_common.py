@@ -10,6 +10,7 @@ import numpy as np
 from ce_engine.dtypes import is_floating
 from ce_engine.errors import InputValidationError
 from ce_engine.layout import Array, Layout
+from ce_engine.registry import LossInputs
 
 
 def log_softmax(xp: ModuleType, z: Array, temperature: float = 1.0) -> Array:
@@ -85,3 +86,178 @@ def first_true(xp: ModuleType, mask: Array) -> int | None:
     if flat.size == 0 or not bool(flat.any()):
         return None
     return int(xp.argmax(flat))
+
+
+def index_targets(inp: LossInputs) -> tuple[Array, Array]:
+    """Validated class ids (M,) with ignored positions set to 0, and the counted mask (M,)."""
+    xp, layout, opts = inp.xp, inp.layout, inp.options
+    y = layout.to_positions(inp.targets).astype(xp.int64, copy=False)
+    c = layout.num_classes
+    ignored = (y == opts.ignore_index) if opts.ignore_index is not None else xp.zeros(y.shape, bool)
+    bad = first_true(xp, ~ignored & ((y < 0) | (y >= c)))
+    if bad is not None:
+        raise InputValidationError.single(
+            ("targets", *layout.position(bad)),
+            f"class index {int(y[bad])} is out of range [0, {c})"
+            + (
+                f" and is not ignore_index ({opts.ignore_index})"
+                if opts.ignore_index is not None
+                else ""
+            ),
+            "class_index_out_of_range",
+        )
+    valid = ~ignored
+    if inp.exclude is not None:
+        valid &= ~inp.exclude
+    return xp.where(valid, y, 0), valid
+
+
+def dense_targets(inp: LossInputs, fmt: str) -> tuple[Array, Array]:
+    """Target distributions q (M, C) before smoothing, and the counted mask (M,)."""
+    xp, layout = inp.xp, inp.layout
+    q = layout.to_rows(inp.xp, inp.targets).astype(inp.logits.dtype, copy=False)
+    check_nan = inp.options.nan_policy == "raise"
+    bad = first_true(xp, xp.isnan(q) | xp.isinf(q)) if check_nan else None
+    if bad is not None:
+        row, cls = divmod(bad, layout.num_classes)
+        raise InputValidationError.single(
+            ("targets", *layout.element(row, cls)), "target is NaN or infinite", "non_finite"
+        )
+    bad = first_true(xp, q < 0)
+    if bad is not None:
+        row, cls = divmod(bad, layout.num_classes)
+        raise InputValidationError.single(
+            ("targets", *layout.element(row, cls)), "targets must be >= 0", "negative_target"
+        )
+    valid = xp.ones(layout.num_positions, dtype=bool)
+    if fmt == "multi_hot":
+        bad = first_true(xp, (q != 0) & (q != 1))
+        if bad is not None:
+            row, cls = divmod(bad, layout.num_classes)
+            raise InputValidationError.single(
+                ("targets", *layout.element(row, cls)),
+                "multi_hot targets must be 0 or 1",
+                "multi_hot",
+            )
+        positives = xp.sum(q, axis=-1)
+        valid = positives > 0
+        q = q / xp.maximum(positives, 1)[:, None]
+    else:
+        valid &= ~xp.isnan(q).any(axis=-1)  # nan_policy="omit" drops rows with a NaN target
+    if inp.exclude is not None:
+        valid &= ~inp.exclude
+    return xp.where(valid[:, None], q, 0), valid
+
+
+def softplus(xp: ModuleType, x: Array) -> Array:
+    """log(1 + eˣ) = max(x, 0) + log1p(e^−|x|): finite for any finite x, 0 at −inf."""
+    return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+
+def sigmoid(xp: ModuleType, x: Array) -> Array:
+    """σ(x) = exp(−softplus(−x)) (no overflow at any magnitude)."""
+    return xp.exp(-softplus(xp, -x))
+
+
+def scaled_logits(inp: LossInputs) -> Array:
+    """z / T; temperature is only meaningful for ``input_kind: logits``."""
+    opts = inp.options
+    if opts.input_kind != "logits" and opts.temperature != 1.0:
+        raise InputValidationError.single(
+            ("options", "temperature"), "temperature applies to input_kind 'logits' only"
+        )
+    z = inp.logits
+    return z / z.dtype.type(opts.temperature) if opts.temperature != 1.0 else z
+
+
+def per_class(
+    xp: ModuleType, value: float | list[float] | None, num_classes: int, dtype: Any, loc: str
+) -> Array | None:
+    """A number or a (C,) list as an array broadcastable over rows (M, C); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, list) and len(value) != num_classes:
+        raise InputValidationError.single(
+            ("options", loc),
+            f"{loc} has {len(value)} entries but logits have {num_classes} classes",
+        )
+    return xp.asarray(np.asarray(value, dtype=dtype))
+
+
+def element_weights(
+    xp: ModuleType, weight: list[Any] | None, layout: Layout, dtype: Any
+) -> Array | None:
+    """Element weights of shape (C,) or the logits' shape, as (C,) or rows (M, C)."""
+    if weight is None:
+        return None
+    try:
+        w = np.asarray(weight, dtype=dtype)
+    except (ValueError, TypeError):
+        raise InputValidationError.single(
+            ("options", "weight"), "weight must be a rectangular array of numbers"
+        ) from None
+    if w.shape == (layout.num_classes,):
+        out = w
+    elif w.shape == layout.shape:
+        out = layout.to_rows(np, w)
+    else:
+        raise InputValidationError.single(
+            ("options", "weight"),
+            f"weight must have shape [{layout.num_classes}] or the logits' shape "
+            f"{list(layout.shape)}, got {list(w.shape)}",
+            "shape_mismatch",
+        )
+    if not bool(np.all(np.isfinite(out) & (out >= 0))):
+        raise InputValidationError.single(("options", "weight"), "weights must be finite and >= 0")
+    return xp.asarray(out)
+
+
+def label_rows(inp: LossInputs) -> tuple[Array, Array]:
+    """Per-class labels y ∈ [0, 1] of the logits' shape as rows (M, C), and the counted mask."""
+    xp, layout = inp.xp, inp.layout
+    if tuple(inp.targets.shape) != layout.shape:
+        raise InputValidationError.single(
+            ("targets",),
+            f"targets must have the logits' shape {list(layout.shape)}, "
+            f"got {list(inp.targets.shape)}",
+            "shape_mismatch",
+        )
+    y = layout.to_rows(xp, inp.targets).astype(inp.logits.dtype, copy=False)
+    nan = xp.isnan(y)
+    if inp.options.nan_policy == "raise":
+        bad = first_true(xp, nan)
+        if bad is not None:
+            row, cls = divmod(bad, layout.num_classes)
+            raise InputValidationError.single(
+                ("targets", *layout.element(row, cls)), "target is NaN", "non_finite"
+            )
+    bad = first_true(xp, (y < 0) | (y > 1))
+    if bad is not None:
+        row, cls = divmod(bad, layout.num_classes)
+        raise InputValidationError.single(
+            ("targets", *layout.element(row, cls)),
+            f"labels must lie in [0, 1], got {float(y[row, cls])}",
+            "label_range",
+        )
+    if inp.options.nan_policy == "omit":
+        valid = ~nan.any(axis=-1)
+    else:
+        valid = xp.ones(layout.num_positions, dtype=bool)
+    if inp.exclude is not None:
+        valid &= ~inp.exclude
+    return xp.where(valid[:, None], y, 0), valid
+
+
+def input_log_probs(inp: LossInputs) -> tuple[Array, Array | None]:
+    """(log p, clipped probabilities or None): log-probabilities of the rows per ``input_kind``."""
+    xp, z, opts = inp.xp, inp.logits, inp.options
+    if opts.input_kind != "logits" and opts.temperature != 1.0:
+        raise InputValidationError.single(
+            ("options", "temperature"), "temperature applies to input_kind 'logits' only"
+        )
+    if opts.input_kind == "logits":
+        return log_softmax(xp, z, opts.temperature), None
+    if opts.input_kind == "log_probabilities":
+        return z, None
+    clipped = xp.clip(z, opts.eps, 1.0 - opts.eps)
+    return xp.log(clipped), clipped

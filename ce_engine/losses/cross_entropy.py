@@ -6,12 +6,13 @@ Reference: ``torch.nn.functional.cross_entropy`` (weight, ignore_index, label_sm
 
 from __future__ import annotations
 
-from ce_engine.errors import InputValidationError
+from ce_engine.hessian import SECOND_ORDER, second_order
 from ce_engine.layout import Array
 from ce_engine.losses._common import (
     class_weights,
-    first_true,
-    log_softmax,
+    dense_targets,
+    index_targets,
+    input_log_probs,
     resolve_target_format,
     times_log,
 )
@@ -22,82 +23,6 @@ FORMULA = (
     "ℓ_i = −Σ_c w_c q_ic log p_ic,  p_i = softmax(z_i / T),  q ← (1 − ε)·q + ε/C;  "
     "∂ℓ_i/∂z_ij = (p_ij Σ_c w_c q_ic − w_j q_ij) / T"
 )
-
-
-def _log_probs(inp: LossInputs) -> tuple[Array, Array]:
-    """(log p, ∂ log p-input factor): log-probabilities of the rows per ``input_kind``."""
-    xp, z, opts = inp.xp, inp.logits, inp.options
-    if opts.input_kind != "logits" and opts.temperature != 1.0:
-        raise InputValidationError.single(
-            ("options", "temperature"), "temperature applies to input_kind 'logits' only"
-        )
-    if opts.input_kind == "logits":
-        return log_softmax(xp, z, opts.temperature), None
-    if opts.input_kind == "log_probabilities":
-        return z, None
-    clipped = xp.clip(z, opts.eps, 1.0 - opts.eps)
-    return xp.log(clipped), clipped
-
-
-def _index_targets(inp: LossInputs) -> tuple[Array, Array]:
-    """Validated class ids (M,) with ignored positions set to 0, and the counted mask (M,)."""
-    xp, layout, opts = inp.xp, inp.layout, inp.options
-    y = layout.to_positions(inp.targets).astype(xp.int64, copy=False)
-    c = layout.num_classes
-    ignored = (y == opts.ignore_index) if opts.ignore_index is not None else xp.zeros(y.shape, bool)
-    bad = first_true(xp, ~ignored & ((y < 0) | (y >= c)))
-    if bad is not None:
-        raise InputValidationError.single(
-            ("targets", *layout.position(bad)),
-            f"class index {int(y[bad])} is out of range [0, {c})"
-            + (
-                f" and is not ignore_index ({opts.ignore_index})"
-                if opts.ignore_index is not None
-                else ""
-            ),
-            "class_index_out_of_range",
-        )
-    valid = ~ignored
-    if inp.exclude is not None:
-        valid &= ~inp.exclude
-    return xp.where(valid, y, 0), valid
-
-
-def _dense_targets(inp: LossInputs, fmt: str) -> tuple[Array, Array]:
-    """Target distributions q (M, C) before smoothing, and the counted mask (M,)."""
-    xp, layout = inp.xp, inp.layout
-    q = layout.to_rows(inp.xp, inp.targets).astype(inp.logits.dtype, copy=False)
-    check_nan = inp.options.nan_policy == "raise"
-    bad = first_true(xp, xp.isnan(q) | xp.isinf(q)) if check_nan else None
-    if bad is not None:
-        row, cls = divmod(bad, layout.num_classes)
-        raise InputValidationError.single(
-            ("targets", *layout.element(row, cls)), "target is NaN or infinite", "non_finite"
-        )
-    bad = first_true(xp, q < 0)
-    if bad is not None:
-        row, cls = divmod(bad, layout.num_classes)
-        raise InputValidationError.single(
-            ("targets", *layout.element(row, cls)), "targets must be >= 0", "negative_target"
-        )
-    valid = xp.ones(layout.num_positions, dtype=bool)
-    if fmt == "multi_hot":
-        bad = first_true(xp, (q != 0) & (q != 1))
-        if bad is not None:
-            row, cls = divmod(bad, layout.num_classes)
-            raise InputValidationError.single(
-                ("targets", *layout.element(row, cls)),
-                "multi_hot targets must be 0 or 1",
-                "multi_hot",
-            )
-        positives = xp.sum(q, axis=-1)
-        valid = positives > 0
-        q = q / xp.maximum(positives, 1)[:, None]
-    else:
-        valid &= ~xp.isnan(q).any(axis=-1)  # nan_policy="omit" drops rows with a NaN target
-    if inp.exclude is not None:
-        valid &= ~inp.exclude
-    return xp.where(valid[:, None], q, 0), valid
 
 
 def cross_entropy(inp: LossInputs) -> LossTerms:
@@ -117,11 +42,11 @@ def cross_entropy(inp: LossInputs) -> LossTerms:
     eps_ls = opts_ce.label_smoothing
     w = class_weights(xp, opts_ce.weight, c, dtype)
     fmt = resolve_target_format(opts_ce.target_format, inp.targets, layout)
-    log_p, clipped = _log_probs(inp)
+    log_p, clipped = input_log_probs(inp)
     s = inp.sample_weight
 
     if fmt == "index":
-        y, valid = _index_targets(inp)
+        y, valid = index_targets(inp)
         rows = xp.arange(layout.num_positions)
         w_y = w[y] if w is not None else xp.ones(y.shape, dtype)
         w_y = xp.where(valid, w_y, 0).astype(dtype, copy=False)
@@ -137,7 +62,7 @@ def cross_entropy(inp: LossInputs) -> LossTerms:
             (eps_ls / c) * (float(w.sum()) if w is not None else float(c))
         ) * valid.astype(dtype)
     else:
-        q, valid = _dense_targets(inp, fmt)
+        q, valid = dense_targets(inp, fmt)
         if eps_ls:
             q = xp.where(valid[:, None], (1.0 - eps_ls) * q + eps_ls / c, 0)
         wq = q * w if w is not None else q
@@ -150,7 +75,7 @@ def cross_entropy(inp: LossInputs) -> LossTerms:
         loss = loss * s
         valid_weight = valid_weight * s
     arrays: dict[str, Array] = {}
-    need_p = bool(inp.want & {"grad", "probabilities"})
+    need_p = bool(inp.want & {"grad", "probabilities", *SECOND_ORDER})
     p = xp.exp(log_p) if need_p else None
     if "probabilities" in inp.want:
         arrays["probabilities"] = p
@@ -158,7 +83,35 @@ def cross_entropy(inp: LossInputs) -> LossTerms:
         arrays["log_probabilities"] = log_p
     if "grad" in inp.want:
         arrays["grad"] = _grad(inp, p, clipped, q_mass, w, wq, y, rows, valid)
+    if inp.want & SECOND_ORDER:
+        if opts.input_kind == "logits":
+            scale = q_mass * s if s is not None else q_mass
+            scale = scale / dtype.type(opts.temperature**2)
+            arrays.update(second_order(xp, inp.want, layout, inp.vector, p=p, scale=scale))
+        else:
+            diag = xp.zeros_like(inp.logits)  # log-probabilities: ℓ is linear in the input
+            if clipped is not None:
+                if wq is None:
+                    wq = _dense_wq(inp, w, y, rows, valid)
+                inside = (inp.logits > opts.eps) & (inp.logits < 1.0 - opts.eps)
+                diag = xp.where(inside, wq / (clipped * clipped), 0)
+                if s is not None:
+                    diag *= s[:, None]
+            arrays.update(second_order(xp, inp.want, layout, inp.vector, diag=diag))
     return LossTerms(per_sample=loss, valid_weight=valid_weight, valid=valid, arrays=arrays)
+
+
+def _dense_wq(inp: LossInputs, w: Array | None, y: Array, rows: Array, valid: Array) -> Array:
+    """w_c q_ic as (M, C) for index targets (smoothed; 0 on rows not counted)."""
+    xp, c, dtype = inp.xp, inp.layout.num_classes, inp.logits.dtype
+    eps_ls = inp.options.label_smoothing
+    wq = xp.zeros_like(inp.logits)
+    if eps_ls:
+        wq += (eps_ls / c) * (w if w is not None else xp.ones(c, dtype))
+    w_y = w[y] if w is not None else xp.ones(y.shape, dtype)
+    wq[rows, y] += (1.0 - eps_ls) * w_y
+    wq *= valid[:, None]
+    return wq
 
 
 def _grad(
@@ -187,12 +140,7 @@ def _grad(
             grad /= dtype.type(opts.temperature)
     else:
         if wq is None:
-            wq = xp.zeros_like(inp.logits)
-            if eps_ls:
-                wq += (eps_ls / c) * (w if w is not None else xp.ones(c, dtype))
-            w_y = w[y] if w is not None else xp.ones(y.shape, dtype)
-            wq[rows, y] += (1.0 - eps_ls) * w_y
-            wq *= valid[:, None]
+            wq = _dense_wq(inp, w, y, rows, valid)
         if opts.input_kind == "logits":
             grad = p * q_mass[:, None] - wq
             if opts.temperature != 1.0:
@@ -212,7 +160,16 @@ register(
         name="cross_entropy",
         compute=cross_entropy,
         options_model=CrossEntropyOptions,
-        outputs=frozenset({"loss", "per_sample", "grad", "probabilities", "log_probabilities"}),
+        outputs=frozenset(
+            {
+                "loss",
+                "per_sample",
+                "grad",
+                "probabilities",
+                "log_probabilities",
+                *SECOND_ORDER,
+            }
+        ),
         summary="Softmax cross-entropy with index, probability or multi-hot targets.",
         formula=FORMULA,
     )

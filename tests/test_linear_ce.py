@@ -1,0 +1,261 @@
+"""linear_cross_entropy: value and dX/dW/db vs a plain reference + finite differences, chunking,
+memory bound, input validation."""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import ce_engine
+from ce_engine.errors import InputValidationError
+from tests.reference import central_difference, reduce_reference, softmax_ce
+
+RNG = np.random.default_rng(17)
+N, D, C = 7, 3, 5
+GRADS = ["per_sample", "grad_features", "grad_weight", "grad_bias"]
+
+
+def objective(
+    x: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray | None,
+    y: np.ndarray,
+    *,
+    fmt: str = "index",
+    opts: dict | None = None,
+    sample_weight: np.ndarray | None = None,
+) -> float:
+    """J = reduce(CE(X Wᵀ + b)) + (λ/2)‖W‖², from plain loops."""
+    opts = opts or {}
+    n, c = x.shape[0], w.shape[0]
+    z = np.zeros((n, c))
+    for i in range(n):
+        for j in range(c):
+            z[i, j] = sum(x[i, k] * w[j, k] for k in range(x.shape[1])) + (0 if b is None else b[j])
+    per, den, _ = softmax_ce(
+        z,
+        y,
+        fmt=fmt,
+        weight=opts.get("weight"),
+        ignore_index=opts.get("ignore_index", -100),
+        label_smoothing=opts.get("label_smoothing", 0.0),
+        temperature=opts.get("temperature", 1.0),
+        sample_weight=sample_weight,
+    )
+    reduction = opts.get("reduction", "mean")
+    value = reduce_reference(
+        per,
+        den,
+        n=n,
+        m=n,
+        reduction="sum" if reduction == "none" else reduction,
+        normalization=opts.get("normalization", "valid"),
+    )
+    unit = math.log(2) if opts.get("log_base") == 2 else 1.0
+    return float(value) / unit + 0.5 * opts.get("l2", 0.0) * float((w**2).sum())
+
+
+CASES = [
+    {},
+    {"l2": 0.3},
+    {"weight": [0.5, 1.0, 2.0, 1.5, 3.0], "ignore_index": 2},
+    {"label_smoothing": 0.2, "temperature": 1.7},
+    {"reduction": "sum", "log_base": 2},
+    {"reduction": "none", "l2": 0.1},
+    {"normalization": "batch_size", "chunk_elements": 1},
+    {"chunk_elements": 12, "l2": 0.05, "label_smoothing": 0.1},
+]
+
+
+@pytest.mark.parametrize("opts", CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("with_sample_weight", [False, True])
+def test_value_and_parameter_gradients(opts, with_bias, with_sample_weight):
+    x = RNG.standard_normal((N, D))
+    w = RNG.standard_normal((C, D))
+    b = RNG.standard_normal(C) if with_bias else None
+    y = RNG.integers(0, C, size=N)
+    y[1] = 2
+    sw = RNG.random(N) + 0.1 if with_sample_weight else None
+    res = ce_engine.evaluate(
+        "linear_cross_entropy",
+        None,
+        y,
+        features=x,
+        weight=w,
+        bias=b,
+        options=opts,
+        outputs=GRADS,
+        sample_weight=sw,
+    )
+    expected = objective(x, w, b, y, opts=opts, sample_weight=sw)
+    if opts.get("reduction") == "none":
+        assert res.value is None
+        assert res.sum + res.extras["penalty"] == pytest.approx(expected, rel=1e-12)
+    else:
+        assert res.value == pytest.approx(expected, rel=1e-12)
+    if opts.get("l2"):
+        assert res.extras["penalty"] == pytest.approx(0.5 * opts["l2"] * (w**2).sum(), rel=1e-12)
+    assert res.outputs["per_sample"].shape == (N,)
+
+    def f_x(xx: np.ndarray) -> float:
+        return objective(xx, w, b, y, opts=opts, sample_weight=sw)
+
+    def f_w(ww: np.ndarray) -> float:
+        return objective(x, ww, b, y, opts=opts, sample_weight=sw)
+
+    np.testing.assert_allclose(
+        res.outputs["grad_features"], central_difference(f_x, x), rtol=1e-6, atol=1e-8
+    )
+    np.testing.assert_allclose(
+        res.outputs["grad_weight"], central_difference(f_w, w), rtol=1e-6, atol=1e-8
+    )
+    b0 = b if b is not None else np.zeros(C)
+    np.testing.assert_allclose(
+        res.outputs["grad_bias"],
+        central_difference(lambda bb: objective(x, w, bb, y, opts=opts, sample_weight=sw), b0),
+        rtol=1e-6,
+        atol=1e-8,
+    )
+
+
+@pytest.mark.parametrize("fmt", ["probabilities", "multi_hot"])
+def test_dense_targets(fmt):
+    x = RNG.standard_normal((N, D))
+    w = RNG.standard_normal((C, D))
+    if fmt == "probabilities":
+        t = RNG.random((N, C))
+        t /= t.sum(axis=1, keepdims=True)
+    else:
+        t = (RNG.random((N, C)) > 0.5).astype(np.float64)
+        t[0] = 0
+    opts = {"target_format": fmt, "chunk_elements": 10}
+    res = ce_engine.evaluate(
+        "linear_cross_entropy", None, t, features=x, weight=w, options=opts, outputs=GRADS
+    )
+    assert res.value == pytest.approx(objective(x, w, None, t, fmt=fmt), rel=1e-12)
+    np.testing.assert_allclose(
+        res.outputs["grad_weight"],
+        central_difference(lambda ww: objective(x, ww, None, t, fmt=fmt), w),
+        rtol=1e-6,
+        atol=1e-8,
+    )
+
+
+def test_float32_inputs_and_seed_formula():
+    """Seed: dW = Xᵀ(P − Y)/N + λW for the plain mean."""
+    x = RNG.standard_normal((64, 8)).astype(np.float32)
+    w = RNG.standard_normal((10, 8)).astype(np.float32)
+    y = RNG.integers(0, 10, size=64)
+    res = ce_engine.evaluate(
+        "linear_cross_entropy",
+        None,
+        y,
+        features=x,
+        weight=w,
+        options={"l2": 0.01, "chunk_elements": 50},
+        outputs=["grad_weight"],
+    )
+    z = x.astype(np.float64) @ w.T.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    dw = (p - np.eye(10)[y]).T @ x.astype(np.float64) / 64 + 0.01 * w
+    assert res.compute_dtype == "float32"
+    np.testing.assert_allclose(res.outputs["grad_weight"], dw, rtol=1e-4, atol=1e-6)
+
+
+def test_nan_policy_on_features():
+    x = RNG.standard_normal((4, D))
+    w = RNG.standard_normal((C, D))
+    y = np.array([0, 1, 2, 3])
+    x[2, 1] = np.nan
+    with pytest.raises(InputValidationError) as info:
+        ce_engine.evaluate("linear_cross_entropy", None, y, features=x, weight=w)
+    assert info.value.errors[0].loc == ("features", 2, 1)
+    omitted = ce_engine.evaluate(
+        "linear_cross_entropy",
+        None,
+        y,
+        features=x,
+        weight=w,
+        options={"nan_policy": "omit"},
+        outputs=["grad_features"],
+    )
+    kept = ce_engine.evaluate(
+        "linear_cross_entropy", None, y[[0, 1, 3]], features=x[[0, 1, 3]], weight=w
+    )
+    assert omitted.value == pytest.approx(kept.value) and omitted.ignored == 1
+    assert np.all(omitted.outputs["grad_features"][2] == 0)
+
+
+def test_bad_target_location_is_of_the_whole_batch():
+    x = RNG.standard_normal((9, D))
+    w = RNG.standard_normal((C, D))
+    y = np.zeros(9, dtype=np.int64)
+    y[7] = 99
+    with pytest.raises(InputValidationError) as info:
+        ce_engine.evaluate(
+            "linear_cross_entropy",
+            None,
+            y,
+            features=x,
+            weight=w,
+            options={"chunk_elements": 2 * C},
+        )
+    assert info.value.errors[0].loc == ("targets", 7)
+
+
+def test_input_errors():
+    x, w, y = np.zeros((3, 2)), np.zeros((4, 2)), np.array([0, 1, 2])
+    cases = [
+        ({"features": None, "weight": w}, ("features",), "required"),
+        ({"features": x, "weight": None}, ("weight",), "required"),
+        ({"features": x, "weight": np.zeros((4, 3))}, ("weight",), "must have shape [C, 2]"),
+        ({"features": x, "weight": w, "bias": np.zeros(3)}, ("bias",), "must have shape [4]"),
+        ({"features": x[0], "weight": w}, ("features",), "2 dimension(s)"),
+        ({"features": x.astype(bool), "weight": w}, ("features",), "numeric"),
+    ]
+    for kwargs, loc, msg in cases:
+        with pytest.raises(InputValidationError) as info:
+            ce_engine.evaluate("linear_cross_entropy", None, y, **kwargs)
+        assert info.value.errors[0].loc == loc and msg in info.value.errors[0].msg
+    with pytest.raises(InputValidationError, match="not logits"):
+        ce_engine.evaluate("linear_cross_entropy", np.zeros((3, 4)), y, features=x, weight=w)
+    with pytest.raises(InputValidationError, match="metrics are not supported"):
+        ce_engine.evaluate(
+            "linear_cross_entropy", None, y, features=x, weight=w, metrics=["accuracy"]
+        )
+    with pytest.raises(InputValidationError, match="only for linear-layer losses"):
+        ce_engine.evaluate("cross_entropy", np.zeros((3, 4)), y, features=x)
+    with pytest.raises(InputValidationError, match="not supported for linear_cross_entropy"):
+        ce_engine.evaluate("linear_cross_entropy", None, y, features=x, weight=w, outputs=["grad"])
+    with pytest.raises(InputValidationError, match="out of range"):
+        ce_engine.evaluate("linear_cross_entropy", None, np.array([0, 1, 4]), features=x, weight=w)
+
+
+def test_peak_memory_stays_below_the_logits():
+    """The (N, C) logits are never formed whole: peak extra memory ≪ N·C·itemsize."""
+    n, d, c = 512, 32, 4000
+    x = RNG.standard_normal((n, d)).astype(np.float32)
+    w = RNG.standard_normal((c, d)).astype(np.float32)
+    y = RNG.integers(0, c, size=n)
+    outputs = ["grad_features", "grad_weight", "grad_bias"]
+    tracemalloc.start()
+    try:
+        ce_engine.evaluate(
+            "linear_cross_entropy",
+            None,
+            y,
+            features=x,
+            weight=w,
+            options={"chunk_elements": 1 << 16},
+            outputs=outputs,
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    logits_bytes = n * c * 4
+    assert peak < 0.25 * logits_bytes + 2 * w.nbytes + x.nbytes
