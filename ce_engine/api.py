@@ -71,14 +71,17 @@ def _bad_logits(xp: Any, rows: Array, input_kind: str) -> Array:
 
 
 def _apply_nan_policy(
-    xp: Any, rows: Array, layout: Layout, opts: CommonOptions
+    xp: Any, rows: Array, layout: Layout, opts: CommonOptions, softmax_rows: bool = True
 ) -> tuple[Array, Array | None]:
-    """Returns (rows, exclude mask or None); raises on bad input for ``raise``."""
+    """Returns (rows, exclude mask or None); raises on bad input for ``raise``.
+
+    With ``softmax_rows`` a position whose logits are all −inf is bad too (p is undefined).
+    """
     if opts.nan_policy == "propagate":
         return rows, None
     bad = _bad_logits(xp, rows, opts.input_kind)
     bad_rows = bad.any(axis=-1)
-    if opts.input_kind != "probabilities":
+    if softmax_rows and opts.input_kind != "probabilities":
         bad_rows |= xp.all(rows == -xp.inf, axis=-1)
     if opts.nan_policy == "raise":
         idx = first_true(xp, bad)
@@ -206,7 +209,9 @@ def evaluate(
         cdt = compute_dtype(logits.dtype if hasattr(logits, "dtype") else z.dtype)
         layout = Layout.of(tuple(z.shape), opts.class_axis)
         rows = layout.to_rows(xp, z.astype(cdt, copy=False))
-        rows, exclude = _apply_nan_policy(xp, rows, layout, opts)
+        rows, exclude = _apply_nan_policy(
+            xp, rows, layout, opts, softmax_rows=not spec.elementwise(opts)
+        )
     t = to_backend(xp, targets, loc="targets")
     s = _sample_weight(xp, sample_weight, layout, cdt)
     v = None

@@ -89,6 +89,8 @@ class LossSpec:
     formula: str = ""
     #: "logits": rows of logits; "linear": ``features``, ``weight``, ``bias`` (no logits)
     inputs: Literal["logits", "linear"] = "logits"
+    #: True when each logit is an independent sigmoid (a position of only −inf is then valid)
+    elementwise: Callable[[Any], bool] = lambda options: False
 
     def parse_options(self, options: Mapping[str, Any] | CommonOptions | None) -> Any:
         """Validate raw options against the loss's model (errors located under ``options``)."""

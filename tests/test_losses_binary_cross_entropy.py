@@ -226,3 +226,18 @@ def test_errors_name_the_field():
     for opts, t, msg in cases:
         with pytest.raises(InputValidationError, match=msg):
             ce_engine.evaluate("binary_cross_entropy", z, t, options=opts)
+
+
+def test_position_of_only_minus_inf_logits_is_valid_for_sigmoid_losses() -> None:
+    """Each sigmoid is independent: z = −inf with y = 0 costs 0 (softplus(−inf) = 0)."""
+    z = np.array([[-np.inf, -np.inf], [0.0, 1.0]])
+    y = np.array([[0.0, 0.0], [1.0, 0.0]])
+    res = ce_engine.evaluate(
+        "binary_cross_entropy", z, y, outputs=["per_sample"], options={"reduction": "sum"}
+    )
+    expected = math.log(2.0) + math.log1p(math.exp(1.0))
+    assert res.value == pytest.approx(expected, rel=1e-12)
+    focal = ce_engine.evaluate("focal", z, y, options={"variant": "sigmoid"})
+    assert focal.value is not None and math.isfinite(focal.value)
+    with pytest.raises(ce_engine.InputValidationError, match="-inf"):
+        ce_engine.evaluate("cross_entropy", z, np.array([0, 1]))

@@ -95,6 +95,7 @@ register(
     LossSpec(
         name="binary_cross_entropy",
         compute=binary_cross_entropy,
+        elementwise=lambda options: True,
         options_model=BinaryCrossEntropyOptions,
         outputs=frozenset(
             {

@@ -134,6 +134,7 @@ register(
     LossSpec(
         name="focal",
         compute=focal,
+        elementwise=lambda options: options.variant == "sigmoid",
         options_model=FocalOptions,
         outputs=frozenset({"loss", "per_sample", "grad", "probabilities", "log_probabilities"}),
         summary="Focal loss: sigmoid (torchvision) or softmax variant, alpha/gamma.",
