@@ -18,9 +18,15 @@ from service.config import Settings
 from service.dataplane import DataPlane
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.http.monitoring import router as monitoring_router
+from service.http.monitoring import static_files
 from service.http.routes import router
+from service.http.runs import router as runs_router
 from service.logs import get_logger
+from service.runs import RunsDataPlane
 from service.schemas import EvaluateRequest
+from service.store import Store
+from service.telemetry import PrometheusMiddleware, count_batch, observe_evaluate
 
 log = get_logger("app")
 
@@ -64,9 +70,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.draining = False
-        log.info("started", extra={"fields": {"backend": settings.backend}})
+        await anyio.to_thread.run_sync(store.upgrade)
+        log.info(
+            "started",
+            extra={"fields": {"backend": settings.backend, "store": store.url.get_backend_name()}},
+        )
         yield
         app.state.draining = True
+        store.dispose()
         log.info("stopped")
 
     app = FastAPIOffline(
@@ -77,9 +88,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = DataPlane.catalog().model_dump()
     app.state.compute_limiter = anyio.CapacityLimiter(settings.max_inflight)
     app.state.draining = False
+    store = Store(settings.database_url)
+    app.state.store = store
+    app.state.runs = RunsDataPlane(
+        settings,
+        store,
+        app.state.dataplane,
+        on_evaluate=observe_evaluate,
+        on_batch=count_batch,
+    )
     app.include_router(router)
+    app.include_router(runs_router)
+    app.include_router(monitoring_router)
+    app.mount("/static", static_files(), name="static")
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(PrometheusMiddleware)
     _install_openapi(app)
     return app
