@@ -14,6 +14,7 @@ from ce_engine.dtypes import BFLOAT16, compute_dtype, is_floating
 from ce_engine.errors import ErrorItem, InputValidationError
 from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true
+from ce_engine.metrics import MetricState, metric_state
 from ce_engine.options import CommonOptions
 from ce_engine.registry import LossInputs, LossTerms, get_loss
 
@@ -39,6 +40,7 @@ class EvaluationResult:
     unit: str
     outputs: dict[str, Array] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    metric_state: MetricState | None = None
     backend: str = "numpy"
     compute_dtype: str = "float32"
     extras: dict[str, float] = field(default_factory=dict)
@@ -201,9 +203,9 @@ def evaluate(
     result.backend = backend_name
     result.compute_dtype = np.dtype(cdt).name
     if metric_names:
-        from ce_engine.metrics import compute_metrics
-
-        result.metrics = compute_metrics(metric_names, xp, rows, t, layout, opts, s, exclude)
+        state = metric_state(metric_names, xp, rows, t, layout, opts, s, exclude, loss=spec.name)
+        result.metric_state = state
+        result.metrics = state.compute()
     return result
 
 

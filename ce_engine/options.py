@@ -46,6 +46,12 @@ class CommonOptions(BaseModel):
         default_factory=lambda: [1, 5], description="k values for `top_k_accuracy`."
     )
     n_bins: int = Field(15, ge=1, le=1000, description="Bins for ece/mce/reliability.")
+    max_confusion_classes: int = Field(
+        1024,
+        ge=1,
+        le=4096,
+        description="Largest number of classes for the `confusion_matrix` metric (C × C sums).",
+    )
 
     @field_validator("log_base", mode="before")
     @classmethod
