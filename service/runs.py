@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 import ce_engine
 from ce_engine.dtypes import wire_name
-from ce_engine.metrics import METRIC_NAMES
+from ce_engine.metrics import MetricState, supported_metrics
 from service.config import Settings
 from service.dataplane import (
     DataPlane,
@@ -143,27 +143,22 @@ def _decode_cursor(kind: str, cursor: str) -> int:
         ) from None
 
 
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
 def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """The chartable part of a batch's metrics: numbers and ``{k: number}`` maps (top-k)."""
+    """The chartable part of metrics: numbers (None over zero weight) and small ``{k: number}``
+    maps (top-k accuracy); per-class lists, matrices and reliability bins are left out."""
     kept: dict[str, Any] = {}
     for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            kept[key] = float(value)
+        if _is_number(value):
+            kept[key] = None if value is None else float(value)
         elif (
-            isinstance(value, Mapping)
-            and value
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values())
-            and len(value) <= 16
+            isinstance(value, Mapping) and len(value) <= 16 and all(map(_is_number, value.values()))
         ):
-            kept[key] = {str(k): float(v) for k, v in value.items()}
+            kept[key] = {str(k): None if v is None else float(v) for k, v in value.items()}
     return kept
-
-
-def _metric_state_type() -> Any:
-    """``ce_engine.metrics.MetricState`` (None with an engine that has no mergeable states)."""
-    from ce_engine import metrics
-
-    return getattr(metrics, "MetricState", None)
 
 
 def _not_found(run_id: str) -> NotFound:
@@ -243,18 +238,20 @@ class RunsDataPlane:
                     }
                 ],
             )
+        available = supported_metrics(spec.name)
         unknown = [
             {
                 "loc": ["body", "metrics", i],
-                "msg": f"unknown metric {m!r}",
+                "msg": f"metric {m!r} is not available for {spec.name}",
                 "type": "unknown_metric",
             }
             for i, m in enumerate(request.metrics)
-            if m not in METRIC_NAMES
+            if m not in available
         ]
         if unknown:
             raise ValidationFailed(
-                f"unknown metrics; available: {', '.join(METRIC_NAMES) or 'none'}", unknown
+                f"unsupported metrics; {spec.name} offers: {', '.join(available) or 'none'}",
+                unknown,
             )
         now = utcnow()
         run = Run(
@@ -422,7 +419,7 @@ class RunsDataPlane:
             raise engine_error(exc) from None
         if self.on_evaluate is not None:
             self.on_evaluate(run.loss, result.backend, time.perf_counter() - started)
-        state = getattr(result, "metric_state", None)
+        state = result.metric_state
         batch_result = {
             "value": result.value,
             "sum": result.sum,
@@ -547,15 +544,16 @@ class RunsDataPlane:
         return self._batch_answer(run, existing, duplicate=True)
 
     @staticmethod
-    def _merge_state(stored: dict[str, Any] | None, state: Any) -> dict[str, Any] | None:
+    def _merge_state(
+        stored: dict[str, Any] | None, state: MetricState | None
+    ) -> dict[str, Any] | None:
         if state is None:
             return stored
         if stored is None:
             merged: dict[str, Any] = state.to_dict()
             return merged
-        state_type = _metric_state_type()
         try:
-            merged = state_type.from_dict(stored).merge(state).to_dict()
+            merged = MetricState.from_dict(stored).merge(state).to_dict()
         except (ValueError, TypeError, KeyError) as exc:
             raise ValidationFailed(
                 f"this batch's metrics cannot be merged into the run: {exc}",
@@ -584,7 +582,7 @@ class RunsDataPlane:
         reduction, normalization, unit = self._reduction(run)
         metrics: dict[str, Any] = {}
         if run.metric_state is not None:
-            metrics = _metric_state_type().from_dict(run.metric_state).compute()
+            metrics = MetricState.from_dict(run.metric_state).compute()
         return {
             "id": run.id,
             "name": run.name,

@@ -11,6 +11,8 @@ import pytest
 from service.config import Settings
 from service.http.app import create_app
 
+pytest_plugins = ["tests.servers"]
+
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
