@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from service import __version__
+from service.run_cli import add_commands as add_run_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", choices=["debug", "info", "warning", "error"], help="log level"
     )
     serve.set_defaults(func=_serve)
+    add_run_commands(sub)
     return parser
 
 
