@@ -18,7 +18,7 @@ import binascii
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Literal
@@ -133,9 +133,10 @@ def _decode_cursor(kind: str, cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, position = raw.partition(":")
-        if prefix != kind:
+        value = int(position)
+        if prefix != kind or not 0 <= value < 2**63:
             raise ValueError(prefix)
-        return int(position)
+        return value
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise ValidationFailed(
             "cursor is not one this endpoint returned",
@@ -471,6 +472,27 @@ class RunsDataPlane:
         if self.on_batch is not None:
             self.on_batch("accepted")
         return answer
+
+    def add_batches(
+        self, run_id: str, payloads: Iterable[Mapping[str, Any] | AddBatchRequest]
+    ) -> dict[str, Any]:
+        """Add a stream of batches in order (e.g. a client-streaming RPC); each is its own
+        transaction, so a failure part-way keeps the batches before it. Returns the summary
+        ``{run_id, batches, accepted, duplicates, run}``; the first failing batch raises."""
+        accepted = duplicates = 0
+        last: dict[str, Any] | None = None
+        for payload in payloads:
+            answer = self.add_batch(run_id, payload)
+            duplicates += answer["duplicate"]
+            accepted += not answer["duplicate"]
+            last = answer["run"]
+        return {
+            "run_id": run_id,
+            "batches": accepted + duplicates,
+            "accepted": accepted,
+            "duplicates": duplicates,
+            "run": last if last is not None else self.get_run(run_id),
+        }
 
     def list_batches(
         self, run_id: str, *, limit: int = 1000, cursor: str | None = None

@@ -544,3 +544,59 @@ def test_unreachable_store_is_503_not_500():
         runs.get_run("run_x")
     assert caught.value.status_code == 503
     assert caught.value.headers["Retry-After"] == "1"
+
+
+# ---------------------------------------------------------------- data plane (RPC adapters)
+
+
+def test_data_plane_takes_decoded_arrays_and_streams_of_batches(database_url, tmp_path):
+    """What a gRPC servicer does: plain dicts with NumPy arrays, AddBatches as an iterator."""
+    settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
+    store = Store(database_url)
+    store.upgrade()
+    runs = RunsDataPlane(settings, store)
+    run = runs.create_run({"name": "rpc", "loss": "cross_entropy", "metrics": ["accuracy"]})
+    batches = make_batches(12, [5, 9, 4])
+    stream = [{"batch_id": f"s{i}", **b} for i, b in enumerate(batches)]
+    summary = runs.add_batches(run["id"], [*stream, stream[0]])
+    assert (summary["batches"], summary["accepted"], summary["duplicates"]) == (4, 3, 1)
+    import ce_engine
+
+    expected = ce_engine.evaluate(
+        "cross_entropy",
+        *(np.concatenate([b[k] for b in batches]) for k in ("logits", "targets")),
+        sample_weight=np.concatenate([b["sample_weight"] for b in batches]),
+        metrics=["accuracy"],
+    )
+    assert summary["run"]["batches"] == 3
+    assert_close(summary["run"]["value"], expected.value)
+    assert_close(summary["run"]["metrics"]["accuracy"], expected.metrics["accuracy"])
+    assert runs.add_batches(run["id"], [])["run"]["batches"] == 3
+    store.dispose()
+
+
+@pytest.mark.parametrize("position", [-1, 2**63, 10**30])
+async def test_out_of_range_cursors_are_422(api, position):
+    cursor = base64.urlsafe_b64encode(f"runs:{position}".encode()).decode().rstrip("=")
+    response = await api.get("/v1/runs", params={"cursor": cursor})
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["query", "cursor"]
+
+
+async def test_concurrent_batches_in_one_process_are_each_counted_once(api):
+    """Many requests at once through the worker threads (SQLite: BEGIN IMMEDIATE)."""
+    import asyncio
+
+    batches = make_batches(13, [6] * 24)
+    run = await create_run(api, metrics=["accuracy", "confusion_matrix"])
+    sends = [i for i in range(len(batches)) for _ in range(2)]
+    answers = await asyncio.gather(
+        *(add(api, run["id"], f"c{i}", as_json(batches[i])) for i in sends)
+    )
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers][:2]
+    assert sum(not a.json()["duplicate"] for a in answers) == len(batches)
+    got = (await api.get(f"/v1/runs/{run['id']}")).json()
+    expected = await stateless(api, batches)
+    assert got["batches"] == len(batches) and got["count"] == expected["count"]
+    assert_close(got["value"], expected["value"])
+    assert_close(got["metrics"]["accuracy"], expected["metrics"]["accuracy"])
