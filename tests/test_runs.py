@@ -600,3 +600,47 @@ async def test_concurrent_batches_in_one_process_are_each_counted_once(api):
     assert got["batches"] == len(batches) and got["count"] == expected["count"]
     assert_close(got["value"], expected["value"])
     assert_close(got["metrics"]["accuracy"], expected["metrics"]["accuracy"])
+
+
+@pytest.mark.postgres
+async def test_lost_database_gives_503_and_not_ready(postgres_cluster: PostgresCluster):
+    import psycopg
+
+    url = postgres_cluster.create_database()
+    app = create_app(Settings(database_url=url, log_level="warning"))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
+    ):
+        ready = await c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"]["store"] == "ok"
+        run = await create_run(c)
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(
+            f"host=127.0.0.1 port={postgres_cluster.port} user=postgres dbname=postgres",
+            autocommit=True,
+        ) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        for method, path in [("GET", f"/v1/runs/{run['id']}"), ("GET", "/v1/runs")]:
+            response = await c.request(method, path)
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "1"
+        batch = await add(c, run["id"], "x", as_json(make_batches(14, [3])[0]))
+        assert batch.status_code == 503
+        not_ready = await c.get("/readyz")
+        assert not_ready.status_code == 503
+        assert not_ready.json()["checks"]["store"].startswith("unreachable")
+
+
+async def test_wrong_methods_are_405_problems(api):
+    for method, path in [
+        ("PUT", "/v1/runs"),
+        ("PATCH", "/v1/runs/run_x"),
+        ("GET", "/v1/runs/run_x/close"),
+        ("DELETE", "/v1/runs/run_x/batches"),
+        ("POST", "/metrics"),
+        ("POST", "/dashboard"),
+    ]:
+        response = await api.request(method, path)
+        assert response.status_code == 405, (method, path)
+        assert response.headers["content-type"] == "application/problem+json"
