@@ -644,3 +644,12 @@ async def test_wrong_methods_are_405_problems(api):
         response = await api.request(method, path)
         assert response.status_code == 405, (method, path)
         assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_openapi_documents_the_runs_api(api):
+    schema = (await api.get("/openapi.json")).json()
+    for path in ("/v1/runs", "/v1/runs/compare", "/v1/runs/{run_id}", "/v1/runs/{run_id}/batches",
+                 "/v1/runs/{run_id}/close", "/metrics", "/dashboard"):  # fmt: skip
+        assert path in schema["paths"], path
+    body = schema["paths"]["/v1/runs/{run_id}/batches"]["post"]["requestBody"]
+    assert "batch_id" in body["content"]["application/json"]["schema"]["required"]
