@@ -52,7 +52,7 @@ import numpy as np
 from ce_engine.backend import to_numpy
 from ce_engine.errors import ErrorItem, InputValidationError
 from ce_engine.layout import Array, Layout
-from ce_engine.losses._common import first_true, log_softmax, resolve_target_format, times_log
+from ce_engine.losses._common import first_true, log_softmax, resolve_target_format
 from ce_engine.options import CommonOptions
 
 METRIC_NAMES: tuple[str, ...] = (
@@ -207,13 +207,16 @@ class MetricState:
             raise ValueError(f"metric state statistics {sorted(raw)} do not match {sorted(shapes)}")
         stats: dict[str, Any] = {}
         for key, shape in shapes.items():
-            if key == "count":
-                stats[key] = int(raw[key])
-                continue
-            value = np.asarray(raw[key], dtype=np.float64)
-            if value.shape != shape:
+            try:
+                value = int(raw[key]) if key == "count" else np.asarray(raw[key], np.float64)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"metric state {key!r} is not numeric: {exc}") from None
+            if isinstance(value, int):
+                stats[key] = value
+            elif value.shape != shape:
                 raise ValueError(f"metric state {key!r} has shape {value.shape}, want {shape}")
-            stats[key] = value if shape else float(value)
+            else:
+                stats[key] = value if shape else float(value)
         return cls(names, num_classes, top_k, n_bins, log_base, stats)
 
     def compute(self) -> dict[str, Any]:
@@ -366,6 +369,11 @@ def _check_request(
     return tuple(dict.fromkeys(names)), top_k
 
 
+def _masked_log(xp: ModuleType, coef: Array, log_p: Array) -> Array:
+    """log p where ``coef`` ≠ 0, else 0: so that coef · log p follows 0 · log 0 = 0."""
+    return xp.where(coef != 0, log_p, 0)
+
+
 def _option(options: Any, name: str) -> Any:
     return getattr(options, name, None)
 
@@ -393,9 +401,7 @@ def _labels_and_mask(
     q = layout.to_rows(xp, targets).astype(xp.float64, copy=False)
     if _option(options, "target_kind") == "logits":
         q = xp.exp(log_softmax(xp, q))
-    counted = xp.ones(layout.num_positions, dtype=bool)
-    if options.nan_policy == "omit":
-        counted &= ~xp.isnan(q).any(axis=-1)
+    counted = ~xp.isnan(q).any(axis=-1)  # as the loss: rows with a NaN target are not counted
     if fmt == "multi_hot":
         positives = xp.sum(q, axis=-1)
         counted &= positives > 0
@@ -473,19 +479,16 @@ def metric_state(
         ks = xp.asarray(top_k, dtype=xp.int64)
         sums["top_k_hits"] = ((rank[:, None] < ks[None, :]) * w[:, None]).sum(axis=0)
     if "nll" in shapes:
-        if q is None:
-            nll = -log_p[ar, labels]
-        else:
-            nll = -xp.sum(times_log(xp, q.astype(log_p.dtype, copy=False), log_p), axis=-1)
-        sums["nll"] = wsum(nll)
+        dense_nll = None if q is None else -xp.sum(q * _masked_log(xp, q, log_p), axis=-1)
+        sums["nll"] = wsum(-log_p[ar, labels] if dense_nll is None else dense_nll)
     if "entropy" in shapes:
-        sums["entropy"] = wsum(-xp.sum(times_log(xp, p, log_p), axis=-1))
+        sums["entropy"] = wsum(-xp.sum(p * _masked_log(xp, p, log_p), axis=-1))
     if "brier" in shapes:
-        p64 = p.astype(xp.float64, copy=False)
-        if q is None:
-            per_row = xp.sum(p64 * p64, axis=-1) - 2.0 * p64[ar, labels] + 1.0
+        if q is None:  # Σ_c (p_c − y_c)² = Σ_c p_c² − 2 p_y + 1 without a one-hot (M, C) array
+            p_y = p[ar, labels].astype(xp.float64)
+            per_row = xp.sum(p * p, axis=-1, dtype=xp.float64) - 2.0 * p_y + 1.0
         else:
-            per_row = xp.sum((p64 - q) ** 2, axis=-1)
+            per_row = xp.sum((p - q) ** 2, axis=-1)
         sums["brier"] = wsum(per_row)
     if "bin_count" in shapes:
         n_bins = options.n_bins

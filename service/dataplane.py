@@ -14,7 +14,7 @@ import pydantic
 import ce_engine
 from ce_engine.backend import to_numpy
 from ce_engine.errors import BackendUnavailableError, InputValidationError
-from ce_engine.metrics import METRIC_NAMES
+from ce_engine.metrics import supported_metrics
 from service.codecs import decode_tensor, encode_tensor
 from service.config import Settings
 from service.errors import (
@@ -130,7 +130,7 @@ class DataPlane:
                     options_schema=spec.options_schema(),
                     defaults=spec.defaults(),
                     outputs=sorted(spec.outputs),
-                    metrics=list(METRIC_NAMES),
+                    metrics=list(supported_metrics(spec.name)),
                 )
                 for spec in ce_engine.all_losses().values()
             ]

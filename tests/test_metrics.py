@@ -87,46 +87,48 @@ def assert_metrics_equal(got: dict[str, Any], want: dict[str, Any], rtol: float 
 def check_against_sklearn(
     m: dict[str, Any], y: np.ndarray, p: np.ndarray, w: np.ndarray | None, log_base: str = "e"
 ) -> None:
-    """All sklearn-defined metrics for labels y (n,), probabilities p (n, C), weights w."""
+    """The metrics present in ``m`` for labels y (n,), probabilities p (n, C), weights w."""
     c = p.shape[1]
     labels = np.arange(c)
     pred = p.argmax(axis=1)
+    ones = np.ones(len(y)) if w is None else w
     base = math.log(2.0) if log_base == "2" else 1.0
     sk_nll = log_loss(y, p, labels=labels, sample_weight=w)
-    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred, sample_weight=w), rel=1e-12)
-    assert m["nll"] == pytest.approx(sk_nll / base, rel=1e-9)
-    assert m["perplexity"] == pytest.approx(math.exp(sk_nll), rel=1e-9)
-    assert m["brier"] == pytest.approx(
-        brier_score_loss(y, p, labels=labels, sample_weight=w, scale_by_half=False), rel=1e-9
-    )
-    for k, value in m["top_k_accuracy"].items():
-        want = top_k_accuracy_score(y, p, k=int(k), labels=labels, sample_weight=w)
-        assert value == pytest.approx(want, rel=1e-12), k
-    np.testing.assert_allclose(
-        m["confusion_matrix"], confusion_matrix(y, pred, labels=labels, sample_weight=w)
-    )
     prec, rec, f1, sup = precision_recall_fscore_support(
         y, pred, labels=labels, sample_weight=w, zero_division=0
     )
-    np.testing.assert_allclose(m["precision"], prec, rtol=1e-12)
-    np.testing.assert_allclose(m["recall"], rec, rtol=1e-12)
-    np.testing.assert_allclose(m["f1"], f1, rtol=1e-12)
-    np.testing.assert_allclose(m["support"], sup, rtol=1e-12)
-    for avg in ("macro", "micro", "weighted"):
-        want = f1_score(y, pred, average=avg, sample_weight=w, zero_division=0)
-        assert m[f"{avg}_f1"] == pytest.approx(want, rel=1e-12), avg
-    ones = np.ones(len(y)) if w is None else w
-    assert m["entropy"] == pytest.approx(reference_entropy(p, ones) / base, rel=1e-9)
     ece, mce, conf_mean, acc_mean, count = reference_calibration(
         p.max(axis=1), (pred == y).astype(float), ones, 15
     )
-    assert m["ece"] == pytest.approx(ece, rel=1e-9, abs=1e-15)
-    assert m["mce"] == pytest.approx(mce, rel=1e-9, abs=1e-15)
-    rel = m["reliability"]
-    np.testing.assert_allclose(rel["bin_edges"], np.linspace(0, 1, 16))
-    np.testing.assert_allclose(rel["confidence"], conf_mean, rtol=1e-12)
-    np.testing.assert_allclose(rel["accuracy"], acc_mean, rtol=1e-12)
-    np.testing.assert_allclose(rel["count"], count, rtol=1e-12)
+    want: dict[str, Any] = {
+        "accuracy": accuracy_score(y, pred, sample_weight=w),
+        "top_k_accuracy": {
+            k: top_k_accuracy_score(y, p, k=int(k), labels=labels, sample_weight=w)
+            for k in m.get("top_k_accuracy", {})
+        },
+        "nll": sk_nll / base,
+        "perplexity": math.exp(sk_nll),
+        "entropy": reference_entropy(p, ones) / base,
+        "ece": ece,
+        "mce": mce,
+        "reliability": {
+            "bin_edges": np.linspace(0, 1, 16),
+            "confidence": conf_mean,
+            "accuracy": acc_mean,
+            "count": count,
+        },
+        "brier": brier_score_loss(y, p, labels=labels, sample_weight=w, scale_by_half=False),
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels, sample_weight=w),
+        "precision": prec,
+        "recall": rec,
+        "f1": f1,
+        "support": sup,
+        **{
+            f"{avg}_f1": f1_score(y, pred, average=avg, sample_weight=w, zero_division=0)
+            for avg in ("macro", "micro", "weighted")
+        },
+    }
+    assert_metrics_equal(m, {name: want[name] for name in m}, rtol=1e-9)
 
 
 def logits_with_absent_class(n: int, c: int) -> tuple[np.ndarray, np.ndarray]:
@@ -524,6 +526,10 @@ def test_to_dict_from_dict_round_trip_through_json() -> None:
         MetricState.from_dict(broken)
     with pytest.raises(ValueError):
         MetricState.from_dict({"names": ["accuracy"]})
+    broken = json.loads(json.dumps(state.to_dict()))
+    broken["stats"]["count"] = None
+    with pytest.raises(ValueError, match="count"):
+        MetricState.from_dict(broken)
 
 
 @pytest.mark.parametrize(
@@ -554,3 +560,44 @@ def test_merge_of_incompatible_states_raises(
 def test_no_metrics_no_state() -> None:
     res = ce_engine.evaluate("cross_entropy", np.zeros((2, 3)), np.array([0, 1]))
     assert res.metric_state is None and res.metrics == {}
+
+
+@pytest.mark.gpu
+def test_cupy_backend_matches_sklearn() -> None:
+    from ce_engine.backend import cupy_status
+
+    if cupy_status()[0] is None:
+        pytest.skip(cupy_status()[1])
+    z, y = logits_with_absent_class(60, 6)
+    w = RNG.uniform(0.1, 3.0, size=60)
+    y[::7] = -100
+    res = ce_engine.evaluate(
+        "cross_entropy",
+        z,
+        y,
+        options={"top_k": [1, 2, 6]},
+        metrics=ALL,
+        sample_weight=w,
+        backend="cupy",
+    )
+    assert res.backend == "cupy"
+    keep = y != -100
+    check_against_sklearn(res.metrics, y[keep], softmax(z[keep]), w[keep])
+
+
+@pytest.mark.parametrize("nan_policy", ["omit", "propagate"])
+def test_nan_probability_targets_are_not_counted_like_the_loss(nan_policy: str) -> None:
+    z = RNG.standard_normal((10, 3))
+    raw = RNG.random((10, 3))
+    q = raw / raw.sum(axis=1, keepdims=True)
+    q[4, 0] = np.nan
+    res = ce_engine.evaluate(
+        "cross_entropy", z, q, options={"nan_policy": nan_policy}, metrics=["accuracy", "support"]
+    )
+    keep = np.arange(10) != 4
+    assert res.metric_state is not None and res.metric_state.stats["count"] == res.count == 9
+    y = q[keep].argmax(axis=1)
+    assert res.metrics["accuracy"] == pytest.approx(
+        accuracy_score(y, softmax(z[keep]).argmax(axis=1))
+    )
+    np.testing.assert_allclose(res.metrics["support"], np.bincount(y, minlength=3))
