@@ -169,8 +169,14 @@ def _not_found(run_id: str) -> NotFound:
     )
 
 
-def _closed(run_id: str) -> Conflict:
-    return Conflict(
+class RunClosed(Conflict):
+    """409 over HTTP; FAILED_PRECONDITION over gRPC (the run exists but takes no batches)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+def _closed(run_id: str) -> RunClosed:
+    return RunClosed(
         f"run {run_id!r} is closed; it accepts no more batches",
         [{"loc": ["path", "run_id"], "msg": "run is closed", "type": "run_closed"}],
     )

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import text
 
 from service.config import Settings
-from service.errors import Unavailable
+from service.errors import ServiceError, Unavailable
 from service.http.app import create_app
 from service.runs import RunsDataPlane
 from service.store import Store
@@ -572,6 +572,17 @@ def test_data_plane_takes_decoded_arrays_and_streams_of_batches(database_url, tm
     assert_close(summary["run"]["value"], expected.value)
     assert_close(summary["run"]["metrics"]["accuracy"], expected.metrics["accuracy"])
     assert runs.add_batches(run["id"], [])["run"]["batches"] == 3
+    # Errors carry the status codes an RPC adapter maps (DESIGN §4).
+    with pytest.raises(ServiceError) as conflict:
+        runs.add_batch(run["id"], {**stream[1], "batch_id": "s0"})
+    assert (conflict.value.status_code, conflict.value.grpc_code) == (409, "ALREADY_EXISTS")
+    with pytest.raises(ServiceError) as missing:
+        runs.get_run("run_nope")
+    assert (missing.value.status_code, missing.value.grpc_code) == (404, "NOT_FOUND")
+    runs.close_run(run["id"])
+    with pytest.raises(ServiceError) as closed:
+        runs.add_batch(run["id"], {**stream[1], "batch_id": "late"})
+    assert (closed.value.status_code, closed.value.grpc_code) == (409, "FAILED_PRECONDITION")
     store.dispose()
 
 
