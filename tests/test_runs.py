@@ -520,6 +520,7 @@ def test_migrations_match_the_models(database_url):
 def test_sqlite_file_is_created_with_its_directory_in_wal_mode(tmp_path):
     path = tmp_path / "nested" / "dir" / "ce-eval.db"
     store = Store(f"sqlite:///{path}")
+    assert not path.parent.exists()  # nothing on disk before the first connection
     store.upgrade()
     assert path.exists()
     with store.engine.connect() as connection:
