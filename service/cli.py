@@ -11,6 +11,7 @@ import uvicorn
 
 from service import __version__
 from service.admission import Admission
+from service.run_cli import add_commands as add_run_commands
 
 
 class DrainingServer(uvicorn.Server):
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", choices=["debug", "info", "warning", "error"], help="log level"
     )
     serve.set_defaults(func=_serve)
+    add_run_commands(sub)
     return parser
 
 

@@ -28,6 +28,7 @@ from service.errors import (
     truncate,
 )
 from service.schemas import EvaluateRequest, LossCatalog, LossInfo
+from service.telemetry import observe_evaluate
 
 T = TypeVar("T")
 
@@ -119,6 +120,7 @@ class DataPlane:
             )
         except ce_engine.EngineError as exc:
             raise engine_error(exc) from None
+        observe_evaluate(result.loss, result.backend, time.perf_counter() - started)
         enc = encoding or request.tensor_encoding
         return {
             "loss": result.loss,

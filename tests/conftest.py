@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -10,10 +11,17 @@ import pytest
 from service.config import Settings
 from service.http.app import create_app
 
+pytest_plugins = ["tests.servers"]
+
 
 @pytest.fixture
-def settings() -> Settings:
-    return Settings(max_body_bytes=64 * 1024, max_elements=100_000, log_level="warning")
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        max_body_bytes=64 * 1024,
+        max_elements=100_000,
+        log_level="warning",
+        database_url=f"sqlite:///{tmp_path / 'ce-eval.db'}",
+    )
 
 
 @pytest.fixture

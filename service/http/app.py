@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
@@ -19,9 +20,15 @@ from service.dataplane import DataPlane
 from service.http.auth import ApiKeyMiddleware
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.http.monitoring import router as monitoring_router
+from service.http.monitoring import static_files
 from service.http.routes import router
+from service.http.runs import router as runs_router
 from service.logs import get_logger
+from service.runs import RunsDataPlane
 from service.schemas import EvaluateRequest
+from service.store import Store
+from service.telemetry import PrometheusMiddleware, count_batch, observe_evaluate
 
 log = get_logger("app")
 
@@ -63,13 +70,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     dataplane = DataPlane(settings)
+    store = Store(settings.database_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         dataplane.admission.draining = False
-        log.info("started", extra={"fields": {"backend": settings.backend}})
+        await anyio.to_thread.run_sync(store.upgrade)
+        log.info(
+            "started",
+            extra={"fields": {"backend": settings.backend, "store": store.url.get_backend_name()}},
+        )
         yield
         dataplane.admission.draining = True
+        store.dispose()
         log.info("stopped")
 
     app = FastAPIOffline(
@@ -78,7 +91,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.dataplane = dataplane
     app.state.catalog = DataPlane.catalog().model_dump()
+    app.state.store = store
+    app.state.runs = RunsDataPlane(
+        settings, store, dataplane, on_evaluate=observe_evaluate, on_batch=count_batch
+    )
     app.include_router(router)
+    app.include_router(runs_router)
+    app.include_router(monitoring_router)
+    app.mount("/static", static_files(), name="static")
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(
@@ -89,5 +109,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         public=settings.public_path_list(),
     )
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(PrometheusMiddleware)
     _install_openapi(app)
     return app

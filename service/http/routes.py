@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from anyio import to_thread
 from fastapi import APIRouter, Request
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import Response
 
 from ce_engine.backend import available_backends
@@ -95,4 +97,12 @@ async def readyz(request: Request) -> Response:
     }
     if admission.draining:
         return FastJSONResponse({"status": "draining", "checks": checks}, status_code=503)
+    store = getattr(request.app.state, "store", None)
+    if store is not None:
+        try:
+            await to_thread.run_sync(store.ping)
+        except SQLAlchemyError as exc:
+            checks["store"] = f"unreachable ({type(exc).__name__})"
+            return FastJSONResponse({"status": "unavailable", "checks": checks}, status_code=503)
+        checks["store"] = "ok"
     return FastJSONResponse({"status": "ready", "checks": checks})

@@ -1,0 +1,136 @@
+"""Runs API routes (DESIGN §3): thin translations onto :class:`service.runs.RunsDataPlane`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from anyio import to_thread
+from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
+from service.http.responses import FastJSONResponse
+from service.http.routes import read_json
+from service.runs import AddBatchRequest, CreateRunRequest, RunsDataPlane
+from service.schemas import Problem
+
+router = APIRouter(prefix="/v1/runs", tags=["runs"])
+
+
+def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": Problem, "content": {"application/problem+json": {}}} for code in codes}
+
+
+def _body(model: type[Any]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+def _runs(request: Request) -> RunsDataPlane:
+    runs: RunsDataPlane = request.app.state.runs
+    return runs
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Create a run (loss, options and metrics fixed for all its batches)",
+    responses=_problems(400, 415, 422, 503),
+    openapi_extra=_body(CreateRunRequest),
+)
+async def create_run(request: Request) -> Response:
+    payload = await read_json(request)
+    run = await to_thread.run_sync(_runs(request).create_run, payload)
+    return FastJSONResponse(run, status_code=201, headers={"Location": f"/v1/runs/{run['id']}"})
+
+
+@router.get(
+    "",
+    summary="List runs, newest first (filters + cursor pagination)",
+    responses=_problems(422, 503),
+)
+async def list_runs(
+    request: Request,
+    name: Annotated[str | None, Query(max_length=200, description="Substring of the name")] = None,
+    tag: Annotated[list[str] | None, Query(description="key:value, repeatable (all match)")] = None,
+    status: Annotated[str | None, Query(description="open | closed")] = None,
+    limit: Annotated[int, Query(description="Page size, 1-500")] = 50,
+    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor")] = None,
+) -> Response:
+    page = await to_thread.run_sync(
+        lambda: _runs(request).list_runs(
+            name=name, tags=tag or (), status=status, limit=limit, cursor=cursor
+        )
+    )
+    return FastJSONResponse(page)
+
+
+@router.get(
+    "/compare",
+    summary="Compare runs side by side",
+    responses=_problems(404, 422, 503),
+)
+async def compare_runs(
+    request: Request,
+    ids: Annotated[str, Query(max_length=2000, description="Comma-separated run ids")],
+) -> Response:
+    wanted = [part.strip() for part in ids.split(",")]
+    return FastJSONResponse(await to_thread.run_sync(_runs(request).compare, wanted))
+
+
+@router.get("/{run_id}", summary="A run with its aggregates", responses=_problems(404, 503))
+async def get_run(request: Request, run_id: str) -> Response:
+    return FastJSONResponse(await to_thread.run_sync(_runs(request).get_run, run_id))
+
+
+@router.post(
+    "/{run_id}/batches",
+    summary="Add a batch (idempotent on batch_id)",
+    responses=_problems(400, 404, 409, 413, 415, 422, 503),
+    openapi_extra=_body(AddBatchRequest),
+)
+async def add_batch(request: Request, run_id: str) -> Response:
+    payload = await read_json(request)
+    dataplane = request.app.state.dataplane
+    answer = await dataplane.run_admitted(_runs(request).add_batch, run_id, payload)
+    return FastJSONResponse(answer)
+
+
+@router.get(
+    "/{run_id}/batches",
+    summary="Per-batch series of a run (for charts)",
+    responses=_problems(404, 422, 503),
+)
+async def list_batches(
+    request: Request,
+    run_id: str,
+    limit: Annotated[int, Query(description="Page size, 1-10000")] = 1000,
+    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor")] = None,
+) -> Response:
+    page = await to_thread.run_sync(
+        lambda: _runs(request).list_batches(run_id, limit=limit, cursor=cursor)
+    )
+    return FastJSONResponse(page)
+
+
+@router.post(
+    "/{run_id}/close",
+    summary="Close a run (later batches get 409)",
+    responses=_problems(404, 503),
+)
+async def close_run(request: Request, run_id: str) -> Response:
+    return FastJSONResponse(await to_thread.run_sync(_runs(request).close_run, run_id))
+
+
+@router.delete(
+    "/{run_id}",
+    status_code=204,
+    summary="Delete a run and its batches",
+    responses=_problems(404, 503),
+)
+async def delete_run(request: Request, run_id: str) -> Response:
+    await to_thread.run_sync(_runs(request).delete_run, run_id)
+    return Response(status_code=204)

@@ -1,0 +1,659 @@
+"""Runs data plane: persistent, exactly-once aggregates of evaluation batches (DESIGN §3).
+
+Protocol-agnostic, like :mod:`service.dataplane`: the REST router and the gRPC servicer call
+these (blocking) methods with plain Python values and get JSON-ready dicts back; failures are
+:class:`service.errors.ServiceError` subclasses (404, 409, 422, 503).
+
+Exactness: a run keeps ``sum``, ``denominator`` and ``count`` of the loss and the merged metric
+state; its ``value`` is ``sum / denominator`` over all batches (never a mean of means) and its
+metrics are computed from the merged state, so both equal one evaluation over the concatenated
+batches. Each batch is counted exactly once: the batch row (unique per run and ``batch_id``) and
+the aggregate update are written in one transaction that holds the run's row lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import delete, exists, func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+import ce_engine
+from ce_engine.dtypes import wire_name
+from ce_engine.metrics import MetricState, supported_metrics
+from service.config import Settings
+from service.dataplane import (
+    DataPlane,
+    decode_limit_error,
+    engine_error,
+    validation_error_from_pydantic,
+)
+from service.errors import Conflict, MalformedBody, NotFound, Unavailable, ValidationFailed
+from service.store import Batch, Run, RunTag, Store
+from service.store.models import utcnow
+
+RunStatus = Literal["open", "closed"]
+MAX_LIST_LIMIT = 500
+MAX_SERIES_LIMIT = 10_000
+MAX_COMPARE = 20
+
+
+class CreateRunRequest(BaseModel):
+    """``POST /v1/runs`` body: a run's fixed configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=200, description="Display name.")
+    loss: str = Field(..., description="A loss name from GET /v1/losses.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Loss options applied to every batch."
+    )
+    metrics: list[str] = Field(
+        default_factory=list, description="Metrics to aggregate (DESIGN §2 names)."
+    )
+    class_names: list[str] | None = Field(
+        None, max_length=100_000, description="Display names of the classes (dashboard)."
+    )
+    tags: dict[str, str] = Field(
+        default_factory=dict, max_length=64, description="Labels, filterable as `tag=k:v`."
+    )
+
+    @field_validator("tags")
+    @classmethod
+    def _tag_keys(cls, tags: dict[str, str]) -> dict[str, str]:
+        for key, value in tags.items():
+            if not key or len(key) > 100 or ":" in key:
+                raise ValueError(f"tag key {key!r} must be 1-100 characters without ':'")
+            if len(value) > 500:
+                raise ValueError(f"tag {key!r}: value longer than 500 characters")
+        return tags
+
+
+class AddBatchRequest(BaseModel):
+    """``POST /v1/runs/{id}/batches`` body. ``batch_id`` is the idempotency key."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    batch_id: str = Field(
+        ..., min_length=1, max_length=200, description="Unique per run; retries reuse it."
+    )
+    logits: Any = Field(..., description="(N, C) or (N, d1.., C), as in /v1/evaluate.")
+    targets: Any = Field(..., description="As in /v1/evaluate.")
+    sample_weight: Any = Field(None, description="(N,) or positions' shape.")
+
+
+def _parse(model: type[BaseModel], payload: Any, settings: Settings) -> Any:
+    if isinstance(payload, model):
+        return payload
+    if not isinstance(payload, dict):
+        raise MalformedBody("the request body must be a JSON object")
+    try:
+        return model.model_validate(payload)
+    except pydantic.ValidationError as exc:
+        raise validation_error_from_pydantic(exc, settings.echo_max_chars) from None
+
+
+def content_hash(arrays: Mapping[str, np.ndarray | None]) -> str:
+    """SHA-256 over each tensor's name, wire dtype, shape and little-endian C-order bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = arrays[name]
+        if array is None:
+            digest.update(f"{name}:none;".encode())
+            continue
+        contiguous = np.ascontiguousarray(array)
+        if contiguous.dtype.byteorder == ">":
+            contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
+        digest.update(f"{name}:{wire_name(contiguous.dtype)}:{list(contiguous.shape)};".encode())
+        digest.update(contiguous.tobytes())
+    return digest.hexdigest()
+
+
+def _isoformat(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+def _encode_cursor(kind: str, position: int) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(kind: str, cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, _, position = raw.partition(":")
+        value = int(position)
+        if prefix != kind or not 0 <= value < 2**63:
+            raise ValueError(prefix)
+        return value
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValidationFailed(
+            "cursor is not one this endpoint returned",
+            [{"loc": ["query", "cursor"], "msg": "invalid cursor", "type": "cursor"}],
+        ) from None
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The chartable part of metrics: numbers (None over zero weight) and small ``{k: number}``
+    maps (top-k accuracy); per-class lists, matrices and reliability bins are left out."""
+    kept: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if _is_number(value):
+            kept[key] = None if value is None else float(value)
+        elif (
+            isinstance(value, Mapping) and len(value) <= 16 and all(map(_is_number, value.values()))
+        ):
+            kept[key] = {str(k): None if v is None else float(v) for k, v in value.items()}
+    return kept
+
+
+def _not_found(run_id: str) -> NotFound:
+    return NotFound(
+        f"run {run_id!r} not found",
+        [{"loc": ["path", "run_id"], "msg": "no run with this id", "type": "not_found"}],
+    )
+
+
+class RunClosed(Conflict):
+    """409 over HTTP; FAILED_PRECONDITION over gRPC (the run exists but takes no batches)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+def _closed(run_id: str) -> RunClosed:
+    return RunClosed(
+        f"run {run_id!r} is closed; it accepts no more batches",
+        [{"loc": ["path", "run_id"], "msg": "run is closed", "type": "run_closed"}],
+    )
+
+
+def _content_conflict(batch_id: str) -> Conflict:
+    return Conflict(
+        f"batch_id {batch_id!r} was already used with different content",
+        [
+            {
+                "loc": ["body", "batch_id"],
+                "msg": "batch_id reused with different content",
+                "type": "batch_conflict",
+            }
+        ],
+    )
+
+
+def _store_unavailable(exc: Exception) -> Unavailable:
+    return Unavailable(
+        f"the run store is unavailable ({type(exc).__name__}); retry later",
+        headers={"Retry-After": "1"},
+    )
+
+
+class RunsDataPlane:
+    """Create runs, add batches exactly once, read aggregates, series and comparisons.
+
+    ``on_evaluate(loss, backend, seconds)`` and ``on_batch(outcome)`` are optional telemetry
+    hooks (``outcome`` is ``accepted`` or ``duplicate``).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        dataplane: DataPlane | None = None,
+        *,
+        on_evaluate: Callable[[str, str, float], None] | None = None,
+        on_batch: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.dataplane = dataplane or DataPlane(settings)
+        self.on_evaluate = on_evaluate
+        self.on_batch = on_batch
+
+    # ------------------------------------------------------------------ runs
+
+    def create_run(self, payload: Mapping[str, Any] | CreateRunRequest) -> dict[str, Any]:
+        """Validate the configuration (loss, options, metrics) and store a new open run."""
+        request: CreateRunRequest = _parse(CreateRunRequest, payload, self.settings)
+        try:
+            spec = ce_engine.get_loss(request.loss)
+            options = spec.parse_options(request.options)
+        except ce_engine.EngineError as exc:
+            raise engine_error(exc) from None
+        if options.reduction == "none":
+            raise ValidationFailed(
+                "runs aggregate a reduced loss; reduction 'none' is not supported",
+                [
+                    {
+                        "loc": ["body", "options", "reduction"],
+                        "msg": "use mean, sum or batchmean for a run",
+                        "type": "unsupported_reduction",
+                    }
+                ],
+            )
+        available = supported_metrics(spec.name)
+        unknown = [
+            {
+                "loc": ["body", "metrics", i],
+                "msg": f"metric {m!r} is not available for {spec.name}",
+                "type": "unknown_metric",
+            }
+            for i, m in enumerate(request.metrics)
+            if m not in available
+        ]
+        if unknown:
+            raise ValidationFailed(
+                f"unsupported metrics; {spec.name} offers: {', '.join(available) or 'none'}",
+                unknown,
+            )
+        now = utcnow()
+        run = Run(
+            id="run_" + uuid.uuid4().hex[:20],
+            name=request.name,
+            status="open",
+            loss=spec.name,
+            options=dict(request.options),
+            metrics_requested=list(dict.fromkeys(request.metrics)),
+            class_names=request.class_names,
+            created_at=now,
+            updated_at=now,
+            batches=0,
+            count=0,
+            ignored=0,
+            sum=0.0,
+            denominator=0.0,
+            metric_state=None,
+            tags=[RunTag(key=k, value=v) for k, v in request.tags.items()],
+        )
+        with _store_guard(), self.store.write() as session:
+            session.add(run)
+        return self._run_dict(run)
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """The run with its aggregated ``value`` and ``metrics``."""
+        with _store_guard(), self.store.read() as session:
+            return self._run_dict(self._load(session, run_id))
+
+    def list_runs(
+        self,
+        *,
+        name: str | None = None,
+        tags: Sequence[str] = (),
+        status: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """Newest first. ``name`` matches a substring; each ``tags`` item is ``key:value``
+        (all must match). ``next_cursor`` is null on the last page."""
+        if status is not None and status not in ("open", "closed"):
+            raise ValidationFailed(
+                f"status must be open or closed, got {status!r}",
+                [{"loc": ["query", "status"], "msg": "open or closed", "type": "enum"}],
+            )
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ValidationFailed(
+                f"limit must be between 1 and {MAX_LIST_LIMIT}",
+                [{"loc": ["query", "limit"], "msg": "out of range", "type": "limit"}],
+            )
+        query = select(Run).order_by(Run.pk.desc()).limit(limit + 1)
+        if name:
+            query = query.where(Run.name.contains(name, autoescape=True))
+        if status:
+            query = query.where(Run.status == status)
+        for i, tag in enumerate(tags):
+            key, sep, value = tag.partition(":")
+            if not sep or not key:
+                raise ValidationFailed(
+                    f"tag filter {tag!r} must be key:value",
+                    [{"loc": ["query", "tag", i], "msg": "expected key:value", "type": "tag"}],
+                )
+            query = query.where(
+                exists().where(RunTag.run_pk == Run.pk, RunTag.key == key, RunTag.value == value)
+            )
+        if cursor:
+            query = query.where(Run.pk < _decode_cursor("runs", cursor))
+        with _store_guard(), self.store.read() as session:
+            rows = list(session.scalars(query))
+        page = rows[:limit]
+        next_cursor = _encode_cursor("runs", page[-1].pk) if len(rows) > limit else None
+        return {"runs": [self._run_dict(r) for r in page], "next_cursor": next_cursor}
+
+    def close_run(self, run_id: str) -> dict[str, Any]:
+        """Close the run (idempotent); later batches get 409."""
+        with _store_guard(), self.store.write() as session:
+            run = self._load(session, run_id, lock=True)
+            if run.status != "closed":
+                run.status = "closed"
+                run.closed_at = run.updated_at = utcnow()
+            return self._run_dict(run)
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete the run, its tags and its batches."""
+        with _store_guard(), self.store.write() as session:
+            run = self._load(session, run_id, lock=True)
+            session.execute(delete(Batch).where(Batch.run_pk == run.pk))
+            session.delete(run)
+
+    def compare(self, run_ids: Sequence[str]) -> dict[str, Any]:
+        """Several runs side by side: ``runs`` in the order asked and ``table`` = scalar metric
+        (and ``value``) → {run id: number}."""
+        ids = [i for i in dict.fromkeys(run_ids) if i]
+        if not 1 <= len(ids) <= MAX_COMPARE:
+            raise ValidationFailed(
+                f"ids must name between 1 and {MAX_COMPARE} runs, comma-separated",
+                [{"loc": ["query", "ids"], "msg": "1 to 20 run ids", "type": "ids"}],
+            )
+        with _store_guard(), self.store.read() as session:
+            found = {r.id: r for r in session.scalars(select(Run).where(Run.id.in_(ids)))}
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise NotFound(
+                    f"runs not found: {', '.join(missing)}",
+                    [
+                        {
+                            "loc": ["query", "ids", ids.index(m)],
+                            "msg": "no run",
+                            "type": "not_found",
+                        }
+                        for m in missing
+                    ],
+                )
+            runs = [self._run_dict(found[i]) for i in ids]
+        table: dict[str, dict[str, Any]] = {"value": {r["id"]: r["value"] for r in runs}}
+        for run in runs:
+            for key, value in _scalar_metrics(run["metrics"]).items():
+                table.setdefault(key, {})[run["id"]] = value
+        return {"runs": runs, "table": table}
+
+    # --------------------------------------------------------------- batches
+
+    def add_batch(
+        self, run_id: str, payload: Mapping[str, Any] | AddBatchRequest
+    ) -> dict[str, Any]:
+        """Evaluate one batch with the run's loss and metrics and add it to the aggregates.
+
+        The same ``batch_id`` with the same content (SHA-256 of the decoded tensors) answers the
+        stored batch result again with ``duplicate: true`` and changes nothing; with different
+        content it is a 409, as is any batch for a closed run.
+        """
+        request: AddBatchRequest = _parse(AddBatchRequest, payload, self.settings)
+        decode = self.dataplane.decode
+        logits = decode(request.logits, "logits")
+        targets = decode(request.targets, "targets")
+        sample_weight = decode(request.sample_weight, "sample_weight")
+        total = sum(a.size for a in (logits, targets, sample_weight) if a is not None)
+        if total > self.settings.max_elements:
+            raise decode_limit_error(total, self.settings.max_elements)
+        digest = content_hash(
+            {"logits": logits, "targets": targets, "sample_weight": sample_weight}
+        )
+
+        with _store_guard(), self.store.read() as session:
+            run = self._load(session, run_id)
+            replay = self._replay(session, run, request.batch_id, digest)
+            if replay is not None:
+                return replay
+            if run.status == "closed":
+                raise _closed(run_id)
+
+        started = time.perf_counter()
+        try:
+            result = ce_engine.evaluate(
+                run.loss,
+                logits,
+                targets,
+                options=run.options,
+                outputs=("loss",),
+                metrics=run.metrics_requested,
+                sample_weight=sample_weight,
+                backend=self.settings.backend,
+            )
+        except ce_engine.EngineError as exc:
+            raise engine_error(exc) from None
+        if self.on_evaluate is not None:
+            self.on_evaluate(run.loss, result.backend, time.perf_counter() - started)
+        state = result.metric_state
+        batch_result = {
+            "value": result.value,
+            "sum": result.sum,
+            "denominator": result.denominator,
+            "count": result.count,
+            "ignored": result.ignored,
+            "metrics": _scalar_metrics(result.metrics),
+        }
+
+        try:
+            with _store_guard(), self.store.write() as session:
+                run = self._load(session, run_id, lock=True)
+                replay = self._replay(session, run, request.batch_id, digest)
+                if replay is not None:
+                    return replay
+                if run.status == "closed":
+                    raise _closed(run_id)
+                merged = self._merge_state(run.metric_state, state)
+                run.batches += 1
+                batch = Batch(
+                    run_pk=run.pk,
+                    batch_id=request.batch_id,
+                    seq=run.batches,
+                    content_hash=digest,
+                    count=result.count,
+                    sum=result.sum,
+                    denominator=result.denominator,
+                    result=batch_result,
+                    created_at=utcnow(),
+                )
+                session.add(batch)
+                run.count += result.count
+                run.ignored += result.ignored
+                run.sum += result.sum
+                run.denominator += result.denominator
+                run.metric_state = merged
+                run.updated_at = batch.created_at
+                session.flush()
+                answer = self._batch_answer(run, batch, duplicate=False)
+        except IntegrityError:
+            # Another writer inserted this (run, batch_id) first (only possible where the run
+            # lock is not exclusive): answer as for any retry of that batch.
+            with _store_guard(), self.store.read() as session:
+                run = self._load(session, run_id)
+                replay = self._replay(session, run, request.batch_id, digest)
+            if replay is None:
+                raise
+            return replay
+        if self.on_batch is not None:
+            self.on_batch("accepted")
+        return answer
+
+    def add_batches(
+        self, run_id: str, payloads: Iterable[Mapping[str, Any] | AddBatchRequest]
+    ) -> dict[str, Any]:
+        """Add a stream of batches in order (e.g. a client-streaming RPC); each is its own
+        transaction, so a failure part-way keeps the batches before it. Returns the summary
+        ``{run_id, batches, accepted, duplicates, run}``; the first failing batch raises."""
+        accepted = duplicates = 0
+        last: dict[str, Any] | None = None
+        for payload in payloads:
+            answer = self.add_batch(run_id, payload)
+            duplicates += answer["duplicate"]
+            accepted += not answer["duplicate"]
+            last = answer["run"]
+        return {
+            "run_id": run_id,
+            "batches": accepted + duplicates,
+            "accepted": accepted,
+            "duplicates": duplicates,
+            "run": last if last is not None else self.get_run(run_id),
+        }
+
+    def list_batches(
+        self, run_id: str, *, limit: int = 1000, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """Per-batch series in arrival order: each batch's own ``value``/sums/scalar metrics and
+        the run's running ``cumulative_value`` after it (for loss curves)."""
+        if not 1 <= limit <= MAX_SERIES_LIMIT:
+            raise ValidationFailed(
+                f"limit must be between 1 and {MAX_SERIES_LIMIT}",
+                [{"loc": ["query", "limit"], "msg": "out of range", "type": "limit"}],
+            )
+        after = _decode_cursor("batches", cursor) if cursor else 0
+        with _store_guard(), self.store.read() as session:
+            run = self._load(session, run_id)
+            prior_sum, prior_den = session.execute(
+                select(
+                    func.coalesce(func.sum(Batch.sum), 0.0),
+                    func.coalesce(func.sum(Batch.denominator), 0.0),
+                ).where(Batch.run_pk == run.pk, Batch.seq <= after)
+            ).one()
+            rows = list(
+                session.scalars(
+                    select(Batch)
+                    .where(Batch.run_pk == run.pk, Batch.seq > after)
+                    .order_by(Batch.seq)
+                    .limit(limit + 1)
+                )
+            )
+        reduction = self._reduction(run)
+        running_sum, running_den = float(prior_sum), float(prior_den)
+        series = []
+        for batch in rows[:limit]:
+            running_sum += batch.sum
+            running_den += batch.denominator
+            series.append(
+                {
+                    "seq": batch.seq,
+                    "batch_id": batch.batch_id,
+                    **batch.result,
+                    "cumulative_value": _run_value(reduction, running_sum, running_den, 1),
+                    "created_at": _isoformat(batch.created_at),
+                }
+            )
+        next_cursor = _encode_cursor("batches", rows[limit - 1].seq) if len(rows) > limit else None
+        return {"run_id": run.id, "batches": series, "next_cursor": next_cursor}
+
+    # --------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _load(session: Session, run_id: str, *, lock: bool = False) -> Run:
+        query = select(Run).where(Run.id == run_id)
+        if lock:
+            query = query.with_for_update()
+        run = session.scalars(query).one_or_none()
+        if run is None:
+            raise _not_found(run_id)
+        return run
+
+    def _replay(
+        self, session: Session, run: Run, batch_id: str, digest: str
+    ) -> dict[str, Any] | None:
+        existing = session.scalars(
+            select(Batch).where(Batch.run_pk == run.pk, Batch.batch_id == batch_id)
+        ).one_or_none()
+        if existing is None:
+            return None
+        if existing.content_hash != digest:
+            raise _content_conflict(batch_id)
+        if self.on_batch is not None:
+            self.on_batch("duplicate")
+        return self._batch_answer(run, existing, duplicate=True)
+
+    @staticmethod
+    def _merge_state(
+        stored: dict[str, Any] | None, state: MetricState | None
+    ) -> dict[str, Any] | None:
+        if state is None:
+            return stored
+        if stored is None:
+            merged: dict[str, Any] = state.to_dict()
+            return merged
+        try:
+            merged = MetricState.from_dict(stored).merge(state).to_dict()
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValidationFailed(
+                f"this batch's metrics cannot be merged into the run: {exc}",
+                [{"loc": ["body", "logits"], "msg": str(exc), "type": "metric_state_mismatch"}],
+            ) from None
+        return merged
+
+    def _batch_answer(self, run: Run, batch: Batch, *, duplicate: bool) -> dict[str, Any]:
+        return {
+            "run_id": run.id,
+            "batch_id": batch.batch_id,
+            "seq": batch.seq,
+            "duplicate": duplicate,
+            "batch": dict(batch.result),
+            "run": self._run_dict(run),
+        }
+
+    @staticmethod
+    def _reduction(run: Run) -> tuple[str, str, str]:
+        options = ce_engine.get_loss(run.loss).parse_options(run.options)
+        normalization = "batch_size" if options.reduction == "batchmean" else options.normalization
+        unit = "bits" if options.log_base == "2" else "nats"
+        return options.reduction, normalization, unit
+
+    def _run_dict(self, run: Run) -> dict[str, Any]:
+        reduction, normalization, unit = self._reduction(run)
+        metrics: dict[str, Any] = {}
+        if run.metric_state is not None:
+            metrics = MetricState.from_dict(run.metric_state).compute()
+        return {
+            "id": run.id,
+            "name": run.name,
+            "status": run.status,
+            "loss": run.loss,
+            "options": run.options,
+            "metrics_requested": run.metrics_requested,
+            "class_names": run.class_names,
+            "tags": {t.key: t.value for t in run.tags},
+            "created_at": _isoformat(run.created_at),
+            "updated_at": _isoformat(run.updated_at),
+            "closed_at": _isoformat(run.closed_at),
+            "batches": run.batches,
+            "count": run.count,
+            "ignored": run.ignored,
+            "sum": run.sum,
+            "denominator": run.denominator,
+            "value": _run_value(
+                (reduction, normalization, unit), run.sum, run.denominator, run.batches
+            ),
+            "reduction": reduction,
+            "normalization": normalization,
+            "unit": unit,
+            "metrics": metrics,
+        }
+
+
+def _run_value(
+    reduction: tuple[str, str, str], total: float, denominator: float, batches: int
+) -> float | None:
+    """The reduced loss of all batches as one evaluation would give it (None before any)."""
+    kind, normalization, _ = reduction
+    if batches == 0:
+        return None
+    if kind == "sum" or normalization == "none":
+        return total
+    return total / denominator if denominator > 0 else None
+
+
+@contextmanager
+def _store_guard() -> Iterator[None]:
+    """A lost database connection becomes 503 + Retry-After (never a 500)."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise _store_unavailable(exc) from exc

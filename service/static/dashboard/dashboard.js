@@ -1,0 +1,269 @@
+/* ce-eval dashboard: runs table, per-run curves, reliability diagram, confusion matrix and run
+ * comparison, all from the Runs API of the same service (no network beyond it). */
+"use strict";
+
+const COLORS = ["#2f6fdd", "#e5533d", "#1a9e77", "#b3590b", "#7c4dcc", "#c2185b", "#00838f"];
+const charts = {};
+const selected = new Set();
+let nextCursor = null;
+
+const $ = (id) => document.getElementById(id);
+
+async function api(path) {
+  const response = await fetch(path, { headers: { Accept: "application/json" } });
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.detail || `${response.status} ${path}`);
+  return body;
+}
+
+function fmt(value, digits = 4) {
+  if (value === null || value === undefined) return "–";
+  if (typeof value !== "number") return String(value);
+  if (Number.isInteger(value)) return value.toLocaleString("en");
+  return Math.abs(value) >= 1e4 || Math.abs(value) < 1e-3 ? value.toExponential(3) : value.toFixed(digits);
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function drawChart(id, config) {
+  if (charts[id]) charts[id].destroy();
+  config.options = Object.assign(
+    { animation: false, responsive: true, maintainAspectRatio: false,
+      plugins: { legend: { position: "bottom" } } },
+    config.options || {},
+  );
+  charts[id] = new Chart($(id), config);
+  return charts[id];
+}
+
+function show(view) {
+  for (const id of ["runs-view", "run-view", "compare-view"]) $(id).hidden = id !== view;
+}
+
+/* ------------------------------------------------------------------ runs table */
+
+function runsQuery(cursor) {
+  const params = new URLSearchParams({ limit: "50" });
+  const name = $("filter-name").value.trim();
+  const tag = $("filter-tag").value.trim();
+  const status = $("filter-status").value;
+  if (name) params.set("name", name);
+  if (tag) params.append("tag", tag);
+  if (status) params.set("status", status);
+  if (cursor) params.set("cursor", cursor);
+  return `/v1/runs?${params}`;
+}
+
+function runRow(run) {
+  const check = el("input", { type: "checkbox", "aria-label": `select ${run.name}` });
+  check.checked = selected.has(run.id);
+  check.addEventListener("change", () => {
+    if (check.checked) selected.add(run.id); else selected.delete(run.id);
+    $("compare-button").disabled = selected.size < 2;
+  });
+  const tags = el("td");
+  for (const [key, value] of Object.entries(run.tags)) tags.append(el("span", { class: "tag", text: `${key}:${value}` }));
+  const link = el("a", { href: `#run=${encodeURIComponent(run.id)}`, text: run.name });
+  const accuracy = run.metrics && typeof run.metrics.accuracy === "number" ? run.metrics.accuracy : null;
+  return el("tr", { "data-run-id": run.id },
+    el("td", {}, check),
+    el("td", {}, link),
+    el("td", { class: `status-${run.status}`, text: run.status }),
+    el("td", { text: run.loss }),
+    tags,
+    el("td", { class: "num", text: fmt(run.batches) }),
+    el("td", { class: "num", text: fmt(run.count) }),
+    el("td", { class: "num", text: fmt(run.value) }),
+    el("td", { class: "num", text: fmt(accuracy) }),
+    el("td", { text: (run.updated_at || "").replace("T", " ").slice(0, 19) }),
+  );
+}
+
+async function loadRuns(append = false) {
+  $("runs-error").hidden = true;
+  try {
+    const page = await api(runsQuery(append ? nextCursor : null));
+    const body = $("runs-table").tBodies[0];
+    if (!append) body.replaceChildren();
+    for (const run of page.runs) body.append(runRow(run));
+    nextCursor = page.next_cursor;
+    $("more-button").hidden = !nextCursor;
+  } catch (error) {
+    $("runs-error").textContent = error.message;
+    $("runs-error").hidden = false;
+  }
+}
+
+/* ---------------------------------------------------------------------- one run */
+
+async function allBatches(runId) {
+  const points = [];
+  let cursor = null;
+  do {
+    const params = new URLSearchParams({ limit: "10000" });
+    if (cursor) params.set("cursor", cursor);
+    const page = await api(`/v1/runs/${encodeURIComponent(runId)}/batches?${params}`);
+    points.push(...page.batches);
+    cursor = page.next_cursor;
+  } while (cursor && points.length < 100000);
+  return points;
+}
+
+function summary(run) {
+  const items = [["Status", run.status], ["Loss", run.loss], ["Batches", run.batches],
+    ["Count", run.count], ["Ignored", run.ignored], [`Value (${run.unit})`, run.value],
+    ["Reduction", `${run.reduction} / ${run.normalization}`], ["Created", run.created_at]];
+  $("run-summary").replaceChildren(...items.map(([k, v]) => el("div", {}, el("dt", { text: k }), el("dd", { text: fmt(v) }))));
+}
+
+function metricsTable(run) {
+  const rows = [];
+  for (const [key, value] of Object.entries(run.metrics)) {
+    if (typeof value === "number" || value === null) rows.push(el("tr", {}, el("th", { text: key }), el("td", { class: "num", text: fmt(value) })));
+    else if (key === "top_k_accuracy") {
+      for (const [k, v] of Object.entries(value)) rows.push(el("tr", {}, el("th", { text: `top-${k} accuracy` }), el("td", { class: "num", text: fmt(v) })));
+    }
+  }
+  $("metrics-table").tBodies[0].replaceChildren(...rows);
+}
+
+function reliability(run) {
+  const bins = run.metrics.reliability;
+  $("reliability-empty").hidden = Boolean(bins);
+  $("reliability-chart").parentElement.hidden = !bins;
+  if (!bins) return;
+  // Empty bins have no accuracy or confidence: leave gaps rather than drawing zeros.
+  const filled = (values) => values.map((v, i) => (bins.count[i] > 0 ? v : null));
+  const centers = bins.bin_edges.slice(0, -1).map((lo, i) => ((lo + bins.bin_edges[i + 1]) / 2).toFixed(2));
+  drawChart("reliability-chart", {
+    data: {
+      labels: centers,
+      datasets: [
+        { type: "bar", label: "accuracy", data: filled(bins.accuracy), backgroundColor: "rgba(47,111,221,0.7)" },
+        { type: "line", label: "confidence", data: filled(bins.confidence), borderColor: "#e5533d", pointRadius: 2,
+          spanGaps: true },
+        { type: "line", label: "perfect calibration", data: centers.map(Number), borderColor: "#999",
+          borderDash: [4, 4], pointRadius: 0 },
+      ],
+    },
+    options: { scales: { y: { min: 0, max: 1 }, x: { title: { display: true, text: "confidence bin" } } } },
+  });
+}
+
+function confusion(run) {
+  const matrix = run.metrics.confusion_matrix;
+  $("confusion-empty").hidden = Boolean(matrix);
+  const box = $("confusion");
+  box.replaceChildren();
+  if (!matrix) return;
+  const names = run.class_names && run.class_names.length === matrix.length ? run.class_names : matrix.map((_, i) => String(i));
+  const head = el("tr", {}, el("th", { text: "true \\ pred" }), ...names.map((n) => el("th", { text: n })));
+  const rows = matrix.map((row, i) => {
+    const total = row.reduce((a, b) => a + b, 0) || 1;
+    return el("tr", {}, el("th", { text: names[i] }), ...row.map((value) => {
+      const share = value / total;
+      const cell = el("td", { text: fmt(Math.round(value * 100) / 100, 2), title: `${(share * 100).toFixed(1)}% of row` });
+      cell.style.background = `rgba(47,111,221,${(0.08 + 0.85 * share).toFixed(3)})`;
+      cell.style.color = share > 0.55 ? "#fff" : "#1d2330";
+      return cell;
+    }));
+  });
+  box.append(el("table", { id: "confusion-table" }, el("thead", {}, head), el("tbody", {}, ...rows)));
+}
+
+async function openRun(runId) {
+  show("run-view");
+  const [run, points] = await Promise.all([api(`/v1/runs/${encodeURIComponent(runId)}`), allBatches(runId)]);
+  $("run-title").textContent = `${run.name} (${run.id})`;
+  summary(run);
+  metricsTable(run);
+  const seq = points.map((p) => p.seq);
+  drawChart("loss-chart", {
+    type: "line",
+    data: { labels: seq, datasets: [
+      { label: "batch value", data: points.map((p) => p.value), borderColor: COLORS[0], pointRadius: 1 },
+      { label: "running value", data: points.map((p) => p.cumulative_value), borderColor: COLORS[1], pointRadius: 0 },
+    ] },
+    options: { scales: { x: { title: { display: true, text: "batch" } } } },
+  });
+  const hasAccuracy = points.some((p) => p.metrics && typeof p.metrics.accuracy === "number");
+  $("accuracy-empty").hidden = hasAccuracy;
+  $("accuracy-chart").parentElement.hidden = !hasAccuracy;
+  if (hasAccuracy) {
+    drawChart("accuracy-chart", {
+      type: "line",
+      data: { labels: seq, datasets: [{ label: "accuracy", data: points.map((p) => p.metrics.accuracy ?? null),
+        borderColor: COLORS[2], pointRadius: 1 }] },
+      options: { scales: { y: { min: 0, max: 1 }, x: { title: { display: true, text: "batch" } } } },
+    });
+  }
+  reliability(run);
+  confusion(run);
+  document.body.dataset.ready = "run";
+}
+
+/* ------------------------------------------------------------------- comparison */
+
+async function openCompare(ids) {
+  show("compare-view");
+  const result = await api(`/v1/runs/compare?ids=${ids.map(encodeURIComponent).join(",")}`);
+  const series = await Promise.all(result.runs.map((run) => allBatches(run.id)));
+  const longest = Math.max(1, ...series.map((s) => s.length));
+  drawChart("compare-chart", {
+    type: "line",
+    data: {
+      labels: Array.from({ length: longest }, (_, i) => i + 1),
+      datasets: result.runs.map((run, i) => ({ label: run.name, data: series[i].map((p) => p.cumulative_value),
+        borderColor: COLORS[i % COLORS.length], pointRadius: 0 })),
+    },
+    options: { scales: { x: { title: { display: true, text: "batch" } } } },
+  });
+  const head = el("tr", {}, el("th", { text: "metric" }), ...result.runs.map((r) => el("th", { class: "num", text: r.name })));
+  const rows = [];
+  for (const [key, values] of Object.entries(result.table)) {
+    const first = Object.values(values)[0];
+    if (first !== null && typeof first === "object") {
+      for (const k of Object.keys(first)) rows.push(el("tr", {}, el("th", { text: `${key} @${k}` }),
+        ...result.runs.map((r) => el("td", { class: "num", text: fmt(values[r.id] ? values[r.id][k] : null) }))));
+    } else {
+      rows.push(el("tr", {}, el("th", { text: key }), ...result.runs.map((r) => el("td", { class: "num", text: fmt(values[r.id]) }))));
+    }
+  }
+  $("compare-table").tHead.replaceChildren(head);
+  $("compare-table").tBodies[0].replaceChildren(...rows);
+  document.body.dataset.ready = "compare";
+}
+
+/* ------------------------------------------------------------------------ routing */
+
+async function route() {
+  document.body.dataset.ready = "";
+  const hash = new URLSearchParams(location.hash.slice(1));
+  try {
+    if (hash.get("run")) await openRun(hash.get("run"));
+    else if (hash.get("compare")) await openCompare(hash.get("compare").split(",").filter(Boolean));
+    else { show("runs-view"); await loadRuns(); document.body.dataset.ready = "runs"; }
+  } catch (error) {
+    show("runs-view");
+    $("runs-error").textContent = error.message;
+    $("runs-error").hidden = false;
+    document.body.dataset.ready = "error";
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("filters").addEventListener("submit", (event) => { event.preventDefault(); loadRuns(); });
+  $("more-button").addEventListener("click", () => loadRuns(true));
+  $("compare-button").addEventListener("click", () => { location.hash = `compare=${[...selected].join(",")}`; });
+  window.addEventListener("hashchange", route);
+  route();
+});

@@ -1,0 +1,187 @@
+"""Real servers for tests: a throwaway PostgreSQL cluster and `ce-eval serve` subprocesses.
+
+Loaded as a pytest plugin from ``conftest.py``. PostgreSQL tests skip (with the reason) only where
+the server binaries are absent; CI installs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _postgres_bindir() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).resolve().parent if initdb else None
+
+
+@dataclass
+class PostgresCluster:
+    bindir: Path
+    datadir: Path
+    port: int
+    as_user: list[str] = field(default_factory=list)
+    _databases: Iterator[int] = field(default_factory=itertools.count)
+
+    def run(self, *args: str) -> None:
+        subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=60)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        import psycopg
+
+        name = f"ce_eval_test_{next(self._databases)}"
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of its own on a free localhost port (trust auth, fsync off)."""
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql"
+        )
+    root = Path(tempfile.mkdtemp(prefix="ce-eval-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres", "postgres")
+    root.chmod(0o755)
+    cluster = PostgresCluster(bindir, root / "data", free_port(), as_user)
+    cluster.run(
+        str(bindir / "initdb"), "-D", str(cluster.datadir), "-U", "postgres", "-A", "trust", "-E",
+        "UTF8", "--no-sync",
+    )  # fmt: skip
+    options = (
+        f"-k {root} -p {cluster.port} -h 127.0.0.1 -c fsync=off -c synchronous_commit=off "
+        "-c full_page_writes=off -c max_connections=300"
+    )
+    cluster.run(
+        str(bindir / "pg_ctl"), "-D", str(cluster.datadir), "-o", options, "-l",
+        str(root / "postgres.log"), "-w", "-t", "60", "start",
+    )  # fmt: skip
+    try:
+        yield cluster
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            cluster.run(
+                str(bindir / "pg_ctl"), "-D", str(cluster.datadir), "-m", "immediate", "stop"
+            )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresCluster) -> str:
+    """A fresh, empty database on the session's cluster."""
+    return postgres_cluster.create_database()
+
+
+@dataclass
+class ServerProcess:
+    """`ce-eval serve` in a subprocess (its own port, no gRPC), for end-to-end tests."""
+
+    database_url: str
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        env = {
+            **os.environ,
+            "CE_EVAL_DATABASE_URL": self.database_url,
+            "CE_EVAL_GRPC_PORT": "0",
+            "CE_EVAL_LOG_LEVEL": "warning",
+            "CE_EVAL_BACKEND": "numpy",
+            **self.extra_env,
+        }
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not become ready: {self.log_path.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no flushing (a crash)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Factory of server subprocesses, all stopped at the end of the test."""
+    started: list[ServerProcess] = []
+
+    def make(database_url: str, **extra_env: str) -> ServerProcess:
+        server = ServerProcess(
+            database_url, tmp_path / f"server-{len(started)}.log", extra_env=extra_env
+        )
+        started.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.stop()

@@ -1,0 +1,185 @@
+"""The built-in dashboard in a real headless Chromium (selenium + Debian chromium-driver).
+
+Data comes from a real run on a real server subprocess; the screenshots are kept under
+``test-artifacts/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.servers import REPO, ServerProcess
+from tests.test_runs import as_base64
+
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+CLASSES = ["cat", "dog", "bird", "fish"]
+METRICS = [
+    "accuracy",
+    "nll",
+    "ece",
+    "reliability",
+    "confusion_matrix",
+    "macro_f1",
+    "top_k_accuracy",
+]
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("chromium and chromedriver not found: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1300",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def push_run(server: ServerProcess, name: str, seed: int, batches: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    run = httpx.post(
+        f"{server.url}/v1/runs",
+        json={"name": name, "loss": "cross_entropy", "metrics": METRICS,
+              "class_names": CLASSES, "tags": {"suite": "dash"},
+              "options": {"top_k": [1, 2]}},
+    ).json()  # fmt: skip
+    for i in range(batches):
+        n = 40
+        targets = rng.integers(0, len(CLASSES), size=n)
+        logits = rng.standard_normal((n, len(CLASSES))) + 2.5 * np.eye(len(CLASSES))[targets]
+        body = {"batch_id": f"{i}", "logits": as_base64(logits), "targets": as_base64(targets)}
+        assert httpx.post(f"{server.url}/v1/runs/{run['id']}/batches", json=body).status_code == 200
+    final: dict[str, Any] = httpx.get(f"{server.url}/v1/runs/{run['id']}").json()
+    return final
+
+
+def wait_ready(driver: Any, state: str) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 30).until(
+        lambda d: d.execute_script("return document.body.dataset.ready") in (state, "error")
+    )
+    assert driver.execute_script("return document.body.dataset.ready") == state, (
+        driver.find_element("id", "runs-error").text
+    )
+
+
+def severe_console_messages(driver: Any) -> list[dict[str, Any]]:
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def test_dashboard_renders_runs_curves_calibration_confusion_and_comparison(
+    tmp_path, serve, browser
+):
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    first = push_run(server, "resnet-eval", 1, batches=12)
+    second = push_run(server, "vit-eval", 2, batches=8)
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    browser.get(f"{server.url}/dashboard")
+    wait_ready(browser, "runs")
+    rows = browser.find_elements("css selector", "#runs-table tbody tr")
+    assert [r.get_attribute("data-run-id") for r in rows] == [second["id"], first["id"]]
+    assert "resnet-eval" in rows[1].text and "suite:dash" in rows[1].text
+    browser.find_element("id", "filter-name").send_keys("resnet")
+    browser.find_element("css selector", "#filters button[type=submit]").click()
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 10).until(
+        lambda d: len(d.find_elements("css selector", "#runs-table tbody tr")) == 1
+    )
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-runs.png"))
+
+    browser.get(f"{server.url}/dashboard#run={first['id']}")
+    wait_ready(browser, "run")
+    series = httpx.get(f"{server.url}/v1/runs/{first['id']}/batches").json()["batches"]
+    loss = browser.execute_script("return Chart.getChart('loss-chart').data.datasets[0].data")
+    assert len(loss) == 12
+    assert all(
+        math.isclose(a, b["value"], rel_tol=1e-12) for a, b in zip(loss, series, strict=True)
+    )
+    running = browser.execute_script("return Chart.getChart('loss-chart').data.datasets[1].data")
+    assert math.isclose(running[-1], first["value"], rel_tol=1e-12)
+    accuracy = browser.execute_script(
+        "return Chart.getChart('accuracy-chart').data.datasets[0].data"
+    )
+    assert accuracy == [b["metrics"]["accuracy"] for b in series]
+    bins = browser.execute_script(
+        "return Chart.getChart('reliability-chart').data.datasets[0].data"
+    )
+    reliability = first["metrics"]["reliability"]
+    assert bins == [
+        a if n > 0 else None
+        for a, n in zip(reliability["accuracy"], reliability["count"], strict=True)
+    ]
+    assert any(b is not None for b in bins)
+    # The charts drew something: the canvases are sized and not blank.
+    painted = browser.execute_script(
+        "const c = document.getElementById('reliability-chart');"
+        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return [c.width, n];"
+    )
+    assert painted[0] > 100 and painted[1] > 1000
+    cells = browser.find_elements("css selector", "#confusion-table tbody tr")
+    assert [c.find_element("tag name", "th").text for c in cells] == CLASSES
+    shown = [[float(td.text) for td in c.find_elements("tag name", "td")] for c in cells]
+    assert shown == first["metrics"]["confusion_matrix"]
+    assert "macro_f1" in browser.find_element("id", "metrics-table").text
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-run.png"))
+
+    browser.get(f"{server.url}/dashboard")
+    wait_ready(browser, "runs")
+    for checkbox in browser.find_elements("css selector", "#runs-table tbody input[type=checkbox]"):
+        checkbox.click()
+    browser.find_element("id", "compare-button").click()
+    wait_ready(browser, "compare")
+    labels = browser.execute_script(
+        "return Chart.getChart('compare-chart').data.datasets.map(d => d.label)"
+    )
+    assert labels == ["vit-eval", "resnet-eval"]
+    table = browser.find_element("id", "compare-table").text
+    assert "value" in table and "accuracy" in table and "top_k_accuracy @2" in table
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-compare.png"))
+    assert severe_console_messages(browser) == []
+
+
+def test_dashboard_reports_an_unknown_run_without_console_errors(tmp_path, serve, browser):
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    browser.get(f"{server.url}/dashboard#run=run_missing")
+    wait_ready(browser, "error")
+    assert "not found" in browser.find_element("id", "runs-error").text
+    assets = [
+        httpx.get(f"{server.url}{path}")
+        for path in ("/static/vendor/chart.umd.min.js", "/static/dashboard/dashboard.js")
+    ]
+    assert all(a.status_code == 200 for a in assets)
+    # Only the 404 of the API call itself may be logged.
+    assert all("run_missing" in m["message"] for m in severe_console_messages(browser))
