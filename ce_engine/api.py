@@ -13,7 +13,7 @@ from ce_engine.backend import get_namespace
 from ce_engine.dtypes import BFLOAT16, compute_dtype, is_floating
 from ce_engine.errors import ErrorItem, InputValidationError
 from ce_engine.layout import Array, Layout
-from ce_engine.losses._common import first_true
+from ce_engine.losses._common import first_true, reject_first
 from ce_engine.losses.linear_cross_entropy import linear_inputs
 from ce_engine.metrics import MetricState, metric_state
 from ce_engine.options import CommonOptions
@@ -84,14 +84,9 @@ def _apply_nan_policy(
     if softmax_rows and opts.input_kind != "probabilities":
         bad_rows |= xp.all(rows == -xp.inf, axis=-1)
     if opts.nan_policy == "raise":
-        idx = first_true(xp, bad)
-        if idx is not None:
-            row, cls = divmod(idx, layout.num_classes)
-            raise InputValidationError.single(
-                ("logits", *layout.element(row, cls)),
-                f"logit is {float(rows[row, cls])} (nan_policy='raise')",
-                "non_finite",
-            )
+        reject_first(
+            xp, bad, rows, layout, "logits", "logit is {value} (nan_policy='raise')", "non_finite"
+        )
         bad_row = first_true(xp, bad_rows)
         if bad_row is not None:
             raise InputValidationError.single(

@@ -88,6 +88,22 @@ def first_true(xp: ModuleType, mask: Array) -> int | None:
     return int(xp.argmax(flat))
 
 
+def reject_first(
+    xp: ModuleType, mask: Array, values: Array, layout: Layout, field: str, msg: str, type_: str
+) -> None:
+    """422 at the first True of an (M, C) ``mask``, located in ``field`` (logits' layout).
+
+    ``msg`` may use ``{value}``: the offending entry of ``values``.
+    """
+    bad = first_true(xp, mask)
+    if bad is None:
+        return
+    row, cls = divmod(bad, layout.num_classes)
+    raise InputValidationError.single(
+        (field, *layout.element(row, cls)), msg.format(value=float(values[row, cls])), type_
+    )
+
+
 def index_targets(inp: LossInputs) -> tuple[Array, Array]:
     """Validated class ids (M,) with ignored positions set to 0, and the counted mask (M,)."""
     xp, layout, opts = inp.xp, inp.layout, inp.options
@@ -117,28 +133,20 @@ def dense_targets(inp: LossInputs, fmt: str) -> tuple[Array, Array]:
     xp, layout = inp.xp, inp.layout
     q = layout.to_rows(inp.xp, inp.targets).astype(inp.logits.dtype, copy=False)
     check_nan = inp.options.nan_policy == "raise"
-    bad = first_true(xp, xp.isnan(q) | xp.isinf(q)) if check_nan else None
-    if bad is not None:
-        row, cls = divmod(bad, layout.num_classes)
-        raise InputValidationError.single(
-            ("targets", *layout.element(row, cls)), "target is NaN or infinite", "non_finite"
-        )
-    bad = first_true(xp, q < 0)
-    if bad is not None:
-        row, cls = divmod(bad, layout.num_classes)
-        raise InputValidationError.single(
-            ("targets", *layout.element(row, cls)), "targets must be >= 0", "negative_target"
-        )
+    if check_nan:
+        reject_first(xp, ~xp.isfinite(q), q, layout, "targets", "target is {value}", "non_finite")
+    reject_first(xp, q < 0, q, layout, "targets", "targets must be >= 0", "negative_target")
     valid = xp.ones(layout.num_positions, dtype=bool)
     if fmt == "multi_hot":
-        bad = first_true(xp, (q != 0) & (q != 1))
-        if bad is not None:
-            row, cls = divmod(bad, layout.num_classes)
-            raise InputValidationError.single(
-                ("targets", *layout.element(row, cls)),
-                "multi_hot targets must be 0 or 1",
-                "multi_hot",
-            )
+        reject_first(
+            xp,
+            (q != 0) & (q != 1),
+            q,
+            layout,
+            "targets",
+            "multi_hot targets must be 0 or 1, got {value}",
+            "multi_hot",
+        )
         positives = xp.sum(q, axis=-1)
         valid = positives > 0
         q = q / xp.maximum(positives, 1)[:, None]
@@ -225,20 +233,16 @@ def label_rows(inp: LossInputs) -> tuple[Array, Array]:
     y = layout.to_rows(xp, inp.targets).astype(inp.logits.dtype, copy=False)
     nan = xp.isnan(y)
     if inp.options.nan_policy == "raise":
-        bad = first_true(xp, nan)
-        if bad is not None:
-            row, cls = divmod(bad, layout.num_classes)
-            raise InputValidationError.single(
-                ("targets", *layout.element(row, cls)), "target is NaN", "non_finite"
-            )
-    bad = first_true(xp, (y < 0) | (y > 1))
-    if bad is not None:
-        row, cls = divmod(bad, layout.num_classes)
-        raise InputValidationError.single(
-            ("targets", *layout.element(row, cls)),
-            f"labels must lie in [0, 1], got {float(y[row, cls])}",
-            "label_range",
-        )
+        reject_first(xp, nan, y, layout, "targets", "target is NaN", "non_finite")
+    reject_first(
+        xp,
+        (y < 0) | (y > 1),
+        y,
+        layout,
+        "targets",
+        "labels must lie in [0, 1], got {value}",
+        "label_range",
+    )
     if inp.options.nan_policy == "omit":
         valid = ~nan.any(axis=-1)
     else:

@@ -6,14 +6,13 @@ for target log-probabilities), ``optax.kl_divergence``.
 
 from __future__ import annotations
 
-from ce_engine.errors import InputValidationError
 from ce_engine.hessian import second_order
 from ce_engine.layout import Array
 from ce_engine.losses._common import (
     dense_targets,
-    first_true,
     input_log_probs,
     log_softmax,
+    reject_first,
     resolve_target_format,
     times_log,
 )
@@ -36,12 +35,15 @@ def _target_distribution(inp: LossInputs) -> tuple[Array, Array, Array]:
         return q, xp.log(xp.where(q > 0, q, 1)), valid
     t = layout.to_rows(xp, inp.targets).astype(inp.logits.dtype, copy=False)
     if inp.options.nan_policy == "raise":
-        bad = first_true(xp, xp.isnan(t) | (t == xp.inf))
-        if bad is not None:
-            row, cls = divmod(bad, layout.num_classes)
-            raise InputValidationError.single(
-                ("targets", *layout.element(row, cls)), "target is NaN or +inf", "non_finite"
-            )
+        reject_first(
+            xp,
+            xp.isnan(t) | (t == xp.inf),
+            t,
+            layout,
+            "targets",
+            "target is {value}",
+            "non_finite",
+        )
     log_q = log_softmax(xp, t, inp.options.temperature) if kind == "logits" else t
     valid = xp.ones(layout.num_positions, dtype=bool)
     if inp.exclude is not None:
