@@ -35,7 +35,9 @@ def env_table(settings_model: type[BaseSettings] = Settings) -> str:
         variable = f"{prefix}{name}".upper()
         default = "" if field.is_required() else f"`{field.get_default()!r}`"
         description = (field.description or "").replace("|", "\\|")
-        rows.append(f"| `{variable}` | {_type_name(field.annotation)} | {default} | {description} |")
+        rows.append(
+            f"| `{variable}` | {_type_name(field.annotation)} | {default} | {description} |"
+        )
     return "\n".join(rows) + "\n"
 
 

@@ -102,7 +102,7 @@ class Checks:
         return "status ready"
 
     def evaluate(self) -> str:
-        body = {"loss": "cross_entropy", "logits": LOGITS, "targets": TARGETS}
+        body: dict[str, Any] = {"loss": "cross_entropy", "logits": LOGITS, "targets": TARGETS}
         body["options"] = {"reduction": "sum"}
         payload, _ = expect_json("POST", f"{self.url}/v1/evaluate", body)
         want = reference_ce_sum(LOGITS, TARGETS)
@@ -162,8 +162,12 @@ class Checks:
             "data": base64.b64encode(struct.pack(f"<{len(TARGETS)}q", *TARGETS)).decode(),
         }
         request = json_format.ParseDict(
-            {"loss": "cross_entropy", "logits": logits, "targets": targets,
-             "options": {"reduction": "sum"}},
+            {
+                "loss": "cross_entropy",
+                "logits": logits,
+                "targets": targets,
+                "options": {"reduction": "sum"},
+            },
             request_cls(),
             ignore_unknown_fields=False,
         )
@@ -195,7 +199,7 @@ class Checks:
 
     def run_push(self) -> str:
         rng = random.Random(20261123)
-        batches = []
+        batches: list[dict[str, Any]] = []
         for index in range(self.batches):
             rows = rng.randint(1, 5)
             logits = [[round(rng.uniform(-4, 4), 3) for _ in range(4)] for _ in range(rows)]
@@ -204,8 +208,13 @@ class Checks:
         created, _ = expect_json(
             "POST",
             f"{self.url}/v1/runs",
-            {"name": "smoke", "loss": "cross_entropy", "options": {"reduction": "mean"},
-             "metrics": ["accuracy"], "tags": {"source": "smoke"}},
+            {
+                "name": "smoke",
+                "loss": "cross_entropy",
+                "options": {"reduction": "mean"},
+                "metrics": ["accuracy"],
+                "tags": {"source": "smoke"},
+            },
             status=(201,),
         )
         run_id = created["id"]
