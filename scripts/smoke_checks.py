@@ -150,26 +150,23 @@ class Checks:
         method = pool.FindServiceByName(service_name).FindMethodByName("Evaluate")
         request_cls = message_factory.GetMessageClass(method.input_type)
         response_cls = message_factory.GetMessageClass(method.output_type)
+        tensor_type = method.input_type.fields_by_name["logits"].message_type
         flat = [z for row in LOGITS for z in row]
-        logits = {
-            "dtype": "float64",
-            "shape": [len(LOGITS), len(LOGITS[0])],
-            "data": base64.b64encode(struct.pack(f"<{len(flat)}d", *flat)).decode(),
-        }
-        targets = {
-            "dtype": "int64",
-            "shape": [len(TARGETS)],
-            "data": base64.b64encode(struct.pack(f"<{len(TARGETS)}q", *TARGETS)).decode(),
-        }
         request = json_format.ParseDict(
             {
                 "loss": "cross_entropy",
-                "logits": logits,
-                "targets": targets,
-                "options": {"reduction": "sum"},
+                "logits": {
+                    "dtype": proto_dtype(tensor_type, "float64"),
+                    "shape": [len(LOGITS), len(LOGITS[0])],
+                    "data": base64.b64encode(struct.pack(f"<{len(flat)}d", *flat)).decode(),
+                },
+                "targets": {
+                    "dtype": proto_dtype(tensor_type, "int64"),
+                    "shape": [len(TARGETS)],
+                    "data": base64.b64encode(struct.pack(f"<{len(TARGETS)}q", *TARGETS)).decode(),
+                },
             },
             request_cls(),
-            ignore_unknown_fields=False,
         )
         call = channel.unary_unary(
             f"/{service_name}/Evaluate",
@@ -177,10 +174,11 @@ class Checks:
             response_deserializer=response_cls.FromString,
         )
         response = json_format.MessageToDict(call(request, timeout=10))
-        want = reference_ce_sum(LOGITS, TARGETS)
+        # Default reduction: mean over the valid targets.
+        want = reference_ce_sum(LOGITS, TARGETS) / len(TARGETS)
         if not close(float(response.get("value", "nan")), want):
             raise StepFailed(f"gRPC Evaluate value {response.get('value')} != reference {want}")
-        return f"health SERVING, reflection lists {service_name}, Evaluate sum == reference"
+        return f"health SERVING, reflection lists {service_name}, Evaluate mean == reference"
 
     def balance(self) -> str:
         body = {"loss": "cross_entropy", "logits": LOGITS, "targets": TARGETS}
@@ -256,6 +254,20 @@ class Checks:
         if missing:
             raise StepFailed(f"/metrics lacks {missing}")
         return f"all {len(CONTRACT_METRICS)} contract metrics exported"
+
+
+def proto_dtype(tensor_type: Any, dtype: str) -> str:
+    """``dtype`` as the Tensor message spells it: a string field, or the matching enum name."""
+    field = tensor_type.fields_by_name["dtype"]
+    if field.enum_type is None:
+        return dtype
+    for value in field.enum_type.values:
+        if value.name.lower().endswith(dtype):
+            name: str = value.name
+            return name
+    raise StepFailed(
+        f"Tensor.dtype enum has no {dtype}: {[v.name for v in field.enum_type.values]}"
+    )
 
 
 def exported_metric_names(exposition: str) -> set[str]:
