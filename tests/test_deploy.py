@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 import yaml
 from pydantic import Field
 
-from scripts import gen_env_table, smoke_checks
+from scripts import gen_dashboard, gen_env_table, smoke_checks
 from service.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -330,6 +331,83 @@ async def test_dashboard_metrics_are_really_exported(client: httpx.AsyncClient) 
     exported = smoke_checks.exported_metric_names(response.text)
     assert set(CONTRACT_METRICS) <= exported, sorted(set(CONTRACT_METRICS) - exported)
     assert dashboard_metrics() <= exported
+
+
+def test_dashboard_file_is_generated() -> None:
+    assert gen_dashboard.main(["--check"]) == 0, "python -m scripts.gen_dashboard"
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a free localhost port (as root: run as `postgres`)."""
+    found = shutil.which("initdb") or next(
+        iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)), None
+    )
+    if found is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
+    bin_dir = Path(found).parent
+    # Not under pytest's tmp_path: that is private to this user, and the server may run as
+    # another one.
+    base = Path(tempfile.mkdtemp(prefix="ce-eval-deploy-pg-"))
+    base.chmod(0o755)
+    data = base / "data"
+    port = free_port()
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(data.parent, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", "ce_eval", "--auth=trust"]
+    assert run(*prefix, *initdb).returncode == 0
+    options = f"-k {data} -p {port} -h 127.0.0.1"
+    pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data), "-w"]
+    started = run(*prefix, *pg_ctl, "-o", options, "-l", str(data / "log"), "start")
+    assert started.returncode == 0, started.stderr
+    try:
+        yield f"postgresql+psycopg://ce_eval@127.0.0.1:{port}/postgres"
+    finally:
+        run(*prefix, *pg_ctl, "-m", "immediate", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_dashboard_sql_runs_on_the_run_store(request: pytest.FixtureRequest) -> None:
+    """The dashboard's SQL against the real schema, with one run of two batches."""
+    try:
+        from service.store.models import Base  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        pytest.skip("service.store is not in this build yet: dashboard SQL not executed")
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
+    postgres_url: str = request.getfixturevalue("postgres_url")
+    engine = sqlalchemy.create_engine(postgres_url)
+    Base.metadata.create_all(engine)
+    insert_run = (
+        "INSERT INTO runs (id, name, status, loss, options, metrics_requested, created_at, "
+        "updated_at, batches, count, ignored, sum, denominator) VALUES ('r1', 'demo', 'open', "
+        "'cross_entropy', '{}', '[]', now(), now(), 2, 4, 0, 3.0, 4.0) RETURNING pk"
+    )
+    insert_batch = (
+        "INSERT INTO batches (run_pk, batch_id, seq, content_hash, count, sum, denominator, "
+        "result, created_at) VALUES (:pk, :id, :seq, 'h', 2, :sum, 2.0, :result, now())"
+    )
+    with engine.begin() as connection:
+        pk = connection.execute(sqlalchemy.text(insert_run)).scalar_one()
+        for seq, (total, accuracy) in enumerate([(1.0, 0.5), (2.0, 1.0)], start=1):
+            result = json.dumps({"metrics": {"accuracy": accuracy}})
+            values = {"pk": pk, "id": f"b{seq}", "seq": seq, "sum": total, "result": result}
+            connection.execute(sqlalchemy.text(insert_batch), values)
+
+    def query(sql: str) -> list[Any]:
+        with engine.connect() as connection:
+            sql = sql.replace("${run}", "r1").replace(":", "\\:")
+            return list(connection.execute(sqlalchemy.text(sql)))
+
+    assert [tuple(row)[1:] for row in query(gen_dashboard.RUN_LOSS_SQL)] == [
+        (0.5, 0.5),
+        (1.0, 0.75),
+    ]
+    assert [row[1] for row in query(gen_dashboard.RUN_ACCURACY_SQL)] == [0.5, 1.0]
+    assert [tuple(row) for row in query(gen_dashboard.RUNS_VARIABLE_SQL)] == [("r1", "demo")]
+    engine.dispose()
 
 
 def test_exported_metric_names_parser() -> None:
