@@ -60,13 +60,14 @@ RUN groupadd --gid 10001 ce-eval \
     && chown ce-eval:ce-eval /app/data
 COPY --from=venv /opt/venv /opt/venv
 COPY --chmod=0755 scripts/container_healthcheck.py /usr/local/bin/ce-eval-healthcheck
-# Only /app/data is written to (the SQLite default and SQLite's temp files), so the container
-# runs with --read-only; mount a volume there to keep runs across restarts.
+# Only /app/data is written to (the SQLite default, SQLite's temp files, CuPy's kernel cache), so
+# the container runs with --read-only; mount a volume there to keep runs across restarts.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TMPDIR=/app/data \
     SQLITE_TMPDIR=/app/data \
+    CUPY_CACHE_DIR=/app/data/cupy-kernels \
     CE_EVAL_HOST=0.0.0.0 \
     CE_EVAL_PORT=8000 \
     CE_EVAL_GRPC_PORT=50051 \

@@ -114,6 +114,7 @@ def test_runtime_stage_is_hardened() -> None:
     assert 'VOLUME ["/app/data"]' in runtime
     assert "CE_EVAL_DATABASE_URL=sqlite:////app/data/" in text, "SQLite must live on the volume"
     assert "TMPDIR=/app/data" in text and "SQLITE_TMPDIR=/app/data" in text
+    assert "CUPY_CACHE_DIR=/app/data/" in text, "CuPy writes its kernel cache at import"
     # No package manager runs and no compiler is brought in by the runtime stage itself.
     assert not re.search(r"apt-get|pip install|gcc|build-essential|make\b", text), text
 
