@@ -88,6 +88,7 @@ class Checks:
         self.clients: int = args.clients
         self.batches: int = args.batches
         self.expect_upstreams: int = args.expect_upstreams
+        self.connect_timeout: float = args.connect_timeout
 
     def healthz(self) -> str:
         payload, _ = expect_json("GET", f"{self.url}/healthz")
@@ -134,7 +135,7 @@ class Checks:
             ) from None
         channel = grpc.insecure_channel(self.grpc_target)
         try:
-            grpc.channel_ready_future(channel).result(timeout=10)
+            grpc.channel_ready_future(channel).result(timeout=self.connect_timeout)
         except grpc.FutureTimeoutError:
             raise StepFailed(f"no gRPC server answers on {self.grpc_target}") from None
         health = health_pb2_grpc.HealthStub(channel).Check(
@@ -295,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (run-push)")
     parser.add_argument("--batches", type=int, default=6, help="batches in the pushed run")
     parser.add_argument("--expect-upstreams", type=int, default=1, help="replicas (balance)")
+    parser.add_argument(
+        "--connect-timeout", type=float, default=10.0, help="seconds to wait for gRPC"
+    )
     args = parser.parse_args(argv)
     checks = Checks(args)
     steps: dict[str, Callable[[], str]] = {

@@ -334,6 +334,25 @@ async def test_dashboard_metrics_are_really_exported(client: httpx.AsyncClient) 
     assert dashboard_metrics() <= exported
 
 
+def test_dashboard_promql_parses(tmp_path: Path) -> None:
+    """Every PromQL expression of the dashboard, checked by promtool as a recording rule."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package `prometheus`; .ci/run installs it)")
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"] if "expr" in t]
+    assert len(exprs) >= 7
+    rules = [{"record": f"dashboard:expr_{i}", "expr": expr} for i, expr in enumerate(exprs)]
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = run(promtool, "check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    path.write_text(yaml.safe_dump({"groups": [{"name": "bad", "rules": [
+        {"record": "dashboard:bad", "expr": "sum by (le (rate(x[5m]))"}
+    ]}]}))  # fmt: skip
+    assert run(promtool, "check", "rules", str(path)).returncode != 0
+
+
 def test_dashboard_file_is_generated() -> None:
     assert gen_dashboard.main(["--check"]) == 0, "python -m scripts.gen_dashboard"
 
@@ -540,7 +559,8 @@ def test_smoke_steps_for_later_routes_never_pass_silently(
 
 
 def test_smoke_grpc_step_fails_without_a_grpc_server(server_url: str) -> None:
-    result = smoke(server_url, "--grpc", f"127.0.0.1:{free_port()}", "--steps", "grpc")
+    target = f"127.0.0.1:{free_port()}"
+    result = smoke(server_url, "--grpc", target, "--connect-timeout", "1", "--steps", "grpc")
     assert result.returncode == 1 and "FAIL grpc:" in result.stdout, result.stdout
 
 
