@@ -90,7 +90,7 @@ fi
 
 step "HTTP: healthz, readyz, evaluate, run push, /metrics"
 if "$PYTHON" scripts/smoke_checks.py --url "http://127.0.0.1:$HTTP_PORT" \
-        --steps healthz,readyz,evaluate,run-push,metrics; then
+        --steps healthz,readyz,evaluate,pages,run-push,metrics; then
     pass http
 else
     fail "http (see the FAIL lines above)"

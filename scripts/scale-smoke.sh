@@ -19,7 +19,7 @@ MODE=auto
 [[ "${1:-}" == --mode ]] && MODE=${2:?--mode needs process or compose}
 PYTHON=${PYTHON:-.venv/bin/python}
 CE_EVAL_BIN=${CE_EVAL_BIN:-.venv/bin/ce-eval}
-STEPS=healthz,readyz,evaluate,balance,grpc,run-push,metrics
+STEPS=healthz,readyz,evaluate,pages,balance,grpc,run-push,metrics
 CHECK_ARGS=(--steps "$STEPS" --expect-upstreams "$REPLICAS" --clients "$CLIENTS" --batches "$BATCHES")
 
 if [[ "$MODE" == auto ]]; then

@@ -34,7 +34,8 @@ CONTRACT_METRICS = (
     "ce_eval_batches_total",
     "ce_eval_build_info",
 )
-ALL_STEPS = ("healthz", "readyz", "evaluate", "grpc", "balance", "run-push", "metrics")
+ALL_STEPS = ("healthz", "readyz", "evaluate", "pages", "grpc", "balance", "run-push", "metrics")
+PAGES = ("/docs", "/dashboard")
 LOGITS = [[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]]
 TARGETS = [0, 1]
 
@@ -110,6 +111,26 @@ class Checks:
         if not close(payload["value"], want):
             raise StepFailed(f"HTTP evaluate value {payload['value']} != reference {want}")
         return f"cross_entropy sum {payload['value']:.12f} == reference"
+
+    def pages(self) -> str:
+        """The HTML pages and every local asset they load (packaged, served offline)."""
+        fetched = 0
+        for page in PAGES:
+            code, _, raw = http("GET", f"{self.url}{page}")
+            if code != 200:
+                raise StepFailed(f"GET {page} → {code}")
+            base = page.rstrip("/") + "/"
+            for ref in re.findall(r'(?:src|href)="([^"#?]+)', raw.decode(errors="replace")):
+                if ref.startswith(("http:", "https:", "//")):
+                    raise StepFailed(f"{page} loads {ref} from the network (must work offline)")
+                if re.match(r"[a-z]+:", ref):  # data:, mailto: … nothing to fetch
+                    continue
+                url = f"{self.url}{ref}" if ref.startswith("/") else f"{self.url}{base}{ref}"
+                asset_code, _, _ = http("GET", url)
+                if asset_code != 200:
+                    raise StepFailed(f"{page}: asset {ref} → {asset_code}")
+                fetched += 1
+        return f"{', '.join(PAGES)} and {fetched} local assets load"
 
     def grpc(self) -> str:
         if not self.grpc_target:
@@ -305,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "healthz": checks.healthz,
         "readyz": checks.readyz,
         "evaluate": checks.evaluate,
+        "pages": checks.pages,
         "grpc": checks.grpc,
         "balance": checks.balance,
         "run-push": checks.run_push,

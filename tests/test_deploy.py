@@ -547,6 +547,7 @@ def route_exists(url: str, method: str, path: str) -> bool:
 @pytest.mark.parametrize(("step", "method", "path"), [
     ("run-push", "POST", "/v1/runs"),
     ("metrics", "GET", "/metrics"),
+    ("pages", "GET", "/dashboard"),
 ])  # fmt: skip
 def test_smoke_steps_for_later_routes_never_pass_silently(
     server_url: str, step: str, method: str, path: str
