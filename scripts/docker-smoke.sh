@@ -88,7 +88,7 @@ else
     pass "no build tools in the runtime image"
 fi
 
-step "HTTP: healthz, readyz, evaluate, run push, /metrics"
+step "HTTP: healthz, readyz, evaluate, /docs + /dashboard, run push, /metrics"
 if "$PYTHON" scripts/smoke_checks.py --url "http://127.0.0.1:$HTTP_PORT" \
         --steps healthz,readyz,evaluate,pages,run-push,metrics; then
     pass http
