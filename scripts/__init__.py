@@ -1,0 +1,1 @@
+"""Repository scripts: deployment helpers, README generators, smoke checks."""
