@@ -9,17 +9,19 @@ from service import __version__
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import asyncio
 
     from service.config import Settings
     from service.http.app import create_app
     from service.logs import configure_logging
+    from service.serve import serve
 
     overrides = {
         k: v
         for k, v in {
             "host": args.host,
             "port": args.port,
+            "grpc_port": args.grpc_port,
             "backend": args.backend,
             "log_level": args.log_level,
         }.items()
@@ -30,18 +32,12 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     print(
         f"ce-eval {__version__} serving on http://{settings.host}:{settings.port} "
-        f"(backend {settings.backend}; docs at /docs)",
+        + (f"and grpc {settings.host}:{settings.grpc_port} " if settings.grpc_port else "")
+        + f"(backend {settings.backend}; docs at /docs)",
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
+    asyncio.run(serve(app, settings))
     return 0
 
 
@@ -52,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP (and gRPC) service")
     serve.add_argument("--host", help="bind address (CE_EVAL_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (CE_EVAL_PORT, default 8000)")
+    serve.add_argument(
+        "--grpc-port", type=int, help="gRPC port (CE_EVAL_GRPC_PORT, default 50051; 0 = off)"
+    )
     serve.add_argument("--backend", choices=["auto", "numpy", "cupy"], help="default backend")
     serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="log level"

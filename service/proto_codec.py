@@ -1,0 +1,206 @@
+"""Protobuf codec: ``ce_eval.v1`` messages ↔ NumPy arrays, request/response dicts, problems.
+
+Shared by the gRPC servicer, ``POST /v1/evaluate`` with ``application/x-protobuf`` and the SDK.
+Tensors travel as little-endian C-order bytes (``Tensor{dtype, shape, data}``) and are decoded
+with :func:`service.codecs.from_bytes` (explicit dtype and shape, element limit checked first).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import DecodeError
+
+from ce_engine.dtypes import wire_name
+from service.codecs import from_bytes
+from service.config import Settings
+from service.dataplane import parse_evaluate_request
+from service.errors import MalformedBody, ServiceError
+from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
+from service.schemas import EvaluateRequest
+
+PROTOBUF_MEDIA_TYPE = "application/x-protobuf"
+_TENSOR_FIELDS = ("logits", "targets", "sample_weight", "vector")
+
+
+def array_to_tensor(array: Any, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Array (anything ``np.asarray`` takes) → ``Tensor`` of little-endian C-order bytes."""
+    contiguous = np.ascontiguousarray(array)
+    if contiguous.dtype.byteorder == ">":
+        contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
+    tensor = pb.Tensor() if out is None else out
+    tensor.dtype = wire_name(contiguous.dtype)
+    tensor.shape[:] = contiguous.shape
+    tensor.data = contiguous.tobytes()
+    return tensor
+
+
+def tensor_to_array(tensor: pb.Tensor, loc: Sequence[str | int], max_elements: int) -> np.ndarray:
+    """``Tensor`` → read-only array viewing the message's bytes (dtype/shape/length checked)."""
+    return from_bytes(tensor.data, tensor.dtype, list(tensor.shape), loc, max_elements)
+
+
+def _integral(value: Any) -> Any:
+    """Struct numbers are doubles: 2.0 → 2 so integer options (ignore_index, top_k) validate."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    return value
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    result: dict[str, Any] = _integral(json_format.MessageToDict(struct))
+    return result
+
+
+def dict_to_struct(value: Mapping[str, Any], out: struct_pb2.Struct | None = None) -> Any:
+    """JSON-like mapping (NumPy scalars/arrays allowed) → ``Struct``; non-finite → null."""
+    struct = struct_pb2.Struct() if out is None else out
+    plain = orjson.loads(
+        orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+    )
+    struct.update(plain)
+    return struct
+
+
+def parse_request_bytes(body: bytes) -> pb.EvaluateRequest:
+    """Serialized ``EvaluateRequest`` → message; 400 when it does not parse."""
+    message = pb.EvaluateRequest()
+    try:
+        message.ParseFromString(body)
+    except DecodeError as exc:
+        raise MalformedBody(
+            f"malformed protobuf EvaluateRequest: {exc}",
+            [{"loc": ["body"], "msg": "not a valid EvaluateRequest message", "type": "protobuf"}],
+        ) from None
+    return message
+
+
+def request_from_proto(message: pb.EvaluateRequest, settings: Settings) -> EvaluateRequest:
+    """``EvaluateRequest`` message → the REST request model (tensors as NumPy arrays)."""
+    payload: dict[str, Any] = {"loss": message.loss}
+    for name in _TENSOR_FIELDS:
+        if message.HasField(name):
+            payload[name] = tensor_to_array(getattr(message, name), (name,), settings.max_elements)
+        elif name in ("logits", "targets"):
+            payload[name] = None  # the engine answers 422 "field required" at this location
+    if message.HasField("options"):
+        payload["options"] = struct_to_dict(message.options)
+    if message.outputs:
+        payload["outputs"] = list(message.outputs)
+    if message.metrics:
+        payload["metrics"] = list(message.metrics)
+    if message.backend:
+        payload["backend"] = message.backend
+    return parse_evaluate_request(payload, settings)
+
+
+def request_to_proto(
+    loss: str,
+    logits: Any,
+    targets: Any,
+    *,
+    options: Mapping[str, Any] | None = None,
+    outputs: Iterable[str] = ("loss",),
+    metrics: Iterable[str] = (),
+    sample_weight: Any = None,
+    vector: Any = None,
+    backend: str | None = None,
+) -> pb.EvaluateRequest:
+    """Client side: arrays + options → ``EvaluateRequest`` message."""
+    message = pb.EvaluateRequest(
+        loss=loss, outputs=list(outputs), metrics=list(metrics), backend=backend or ""
+    )
+    array_to_tensor(logits, message.logits)
+    array_to_tensor(targets, message.targets)
+    if sample_weight is not None:
+        array_to_tensor(sample_weight, message.sample_weight)
+    if vector is not None:
+        array_to_tensor(vector, message.vector)
+    if options:
+        dict_to_struct(options, message.options)
+    return message
+
+
+def response_to_proto(result: Mapping[str, Any]) -> pb.EvaluateResponse:
+    """``DataPlane.evaluate(..., encoding="raw")`` dict → ``EvaluateResponse`` message."""
+    message = pb.EvaluateResponse(
+        loss=result["loss"],
+        sum=result["sum"],
+        denominator=result["denominator"],
+        count=result["count"],
+        ignored=result["ignored"],
+        reduction=result["reduction"],
+        normalization=result["normalization"],
+        unit=result["unit"],
+        backend=result["backend"],
+        compute_dtype=result["compute_dtype"],
+        elapsed_ms=result["elapsed_ms"],
+    )
+    if result["value"] is not None:
+        message.value = result["value"]
+    for name, array in result["outputs"].items():
+        array_to_tensor(array, message.outputs[name])
+    if result["metrics"]:
+        dict_to_struct(result["metrics"], message.metrics)
+    for name, extra in result.get("extras", {}).items():
+        message.extras[name] = extra
+    return message
+
+
+def response_from_proto(message: pb.EvaluateResponse, max_elements: int) -> dict[str, Any]:
+    """Client side: ``EvaluateResponse`` → the REST response dict with NumPy outputs."""
+    return {
+        "loss": message.loss,
+        "value": message.value if message.HasField("value") else None,
+        "sum": message.sum,
+        "denominator": message.denominator,
+        "count": message.count,
+        "ignored": message.ignored,
+        "reduction": message.reduction,
+        "normalization": message.normalization,
+        "unit": message.unit,
+        "outputs": {
+            name: tensor_to_array(t, ("outputs", name), max_elements)
+            for name, t in message.outputs.items()
+        },
+        "metrics": struct_to_dict(message.metrics),
+        "extras": dict(message.extras),
+        "backend": message.backend,
+        "compute_dtype": message.compute_dtype,
+        "elapsed_ms": message.elapsed_ms,
+    }
+
+
+def problem_to_proto(error: ServiceError) -> pb.Problem:
+    """The RFC 9457 problem of ``error`` as a ``Problem`` message (gRPC error details)."""
+    body = error.problem()
+    problem = pb.Problem(
+        type=body["type"], title=body["title"], status=body["status"], detail=body["detail"]
+    )
+    for item in error.errors:
+        entry = problem.errors.add(msg=str(item.get("msg", "")), type=str(item.get("type", "")))
+        entry.loc.extend(list(item.get("loc", [])))
+    return problem
+
+
+def problem_from_proto(problem: pb.Problem) -> dict[str, Any]:
+    """``Problem`` message → the REST problem dict (integer indices restored in ``loc``)."""
+    return {
+        "type": problem.type,
+        "title": problem.title,
+        "status": problem.status,
+        "detail": problem.detail,
+        "errors": [
+            {"loc": _integral(list(item.loc)), "msg": item.msg, "type": item.type}
+            for item in problem.errors
+        ],
+    }
