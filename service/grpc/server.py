@@ -69,7 +69,7 @@ class LossEvaluationServicer(pb_grpc.LossEvaluationServicer):
         self.dataplane = dataplane
         self.limiter = limiter
 
-    async def Evaluate(  # noqa: N802  (gRPC method name)
+    async def Evaluate(
         self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.EvaluateResponse:
         try:
@@ -118,9 +118,7 @@ async def start_grpc_server(
             ("grpc.max_send_message_length", -1),
         ]
     )
-    pb_grpc.add_LossEvaluationServicer_to_server(
-        LossEvaluationServicer(dataplane, limiter), server
-    )
+    pb_grpc.add_LossEvaluationServicer_to_server(LossEvaluationServicer(dataplane, limiter), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -133,4 +131,3 @@ async def start_grpc_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("grpc started", extra={"fields": {"address": address, "port": bound}})
     return GrpcServer(server, bound, health_servicer)
-

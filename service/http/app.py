@@ -18,6 +18,7 @@ from service.config import Settings
 from service.dataplane import DataPlane
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.http.oip import router as oip_router
 from service.http.routes import router
 from service.logs import get_logger
 from service.schemas import EvaluateRequest
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.compute_limiter = anyio.CapacityLimiter(settings.max_inflight)
     app.state.draining = False
     app.include_router(router)
+    app.include_router(oip_router)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
