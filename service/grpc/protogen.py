@@ -22,6 +22,15 @@ GEN_PACKAGE = "service.grpc.gen"
 _IMPORT = re.compile(r"^from ce_eval(\.v1)? import ", re.MULTILINE)
 
 
+def generated_files(directory: Path) -> list[Path]:
+    """The ``.py``/``.pyi`` files under ``directory`` (bytecode caches left out)."""
+    return sorted(
+        p
+        for p in directory.rglob("*.py*")
+        if p.suffix in (".py", ".pyi") and "__pycache__" not in p.parts
+    )
+
+
 def generate(out: Path) -> list[Path]:
     """Run protoc into ``out``; returns the generated files (sorted)."""
     from grpc_tools import protoc
@@ -40,7 +49,7 @@ def generate(out: Path) -> list[Path]:
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
     files = []
-    for path in sorted(out.rglob("*.py*")):
+    for path in generated_files(out):
         text = path.read_text()
         fixed = _IMPORT.sub(lambda m: f"from {GEN_PACKAGE}.ce_eval{m.group(1) or ''} import ", text)
         path.write_text(fixed)
@@ -52,7 +61,7 @@ def generate(out: Path) -> list[Path]:
             if not init.exists():
                 init.write_text("")
             package = package.parent
-    return sorted(out.rglob("*.py*"))
+    return generated_files(out)
 
 
 def main(argv: list[str] | None = None) -> int:
