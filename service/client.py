@@ -193,7 +193,6 @@ def _decode_oip(response: httpx.Response) -> Evaluation:
     header = orjson.loads(content[:size])
     offset = size
     outputs: dict[str, np.ndarray] = {}
-    value: float | None = None
     for item in header["outputs"]:
         dtype = DATATYPES[item["datatype"]]
         nbytes = (item.get("parameters") or {}).get("binary_data_size")
@@ -203,14 +202,12 @@ def _decode_oip(response: httpx.Response) -> Evaluation:
             raw = content[offset : offset + nbytes]
             array = np.frombuffer(raw, dtype=dtype).reshape(item["shape"])
             offset += nbytes
-        if item["name"] == "loss":
-            value = None if np.isnan(array[0]) else float(array[0])
-        else:
+        if item["name"] != "loss":  # the reduced value also comes as parameters.value
             outputs[item["name"]] = array
     params = dict(header.get("parameters", {}))
     params["metrics"] = orjson.loads(params["metrics"]) if "metrics" in params else {}
     return Evaluation.from_dict(
-        {**params, "loss": header["model_name"], "value": value, "outputs": outputs}
+        {**params, "loss": header["model_name"], "value": params.get("value"), "outputs": outputs}
     )
 
 
