@@ -49,15 +49,19 @@ class ServeProcess:
         return self.process.returncode, err.decode(errors="replace")
 
 
-def start_serve(env: dict[str, str] | None = None, timeout: float = 30.0) -> ServeProcess:
-    """Start ``ce-eval serve`` and wait until HTTP and gRPC health both answer."""
+def start_serve(
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    module: list[str] | None = None,
+) -> ServeProcess:
+    """Start ``ce-eval serve`` (or ``python -m <module...>`` taking the same flags) and wait
+    until HTTP and gRPC health both answer."""
     http_port, grpc_port = free_port(), free_port()
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "service.cli",
-            "serve",
+            *(module or ["service.cli", "serve"]),
             "--port",
             str(http_port),
             "--grpc-port",

@@ -14,7 +14,6 @@ from typing import Any
 import anyio
 import grpc
 import orjson
-from anyio import to_thread
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -74,9 +73,7 @@ class LossEvaluationServicer(pb_grpc.LossEvaluationServicer):
     ) -> pb.EvaluateResponse:
         try:
             parsed = request_from_proto(request, self.dataplane.settings)
-            result = await to_thread.run_sync(
-                self.dataplane.evaluate, parsed, "raw", limiter=self.limiter
-            )
+            result = await self.dataplane.evaluate_async(parsed, "raw", limiter=self.limiter)
             return response_to_proto(result)
         except ServiceError as exc:
             error = exc

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any
 
-from anyio import to_thread
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -99,8 +98,8 @@ async def infer(request: Request, loss: str, version: str | None = None) -> Resp
     infer_request = parse_infer_request(
         loss, await request.body(), request.headers.get(HEADER_LENGTH), dataplane.settings
     )
-    result = await to_thread.run_sync(
-        dataplane.evaluate, infer_request.request, "raw", limiter=request.app.state.compute_limiter
+    result = await dataplane.evaluate_async(
+        infer_request.request, "raw", limiter=request.app.state.compute_limiter
     )
     body, header_length = encode_infer_response(loss, infer_request, result)
     if header_length is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from anyio import to_thread
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -93,11 +92,8 @@ async def evaluate(request: Request) -> Response:
     else:
         req = parse_evaluate_request(await read_json(request), dataplane.settings)
     binary = wants_protobuf(request)
-    result = await to_thread.run_sync(
-        dataplane.evaluate,
-        req,
-        "raw" if binary else None,
-        limiter=request.app.state.compute_limiter,
+    result = await dataplane.evaluate_async(
+        req, "raw" if binary else None, limiter=request.app.state.compute_limiter
     )
     return ProtobufResponse(result) if binary else FastJSONResponse(result)
 
