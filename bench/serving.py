@@ -186,7 +186,9 @@ def _http_request(path: str, body: bytes, content_type: str) -> bytes:
     ).encode() + body
 
 
-def tiny_batch(port: int, seconds: float, connections: int = 32) -> list[dict[str, Any]]:
+def tiny_batch(
+    port: int, seconds: float, connections: int = 32, rounds: int = 3
+) -> list[dict[str, Any]]:
     from service.proto_codec import PROTOBUF_MEDIA_TYPE, request_to_proto
 
     rng = np.random.default_rng(1)
@@ -205,15 +207,26 @@ def tiny_batch(port: int, seconds: float, connections: int = 32) -> list[dict[st
         ("no-op endpoint (protobuf body)", "/noop", proto_body, PROTOBUF_MEDIA_TYPE),
         ("/v1/evaluate protobuf", "/v1/evaluate", proto_body, PROTOBUF_MEDIA_TYPE),
     ]
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in cases}
+    for _ in range(rounds):  # interleaved rounds: other load on the machine hits every case
+        for name, path, body, content_type in cases:
+            request = _http_request(path, body, content_type)
+            asyncio.run(_load(port, request, connections, 0.5))  # warm-up
+            samples[name].append(asyncio.run(_load(port, request, connections, seconds)))
     rows = []
-    for name, path, body, content_type in cases:
-        request = _http_request(path, body, content_type)
-        asyncio.run(_load(port, request, connections, min(1.0, seconds)))  # warm-up
-        result = asyncio.run(_load(port, request, connections, seconds))
-        rows.append({"case": name, "connections": connections, **result})
+    for name, runs in samples.items():
+        rates = [r["req_per_s"] for r in runs]
+        row = {
+            "case": name,
+            "connections": connections,
+            "req_per_s": statistics.median(rates),
+            "rounds": rates,
+            "errors": sum(r["errors"] for r in runs),
+        }
+        rows.append(row)
         print(
-            f"16×10  {name:<32} {result['req_per_s']:>9.0f} req/s  "
-            f"({result['requests']} ok, {result['errors']} errors)",
+            f"16×10  {name:<32} {row['req_per_s']:>9.0f} req/s  (median of "
+            f"{', '.join(f'{r:.0f}' for r in rates)}; {row['errors']} errors)",
             flush=True,
         )
     return rows
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(flag, type=kind, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per measurement")
-    parser.add_argument("--load-seconds", type=float, default=5.0, help="seconds per load run")
+    parser.add_argument("--load-seconds", type=float, default=3.0, help="seconds per load run")
     parser.add_argument(
         "--no-json-big", action="store_true", help="skip JSON lists at 512×32000 (~10 s a call)"
     )

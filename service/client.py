@@ -13,7 +13,7 @@ carrying the RFC 9457 problem (``status``, ``detail``, ``errors``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,14 +25,15 @@ from google.rpc import status_pb2
 
 from service.codecs import decode_tensor, encode_tensor
 from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
-from service.grpc.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
 from service.oip_codec import DATATYPES, datatype_of
 from service.proto_codec import (
     PROTOBUF_MEDIA_TYPE,
     problem_from_proto,
-    request_to_proto,
+    request_chunks,
     response_from_proto,
 )
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossEvaluation"].full_name
 
 Transport = Literal["protobuf", "base64", "json", "oip"]
 TRANSPORTS: tuple[Transport, ...] = ("protobuf", "base64", "json", "oip")
@@ -100,10 +101,13 @@ class _Call:
         return {k: np.ascontiguousarray(v) for k, v in named.items() if v is not None}
 
 
-def _encode_rest(call: _Call, transport: Transport) -> tuple[str, bytes, dict[str, str]]:
-    """→ (path, body, headers) for ``POST``."""
+Chunks = list[bytes | memoryview]
+
+
+def _encode_rest(call: _Call, transport: Transport) -> tuple[str, Chunks, dict[str, str]]:
+    """→ (path, body chunks, headers) for ``POST``; binary bodies reference the arrays."""
     if transport == "protobuf":
-        message = request_to_proto(
+        chunks = request_chunks(
             call.loss,
             call.logits,
             call.targets,
@@ -115,7 +119,7 @@ def _encode_rest(call: _Call, transport: Transport) -> tuple[str, bytes, dict[st
             backend=call.backend,
         )
         headers = {"content-type": PROTOBUF_MEDIA_TYPE, "accept": PROTOBUF_MEDIA_TYPE}
-        return "/v1/evaluate", message.SerializeToString(), headers
+        return "/v1/evaluate", chunks, _with_length(headers, chunks)
     if transport == "oip":
         return _encode_oip(call)
     encoding = "base64" if transport == "base64" else "list"
@@ -130,20 +134,24 @@ def _encode_rest(call: _Call, transport: Transport) -> tuple[str, bytes, dict[st
     if call.backend:
         body["backend"] = call.backend
     payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-    return "/v1/evaluate", payload, {"content-type": "application/json"}
+    return "/v1/evaluate", [payload], _with_length({"content-type": "application/json"}, [payload])
 
 
-def _encode_oip(call: _Call) -> tuple[str, bytes, dict[str, str]]:
+def _with_length(headers: dict[str, str], chunks: Chunks) -> dict[str, str]:
+    return {**headers, "content-length": str(sum(memoryview(c).nbytes for c in chunks))}
+
+
+def _encode_oip(call: _Call) -> tuple[str, Chunks, dict[str, str]]:
     inputs = []
-    blobs = []
+    blobs: Chunks = []
     for name, array in call.tensors().items():
-        blob = array.tobytes()
+        blob = array.reshape(-1).view(np.uint8).data
         inputs.append(
             {
                 "name": name,
                 "shape": list(array.shape),
                 "datatype": datatype_of(array.dtype),
-                "parameters": {"binary_data_size": len(blob)},
+                "parameters": {"binary_data_size": blob.nbytes},
             }
         )
         blobs.append(blob)
@@ -163,7 +171,14 @@ def _encode_oip(call: _Call) -> tuple[str, bytes, dict[str, str]]:
         "content-type": "application/octet-stream",
         "inference-header-content-length": str(len(header)),
     }
-    return f"/v2/models/{call.loss}/infer", b"".join([header, *blobs]), headers
+    chunks: Chunks = [header, *blobs]
+    return f"/v2/models/{call.loss}/infer", chunks, _with_length(headers, chunks)
+
+
+async def _async_chunks(chunks: Chunks) -> AsyncIterator[Any]:
+    """httpx's async content: the chunks as they are (it writes any buffer)."""
+    for chunk in chunks:
+        yield chunk
 
 
 def _decode_rest(response: httpx.Response, transport: Transport) -> Evaluation:
@@ -242,8 +257,9 @@ class Client:
         call = _Call(
             loss, logits, targets, options, outputs, metrics, sample_weight, vector, backend
         )
-        path, body, headers = _encode_rest(call, self.transport)
-        return _decode_rest(self._http.post(path, content=body, headers=headers), self.transport)
+        path, chunks, headers = _encode_rest(call, self.transport)
+        response = self._http.post(path, content=chunks, headers=headers)  # type: ignore[arg-type]
+        return _decode_rest(response, self.transport)
 
     def close(self) -> None:
         self._http.close()
@@ -286,8 +302,8 @@ class AsyncClient:
         call = _Call(
             loss, logits, targets, options, outputs, metrics, sample_weight, vector, backend
         )
-        path, body, headers = _encode_rest(call, self.transport)
-        response = await self._http.post(path, content=body, headers=headers)
+        path, chunks, headers = _encode_rest(call, self.transport)
+        response = await self._http.post(path, content=_async_chunks(chunks), headers=headers)
         return _decode_rest(response, self.transport)
 
     async def aclose(self) -> None:
@@ -331,7 +347,12 @@ class GrpcClient:
                 ("grpc.max_receive_message_length", max_message_bytes),
             ],
         )
-        self._stub = pb_grpc.LossEvaluationStub(self._channel)
+        # Sends pre-serialized chunks (see ``request_chunks``): one copy of the tensors, not three.
+        self._evaluate = self._channel.unary_unary(
+            f"/{SERVICE_NAME}/Evaluate",
+            request_serializer=b"".join,
+            response_deserializer=pb.EvaluateResponse.FromString,
+        )
 
     def evaluate(
         self,
@@ -346,7 +367,7 @@ class GrpcClient:
         vector: Any = None,
         backend: str | None = None,
     ) -> Evaluation:
-        message = request_to_proto(
+        chunks = request_chunks(
             loss,
             logits,
             targets,
@@ -358,7 +379,7 @@ class GrpcClient:
             backend=backend,
         )
         try:
-            response = self._stub.Evaluate(message, timeout=self.timeout)
+            response = self._evaluate(chunks, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise EvaluationError(exc.code().name, problem_from_rpc_error(exc)) from None
         return Evaluation.from_dict(response_from_proto(response, _MAX_ELEMENTS))

@@ -130,6 +130,73 @@ def request_to_proto(
     return message
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(field_number: int, length: int) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(length)
+
+
+_TENSOR_DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+_REQUEST_FIELD_NUMBERS = {f.name: f.number for f in pb.EvaluateRequest.DESCRIPTOR.fields}
+
+
+def request_chunks(
+    loss: str,
+    logits: Any,
+    targets: Any,
+    *,
+    options: Mapping[str, Any] | None = None,
+    outputs: Iterable[str] = ("loss",),
+    metrics: Iterable[str] = (),
+    sample_weight: Any = None,
+    vector: Any = None,
+    backend: str | None = None,
+) -> list[bytes | memoryview]:
+    """A serialized ``EvaluateRequest`` as chunks that reference the arrays' memory (no copy).
+
+    The message is serialized with each tensor's ``dtype``/``shape`` only; each tensor's
+    ``data`` follows as a second occurrence of the same field, which protobuf parsers merge
+    into the first (embedded messages merge; the wire format's "last one wins" for scalars).
+    ``b"".join(chunks)`` parses to the same message as :func:`request_to_proto`.
+    """
+    arrays = {
+        name: np.ascontiguousarray(array)
+        for name, array in (
+            ("logits", logits),
+            ("targets", targets),
+            ("sample_weight", sample_weight),
+            ("vector", vector),
+        )
+        if array is not None
+    }
+    message = pb.EvaluateRequest(
+        loss=loss, outputs=list(outputs), metrics=list(metrics), backend=backend or ""
+    )
+    for name, array in arrays.items():
+        if array.dtype.byteorder == ">":
+            arrays[name] = array = array.astype(array.dtype.newbyteorder("<"))
+        tensor = getattr(message, name)
+        tensor.dtype = wire_name(array.dtype)
+        tensor.shape[:] = array.shape
+    if options:
+        dict_to_struct(options, message.options)
+    chunks: list[bytes | memoryview] = [message.SerializeToString()]
+    for name, array in arrays.items():
+        data = array.reshape(-1).view(np.uint8).data
+        inner = _length_delimited(_TENSOR_DATA_FIELD, data.nbytes)
+        chunks.append(_length_delimited(_REQUEST_FIELD_NUMBERS[name], len(inner) + data.nbytes))
+        chunks.append(inner)
+        chunks.append(data)
+    return chunks
+
+
 def response_to_proto(result: Mapping[str, Any]) -> pb.EvaluateResponse:
     """``DataPlane.evaluate(..., encoding="raw")`` dict → ``EvaluateResponse`` message."""
     message = pb.EvaluateResponse(
