@@ -181,3 +181,10 @@ async def test_async_client(app: FastAPI, transport: str) -> None:
         with pytest.raises(EvaluationError) as info:
             await client.evaluate("cross_entropy", logits, targets, options={"eps": 2})
         assert info.value.status == 422 and info.value.errors[0]["loc"] == ["options", "eps"]
+
+
+async def test_openapi_documents_protobuf_and_oip(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    body = schema["paths"]["/v1/evaluate"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", PROTOBUF_MEDIA_TYPE}
+    assert "/v2/models/{loss}/infer" in schema["paths"]
