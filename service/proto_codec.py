@@ -8,7 +8,7 @@ with :func:`service.codecs.from_bytes` (explicit dtype and shape, element limit 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,25 +71,123 @@ def dict_to_struct(value: Mapping[str, Any], out: struct_pb2.Struct | None = Non
     return struct
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(field_number: int, length: int) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(length)
+
+
+_TENSOR_DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+_REQUEST_FIELD_NUMBERS = {f.name: f.number for f in pb.EvaluateRequest.DESCRIPTOR.fields}
+
+
+def _malformed(reason: str) -> MalformedBody:
+    return MalformedBody(
+        f"malformed protobuf EvaluateRequest: {reason}",
+        [{"loc": ["body"], "msg": "not a valid EvaluateRequest message", "type": "protobuf"}],
+    )
+
+
 def parse_request_bytes(body: bytes) -> pb.EvaluateRequest:
     """Serialized ``EvaluateRequest`` → message; 400 when it does not parse."""
     message = pb.EvaluateRequest()
     try:
         message.ParseFromString(body)
     except DecodeError as exc:
-        raise MalformedBody(
-            f"malformed protobuf EvaluateRequest: {exc}",
-            [{"loc": ["body"], "msg": "not a valid EvaluateRequest message", "type": "protobuf"}],
-        ) from None
+        raise _malformed(str(exc)) from None
     return message
 
 
-def request_from_proto(message: pb.EvaluateRequest, settings: Settings) -> EvaluateRequest:
-    """``EvaluateRequest`` message → the REST request model (tensors as NumPy arrays)."""
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(view) or shift > 63:
+            raise _malformed("truncated or oversized varint")
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(view: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
+    """Wire-format fields of one message level: (number, wire type, start, value start, end)."""
+    pos = 0
+    while pos < len(view):
+        start = pos
+        key, pos = _read_varint(view, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, end = _read_varint(view, pos)
+        elif wire_type == 1:
+            end = pos + 8
+        elif wire_type == 5:
+            end = pos + 4
+        elif wire_type == 2:
+            length, pos = _read_varint(view, pos)
+            end = pos + length
+        else:
+            raise _malformed(f"unsupported wire type {wire_type}")
+        if end > len(view) or number == 0:
+            raise _malformed("truncated field")
+        yield number, wire_type, start, pos, end
+        pos = end
+
+
+_TENSOR_NUMBERS = {_REQUEST_FIELD_NUMBERS[name]: name for name in _TENSOR_FIELDS}
+
+
+def split_request_bytes(body: bytes) -> tuple[pb.EvaluateRequest, dict[str, memoryview]]:
+    """Like :func:`parse_request_bytes`, but each tensor's ``data`` stays in ``body``.
+
+    Returns the message with empty tensor ``data`` and, per tensor field, a view of its data
+    bytes (the last occurrence wins, as in protobuf). Saves the two copies a protobuf parser
+    makes of large tensors (parse, then ``bytes`` access).
+    """
+    view = memoryview(body)
+    rest = bytearray()
+    data: dict[str, memoryview] = {}
+    for number, wire_type, start, value_start, end in _fields(view):
+        name = _TENSOR_NUMBERS.get(number)
+        if name is None or wire_type != 2:
+            rest += view[start:end]
+            continue
+        inner = bytearray()
+        for inner_number, inner_type, i_start, i_value, i_end in _fields(view[value_start:end]):
+            if inner_number == _TENSOR_DATA_FIELD and inner_type == 2:
+                data[name] = view[value_start + i_value : value_start + i_end]
+            else:
+                inner += view[value_start + i_start : value_start + i_end]
+        rest += _length_delimited(number, len(inner))
+        rest += inner
+    return parse_request_bytes(bytes(rest)), data
+
+
+def request_from_proto(
+    message: pb.EvaluateRequest,
+    settings: Settings,
+    data: Mapping[str, memoryview] | None = None,
+) -> EvaluateRequest:
+    """``EvaluateRequest`` message → the REST request model (tensors as NumPy arrays).
+
+    ``data``: tensor bytes kept out of the message by :func:`split_request_bytes`.
+    """
     payload: dict[str, Any] = {"loss": message.loss}
     for name in _TENSOR_FIELDS:
         if message.HasField(name):
-            payload[name] = tensor_to_array(getattr(message, name), (name,), settings.max_elements)
+            tensor = getattr(message, name)
+            raw = data[name] if data and name in data else tensor.data
+            payload[name] = from_bytes(
+                raw, tensor.dtype, list(tensor.shape), (name,), settings.max_elements
+            )
         elif name in ("logits", "targets"):
             payload[name] = None  # the engine answers 422 "field required" at this location
     if message.HasField("options"):
@@ -128,23 +226,6 @@ def request_to_proto(
     if options:
         dict_to_struct(options, message.options)
     return message
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _length_delimited(field_number: int, length: int) -> bytes:
-    return _varint(field_number << 3 | 2) + _varint(length)
-
-
-_TENSOR_DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
-_REQUEST_FIELD_NUMBERS = {f.name: f.number for f in pb.EvaluateRequest.DESCRIPTOR.fields}
 
 
 def request_chunks(

@@ -5,13 +5,17 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from service.errors import PayloadTooLarge, ValidationFailed
+from service.errors import MalformedBody, PayloadTooLarge, ValidationFailed
 from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.proto_codec import (
     array_to_tensor,
+    parse_request_bytes,
     request_chunks,
     request_to_proto,
+    split_request_bytes,
     struct_to_dict,
     tensor_to_array,
 )
@@ -54,3 +58,48 @@ def test_tensor_checks() -> None:
     with pytest.raises(ValidationFailed) as info:
         tensor_to_array(tensor, ("logits",), 100)
     assert info.value.errors[0]["loc"] == ["logits", "data"]
+
+
+def _split_equals_parse(body: bytes) -> None:
+    message, data = split_request_bytes(body)
+    full = parse_request_bytes(body)
+    for name in ("logits", "targets", "sample_weight", "vector"):
+        assert message.HasField(name) == full.HasField(name)
+        if full.HasField(name):
+            assert bytes(data.get(name, b"")) == getattr(full, name).data
+            getattr(full, name).ClearField("data")
+    assert message == full
+
+
+def test_split_keeps_tensor_data_in_place_and_parses_the_rest() -> None:
+    logits = RNG.standard_normal((4, 9)).astype(np.float32)
+    chunks = request_chunks(
+        "cross_entropy", logits, np.arange(4), options={"eps": 0.25}, metrics=["nll"]
+    )
+    body = b"".join(chunks)
+    _split_equals_parse(body)
+    _split_equals_parse(request_to_proto("x", logits, np.arange(4)).SerializeToString())
+    _, data = split_request_bytes(body)
+    assert data["logits"].obj is body  # a view, not a copy
+    np.testing.assert_array_equal(np.frombuffer(data["logits"], np.float32), logits.ravel())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\x12\xff", b"\x12\x05\x1a\x10abc", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", b"\x0b"],
+    ids=["truncated-length", "inner-overrun", "varint", "group"],
+)
+def test_split_rejects_malformed_bytes(body: bytes) -> None:
+    with pytest.raises(MalformedBody):
+        split_request_bytes(body)
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_split_never_fails_other_than_malformed(body: bytes) -> None:
+    try:
+        message, data = split_request_bytes(body)
+    except MalformedBody:
+        return
+    assert isinstance(message, pb.EvaluateRequest)
+    assert all(isinstance(v, memoryview) for v in data.values())

@@ -16,9 +16,9 @@ from service.config import Settings
 from service.errors import MalformedBody
 from service.proto_codec import (
     PROTOBUF_MEDIA_TYPE,
-    parse_request_bytes,
     request_from_proto,
     response_to_proto,
+    split_request_bytes,
 )
 from service.schemas import EvaluateRequest
 
@@ -43,7 +43,8 @@ async def read_protobuf_request(request: Request, settings: Settings) -> Evaluat
     body = await request.body()
     if not body:
         raise MalformedBody("the request body is empty")
-    return request_from_proto(parse_request_bytes(body), settings)
+    message, data = split_request_bytes(body)
+    return request_from_proto(message, settings, data)
 
 
 class ProtobufResponse(Response):
