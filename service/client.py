@@ -5,7 +5,8 @@
 ...     result.value, result.outputs["grad"]
 
 REST transports (``transport=``): ``protobuf`` (default: ``application/x-protobuf`` both ways),
-``base64`` (JSON with base64 tensors), ``json`` (JSON nested lists; slow for large tensors) and
+``base64`` (JSON with base64 tensors), ``json`` (JSON nested lists: slow for large tensors, and
+outputs come back as float64/int64 arrays since lists carry no dtype) and
 ``oip`` (Open Inference Protocol v2 with the binary tensor extension). :class:`GrpcClient` speaks
 ``ce_eval.v1.LossEvaluation``. Every failure the service reports raises :class:`EvaluationError`
 carrying the RFC 9457 problem (``status``, ``detail``, ``errors``).
