@@ -4,47 +4,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
-from types import FrameType
-
-import uvicorn
+from typing import Any
 
 from service import __version__
-from service.admission import Admission
 from service.run_cli import add_commands as add_run_commands
 
 
-class DrainingServer(uvicorn.Server):
-    """SIGTERM/SIGINT: refuse new evaluations and fail /readyz at once, keep listening for
-    ``drain_delay`` seconds (load balancers notice), then let uvicorn finish in-flight requests
-    within its graceful-shutdown timeout. A second signal exits without the delay."""
-
-    def __init__(self, config: uvicorn.Config, admission: Admission, drain_delay: float) -> None:
-        super().__init__(config)
-        self.admission = admission
-        self.drain_delay = drain_delay
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.admission.draining or self.drain_delay <= 0:
-            self.admission.draining = True
-            super().handle_exit(sig, frame)
-            return
-        self.admission.draining = True
-        timer = threading.Timer(self.drain_delay, super().handle_exit, (sig, frame))
-        timer.daemon = True
-        timer.start()
-
-
 def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
     from service.config import Settings
     from service.http.app import create_app
     from service.logs import configure_logging
+    from service.serve import serve
 
     overrides = {
         k: v
         for k, v in {
             "host": args.host,
             "port": args.port,
+            "grpc_port": args.grpc_port,
             "backend": args.backend,
             "log_level": args.log_level,
         }.items()
@@ -53,22 +32,115 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-    )
-    server = DrainingServer(config, app.state.dataplane.admission, settings.drain_delay_s)
     print(
         f"ce-eval {__version__} serving on http://{settings.host}:{settings.port} "
-        f"(backend {settings.backend}; docs at /docs)",
+        + (f"and grpc {settings.host}:{settings.grpc_port} " if settings.grpc_port else "")
+        + f"(backend {settings.backend}; docs at /docs)",
         file=sys.stderr,
         flush=True,
     )
-    server.run()
+    asyncio.run(serve(app, settings))
+    return 0
+
+
+def _load_array(spec: str) -> Any:
+    """``a.npy``, ``a.npz`` (its only array) or ``a.npz:key`` → array (never unpickles)."""
+    import numpy as np
+
+    path, key = spec.rsplit(":", 1) if ".npz:" in spec else (spec, "")
+    loaded = np.load(path, allow_pickle=False)
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        names = list(loaded.files)
+        if not key:
+            if len(names) != 1:
+                raise SystemExit(f"{path} holds {names}; pick one with {path}:NAME")
+            key = names[0]
+        return loaded[key]
+
+
+def _option_value(text: str) -> Any:
+    """``--option`` values are JSON when they parse (numbers, lists, null), else strings."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{what} must be KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from service.client import Client, Evaluation, EvaluationError, GrpcClient
+
+    saves = _pairs(args.output, "--output")
+    outputs = ["loss", *[name for name in saves if name != "loss"]]
+    kwargs: dict[str, Any] = {
+        "options": {k: _option_value(v) for k, v in _pairs(args.option, "--option").items()},
+        "outputs": outputs,
+        "metrics": args.metric,
+        "sample_weight": _load_array(args.sample_weight) if args.sample_weight else None,
+        "backend": args.backend,
+    }
+    logits, targets = _load_array(args.logits), _load_array(args.targets)
+    client: Client | GrpcClient = (
+        GrpcClient(args.grpc_target, timeout=args.timeout)
+        if args.transport == "grpc"
+        else Client(args.url, transport=args.transport, timeout=args.timeout)
+    )
+    try:
+        with client:
+            result: Evaluation = client.evaluate(args.loss, logits, targets, **kwargs)
+    except EvaluationError as exc:
+        print(f"error {exc.status}: {exc.detail}", file=sys.stderr)
+        for item in exc.errors:
+            loc = ".".join(map(str, item.get("loc", [])))
+            print(f"  {loc}: {item.get('msg')} ({item.get('type')})", file=sys.stderr)
+        return 1
+    for name, path in saves.items():
+        np.save(path, result.outputs[name])
+    summary = {
+        key: getattr(result, key)
+        for key in ("loss", "value", "sum", "denominator", "count", "ignored", "reduction")
+    }
+    summary.update(
+        unit=result.unit,
+        backend=result.backend,
+        compute_dtype=result.compute_dtype,
+        metrics=result.metrics,
+        outputs={
+            name: {"shape": list(a.shape), "file": saves.get(name)}
+            for name, a in result.outputs.items()
+        },
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2, default=float))
+        return 0
+    value = "n/a" if result.value is None else f"{result.value:.6g} {result.unit}"
+    print(
+        f"{result.loss}: {value}  ({result.reduction}, sum {result.sum:.6g} / "
+        f"denominator {result.denominator:.6g}; {result.count} counted, {result.ignored} ignored)"
+    )
+    for name, array in result.outputs.items():
+        target = f" → {saves[name]}" if name in saves else ""
+        print(f"  {name}: {array.dtype} {list(array.shape)}{target}")
+    for name, metric in result.metrics.items():
+        print(f"  {name}: {metric}")
+    print(f"  backend {result.backend}, compute {result.compute_dtype}, {result.elapsed_ms:.2f} ms")
     return 0
 
 
@@ -79,11 +151,39 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP (and gRPC) service")
     serve.add_argument("--host", help="bind address (CE_EVAL_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (CE_EVAL_PORT, default 8000)")
+    serve.add_argument(
+        "--grpc-port", type=int, help="gRPC port (CE_EVAL_GRPC_PORT, default 50051; 0 = off)"
+    )
     serve.add_argument("--backend", choices=["auto", "numpy", "cupy"], help="default backend")
     serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="log level"
     )
     serve.set_defaults(func=_serve)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a loss on .npy/.npz arrays")
+    evaluate.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
+    evaluate.add_argument("--grpc-target", default="127.0.0.1:50051", help="host:port for grpc")
+    evaluate.add_argument(
+        "--transport",
+        choices=["protobuf", "base64", "json", "oip", "grpc"],
+        default="protobuf",
+        help="wire format (default protobuf over HTTP)",
+    )
+    evaluate.add_argument("--loss", default="cross_entropy", help="loss name (GET /v1/losses)")
+    evaluate.add_argument("--logits", required=True, help="a.npy, a.npz or a.npz:NAME")
+    evaluate.add_argument("--targets", required=True, help="y.npy, y.npz or y.npz:NAME")
+    evaluate.add_argument("--sample-weight", help="per-sample weights (.npy/.npz)")
+    evaluate.add_argument(
+        "--option", action="append", default=[], metavar="K=V", help="loss option (JSON value)"
+    )
+    evaluate.add_argument(
+        "--output", action="append", default=[], metavar="NAME=FILE.npy", help="save an output"
+    )
+    evaluate.add_argument("--metric", action="append", default=[], help="metric name")
+    evaluate.add_argument("--backend", choices=["auto", "numpy", "cupy"], help="array backend")
+    evaluate.add_argument("--timeout", type=float, default=120.0, help="seconds")
+    evaluate.add_argument("--json", action="store_true", help="print the summary as JSON")
+    evaluate.set_defaults(func=_evaluate)
     add_run_commands(sub)
     return parser
 

@@ -44,7 +44,11 @@ def check_shape(shape: Sequence[Any], loc: Sequence[str | int], max_elements: in
 
 
 def from_bytes(
-    raw: bytes, dtype_name: str, shape: Sequence[Any], loc: Sequence[str | int], max_elements: int
+    raw: bytes | memoryview,
+    dtype_name: str,
+    shape: Sequence[Any],
+    loc: Sequence[str | int],
+    max_elements: int,
 ) -> np.ndarray:
     """Little-endian C-order bytes + dtype + shape → array (zero-copy view)."""
     dtype = WIRE_DTYPES.get(dtype_name)

@@ -17,7 +17,7 @@ from service.codecs import decode_tensor
 from service.config import Settings
 from service.errors import PayloadTooLarge, ValidationFailed
 from service.http.app import create_app
-from tests.serving import serve
+from tests.servers import serving as serve
 
 BODY = {"loss": "cross_entropy", "logits": [[1.0, 2.0, 0.5]], "targets": [1]}
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.reference import softmax_ce
-from tests.serving import serve
+from tests.servers import serving as serve
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -22,6 +22,7 @@ from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.http.monitoring import router as monitoring_router
 from service.http.monitoring import static_files
+from service.http.oip import router as oip_router
 from service.http.routes import router
 from service.http.runs import router as runs_router
 from service.logs import get_logger
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(runs_router)
     app.include_router(monitoring_router)
     app.mount("/static", static_files(), name="static")
+    app.include_router(oip_router)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(

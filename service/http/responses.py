@@ -8,6 +8,7 @@ import orjson
 from starlette.responses import JSONResponse
 
 from service.errors import ServiceError
+from service.schemas import Problem
 
 
 class FastJSONResponse(JSONResponse):
@@ -25,3 +26,8 @@ def problem_response(error: ServiceError, instance: str | None = None) -> Proble
     return ProblemResponse(
         error.problem(instance), status_code=error.status_code, headers=error.headers or None
     )
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries documenting problem+json answers for ``codes``."""
+    return {code: {"model": Problem, "content": {"application/problem+json": {}}} for code in codes}

@@ -13,24 +13,30 @@ from starlette.responses import Response
 from ce_engine.backend import available_backends
 from service.dataplane import DataPlane, parse_evaluate_request
 from service.errors import MalformedBody, UnsupportedMediaType
-from service.http.responses import FastJSONResponse
-from service.schemas import EvaluateResponse, Health, LossCatalog, Problem
+from service.http.protobuf import (
+    ProtobufResponse,
+    is_protobuf,
+    read_protobuf_request,
+    wants_protobuf,
+)
+from service.http.responses import FastJSONResponse, problems
+from service.proto_codec import PROTOBUF_MEDIA_TYPE
+from service.schemas import EvaluateResponse, Health, LossCatalog
 
-PROBLEMS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem, "content": {"application/problem+json": {}}}
-    for code in (400, 413, 415, 422, 503)
-}
+PROBLEMS = problems(400, 401, 403, 413, 415, 422, 429, 503)
 
 router = APIRouter()
 
 
-def _json_body_schema(name: str) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
-        }
+def _json_body_schema(name: str, protobuf: bool = False) -> dict[str, Any]:
+    content: dict[str, Any] = {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}
     }
+    if protobuf:
+        content[PROTOBUF_MEDIA_TYPE] = {
+            "schema": {"type": "string", "format": "binary", "description": f"ce_eval.v1.{name}"}
+        }
+    return {"requestBody": {"required": True, "content": content}}
 
 
 async def read_json(request: Request) -> Any:
@@ -68,14 +74,25 @@ def _dataplane(request: Request) -> DataPlane:
     "/v1/evaluate",
     tags=["evaluate"],
     summary="Evaluate a loss (and gradients, Hessians, metrics) on one batch",
-    responses={200: {"model": EvaluateResponse}, **PROBLEMS},
-    openapi_extra=_json_body_schema("EvaluateRequest"),
+    responses={
+        200: {
+            "model": EvaluateResponse,
+            "content": {PROTOBUF_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **PROBLEMS,
+    },
+    openapi_extra=_json_body_schema("EvaluateRequest", protobuf=True),
 )
 async def evaluate(request: Request) -> Response:
+    """JSON or ``application/x-protobuf`` (``ce_eval.v1.EvaluateRequest``) in, either out."""
     dataplane = _dataplane(request)
-    payload = await read_json(request)
-    req = parse_evaluate_request(payload, dataplane.settings)
-    return FastJSONResponse(await dataplane.evaluate_async(req))
+    if is_protobuf(request):
+        req = await read_protobuf_request(request, dataplane.settings)
+    else:
+        req = parse_evaluate_request(await read_json(request), dataplane.settings)
+    binary = wants_protobuf(request)
+    result = await dataplane.evaluate_async(req, "raw" if binary else None)
+    return ProtobufResponse(result) if binary else FastJSONResponse(result)
 
 
 @router.get("/v1/losses", tags=["catalog"], response_model=LossCatalog)

@@ -8,16 +8,11 @@ from anyio import to_thread
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from service.http.responses import FastJSONResponse
+from service.http.responses import FastJSONResponse, problems
 from service.http.routes import read_json
 from service.runs import AddBatchRequest, CreateRunRequest, RunsDataPlane
-from service.schemas import Problem
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
-
-
-def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": Problem, "content": {"application/problem+json": {}}} for code in codes}
 
 
 def _body(model: type[Any]) -> dict[str, Any]:
@@ -38,7 +33,7 @@ def _runs(request: Request) -> RunsDataPlane:
     "",
     status_code=201,
     summary="Create a run (loss, options and metrics fixed for all its batches)",
-    responses=_problems(400, 415, 422, 503),
+    responses=problems(400, 415, 422, 503),
     openapi_extra=_body(CreateRunRequest),
 )
 async def create_run(request: Request) -> Response:
@@ -50,7 +45,7 @@ async def create_run(request: Request) -> Response:
 @router.get(
     "",
     summary="List runs, newest first (filters + cursor pagination)",
-    responses=_problems(422, 503),
+    responses=problems(422, 503),
 )
 async def list_runs(
     request: Request,
@@ -71,7 +66,7 @@ async def list_runs(
 @router.get(
     "/compare",
     summary="Compare runs side by side",
-    responses=_problems(404, 422, 503),
+    responses=problems(404, 422, 503),
 )
 async def compare_runs(
     request: Request,
@@ -81,7 +76,7 @@ async def compare_runs(
     return FastJSONResponse(await to_thread.run_sync(_runs(request).compare, wanted))
 
 
-@router.get("/{run_id}", summary="A run with its aggregates", responses=_problems(404, 503))
+@router.get("/{run_id}", summary="A run with its aggregates", responses=problems(404, 503))
 async def get_run(request: Request, run_id: str) -> Response:
     return FastJSONResponse(await to_thread.run_sync(_runs(request).get_run, run_id))
 
@@ -89,7 +84,7 @@ async def get_run(request: Request, run_id: str) -> Response:
 @router.post(
     "/{run_id}/batches",
     summary="Add a batch (idempotent on batch_id)",
-    responses=_problems(400, 404, 409, 413, 415, 422, 503),
+    responses=problems(400, 404, 409, 413, 415, 422, 503),
     openapi_extra=_body(AddBatchRequest),
 )
 async def add_batch(request: Request, run_id: str) -> Response:
@@ -102,7 +97,7 @@ async def add_batch(request: Request, run_id: str) -> Response:
 @router.get(
     "/{run_id}/batches",
     summary="Per-batch series of a run (for charts)",
-    responses=_problems(404, 422, 503),
+    responses=problems(404, 422, 503),
 )
 async def list_batches(
     request: Request,
@@ -119,7 +114,7 @@ async def list_batches(
 @router.post(
     "/{run_id}/close",
     summary="Close a run (later batches get 409)",
-    responses=_problems(404, 503),
+    responses=problems(404, 503),
 )
 async def close_run(request: Request, run_id: str) -> Response:
     return FastJSONResponse(await to_thread.run_sync(_runs(request).close_run, run_id))
@@ -129,7 +124,7 @@ async def close_run(request: Request, run_id: str) -> Response:
     "/{run_id}",
     status_code=204,
     summary="Delete a run and its batches",
-    responses=_problems(404, 503),
+    responses=problems(404, 503),
 )
 async def delete_run(request: Request, run_id: str) -> Response:
     await to_thread.run_sync(_runs(request).delete_run, run_id)

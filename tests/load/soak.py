@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tests.serving import serve
+from tests.servers import serving as serve
 
 
 def rss_bytes(pid: int) -> int:

@@ -1,0 +1,320 @@
+"""Serving benchmark: transports end to end vs engine-only, and tiny-batch req/s vs a no-op.
+
+``python -m bench.serving`` starts ``ce-eval serve`` (as ``python -m bench.serving --serve``:
+the service's app plus a no-op ``POST /noop`` endpoint, same middleware, same process setup),
+then measures from this process:
+
+1. throughput (MB/s of fp32 logits and req/s, sequential requests, median latency) for JSON
+   lists, JSON base64, protobuf REST, gRPC and OIP binary at 8×32000 and 512×32000, next to
+   ``ce_engine.evaluate`` alone on the same arrays (re-timed right after each transport, so a
+   ratio compares runs under the same machine load);
+2. req/s with 32 concurrent keep-alive connections for a 16×10 ``/v1/evaluate`` (JSON lists)
+   vs ``POST /noop`` with the same body (a minimal raw-socket load generator, so the client
+   leaves the CPU to the server).
+
+Targets (issue 6): binary transports ≥ 70% of engine-only throughput at 512×32000; tiny-batch
+evaluate ≥ 70% of the no-op's req/s. Prints a table and writes ``bench/results/serving-*.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import Request
+from starlette.responses import Response
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES = ((8, 32000), (512, 32000))
+TRANSPORTS = ("json", "base64", "protobuf", "grpc", "oip")
+LABELS = {
+    "json": "REST JSON lists",
+    "base64": "REST JSON base64",
+    "protobuf": "REST protobuf",
+    "grpc": "gRPC",
+    "oip": "OIP v2 binary",
+}
+BIG_LIMITS = {
+    "CE_EVAL_MAX_BODY_BYTES": str(2**30),
+    "CE_EVAL_MAX_ELEMENTS": str(2**31),
+    "CE_EVAL_LOG_LEVEL": "warning",
+}
+
+
+def _serve(args: argparse.Namespace) -> None:
+    """The server side: the real app plus ``POST /noop`` (reads the body, answers ``{}``)."""
+    from service.config import Settings
+    from service.http.app import create_app
+    from service.http.responses import FastJSONResponse
+    from service.logs import configure_logging
+    from service.serve import serve
+
+    settings = Settings(
+        port=args.port, grpc_port=args.grpc_port, backend=args.backend, log_level=args.log_level
+    )
+    configure_logging(settings.log_level, settings.log_format)
+    app = create_app(settings)
+
+    @app.post("/noop")
+    async def noop(request: Request) -> Response:
+        await request.body()
+        return FastJSONResponse({})
+
+    asyncio.run(serve(app, settings))
+
+
+def _timed(fn: Callable[[], Any], budget_s: float, max_reps: int) -> list[float]:
+    fn()  # warm-up (connections, caches)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 2 or time.perf_counter() - started < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def throughput(url: str, grpc_target: str, budget_s: float, json_big: bool) -> list[dict[str, Any]]:
+    import ce_engine
+    from service.client import Client, GrpcClient
+
+    rows: list[dict[str, Any]] = []
+    rng = np.random.default_rng(0)
+    for n, c in SIZES:
+        logits = rng.standard_normal((n, c), dtype=np.float32)
+        targets = rng.integers(0, c, size=n)
+        megabytes = logits.nbytes / 1e6
+
+        def engine(logits: np.ndarray = logits, targets: np.ndarray = targets) -> Any:
+            return ce_engine.evaluate("cross_entropy", logits, targets, backend="numpy")
+
+        engine_times = _timed(engine, budget_s, 30)
+        engine_s = statistics.median(engine_times)
+        rows.append(_row(n, c, "engine only", engine_s, len(engine_times), megabytes, engine_s))
+        expected = engine().value
+        for transport in TRANSPORTS:
+            if transport == "json" and n > 8 and not json_big:
+                continue
+            client: Any = (
+                GrpcClient(grpc_target) if transport == "grpc" else Client(url, transport=transport)  # type: ignore[arg-type]
+            )
+            with client:
+
+                def call(
+                    client: Any = client, logits: np.ndarray = logits, targets: np.ndarray = targets
+                ) -> Any:
+                    return client.evaluate("cross_entropy", logits, targets, backend="numpy")
+
+                value = call().value
+                assert value is not None and abs(value - expected) <= 1e-4 * abs(expected)
+                reps = 3 if transport == "json" else 30
+                times = _timed(call, budget_s, reps)
+            median = statistics.median(times)
+            # engine-only again right after: the ratio compares runs under the same machine load
+            adjacent = statistics.median(_timed(engine, budget_s / 2, 10))
+            rows.append(_row(n, c, LABELS[transport], median, len(times), megabytes, adjacent))
+            print(_format(rows[-1]), flush=True)
+    return rows
+
+
+def _row(
+    n: int, c: int, name: str, seconds: float, reps: int, megabytes: float, engine_s: float
+) -> dict[str, Any]:
+    return {
+        "shape": [n, c],
+        "transport": name,
+        "median_ms": seconds * 1000,
+        "req_per_s": 1 / seconds,
+        "mb_per_s": megabytes / seconds,
+        "vs_engine": engine_s / seconds,
+        "engine_ms": engine_s * 1000,
+        "reps": reps,
+    }
+
+
+def _format(row: dict[str, Any]) -> str:
+    n, c = row["shape"]
+    return (
+        f"{n:>4}×{c:<6} {row['transport']:<18} {row['median_ms']:>10.2f} ms "
+        f"{row['mb_per_s']:>9.1f} MB/s {row['req_per_s']:>8.2f} req/s "
+        f"{100 * row['vs_engine']:>6.1f}% of engine ({row['engine_ms']:.1f} ms; n={row['reps']})"
+    )
+
+
+async def _load(port: int, request: bytes, connections: int, seconds: float) -> dict[str, Any]:
+    """Closed-loop load: ``connections`` keep-alive sockets, one request in flight on each."""
+    done = 0
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done, errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.perf_counter() < stop_at:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head.split(b" ", 2)[1])
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
+                if status == 200:
+                    done += 1
+                else:
+                    errors += 1
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    elapsed = time.perf_counter() - started
+    return {"requests": done, "errors": errors, "seconds": elapsed, "req_per_s": done / elapsed}
+
+
+def _http_request(path: str, body: bytes, content_type: str) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: {content_type}\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def tiny_batch(
+    port: int, seconds: float, connections: int = 32, rounds: int = 3
+) -> list[dict[str, Any]]:
+    from service.proto_codec import PROTOBUF_MEDIA_TYPE, request_to_proto
+
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((16, 10)).astype(np.float32)
+    targets = rng.integers(0, 10, size=16)
+    json_body = orjson.dumps(
+        {"loss": "cross_entropy", "logits": logits, "targets": targets, "backend": "numpy"},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+    proto_body = request_to_proto(
+        "cross_entropy", logits, targets, backend="numpy"
+    ).SerializeToString()
+    cases = [
+        ("no-op endpoint (JSON body)", "/noop", json_body, "application/json"),
+        ("/v1/evaluate JSON lists", "/v1/evaluate", json_body, "application/json"),
+        ("no-op endpoint (protobuf body)", "/noop", proto_body, PROTOBUF_MEDIA_TYPE),
+        ("/v1/evaluate protobuf", "/v1/evaluate", proto_body, PROTOBUF_MEDIA_TYPE),
+    ]
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in cases}
+    for _ in range(rounds):  # interleaved rounds: other load on the machine hits every case
+        for name, path, body, content_type in cases:
+            request = _http_request(path, body, content_type)
+            asyncio.run(_load(port, request, connections, 0.5))  # warm-up
+            samples[name].append(asyncio.run(_load(port, request, connections, seconds)))
+    rows = []
+    for name, runs in samples.items():
+        rates = [r["req_per_s"] for r in runs]
+        row = {
+            "case": name,
+            "connections": connections,
+            "req_per_s": statistics.median(rates),
+            "rounds": rates,
+            "errors": sum(r["errors"] for r in runs),
+        }
+        rows.append(row)
+        print(
+            f"16×10  {name:<32} {row['req_per_s']:>9.0f} req/s  (median of "
+            f"{', '.join(f'{r:.0f}' for r in rates)}; {row['errors']} errors)",
+            flush=True,
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    for flag, kind in (("--port", int), ("--grpc-port", int), ("--backend", str)):
+        parser.add_argument(flag, type=kind, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds per measurement")
+    parser.add_argument("--load-seconds", type=float, default=3.0, help="seconds per load run")
+    parser.add_argument(
+        "--no-json-big", action="store_true", help="skip JSON lists at 512×32000 (~10 s a call)"
+    )
+    parser.add_argument("--only", choices=["throughput", "tiny"], help="run one of the two parts")
+    args = parser.parse_args(argv)
+    if args.serve:
+        _serve(args)
+        return 0
+
+    from tests.servers import start_serve
+
+    server = start_serve(BIG_LIMITS, module=["bench.serving", "--serve"])
+    try:
+        print("shape        transport            median         MB/s     req/s   vs engine")
+        rows: list[dict[str, Any]] = []
+        tiny: list[dict[str, Any]] = []
+        if args.only != "tiny":
+            rows = throughput(server.url, server.grpc_target, args.budget, not args.no_json_big)
+            print()
+        if args.only != "throughput":
+            tiny = tiny_batch(server.http_port, args.load_seconds)
+    finally:
+        server.stop()
+    verdicts = _verdicts(rows, tiny)
+    for line in verdicts["lines"]:
+        print(line)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"serving-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                "throughput": rows,
+                "tiny_batch": tiny,
+                "targets": verdicts["targets"],
+            },
+            indent=2,
+        )
+    )
+    print(f"\nwrote {out}")
+    return 0
+
+
+def _verdicts(rows: list[dict[str, Any]], tiny: list[dict[str, Any]]) -> dict[str, Any]:
+    lines = ["", "targets:"]
+    targets: dict[str, Any] = {}
+    for row in rows:
+        if row["shape"] == [512, 32000] and row["transport"] in (
+            LABELS["protobuf"],
+            LABELS["grpc"],
+            LABELS["oip"],
+            LABELS["base64"],
+        ):
+            ratio = row["vs_engine"]
+            ok = ratio >= 0.7
+            targets[f"512x32000 {row['transport']}"] = {"ratio": ratio, "met": ok}
+            lines.append(
+                f"  512×32000 {row['transport']:<18} {100 * ratio:5.1f}% of engine-only "
+                f"(target ≥ 70%): {'met' if ok else 'MISSED'}"
+            )
+    by_case = {r["case"]: r["req_per_s"] for r in tiny}
+    for kind, noop in (("JSON lists", "JSON body"), ("protobuf", "protobuf body")) if tiny else ():
+        ratio = by_case[f"/v1/evaluate {kind}"] / by_case[f"no-op endpoint ({noop})"]
+        ok = ratio >= 0.7
+        targets[f"16x10 {kind}"] = {"ratio": ratio, "met": ok}
+        lines.append(
+            f"  16×10 evaluate {kind:<12} {100 * ratio:5.1f}% of the no-op's req/s "
+            f"(target ≥ 70%): {'met' if ok else 'MISSED'}"
+        )
+    return {"lines": lines, "targets": targets}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

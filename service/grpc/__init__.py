@@ -1,0 +1,1 @@
+"""gRPC adapter (grpc.aio) over the data plane; generated code lives in ``service.grpc.gen``."""

@@ -1,0 +1,113 @@
+"""Open Inference Protocol v2 routes (KServe / Triton / MLServer), so stock clients work.
+
+Each loss is a "model". Parsing and encoding live in :mod:`service.oip_codec`; evaluation in the
+data plane. Errors are problem+json with the OIP ``error`` member added (what OIP clients read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+import ce_engine
+from service import __version__
+from service.dataplane import DataPlane
+from service.errors import NotFound, ServiceError
+from service.http.responses import FastJSONResponse, ProblemResponse, problems
+from service.oip_codec import (
+    HEADER_LENGTH,
+    encode_infer_response,
+    model_metadata,
+    parse_infer_request,
+)
+
+router = APIRouter(
+    prefix="/v2",
+    tags=["open inference protocol v2"],
+    responses=problems(400, 401, 403, 404, 413, 415, 422, 429, 503),
+)
+
+Endpoint = Callable[..., Awaitable[Response]]
+
+
+def oip_errors(endpoint: Endpoint) -> Endpoint:
+    """Service errors → problem+json plus ``error`` (the OIP error field)."""
+
+    @wraps(endpoint)
+    async def wrapper(request: Request, *args: Any, **kwargs: Any) -> Response:
+        try:
+            return await endpoint(request, *args, **kwargs)
+        except ServiceError as exc:
+            body = exc.problem(request.url.path)
+            body["error"] = exc.detail
+            return ProblemResponse(body, status_code=exc.status_code, headers=exc.headers or None)
+
+    return wrapper
+
+
+def _spec(loss: str, version: str | None = None) -> ce_engine.LossSpec:
+    spec = ce_engine.all_losses().get(loss)
+    if spec is None or version not in (None, "1"):
+        what = f"model {loss!r}" + (f" version {version!r}" if version is not None else "")
+        raise NotFound(
+            f"{what} not found; models are the losses: {', '.join(sorted(ce_engine.all_losses()))}",
+            [{"loc": ["path", "model_name"], "msg": "unknown model", "type": "not_found"}],
+        )
+    return spec
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> Response:
+    return FastJSONResponse(
+        {"name": "ce-eval", "version": __version__, "extensions": ["binary_tensor_data"]}
+    )
+
+
+@router.get("/health/live", summary="Server liveness")
+async def live() -> Response:
+    return FastJSONResponse({"live": True})
+
+
+@router.get("/health/ready", summary="Server readiness (503 while draining)")
+async def ready(request: Request) -> Response:
+    draining = request.app.state.dataplane.admission.draining
+    return FastJSONResponse({"ready": not draining}, status_code=503 if draining else 200)
+
+
+@router.get("/models/{loss}", summary="Model (loss) metadata")
+@router.get("/models/{loss}/versions/{version}", summary="Model (loss) metadata")
+@oip_errors
+async def metadata(request: Request, loss: str, version: str | None = None) -> Response:
+    return FastJSONResponse(model_metadata(loss, _spec(loss, version).outputs))
+
+
+@router.get("/models/{loss}/ready", summary="Model (loss) readiness")
+@router.get("/models/{loss}/versions/{version}/ready", summary="Model (loss) readiness")
+@oip_errors
+async def model_ready(request: Request, loss: str, version: str | None = None) -> Response:
+    _spec(loss, version)
+    return FastJSONResponse({"name": loss, "ready": True})
+
+
+@router.post("/models/{loss}/infer", summary="Evaluate the loss (JSON or binary tensors)")
+@router.post("/models/{loss}/versions/{version}/infer", summary="Evaluate the loss")
+@oip_errors
+async def infer(request: Request, loss: str, version: str | None = None) -> Response:
+    _spec(loss, version)
+    dataplane: DataPlane = request.app.state.dataplane
+    infer_request = parse_infer_request(
+        loss, await request.body(), request.headers.get(HEADER_LENGTH), dataplane.settings
+    )
+    result = await dataplane.evaluate_async(infer_request.request, "raw")
+    body, header_length = encode_infer_response(loss, infer_request, result)
+    if header_length is None:
+        return Response(body, media_type="application/json")
+    return Response(
+        body,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(header_length)},
+    )

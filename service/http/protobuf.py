@@ -1,0 +1,54 @@
+"""Binary REST: ``POST /v1/evaluate`` with ``application/x-protobuf`` bodies and answers.
+
+The body is the ``ce_eval.v1.EvaluateRequest`` message; the answer is ``EvaluateResponse`` when
+``Accept`` names ``application/x-protobuf``, or when the request was protobuf and ``Accept`` is
+absent or ``*/*``. Errors stay ``application/problem+json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from starlette.responses import Response
+
+from service.config import Settings
+from service.errors import MalformedBody
+from service.proto_codec import (
+    PROTOBUF_MEDIA_TYPE,
+    request_from_proto,
+    response_to_proto,
+    split_request_bytes,
+)
+from service.schemas import EvaluateRequest
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def is_protobuf(request: Request) -> bool:
+    return media_type(request) == PROTOBUF_MEDIA_TYPE
+
+
+def wants_protobuf(request: Request) -> bool:
+    accept = request.headers.get("accept", "").lower()
+    if PROTOBUF_MEDIA_TYPE in accept:
+        return True
+    return is_protobuf(request) and accept.strip() in ("", "*/*")
+
+
+async def read_protobuf_request(request: Request, settings: Settings) -> EvaluateRequest:
+    """Body → ``EvaluateRequest`` model (tensors as NumPy views of the body's bytes)."""
+    body = await request.body()
+    if not body:
+        raise MalformedBody("the request body is empty")
+    message, data = split_request_bytes(body)
+    return request_from_proto(message, settings, data)
+
+
+class ProtobufResponse(Response):
+    media_type = PROTOBUF_MEDIA_TYPE
+
+    def render(self, content: Any) -> bytes:
+        return response_to_proto(content).SerializeToString()

@@ -1,0 +1,320 @@
+"""Open Inference Protocol v2 (KServe / Triton) codec: infer requests ↔ the data plane.
+
+Request: ``{"inputs": [{name, shape, datatype, data | parameters.binary_data_size}],
+"outputs"?: [{name, parameters?: {binary_data}}], "parameters"?: {...}}``, optionally followed by
+the binary tensor data extension (the JSON header is the first
+``Inference-Header-Content-Length`` bytes, then each binary input's bytes, in input order).
+
+Inputs are named as the REST fields: ``logits``, ``targets``, optional ``sample_weight`` and
+``vector``. Request ``parameters`` are the loss options, except ``backend``, ``metrics`` (a list
+or a comma-separated string), ``binary_data_output``, and Triton's reserved scheduling keys
+(ignored). Outputs: ``loss`` (FP64 [1], the reduced value; NaN for reduction ``none``) and the
+loss's array outputs (``per_sample``, ``grad``, …); ``["loss"]`` when none are named. Response
+``parameters`` carry ``value``, ``sum``, ``denominator``, ``count``, ``ignored``, ``reduction``,
+``normalization``, ``unit``, ``backend``, ``compute_dtype``, ``elapsed_ms`` and ``metrics`` (a
+JSON string, as OIP parameters are scalars).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from ce_engine.dtypes import BFLOAT16
+from service.codecs import check_shape, from_bytes
+from service.config import Settings
+from service.dataplane import parse_evaluate_request
+from service.errors import MalformedBody, ValidationFailed
+from service.schemas import EvaluateRequest
+
+HEADER_LENGTH = "inference-header-content-length"
+
+#: OIP datatype names → NumPy dtypes (little-endian). BYTES (strings) has no meaning here.
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BF16": BFLOAT16,
+}
+_WIRE_NAMES = {
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BF16": "bfloat16",
+    "BOOL": "bool",
+}
+INPUT_NAMES = ("logits", "targets", "sample_weight", "vector")
+#: Request parameters that are not loss options.
+RESERVED_PARAMETERS = frozenset({"backend", "metrics", "binary_data_output"})
+#: Triton scheduling parameters: meaningless for a stateless loss, accepted and ignored.
+IGNORED_PARAMETERS = frozenset(
+    {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout"}
+)
+
+
+def datatype_of(dtype: Any) -> str:
+    """NumPy dtype → OIP datatype name."""
+    dt = np.dtype(dtype)
+    if dt == BFLOAT16:
+        return "BF16"
+    for name, candidate in DATATYPES.items():
+        if candidate == dt:
+            return name
+    raise ValueError(f"no OIP datatype for {dt}")
+
+
+def _invalid(loc: Sequence[str | int], msg: str, type_: str = "value_error") -> ValidationFailed:
+    return ValidationFailed(
+        f"{'.'.join(map(str, loc))}: {msg}", [{"loc": list(loc), "msg": msg, "type": type_}]
+    )
+
+
+@dataclass
+class InferRequest:
+    """A decoded infer request: the data-plane request plus how to answer it."""
+
+    request: EvaluateRequest
+    request_id: str | None
+    outputs: list[str]
+    binary_outputs: set[str] = field(default_factory=set)
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
+    """Body → (JSON header object, binary tail); 400 when either part is malformed."""
+    if header_length is None:
+        size = len(body)
+    else:
+        try:
+            size = int(header_length)
+        except ValueError:
+            size = -1
+        if not 0 <= size <= len(body):
+            raise MalformedBody(
+                f"Inference-Header-Content-Length {header_length!r} is not a length within "
+                f"the {len(body)}-byte body",
+                [{"loc": ["header", HEADER_LENGTH], "msg": "bad length", "type": "header"}],
+            )
+    view = memoryview(body)
+    try:
+        header = orjson.loads(view[:size])
+    except orjson.JSONDecodeError as exc:
+        raise MalformedBody(
+            f"malformed JSON: {exc}",
+            [{"loc": ["body", exc.pos], "msg": exc.msg, "type": "json_invalid"}],
+        ) from None
+    if not isinstance(header, dict):
+        raise MalformedBody("the inference request must be a JSON object")
+    return header, view[size:]
+
+
+def _decode_input(
+    item: Any, index: int, binary: memoryview, offset: int, max_elements: int
+) -> tuple[str, np.ndarray, int]:
+    loc: tuple[str | int, ...] = ("inputs", index)
+    if not isinstance(item, dict):
+        raise _invalid(loc, "an input must be an object {name, shape, datatype, data}")
+    name = item.get("name")
+    if not isinstance(name, str) or name not in INPUT_NAMES:
+        raise _invalid((*loc, "name"), f"unknown input {name!r}; expected {INPUT_NAMES}", "name")
+    datatype = item.get("datatype")
+    dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
+    if dtype is None or not isinstance(datatype, str):
+        raise _invalid(
+            (*loc, "datatype"),
+            f"unsupported datatype {datatype!r}; expected one of {', '.join(DATATYPES)}",
+            "dtype",
+        )
+    shape = item.get("shape")
+    if not isinstance(shape, list):
+        raise _invalid((*loc, "shape"), "shape must be a list of dimensions")
+    parameters = item.get("parameters") or {}
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise _invalid((*loc, "parameters", "binary_data_size"), "must be an integer >= 0")
+        if offset + size > len(binary):
+            raise _invalid(
+                (*loc, "parameters", "binary_data_size"),
+                f"{size} bytes declared but only {len(binary) - offset} remain in the body",
+                "byte_length",
+            )
+        wire = _WIRE_NAMES.get(datatype, datatype.lower())
+        array = from_bytes(binary[offset : offset + size], wire, shape, loc, max_elements)
+        return name, array, offset + size
+    count = check_shape(shape, loc, max_elements)
+    data = item.get("data")
+    if not isinstance(data, list):
+        raise _invalid((*loc, "data"), "data must be a list (or use binary_data_size)")
+    try:
+        array = np.asarray(data, dtype=dtype).reshape(-1)
+    except (ValueError, TypeError) as exc:
+        raise _invalid((*loc, "data"), f"not an array of {datatype}: {exc}", "dtype") from None
+    if array.size != count:
+        raise _invalid(
+            (*loc, "data"), f"{array.size} values do not match shape {shape}", "shape_mismatch"
+        )
+    return name, array.reshape(shape), offset
+
+
+def parse_infer_request(
+    loss: str, body: bytes, header_length: str | None, settings: Settings
+) -> InferRequest:
+    """Infer request bytes → :class:`InferRequest` (400 malformed, 413 too large, 422 invalid)."""
+    header, binary = split_body(body, header_length)
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list):
+        raise _invalid(("inputs",), "inputs must be a list of tensors", "missing")
+    payload: dict[str, Any] = {"loss": loss, "logits": None, "targets": None}
+    offset = 0
+    for index, item in enumerate(inputs):
+        name, array, offset = _decode_input(item, index, binary, offset, settings.max_elements)
+        payload[name] = array
+    if offset != len(binary):
+        raise _invalid(
+            ("body",),
+            f"{len(binary) - offset} bytes of binary data are not claimed by any input",
+            "byte_length",
+        )
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise _invalid(("parameters",), "parameters must be an object")
+    payload["options"] = {
+        k: v
+        for k, v in parameters.items()
+        if k not in RESERVED_PARAMETERS and k not in IGNORED_PARAMETERS
+    }
+    metrics = parameters.get("metrics")
+    if isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    if metrics is not None:
+        payload["metrics"] = metrics
+    if "backend" in parameters:
+        payload["backend"] = parameters["backend"]
+    all_binary = parameters.get("binary_data_output") is True
+    outputs: list[str] = []
+    binary_outputs: set[str] = set()
+    requested = header.get("outputs") or []
+    if not isinstance(requested, list):
+        raise _invalid(("outputs",), "outputs must be a list of {name, parameters?}")
+    for index, item in enumerate(requested):
+        out_name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(out_name, str):
+            raise _invalid(("outputs", index, "name"), "an output needs a name")
+        outputs.append(out_name)
+        out_params = item.get("parameters") or {}
+        binary_flag = out_params.get("binary_data") if isinstance(out_params, dict) else None
+        if binary_flag is True or (binary_flag is None and all_binary):
+            binary_outputs.add(out_name)
+    if not outputs:
+        outputs = ["loss"]
+        if all_binary:
+            binary_outputs.add("loss")
+    payload["outputs"] = outputs
+    request_id = header.get("id")
+    return InferRequest(
+        request=parse_evaluate_request(payload, settings),
+        request_id=str(request_id) if request_id is not None else None,
+        outputs=outputs,
+        binary_outputs=binary_outputs,
+    )
+
+
+def _output_arrays(result: Mapping[str, Any], names: list[str]) -> list[tuple[str, np.ndarray]]:
+    arrays = []
+    for name in names:
+        if name == "loss":
+            value = result["value"]
+            arrays.append((name, np.array([math.nan if value is None else value], np.float64)))
+        else:
+            arrays.append((name, np.ascontiguousarray(result["outputs"][name])))
+    return arrays
+
+
+def encode_infer_response(
+    loss: str, infer: InferRequest, result: Mapping[str, Any]
+) -> tuple[bytes, int | None]:
+    """Data-plane result → (body, JSON header length or None when the body is all JSON)."""
+    parameters: dict[str, Any] = {
+        key: result[key]
+        for key in (
+            "sum",
+            "denominator",
+            "count",
+            "ignored",
+            "reduction",
+            "normalization",
+            "unit",
+            "backend",
+            "compute_dtype",
+            "elapsed_ms",
+        )
+    }
+    if result["value"] is not None:
+        parameters["value"] = result["value"]
+    if result["metrics"]:
+        parameters["metrics"] = orjson.dumps(
+            result["metrics"], option=orjson.OPT_SERIALIZE_NUMPY
+        ).decode()
+    response: dict[str, Any] = {"model_name": loss, "model_version": "1"}
+    if infer.request_id is not None:
+        response["id"] = infer.request_id
+    response["parameters"] = parameters
+    outputs = []
+    blobs: list[bytes] = []
+    for name, array in _output_arrays(result, infer.outputs):
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": datatype_of(array.dtype),
+            "shape": list(array.shape),
+        }
+        if name in infer.binary_outputs:
+            blob = array.tobytes()  # C order, native = little-endian on supported hosts
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = array.reshape(-1)
+        outputs.append(entry)
+    response["outputs"] = outputs
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+#: Output shapes for 2-D logits (N, C); outputs not listed have the logits' shape.
+_OUTPUT_SHAPES = {"per_sample": [-1], "hessian": [-1, -1, -1]}
+
+
+def model_metadata(loss: str, outputs: Iterable[str]) -> dict[str, Any]:
+    """``GET /v2/models/{loss}``: inputs as the REST fields, outputs the loss supports."""
+    return {
+        "name": loss,
+        "versions": ["1"],
+        "platform": "ce-eval",
+        "inputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "targets", "datatype": "INT64", "shape": [-1]},
+            {"name": "sample_weight", "datatype": "FP32", "shape": [-1], "optional": True},
+            {"name": "vector", "datatype": "FP32", "shape": [-1, -1], "optional": True},
+        ],
+        "outputs": [{"name": "loss", "datatype": "FP64", "shape": [1]}]
+        + [
+            {"name": name, "datatype": "FP32", "shape": _OUTPUT_SHAPES.get(name, [-1, -1])}
+            for name in sorted(outputs)
+            if name != "loss"
+        ],
+    }

@@ -1,0 +1,74 @@
+"""``ce-eval serve``: uvicorn (HTTP) and grpc.aio (gRPC) in one process and one event loop.
+
+SIGTERM/SIGINT: new evaluations are refused at once (503 / UNAVAILABLE) and ``/readyz`` answers
+503; the listeners stay open ``drain_delay_s`` seconds so load balancers notice, then both servers
+stop together (gRPC health NOT_SERVING) and running requests get ``shutdown_grace_s`` seconds to
+finish. A second signal skips the delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from service.config import Settings
+from service.grpc.server import GrpcServer, start_grpc_server
+
+
+class _Server(uvicorn.Server):
+    """uvicorn server that starts gRPC with its own start-up and stops it with its shutdown."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, settings: Settings) -> None:
+        super().__init__(config)
+        self.app = app
+        self.settings = settings
+        self.grpc: GrpcServer | None = None
+        self.admission = app.state.dataplane.admission
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        delay = self.settings.drain_delay_s
+        if self.admission.draining or delay <= 0:
+            self.admission.draining = True
+            super().handle_exit(sig, frame)
+            return
+        self.admission.draining = True
+        timer = threading.Timer(delay, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.settings.grpc_port:
+            self.grpc = await start_grpc_server(self.settings, self.app.state.dataplane)
+        await super().startup(sockets)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.grpc is None:
+            await super().shutdown(sockets)
+            return
+        await asyncio.gather(
+            super().shutdown(sockets), self.grpc.stop(self.settings.shutdown_grace_s)
+        )
+        self.grpc = None
+
+
+async def serve(app: FastAPI, settings: Settings) -> None:
+    """Serve HTTP on ``settings.port`` and gRPC on ``settings.grpc_port`` (0 = no gRPC)."""
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+    )
+    server = _Server(config, app, settings)
+    try:
+        await server.serve()
+    finally:
+        if server.grpc is not None:  # start-up failed after gRPC started
+            await server.grpc.stop(0)

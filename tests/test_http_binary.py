@@ -1,0 +1,190 @@
+"""Binary REST (application/x-protobuf), OIP v2 edge cases and the async SDK, in process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+from fastapi import FastAPI
+
+from service.client import AsyncClient, EvaluationError
+from service.config import Settings
+from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
+from service.http.app import create_app
+from service.proto_codec import PROTOBUF_MEDIA_TYPE, request_to_proto
+from tests.reference import softmax_ce
+
+RNG = np.random.default_rng(11)
+PB = {"content-type": PROTOBUF_MEDIA_TYPE}
+
+
+def _body(**kwargs: object) -> bytes:
+    logits = kwargs.pop("logits", RNG.standard_normal((3, 4)).astype(np.float32))
+    targets = kwargs.pop("targets", np.array([0, 1, 3]))
+    return request_to_proto("cross_entropy", logits, targets, **kwargs).SerializeToString()  # type: ignore[arg-type]
+
+
+async def test_protobuf_in_protobuf_out(client: httpx.AsyncClient) -> None:
+    logits = RNG.standard_normal((3, 4)).astype(np.float32)
+    response = await client.post(
+        "/v1/evaluate", content=_body(logits=logits, outputs=["per_sample"]), headers=PB
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == PROTOBUF_MEDIA_TYPE
+    answer = pb.EvaluateResponse.FromString(response.content)
+    per, den, _ = softmax_ce(logits.astype(np.float64), np.array([0, 1, 3]), fmt="index")
+    assert answer.value == pytest.approx(per.sum() / den.sum(), rel=1e-6)
+    per_sample = np.frombuffer(answer.outputs["per_sample"].data, np.float32)
+    assert answer.outputs["per_sample"].dtype == "float32"
+    np.testing.assert_allclose(per_sample, per, rtol=1e-5)
+
+
+async def test_protobuf_in_json_out_when_accept_asks(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/evaluate", content=_body(), headers={**PB, "accept": "application/json"}
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["count"] == 3
+
+
+async def test_json_in_protobuf_out_when_accept_asks(client: httpx.AsyncClient) -> None:
+    request = {"loss": "cross_entropy", "logits": [[0.0, 1.0], [2.0, 0.5]], "targets": [1, 0]}
+    response = await client.post(
+        "/v1/evaluate", json=request, headers={"accept": PROTOBUF_MEDIA_TYPE}
+    )
+    assert response.status_code == 200
+    assert pb.EvaluateResponse.FromString(response.content).denominator == 2.0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "loc"),
+    [
+        (b"\xff\xff\xff", 400, ["body"]),
+        (b"", 400, None),
+        (_body(targets=np.array([0, 1, 4])), 422, ["targets", 2]),
+        (_body(options={"reduction": "avg"}), 422, ["options", "reduction"]),
+    ],
+    ids=["garbage", "empty", "label", "option"],
+)
+async def test_protobuf_bad_input_is_a_problem(
+    client: httpx.AsyncClient, body: bytes, status: int, loc: list[object] | None
+) -> None:
+    response = await client.post("/v1/evaluate", content=body, headers=PB)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    if loc is not None:
+        assert response.json()["errors"][0]["loc"] == loc
+
+
+async def test_other_media_type_is_415(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/evaluate", content=b"x", headers={"content-type": "application/x-msgpack"}
+    )
+    assert response.status_code == 415
+
+
+async def test_oip_metadata_and_health(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/v2")).json()["extensions"] == ["binary_tensor_data"]
+    assert (await client.get("/v2/health/live")).status_code == 200
+    assert (await client.get("/v2/health/ready")).status_code == 200
+    meta = (await client.get("/v2/models/cross_entropy")).json()
+    assert meta["name"] == "cross_entropy" and {o["name"] for o in meta["outputs"]} >= {
+        "loss",
+        "grad",
+    }
+    assert (await client.get("/v2/models/cross_entropy/versions/1/ready")).status_code == 200
+    missing = await client.get("/v2/models/nope")
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]
+
+
+def _oip(inputs: list[dict[str, object]], **extra: object) -> dict[str, object]:
+    return {"inputs": inputs, **extra}
+
+
+LOGITS = {"name": "logits", "datatype": "FP32", "shape": [2, 2], "data": [0.0, 1.0, 2.0, 0.5]}
+TARGETS = {"name": "targets", "datatype": "INT64", "shape": [2], "data": [1, 0]}
+
+
+async def test_oip_json_tensors(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v2/models/cross_entropy/infer",
+        json=_oip([LOGITS, TARGETS], id="r1", parameters={"reduction": "sum"}),
+    )
+    assert response.status_code == 200
+    body = response.json()
+    per, _, _ = softmax_ce(np.array([[0.0, 1.0], [2.0, 0.5]]), np.array([1, 0]), fmt="index")
+    assert body["id"] == "r1" and body["outputs"][0]["name"] == "loss"
+    assert body["outputs"][0]["data"][0] == pytest.approx(per.sum(), rel=1e-6)
+    assert body["parameters"]["reduction"] == "sum"
+
+
+@pytest.mark.parametrize(
+    ("request_body", "headers", "status", "loc"),
+    [
+        (_oip([{**LOGITS, "datatype": "BYTES"}, TARGETS]), {}, 422, ["inputs", 0, "datatype"]),
+        (_oip([{**LOGITS, "name": "x"}, TARGETS]), {}, 422, ["inputs", 0, "name"]),
+        (_oip([{**LOGITS, "data": [1.0]}, TARGETS]), {}, 422, ["inputs", 0, "data"]),
+        (_oip([LOGITS, {**TARGETS, "data": [1, 7]}]), {}, 422, ["targets", 1]),
+        (_oip([LOGITS, TARGETS], parameters={"gamma_x": 1}), {}, 422, ["options", "gamma_x"]),
+        (
+            _oip([{**LOGITS, "parameters": {"binary_data_size": 64}}, TARGETS]),
+            {"inference-header-content-length": "0"},
+            400,
+            ["header", "inference-header-content-length"],
+        ),
+        (
+            _oip([{**LOGITS, "data": None, "parameters": {"binary_data_size": 64}}, TARGETS]),
+            {},
+            422,
+            ["inputs", 0, "parameters", "binary_data_size"],
+        ),
+    ],
+    ids=["bytes-type", "unknown-input", "short-data", "label", "option", "header", "size"],
+)
+async def test_oip_bad_input(
+    client: httpx.AsyncClient,
+    request_body: dict[str, object],
+    headers: dict[str, str],
+    status: int,
+    loc: list[object],
+) -> None:
+    content = orjson.dumps(request_body)
+    if headers.get("inference-header-content-length") == "0":
+        headers = {"inference-header-content-length": str(len(content) + 1)}
+    response = await client.post("/v2/models/cross_entropy/infer", content=content, headers=headers)
+    assert response.status_code == status
+    body = response.json()
+    assert body["errors"][0]["loc"] == loc and body["error"]
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.mark.parametrize("transport", ["protobuf", "oip", "base64"])
+async def test_async_client(app: FastAPI, transport: str) -> None:
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    logits = RNG.standard_normal((5, 3)).astype(np.float32)
+    targets = np.array([0, 2, 1, 1, 0])
+    async with AsyncClient(transport=transport, http=http) as client:  # type: ignore[arg-type]
+        result = await client.evaluate("cross_entropy", logits, targets, outputs=["per_sample"])
+        per, den, _ = softmax_ce(logits.astype(np.float64), targets, fmt="index")
+        assert result.value == pytest.approx(per.sum() / den.sum(), rel=1e-6)
+        np.testing.assert_allclose(result.outputs["per_sample"], per, rtol=1e-5)
+        with pytest.raises(EvaluationError) as info:
+            await client.evaluate("cross_entropy", logits, targets, options={"eps": 2})
+        assert info.value.status == 422 and info.value.errors[0]["loc"] == ["options", "eps"]
+
+
+async def test_openapi_documents_protobuf_and_oip(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    body = schema["paths"]["/v1/evaluate"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", PROTOBUF_MEDIA_TYPE}
+    assert "/v2/models/{loss}/infer" in schema["paths"]

@@ -1,0 +1,105 @@
+"""Protobuf codec: zero-copy request chunks parse to the same message; tensors round-trip."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.errors import MalformedBody, PayloadTooLarge, ValidationFailed
+from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
+from service.proto_codec import (
+    array_to_tensor,
+    parse_request_bytes,
+    request_chunks,
+    request_to_proto,
+    split_request_bytes,
+    struct_to_dict,
+    tensor_to_array,
+)
+
+RNG = np.random.default_rng(3)
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.float16, ml_dtypes.bfloat16, np.float32, ">f8", np.int64, np.bool_]
+)
+def test_request_chunks_parse_to_the_same_message(dtype: object) -> None:
+    logits = (RNG.standard_normal((5, 300)) * 3).astype(dtype)
+    kwargs = {
+        "options": {"ignore_index": 2, "weight": [0.5, 1.0]},
+        "outputs": ["grad"],
+        "sample_weight": np.arange(5, dtype=np.float32),
+    }
+    joined = b"".join(request_chunks("cross_entropy", logits, np.arange(5), **kwargs))
+    expected = request_to_proto("cross_entropy", logits, np.arange(5), **kwargs)
+    message = pb.EvaluateRequest.FromString(joined)
+    assert message == expected
+    back = tensor_to_array(message.logits, ("logits",), 10**6)
+    assert back.dtype.byteorder in "<=|" and back.shape == (5, 300)
+    np.testing.assert_array_equal(back, logits)
+
+
+def test_struct_numbers_become_integers_when_integral() -> None:
+    message = request_to_proto(
+        "cross_entropy", np.zeros((1, 2)), np.zeros(1), options={"top_k": [1, 5], "eps": 0.5}
+    )
+    assert struct_to_dict(message.options) == {"top_k": [1, 5], "eps": 0.5}
+    assert isinstance(struct_to_dict(message.options)["top_k"][0], int)
+
+
+def test_tensor_checks() -> None:
+    tensor = array_to_tensor(np.zeros((2, 3), np.float32))
+    with pytest.raises(PayloadTooLarge):
+        tensor_to_array(tensor, ("logits",), 5)
+    tensor.data = tensor.data[:-1]
+    with pytest.raises(ValidationFailed) as info:
+        tensor_to_array(tensor, ("logits",), 100)
+    assert info.value.errors[0]["loc"] == ["logits", "data"]
+
+
+def _split_equals_parse(body: bytes) -> None:
+    message, data = split_request_bytes(body, min_bytes=0)
+    full = parse_request_bytes(body)
+    for name in ("logits", "targets", "sample_weight", "vector"):
+        assert message.HasField(name) == full.HasField(name)
+        if full.HasField(name):
+            assert bytes(data.get(name, b"")) == getattr(full, name).data
+            getattr(full, name).ClearField("data")
+    assert message == full
+
+
+def test_split_keeps_tensor_data_in_place_and_parses_the_rest() -> None:
+    logits = RNG.standard_normal((4, 9)).astype(np.float32)
+    chunks = request_chunks(
+        "cross_entropy", logits, np.arange(4), options={"eps": 0.25}, metrics=["nll"]
+    )
+    body = b"".join(chunks)
+    _split_equals_parse(body)
+    _split_equals_parse(request_to_proto("x", logits, np.arange(4)).SerializeToString())
+    _, data = split_request_bytes(body, min_bytes=0)
+    assert data["logits"].obj is body  # a view, not a copy
+    np.testing.assert_array_equal(np.frombuffer(data["logits"], np.float32), logits.ravel())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\x12\xff", b"\x12\x05\x1a\x10abc", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", b"\x0b"],
+    ids=["truncated-length", "inner-overrun", "varint", "group"],
+)
+def test_split_rejects_malformed_bytes(body: bytes) -> None:
+    with pytest.raises(MalformedBody):
+        split_request_bytes(body, min_bytes=0)
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_split_never_fails_other_than_malformed(body: bytes) -> None:
+    try:
+        message, data = split_request_bytes(body, min_bytes=0)
+    except MalformedBody:
+        return
+    assert isinstance(message, pb.EvaluateRequest)
+    assert all(isinstance(v, memoryview) for v in data.values())
