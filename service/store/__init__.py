@@ -7,6 +7,7 @@ SQLite (the default, one file in WAL mode) serves one process; PostgreSQL
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,11 +41,27 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(database)
 
 
-def make_engine(url: str | URL) -> Engine:
-    """An engine for ``url``; creates the parent directory of a SQLite file, enables WAL."""
+def make_engine(url: str | URL, connect_timeout: float = 5.0) -> Engine:
+    """An engine for ``url``; creates the parent directory of a SQLite file, enables WAL.
+
+    Server databases never make a request hang: a new connection gives up after
+    ``connect_timeout`` seconds (libpq counts whole seconds, at least 2), waiting for a pooled one
+    likewise, and pooled connections are pinged before use, so after a database restart the
+    dead ones are replaced instead of failing a request.
+    """
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        connect_args: dict[str, Any] = {}
+        if parsed.get_backend_name() == "postgresql":
+            connect_args["connect_timeout"] = max(2, math.ceil(connect_timeout))
+        return create_engine(
+            parsed,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=20,
+            pool_timeout=connect_timeout,
+            connect_args=connect_args,
+        )
     path = _sqlite_file(parsed)
     engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30.0})
 
@@ -88,9 +105,9 @@ def alembic_config(connection: Any = None) -> Any:
 class Store:
     """Engine + sessions. ``read()`` for queries, ``write()`` for one serialised transaction."""
 
-    def __init__(self, url: str | URL) -> None:
+    def __init__(self, url: str | URL, *, connect_timeout: float = 5.0) -> None:
         self.url = normalize_url(url)
-        self.engine = make_engine(self.url)
+        self.engine = make_engine(self.url, connect_timeout)
         self.dialect = self.engine.dialect.name
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(
