@@ -45,14 +45,15 @@ def make_engine(url: str | URL, connect_timeout: float = 5.0) -> Engine:
     """An engine for ``url``; creates the parent directory of a SQLite file, enables WAL.
 
     Server databases never make a request hang: a new connection gives up after
-    ``connect_timeout`` seconds (libpq counts whole seconds, at least 2), waiting for a pooled one
-    likewise, and pooled connections are pinged before use, so after a database restart the
-    dead ones are replaced instead of failing a request.
+    ``connect_timeout`` seconds (libpq counts whole seconds, at least 2; a ``connect_timeout`` in
+    the URL's query wins), waiting for a pooled one likewise, and pooled connections are pinged
+    before use, so after a database restart the dead ones are replaced instead of failing a
+    request.
     """
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
         connect_args: dict[str, Any] = {}
-        if parsed.get_backend_name() == "postgresql":
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
             connect_args["connect_timeout"] = max(2, math.ceil(connect_timeout))
         return create_engine(
             parsed,

@@ -296,3 +296,33 @@ def test_database_that_never_answers_gives_503_within_the_connect_timeout(
     assert len(outcome) == 1 and isinstance(outcome[0], Unavailable), outcome
     assert outcome[0].headers["Retry-After"] == "1"
     store.dispose()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_connect_timeout_in_the_url_wins() -> None:
+    from sqlalchemy import event
+
+    from service.store import make_engine
+
+    def connect_params(url: str) -> dict[str, Any]:
+        engine = make_engine(url, connect_timeout=7.5)
+        seen: dict[str, Any] = {}
+
+        @event.listens_for(engine, "do_connect")
+        def grab(_dialect: Any, _record: Any, _args: Any, params: dict[str, Any]) -> None:
+            seen.update(params)
+            raise _Stop  # no connection needed
+
+        with pytest.raises(_Stop):
+            engine.connect()
+        assert engine.pool.timeout() == 7.5  # type: ignore[attr-defined]
+        engine.dispose()
+        return seen
+
+    assert connect_params("postgresql://u@127.0.0.1/db")["connect_timeout"] == 8
+    assert (
+        connect_params("postgresql://u@127.0.0.1/db?connect_timeout=30")["connect_timeout"] == "30"
+    )
