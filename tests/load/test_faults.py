@@ -324,3 +324,25 @@ def test_connect_timeout_in_the_url_wins() -> None:
     assert (
         connect_params("postgresql://u@127.0.0.1/db?connect_timeout=30")["connect_timeout"] == "30"
     )
+
+
+@pytest.mark.postgres
+def test_exhausted_connection_pool_gives_503(postgres_cluster: PostgresCluster) -> None:
+    """Every pooled connection busy past the wait: 503 + Retry-After (sqlalchemy's pool
+    TimeoutError is no OperationalError)."""
+    url = postgres_cluster.create_database()
+    store = Store(url, connect_timeout=1)
+    store.upgrade()
+    runs = RunsDataPlane(Settings(database_url=url), store)
+    run = runs.create_run({"name": "busy", "loss": "cross_entropy"})
+    held = [store.engine.connect() for _ in range(30)]  # pool_size + max_overflow
+    try:
+        with pytest.raises(Unavailable) as caught:
+            runs.get_run(run["id"])
+        assert caught.value.headers["Retry-After"] == "1"
+        assert "TimeoutError" in caught.value.detail
+    finally:
+        for connection in held:
+            connection.close()
+    assert runs.get_run(run["id"])["id"] == run["id"]  # and back once connections are free
+    store.dispose()
