@@ -26,6 +26,12 @@ class Settings(BaseSettings):
         le=300,
         description="Seconds to wait for a run-store connection before answering 503.",
     )
+    database_statement_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="PostgreSQL: longest statement, lock wait or idle transaction (0 = none).",
+    )
     backend: Literal["auto", "numpy", "cupy"] = Field(
         "auto", description="Default array backend when a request does not name one."
     )

@@ -346,3 +346,46 @@ def test_exhausted_connection_pool_gives_503(postgres_cluster: PostgresCluster) 
             connection.close()
     assert runs.get_run(run["id"])["id"] == run["id"]  # and back once connections are free
     store.dispose()
+
+
+@pytest.mark.postgres
+def test_run_locked_by_a_frozen_writer_gives_503_not_a_hang(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    """Another process holds the run's row lock and never finishes (a replica stopped with
+    SIGSTOP mid-transaction): writes give up after the lock timeout with 503."""
+    import psycopg
+
+    url = postgres_cluster.create_database()
+    store = Store(url, connect_timeout=2, statement_timeout=1)
+    store.upgrade()
+    runs = RunsDataPlane(Settings(database_url=url), store)
+    run = runs.create_run({"name": "locked", "loss": "cross_entropy"})
+    outcome: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            runs.close_run(run["id"])
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    dsn = (
+        f"host=127.0.0.1 port={postgres_cluster.port} user=postgres dbname={url.rsplit('/', 1)[1]}"
+    )
+    with psycopg.connect(dsn) as frozen:
+        frozen.execute("SELECT pk FROM runs WHERE id = %s FOR UPDATE", (run["id"],))
+        worker = threading.Thread(target=close, daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "the write waited for the lock without bound"
+        assert runs.get_run(run["id"])["status"] == "open"  # readers are not blocked
+        frozen.rollback()
+    assert len(outcome) == 1 and isinstance(outcome[0], Unavailable), outcome
+    assert runs.close_run(run["id"])["status"] == "closed"  # and fine once the lock is gone
+    with store.engine.connect() as connection:
+        settings = {
+            name: connection.exec_driver_sql(f"SHOW {name}").scalar()
+            for name in ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")
+        }
+    assert settings == dict.fromkeys(settings, "1s")
+    store.dispose()
