@@ -212,3 +212,36 @@ def test_cli_sends_its_api_key(tmp_path, serve, monkeypatch):
     monkeypatch.delenv("CE_EVAL_API_KEY")
     anonymous = cli("run", "list", "--url", server.url, "--retries", "0")
     assert anonymous.returncode == 1 and "401" in anonymous.stderr
+
+
+def test_data_plane_scopes_by_the_principal_an_adapter_passes(tmp_path):
+    """What a gRPC servicer does: the principal from its interceptor, as a keyword."""
+    from service.errors import NotFound
+    from service.runs import RunsDataPlane
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    store = Store(url)
+    store.upgrade()
+    runs = RunsDataPlane(Settings(database_url=url, backend="numpy"), store)
+    run = runs.create_run({"name": "rpc", "loss": "cross_entropy"}, principal="p1")
+    stream = [batch(f"s{i}", i) for i in range(3)]
+    assert runs.add_batches(run["id"], stream, principal="p1")["accepted"] == 3
+    calls = [
+        lambda p: runs.get_run(run["id"], principal=p),
+        lambda p: runs.list_batches(run["id"], principal=p),
+        lambda p: runs.add_batches(run["id"], stream, principal=p),
+        lambda p: runs.add_batch(run["id"], stream[0], principal=p),
+        lambda p: runs.compare([run["id"]], principal=p),
+        lambda p: runs.close_run(run["id"], principal=p),
+        lambda p: runs.delete_run(run["id"], principal=p),
+    ]
+    for call in calls:
+        with pytest.raises(NotFound) as caught:
+            call("p2")
+        assert caught.value.grpc_code == "NOT_FOUND"
+    assert runs.list_runs(principal="p2")["runs"] == []
+    assert [r["id"] for r in runs.list_runs(principal="p1")["runs"]] == [run["id"]]
+    assert runs.get_run(run["id"])["batches"] == 3  # principal None: auth off, all visible
+    for call in calls:
+        call("p1")
+    store.dispose()
