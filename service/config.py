@@ -20,6 +20,18 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "sqlite:///./data/ce-eval.db", description="SQLAlchemy URL of the run store."
     )
+    database_connect_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="Seconds to wait for a run-store connection before answering 503.",
+    )
+    database_statement_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="PostgreSQL: longest statement, lock wait or idle transaction (0 = none).",
+    )
     backend: Literal["auto", "numpy", "cupy"] = Field(
         "auto", description="Default array backend when a request does not name one."
     )
@@ -37,7 +49,8 @@ class Settings(BaseSettings):
     )
     api_keys: str = Field("", description="Comma-separated API keys; empty = no authentication.")
     public_paths: str = Field(
-        "/healthz,/readyz,/metrics,/docs,/openapi.json,/static-offline-docs,/v2/health",
+        "/healthz,/readyz,/metrics,/docs,/openapi.json,/static-offline-docs,/v2/health,"
+        "/dashboard,/static/",
         description="Comma-separated path prefixes served without an API key.",
     )
     rate_limit_per_s: float = Field(

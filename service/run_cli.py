@@ -139,10 +139,13 @@ def batches_of(source: Source, batch_size: int) -> Iterator[tuple[str, dict[str,
 class Api:
     """Minimal JSON client for the Runs API with retries on transport errors, 429 and 5xx."""
 
-    def __init__(self, url: str, retries: int = 8, timeout: float = 60.0) -> None:
+    def __init__(
+        self, url: str, retries: int = 8, timeout: float = 60.0, api_key: str | None = None
+    ) -> None:
         import httpx
 
-        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
         self.retries = retries
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -332,7 +335,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def _with_api(handler: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
-        api = Api(args.url, retries=args.retries)
+        api = Api(args.url, retries=args.retries, api_key=args.api_key)
         try:
             result: int = handler(args, api)
             return result
@@ -354,6 +357,11 @@ def add_commands(sub: Any) -> None:
         help=f"service base URL (CE_EVAL_URL, default {DEFAULT_URL})",
     )
     common.add_argument("--retries", type=int, default=8, help="retries per request (default 8)")
+    common.add_argument(
+        "--api-key",
+        default=os.environ.get("CE_EVAL_API_KEY") or None,
+        help="API key sent as X-API-Key (CE_EVAL_API_KEY); runs are scoped to it",
+    )
 
     run = sub.add_parser("run", help="evaluation runs: create, push batches, show, list, close")
     run_sub = run.add_subparsers(dest="run_command", required=True)

@@ -9,6 +9,11 @@ state; its ``value`` is ``sum / denominator`` over all batches (never a mean of 
 metrics are computed from the merged state, so both equal one evaluation over the concatenated
 batches. Each batch is counted exactly once: the batch row (unique per run and ``batch_id``) and
 the aggregate update are written in one transaction that holds the run's row lock.
+
+Scoping: every method takes ``principal`` (the API key id from :mod:`service.auth`, None when
+auth is off) as a keyword. A run created by a principal records it as ``owner``; a principal sees
+only its own runs, and any other run answers 404 exactly as a missing one. With ``principal``
+None (auth off) every run is visible and new runs have no owner.
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import delete, exists, func, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import Select, delete, exists, func, select
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 import ce_engine
@@ -226,8 +232,11 @@ class RunsDataPlane:
 
     # ------------------------------------------------------------------ runs
 
-    def create_run(self, payload: Mapping[str, Any] | CreateRunRequest) -> dict[str, Any]:
-        """Validate the configuration (loss, options, metrics) and store a new open run."""
+    def create_run(
+        self, payload: Mapping[str, Any] | CreateRunRequest, *, principal: str | None = None
+    ) -> dict[str, Any]:
+        """Validate the configuration (loss, options, metrics) and store a new open run owned by
+        ``principal``."""
         request: CreateRunRequest = _parse(CreateRunRequest, payload, self.settings)
         try:
             spec = ce_engine.get_loss(request.loss)
@@ -278,15 +287,16 @@ class RunsDataPlane:
             denominator=0.0,
             metric_state=None,
             tags=[RunTag(key=k, value=v) for k, v in request.tags.items()],
+            owner=principal,
         )
         with _store_guard(), self.store.write() as session:
             session.add(run)
         return self._run_dict(run)
 
-    def get_run(self, run_id: str) -> dict[str, Any]:
+    def get_run(self, run_id: str, *, principal: str | None = None) -> dict[str, Any]:
         """The run with its aggregated ``value`` and ``metrics``."""
         with _store_guard(), self.store.read() as session:
-            return self._run_dict(self._load(session, run_id))
+            return self._run_dict(self._load(session, run_id, principal))
 
     def list_runs(
         self,
@@ -296,6 +306,7 @@ class RunsDataPlane:
         status: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        principal: str | None = None,
     ) -> dict[str, Any]:
         """Newest first. ``name`` matches a substring; each ``tags`` item is ``key:value``
         (all must match). ``next_cursor`` is null on the last page."""
@@ -309,7 +320,7 @@ class RunsDataPlane:
                 f"limit must be between 1 and {MAX_LIST_LIMIT}",
                 [{"loc": ["query", "limit"], "msg": "out of range", "type": "limit"}],
             )
-        query = select(Run).order_by(Run.pk.desc()).limit(limit + 1)
+        query = _owned(select(Run), principal).order_by(Run.pk.desc()).limit(limit + 1)
         if name:
             query = query.where(Run.name.contains(name, autoescape=True))
         if status:
@@ -332,23 +343,23 @@ class RunsDataPlane:
         next_cursor = _encode_cursor("runs", page[-1].pk) if len(rows) > limit else None
         return {"runs": [self._run_dict(r) for r in page], "next_cursor": next_cursor}
 
-    def close_run(self, run_id: str) -> dict[str, Any]:
+    def close_run(self, run_id: str, *, principal: str | None = None) -> dict[str, Any]:
         """Close the run (idempotent); later batches get 409."""
         with _store_guard(), self.store.write() as session:
-            run = self._load(session, run_id, lock=True)
+            run = self._load(session, run_id, principal, lock=True)
             if run.status != "closed":
                 run.status = "closed"
                 run.closed_at = run.updated_at = utcnow()
             return self._run_dict(run)
 
-    def delete_run(self, run_id: str) -> None:
+    def delete_run(self, run_id: str, *, principal: str | None = None) -> None:
         """Delete the run, its tags and its batches."""
         with _store_guard(), self.store.write() as session:
-            run = self._load(session, run_id, lock=True)
+            run = self._load(session, run_id, principal, lock=True)
             session.execute(delete(Batch).where(Batch.run_pk == run.pk))
             session.delete(run)
 
-    def compare(self, run_ids: Sequence[str]) -> dict[str, Any]:
+    def compare(self, run_ids: Sequence[str], *, principal: str | None = None) -> dict[str, Any]:
         """Several runs side by side: ``runs`` in the order asked and ``table`` = scalar metric
         (and ``value``) → {run id: number}."""
         ids = [i for i in dict.fromkeys(run_ids) if i]
@@ -358,7 +369,8 @@ class RunsDataPlane:
                 [{"loc": ["query", "ids"], "msg": "1 to 20 run ids", "type": "ids"}],
             )
         with _store_guard(), self.store.read() as session:
-            found = {r.id: r for r in session.scalars(select(Run).where(Run.id.in_(ids)))}
+            query = _owned(select(Run), principal).where(Run.id.in_(ids))
+            found = {r.id: r for r in session.scalars(query)}
             missing = [i for i in ids if i not in found]
             if missing:
                 raise NotFound(
@@ -382,7 +394,11 @@ class RunsDataPlane:
     # --------------------------------------------------------------- batches
 
     def add_batch(
-        self, run_id: str, payload: Mapping[str, Any] | AddBatchRequest
+        self,
+        run_id: str,
+        payload: Mapping[str, Any] | AddBatchRequest,
+        *,
+        principal: str | None = None,
     ) -> dict[str, Any]:
         """Evaluate one batch with the run's loss and metrics and add it to the aggregates.
 
@@ -403,7 +419,7 @@ class RunsDataPlane:
         )
 
         with _store_guard(), self.store.read() as session:
-            run = self._load(session, run_id)
+            run = self._load(session, run_id, principal)
             replay = self._replay(session, run, request.batch_id, digest)
             if replay is not None:
                 return replay
@@ -438,7 +454,7 @@ class RunsDataPlane:
 
         try:
             with _store_guard(), self.store.write() as session:
-                run = self._load(session, run_id, lock=True)
+                run = self._load(session, run_id, principal, lock=True)
                 replay = self._replay(session, run, request.batch_id, digest)
                 if replay is not None:
                     return replay
@@ -470,7 +486,7 @@ class RunsDataPlane:
             # Another writer inserted this (run, batch_id) first (only possible where the run
             # lock is not exclusive): answer as for any retry of that batch.
             with _store_guard(), self.store.read() as session:
-                run = self._load(session, run_id)
+                run = self._load(session, run_id, principal)
                 replay = self._replay(session, run, request.batch_id, digest)
             if replay is None:
                 raise
@@ -480,7 +496,11 @@ class RunsDataPlane:
         return answer
 
     def add_batches(
-        self, run_id: str, payloads: Iterable[Mapping[str, Any] | AddBatchRequest]
+        self,
+        run_id: str,
+        payloads: Iterable[Mapping[str, Any] | AddBatchRequest],
+        *,
+        principal: str | None = None,
     ) -> dict[str, Any]:
         """Add a stream of batches in order (e.g. a client-streaming RPC); each is its own
         transaction, so a failure part-way keeps the batches before it. Returns the summary
@@ -488,7 +508,7 @@ class RunsDataPlane:
         accepted = duplicates = 0
         last: dict[str, Any] | None = None
         for payload in payloads:
-            answer = self.add_batch(run_id, payload)
+            answer = self.add_batch(run_id, payload, principal=principal)
             duplicates += answer["duplicate"]
             accepted += not answer["duplicate"]
             last = answer["run"]
@@ -497,11 +517,16 @@ class RunsDataPlane:
             "batches": accepted + duplicates,
             "accepted": accepted,
             "duplicates": duplicates,
-            "run": last if last is not None else self.get_run(run_id),
+            "run": last if last is not None else self.get_run(run_id, principal=principal),
         }
 
     def list_batches(
-        self, run_id: str, *, limit: int = 1000, cursor: str | None = None
+        self,
+        run_id: str,
+        *,
+        limit: int = 1000,
+        cursor: str | None = None,
+        principal: str | None = None,
     ) -> dict[str, Any]:
         """Per-batch series in arrival order: each batch's own ``value``/sums/scalar metrics and
         the run's running ``cumulative_value`` after it (for loss curves)."""
@@ -512,7 +537,7 @@ class RunsDataPlane:
             )
         after = _decode_cursor("batches", cursor) if cursor else 0
         with _store_guard(), self.store.read() as session:
-            run = self._load(session, run_id)
+            run = self._load(session, run_id, principal)
             prior_sum, prior_den = session.execute(
                 select(
                     func.coalesce(func.sum(Batch.sum), 0.0),
@@ -548,8 +573,8 @@ class RunsDataPlane:
     # --------------------------------------------------------------- helpers
 
     @staticmethod
-    def _load(session: Session, run_id: str, *, lock: bool = False) -> Run:
-        query = select(Run).where(Run.id == run_id)
+    def _load(session: Session, run_id: str, principal: str | None, *, lock: bool = False) -> Run:
+        query = _owned(select(Run), principal).where(Run.id == run_id)
         if lock:
             query = query.with_for_update()
         run = session.scalars(query).one_or_none()
@@ -650,10 +675,24 @@ def _run_value(
     return total / denominator if denominator > 0 else None
 
 
+_Query = TypeVar("_Query", bound=Select[Any])
+
+
+def _owned(query: _Query, principal: str | None) -> _Query:
+    """Only ``principal``'s runs when auth is on (None: every run)."""
+    return query if principal is None else query.where(Run.owner == principal)
+
+
 @contextmanager
 def _store_guard() -> Iterator[None]:
-    """A lost database connection becomes 503 + Retry-After (never a 500)."""
+    """A lost or unreachable database becomes 503 + Retry-After (never a 500): failed or
+    timed-out connects, connections dropped mid-transaction (server restart) and a pool with no
+    free connection in time."""
     try:
         yield
-    except OperationalError as exc:
+    except (OperationalError, InterfaceError, PoolTimeout) as exc:
+        raise _store_unavailable(exc) from exc
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
         raise _store_unavailable(exc) from exc

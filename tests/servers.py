@@ -49,10 +49,22 @@ class PostgresCluster:
     datadir: Path
     port: int
     as_user: list[str] = field(default_factory=list)
+    options: str = ""
     _databases: Iterator[int] = field(default_factory=itertools.count)
 
     def run(self, *args: str) -> None:
         subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=60)
+
+    def pg_ctl(self, *args: str) -> None:
+        self.run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), *args)
+
+    def start(self) -> None:
+        log = str(self.datadir.parent / "postgres.log")
+        self.pg_ctl("-o", self.options, "-l", log, "-w", "-t", "60", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: disconnect every client and shut down cleanly; ``immediate``: crash."""
+        self.pg_ctl("-m", mode, "-w", "-t", "60", "stop")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
@@ -68,9 +80,9 @@ class PostgresCluster:
         return self.url(name)
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[PostgresCluster]:
-    """A PostgreSQL cluster of its own on a free localhost port (trust auth, fsync off)."""
+@contextlib.contextmanager
+def running_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster on a free localhost port (trust auth, fsync off)."""
     bindir = _postgres_bindir()
     if bindir is None:
         pytest.skip(
@@ -82,27 +94,37 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         as_user = ["runuser", "-u", "postgres", "--"]
         shutil.chown(root, "postgres", "postgres")
     root.chmod(0o755)
-    cluster = PostgresCluster(bindir, root / "data", free_port(), as_user)
+    port = free_port()
+    options = (
+        f"-k {root} -p {port} -h 127.0.0.1 -c fsync=off -c synchronous_commit=off "
+        "-c full_page_writes=off -c max_connections=300"
+    )
+    cluster = PostgresCluster(bindir, root / "data", port, as_user, options)
     cluster.run(
         str(bindir / "initdb"), "-D", str(cluster.datadir), "-U", "postgres", "-A", "trust", "-E",
         "UTF8", "--no-sync",
     )  # fmt: skip
-    options = (
-        f"-k {root} -p {cluster.port} -h 127.0.0.1 -c fsync=off -c synchronous_commit=off "
-        "-c full_page_writes=off -c max_connections=300"
-    )
-    cluster.run(
-        str(bindir / "pg_ctl"), "-D", str(cluster.datadir), "-o", options, "-l",
-        str(root / "postgres.log"), "-w", "-t", "60", "start",
-    )  # fmt: skip
+    cluster.start()
     try:
         yield cluster
     finally:
         with contextlib.suppress(subprocess.SubprocessError):
-            cluster.run(
-                str(bindir / "pg_ctl"), "-D", str(cluster.datadir), "-m", "immediate", "stop"
-            )
+            cluster.pg_ctl("-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """The session's PostgreSQL cluster (tests take a fresh database with create_database())."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_postgres_cluster() -> Iterator[PostgresCluster]:
+    """A cluster for one test alone, which may stop and restart it."""
+    with running_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -63,10 +63,14 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-def push_run(server: ServerProcess, name: str, seed: int, batches: int) -> dict[str, Any]:
+def push_run(
+    server: ServerProcess, name: str, seed: int, batches: int, key: str | None = None
+) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
+    headers = {"X-API-Key": key} if key else {}
     run = httpx.post(
         f"{server.url}/v1/runs",
+        headers=headers,
         json={"name": name, "loss": "cross_entropy", "metrics": METRICS,
               "class_names": CLASSES, "tags": {"suite": "dash"},
               "options": {"top_k": [1, 2]}},
@@ -76,8 +80,9 @@ def push_run(server: ServerProcess, name: str, seed: int, batches: int) -> dict[
         targets = rng.integers(0, len(CLASSES), size=n)
         logits = rng.standard_normal((n, len(CLASSES))) + 2.5 * np.eye(len(CLASSES))[targets]
         body = {"batch_id": f"{i}", "logits": as_base64(logits), "targets": as_base64(targets)}
-        assert httpx.post(f"{server.url}/v1/runs/{run['id']}/batches", json=body).status_code == 200
-    final: dict[str, Any] = httpx.get(f"{server.url}/v1/runs/{run['id']}").json()
+        answer = httpx.post(f"{server.url}/v1/runs/{run['id']}/batches", json=body, headers=headers)
+        assert answer.status_code == 200
+    final: dict[str, Any] = httpx.get(f"{server.url}/v1/runs/{run['id']}", headers=headers).json()
     return final
 
 
@@ -183,3 +188,62 @@ def test_dashboard_reports_an_unknown_run_without_console_errors(tmp_path, serve
     assert all(a.status_code == 200 for a in assets)
     # Only the 404 of the API call itself may be logged.
     assert all("run_missing" in m["message"] for m in severe_console_messages(browser))
+
+
+def test_dashboard_with_api_keys_asks_for_a_key_once_and_shows_only_its_runs(
+    tmp_path, serve, browser
+):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server: ServerProcess = serve(
+        f"sqlite:///{tmp_path / 'runs.db'}", CE_EVAL_API_KEYS="alpha-key,beta-key"
+    ).start()
+    mine = push_run(server, "alpha-run", 3, batches=5, key="alpha-key")
+    theirs = push_run(server, "beta-run", 4, batches=3, key="beta-key")
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    def submit_key(key: str) -> None:
+        field = browser.find_element("id", "api-key")
+        field.clear()
+        field.send_keys(key)
+        browser.find_element("css selector", "#key-form button[type=submit]").click()
+
+    def visible(element_id: str) -> bool:
+        return bool(browser.find_element("id", element_id).is_displayed())
+
+    browser.get(f"{server.url}/dashboard")
+    wait_ready(browser, "auth")
+    assert visible("key-form") and not visible("runs-view") and not visible("run-view")
+    assert "requires an API key" in browser.find_element("id", "key-message").text
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-key.png"))
+
+    submit_key("wrong-key")
+    WebDriverWait(browser, 30).until(
+        lambda d: "rejected" in d.find_element("id", "key-message").text
+    )
+    assert browser.execute_script("return document.body.dataset.ready") == "auth"
+    assert browser.execute_script("return sessionStorage.getItem('ce-eval-api-key')") is None
+
+    submit_key("alpha-key")
+    wait_ready(browser, "runs")
+    assert not visible("key-form") and visible("key-forget")
+    rows = browser.find_elements("css selector", "#runs-table tbody tr")
+    assert [r.get_attribute("data-run-id") for r in rows] == [mine["id"]]
+
+    # Asked once: other pages of the same tab reuse the stored key.
+    browser.get(f"{server.url}/dashboard#run={mine['id']}")
+    wait_ready(browser, "run")
+    loss = browser.execute_script("return Chart.getChart('loss-chart').data.datasets[0].data")
+    assert len(loss) == 5
+    browser.get(f"{server.url}/dashboard#run={theirs['id']}")  # another key's run: not found
+    wait_ready(browser, "error")
+    assert "not found" in browser.find_element("id", "runs-error").text
+
+    browser.get(f"{server.url}/dashboard")
+    wait_ready(browser, "runs")
+    browser.find_element("id", "key-forget").click()
+    wait_ready(browser, "auth")
+    assert browser.execute_script("return sessionStorage.getItem('ce-eval-api-key')") is None
+    # Only the API's own 401/403/404 answers may be logged, no script errors.
+    for message in severe_console_messages(browser):
+        assert any(f"status of {code}" in message["message"] for code in (401, 403, 404)), message

@@ -71,7 +71,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     dataplane = DataPlane(settings)
-    store = Store(settings.database_url)
+    store = Store(
+        settings.database_url,
+        connect_timeout=settings.database_connect_timeout_s,
+        statement_timeout=settings.database_statement_timeout_s,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

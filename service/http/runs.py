@@ -1,7 +1,12 @@
-"""Runs API routes (DESIGN §3): thin translations onto :class:`service.runs.RunsDataPlane`."""
+"""Runs API routes (DESIGN §3): thin translations onto :class:`service.runs.RunsDataPlane`.
+
+Each call passes the authenticated principal (set by ``ApiKeyMiddleware``; None with auth off),
+so a run is visible only to the API key that created it.
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any
 
 from anyio import to_thread
@@ -29,6 +34,11 @@ def _runs(request: Request) -> RunsDataPlane:
     return runs
 
 
+def _principal(request: Request) -> str | None:
+    principal: str | None = getattr(request.state, "principal", None)
+    return principal
+
+
 @router.post(
     "",
     status_code=201,
@@ -38,7 +48,9 @@ def _runs(request: Request) -> RunsDataPlane:
 )
 async def create_run(request: Request) -> Response:
     payload = await read_json(request)
-    run = await to_thread.run_sync(_runs(request).create_run, payload)
+    run = await to_thread.run_sync(
+        partial(_runs(request).create_run, payload, principal=_principal(request))
+    )
     return FastJSONResponse(run, status_code=201, headers={"Location": f"/v1/runs/{run['id']}"})
 
 
@@ -57,7 +69,12 @@ async def list_runs(
 ) -> Response:
     page = await to_thread.run_sync(
         lambda: _runs(request).list_runs(
-            name=name, tags=tag or (), status=status, limit=limit, cursor=cursor
+            name=name,
+            tags=tag or (),
+            status=status,
+            limit=limit,
+            cursor=cursor,
+            principal=_principal(request),
         )
     )
     return FastJSONResponse(page)
@@ -73,12 +90,14 @@ async def compare_runs(
     ids: Annotated[str, Query(max_length=2000, description="Comma-separated run ids")],
 ) -> Response:
     wanted = [part.strip() for part in ids.split(",")]
-    return FastJSONResponse(await to_thread.run_sync(_runs(request).compare, wanted))
+    compare = partial(_runs(request).compare, wanted, principal=_principal(request))
+    return FastJSONResponse(await to_thread.run_sync(compare))
 
 
 @router.get("/{run_id}", summary="A run with its aggregates", responses=problems(404, 503))
 async def get_run(request: Request, run_id: str) -> Response:
-    return FastJSONResponse(await to_thread.run_sync(_runs(request).get_run, run_id))
+    get = partial(_runs(request).get_run, run_id, principal=_principal(request))
+    return FastJSONResponse(await to_thread.run_sync(get))
 
 
 @router.post(
@@ -90,7 +109,8 @@ async def get_run(request: Request, run_id: str) -> Response:
 async def add_batch(request: Request, run_id: str) -> Response:
     payload = await read_json(request)
     dataplane = request.app.state.dataplane
-    answer = await dataplane.run_admitted(_runs(request).add_batch, run_id, payload)
+    add = partial(_runs(request).add_batch, principal=_principal(request))
+    answer = await dataplane.run_admitted(add, run_id, payload)
     return FastJSONResponse(answer)
 
 
@@ -106,7 +126,9 @@ async def list_batches(
     cursor: Annotated[str | None, Query(max_length=200, description="next_cursor")] = None,
 ) -> Response:
     page = await to_thread.run_sync(
-        lambda: _runs(request).list_batches(run_id, limit=limit, cursor=cursor)
+        lambda: _runs(request).list_batches(
+            run_id, limit=limit, cursor=cursor, principal=_principal(request)
+        )
     )
     return FastJSONResponse(page)
 
@@ -117,7 +139,8 @@ async def list_batches(
     responses=problems(404, 503),
 )
 async def close_run(request: Request, run_id: str) -> Response:
-    return FastJSONResponse(await to_thread.run_sync(_runs(request).close_run, run_id))
+    close = partial(_runs(request).close_run, run_id, principal=_principal(request))
+    return FastJSONResponse(await to_thread.run_sync(close))
 
 
 @router.delete(
@@ -127,5 +150,6 @@ async def close_run(request: Request, run_id: str) -> Response:
     responses=problems(404, 503),
 )
 async def delete_run(request: Request, run_id: str) -> Response:
-    await to_thread.run_sync(_runs(request).delete_run, run_id)
+    delete = partial(_runs(request).delete_run, run_id, principal=_principal(request))
+    await to_thread.run_sync(delete)
     return Response(status_code=204)

@@ -7,6 +7,7 @@ SQLite (the default, one file in WAL mode) serves one process; PostgreSQL
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,11 +41,51 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(database)
 
 
-def make_engine(url: str | URL) -> Engine:
-    """An engine for ``url``; creates the parent directory of a SQLite file, enables WAL."""
+def make_engine(
+    url: str | URL, connect_timeout: float = 5.0, statement_timeout: float = 30.0
+) -> Engine:
+    """An engine for ``url``; creates the parent directory of a SQLite file, enables WAL.
+
+    Server databases never make a request hang: a new connection gives up after
+    ``connect_timeout`` seconds (libpq counts whole seconds, at least 2; a ``connect_timeout`` in
+    the URL's query wins), waiting for a pooled one likewise, and pooled connections are pinged
+    before use, so after a database restart the dead ones are replaced instead of failing a
+    request. On PostgreSQL each session also bounds statements, lock waits (a frozen replica
+    holding a run's row lock) and idle transactions by ``statement_timeout`` seconds (0 = none).
+    """
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        connect_args: dict[str, Any] = {}
+        postgres = parsed.get_backend_name() == "postgresql"
+        if postgres and "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = max(2, math.ceil(connect_timeout))
+        engine = create_engine(
+            parsed,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=20,
+            pool_timeout=connect_timeout,
+            connect_args=connect_args,
+        )
+        if postgres and statement_timeout > 0:
+            milliseconds = max(1, round(statement_timeout * 1000))
+
+            @event.listens_for(engine, "connect")
+            def _session_timeouts(dbapi_connection: Any, _record: Any) -> None:
+                # Session settings (not startup options, which poolers such as PgBouncer
+                # refuse), committed at once so the pool's reset-on-return keeps them.
+                autocommit = dbapi_connection.autocommit
+                dbapi_connection.autocommit = True
+                with dbapi_connection.cursor() as cursor:
+                    for name in (
+                        "statement_timeout",
+                        "lock_timeout",
+                        "idle_in_transaction_session_timeout",
+                    ):
+                        cursor.execute(f"SET {name} = {milliseconds}")
+                dbapi_connection.autocommit = autocommit
+
+        return engine
     path = _sqlite_file(parsed)
     engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30.0})
 
@@ -88,9 +129,11 @@ def alembic_config(connection: Any = None) -> Any:
 class Store:
     """Engine + sessions. ``read()`` for queries, ``write()`` for one serialised transaction."""
 
-    def __init__(self, url: str | URL) -> None:
+    def __init__(
+        self, url: str | URL, *, connect_timeout: float = 5.0, statement_timeout: float = 30.0
+    ) -> None:
         self.url = normalize_url(url)
-        self.engine = make_engine(self.url)
+        self.engine = make_engine(self.url, connect_timeout, statement_timeout)
         self.dialect = self.engine.dialect.name
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(
@@ -114,6 +157,9 @@ class Store:
 
         with self.engine.execution_options(sqlite_immediate=True).begin() as connection:
             if self.dialect == "postgresql":
+                # Migrations may take long, and replicas wait here for the first one's.
+                connection.execute(text("SET LOCAL statement_timeout = 0"))
+                connection.execute(text("SET LOCAL lock_timeout = 0"))
                 connection.execute(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
                 )

@@ -53,6 +53,7 @@ class Run(Base):
 
     ``sum``/``denominator``/``count`` are sums over the accepted batches; ``metric_state`` is the
     merged (added) metric state as ``MetricState.to_dict()``, or None when no metrics are kept.
+    ``owner`` scopes the run to the API key that created it (revision 0002).
     """
 
     __tablename__ = "runs"
@@ -76,6 +77,9 @@ class Run(Base):
     sum: Mapped[float] = mapped_column(Double, default=0.0)
     denominator: Mapped[float] = mapped_column(Double, default=0.0)
     metric_state: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: Principal (API key id) that created the run; None when auth was off. When auth is on,
+    #: only this principal sees the run.
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
     __table_args__ = (UniqueConstraint("id", name="uq_runs_id"),)
 

@@ -1,5 +1,7 @@
 /* ce-eval dashboard: runs table, per-run curves, reliability diagram, confusion matrix and run
- * comparison, all from the Runs API of the same service (no network beyond it). */
+ * comparison, all from the Runs API of the same service (no network beyond it).
+ * With API keys on, the page asks for a key once (kept in sessionStorage, for this tab only) and
+ * sends it as X-API-Key; the runs shown are that key's. */
 "use strict";
 
 const COLORS = ["#2f6fdd", "#e5533d", "#1a9e77", "#b3590b", "#7c4dcc", "#c2185b", "#00838f"];
@@ -7,13 +9,50 @@ const charts = {};
 const selected = new Set();
 let nextCursor = null;
 
+const KEY_STORAGE = "ce-eval-api-key";
+
 const $ = (id) => document.getElementById(id);
 
+/** 401/403 from the API: the page needs a (valid) key, not a retry. */
+class AuthError extends Error {
+  constructor(status) {
+    super(status === 401
+      ? "This service requires an API key. Enter yours to see its runs."
+      : "The API key was rejected (403). Check it and enter it again.");
+    this.status = status;
+  }
+}
+
+function storedKey() {
+  try { return sessionStorage.getItem(KEY_STORAGE); } catch { return null; }
+}
+
 async function api(path) {
-  const response = await fetch(path, { headers: { Accept: "application/json" } });
-  const body = await response.json();
-  if (!response.ok) throw new Error(body.detail || `${response.status} ${path}`);
+  const headers = { Accept: "application/json" };
+  const key = storedKey();
+  if (key) headers["X-API-Key"] = key;
+  const response = await fetch(path, { headers });
+  if (response.status === 401 || response.status === 403) throw new AuthError(response.status);
+  let body = null;
+  try { body = await response.json(); } catch { body = null; }
+  if (!response.ok) throw new Error((body && body.detail) || `${response.status} ${path}`);
   return body;
+}
+
+function showKeyForm(error) {
+  if (error.status === 403) sessionStorage.removeItem(KEY_STORAGE);
+  show(null);
+  $("key-message").textContent = error.message;
+  $("key-form").hidden = false;
+  $("key-forget").hidden = true;
+  $("api-key").value = "";
+  $("api-key").focus();
+  document.body.dataset.ready = "auth";
+}
+
+function showKeyState() {
+  $("key-form").hidden = true;
+  $("key-forget").hidden = !storedKey();
 }
 
 function fmt(value, digits = 4) {
@@ -47,6 +86,7 @@ function drawChart(id, config) {
 
 function show(view) {
   for (const id of ["runs-view", "run-view", "compare-view"]) $(id).hidden = id !== view;
+  if (view) showKeyState();
 }
 
 /* ------------------------------------------------------------------ runs table */
@@ -98,6 +138,7 @@ async function loadRuns(append = false) {
     nextCursor = page.next_cursor;
     $("more-button").hidden = !nextCursor;
   } catch (error) {
+    if (error instanceof AuthError) throw error;
     $("runs-error").textContent = error.message;
     $("runs-error").hidden = false;
   }
@@ -253,6 +294,7 @@ async function route() {
     else if (hash.get("compare")) await openCompare(hash.get("compare").split(",").filter(Boolean));
     else { show("runs-view"); await loadRuns(); document.body.dataset.ready = "runs"; }
   } catch (error) {
+    if (error instanceof AuthError) { showKeyForm(error); return; }
     show("runs-view");
     $("runs-error").textContent = error.message;
     $("runs-error").hidden = false;
@@ -260,9 +302,23 @@ async function route() {
   }
 }
 
+function guarded(action) {
+  return () => action().catch((error) => {
+    if (error instanceof AuthError) showKeyForm(error); else throw error;
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
-  $("filters").addEventListener("submit", (event) => { event.preventDefault(); loadRuns(); });
-  $("more-button").addEventListener("click", () => loadRuns(true));
+  $("filters").addEventListener("submit", (event) => { event.preventDefault(); guarded(loadRuns)(); });
+  $("more-button").addEventListener("click", guarded(() => loadRuns(true)));
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = $("api-key").value.trim();
+    if (!key) return;
+    sessionStorage.setItem(KEY_STORAGE, key);
+    route();
+  });
+  $("key-forget").addEventListener("click", () => { sessionStorage.removeItem(KEY_STORAGE); route(); });
   $("compare-button").addEventListener("click", () => { location.hash = `compare=${[...selected].join(",")}`; });
   window.addEventListener("hashchange", route);
   route();
