@@ -34,7 +34,7 @@ def check_shape(shape: Sequence[Any], loc: Sequence[str | int], max_elements: in
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
             raise _invalid((*loc, "shape", i), f"dimension must be an integer >= 0, got {dim!r}")
         count *= dim
-        if count > max_elements:
+        if count > max_elements or dim > max_elements:  # a huge dim beside a 0 one too
             raise PayloadTooLarge(
                 f"{'.'.join(map(str, loc))}: {math.prod(shape)} elements exceed the limit of "
                 f"{max_elements}",

@@ -185,3 +185,10 @@ def test_shape_product_overflow_is_413_before_allocation() -> None:
         decode_tensor(
             {"dtype": "float32", "shape": [2**62, 2**62, 16], "data": ""}, ("logits",), 10**6
         )
+
+
+def test_huge_dimension_beside_a_zero_one_is_413() -> None:
+    with pytest.raises(PayloadTooLarge):
+        decode_tensor(
+            {"dtype": "float32", "shape": [0, 2**40, 2**40], "data": ""}, ("logits",), 10**6
+        )
