@@ -57,6 +57,9 @@ class LossTerms:
     valid: Array
     arrays: dict[str, Array] = field(default_factory=dict)  # grad, probabilities, …
     extras: dict[str, float] = field(default_factory=dict)  # loss-specific scalars
+    #: True when the derivative arrays already include the reduction's scale (a fused kernel
+    #: folds 1/denominator into its one write of the gradient); reduce_terms then leaves them
+    derivatives_scaled: bool = False
 
 
 LossFn = Callable[[LossInputs], LossTerms]

@@ -7,6 +7,7 @@ Reference: ``torch.nn.functional.cross_entropy`` (weight, ignore_index, label_sm
 from __future__ import annotations
 
 from ce_engine.errors import InputValidationError
+from ce_engine.kernels.dispatch import fast_index_cross_entropy
 from ce_engine.layout import Array
 from ce_engine.losses._common import (
     class_weights,
@@ -122,6 +123,9 @@ def cross_entropy(inp: LossInputs) -> LossTerms:
 
     if fmt == "index":
         y, valid = _index_targets(inp)
+        fast = fast_index_cross_entropy(inp, y, valid)
+        if fast is not None:  # fused kernel (logits input, float32 compute)
+            return fast
         rows = xp.arange(layout.num_positions)
         w_y = w[y] if w is not None else xp.ones(y.shape, dtype)
         w_y = xp.where(valid, w_y, 0).astype(dtype, copy=False)
