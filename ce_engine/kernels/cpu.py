@@ -127,7 +127,12 @@ def row_max(rows: FloatArray, *, threads: int | None = None) -> FloatArray:
     out = np.empty(m_rows, dtype=rows.dtype)
 
     def work(lo: int, hi: int) -> None:
-        np.max(rows[lo:hi], axis=1, out=out[lo:hi])
+        if c <= SMALL_CLASSES and rows.dtype == F32:  # see softmax_cross_entropy_rows
+            t = _scratch.get("t", c, hi - lo)
+            np.copyto(t, rows[lo:hi].T)
+            np.max(t, axis=0, out=out[lo:hi])
+        else:
+            np.max(rows[lo:hi], axis=1, out=out[lo:hi])
 
     run_blocks(m_rows, c, work, threads=threads)
     return out

@@ -118,14 +118,15 @@ def cross_entropy(inp: LossInputs) -> LossTerms:
     eps_ls = opts_ce.label_smoothing
     w = class_weights(xp, opts_ce.weight, c, dtype)
     fmt = resolve_target_format(opts_ce.target_format, inp.targets, layout)
-    log_p, clipped = _log_probs(inp)
-    s = inp.sample_weight
-
     if fmt == "index":
         y, valid = _index_targets(inp)
         fast = fast_index_cross_entropy(inp, y, valid)
         if fast is not None:  # fused kernel (logits input, float32 compute)
             return fast
+    log_p, clipped = _log_probs(inp)
+    s = inp.sample_weight
+
+    if fmt == "index":
         rows = xp.arange(layout.num_positions)
         w_y = w[y] if w is not None else xp.ones(y.shape, dtype)
         w_y = xp.where(valid, w_y, 0).astype(dtype, copy=False)
