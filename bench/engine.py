@@ -112,6 +112,18 @@ def peak_extra_bytes(impl: str, m: int, c: int, threads: int) -> int | None:
         return None
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM: unlike ru_maxrss, not inherited via fork)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def memory_probe(impl: str, m: int, c: int, threads: int) -> None:
     torch = load_torch(threads) if impl == "torch" else None
     small_z, small_y = make_inputs(64, 8, seed=1)
@@ -119,10 +131,9 @@ def memory_probe(impl: str, m: int, c: int, threads: int) -> None:
         fn()  # pools and lazy imports before the baseline
     z, y = make_inputs(m, c)
     fn = runners(z, y, threads, torch)[impl]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_bytes()
     fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024)
+    print(peak_rss_bytes() - before)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -334,3 +334,14 @@ def test_thread_setting():
     assert cpu.get_threads() >= 1
     with pytest.raises(ValueError):
         cpu.set_threads(0)
+
+
+def test_cuda_module_imports_and_declines_host_arrays():
+    """The CUDA module imports without CuPy; host arrays never take the device path."""
+    from ce_engine.kernels import cuda
+
+    assert not cuda.is_device_array(np.zeros((2, 3), np.float32))
+    assert "ce_rows_block<2>" in cuda._KERNEL_NAMES
+    assert all(
+        f"__global__ void {name.split('<')[0]}" in cuda.SOURCE for name in cuda._KERNEL_NAMES
+    )

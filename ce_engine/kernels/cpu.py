@@ -23,8 +23,8 @@ import numpy.typing as npt
 F32 = np.float32
 FloatArray = npt.NDArray[np.float32]
 
-#: Bytes of one row chunk: small enough that a chunk and its scratch stay in L2.
-DEFAULT_CHUNK_BYTES = 128 * 1024
+#: Bytes of one row chunk: a chunk and its scratch stay in a core's L2 (1–2 MiB on servers).
+DEFAULT_CHUNK_BYTES = 512 * 1024
 #: Below this many elements the work runs on the calling thread (pool overhead dominates).
 MIN_PARALLEL_ELEMENTS = 1 << 16
 #: At most this many classes, the softmax kernel works on transposed chunks.
