@@ -56,11 +56,11 @@ __device__ __forceinline__ float load_logit(const void* base, long long i) {
 
 // merge two (max, sum of exp(x - max)) pairs; -inf maxima carry no mass
 __device__ __forceinline__ void merge_ms(float& m, float& s, float m2, float s2) {
+    if (s != s || s2 != s2) { s = __int_as_float(0x7fc00000); return; }  // NaN propagates
     float mn = fmaxf(m, m2);
     if (mn == NEG_INF) { m = mn; s = 0.f; return; }
     float a = (m == NEG_INF) ? 0.f : s * __expf(m - mn);
     float b = (m2 == NEG_INF) ? 0.f : s2 * __expf(m2 - mn);
-    if (m != m || m2 != m2) { mn = __int_as_float(0x7fc00000); }  // NaN propagates
     m = mn;
     s = a + b;
 }
@@ -71,8 +71,6 @@ __device__ __forceinline__ void online_add(float& m, float& s, float x) {
         m = x;
     } else if (x != NEG_INF) {
         s += __expf(x - m);  // x NaN: s becomes NaN and propagates
-    } else if (x != x) {
-        s = x;
     }
 }
 
@@ -109,7 +107,7 @@ struct CeArgs {
 
 // second pass over one element; returns its w_c·(x − m) share of the smoothing sum
 __device__ __forceinline__ float ce_emit(const CeArgs& a, long long off, long long j,
-                                         float x, float m, float inv_s, float coef_p,
+                                         float x, float m, float inv_s, float lse, float coef_p,
                                          float coef_s, float coef_y, long long y) {
     float sh = x - m;
     float e = (x == NEG_INF) ? 0.f : __expf(sh);
@@ -121,7 +119,7 @@ __device__ __forceinline__ float ce_emit(const CeArgs& a, long long off, long lo
         a.grad[off + j] = g;
     }
     if (a.probs) a.probs[off + j] = p;
-    if (a.log_probs) a.log_probs[off + j] = sh - __logf(1.f / inv_s);
+    if (a.log_probs) a.log_probs[off + j] = sh - lse;
     return (a.need_smooth && w != 0.f) ? w * sh : 0.f;
 }
 
@@ -176,11 +174,12 @@ __global__ void ce_rows_warp(CE_PARAMS) {
     float coef_a, q_mass, coef_s, coef_y;
     ce_coefs(a, row, y, ok, coef_a, q_mass, coef_s, coef_y);
     float inv_s = 1.f / s;
+    float lse = logf(s);
     float coef_p = coef_a * q_mass;
     float smooth = 0.f;
     for (long long j = lane; j < a.classes; j += 32) {
         float x = load_logit<KIND>(logits, off + j) * a.inv_t;
-        smooth += ce_emit(a, off, j, x, m, inv_s, coef_p, coef_s, coef_y, y);
+        smooth += ce_emit(a, off, j, x, m, inv_s, lse, coef_p, coef_s, coef_y, y);
     }
     smooth = warp_sum(smooth);
     if (lane == 0) ce_finish(a, row, m, s, smooth, x_y, y, ok);
@@ -223,12 +222,13 @@ __global__ void ce_rows_block(CE_PARAMS, int cache) {
     float coef_a, q_mass, coef_s, coef_y;
     ce_coefs(a, row, y, ok, coef_a, q_mass, coef_s, coef_y);
     float inv_s = 1.f / s;
+    float lse = logf(s);
     float coef_p = coef_a * q_mass;
     float smooth = 0.f;
     #pragma unroll 4
     for (long long j = threadIdx.x; j < a.classes; j += blockDim.x) {
         float x = cache ? row_cache[j] : load_logit<KIND>(logits, off + j) * a.inv_t;
-        smooth += ce_emit(a, off, j, x, m, inv_s, coef_p, coef_s, coef_y, y);
+        smooth += ce_emit(a, off, j, x, m, inv_s, lse, coef_p, coef_s, coef_y, y);
     }
     smooth = warp_sum(smooth);
     if (lane == 0) red_s[warp] = smooth;
