@@ -345,3 +345,27 @@ def test_cuda_module_imports_and_declines_host_arrays():
     assert all(
         f"__global__ void {name.split('<')[0]}" in cuda.SOURCE for name in cuda._KERNEL_NAMES
     )
+
+
+@pytest.mark.parametrize("policy", ["omit", "propagate"])
+def test_nan_policies_and_all_ignored_match_reference_path(monkeypatch, kernel_calls, policy):
+    z = RNG.standard_normal((6, 5)).astype(np.float32)
+    z[2, 3] = np.nan
+    z[4] = -np.inf
+    y = np.array([0, 1, 2, -100, 4, 3])
+    kwargs = {"options": {"nan_policy": policy}, "outputs": ALL_OUTPUTS, "backend": "numpy"}
+    with np.errstate(invalid="ignore"):
+        fast = ce_engine.evaluate("cross_entropy", z, y, **kwargs)
+        ref = reference_path(monkeypatch, "cross_entropy", z, y, **kwargs)
+    assert fast.count == ref.count and fast.ignored == ref.ignored
+    assert (fast.value is None and ref.value is None) or fast.value == pytest.approx(
+        ref.value, rel=2e-5, nan_ok=True
+    )
+    for key in ALL_OUTPUTS:
+        np.testing.assert_allclose(fast.outputs[key], ref.outputs[key], rtol=2e-5, atol=1e-6)
+    ignored = ce_engine.evaluate(
+        "cross_entropy", z[:2], np.array([-100, -100]), outputs=["grad"], backend="numpy"
+    )
+    assert ignored.value is None and ignored.denominator == 0.0
+    assert np.all(ignored.outputs["grad"] == 0)
+    assert kernel_calls
