@@ -369,3 +369,27 @@ def test_nan_policies_and_all_ignored_match_reference_path(monkeypatch, kernel_c
     assert ignored.value is None and ignored.denominator == 0.0
     assert np.all(ignored.outputs["grad"] == 0)
     assert kernel_calls
+
+
+@pytest.mark.parametrize("c", [10, 3000])
+@pytest.mark.parametrize("chunk_bytes", [4, cpu.DEFAULT_CHUNK_BYTES])
+def test_exp_without_max_shift_matches_float64(c, chunk_bytes):
+    """Row maxima on both sides of the no-shift window [−30, 80 − log C] give the same math."""
+    ceiling = 80.0 - math.log(c)
+    offsets = np.array([-40.0, -29.0, 0.0, 50.0, ceiling - 1.0, ceiling + 1.0, 1e4, -1e4])
+    z = (RNG.standard_normal((len(offsets), c)) + offsets[:, None]).astype(np.float32)
+    z -= (z.max(axis=1) - offsets)[:, None]  # row maxima exactly at the offsets
+    z[2, 0] = -np.inf
+    y = RNG.integers(0, c, size=len(offsets))
+    got = cpu.softmax_cross_entropy_rows(
+        z, y, grad_scale=1.0, probabilities=True, chunk_bytes=chunk_bytes
+    )
+    z64 = z.astype(np.float64)
+    log_p = z64 - z64.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    p = np.exp(log_p)
+    expected_grad = p.copy()
+    expected_grad[np.arange(len(y)), y] -= 1.0
+    np.testing.assert_allclose(got.per_sample, -log_p[np.arange(len(y)), y], rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(got.arrays["probabilities"], p, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.arrays["grad"], expected_grad, rtol=1e-5, atol=1e-7)
