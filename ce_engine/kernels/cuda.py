@@ -30,7 +30,8 @@ from ce_engine.kernels.cpu import BinaryCrossEntropyRows, SoftmaxCrossEntropyRow
 WARP_ROW_MAX_CLASSES = 1024
 #: Threads per block for the block-per-row kernel.
 ROW_BLOCK_THREADS = 1024
-#: Shared memory a block may use to keep its row on chip (bytes; H100 allows up to 227 KiB).
+#: Shared memory a block may use to keep its row on chip (bytes; H100 allows up to 227 KiB,
+#: the device's own opt-in limit caps it).
 ROW_CACHE_MAX_BYTES = 200 * 1024
 
 #: dtype code of the logits for the kernels: float32, float16 bits, bfloat16 bits
@@ -344,6 +345,13 @@ def _kernel(name: str, kind: int) -> Any:
     return _module().get_function(f"{name}<{kind}>")
 
 
+@functools.cache
+def _row_cache_limit(device_id: int) -> int:
+    """Bytes of dynamic shared memory a row cache may take on this device."""
+    optin = int(_cupy().cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"])
+    return min(ROW_CACHE_MAX_BYTES, optin - 2048)  # room for the kernel's static arrays
+
+
 def _kind_of(logits: Any) -> int:
     name = np.dtype(logits.dtype).name
     if name not in _KIND:
@@ -437,9 +445,9 @@ def softmax_cross_entropy_rows(
         else:
             fn = _kernel("ce_rows_block", kind)
             cache_bytes = 4 * c
-            cache = cache_bytes <= ROW_CACHE_MAX_BYTES
+            cache = cache_bytes <= _row_cache_limit(int(cp.cuda.Device().id))
             shared = cache_bytes if cache else 0
-            if shared > 48 * 1024:
+            if shared > 32 * 1024:  # beyond the default 48 KiB with the static arrays
                 fn.max_dynamic_shared_size_bytes = shared
             fn(
                 (m_rows,),
