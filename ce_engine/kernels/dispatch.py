@@ -27,6 +27,8 @@ def fast_index_cross_entropy(inp: LossInputs, targets: Array, valid: Array) -> L
     z = inp.logits
     if opts.input_kind != "logits" or z.dtype != np.float32 or z.ndim != 2 or z.size == 0:
         return None
+    if inp.want & {"hessian", "hessian_diag", "hvp"}:  # second derivatives: the generic path
+        return None
     impl: Any
     if xp is np:
         impl = cpu.softmax_cross_entropy_rows
