@@ -12,6 +12,7 @@ import numpy as np
 from ce_engine.backend import get_namespace
 from ce_engine.dtypes import BFLOAT16, compute_dtype, is_floating
 from ce_engine.errors import ErrorItem, InputValidationError
+from ce_engine.kernels.cpu import row_max
 from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true, reject_first
 from ce_engine.losses.linear_cross_entropy import linear_inputs
@@ -57,6 +58,10 @@ def to_backend(xp: Any, array: Any, *, loc: str) -> Array:
         except ValueError as exc:
             raise InputValidationError.single((loc,), f"not a rectangular array: {exc}") from None
     if array.dtype == BFLOAT16:
+        if xp is not np:
+            # half the bytes over the bus: raw 16-bit words, widened on the device
+            raw = xp.asarray(np.ascontiguousarray(array).view(np.uint16))
+            return (raw.astype(xp.uint32) << 16).view(xp.float32)
         array = np.asarray(array).astype(np.float32)
     if array.dtype == object:
         raise InputValidationError.single((loc,), "not a numeric array", "dtype")
@@ -79,6 +84,12 @@ def _apply_nan_policy(
     """
     if opts.nan_policy == "propagate":
         return rows, None
+    if opts.input_kind != "probabilities" and rows.size:
+        # one read, no (M, C) masks: a row's max is NaN, +inf or −inf exactly when the row
+        # holds a NaN or +inf or is all −inf; the full masks below only locate the culprit
+        peak = row_max(rows) if xp is np else xp.max(rows, axis=-1)
+        if bool(xp.isfinite(peak).all()):
+            return rows, None
     bad = _bad_logits(xp, rows, opts.input_kind)
     bad_rows = bad.any(axis=-1)
     if softmax_rows and opts.input_kind != "probabilities":
@@ -188,7 +199,7 @@ def evaluate(
     metric_names = list(metrics)
     xp, backend_name = get_namespace(backend)
 
-    linear: dict[str, Array | None] = {}
+    linear: dict[str, Array] = {}
     if spec.inputs == "linear":
         layout, cdt, exclude, linear = linear_inputs(
             xp, logits, features, weight, bias, opts, metric_names
@@ -233,6 +244,27 @@ def evaluate(
     return result
 
 
+def reduction_denominator(opts: CommonOptions, layout: Layout, valid_weight: Array) -> float:
+    """The denominator of ``mean``/``batchmean`` per ``normalization`` (1 for sum/none)."""
+    if opts.reduction == "batchmean":
+        return float(layout.batch_size)
+    if opts.normalization == "valid":
+        return float(valid_weight.sum(dtype=np.float64))
+    if opts.normalization == "batch_size":
+        return float(layout.batch_size)
+    if opts.normalization == "all":
+        return float(layout.num_positions)
+    return 1.0
+
+
+def derivative_scale(opts: CommonOptions, denominator: float) -> float:
+    """Factor from derivatives of Σ_i s_i ℓ_i to those of the reduced loss (incl. log base)."""
+    base_scale = 1.0 / LN2 if opts.log_base == "2" else 1.0
+    if opts.reduction in ("mean", "batchmean"):
+        return (1.0 / denominator if denominator > 0 else 0.0) * base_scale
+    return base_scale
+
+
 def reduce_terms(
     terms: LossTerms, layout: Layout, opts: CommonOptions, name: str, want: frozenset[str], xp: Any
 ) -> EvaluationResult:
@@ -240,23 +272,13 @@ def reduce_terms(
     base_scale = 1.0 / LN2 if opts.log_base == "2" else 1.0
     total = float(terms.per_sample.sum(dtype=np.float64)) * base_scale
     count = int(terms.valid.sum())
-    if opts.reduction == "batchmean":
-        denominator = float(layout.batch_size)
-    elif opts.normalization == "valid":
-        denominator = float(terms.valid_weight.sum(dtype=np.float64))
-    elif opts.normalization == "batch_size":
-        denominator = float(layout.batch_size)
-    elif opts.normalization == "all":
-        denominator = float(layout.num_positions)
-    else:
-        denominator = 1.0
+    denominator = reduction_denominator(opts, layout, terms.valid_weight)
     if opts.reduction in ("mean", "batchmean"):
         value = total / denominator if denominator > 0 else None
-        grad_scale = 1.0 / denominator if denominator > 0 else 0.0
     else:
         value = total if opts.reduction == "sum" else None
-        grad_scale = 1.0
-    grad_scale *= base_scale
+    # kernels that fold the scale into their single write of the gradient say so
+    grad_scale = 1.0 if terms.derivatives_scaled else derivative_scale(opts, denominator)
 
     outputs: dict[str, Array] = {}
     for key, arr in terms.arrays.items():

@@ -52,6 +52,9 @@ class LossInputs:
     features: Array | None = None  # (N, D), compute dtype
     weight: Array | None = None  # (C, D), compute dtype
     bias: Array | None = None  # (C,), compute dtype, or None
+    #: a fused kernel may fold the reduction's 1/denominator into its derivative arrays
+    #: (False when the caller reduces several calls itself, e.g. row chunks)
+    fold_reduction: bool = True
 
 
 @dataclass
@@ -74,6 +77,9 @@ class LossTerms:
     #: gradients, added to the matching outputs after reduction scaling
     penalty: float = 0.0
     penalty_grads: dict[str, Array] = field(default_factory=dict)
+    #: True when the derivative arrays already include the reduction's scale (a fused kernel
+    #: folds 1/denominator into its one write of the gradient); reduce_terms then leaves them
+    derivatives_scaled: bool = False
 
 
 LossFn = Callable[[LossInputs], LossTerms]

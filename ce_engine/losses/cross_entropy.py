@@ -7,6 +7,7 @@ Reference: ``torch.nn.functional.cross_entropy`` (weight, ignore_index, label_sm
 from __future__ import annotations
 
 from ce_engine.hessian import SECOND_ORDER, second_order
+from ce_engine.kernels.dispatch import fast_index_cross_entropy
 from ce_engine.layout import Array
 from ce_engine.losses._common import (
     class_weights,
@@ -42,11 +43,15 @@ def cross_entropy(inp: LossInputs) -> LossTerms:
     eps_ls = opts_ce.label_smoothing
     w = class_weights(xp, opts_ce.weight, c, dtype)
     fmt = resolve_target_format(opts_ce.target_format, inp.targets, layout)
+    if fmt == "index":
+        y, valid = index_targets(inp)
+        fast = fast_index_cross_entropy(inp, y, valid)
+        if fast is not None:  # fused kernel (logits input, float32 compute)
+            return fast
     log_p, clipped = input_log_probs(inp)
     s = inp.sample_weight
 
     if fmt == "index":
-        y, valid = index_targets(inp)
         rows = xp.arange(layout.num_positions)
         w_y = w[y] if w is not None else xp.ones(y.shape, dtype)
         w_y = xp.where(valid, w_y, 0).astype(dtype, copy=False)

@@ -169,6 +169,7 @@ def linear_cross_entropy(inp: LossInputs) -> LossTerms:
             None if inp.sample_weight is None else inp.sample_weight[start:stop],
             None if inp.exclude is None else inp.exclude[start:stop],
             chunk_want,
+            fold_reduction=False,  # chunks are reduced together below
         )
         try:
             terms = cross_entropy(part)

@@ -1,0 +1,484 @@
+"""Chunked, in-place, multi-threaded NumPy fast paths (float32).
+
+Each kernel walks the rows in chunks small enough to stay in the core's cache, runs NumPy
+ufuncs with ``out=`` into the output (or a per-thread scratch chunk), and spreads row blocks
+over a thread pool: NumPy releases the GIL inside ufuncs and reductions, so blocks run in
+parallel. Apart from the requested outputs (the gradient, probabilities, …) no full-size
+temporary is allocated: the logits are read chunk by chunk, each chunk once from memory.
+
+The math is the reference's (``ce_engine.losses.cross_entropy``); see each function.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+F32 = np.float32
+FloatArray = npt.NDArray[np.float32]
+
+#: Bytes of one row chunk: a chunk and its scratch stay in a core's L2 (1–2 MiB on servers).
+DEFAULT_CHUNK_BYTES = 512 * 1024
+#: Below this many elements the work runs on the calling thread (pool overhead dominates).
+MIN_PARALLEL_ELEMENTS = 1 << 16
+#: At most this many classes, the softmax kernel works on transposed chunks.
+SMALL_CLASSES = 64
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_threads: int | None = None
+
+
+def available_cores() -> int:
+    """Cores this process may run on (affinity-aware where the platform tells)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+def get_threads() -> int:
+    """Worker threads used by the kernels: ``set_threads``, else ``CE_EVAL_CPU_THREADS``,
+    else the available cores."""
+    if _threads is not None:
+        return _threads
+    env = os.environ.get("CE_EVAL_CPU_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return available_cores()
+
+
+def set_threads(threads: int | None) -> None:
+    """Set the pool size (``None`` → back to the default)."""
+    global _threads
+    if threads is not None and threads < 1:
+        raise ValueError("threads must be >= 1")
+    _threads = threads
+
+
+def _executor(size: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size != size:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="ce-cpu")
+            _pool_size = size
+        return _pool
+
+
+def rows_per_chunk(num_classes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that one float32 chunk is about ``chunk_bytes`` (at least one row)."""
+    return max(1, chunk_bytes // (4 * max(1, num_classes)))
+
+
+def run_blocks(
+    num_rows: int,
+    num_classes: int,
+    work: Callable[[int, int], None],
+    *,
+    threads: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> None:
+    """Call ``work(start, stop)`` over row chunks, spread over the thread pool.
+
+    Each worker gets a contiguous block of rows and walks it chunk by chunk, so a worker's
+    scratch stays hot. Work errors propagate to the caller.
+    """
+    if num_rows == 0:
+        return
+    step = rows_per_chunk(num_classes, chunk_bytes)
+    n_threads = threads if threads is not None else get_threads()
+    if n_threads <= 1 or num_rows * num_classes < MIN_PARALLEL_ELEMENTS:
+        n_threads = 1
+    n_threads = min(n_threads, -(-num_rows // step))
+
+    def block(start: int, stop: int) -> None:
+        with np.errstate(all="ignore"):  # ±inf/NaN follow IEEE rules; callers handle them
+            for lo in range(start, stop, step):
+                work(lo, min(lo + step, stop))
+
+    if n_threads == 1:
+        block(0, num_rows)
+        return
+    # block edges on chunk multiples, as even as the chunks allow
+    chunks = -(-num_rows // step)
+    edges = [min(num_rows, (chunks * t // n_threads) * step) for t in range(n_threads + 1)]
+    pool = _executor(n_threads)
+    futures = [
+        pool.submit(block, edges[t], edges[t + 1])
+        for t in range(n_threads)
+        if edges[t] < edges[t + 1]
+    ]
+    for fut in futures:
+        fut.result()
+
+
+def row_max(rows: FloatArray, *, threads: int | None = None) -> FloatArray:
+    """max_c z_ic per row (NaN when the row holds a NaN), chunked and threaded."""
+    m_rows, c = rows.shape
+    out = np.empty(m_rows, dtype=rows.dtype)
+
+    def work(lo: int, hi: int) -> None:
+        if c <= SMALL_CLASSES and rows.dtype == F32:  # see softmax_cross_entropy_rows
+            t = _scratch.get("t", c, hi - lo)
+            np.copyto(t, rows[lo:hi].T)
+            np.max(t, axis=0, out=out[lo:hi])
+        else:
+            np.max(rows[lo:hi], axis=1, out=out[lo:hi])
+
+    run_blocks(m_rows, c, work, threads=threads)
+    return out
+
+
+class _Scratch(threading.local):
+    """Per-thread scratch chunks, grown on demand and reused across calls."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, FloatArray] = {}
+
+    def get(self, name: str, rows: int, cols: int) -> FloatArray:
+        need = rows * cols
+        buf = self.buffers.get(name)
+        if buf is None or buf.size < need:
+            buf = np.empty(max(need, DEFAULT_CHUNK_BYTES // 4), dtype=F32)
+            self.buffers[name] = buf
+        return buf[:need].reshape(rows, cols)
+
+
+_scratch = _Scratch()
+
+
+@dataclass
+class SoftmaxCrossEntropyRows:
+    """Per-row results of :func:`softmax_cross_entropy_rows` (float32)."""
+
+    per_sample: FloatArray  # s_i·ℓ_i, 0 where not counted
+    valid_weight: FloatArray  # s_i·w_{y_i}, 0 where not counted
+    arrays: dict[str, FloatArray] = field(default_factory=dict)
+
+
+def softmax_cross_entropy_rows(
+    logits: FloatArray,
+    targets: npt.NDArray[np.integer],
+    valid: npt.NDArray[np.bool_] | None = None,
+    *,
+    weight: FloatArray | None = None,
+    label_smoothing: float = 0.0,
+    temperature: float = 1.0,
+    sample_weight: FloatArray | None = None,
+    grad_scale: float | None = None,
+    grad_out: FloatArray | None = None,
+    probabilities: bool = False,
+    log_probabilities: bool = False,
+    threads: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> SoftmaxCrossEntropyRows:
+    """Softmax cross-entropy with index targets, forward and backward in one chunked pass.
+
+    With p_i = softmax(z_i / T), ε the label smoothing, w the class weights (1 when absent),
+    W = Σ_c w_c, s_i the sample weight and lse_i = log Σ_c exp((z_ic − m_i)/T), m_i = max_c z_ic:
+
+        ℓ_i = (1 − ε)·w_y·(lse_i − (z_iy − m_i)/T) + (ε/C)·Σ_c w_c·(lse_i − (z_ic − m_i)/T)
+        ∂(s_i ℓ_i)/∂z_ij = s_i/T · (p_ij·[(1 − ε)w_y + εW/C] − (ε/C)·w_j − (1 − ε)·w_y·[j = y])
+
+    Rows with ``valid`` False give 0 loss, 0 weight and a zero gradient row. ``grad_scale``
+    (None → no gradient) multiplies the gradient (the reduction's 1/denominator, folded in so
+    the gradient is written once). ``grad_out`` receives the gradient; it may be ``logits``
+    itself (in place). Terms with zero coefficient count 0 (0·log 0 = 0, masked −inf classes).
+
+    ``logits`` (M, C) float32 C-contiguous; ``targets`` (M,) class ids in [0, C) where valid.
+    """
+    if logits.dtype != F32 or logits.ndim != 2 or not logits.flags.c_contiguous:
+        raise ValueError("logits must be a C-contiguous (M, C) float32 array")
+    m_rows, c = logits.shape
+    y = np.asarray(targets, dtype=np.intp).reshape(m_rows)
+    ok = np.ones(m_rows, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    y = np.where(ok, y, 0)
+    eps = float(label_smoothing)
+    inv_t = F32(1.0 / temperature)
+    w = None if weight is None else np.ascontiguousarray(weight, dtype=F32).reshape(c)
+    w_total = float(c) if w is None else float(w.sum(dtype=np.float64))
+    s = None if sample_weight is None else np.asarray(sample_weight, dtype=F32).reshape(m_rows)
+
+    w_y = (w[y] if w is not None else np.ones(m_rows, F32)) * ok
+    row_scale = ok.astype(F32) if s is None else np.where(ok, s, F32(0)).astype(F32)
+    valid_weight = (w_y * row_scale).astype(F32, copy=False)
+    per_sample = np.empty(m_rows, dtype=F32)
+
+    want_grad = grad_scale is not None
+    grad: FloatArray | None = None
+    if want_grad:
+        if grad_out is None:
+            grad = np.empty((m_rows, c), dtype=F32)
+        else:
+            if grad_out.shape != (m_rows, c) or grad_out.dtype != F32:
+                raise ValueError("grad_out must be (M, C) float32")
+            if not grad_out.flags.c_contiguous:
+                raise ValueError("grad_out must be C-contiguous")
+            grad = grad_out
+    probs = np.empty((m_rows, c), dtype=F32) if probabilities else None
+    log_probs = np.empty((m_rows, c), dtype=F32) if log_probabilities else None
+    # per-row gradient factors: a_i = s_i·scale/T (0 where not counted)
+    a = (row_scale * F32((grad_scale or 0.0) / temperature)).astype(F32)
+    q_mass = ((1.0 - eps) * w_y + (eps / c) * w_total * ok).astype(F32)
+    target_coef = (a * F32(1.0 - eps) * w_y).astype(F32)
+    smooth_coef = (a * F32(eps / c)).astype(F32)
+
+    ones = np.ones(c, dtype=F32)
+    # Few classes: work on a transposed (C, rows) scratch copy, where the per-row reductions
+    # become elementwise ufuncs across C vectors (NumPy's reductions over a short last axis
+    # are an order of magnitude slower per element).
+    transposed = c <= SMALL_CLASSES
+    # without temperature, smoothing or log-probabilities, rows whose max lies in
+    # [−30, exp_ceiling] take exp(z) directly: Σ_c exp(z_ic) ≤ C·exp(m_i) stays finite
+    plain = inv_t == 1 and not eps and log_probs is None
+    exp_ceiling = 80.0 - float(np.log(c))
+
+    def work(lo: int, hi: int) -> None:
+        z = logits[lo:hi]
+        n = hi - lo
+        r = np.arange(n)
+        yy = y[lo:hi]
+        z_y = z[r, yy]  # gathered before an in-place gradient overwrites z
+        if transposed:
+            e = _scratch.get("t", c, n)
+            np.copyto(e, z.T)
+            axis = 0
+        else:
+            e = grad[lo:hi] if grad is not None else _scratch.get("g", n, c)
+            axis = 1
+
+        def per_row(v: FloatArray) -> FloatArray:
+            return v[None, :] if transposed else v[:, None]
+
+        def row_dot(vec: FloatArray) -> FloatArray:
+            # Σ_c vec_c·e_ic per row through BLAS (several times faster than np.sum)
+            return vec @ e if transposed else e @ vec
+
+        mx = np.max(e if transposed else z, axis=axis)
+        # exp(z) needs no max shift while every row max is moderate: one pass fewer
+        unshifted = plain and float(mx.min()) >= -30.0 and float(mx.max()) <= exp_ceiling
+        if unshifted:
+            if not transposed:
+                np.exp(z, out=e)
+        else:
+            np.subtract(e if transposed else z, per_row(mx), out=e)
+            if inv_t != 1:
+                np.multiply(e, inv_t, out=e)
+        smooth_sum = None
+        if eps:
+            # Σ_c w_c·(z_ic − m_i)/T from the shifted row (no cancellation at large |z|)
+            smooth_sum = row_dot(ones if w is None else w)
+            if w is not None and np.isnan(smooth_sum).any():
+                # w_c = 0 on a −inf class: that term counts 0, as in the reference
+                shifted = e.T if transposed else e
+                for i in np.flatnonzero(np.isnan(smooth_sum)):
+                    smooth_sum[i] = np.where(w != 0, shifted[i] * w, 0).sum()
+        if log_probs is not None:
+            np.copyto(log_probs[lo:hi], e.T if transposed else e)
+        if not (unshifted and not transposed):
+            np.exp(e, out=e)
+        total = row_dot(ones)
+        # lse = log Σ_c exp((z_ic − m_i)/T)
+        lse = np.log(total) - mx if unshifted else np.log(total)
+        shifted_y = (z_y - mx) * inv_t
+        w_yb = w_y[lo:hi]
+        nll = np.where(w_yb != 0, w_yb * (lse - shifted_y), 0)
+        loss = (1.0 - eps) * nll
+        if smooth_sum is not None:
+            loss = loss + (eps / c) * (w_total * lse - smooth_sum)
+        per_sample[lo:hi] = np.where(ok[lo:hi], loss * row_scale[lo:hi], 0)
+        if log_probs is not None:
+            np.subtract(log_probs[lo:hi], lse[:, None], out=log_probs[lo:hi])
+        if probs is not None:
+            inv_total = (1.0 / total).astype(F32)
+            np.multiply(e.T if transposed else e, inv_total[:, None], out=probs[lo:hi])
+        if grad is None:
+            return
+        coef = (a[lo:hi] * q_mass[lo:hi] / total).astype(F32)
+        np.multiply(e, per_row(coef), out=e)
+        if eps:
+            sc = smooth_coef[lo:hi]
+            if w is None:
+                np.subtract(e, per_row(sc), out=e)
+            else:
+                tmp = _scratch.get("w", *e.shape)
+                np.multiply(per_row(sc), w[:, None] if transposed else w[None, :], out=tmp)
+                np.subtract(e, tmp, out=e)
+        g = grad[lo:hi]
+        if transposed:
+            np.copyto(g, e.T)
+        g[r, yy] -= target_coef[lo:hi]
+
+    run_blocks(m_rows, c, work, threads=threads, chunk_bytes=chunk_bytes)
+    arrays: dict[str, FloatArray] = {}
+    if grad is not None:
+        arrays["grad"] = grad
+    if probs is not None:
+        arrays["probabilities"] = probs
+    if log_probs is not None:
+        arrays["log_probabilities"] = log_probs
+    return SoftmaxCrossEntropyRows(per_sample, valid_weight, arrays)
+
+
+@dataclass
+class BinaryCrossEntropyRows:
+    """Results of :func:`binary_cross_entropy_rows` (float32)."""
+
+    per_sample: FloatArray  # Σ_c v_ic·ℓ_ic per row
+    arrays: dict[str, FloatArray] = field(default_factory=dict)
+
+
+def binary_cross_entropy_rows(
+    logits: FloatArray,
+    targets: FloatArray,
+    *,
+    pos_weight: FloatArray | None = None,
+    element_weight: FloatArray | None = None,
+    label_smoothing: float = 0.0,
+    grad_scale: float | None = None,
+    grad_out: FloatArray | None = None,
+    probabilities: bool = False,
+    threads: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> BinaryCrossEntropyRows:
+    """Sigmoid binary cross-entropy per element, summed per row, with its gradient.
+
+    With y ← y(1 − ε) + ε/2, pw the positive weight (per class, 1 when absent), v the element
+    weights (1 when absent) and softplus(x) = max(x, 0) + log1p(exp(−|x|)):
+
+        ℓ_ic = v_ic·[pw_c·y_ic·softplus(−z_ic) + (1 − y_ic)·softplus(z_ic)]
+             (= (1 − y)·z + (1 + (pw − 1)·y)·softplus(−z), without its ∞ − ∞ at z = −∞)
+        ∂ℓ_ic/∂z_ic = v_ic·[(1 + (pw_c − 1)·y_ic)·σ(z_ic) − pw_c·y_ic]
+
+    ``per_sample`` is Σ_c ℓ_ic per row; ``grad`` (when ``grad_scale`` is given) is the
+    elementwise derivative times ``grad_scale``; ``grad_out`` may be ``logits`` (in place).
+    ``logits`` (M, C) float32 C-contiguous; ``targets``/``element_weight`` (M, C).
+    """
+    if logits.dtype != F32 or logits.ndim != 2 or not logits.flags.c_contiguous:
+        raise ValueError("logits must be a C-contiguous (M, C) float32 array")
+    m_rows, c = logits.shape
+    t = np.asarray(targets)
+    if t.shape != (m_rows, c):
+        raise ValueError("targets must have the logits' shape")
+    v = None if element_weight is None else np.asarray(element_weight)
+    if v is not None and v.shape != (m_rows, c):
+        raise ValueError("element_weight must have the logits' shape")
+    pw = None if pos_weight is None else np.asarray(pos_weight, dtype=F32).reshape(c)
+    eps = F32(label_smoothing)
+    per_sample = np.empty(m_rows, dtype=F32)
+    grad: FloatArray | None = None
+    if grad_scale is not None:
+        grad = np.empty((m_rows, c), dtype=F32) if grad_out is None else grad_out
+        if grad.shape != (m_rows, c) or grad.dtype != F32 or not grad.flags.c_contiguous:
+            raise ValueError("grad_out must be a C-contiguous (M, C) float32 array")
+    probs = np.empty((m_rows, c), dtype=F32) if probabilities else None
+    scale = F32(grad_scale or 0.0)
+
+    def work(lo: int, hi: int) -> None:
+        n = hi - lo
+        z = logits[lo:hi]
+        yk = _scratch.get("y", n, c)
+        np.copyto(yk, t[lo:hi], casting="unsafe")
+        if eps:
+            np.multiply(yk, F32(1.0) - eps, out=yk)
+            np.add(yk, eps / F32(2.0), out=yk)
+        k = _scratch.get("k", n, c)  # pw·y, then 1 + (pw − 1)·y for the gradient
+        if pw is None:
+            np.copyto(k, yk)
+        else:
+            np.multiply(yk, pw, out=k)
+        e = _scratch.get("e", n, c)  # exp(−|z|)
+        np.abs(z, out=e)
+        np.negative(e, out=e)
+        np.exp(e, out=e)
+        sp = _scratch.get("sp", n, c)  # pw·y·softplus(−z), softplus(x) = max(x, 0) + log1p(e)
+        lp = _scratch.get("lp", n, c)
+        np.log1p(e, out=lp)
+        tmp = _scratch.get("tmp", n, c)
+        np.negative(z, out=tmp)
+        np.maximum(tmp, 0, out=tmp)
+        np.add(tmp, lp, out=sp)
+        np.multiply(sp, k, out=sp)
+        np.copyto(sp, 0, where=k == 0)  # no positive mass: the term counts 0 (z = +inf too)
+        np.maximum(z, 0, out=tmp)  # (1 − y)·softplus(z)
+        np.add(tmp, lp, out=tmp)
+        np.subtract(F32(1.0), yk, out=lp)
+        np.multiply(tmp, lp, out=tmp)
+        np.copyto(tmp, 0, where=lp == 0)
+        np.add(sp, tmp, out=sp)
+        np.add(k, lp, out=k)  # k ← pw·y + 1 − y
+        if v is not None:
+            np.multiply(sp, v[lo:hi], out=sp)
+        np.sum(sp, axis=1, out=per_sample[lo:hi])
+        if grad is None and probs is None:
+            return
+        # σ(z) = 1/(1 + e) for z ≥ 0, e/(1 + e) for z < 0, with e = exp(−|z|)
+        sig = _scratch.get("sig", n, c)
+        np.add(e, F32(1.0), out=tmp)
+        np.divide(F32(1.0), tmp, out=sig)
+        np.multiply(e, sig, out=tmp)
+        np.copyto(sig, tmp, where=z < 0)
+        if probs is not None:
+            np.copyto(probs[lo:hi], sig)
+        if grad is None:
+            return
+        g = grad[lo:hi]
+        np.multiply(k, sig, out=tmp)
+        if pw is None:
+            np.subtract(tmp, yk, out=g)
+        else:
+            np.multiply(yk, pw, out=k)
+            np.subtract(tmp, k, out=g)
+        if v is not None:
+            np.multiply(g, v[lo:hi], out=g)
+        if scale != 1:
+            np.multiply(g, scale, out=g)
+
+    run_blocks(m_rows, c, work, threads=threads, chunk_bytes=chunk_bytes)
+    arrays: dict[str, FloatArray] = {}
+    if grad is not None:
+        arrays["grad"] = grad
+    if probs is not None:
+        arrays["probabilities"] = probs
+    return BinaryCrossEntropyRows(per_sample, arrays)
+
+
+def classification_pass(
+    logits: FloatArray, targets: npt.NDArray[np.integer], n_bins: int = 15
+) -> dict[str, npt.NDArray[np.generic]]:
+    """Per-row quantities behind the classification metrics, from one chunked pass.
+
+    ``prediction`` = argmax_c z_ic (first on ties); ``confidence`` = max_c p_ic = 1/Σ_c
+    exp(z_ic − m_i); ``rank`` = #{c : z_ic > z_iy or (z_ic = z_iy and c < y)}, so the target is
+    in the top k exactly when rank < k; ``bin`` = the confidence's bin of ``n_bins`` equal-width
+    (lo, hi] bins over [0, 1]. Targets must be valid class ids.
+    """
+    m_rows, c = logits.shape
+    y = np.asarray(targets, dtype=np.intp).reshape(m_rows)
+    pred = np.empty(m_rows, dtype=np.int64)
+    confidence = np.empty(m_rows, dtype=F32)
+    rank = np.empty(m_rows, dtype=np.int32)
+    cols = np.arange(c)
+
+    def work(lo: int, hi: int) -> None:
+        z = logits[lo:hi]
+        yy = y[lo:hi]
+        z_y = z[np.arange(hi - lo), yy][:, None]
+        pred[lo:hi] = np.argmax(z, axis=1)
+        mx = np.max(z, axis=1)
+        confidence[lo:hi] = 1.0 / np.exp(z - mx[:, None]).sum(axis=1)
+        ahead = (z > z_y) | ((z == z_y) & (cols[None, :] < yy[:, None]))
+        rank[lo:hi] = ahead.sum(axis=1)
+
+    run_blocks(m_rows, c, work)
+    bins = np.clip(np.ceil(confidence * n_bins).astype(np.int32) - 1, 0, n_bins - 1)
+    return {"prediction": pred, "confidence": confidence, "rank": rank, "bin": bins}

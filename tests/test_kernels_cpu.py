@@ -1,0 +1,395 @@
+"""CPU fast paths vs the xp-generic reference path and plain float64 references.
+
+Covers shapes around chunk boundaries, thread counts, dtypes, every CE option, outputs and
+reductions, in-place gradients, and the BCE and metrics kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import ce_engine
+from ce_engine.kernels import cpu
+from tests.reference import central_difference, softmax_ce
+
+# the module (the package re-exports a function of the same name)
+ce_module = importlib.import_module("ce_engine.losses.cross_entropy")
+RNG = np.random.default_rng(20261123)
+ALL_OUTPUTS = ["per_sample", "grad", "probabilities", "log_probabilities"]
+
+
+def reference_path(monkeypatch: pytest.MonkeyPatch, *args, **kwargs):
+    """``evaluate`` with the fused kernel switched off (the xp-generic loss code)."""
+    with monkeypatch.context() as m:
+        m.setattr(ce_module, "fast_index_cross_entropy", lambda *a: None)
+        return ce_engine.evaluate(*args, **kwargs)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts calls of the CPU CE kernel (so a test knows the fast path ran)."""
+    calls: list[int] = []
+    original = cpu.softmax_cross_entropy_rows
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "softmax_cross_entropy_rows", counting)
+    return calls
+
+
+def assert_same_result(fast, ref, rtol: float = 2e-5, atol: float = 1e-6) -> None:
+    assert fast.count == ref.count and fast.ignored == ref.ignored
+    assert fast.denominator == pytest.approx(ref.denominator, rel=1e-6)
+    assert fast.sum == pytest.approx(ref.sum, rel=rtol, abs=atol)
+    if ref.value is None:
+        assert fast.value is None
+    else:
+        assert fast.value == pytest.approx(ref.value, rel=rtol, abs=atol)
+    assert set(fast.outputs) == set(ref.outputs)
+    for key, arr in ref.outputs.items():
+        assert fast.outputs[key].shape == arr.shape, key
+        assert fast.outputs[key].dtype == arr.dtype, key
+        np.testing.assert_allclose(fast.outputs[key], arr, rtol=rtol, atol=atol, err_msg=key)
+
+
+OPTION_CASES = [
+    {},
+    {"weight": "random"},
+    {"weight": "with_zero"},
+    {"ignore_index": 1},
+    {"label_smoothing": 0.1},
+    {"temperature": 0.6},
+    {"weight": "random", "ignore_index": 0, "label_smoothing": 0.25, "temperature": 1.7},
+]
+
+
+def make_options(opts: dict, c: int) -> dict:
+    out = dict(opts)
+    if opts.get("weight") == "random":
+        out["weight"] = (RNG.random(c) + 0.1).tolist()
+    elif opts.get("weight") == "with_zero":
+        w = RNG.random(c) + 0.1
+        w[:: max(1, c // 3)] = 0.0
+        out["weight"] = w.tolist()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("m", "c"), [(1, 1), (5, 3), (37, 10), (300, 64), (129, 65), (70, 1000), (3, 40_000)]
+)
+@pytest.mark.parametrize("opts", OPTION_CASES)
+def test_fast_path_matches_reference_path(monkeypatch, kernel_calls, m, c, opts):
+    z = (RNG.standard_normal((m, c)) * 4).astype(np.float32)
+    y = RNG.integers(0, c, size=m)
+    if m > 2:
+        y[1] = 1 % c  # hit ignore_index 1 / 0 where present
+        y[2] = 0
+    sw = (RNG.random(m) + 0.2).astype(np.float32)
+    options = make_options(opts, c)
+    for reduction, normalization in [("mean", "valid"), ("sum", "valid"), ("none", "valid")]:
+        kwargs = {
+            "options": {**options, "reduction": reduction, "normalization": normalization},
+            "outputs": ALL_OUTPUTS,
+            "sample_weight": sw if reduction != "sum" else None,
+            "backend": "numpy",
+        }
+        fast = ce_engine.evaluate("cross_entropy", z, y, **kwargs)
+        ref = reference_path(monkeypatch, "cross_entropy", z, y, **kwargs)
+        assert_same_result(fast, ref)
+    assert len(kernel_calls) == 3
+
+
+@pytest.mark.parametrize("normalization", ["valid", "batch_size", "all", "none"])
+@pytest.mark.parametrize("log_base", ["e", "2"])
+def test_folded_gradient_scale_all_normalizations(
+    monkeypatch, kernel_calls, normalization, log_base
+):
+    z = RNG.standard_normal((4, 3, 7)).astype(np.float32)
+    y = RNG.integers(0, 7, size=(4, 3))
+    y[0, 0] = -100
+    kwargs = {
+        "options": {"normalization": normalization, "log_base": log_base, "weight": [2.0] * 7},
+        "outputs": ["grad", "per_sample"],
+        "backend": "numpy",
+    }
+    assert_same_result(
+        ce_engine.evaluate("cross_entropy", z, y, **kwargs),
+        reference_path(monkeypatch, "cross_entropy", z, y, **kwargs),
+    )
+    batchmean = {**kwargs, "options": {"reduction": "batchmean"}}
+    assert_same_result(
+        ce_engine.evaluate("cross_entropy", z, y, **batchmean),
+        reference_path(monkeypatch, "cross_entropy", z, y, **batchmean),
+    )
+    assert kernel_calls
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+@pytest.mark.parametrize("class_axis", [-1, 1])
+def test_dtypes_and_layouts_against_float64_reference(kernel_calls, dtype, class_axis):
+    shape = (6, 9, 4) if class_axis == 1 else (6, 4, 9)
+    z = (RNG.standard_normal(shape) * 3).astype(dtype)
+    y = RNG.integers(0, 9, size=(6, 4))
+    res = ce_engine.evaluate(
+        "cross_entropy",
+        z,
+        y,
+        options={"class_axis": class_axis, "label_smoothing": 0.05},
+        outputs=["per_sample", "grad"],
+        backend="numpy",
+    )
+    assert kernel_calls and res.compute_dtype == "float32"
+    rows = np.moveaxis(z.astype(np.float64), class_axis, -1).reshape(-1, 9)
+    per, den, _ = softmax_ce(rows, y.reshape(-1), fmt="index", label_smoothing=0.05)
+    np.testing.assert_allclose(res.outputs["per_sample"].reshape(-1), per, rtol=1e-5, atol=1e-6)
+    assert res.value == pytest.approx(per.sum() / den.sum(), rel=1e-5)
+
+    def reduced(flat: np.ndarray) -> float:
+        p, d, _ = softmax_ce(flat, y.reshape(-1), fmt="index", label_smoothing=0.05)
+        return float(p.sum() / d.sum())
+
+    grad_rows = np.moveaxis(res.outputs["grad"], class_axis, -1).reshape(-1, 9)
+    np.testing.assert_allclose(grad_rows, central_difference(reduced, rows), atol=2e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("chunk_bytes", [4, 1000, cpu.DEFAULT_CHUNK_BYTES])
+@pytest.mark.parametrize("c", [7, 500])
+def test_threads_and_chunks_do_not_change_results(threads, chunk_bytes, c):
+    m = 2000 if c == 7 else 300  # above MIN_PARALLEL_ELEMENTS: the pool really runs
+    z = RNG.standard_normal((m, c)).astype(np.float32)
+    y = RNG.integers(0, c, size=m)
+    valid = RNG.random(m) > 0.1
+    w = (RNG.random(c) + 0.5).astype(np.float32)
+    kwargs = {"weight": w, "label_smoothing": 0.1, "temperature": 1.3, "grad_scale": 0.5}
+    base = cpu.softmax_cross_entropy_rows(z, y, valid, **kwargs, threads=1, chunk_bytes=1 << 30)
+    got = cpu.softmax_cross_entropy_rows(
+        z, y, valid, **kwargs, threads=threads, chunk_bytes=chunk_bytes, probabilities=True
+    )
+    np.testing.assert_allclose(got.per_sample, base.per_sample, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.arrays["grad"], base.arrays["grad"], rtol=1e-5, atol=1e-8)
+    np.testing.assert_array_equal(got.valid_weight, base.valid_weight)
+    # every element written (outputs come from np.empty)
+    assert np.isfinite(got.arrays["grad"]).all() and np.isfinite(got.arrays["probabilities"]).all()
+    np.testing.assert_allclose(got.arrays["probabilities"].sum(axis=1), 1.0, rtol=1e-5)
+    assert np.all(got.arrays["grad"][~valid] == 0) and np.all(got.per_sample[~valid] == 0)
+
+
+@pytest.mark.parametrize("c", [5, 3000])
+def test_in_place_gradient_overwrites_logits(c):
+    z = RNG.standard_normal((50, c)).astype(np.float32)
+    y = RNG.integers(0, c, size=50)
+    kwargs = {"label_smoothing": 0.2, "temperature": 0.8, "grad_scale": 1 / 50}
+    expected = cpu.softmax_cross_entropy_rows(z, y, **kwargs)
+    work = z.copy()
+    got = cpu.softmax_cross_entropy_rows(work, y, **kwargs, grad_out=work)
+    assert got.arrays["grad"] is work
+    np.testing.assert_allclose(work, expected.arrays["grad"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got.per_sample, expected.per_sample, rtol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("c", [3, 100])
+def test_minus_inf_and_huge_logits(smoothing, c):
+    z = (RNG.standard_normal((4, c)) * 1e30).astype(np.float32)
+    z[0, 1] = -np.inf
+    z[1, :] = 1e4
+    y = np.array([0, 2, 1, 0])
+    w = np.ones(c)
+    w[1] = 0.0  # the masked class carries no weight: its terms count 0
+    for weight in (None, w.tolist()):
+        res = ce_engine.evaluate(
+            "cross_entropy",
+            z,
+            y,
+            options={"label_smoothing": smoothing, "weight": weight},
+            outputs=["per_sample", "grad"],
+            backend="numpy",
+        )
+        per, _, _ = softmax_ce(
+            z.astype(np.float64), y, fmt="index", weight=weight, label_smoothing=smoothing
+        )
+        assert np.isfinite(res.outputs["grad"]).all()
+        np.testing.assert_allclose(res.outputs["per_sample"], per, rtol=1e-5)
+        if weight is None:  # row 1 is uniform: ℓ = log C whatever the smoothing
+            assert res.outputs["per_sample"][1] == pytest.approx(math.log(c), rel=1e-5)
+    target_masked = ce_engine.evaluate(
+        "cross_entropy", z[:1], np.array([1]), outputs=["per_sample"], backend="numpy"
+    )
+    assert target_masked.outputs["per_sample"][0] == math.inf
+
+
+def test_nan_policy_row_max_screen():
+    z = RNG.standard_normal((6, 4)).astype(np.float32)
+    y = RNG.integers(0, 4, size=6)
+    for bad in (np.nan, np.inf):
+        zz = z.copy()
+        zz[4, 2] = bad
+        with pytest.raises(ce_engine.InputValidationError) as info:
+            ce_engine.evaluate("cross_entropy", zz, y, backend="numpy")
+        assert info.value.errors[0].loc == ("logits", 4, 2)
+    zz = z.copy()
+    zz[3] = -np.inf
+    with pytest.raises(ce_engine.InputValidationError, match="all logits"):
+        ce_engine.evaluate("cross_entropy", zz, y, backend="numpy")
+    omitted = ce_engine.evaluate(
+        "cross_entropy", zz, y, options={"nan_policy": "omit"}, backend="numpy"
+    )
+    assert omitted.ignored == 1
+
+
+def bce_reference(z, t, pw, v, eps):
+    """Plain float64 BCE: −[pw·y·log σ(z) + (1 − y)·log(1 − σ(z))], y smoothed."""
+    z = z.astype(np.float64)
+    y = t * (1 - eps) + eps / 2
+    log_sig = -np.logaddexp(0, -z)
+    log_one_minus = -np.logaddexp(0, z)
+    return -(v * (pw * y * log_sig + (1 - y) * log_one_minus))
+
+
+@pytest.mark.parametrize(("m", "c"), [(1, 1), (9, 5), (300, 300)])
+@pytest.mark.parametrize("with_weights", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_binary_cross_entropy_rows(m, c, with_weights, eps, threads):
+    z = (RNG.standard_normal((m, c)) * 5).astype(np.float32)
+    z.flat[0] = 60.0
+    t = (RNG.random((m, c)) > 0.6).astype(np.float32)
+    pw = (RNG.random(c) * 3).astype(np.float32) if with_weights else None
+    v = RNG.random((m, c)).astype(np.float32) if with_weights else None
+    out = cpu.binary_cross_entropy_rows(
+        z,
+        t,
+        pos_weight=pw,
+        element_weight=v,
+        label_smoothing=eps,
+        grad_scale=0.5,
+        probabilities=True,
+        threads=threads,
+        chunk_bytes=256,
+    )
+    pw64 = np.ones(c) if pw is None else pw.astype(np.float64)
+    v64 = np.ones((m, c)) if v is None else v.astype(np.float64)
+    ref = bce_reference(z, t, pw64, v64, eps)
+    np.testing.assert_allclose(out.per_sample, ref.sum(axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out.arrays["probabilities"], 1 / (1 + np.exp(-z.astype(float))), rtol=1e-6
+    )
+    if m * c <= 100:
+        expected = central_difference(
+            lambda zz: float(bce_reference(zz, t, pw64, v64, eps).sum()), z
+        )
+    else:  # ∂ℓ/∂z = v·((pw·y + 1 − y)·σ(z) − pw·y), checked by differences above
+        y = t * (1 - eps) + eps / 2
+        sig = 1 / (1 + np.exp(-z.astype(np.float64)))
+        expected = v64 * ((pw64 * y + 1 - y) * sig - pw64 * y)
+    np.testing.assert_allclose(out.arrays["grad"], 0.5 * expected, rtol=1e-4, atol=1e-5)
+
+
+def test_binary_cross_entropy_extremes_and_in_place():
+    z = np.array([[1e4, -1e4, np.inf, -np.inf, 0.0]], dtype=np.float32)
+    t = np.array([[1.0, 0.0, 1.0, 0.0, 1.0]], dtype=np.float32)
+    out = cpu.binary_cross_entropy_rows(z, t, grad_scale=1.0)
+    assert out.per_sample[0] == pytest.approx(math.log(2), rel=1e-6)
+    np.testing.assert_allclose(out.arrays["grad"], [[0, 0, 0, 0, -0.5]], atol=1e-7)
+    work = z.copy()
+    cpu.binary_cross_entropy_rows(work, t, grad_scale=1.0, grad_out=work)
+    np.testing.assert_array_equal(work, out.arrays["grad"])
+    wrong = cpu.binary_cross_entropy_rows(z, 1 - t)
+    assert wrong.per_sample[0] == math.inf
+
+
+@pytest.mark.parametrize("c", [1, 6, 200])
+def test_classification_pass(c):
+    m = 500
+    z = RNG.standard_normal((m, c)).astype(np.float32)
+    z[:10, : min(c, 3)] = 1.0  # ties: first index wins, and ranks count ties before y
+    y = RNG.integers(0, c, size=m)
+    got = cpu.classification_pass(z, y, n_bins=15)
+    np.testing.assert_array_equal(got["prediction"], np.argmax(z, axis=1))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(got["confidence"], p.max(axis=1), rtol=1e-6)
+    for i in range(m):
+        order = sorted(range(c), key=lambda j: (-float(z[i, j]), j))
+        assert got["rank"][i] == order.index(y[i])
+    edges = np.linspace(0, 1, 16)
+    expected_bin = np.searchsorted(edges, p.max(axis=1), side="left") - 1
+    np.testing.assert_array_equal(got["bin"], np.clip(expected_bin, 0, 14))
+
+
+def test_thread_setting():
+    cpu.set_threads(3)
+    try:
+        assert cpu.get_threads() == 3
+    finally:
+        cpu.set_threads(None)
+    assert cpu.get_threads() >= 1
+    with pytest.raises(ValueError):
+        cpu.set_threads(0)
+
+
+def test_cuda_module_imports_and_declines_host_arrays():
+    """The CUDA module imports without CuPy; host arrays never take the device path."""
+    from ce_engine.kernels import cuda
+
+    assert not cuda.is_device_array(np.zeros((2, 3), np.float32))
+    assert "ce_rows_block<2>" in cuda._KERNEL_NAMES
+    assert all(
+        f"__global__ void {name.split('<')[0]}" in cuda.SOURCE for name in cuda._KERNEL_NAMES
+    )
+
+
+@pytest.mark.parametrize("policy", ["omit", "propagate"])
+def test_nan_policies_and_all_ignored_match_reference_path(monkeypatch, kernel_calls, policy):
+    z = RNG.standard_normal((6, 5)).astype(np.float32)
+    z[2, 3] = np.nan
+    z[4] = -np.inf
+    y = np.array([0, 1, 2, -100, 4, 3])
+    kwargs = {"options": {"nan_policy": policy}, "outputs": ALL_OUTPUTS, "backend": "numpy"}
+    with np.errstate(invalid="ignore"):
+        fast = ce_engine.evaluate("cross_entropy", z, y, **kwargs)
+        ref = reference_path(monkeypatch, "cross_entropy", z, y, **kwargs)
+    assert fast.count == ref.count and fast.ignored == ref.ignored
+    assert (fast.value is None and ref.value is None) or fast.value == pytest.approx(
+        ref.value, rel=2e-5, nan_ok=True
+    )
+    for key in ALL_OUTPUTS:
+        np.testing.assert_allclose(fast.outputs[key], ref.outputs[key], rtol=2e-5, atol=1e-6)
+    ignored = ce_engine.evaluate(
+        "cross_entropy", z[:2], np.array([-100, -100]), outputs=["grad"], backend="numpy"
+    )
+    assert ignored.value is None and ignored.denominator == 0.0
+    assert np.all(ignored.outputs["grad"] == 0)
+    assert kernel_calls
+
+
+@pytest.mark.parametrize("c", [10, 3000])
+@pytest.mark.parametrize("chunk_bytes", [4, cpu.DEFAULT_CHUNK_BYTES])
+def test_exp_without_max_shift_matches_float64(c, chunk_bytes):
+    """Row maxima on both sides of the no-shift window [−30, 80 − log C] give the same math."""
+    ceiling = 80.0 - math.log(c)
+    offsets = np.array([-40.0, -29.0, 0.0, 50.0, ceiling - 1.0, ceiling + 1.0, 1e4, -1e4])
+    z = (RNG.standard_normal((len(offsets), c)) + offsets[:, None]).astype(np.float32)
+    z -= (z.max(axis=1) - offsets)[:, None]  # row maxima exactly at the offsets
+    z[2, 0] = -np.inf
+    y = RNG.integers(0, c, size=len(offsets))
+    got = cpu.softmax_cross_entropy_rows(
+        z, y, grad_scale=1.0, probabilities=True, chunk_bytes=chunk_bytes
+    )
+    z64 = z.astype(np.float64)
+    log_p = z64 - z64.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    p = np.exp(log_p)
+    expected_grad = p.copy()
+    expected_grad[np.arange(len(y)), y] -= 1.0
+    np.testing.assert_allclose(got.per_sample, -log_p[np.arange(len(y)), y], rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(got.arrays["probabilities"], p, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.arrays["grad"], expected_grad, rtol=1e-5, atol=1e-7)
