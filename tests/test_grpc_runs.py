@@ -1,8 +1,9 @@
 """gRPC runs API (CreateRun, AddBatch, AddBatches, GetRun, ListRuns) on the REST runs data plane.
 
-One real app (SQLite file) serves REST in process and gRPC on a free localhost port, both over the
-same run store. Expected aggregates come from REST and from one stateless evaluation of all the
-batches concatenated, never from the store's own arithmetic.
+One real app (a SQLite file, or a real PostgreSQL database where marked) serves REST in process
+and gRPC on a free localhost port, both over the same run store. Expected aggregates come from
+REST and from one stateless evaluation of all the batches concatenated, never from the store's
+own arithmetic.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from service.proto_codec import (
     run_from_proto,
     runs_page_from_proto,
 )
+from tests.servers import PostgresCluster
 from tests.test_runs import (
     ALL_METRICS,
     OPTIONS,
@@ -58,9 +60,9 @@ class Stack:
     grpc_server: GrpcServer
 
 
-async def _stack(tmp_path: Path, **overrides: Any) -> AsyncIterator[Stack]:
+async def _stack(tmp_path: Path, database_url: str = "", **overrides: Any) -> AsyncIterator[Stack]:
     settings = Settings(
-        database_url=f"sqlite:///{tmp_path / 'runs.db'}",
+        database_url=database_url or f"sqlite:///{tmp_path / 'runs.db'}",
         max_elements=20_000,
         log_level="warning",
         backend="numpy",
@@ -88,9 +90,13 @@ async def _stack(tmp_path: Path, **overrides: Any) -> AsyncIterator[Stack]:
             await server.stop(0)
 
 
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    async for value in _stack(tmp_path):
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
+    url = ""
+    if request.param == "postgres":
+        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        url = cluster.create_database()
+    async for value in _stack(tmp_path, url):
         yield value
 
 
