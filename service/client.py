@@ -8,13 +8,20 @@ REST transports (``transport=``): ``protobuf`` (default: ``application/x-protobu
 ``base64`` (JSON with base64 tensors), ``json`` (JSON nested lists: slow for large tensors, and
 outputs come back as float64/int64 arrays since lists carry no dtype) and
 ``oip`` (Open Inference Protocol v2 with the binary tensor extension). :class:`GrpcClient` speaks
-``ce_eval.v1.LossEvaluation``. Every failure the service reports raises :class:`EvaluationError`
+``ce_eval.v1.LossEvaluation``, runs included (the run dicts are those of the REST API):
+
+>>> with GrpcClient("127.0.0.1:50051", api_key="...") as client:
+...     run = client.create_run("val", "cross_entropy", metrics=["accuracy"])
+...     client.add_batches(run["id"], [{"batch_id": "0", "logits": z0, "targets": y0}])
+...     client.get_run(run["id"])["value"]
+
+Every failure the service reports raises :class:`EvaluationError`
 carrying the RFC 9457 problem (``status``, ``detail``, ``errors``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,9 +36,15 @@ from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.oip_codec import DATATYPES, datatype_of
 from service.proto_codec import (
     PROTOBUF_MEDIA_TYPE,
+    batch_answer_from_proto,
+    batch_to_proto,
+    batches_summary_from_proto,
+    create_run_to_proto,
     problem_from_proto,
     request_chunks,
     response_from_proto,
+    run_from_proto,
+    runs_page_from_proto,
 )
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossEvaluation"].full_name
@@ -331,7 +344,12 @@ def problem_from_rpc_error(error: grpc.RpcError) -> dict[str, Any]:
 
 
 class GrpcClient:
-    """Synchronous gRPC client of ``ce_eval.v1.LossEvaluation``."""
+    """Synchronous gRPC client of ``ce_eval.v1.LossEvaluation``.
+
+    ``api_key`` travels as ``authorization: Bearer <key>`` metadata on every call. Run methods
+    answer the dicts of the REST runs API; failures raise :class:`EvaluationError` with the gRPC
+    code name as ``status``.
+    """
 
     def __init__(
         self,
@@ -339,8 +357,12 @@ class GrpcClient:
         *,
         timeout: float = 120.0,
         max_message_bytes: int = 256 * 1024 * 1024,
+        api_key: str | None = None,
     ) -> None:
         self.timeout = timeout
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        )
         self._channel = grpc.insecure_channel(
             target,
             options=[
@@ -354,6 +376,28 @@ class GrpcClient:
             request_serializer=b"".join,
             response_deserializer=pb.EvaluateResponse.FromString,
         )
+        self._create_run = self._unary("CreateRun", pb.Run)
+        self._add_batch = self._unary("AddBatch", pb.AddBatchResponse)
+        self._get_run = self._unary("GetRun", pb.Run)
+        self._list_runs = self._unary("ListRuns", pb.ListRunsResponse)
+        self._add_batches = self._channel.stream_unary(
+            f"/{SERVICE_NAME}/AddBatches",
+            request_serializer=pb.AddBatchRequest.SerializeToString,
+            response_deserializer=pb.AddBatchesResponse.FromString,
+        )
+
+    def _unary(self, method: str, response: type[Any]) -> grpc.UnaryUnaryMultiCallable:
+        return self._channel.unary_unary(
+            f"/{SERVICE_NAME}/{method}",
+            request_serializer=lambda message: message.SerializeToString(),
+            response_deserializer=response.FromString,
+        )
+
+    def _call(self, method: Callable[..., Any], request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise EvaluationError(exc.code().name, problem_from_rpc_error(exc)) from None
 
     def evaluate(
         self,
@@ -379,11 +423,66 @@ class GrpcClient:
             vector=vector,
             backend=backend,
         )
-        try:
-            response = self._evaluate(chunks, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise EvaluationError(exc.code().name, problem_from_rpc_error(exc)) from None
+        response = self._call(self._evaluate, chunks)
         return Evaluation.from_dict(response_from_proto(response, _MAX_ELEMENTS))
+
+    def create_run(
+        self,
+        name: str,
+        loss: str,
+        *,
+        options: Mapping[str, Any] | None = None,
+        metrics: Iterable[str] = (),
+        class_names: Iterable[str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """``CreateRun`` → the new run."""
+        request = create_run_to_proto(
+            name, loss, options=options, metrics=metrics, class_names=class_names, tags=tags
+        )
+        return run_from_proto(self._call(self._create_run, request))
+
+    def add_batch(
+        self, run_id: str, batch_id: str, logits: Any, targets: Any, sample_weight: Any = None
+    ) -> dict[str, Any]:
+        """``AddBatch`` → ``{run_id, batch_id, seq, duplicate, batch, run}``."""
+        request = batch_to_proto(run_id, batch_id, logits, targets, sample_weight)
+        return batch_answer_from_proto(self._call(self._add_batch, request))
+
+    def add_batches(self, run_id: str, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        """``AddBatches``: each item ``{batch_id, logits, targets, sample_weight?}``, encoded as
+        it is sent; → ``{run_id, batches, accepted, duplicates, run}``."""
+
+        def messages() -> Iterator[pb.AddBatchRequest]:
+            for batch in batches:
+                yield batch_to_proto(
+                    run_id,
+                    str(batch["batch_id"]),
+                    batch["logits"],
+                    batch["targets"],
+                    batch.get("sample_weight"),
+                )
+
+        return batches_summary_from_proto(self._call(self._add_batches, messages()))
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """``GetRun`` → the run with its aggregates."""
+        return run_from_proto(self._call(self._get_run, pb.GetRunRequest(run_id=run_id)))
+
+    def list_runs(
+        self,
+        *,
+        name: str | None = None,
+        tags: Iterable[str] = (),
+        status: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """``ListRuns`` → ``{runs, next_cursor}`` (newest first; tags as ``key:value``)."""
+        request = pb.ListRunsRequest(
+            name=name or "", tags=list(tags), status=status or "", limit=limit, cursor=cursor or ""
+        )
+        return runs_page_from_proto(self._call(self._list_runs, request))
 
     def close(self) -> None:
         self._channel.close()

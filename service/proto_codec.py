@@ -357,3 +357,202 @@ def problem_from_proto(problem: pb.Problem) -> dict[str, Any]:
             for item in problem.errors
         ],
     }
+
+
+# ---- runs (DESIGN §3): messages ↔ the dicts of service.runs.RunsDataPlane and the REST API ----
+
+
+def create_run_from_proto(message: pb.CreateRunRequest) -> dict[str, Any]:
+    """``CreateRunRequest`` → the ``POST /v1/runs`` body (empty ``class_names`` = none)."""
+    payload: dict[str, Any] = {
+        "name": message.name,
+        "loss": message.loss,
+        "metrics": list(message.metrics),
+        "tags": dict(message.tags),
+    }
+    if message.HasField("options"):
+        payload["options"] = struct_to_dict(message.options)
+    if message.class_names:
+        payload["class_names"] = list(message.class_names)
+    return payload
+
+
+def create_run_to_proto(
+    name: str,
+    loss: str,
+    *,
+    options: Mapping[str, Any] | None = None,
+    metrics: Iterable[str] = (),
+    class_names: Iterable[str] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> pb.CreateRunRequest:
+    """Client side: a run's configuration → ``CreateRunRequest``."""
+    message = pb.CreateRunRequest(
+        name=name,
+        loss=loss,
+        metrics=list(metrics),
+        class_names=list(class_names or ()),
+        tags=dict(tags or {}),
+    )
+    if options:
+        dict_to_struct(options, message.options)
+    return message
+
+
+def batch_from_proto(message: pb.AddBatchRequest, max_elements: int) -> dict[str, Any]:
+    """``AddBatchRequest`` → the ``POST /v1/runs/{id}/batches`` body with NumPy tensors.
+
+    An absent ``logits``/``targets`` becomes None, which the engine answers with a 422
+    "field required" at that location, as over REST.
+    """
+    payload: dict[str, Any] = {"batch_id": message.batch_id}
+    for name in ("logits", "targets", "sample_weight"):
+        if message.HasField(name):
+            payload[name] = tensor_to_array(getattr(message, name), (name,), max_elements)
+        else:
+            payload[name] = None
+    return payload
+
+
+def batch_to_proto(
+    run_id: str, batch_id: str, logits: Any, targets: Any, sample_weight: Any = None
+) -> pb.AddBatchRequest:
+    """Client side: one batch's arrays → ``AddBatchRequest``."""
+    message = pb.AddBatchRequest(run_id=run_id, batch_id=batch_id)
+    array_to_tensor(logits, message.logits)
+    array_to_tensor(targets, message.targets)
+    if sample_weight is not None:
+        array_to_tensor(sample_weight, message.sample_weight)
+    return message
+
+
+def run_to_proto(run: Mapping[str, Any], out: pb.Run | None = None) -> pb.Run:
+    """A run dict (``RunsDataPlane``) → ``Run``; absent times become empty strings."""
+    message = pb.Run() if out is None else out
+    message.id = run["id"]
+    message.name = run["name"]
+    message.status = run["status"]
+    message.loss = run["loss"]
+    message.metrics_requested[:] = run["metrics_requested"]
+    message.class_names[:] = run["class_names"] or []
+    message.tags.update(run["tags"])
+    message.created_at = run["created_at"] or ""
+    message.updated_at = run["updated_at"] or ""
+    message.closed_at = run["closed_at"] or ""
+    message.batches = run["batches"]
+    message.count = run["count"]
+    message.ignored = run["ignored"]
+    message.sum = run["sum"]
+    message.denominator = run["denominator"]
+    if run["value"] is not None:
+        message.value = run["value"]
+    message.reduction = run["reduction"]
+    message.normalization = run["normalization"]
+    message.unit = run["unit"]
+    dict_to_struct(run["options"], message.options)
+    dict_to_struct(run["metrics"], message.metrics)
+    return message
+
+
+def run_from_proto(message: pb.Run) -> dict[str, Any]:
+    """Client side: ``Run`` → the dict ``GET /v1/runs/{id}`` answers."""
+    return {
+        "id": message.id,
+        "name": message.name,
+        "status": message.status,
+        "loss": message.loss,
+        "options": struct_to_dict(message.options),
+        "metrics_requested": list(message.metrics_requested),
+        "class_names": list(message.class_names) or None,
+        "tags": dict(message.tags),
+        "created_at": message.created_at or None,
+        "updated_at": message.updated_at or None,
+        "closed_at": message.closed_at or None,
+        "batches": message.batches,
+        "count": message.count,
+        "ignored": message.ignored,
+        "sum": message.sum,
+        "denominator": message.denominator,
+        "value": message.value if message.HasField("value") else None,
+        "reduction": message.reduction,
+        "normalization": message.normalization,
+        "unit": message.unit,
+        "metrics": struct_to_dict(message.metrics),
+    }
+
+
+def batch_answer_to_proto(answer: Mapping[str, Any]) -> pb.AddBatchResponse:
+    """``RunsDataPlane.add_batch`` answer → ``AddBatchResponse``."""
+    batch = answer["batch"]
+    message = pb.AddBatchResponse(
+        run_id=answer["run_id"],
+        batch_id=answer["batch_id"],
+        seq=answer["seq"],
+        duplicate=answer["duplicate"],
+    )
+    message.batch.sum = batch["sum"]
+    message.batch.denominator = batch["denominator"]
+    message.batch.count = batch["count"]
+    message.batch.ignored = batch["ignored"]
+    if batch["value"] is not None:
+        message.batch.value = batch["value"]
+    dict_to_struct(batch["metrics"], message.batch.metrics)
+    run_to_proto(answer["run"], message.run)
+    return message
+
+
+def batch_answer_from_proto(message: pb.AddBatchResponse) -> dict[str, Any]:
+    """Client side: ``AddBatchResponse`` → the dict ``POST /v1/runs/{id}/batches`` answers."""
+    batch = message.batch
+    return {
+        "run_id": message.run_id,
+        "batch_id": message.batch_id,
+        "seq": message.seq,
+        "duplicate": message.duplicate,
+        "batch": {
+            "value": batch.value if batch.HasField("value") else None,
+            "sum": batch.sum,
+            "denominator": batch.denominator,
+            "count": batch.count,
+            "ignored": batch.ignored,
+            "metrics": struct_to_dict(batch.metrics),
+        },
+        "run": run_from_proto(message.run),
+    }
+
+
+def batches_summary_to_proto(summary: Mapping[str, Any]) -> pb.AddBatchesResponse:
+    """``RunsDataPlane.add_batches`` summary → ``AddBatchesResponse``."""
+    message = pb.AddBatchesResponse(
+        run_id=summary["run_id"],
+        batches=summary["batches"],
+        accepted=summary["accepted"],
+        duplicates=summary["duplicates"],
+    )
+    run_to_proto(summary["run"], message.run)
+    return message
+
+
+def batches_summary_from_proto(message: pb.AddBatchesResponse) -> dict[str, Any]:
+    return {
+        "run_id": message.run_id,
+        "batches": message.batches,
+        "accepted": message.accepted,
+        "duplicates": message.duplicates,
+        "run": run_from_proto(message.run),
+    }
+
+
+def runs_page_to_proto(page: Mapping[str, Any]) -> pb.ListRunsResponse:
+    """``RunsDataPlane.list_runs`` page → ``ListRunsResponse`` (empty cursor on the last page)."""
+    message = pb.ListRunsResponse(next_cursor=page["next_cursor"] or "")
+    for run in page["runs"]:
+        run_to_proto(run, message.runs.add())
+    return message
+
+
+def runs_page_from_proto(message: pb.ListRunsResponse) -> dict[str, Any]:
+    return {
+        "runs": [run_from_proto(run) for run in message.runs],
+        "next_cursor": message.next_cursor or None,
+    }

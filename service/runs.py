@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -206,6 +207,35 @@ def _store_unavailable(exc: Exception) -> Unavailable:
         f"the run store is unavailable ({type(exc).__name__}); retry later",
         headers={"Retry-After": "1"},
     )
+
+
+@dataclass
+class BatchesSummary:
+    """Running summary of a stream of :meth:`RunsDataPlane.add_batch` answers (the answer of
+    :meth:`RunsDataPlane.add_batches`; adapters that admit each batch apart build it too)."""
+
+    run_id: str
+    accepted: int = 0
+    duplicates: int = 0
+    run: dict[str, Any] | None = None
+
+    def add(self, answer: Mapping[str, Any]) -> None:
+        if answer["duplicate"]:
+            self.duplicates += 1
+        else:
+            self.accepted += 1
+        self.run = answer["run"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{run_id, batches, accepted, duplicates, run}``; ``run`` must be set."""
+        assert self.run is not None
+        return {
+            "run_id": self.run_id,
+            "batches": self.accepted + self.duplicates,
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "run": self.run,
+        }
 
 
 class RunsDataPlane:
@@ -505,20 +535,12 @@ class RunsDataPlane:
         """Add a stream of batches in order (e.g. a client-streaming RPC); each is its own
         transaction, so a failure part-way keeps the batches before it. Returns the summary
         ``{run_id, batches, accepted, duplicates, run}``; the first failing batch raises."""
-        accepted = duplicates = 0
-        last: dict[str, Any] | None = None
+        summary = BatchesSummary(run_id)
         for payload in payloads:
-            answer = self.add_batch(run_id, payload, principal=principal)
-            duplicates += answer["duplicate"]
-            accepted += not answer["duplicate"]
-            last = answer["run"]
-        return {
-            "run_id": run_id,
-            "batches": accepted + duplicates,
-            "accepted": accepted,
-            "duplicates": duplicates,
-            "run": last if last is not None else self.get_run(run_id, principal=principal),
-        }
+            summary.add(self.add_batch(run_id, payload, principal=principal))
+        if summary.run is None:
+            summary.run = self.get_run(run_id, principal=principal)
+        return summary.to_dict()
 
     def list_batches(
         self,

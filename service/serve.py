@@ -42,9 +42,17 @@ class _Server(uvicorn.Server):
         timer.start()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        if self.settings.grpc_port:
-            self.grpc = await start_grpc_server(self.settings, self.app.state.dataplane)
+        # After the app's lifespan (run-store migrations): gRPC reports SERVING only once the
+        # run RPCs can reach their tables.
         await super().startup(sockets)
+        if self.settings.grpc_port and not self.should_exit:
+            state = self.app.state
+            self.grpc = await start_grpc_server(
+                self.settings,
+                state.dataplane,
+                runs=state.runs,
+                authenticator=state.authenticator,
+            )
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self.grpc is None:

@@ -1,41 +1,69 @@
-"""gRPC server (grpc.aio): ``ce_eval.v1.LossEvaluation`` over the data plane, health, reflection.
+"""gRPC server (grpc.aio): ``ce_eval.v1.LossEvaluation`` over the data planes, health, reflection.
+
+``Evaluate`` runs on :class:`service.dataplane.DataPlane`; ``CreateRun``, ``AddBatch``,
+``AddBatches``, ``GetRun`` and ``ListRuns`` on :class:`service.runs.RunsDataPlane`, the same one
+the REST runs API uses. Batches are admitted one by one (``AddBatches`` too), so a full queue or
+a draining server answers UNAVAILABLE as HTTP answers 503.
+
+API keys (when configured) come from the call metadata, ``authorization: Bearer <key>`` or
+``x-api-key``, through the same :class:`service.auth.Authenticator` as HTTP: UNAUTHENTICATED,
+PERMISSION_DENIED, RESOURCE_EXHAUSTED (rate limit), and runs scoped to the key. Health and
+reflection are separate services and stay public.
 
 Errors map once, from the service error classes (``ServiceError.grpc_code``): the call fails
 with that status code, the detail as message, and in the trailing metadata
 ``grpc-status-details-bin`` (a ``google.rpc.Status`` whose details hold a
 ``google.rpc.BadRequest`` and the ``ce_eval.v1.Problem`` the REST API would answer) plus
-``ce-eval-errors-bin`` (the JSON ``errors`` list, for clients without the protos).
+``ce-eval-errors-bin`` (the JSON ``errors`` list, for clients without the protos). An error
+with ``Retry-After`` (503, 429) also carries a ``google.rpc.RetryInfo`` detail and
+``retry-after`` metadata; every HTTP header of the error travels as lower-case metadata.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar
 
+import anyio
 import grpc
 import orjson
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import ce_engine
+from service.auth import Authenticator, presented_key
 from service.config import Settings
 from service.dataplane import DataPlane, engine_error
-from service.errors import ServiceError
+from service.errors import MalformedBody, ServiceError, ValidationFailed
 from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.logs import get_logger
 from service.proto_codec import (
+    batch_answer_to_proto,
+    batch_from_proto,
+    batches_summary_to_proto,
+    create_run_from_proto,
     problem_to_proto,
     request_from_proto,
     response_to_proto,
+    run_to_proto,
+    runs_page_to_proto,
     split_request_bytes,
 )
+from service.runs import BatchesSummary, RunsDataPlane
 
 log = get_logger("grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossEvaluation"].full_name
 ERRORS_METADATA_KEY = "ce-eval-errors-bin"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+DEFAULT_LIST_LIMIT = 50
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 
 def error_trailers(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
@@ -50,8 +78,13 @@ def error_trailers(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
             for item in error.errors
         ]
     )
+    messages: list[Message] = [bad_request, problem_to_proto(error)]
+    retry_after = error.headers.get("Retry-After", "")
+    if retry_after.isdigit():
+        delay = duration_pb2.Duration(seconds=int(retry_after))
+        messages.append(error_details_pb2.RetryInfo(retry_delay=delay))
     details = []
-    for message in (bad_request, problem_to_proto(error)):
+    for message in messages:
         packed = any_pb2.Any()
         packed.Pack(message)
         details.append(packed)
@@ -61,40 +94,102 @@ def error_trailers(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
     return (
         (STATUS_DETAILS_KEY, status.SerializeToString()),
         (ERRORS_METADATA_KEY, orjson.dumps(error.errors, default=str)),
+        *((name.lower(), value) for name, value in error.headers.items()),
     )
 
 
-class LossEvaluationServicer:
-    """Translates messages ↔ the data plane; computes nothing itself.
+def _parse(message_type: type[M], raw: bytes) -> M:
+    """Serialized request → message; INVALID_ARGUMENT (not INTERNAL) when it does not parse."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as exc:
+        name = message_type.DESCRIPTOR.name
+        raise MalformedBody(
+            f"malformed protobuf {name}: {exc}",
+            [{"loc": ["body"], "msg": f"not a valid {name} message", "type": "protobuf"}],
+        ) from None
 
-    Registered with an identity request deserializer (:meth:`handler`): ``Evaluate`` gets the
-    serialized request and parses it with :func:`split_request_bytes`, so tensor bytes are
-    not copied twice more by the protobuf runtime.
+
+def _required_run_id(run_id: str) -> str:
+    if not run_id:
+        raise ValidationFailed(
+            "run_id is required",
+            [{"loc": ["run_id"], "msg": "Field required", "type": "missing"}],
+        )
+    return run_id
+
+
+class LossEvaluationServicer:
+    """Translates messages ↔ the data planes; computes nothing itself.
+
+    Every method is registered with an identity request deserializer (:meth:`handler`) and
+    parses its request itself, so a message that does not parse is INVALID_ARGUMENT rather than
+    the INTERNAL grpc answers for a failing deserializer; ``Evaluate`` parses with
+    :func:`split_request_bytes`, so tensor bytes are not copied twice more by the protobuf
+    runtime. Without ``runs`` only ``Evaluate`` is served.
     """
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        runs: RunsDataPlane | None = None,
+        authenticator: Authenticator | None = None,
+    ) -> None:
         self.dataplane = dataplane
+        self.runs = runs
+        self.authenticator = authenticator or Authenticator([])
 
     def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
-            {
-                "Evaluate": grpc.unary_unary_rpc_method_handler(
-                    self.Evaluate,
+        methods = {
+            "Evaluate": grpc.unary_unary_rpc_method_handler(
+                self.Evaluate,
+                request_deserializer=None,
+                response_serializer=pb.EvaluateResponse.SerializeToString,
+            )
+        }
+        if self.runs is not None:
+            unary: dict[str, tuple[Callable[..., Awaitable[Message]], type[Message]]] = {
+                "CreateRun": (self.CreateRun, pb.Run),
+                "AddBatch": (self.AddBatch, pb.AddBatchResponse),
+                "GetRun": (self.GetRun, pb.Run),
+                "ListRuns": (self.ListRuns, pb.ListRunsResponse),
+            }
+            for name, (method, response) in unary.items():
+                methods[name] = grpc.unary_unary_rpc_method_handler(
+                    method,
                     request_deserializer=None,
-                    response_serializer=pb.EvaluateResponse.SerializeToString,
+                    response_serializer=response.SerializeToString,
                 )
-            },
+            methods["AddBatches"] = grpc.stream_unary_rpc_method_handler(
+                self.AddBatches,
+                request_deserializer=None,
+                response_serializer=pb.AddBatchesResponse.SerializeToString,
+            )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+        """The API key id from the call metadata (None with auth off); raises 401/403/429."""
+        if not self.authenticator.enabled:
+            return None
+        metadata = {
+            key.lower(): value
+            for key, value in context.invocation_metadata() or ()
+            if isinstance(value, str)
+        }
+        return self.authenticator.authenticate(
+            presented_key(metadata.get("authorization"), metadata.get("x-api-key"))
         )
 
-    async def Evaluate(
-        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.EvaluateResponse:
+    async def _answer(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        work: Callable[[str | None], Awaitable[T]],
+    ) -> T:
+        """Authenticate, run ``work(principal)``, map a failure to its status (one place)."""
         try:
-            message, data = split_request_bytes(request)
-            parsed = request_from_proto(message, self.dataplane.settings, data)
-            result = await self.dataplane.evaluate_async(parsed, "raw")
-            return response_to_proto(result)
+            return await work(self._principal(context))
         except ServiceError as exc:
             error = exc
         except ce_engine.EngineError as exc:
@@ -103,6 +198,103 @@ class LossEvaluationServicer:
             grpc.StatusCode[error.grpc_code], error.detail, trailing_metadata=error_trailers(error)
         )
         raise AssertionError("context.abort returned")  # pragma: no cover
+
+    def _runs(self) -> RunsDataPlane:
+        assert self.runs is not None  # the run methods are registered only with a runs plane
+        return self.runs
+
+    async def _add_batch(
+        self, run_id: str, message: pb.AddBatchRequest, principal: str | None
+    ) -> dict[str, Any]:
+        """One batch through the admission bound (UNAVAILABLE when full or draining)."""
+        payload = batch_from_proto(message, self.dataplane.settings.max_elements)
+        add = partial(self._runs().add_batch, principal=principal)
+        return await self.dataplane.run_admitted(add, run_id, payload)
+
+    # ------------------------------------------------------------- methods
+
+    async def Evaluate(
+        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.EvaluateResponse:
+        async def work(principal: str | None) -> pb.EvaluateResponse:
+            message, data = split_request_bytes(request)
+            parsed = request_from_proto(message, self.dataplane.settings, data)
+            return response_to_proto(await self.dataplane.evaluate_async(parsed, "raw"))
+
+        return await self._answer(context, work)
+
+    async def CreateRun(
+        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Run:
+        async def work(principal: str | None) -> pb.Run:
+            payload = create_run_from_proto(_parse(pb.CreateRunRequest, request))
+            create = partial(self._runs().create_run, payload, principal=principal)
+            return run_to_proto(await anyio.to_thread.run_sync(create))
+
+        return await self._answer(context, work)
+
+    async def AddBatch(
+        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.AddBatchResponse:
+        async def work(principal: str | None) -> pb.AddBatchResponse:
+            message = _parse(pb.AddBatchRequest, request)
+            run_id = _required_run_id(message.run_id)
+            return batch_answer_to_proto(await self._add_batch(run_id, message, principal))
+
+        return await self._answer(context, work)
+
+    async def AddBatches(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.AddBatchesResponse:
+        async def work(principal: str | None) -> pb.AddBatchesResponse:
+            summary: BatchesSummary | None = None
+            index = 0
+            async for request in requests:
+                message = _parse(pb.AddBatchRequest, request)
+                if summary is None:
+                    summary = BatchesSummary(_required_run_id(message.run_id))
+                elif message.run_id and message.run_id != summary.run_id:
+                    raise ValidationFailed(
+                        f"message {index} names run {message.run_id!r}; this stream adds to "
+                        f"{summary.run_id!r}",
+                        [{"loc": [index, "run_id"], "msg": "another run", "type": "run_id"}],
+                    )
+                summary.add(await self._add_batch(summary.run_id, message, principal))
+                index += 1
+            if summary is None:
+                raise ValidationFailed(
+                    "the stream holds no batch",
+                    [{"loc": [], "msg": "at least one AddBatchRequest", "type": "empty_stream"}],
+                )
+            return batches_summary_to_proto(summary.to_dict())
+
+        return await self._answer(context, work)
+
+    async def GetRun(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Run:
+        async def work(principal: str | None) -> pb.Run:
+            run_id = _required_run_id(_parse(pb.GetRunRequest, request).run_id)
+            get = partial(self._runs().get_run, run_id, principal=principal)
+            return run_to_proto(await anyio.to_thread.run_sync(get))
+
+        return await self._answer(context, work)
+
+    async def ListRuns(
+        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListRunsResponse:
+        async def work(principal: str | None) -> pb.ListRunsResponse:
+            message = _parse(pb.ListRunsRequest, request)
+            page = partial(
+                self._runs().list_runs,
+                name=message.name or None,
+                tags=list(message.tags),
+                status=message.status or None,
+                limit=message.limit or DEFAULT_LIST_LIMIT,
+                cursor=message.cursor or None,
+                principal=principal,
+            )
+            return runs_page_to_proto(await anyio.to_thread.run_sync(page))
+
+        return await self._answer(context, work)
 
 
 class GrpcServer:
@@ -126,15 +318,28 @@ async def start_grpc_server(
     dataplane: DataPlane,
     host: str | None = None,
     port: int | None = None,
+    *,
+    runs: RunsDataPlane | None = None,
+    authenticator: Authenticator | None = None,
 ) -> GrpcServer:
-    """Bind ``host:port`` (defaults from settings), register services, start serving."""
+    """Bind ``host:port`` (defaults from settings), register services, start serving.
+
+    ``runs``: serve the run RPCs on this runs data plane (else only ``Evaluate``).
+    ``authenticator``: share HTTP's (one rate-limit bucket per key across transports); by
+    default one is built from the settings' API keys and rate limit.
+    """
+    if authenticator is None:
+        authenticator = Authenticator(
+            settings.api_key_list(), settings.rate_limit_per_s, settings.rate_limit_burst
+        )
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_body_bytes),
             ("grpc.max_send_message_length", -1),
         ]
     )
-    server.add_generic_rpc_handlers((LossEvaluationServicer(dataplane).handler(),))
+    servicer = LossEvaluationServicer(dataplane, runs, authenticator)
+    server.add_generic_rpc_handlers((servicer.handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -107,12 +107,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(oip_router)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # One authenticator for HTTP and gRPC (`ce-eval serve`): a key's rate limit spans both.
+    app.state.authenticator = Authenticator(
+        settings.api_key_list(), settings.rate_limit_per_s, settings.rate_limit_burst
+    )
     app.add_middleware(
-        ApiKeyMiddleware,
-        authenticator=Authenticator(
-            settings.api_key_list(), settings.rate_limit_per_s, settings.rate_limit_burst
-        ),
-        public=settings.public_path_list(),
+        ApiKeyMiddleware, authenticator=app.state.authenticator, public=settings.public_path_list()
     )
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(PrometheusMiddleware)

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class LossEvaluationStub:
-    """Missing associated documentation comment in .proto file."""
+    """API keys (when the server has them) travel in the call metadata as
+    `authorization: Bearer <key>` or `x-api-key: <key>`; runs are visible only
+    to the key that created them. Health and reflection need no key.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -39,15 +42,76 @@ class LossEvaluationStub:
                 request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateResponse.FromString,
                 _registered_method=True)
+        self.CreateRun = channel.unary_unary(
+                '/ce_eval.v1.LossEvaluation/CreateRun',
+                request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.CreateRunRequest.SerializeToString,
+                response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.Run.FromString,
+                _registered_method=True)
+        self.AddBatch = channel.unary_unary(
+                '/ce_eval.v1.LossEvaluation/AddBatch',
+                request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.AddBatchRequest.SerializeToString,
+                response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.AddBatchResponse.FromString,
+                _registered_method=True)
+        self.AddBatches = channel.stream_unary(
+                '/ce_eval.v1.LossEvaluation/AddBatches',
+                request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.AddBatchRequest.SerializeToString,
+                response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.AddBatchesResponse.FromString,
+                _registered_method=True)
+        self.GetRun = channel.unary_unary(
+                '/ce_eval.v1.LossEvaluation/GetRun',
+                request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.GetRunRequest.SerializeToString,
+                response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.Run.FromString,
+                _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/ce_eval.v1.LossEvaluation/ListRuns',
+                request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
 
 
 class LossEvaluationServicer:
-    """Missing associated documentation comment in .proto file."""
+    """API keys (when the server has them) travel in the call metadata as
+    `authorization: Bearer <key>` or `x-api-key: <key>`; runs are visible only
+    to the key that created them. Health and reflection need no key.
+    """
 
     def Evaluate(self, request, context):
         """Stateless evaluation of one batch (POST /v1/evaluate).
-        The runs API (CreateRun, AddBatch, AddBatches, GetRun, ListRuns) joins
-        this service with the run store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateRun(self, request, context):
+        """POST /v1/runs
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddBatch(self, request, context):
+        """POST /v1/runs/{id}/batches
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddBatches(self, request_iterator, context):
+        """Many batches of one run in one call; answers a summary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRun(self, request, context):
+        """GET /v1/runs/{id}
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRuns(self, request, context):
+        """GET /v1/runs
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +125,31 @@ def add_LossEvaluationServicer_to_server(servicer, server):
                     request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateRequest.FromString,
                     response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateResponse.SerializeToString,
             ),
+            'CreateRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRun,
+                    request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.CreateRunRequest.FromString,
+                    response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.Run.SerializeToString,
+            ),
+            'AddBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddBatch,
+                    request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.AddBatchRequest.FromString,
+                    response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.AddBatchResponse.SerializeToString,
+            ),
+            'AddBatches': grpc.stream_unary_rpc_method_handler(
+                    servicer.AddBatches,
+                    request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.AddBatchRequest.FromString,
+                    response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.AddBatchesResponse.SerializeToString,
+            ),
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
+                    request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.GetRunRequest.FromString,
+                    response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.Run.SerializeToString,
+            ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.ListRunsRequest.FromString,
+                    response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.ListRunsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'ce_eval.v1.LossEvaluation', rpc_method_handlers)
@@ -70,7 +159,10 @@ def add_LossEvaluationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class LossEvaluation:
-    """Missing associated documentation comment in .proto file."""
+    """API keys (when the server has them) travel in the call metadata as
+    `authorization: Bearer <key>` or `x-api-key: <key>`; runs are visible only
+    to the key that created them. Health and reflection need no key.
+    """
 
     @staticmethod
     def Evaluate(request,
@@ -89,6 +181,141 @@ class LossEvaluation:
             '/ce_eval.v1.LossEvaluation/Evaluate',
             ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateRequest.SerializeToString,
             ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ce_eval.v1.LossEvaluation/CreateRun',
+            ce__eval_dot_v1_dot_ce__eval__pb2.CreateRunRequest.SerializeToString,
+            ce__eval_dot_v1_dot_ce__eval__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ce_eval.v1.LossEvaluation/AddBatch',
+            ce__eval_dot_v1_dot_ce__eval__pb2.AddBatchRequest.SerializeToString,
+            ce__eval_dot_v1_dot_ce__eval__pb2.AddBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/ce_eval.v1.LossEvaluation/AddBatches',
+            ce__eval_dot_v1_dot_ce__eval__pb2.AddBatchRequest.SerializeToString,
+            ce__eval_dot_v1_dot_ce__eval__pb2.AddBatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ce_eval.v1.LossEvaluation/GetRun',
+            ce__eval_dot_v1_dot_ce__eval__pb2.GetRunRequest.SerializeToString,
+            ce__eval_dot_v1_dot_ce__eval__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ce_eval.v1.LossEvaluation/ListRuns',
+            ce__eval_dot_v1_dot_ce__eval__pb2.ListRunsRequest.SerializeToString,
+            ce__eval_dot_v1_dot_ce__eval__pb2.ListRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,
