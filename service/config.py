@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     max_elements: int = Field(
         256 * 1024 * 1024, ge=1, description="Largest number of tensor elements in one request."
     )
+    max_work: int = Field(
+        2**34,
+        ge=1,
+        description=(
+            "Largest estimated work of one request (multiply-adds): N·C·D for linear layers, "
+            "N·C² for full Hessians, else the logits' size."
+        ),
+    )
     max_inflight: int = Field(
         16, ge=1, description="Evaluations admitted at once, running or queued (more → 503)."
     )

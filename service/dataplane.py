@@ -100,6 +100,19 @@ class DataPlane:
         total = sum(a.size for a in (logits, targets, *linear.values()) if a is not None)
         if total > self.settings.max_elements:
             raise decode_limit_error(total, self.settings.max_elements)
+        work = estimated_work(logits, linear["features"], linear["weight"], request.outputs)
+        if work > self.settings.max_work:
+            raise PayloadTooLarge(
+                f"the request needs about {work:.3g} multiply-adds, over the per-request "
+                f"compute limit of {self.settings.max_work:.3g}",
+                [
+                    {
+                        "loc": ["outputs" if "hessian" in request.outputs else "logits"],
+                        "msg": "compute limit exceeded",
+                        "type": "too_much_work",
+                    }
+                ],
+            )
         try:
             result = ce_engine.evaluate(
                 request.loss,
@@ -194,6 +207,23 @@ def declared_elements(value: Any) -> int:
             count *= dim
         return count
     return 2**62
+
+
+def estimated_work(
+    logits: np.ndarray | None,
+    features: np.ndarray | None,
+    weight: np.ndarray | None,
+    outputs: list[str],
+) -> int:
+    """Multiply-adds a request costs, roughly: N·C·D (linear), N·C² (hessian), else N·C."""
+    if features is not None and weight is not None and features.ndim == 2 and weight.ndim == 2:
+        return int(features.shape[0]) * int(weight.shape[0]) * int(weight.shape[1])
+    if logits is None or logits.ndim == 0:
+        return 0
+    size = int(logits.size)
+    if "hessian" in outputs:
+        return size * int(max(logits.shape))
+    return size
 
 
 def decode_limit_error(total: int, limit: int) -> PayloadTooLarge:

@@ -192,3 +192,32 @@ def test_huge_dimension_beside_a_zero_one_is_413() -> None:
         decode_tensor(
             {"dtype": "float32", "shape": [0, 2**40, 2**40], "data": ""}, ("logits",), 10**6
         )
+
+
+async def test_per_request_compute_limit_is_413() -> None:
+    rng = np.random.default_rng(0)
+    linear = {
+        "loss": "linear_cross_entropy",
+        "features": rng.standard_normal((8, 16)).tolist(),
+        "weight": rng.standard_normal((50, 16)).tolist(),
+        "targets": rng.integers(0, 50, 8).tolist(),
+    }
+    hessian = {
+        "loss": "cross_entropy",
+        "logits": rng.standard_normal((4, 30)).tolist(),
+        "targets": [0, 1, 2, 3],
+        "outputs": ["hessian"],
+    }
+    # 8·50·16 = 6400 multiply-adds for the linear layer, 4·30·30 = 3600 for the Hessian
+    async with make_client(max_work=5000) as client:
+        over = await client.post("/v1/evaluate", json=linear)
+        assert over.status_code == 413, over.text
+        assert over.json()["errors"][0]["type"] == "too_much_work"
+        assert (await client.post("/v1/evaluate", json=hessian)).status_code == 200
+    async with make_client(max_work=3000) as client:
+        over = await client.post("/v1/evaluate", json=hessian)
+        assert over.status_code == 413 and over.json()["errors"][0]["loc"] == ["outputs"]
+        plain = {**hessian, "outputs": ["loss"]}
+        assert (await client.post("/v1/evaluate", json=plain)).status_code == 200
+    async with make_client(max_work=7000) as client:
+        assert (await client.post("/v1/evaluate", json=linear)).status_code == 200
