@@ -59,9 +59,7 @@ def _serve(args: argparse.Namespace) -> None:
     from service.logs import configure_logging
     from service.serve import serve
 
-    settings = Settings(
-        port=args.port, grpc_port=args.grpc_port, backend=args.backend, log_level=args.log_level
-    )
+    settings = Settings(port=args.port, grpc_port=args.grpc_port)  # the rest from CE_EVAL_*
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
 
@@ -239,9 +237,8 @@ def tiny_batch(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    for flag, kind in (("--port", int), ("--grpc-port", int), ("--backend", str)):
-        parser.add_argument(flag, type=kind, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
+    for flag in ("--port", "--grpc-port"):
+        parser.add_argument(flag, type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--load-seconds", type=float, default=3.0, help="seconds per load run")
     parser.add_argument(

@@ -55,11 +55,15 @@ class Layout:
 
     def to_rows(self, xp: ModuleType, array: Array) -> Array:
         """(…, C on class_axis, …) → (M, C)."""
+        if self.class_axis == len(self.shape) - 1:  # already last: a plain reshape (a view)
+            return array.reshape(self.num_positions, self.num_classes)
         moved = xp.moveaxis(array, self.class_axis, -1)
         return moved.reshape(self.num_positions, self.num_classes)
 
     def from_rows(self, xp: ModuleType, rows: Array) -> Array:
         """(M, C) → logits' layout."""
+        if self.class_axis == len(self.shape) - 1:
+            return rows.reshape(self.shape)
         return xp.moveaxis(
             rows.reshape((*self.positions_shape, self.num_classes)), -1, self.class_axis
         )

@@ -135,30 +135,58 @@ def postgres_url(postgres_cluster: PostgresCluster) -> str:
 
 @dataclass
 class ServerProcess:
-    """`ce-eval serve` in a subprocess (its own port, no gRPC), for end-to-end tests."""
+    """`ce-eval serve` in a subprocess on free localhost ports, for end-to-end tests.
+
+    gRPC is off unless ``grpc`` is set (then on its own free port, and start-up waits for its
+    health service too). Output goes to ``log_path``.
+    """
 
     database_url: str
     log_path: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    grpc: bool = False
+    grpc_port: int = 0
+    module: list[str] = field(default_factory=lambda: ["service.cli", "serve"])
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def http_port(self) -> int:
+        return self.port
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
     def start(self, timeout: float = 60.0) -> ServerProcess:
+        if self.grpc and not self.grpc_port:
+            self.grpc_port = free_port()
         env = {
             **os.environ,
             "CE_EVAL_DATABASE_URL": self.database_url,
-            "CE_EVAL_GRPC_PORT": "0",
+            "CE_EVAL_GRPC_PORT": str(self.grpc_port if self.grpc else 0),
             "CE_EVAL_LOG_LEVEL": "warning",
             "CE_EVAL_BACKEND": "numpy",
             **self.extra_env,
         }
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                *self.module,
+                "--port",
+                str(self.port),
+                "--grpc-port",
+                str(self.grpc_port if self.grpc else 0),
+            ],
             cwd=REPO,
             env=env,
             stdout=log,
@@ -168,14 +196,20 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
+                raise RuntimeError(f"server exited: {self.log()[-2000:]}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    if self.grpc:
+                        with grpc.insecure_channel(self.grpc_target) as channel:
+                            health_pb2_grpc.HealthStub(channel).Check(
+                                health_pb2.HealthCheckRequest(), timeout=1
+                            )
                     return self
-            except httpx.TransportError:
+            except (httpx.TransportError, grpc.RpcError):
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"server did not become ready: {self.log_path.read_text()[-2000:]}")
+        self.kill()
+        raise RuntimeError(f"server did not become ready: {self.log()[-2000:]}")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no flushing (a crash)."""
@@ -183,13 +217,18 @@ class ServerProcess:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=30)
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+    def stop(self, timeout: float = 30.0) -> tuple[int, str]:
+        """SIGTERM and wait (SIGKILL after ``timeout``); returns (exit code, log)."""
+        if self.process is None:
+            return 0, self.log()
+        if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+                raise
+        return self.process.returncode, self.log()
 
 
 @pytest.fixture
@@ -211,84 +250,30 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
             server.stop()
 
 
-@dataclass
-class ServeProcess:
-    process: subprocess.Popen[bytes]
-    http_port: int
-    grpc_port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def stop(self, timeout: float = 20.0) -> tuple[int, str]:
-        """SIGTERM, wait; returns (exit code, stderr)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            _, err = self.process.communicate()
-            raise
-        return self.process.returncode, err.decode(errors="replace")
+#: Kept for the transport tests' name: one server class serves both uses.
+ServeProcess = ServerProcess
 
 
 def start_serve(
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
     module: list[str] | None = None,
-) -> ServeProcess:
-    """Start ``ce-eval serve`` (or ``python -m <module...>`` taking the same flags) and wait
-    until HTTP and gRPC health both answer."""
-    http_port, grpc_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            *(module or ["service.cli", "serve"]),
-            "--port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-            "--backend",
-            "numpy",
-            "--log-level",
-            "warning",
-        ],
-        env={
-            "CE_EVAL_DATABASE_URL": f"sqlite:///{tempfile.mkdtemp(prefix='ce-eval-')}/ce-eval.db",
-            **os.environ,
-            **(env or {}),
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+) -> ServerProcess:
+    """``ce-eval serve`` (or ``python -m <module...>`` taking the same flags) with HTTP and gRPC
+    on free ports and its own SQLite file; returns once both health checks answer."""
+    workdir = Path(tempfile.mkdtemp(prefix="ce-eval-"))
+    server = ServerProcess(
+        f"sqlite:///{workdir / 'ce-eval.db'}",
+        workdir / "server.log",
+        extra_env=dict(env or {}),
+        grpc=True,
+        module=module or ["service.cli", "serve"],
     )
-    server = ServeProcess(process, http_port, grpc_port)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"ce-eval serve exited: {process.stderr.read().decode()}")  # type: ignore[union-attr]
-        try:
-            if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
-                with grpc.insecure_channel(server.grpc_target) as channel:
-                    health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=1
-                    )
-                return server
-        except (httpx.HTTPError, grpc.RpcError):
-            pass
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError("ce-eval serve did not become healthy")
+    return server.start(timeout)
 
 
 @contextlib.contextmanager
-def serving(env: dict[str, str] | None = None, timeout: float = 30.0) -> Iterator[ServeProcess]:
+def serving(env: dict[str, str] | None = None, timeout: float = 30.0) -> Iterator[ServerProcess]:
     """``ce-eval serve`` (HTTP + gRPC on free ports) for the duration of a ``with`` block."""
     server = start_serve(env=env, timeout=timeout)
     try:
