@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
+from ce_engine.metrics import METRIC_NAMES
 from service.config import Settings
 from service.errors import ServiceError, Unavailable
 from service.http.app import create_app
@@ -24,25 +25,7 @@ from service.runs import RunsDataPlane
 from service.store import Store
 from tests.servers import PostgresCluster, free_port
 
-ALL_METRICS = [
-    "accuracy",
-    "top_k_accuracy",
-    "nll",
-    "perplexity",
-    "entropy",
-    "ece",
-    "mce",
-    "reliability",
-    "brier",
-    "confusion_matrix",
-    "precision",
-    "recall",
-    "f1",
-    "support",
-    "macro_f1",
-    "micro_f1",
-    "weighted_f1",
-]
+ALL_METRICS = list(METRIC_NAMES)
 NUM_CLASSES = 5
 OPTIONS = {"ignore_index": -100, "weight": [1.0, 2.0, 0.5, 1.5, 1.0], "top_k": [1, 3]}
 
