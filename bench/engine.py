@@ -14,7 +14,6 @@ PyTorch missing → its columns are skipped with a message.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -29,10 +28,10 @@ from typing import Any
 import numpy as np
 
 import ce_engine
+from bench._results import write_results
 from ce_engine.kernels import cpu
 
 SHAPES = [(4096, 1000), (1024, 32000), (256, 128256), (65536, 10)]
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load_torch(threads: int) -> Any | None:
@@ -207,10 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": rows,
     }
-    path = args.json or RESULTS / f"engine-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    write_results(report, "engine", args.json)
     return 0
 
 

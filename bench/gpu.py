@@ -13,7 +13,6 @@ ours writes a float32 gradient, so its own floor (``floor_ours``) is also given.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from bench._results import write_results
 from ce_engine.kernels import cuda
 
 CASES = [
@@ -31,7 +31,6 @@ CASES = [
     (65536, 1000, "float32"),
     (1024, 10, "float32"),
 ]
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def event_median_ms(cp: Any, fn: Callable[[], Any], repeat: int, warmup: int = 3) -> float:
@@ -184,10 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": rows,
     }
-    path = args.json or RESULTS / f"gpu-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    write_results(report, "gpu", args.json)
     return 0
 
 

@@ -11,7 +11,6 @@ of ``--repeat`` runs without tracing. Target: chunked peak ≤ 25% of the naive 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -23,8 +22,8 @@ from typing import Any
 import numpy as np
 
 import ce_engine
+from bench._results import write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 OUTPUTS = ("grad_features", "grad_weight", "grad_bias")
 
 
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--c", type=int, default=32000)
     parser.add_argument("--chunk-elements", type=int, default=1 << 23)
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=RESULTS / "linear_memory.json")
+    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
@@ -138,8 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"peak ratio {result['peak_ratio']:.3f} (target <= 0.25), "
         f"speed {result['speedup']:.2f}x naive, |Δloss| {loss_diff:.2e}"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, "linear_memory", args.json)
     return result
 
 

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +32,8 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench._results import write_results
+
 SIZES = ((8, 32000), (512, 32000))
 TRANSPORTS = ("json", "base64", "protobuf", "grpc", "oip")
 LABELS = {
@@ -267,20 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = _verdicts(rows, tiny)
     for line in verdicts["lines"]:
         print(line)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"serving-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.write_text(
-        json.dumps(
-            {
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                "throughput": rows,
-                "tiny_batch": tiny,
-                "targets": verdicts["targets"],
-            },
-            indent=2,
-        )
+    print()
+    write_results(
+        {
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "throughput": rows,
+            "tiny_batch": tiny,
+            "targets": verdicts["targets"],
+        },
+        "serving",
     )
-    print(f"\nwrote {out}")
     return 0
 
 
