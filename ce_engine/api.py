@@ -77,19 +77,21 @@ def _bad_logits(xp: Any, rows: Array, input_kind: str) -> Array:
 
 def _apply_nan_policy(
     xp: Any, rows: Array, layout: Layout, opts: CommonOptions, softmax_rows: bool = True
-) -> tuple[Array, Array | None]:
-    """Returns (rows, exclude mask or None); raises on bad input for ``raise``.
+) -> tuple[Array, Array | None, Array | None]:
+    """Returns (rows, exclude mask or None, row maxima or None); raises on bad input for
+    ``raise``. The row maxima (M,) come back when the screen computed them and every row
+    passed: kernels reuse them instead of reading the logits once more.
 
     With ``softmax_rows`` a position whose logits are all −inf is bad too (p is undefined).
     """
     if opts.nan_policy == "propagate":
-        return rows, None
+        return rows, None, None
     if opts.input_kind != "probabilities" and rows.size:
         # one read, no (M, C) masks: a row's max is NaN, +inf or −inf exactly when the row
         # holds a NaN or +inf or is all −inf; the full masks below only locate the culprit
         peak = row_max(rows) if xp is np else xp.max(rows, axis=-1)
         if bool(xp.isfinite(peak).all()):
-            return rows, None
+            return rows, None, peak
     bad = _bad_logits(xp, rows, opts.input_kind)
     bad_rows = bad.any(axis=-1)
     if softmax_rows and opts.input_kind != "probabilities":
@@ -105,10 +107,10 @@ def _apply_nan_policy(
                 "all logits of this position are -inf",
                 "non_finite",
             )
-        return rows, None
+        return rows, None, None
     if not bool(bad_rows.any()):
-        return rows, None
-    return xp.where(bad_rows[:, None], 0, rows), bad_rows
+        return rows, None, None
+    return xp.where(bad_rows[:, None], 0, rows), bad_rows, None
 
 
 def _sample_weight(xp: Any, sw: Any, layout: Layout, dtype: Any) -> Array | None:
@@ -204,7 +206,7 @@ def evaluate(
         layout, cdt, exclude, linear = linear_inputs(
             xp, logits, features, weight, bias, opts, metric_names
         )
-        rows = None
+        rows = peak = None
     else:
         _no_linear_inputs(loss, features=features, weight=weight, bias=bias)
         z = to_backend(xp, logits, loc="logits")
@@ -215,7 +217,7 @@ def evaluate(
         cdt = compute_dtype(logits.dtype if hasattr(logits, "dtype") else z.dtype)
         layout = Layout.of(tuple(z.shape), opts.class_axis)
         rows = layout.to_rows(xp, z.astype(cdt, copy=False))
-        rows, exclude = _apply_nan_policy(
+        rows, exclude, peak = _apply_nan_policy(
             xp, rows, layout, opts, softmax_rows=not spec.elementwise(opts)
         )
     t = to_backend(xp, targets, loc="targets")
@@ -233,10 +235,12 @@ def evaluate(
     elif "hvp" in want:
         raise InputValidationError.single(("vector",), "output 'hvp' needs `vector`", "missing")
 
-    terms = spec.compute(LossInputs(xp, layout, rows, t, opts, s, exclude, want, v, **linear))
+    terms = spec.compute(
+        LossInputs(xp, layout, rows, t, opts, s, exclude, want, v, row_max=peak, **linear)
+    )
     result = reduce_terms(terms, layout, opts, spec.name, want, xp)
     result.backend = backend_name
-    result.compute_dtype = np.dtype(cdt).name
+    result.compute_dtype = cdt.type.__name__
     if metric_names:
         state = metric_state(metric_names, xp, rows, t, layout, opts, s, exclude, loss=spec.name)
         result.metric_state = state

@@ -52,6 +52,8 @@ class LossInputs:
     features: Array | None = None  # (N, D), compute dtype
     weight: Array | None = None  # (C, D), compute dtype
     bias: Array | None = None  # (C,), compute dtype, or None
+    #: (M,) max_c of ``logits`` when the NaN screen computed it (all finite), else None
+    row_max: Array | None = None
     #: a fused kernel may fold the reduction's 1/denominator into its derivative arrays
     #: (False when the caller reduces several calls itself, e.g. row chunks)
     fold_reduction: bool = True

@@ -182,6 +182,41 @@ def test_threads_and_chunks_do_not_change_results(threads, chunk_bytes, c):
     assert np.all(got.arrays["grad"][~valid] == 0) and np.all(got.per_sample[~valid] == 0)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("c", [6, 700])
+def test_given_row_max_matches_float64_reference(c, in_place):
+    """``row_max`` from the caller skips the chunks' max pass; rows whose max is moderate take
+    exp(z) unshifted, others (here +200 and −100) the shifted path: all match float64."""
+    m = 400
+    z = RNG.standard_normal((m, c)).astype(np.float32)
+    z[::7] += 200.0
+    z[3::7] -= 100.0
+    y = RNG.integers(0, c, size=m)
+    z64 = z.astype(np.float64)
+    shifted = z64 - z64.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    want_loss = -log_p[np.arange(m), y]
+    want_grad = np.exp(log_p)
+    want_grad[np.arange(m), y] -= 1.0
+    for rows in (z, z[::7] - 200.0):  # mixed rows, then moderate rows only (one exp pass)
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        k = rows.shape[0]
+        work = rows.copy()
+        got = cpu.softmax_cross_entropy_rows(
+            work,
+            y[::7][:k] if k < m else y,
+            grad_scale=1.0,
+            row_max=rows.max(axis=1),
+            grad_out=work if in_place else None,
+            threads=2,
+            chunk_bytes=4096,
+        )
+        sel = slice(None) if k == m else slice(None, None, 7)
+        np.testing.assert_allclose(got.per_sample, want_loss[sel], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.arrays["grad"], want_grad[sel], atol=1e-6)
+        assert (got.arrays["grad"] is work) == in_place
+
+
 @pytest.mark.parametrize("c", [5, 3000])
 def test_in_place_gradient_overwrites_logits(c):
     z = RNG.standard_normal((50, c)).astype(np.float32)

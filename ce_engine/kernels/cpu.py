@@ -124,6 +124,8 @@ def run_blocks(
 def row_max(rows: FloatArray, *, threads: int | None = None) -> FloatArray:
     """max_c z_ic per row (NaN when the row holds a NaN), chunked and threaded."""
     m_rows, c = rows.shape
+    if m_rows * c < MIN_PARALLEL_ELEMENTS:  # one call: chunking and threads cost more here
+        return np.max(rows, axis=1)
     out = np.empty(m_rows, dtype=rows.dtype)
 
     def work(lo: int, hi: int) -> None:
@@ -178,6 +180,7 @@ def softmax_cross_entropy_rows(
     grad_out: FloatArray | None = None,
     probabilities: bool = False,
     log_probabilities: bool = False,
+    row_max: FloatArray | None = None,
     threads: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> SoftmaxCrossEntropyRows:
@@ -192,8 +195,12 @@ def softmax_cross_entropy_rows(
     Rows with ``valid`` False give 0 loss, 0 weight and a zero gradient row. ``grad_scale``
     (None → no gradient) multiplies the gradient (the reduction's 1/denominator, folded in so
     the gradient is written once). ``grad_out`` receives the gradient; it may be ``logits``
-    itself (in place). Terms with zero coefficient count 0 (0·log 0 = 0, masked −inf classes).
+    itself (in place). ``row_max`` (M,) is m_i when the caller has it already (e.g. from its
+    NaN screen): the chunks then skip their max pass. Terms with zero coefficient count 0
+    (0·log 0 = 0, masked −inf classes).
 
+    Only the (M, C) work runs per chunk (a handful of ufuncs, so that worker threads rarely
+    wait for each other's GIL); the per-row arithmetic runs once over all rows afterwards.
     ``logits`` (M, C) float32 C-contiguous; ``targets`` (M,) class ids in [0, C) where valid.
     """
     if logits.dtype != F32 or logits.ndim != 2 or not logits.flags.c_contiguous:
@@ -211,11 +218,9 @@ def softmax_cross_entropy_rows(
     w_y = (w[y] if w is not None else np.ones(m_rows, F32)) * ok
     row_scale = ok.astype(F32) if s is None else np.where(ok, s, F32(0)).astype(F32)
     valid_weight = (w_y * row_scale).astype(F32, copy=False)
-    per_sample = np.empty(m_rows, dtype=F32)
 
-    want_grad = grad_scale is not None
     grad: FloatArray | None = None
-    if want_grad:
+    if grad_scale is not None:
         if grad_out is None:
             grad = np.empty((m_rows, c), dtype=F32)
         else:
@@ -229,10 +234,17 @@ def softmax_cross_entropy_rows(
     # per-row gradient factors: a_i = s_i·scale/T (0 where not counted)
     a = (row_scale * F32((grad_scale or 0.0) / temperature)).astype(F32)
     q_mass = ((1.0 - eps) * w_y + (eps / c) * w_total * ok).astype(F32)
-    target_coef = (a * F32(1.0 - eps) * w_y).astype(F32)
+    p_coef = (a * q_mass).astype(F32)  # ∂/∂z_ij = p_coef_i·p_ij − …, before 1/Σ_c exp
     smooth_coef = (a * F32(eps / c)).astype(F32)
 
+    rows = np.arange(m_rows)
+    z_y = logits[rows, y]  # gathered before an in-place gradient overwrites the logits
+    known_max = row_max is not None
+    mx = np.empty(m_rows, F32) if row_max is None else np.asarray(row_max, F32).reshape(m_rows)
+    lse = np.empty(m_rows, F32)  # log Σ_c exp((z_ic − m_i)/T)
+    smooth_sum = np.empty(m_rows, F32) if eps else None  # Σ_c w_c·(z_ic − m_i)/T
     ones = np.ones(c, dtype=F32)
+    weights = ones if w is None else w
     # Few classes: work on a transposed (C, rows) scratch copy, where the per-row reductions
     # become elementwise ufuncs across C vectors (NumPy's reductions over a short last axis
     # are an order of magnitude slower per element).
@@ -242,83 +254,82 @@ def softmax_cross_entropy_rows(
     plain = inv_t == 1 and not eps and log_probs is None
     exp_ceiling = 80.0 - float(np.log(c))
 
+    def moderate(m: FloatArray) -> bool:
+        return m.size > 0 and float(m.min()) >= -30.0 and float(m.max()) <= exp_ceiling
+
+    all_unshifted = plain and known_max and moderate(mx)
+
     def work(lo: int, hi: int) -> None:
         z = logits[lo:hi]
-        n = hi - lo
-        r = np.arange(n)
-        yy = y[lo:hi]
-        z_y = z[r, yy]  # gathered before an in-place gradient overwrites z
+        m = mx[lo:hi]
         if transposed:
-            e = _scratch.get("t", c, n)
+            e = _scratch.get("t", c, hi - lo)
             np.copyto(e, z.T)
-            axis = 0
+            src = e
         else:
-            e = grad[lo:hi] if grad is not None else _scratch.get("g", n, c)
-            axis = 1
+            e = grad[lo:hi] if grad is not None else _scratch.get("g", hi - lo, c)
+            src = z
 
         def per_row(v: FloatArray) -> FloatArray:
             return v[None, :] if transposed else v[:, None]
 
-        def row_dot(vec: FloatArray) -> FloatArray:
+        def row_dot(vec: FloatArray, out: FloatArray) -> None:
             # Σ_c vec_c·e_ic per row through BLAS (several times faster than np.sum)
-            return vec @ e if transposed else e @ vec
+            np.matmul(vec, e, out=out) if transposed else np.matmul(e, vec, out=out)
 
-        mx = np.max(e if transposed else z, axis=axis)
-        # exp(z) needs no max shift while every row max is moderate: one pass fewer
-        unshifted = plain and float(mx.min()) >= -30.0 and float(mx.max()) <= exp_ceiling
+        if not known_max:
+            np.max(src, axis=0 if transposed else 1, out=m)
+        unshifted = all_unshifted or (plain and not known_max and moderate(m))
         if unshifted:
-            if not transposed:
-                np.exp(z, out=e)
+            np.exp(src, out=e)
         else:
-            np.subtract(e if transposed else z, per_row(mx), out=e)
+            np.subtract(src, per_row(m), out=e)
             if inv_t != 1:
                 np.multiply(e, inv_t, out=e)
-        smooth_sum = None
-        if eps:
-            # Σ_c w_c·(z_ic − m_i)/T from the shifted row (no cancellation at large |z|)
-            smooth_sum = row_dot(ones if w is None else w)
-            if w is not None and np.isnan(smooth_sum).any():
-                # w_c = 0 on a −inf class: that term counts 0, as in the reference
-                shifted = e.T if transposed else e
-                for i in np.flatnonzero(np.isnan(smooth_sum)):
-                    smooth_sum[i] = np.where(w != 0, shifted[i] * w, 0).sum()
-        if log_probs is not None:
-            np.copyto(log_probs[lo:hi], e.T if transposed else e)
-        if not (unshifted and not transposed):
+            if smooth_sum is not None:
+                ss = smooth_sum[lo:hi]
+                row_dot(weights, ss)
+                if w is not None and np.isnan(ss).any():
+                    # w_c = 0 on a −inf class: that term counts 0, as in the reference
+                    shifted = e.T if transposed else e
+                    for i in np.flatnonzero(np.isnan(ss)):
+                        ss[i] = np.where(w != 0, shifted[i] * w, 0).sum()
+            if log_probs is not None:
+                np.copyto(log_probs[lo:hi], e.T if transposed else e)
             np.exp(e, out=e)
-        total = row_dot(ones)
-        # lse = log Σ_c exp((z_ic − m_i)/T)
-        lse = np.log(total) - mx if unshifted else np.log(total)
-        shifted_y = (z_y - mx) * inv_t
-        w_yb = w_y[lo:hi]
-        nll = np.where(w_yb != 0, w_yb * (lse - shifted_y), 0)
+        total = lse[lo:hi]
+        row_dot(ones, total)
+        if probs is not None:
+            np.divide(e.T if transposed else e, total[:, None], out=probs[lo:hi])
+        if grad is not None:
+            k = p_coef[lo:hi]
+            np.divide(k, total, out=k)
+            np.multiply(e, per_row(k), out=e)
+            if eps:
+                sc = smooth_coef[lo:hi]
+                if w is None:
+                    np.subtract(e, per_row(sc), out=e)
+                else:
+                    tmp = _scratch.get("w", *e.shape)
+                    np.multiply(per_row(sc), w[:, None] if transposed else w[None, :], out=tmp)
+                    np.subtract(e, tmp, out=e)
+            if transposed:
+                np.copyto(grad[lo:hi], e.T)
+        np.log(total, out=total)
+        if unshifted:
+            np.subtract(total, m, out=total)
+        if log_probs is not None:
+            np.subtract(log_probs[lo:hi], total[:, None], out=log_probs[lo:hi])
+
+    run_blocks(m_rows, c, work, threads=threads, chunk_bytes=chunk_bytes)
+    with np.errstate(all="ignore"):  # ±inf/NaN follow IEEE rules, as in the chunks
+        nll = np.where(w_y != 0, w_y * (lse - (z_y - mx) * inv_t), 0)
         loss = (1.0 - eps) * nll
         if smooth_sum is not None:
             loss = loss + (eps / c) * (w_total * lse - smooth_sum)
-        per_sample[lo:hi] = np.where(ok[lo:hi], loss * row_scale[lo:hi], 0)
-        if log_probs is not None:
-            np.subtract(log_probs[lo:hi], lse[:, None], out=log_probs[lo:hi])
-        if probs is not None:
-            inv_total = (1.0 / total).astype(F32)
-            np.multiply(e.T if transposed else e, inv_total[:, None], out=probs[lo:hi])
-        if grad is None:
-            return
-        coef = (a[lo:hi] * q_mass[lo:hi] / total).astype(F32)
-        np.multiply(e, per_row(coef), out=e)
-        if eps:
-            sc = smooth_coef[lo:hi]
-            if w is None:
-                np.subtract(e, per_row(sc), out=e)
-            else:
-                tmp = _scratch.get("w", *e.shape)
-                np.multiply(per_row(sc), w[:, None] if transposed else w[None, :], out=tmp)
-                np.subtract(e, tmp, out=e)
-        g = grad[lo:hi]
-        if transposed:
-            np.copyto(g, e.T)
-        g[r, yy] -= target_coef[lo:hi]
-
-    run_blocks(m_rows, c, work, threads=threads, chunk_bytes=chunk_bytes)
+        per_sample = np.where(ok, loss * row_scale, 0).astype(F32)
+        if grad is not None:
+            grad[rows, y] -= a * F32(1.0 - eps) * w_y
     arrays: dict[str, FloatArray] = {}
     if grad is not None:
         arrays["grad"] = grad

@@ -30,9 +30,11 @@ def fast_index_cross_entropy(inp: LossInputs, targets: Array, valid: Array) -> L
     if inp.want & {"hessian", "hessian_diag", "hvp"}:  # second derivatives: the generic path
         return None
     impl: Any
+    extra: dict[str, Any] = {}
     if xp is np:
         impl = cpu.softmax_cross_entropy_rows
         z = np.ascontiguousarray(z)
+        extra["row_max"] = inp.row_max  # the online softmax on CUDA finds it in its one read
     elif cuda.is_device_array(z):
         impl = cuda.softmax_cross_entropy_rows
         z = xp.ascontiguousarray(z)
@@ -63,6 +65,7 @@ def fast_index_cross_entropy(inp: LossInputs, targets: Array, valid: Array) -> L
         grad_scale=grad_scale,
         probabilities="probabilities" in want,
         log_probabilities="log_probabilities" in want,
+        **extra,
     )
     return LossTerms(
         per_sample=out.per_sample,
