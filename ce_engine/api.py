@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +17,8 @@ from ce_engine.losses._common import first_true, reject_first
 from ce_engine.losses.linear_cross_entropy import linear_inputs
 from ce_engine.metrics import MetricState, metric_state
 from ce_engine.options import CommonOptions
+from ce_engine.reduction import LN2, derivative_scale, reduction_denominator
 from ce_engine.registry import PARAMETER_GRADS, LossInputs, LossTerms, get_loss
-
-LN2 = math.log(2.0)
 
 
 @dataclass
@@ -208,7 +206,8 @@ def evaluate(
         )
         rows = peak = None
     else:
-        _no_linear_inputs(loss, features=features, weight=weight, bias=bias)
+        if features is not None or weight is not None or bias is not None:
+            _no_linear_inputs(loss, features=features, weight=weight, bias=bias)
         z = to_backend(xp, logits, loc="logits")
         if z.dtype.kind == "b" or not (is_floating(z.dtype) or z.dtype.kind in "iu"):
             raise InputValidationError.single(
@@ -246,27 +245,6 @@ def evaluate(
         result.metric_state = state
         result.metrics = state.compute()
     return result
-
-
-def reduction_denominator(opts: CommonOptions, layout: Layout, valid_weight: Array) -> float:
-    """The denominator of ``mean``/``batchmean`` per ``normalization`` (1 for sum/none)."""
-    if opts.reduction == "batchmean":
-        return float(layout.batch_size)
-    if opts.normalization == "valid":
-        return float(valid_weight.sum(dtype=np.float64))
-    if opts.normalization == "batch_size":
-        return float(layout.batch_size)
-    if opts.normalization == "all":
-        return float(layout.num_positions)
-    return 1.0
-
-
-def derivative_scale(opts: CommonOptions, denominator: float) -> float:
-    """Factor from derivatives of Σ_i s_i ℓ_i to those of the reduced loss (incl. log base)."""
-    base_scale = 1.0 / LN2 if opts.log_base == "2" else 1.0
-    if opts.reduction in ("mean", "batchmean"):
-        return (1.0 / denominator if denominator > 0 else 0.0) * base_scale
-    return base_scale
 
 
 def reduce_terms(

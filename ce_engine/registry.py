@@ -5,6 +5,7 @@ One registry drives validation, the `/v1/losses` catalog, the OpenAPI schema, gR
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -106,6 +107,8 @@ class LossSpec:
             return options
         if isinstance(options, CommonOptions):
             options = options.model_dump(exclude_unset=True)
+        if not options:  # the defaults: models are frozen, so one validated instance serves all
+            return _defaults(self.options_model)
         try:
             return self.options_model.model_validate(dict(options or {}))
         except pydantic.ValidationError as exc:
@@ -124,6 +127,11 @@ class LossSpec:
 
 
 REGISTRY: dict[str, LossSpec] = {}
+
+
+@functools.cache
+def _defaults(model: type[CommonOptions]) -> CommonOptions:
+    return model()
 
 
 def register(spec: LossSpec) -> LossSpec:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation
 
 from ce_engine.dtypes import WIRE_DTYPES
 from ce_engine.registry import ALL_OUTPUTS
@@ -24,6 +24,9 @@ class TensorData(BaseModel):
 
 #: A tensor on the wire: nested lists of numbers, or TensorData.
 Tensor = list[Any] | TensorData
+#: A request tensor field: documented as ``Tensor``, passed through as is (NumPy arrays from
+#: the binary transports too); ``service.codecs.decode_tensor`` validates and locates errors.
+RequestTensor = Annotated[Tensor | Any, SkipValidation]
 
 
 class EvaluateRequest(BaseModel):
@@ -32,12 +35,12 @@ class EvaluateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     loss: str = Field(..., description="A loss name from GET /v1/losses.")
-    logits: Tensor | Any | None = Field(
+    logits: RequestTensor | None = Field(
         None,
         description="(N, C) or (N, d1.., C); see class_axis. Required except for linear losses.",
     )
-    targets: Tensor | Any = Field(..., description="By target_format (see the loss options).")
-    sample_weight: Tensor | Any | None = Field(None, description="(N,) or positions' shape.")
+    targets: RequestTensor = Field(..., description="By target_format (see the loss options).")
+    sample_weight: RequestTensor | None = Field(None, description="(N,) or positions' shape.")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Loss options; schema per loss in GET /v1/losses."
     )
@@ -45,15 +48,15 @@ class EvaluateRequest(BaseModel):
         default_factory=lambda: ["loss"],
         description=f"Any of {', '.join(ALL_OUTPUTS)} that the loss supports.",
     )
-    vector: Tensor | Any | None = Field(None, description="Direction for `hvp` (logits' shape).")
+    vector: RequestTensor | None = Field(None, description="Direction for `hvp` (logits' shape).")
     metrics: list[str] = Field(default_factory=list, description="Metric names (DESIGN §2).")
-    features: Tensor | Any | None = Field(
+    features: RequestTensor | None = Field(
         None, description="linear_cross_entropy: features X (N, D); logits = X Wᵀ + b."
     )
-    weight: Tensor | Any | None = Field(
+    weight: RequestTensor | None = Field(
         None, description="linear_cross_entropy: weight W (C, D) (not the class weights option)."
     )
-    bias: Tensor | Any | None = Field(None, description="linear_cross_entropy: bias b (C,).")
+    bias: RequestTensor | None = Field(None, description="linear_cross_entropy: bias b (C,).")
     backend: Literal["auto", "numpy", "cupy"] | None = Field(
         None, description="Array backend; the server default when absent."
     )

@@ -95,9 +95,10 @@ def run_blocks(
     if num_rows == 0:
         return
     step = rows_per_chunk(num_classes, chunk_bytes)
-    n_threads = threads if threads is not None else get_threads()
-    if n_threads <= 1 or num_rows * num_classes < MIN_PARALLEL_ELEMENTS:
+    if num_rows * num_classes < MIN_PARALLEL_ELEMENTS:
         n_threads = 1
+    else:
+        n_threads = max(1, threads if threads is not None else get_threads())
     n_threads = min(n_threads, -(-num_rows // step))
 
     def block(start: int, stop: int) -> None:
@@ -158,6 +159,22 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+#: A per-row factor: an (M,) array, or a scalar when every row shares it.
+Factor = FloatArray | float
+
+
+def _per_row(v: Factor, m_rows: int) -> FloatArray:
+    """A factor as an (M,) float32 array."""
+    if isinstance(v, np.ndarray):
+        return v.astype(F32, copy=False)
+    return np.full(m_rows, v, dtype=F32)
+
+
+def _part(v: Factor, lo: int, hi: int) -> Factor:
+    """Rows ``lo:hi`` of a factor (a scalar stays a scalar)."""
+    return v[lo:hi] if isinstance(v, np.ndarray) else v
+
+
 @dataclass
 class SoftmaxCrossEntropyRows:
     """Per-row results of :func:`softmax_cross_entropy_rows` (float32)."""
@@ -207,17 +224,26 @@ def softmax_cross_entropy_rows(
         raise ValueError("logits must be a C-contiguous (M, C) float32 array")
     m_rows, c = logits.shape
     y = np.asarray(targets, dtype=np.intp).reshape(m_rows)
-    ok = np.ones(m_rows, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
-    y = np.where(ok, y, 0)
+    ok = None if valid is None else np.asarray(valid, dtype=bool).reshape(m_rows)
+    if ok is not None and ok.all():
+        ok = None  # every row counts: the per-row factors below stay scalars
+    if ok is not None:
+        y = np.where(ok, y, 0)
     eps = float(label_smoothing)
     inv_t = F32(1.0 / temperature)
     w = None if weight is None else np.ascontiguousarray(weight, dtype=F32).reshape(c)
     w_total = float(c) if w is None else float(w.sum(dtype=np.float64))
     s = None if sample_weight is None else np.asarray(sample_weight, dtype=F32).reshape(m_rows)
 
-    w_y = (w[y] if w is not None else np.ones(m_rows, F32)) * ok
-    row_scale = ok.astype(F32) if s is None else np.where(ok, s, F32(0)).astype(F32)
-    valid_weight = (w_y * row_scale).astype(F32, copy=False)
+    # per-row factors, a scalar where all rows share it: w_y, and s_i (0 where not counted)
+    w_y: Factor = 1.0 if w is None else w[y]
+    row_scale: Factor = 1.0 if s is None else s
+    counted: Factor = 1.0
+    if ok is not None:
+        counted = ok.astype(F32)
+        w_y = w_y * counted
+        row_scale = row_scale * counted
+    valid_weight = _per_row(w_y * row_scale, m_rows)
 
     grad: FloatArray | None = None
     if grad_scale is not None:
@@ -232,10 +258,11 @@ def softmax_cross_entropy_rows(
     probs = np.empty((m_rows, c), dtype=F32) if probabilities else None
     log_probs = np.empty((m_rows, c), dtype=F32) if log_probabilities else None
     # per-row gradient factors: a_i = s_i·scale/T (0 where not counted)
-    a = (row_scale * F32((grad_scale or 0.0) / temperature)).astype(F32)
-    q_mass = ((1.0 - eps) * w_y + (eps / c) * w_total * ok).astype(F32)
-    p_coef = (a * q_mass).astype(F32)  # ∂/∂z_ij = p_coef_i·p_ij − …, before 1/Σ_c exp
-    smooth_coef = (a * F32(eps / c)).astype(F32)
+    a = row_scale * ((grad_scale or 0.0) / temperature)
+    q_mass = (1.0 - eps) * w_y + (eps / c) * w_total * counted
+    p_coef = a * q_mass  # ∂/∂z_ij = p_coef_i·p_ij − …, before 1/Σ_c exp
+    smooth_coef = a * (eps / c)
+    coef = np.empty(m_rows, F32) if grad is not None else None
 
     rows = np.arange(m_rows)
     z_y = logits[rows, y]  # gathered before an in-place gradient overwrites the logits
@@ -270,7 +297,9 @@ def softmax_cross_entropy_rows(
             e = grad[lo:hi] if grad is not None else _scratch.get("g", hi - lo, c)
             src = z
 
-        def per_row(v: FloatArray) -> FloatArray:
+        def per_row(v: Factor) -> Factor:
+            if not isinstance(v, np.ndarray):
+                return v
             return v[None, :] if transposed else v[:, None]
 
         def row_dot(vec: FloatArray, out: FloatArray) -> None:
@@ -301,12 +330,12 @@ def softmax_cross_entropy_rows(
         row_dot(ones, total)
         if probs is not None:
             np.divide(e.T if transposed else e, total[:, None], out=probs[lo:hi])
-        if grad is not None:
-            k = p_coef[lo:hi]
-            np.divide(k, total, out=k)
+        if grad is not None and coef is not None:
+            k = coef[lo:hi]
+            np.divide(_part(p_coef, lo, hi), total, out=k)
             np.multiply(e, per_row(k), out=e)
             if eps:
-                sc = smooth_coef[lo:hi]
+                sc = _part(smooth_coef, lo, hi)
                 if w is None:
                     np.subtract(e, per_row(sc), out=e)
                 else:
@@ -323,13 +352,18 @@ def softmax_cross_entropy_rows(
 
     run_blocks(m_rows, c, work, threads=threads, chunk_bytes=chunk_bytes)
     with np.errstate(all="ignore"):  # ±inf/NaN follow IEEE rules, as in the chunks
-        nll = np.where(w_y != 0, w_y * (lse - (z_y - mx) * inv_t), 0)
+        nll = lse - (z_y - mx) * inv_t
+        if isinstance(w_y, np.ndarray):  # w_y = 0 counts 0, also against an infinite nll
+            nll = np.where(w_y != 0, w_y * nll, 0)
         loss = (1.0 - eps) * nll
         if smooth_sum is not None:
             loss = loss + (eps / c) * (w_total * lse - smooth_sum)
-        per_sample = np.where(ok, loss * row_scale, 0).astype(F32)
+        weighted = loss * row_scale
+        if ok is not None:
+            weighted = np.where(ok, weighted, 0)
+        per_sample: FloatArray = weighted.astype(F32, copy=False)
         if grad is not None:
-            grad[rows, y] -= a * F32(1.0 - eps) * w_y
+            grad[rows, y] -= a * (1.0 - eps) * w_y
     arrays: dict[str, FloatArray] = {}
     if grad is not None:
         arrays["grad"] = grad

@@ -8,6 +8,7 @@ import numpy as np
 
 from ce_engine.kernels import cpu, cuda
 from ce_engine.layout import Array
+from ce_engine.reduction import derivative_scale, reduction_denominator
 from ce_engine.registry import LossInputs, LossTerms
 
 
@@ -20,9 +21,6 @@ def fast_index_cross_entropy(inp: LossInputs, targets: Array, valid: Array) -> L
     weights, ignore_index, label smoothing, temperature, sample weights, any reduction; the
     reduction's scale is folded into the gradient (``LossTerms.derivatives_scaled``).
     """
-    # imported here: ce_engine.api imports the losses package, which imports this module
-    from ce_engine.api import derivative_scale, reduction_denominator
-
     xp, opts, layout = inp.xp, inp.options, inp.layout
     z = inp.logits
     if opts.input_kind != "logits" or z.dtype != np.float32 or z.ndim != 2 or z.size == 0:
