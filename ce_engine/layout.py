@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from types import ModuleType
@@ -36,15 +37,15 @@ class Layout:
             raise InputValidationError.single(("logits",), "the class axis must not be empty")
         return cls(shape, axis)
 
-    @property
+    @functools.cached_property
     def num_classes(self) -> int:
         return self.shape[self.class_axis]
 
-    @property
+    @functools.cached_property
     def positions_shape(self) -> tuple[int, ...]:
         return self.shape[: self.class_axis] + self.shape[self.class_axis + 1 :]
 
-    @property
+    @functools.cached_property
     def num_positions(self) -> int:
         return math.prod(self.positions_shape)
 

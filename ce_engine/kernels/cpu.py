@@ -11,6 +11,7 @@ The math is the reference's (``ce_engine.losses.cross_entropy``); see each funct
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -279,7 +280,7 @@ def softmax_cross_entropy_rows(
     # without temperature, smoothing or log-probabilities, rows whose max lies in
     # [−30, exp_ceiling] take exp(z) directly: Σ_c exp(z_ic) ≤ C·exp(m_i) stays finite
     plain = inv_t == 1 and not eps and log_probs is None
-    exp_ceiling = 80.0 - float(np.log(c))
+    exp_ceiling = 80.0 - math.log(c)
 
     def moderate(m: FloatArray) -> bool:
         return m.size > 0 and float(m.min()) >= -30.0 and float(m.max()) <= exp_ceiling
@@ -355,10 +356,10 @@ def softmax_cross_entropy_rows(
         nll = lse - (z_y - mx) * inv_t
         if isinstance(w_y, np.ndarray):  # w_y = 0 counts 0, also against an infinite nll
             nll = np.where(w_y != 0, w_y * nll, 0)
-        loss = (1.0 - eps) * nll
+        loss = (1.0 - eps) * nll if eps else nll
         if smooth_sum is not None:
             loss = loss + (eps / c) * (w_total * lse - smooth_sum)
-        weighted = loss * row_scale
+        weighted = loss * row_scale if isinstance(row_scale, np.ndarray) else loss
         if ok is not None:
             weighted = np.where(ok, weighted, 0)
         per_sample: FloatArray = weighted.astype(F32, copy=False)

@@ -109,6 +109,15 @@ def index_targets(inp: LossInputs) -> tuple[Array, Array]:
     xp, layout, opts = inp.xp, inp.layout, inp.options
     y = layout.to_positions(inp.targets).astype(xp.int64, copy=False)
     c = layout.num_classes
+    ignore = opts.ignore_index
+    in_range_ignore = ignore is not None and 0 <= ignore < c
+    if not in_range_ignore and y.size and int(y.min()) >= 0 and int(y.max()) < c:
+        # every id is a class and none can be ignore_index: all count
+        valid = xp.ones(y.shape, dtype=bool)
+        if inp.exclude is None:
+            return y, valid
+        valid &= ~inp.exclude
+        return xp.where(valid, y, 0), valid
     ignored = (y == opts.ignore_index) if opts.ignore_index is not None else xp.zeros(y.shape, bool)
     bad = first_true(xp, ~ignored & ((y < 0) | (y >= c)))
     if bad is not None:
