@@ -1,12 +1,15 @@
 """CPU benchmark: softmax CE forward+backward, ours vs PyTorch CPU at the same thread count.
 
-    python -m bench.engine [--threads N] [--repeat R] [--json PATH] [--no-memory]
+    python -m bench.engine [--loss cross_entropy|binary_cross_entropy] [--threads N]
+                           [--repeat R] [--json PATH] [--no-memory]
 
 Each shape is timed side by side in one process, the implementations interleaved repetition
 by repetition (so load from other processes hits them alike); medians are reported with the
 ratio torch / ours. "ours kernel" is ``ce_engine.kernels.cpu.softmax_cross_entropy_rows``
 (mean loss + gradient); "ours evaluate" is the whole ``ce_engine.evaluate`` call (validation,
-nan screening, reduction included). Peak extra memory is measured in a fresh subprocess per
+nan screening, reduction included). ``--loss binary_cross_entropy`` times sigmoid BCE with
+multi-hot float32 labels instead (``binary_cross_entropy_rows`` vs
+``F.binary_cross_entropy_with_logits``). Peak extra memory is measured in a fresh subprocess per
 (implementation, shape) as the rise of the peak resident set over the inputs.
 PyTorch missing → its columns are skipped with a message.
 """
@@ -44,31 +47,43 @@ def load_torch(threads: int) -> Any | None:
     return torch
 
 
-def make_inputs(m: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+LOSSES = ("cross_entropy", "binary_cross_entropy")
+
+
+def make_inputs(
+    m: int, c: int, seed: int = 0, loss: str = "cross_entropy"
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((m, c), dtype=np.float32)
     z *= 2  # in place: no full-size temporary raises the memory baseline
+    if loss == "binary_cross_entropy":  # multi-hot labels, ~5 positives per row
+        return z, (rng.random((m, c), dtype=np.float32) < 5 / c).astype(np.float32)
     return z, rng.integers(0, c, size=m)
 
 
 def runners(
-    z: np.ndarray, y: np.ndarray, threads: int, torch: Any | None
+    z: np.ndarray, y: np.ndarray, threads: int, torch: Any | None, loss: str = "cross_entropy"
 ) -> dict[str, Callable[[], Any]]:
     m = z.shape[0]
+    bce = loss == "binary_cross_entropy"
 
     def kernel() -> Any:
+        if bce:
+            return cpu.binary_cross_entropy_rows(z, y, grad_scale=1.0 / z.size, threads=threads)
         return cpu.softmax_cross_entropy_rows(z, y, grad_scale=1.0 / m, threads=threads)
 
     def evaluate() -> Any:
-        return ce_engine.evaluate("cross_entropy", z, y, outputs=["grad"], backend="numpy")
+        return ce_engine.evaluate(loss, z, y, outputs=["grad"], backend="numpy")
 
     out: dict[str, Callable[[], Any]] = {"ours kernel": kernel, "ours evaluate": evaluate}
     if torch is not None:
         zt, yt = torch.from_numpy(z), torch.from_numpy(y)
+        functional = torch.nn.functional
+        reference = functional.binary_cross_entropy_with_logits if bce else functional.cross_entropy
 
         def torch_fwd_bwd() -> Any:
             x = zt.detach().requires_grad_(True)
-            torch.nn.functional.cross_entropy(x, yt).backward()
+            reference(x, yt).backward()
             return x.grad
 
         out["torch"] = torch_fwd_bwd
@@ -87,7 +102,7 @@ def time_side_by_side(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[st
     return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
 
 
-def peak_extra_bytes(impl: str, m: int, c: int, threads: int) -> int | None:
+def peak_extra_bytes(impl: str, m: int, c: int, threads: int, loss: str) -> int | None:
     """Run one call of ``impl`` in a fresh interpreter; the rise of its peak RSS, in bytes."""
     proc = subprocess.run(
         [
@@ -99,6 +114,7 @@ def peak_extra_bytes(impl: str, m: int, c: int, threads: int) -> int | None:
             str(m),
             str(c),
             str(threads),
+            loss,
         ],
         capture_output=True,
         text=True,
@@ -123,13 +139,13 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def memory_probe(impl: str, m: int, c: int, threads: int) -> None:
+def memory_probe(impl: str, m: int, c: int, threads: int, loss: str) -> None:
     torch = load_torch(threads) if impl == "torch" else None
-    small_z, small_y = make_inputs(64, 8, seed=1)
-    for fn in runners(small_z, small_y, threads, torch).values():
+    small_z, small_y = make_inputs(64, 8, seed=1, loss=loss)
+    for fn in runners(small_z, small_y, threads, torch, loss).values():
         fn()  # pools and lazy imports before the baseline
-    z, y = make_inputs(m, c)
-    fn = runners(z, y, threads, torch)[impl]
+    z, y = make_inputs(m, c, loss=loss)
+    fn = runners(z, y, threads, torch, loss)[impl]
     before = peak_rss_bytes()
     fn()
     print(peak_rss_bytes() - before)
@@ -137,23 +153,24 @@ def memory_probe(impl: str, m: int, c: int, threads: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loss", choices=LOSSES, default="cross_entropy")
     parser.add_argument("--threads", type=int, default=cpu.available_cores())
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
-        impl, m, c, threads = args.memory_probe
-        memory_probe(impl, int(m), int(c), int(threads))
+        impl, m, c, threads, loss = args.memory_probe
+        memory_probe(impl, int(m), int(c), int(threads), loss)
         return 0
 
     cpu.set_threads(args.threads)
     torch = load_torch(args.threads)
     rows = []
     for m, c in SHAPES:
-        z, y = make_inputs(m, c)
-        ms = time_side_by_side(runners(z, y, args.threads, torch), args.repeat)
+        z, y = make_inputs(m, c, loss=args.loss)
+        ms = time_side_by_side(runners(z, y, args.threads, torch, args.loss), args.repeat)
         row: dict[str, Any] = {"shape": [m, c], "dtype": "float32", "ms": ms}
         if "torch" in ms:
             row["speedup_kernel"] = ms["torch"] / ms["ours kernel"]
@@ -163,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             row["peak_extra_mib"] = {
                 name: (
                     b / 2**20
-                    if (b := peak_extra_bytes(name, m, c, args.threads)) is not None
+                    if (b := peak_extra_bytes(name, m, c, args.threads, args.loss)) is not None
                     else None
                 )
                 for name in names
@@ -173,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         del z, y
 
     print(
-        f"\nsoftmax CE fwd+bwd, float32, {args.threads} thread(s), median of {args.repeat}, "
+        f"\n{args.loss} fwd+bwd, float32, {args.threads} thread(s), median of {args.repeat}, "
         f"{platform.processor() or platform.machine()}"
     )
     header = f"{'N x C':>14} {'torch ms':>9} {'kernel ms':>9} {'eval ms':>9} {'x kernel':>8} "
@@ -197,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             line += f"{fmt(mem['ours kernel']):>8} {fmt(mem['ours evaluate']):>8}"
         print(line)
     report = {
-        "benchmark": "softmax_cross_entropy_fwd_bwd_cpu",
+        "benchmark": f"{args.loss}_fwd_bwd_cpu",
         "threads": args.threads,
         "repeat": args.repeat,
         "machine": {"processor": platform.processor(), "cores": cpu.available_cores()},

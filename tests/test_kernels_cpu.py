@@ -428,3 +428,78 @@ def test_exp_without_max_shift_matches_float64(c, chunk_bytes):
     np.testing.assert_allclose(got.per_sample, -log_p[np.arange(len(y)), y], rtol=1e-5, atol=2e-5)
     np.testing.assert_allclose(got.arrays["probabilities"], p, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got.arrays["grad"], expected_grad, rtol=1e-5, atol=1e-7)
+
+
+bce_module = importlib.import_module("ce_engine.losses.binary_cross_entropy")
+BCE_CASES = [
+    {},
+    {"pos_weight": "random", "label_smoothing": 0.1},
+    {"weight": "classes", "sample_weight": True},
+    {"weight": "full_with_zeros"},
+    {"nan_policy": "omit", "reduction": "sum"},
+    {"class_axis": 1, "pos_weight": "random", "weight": "classes"},
+]
+
+
+@pytest.mark.parametrize("case", BCE_CASES, ids=lambda c: "-".join(c) or "default")
+def test_bce_evaluate_takes_the_kernel_and_matches_the_generic_path(monkeypatch, case):
+    """float32 logits through ``binary_cross_entropy_rows`` = the xp-generic loss code, and
+    both ≈ the float64 evaluation; ±inf / NaN logits and zero weights included."""
+    shape = (6, 5, 4) if case.get("class_axis") == 1 else (40, 7)
+    axis = case.get("class_axis", -1)
+    c = shape[axis]
+    z = (RNG.standard_normal(shape) * 4).astype(np.float32)
+    t = (RNG.random(shape) > 0.5).astype(np.float32)
+    z.flat[0], z.flat[1] = -np.inf, 1e4
+    t.flat[0] = 0.0  # −inf with label 0: a finite (zero) term
+    options: dict = {k: v for k, v in case.items() if k in ("nan_policy", "reduction")}
+    if "class_axis" in case:
+        options["class_axis"] = 1
+    if case.get("pos_weight"):
+        options["pos_weight"] = (RNG.random(c) * 3).tolist()
+    if case.get("weight") == "classes":
+        options["weight"] = (RNG.random(c) + 0.5).tolist()
+    if case.get("weight") == "full_with_zeros":
+        w = RNG.random(shape)
+        w.flat[2] = 0.0
+        z.flat[2], t.flat[2] = -np.inf, 1.0  # ℓ = ∞ under weight 0: counts 0
+        options["weight"] = w.tolist()
+    if case.get("nan_policy") == "omit":
+        z[3] = np.nan  # the whole position is dropped
+    sw = (RNG.random(shape[0]) + 0.1).astype(np.float32) if case.get("sample_weight") else None
+    outputs = ["loss", "per_sample", "grad", "probabilities"]
+    calls: list[int] = []
+    original = cpu.binary_cross_entropy_rows
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "binary_cross_entropy_rows", counting)
+    args = ("binary_cross_entropy", z, t)
+    kwargs = {"options": options, "outputs": outputs, "sample_weight": sw, "backend": "numpy"}
+    fast = ce_engine.evaluate(*args, **kwargs)
+    assert calls == [1]
+    with monkeypatch.context() as m:
+        m.setattr(bce_module, "fast_binary_cross_entropy", lambda *a: None)
+        generic = ce_engine.evaluate(*args, **kwargs)
+    assert calls == [1]
+    assert_same_result(fast, generic, rtol=1e-5, atol=1e-6)
+    wide = ce_engine.evaluate("binary_cross_entropy", z.astype(np.float64), t, **kwargs)
+    assert fast.value == pytest.approx(wide.value, rel=1e-5)
+    np.testing.assert_allclose(fast.outputs["grad"], wide.outputs["grad"], rtol=1e-4, atol=1e-6)
+    assert np.isfinite(fast.outputs["grad"]).all()
+
+
+@pytest.mark.parametrize(
+    ("outputs", "options"),
+    [(["log_probabilities"], {}), (["hessian_diag"], {}), (["grad"], {"temperature": 2.0})],
+)
+def test_bce_kernel_not_taken_outside_its_cover(monkeypatch, outputs, options):
+    monkeypatch.setattr(cpu, "binary_cross_entropy_rows", None)  # would raise if called
+    z = RNG.standard_normal((8, 3)).astype(np.float32)
+    t = (RNG.random((8, 3)) > 0.5).astype(np.float32)
+    res = ce_engine.evaluate(
+        "binary_cross_entropy", z, t, outputs=outputs, options=options, backend="numpy"
+    )
+    assert set(res.outputs) == set(outputs)

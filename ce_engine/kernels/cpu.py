@@ -464,6 +464,7 @@ def binary_cross_entropy_rows(
         np.add(k, lp, out=k)  # k ← pw·y + 1 − y
         if v is not None:
             np.multiply(sp, v[lo:hi], out=sp)
+            np.copyto(sp, 0, where=v[lo:hi] == 0)  # weight 0 counts 0, also against ℓ = ∞
         np.sum(sp, axis=1, out=per_sample[lo:hi])
         if grad is None and probs is None:
             return

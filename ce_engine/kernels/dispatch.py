@@ -72,3 +72,55 @@ def fast_index_cross_entropy(inp: LossInputs, targets: Array, valid: Array) -> L
         arrays=out.arrays,
         derivatives_scaled=grad_scale is not None and inp.fold_reduction,
     )
+
+
+#: Outputs the BCE kernel produces (second derivatives and log-probabilities: generic path).
+BCE_KERNEL_OUTPUTS = frozenset({"loss", "per_sample", "grad", "probabilities"})
+
+
+def fast_binary_cross_entropy(
+    inp: LossInputs,
+    labels: Array,
+    valid: Array,
+    weight: Array | None,
+    pos_weight: Array | None,
+) -> LossTerms | None:
+    """Sigmoid BCE through the CPU kernel (``kernels.cpu.binary_cross_entropy_rows``), or None
+    when not covered: CuPy, probability inputs, float64 compute, a temperature, or outputs
+    beyond loss / per_sample / grad / probabilities.
+
+    ``labels`` (M, C) are the loss's validated, smoothed labels (0 on rows not counted),
+    ``valid`` (M,) its counted mask, ``weight`` its element weights ((C,) or (M, C)) and
+    ``pos_weight`` (C,). Rows not counted and sample weights enter as element weights
+    v_ic = [i counted]·s_i·w_ic, so ``per_sample`` is Σ_c v_ic·ℓ_ic as in the reference.
+    """
+    xp, opts = inp.xp, inp.options
+    z = inp.logits
+    if xp is not np or opts.input_kind != "logits" or opts.temperature != 1.0:
+        return None
+    if z.dtype != np.float32 or z.ndim != 2 or z.size == 0 or inp.want - BCE_KERNEL_OUTPUTS:
+        return None
+    s = inp.sample_weight
+    scale = valid.astype(np.float32)
+    if s is not None:
+        scale = scale * s
+    element_weight = None
+    if weight is not None or s is not None or not bool(valid.all()):
+        per_row = scale[:, None]
+        element_weight = np.broadcast_to(
+            per_row * weight if weight is not None else per_row, z.shape
+        )
+    out = cpu.binary_cross_entropy_rows(
+        np.ascontiguousarray(z),
+        labels,
+        pos_weight=pos_weight,
+        element_weight=element_weight,
+        grad_scale=1.0 if "grad" in inp.want else None,
+        probabilities="probabilities" in inp.want,
+    )
+    return LossTerms(
+        per_sample=out.per_sample,
+        valid_weight=scale * np.float32(z.shape[1]),
+        valid=valid,
+        arrays=out.arrays,
+    )

@@ -7,6 +7,7 @@ Reference: ``torch.nn.functional.binary_cross_entropy_with_logits`` (weight, pos
 from __future__ import annotations
 
 from ce_engine.hessian import second_order
+from ce_engine.kernels.dispatch import fast_binary_cross_entropy
 from ce_engine.losses._common import (
     element_weights,
     label_rows,
@@ -46,6 +47,9 @@ def binary_cross_entropy(inp: LossInputs) -> LossTerms:
         y = xp.where(valid[:, None], y * (1.0 - o.label_smoothing) + o.label_smoothing / 2, 0)
     w = element_weights(xp, o.weight, layout, dtype)
     pw = per_class(xp, o.pos_weight, c, dtype, "pos_weight")
+    fast = fast_binary_cross_entropy(inp, y, valid, w, pw)
+    if fast is not None:  # fused kernel (NumPy, logits input, float32 compute)
+        return fast
     pos = y * pw if pw is not None else y  # pw·y
     neg = 1 - y
     z = scaled_logits(inp)
