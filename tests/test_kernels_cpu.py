@@ -503,3 +503,16 @@ def test_bce_kernel_not_taken_outside_its_cover(monkeypatch, outputs, options):
         "binary_cross_entropy", z, t, outputs=outputs, options=options, backend="numpy"
     )
     assert set(res.outputs) == set(outputs)
+
+
+def test_bce_confident_rows_keep_relative_accuracy():
+    """Well-classified elements have ℓ = log1p(exp(−|z|)) ≪ |z|: no cancellation against z."""
+    z = np.tile(np.array([15.0, -15.0, 12.0, -20.0, 9.0], dtype=np.float32), (3, 200))
+    t = (z > 0).astype(np.float32)
+    pw = np.linspace(0.5, 2.0, z.shape[1]).astype(np.float32)
+    for kwargs in ({}, {"pos_weight": pw}):
+        out = cpu.binary_cross_entropy_rows(z, t, **kwargs)
+        z64 = z.astype(np.float64)
+        coef = t * (pw if kwargs else 1.0) + (1 - t)
+        want = (coef * np.log1p(np.exp(-np.abs(z64)))).sum(axis=1)
+        np.testing.assert_allclose(out.per_sample, want, rtol=1e-5)

@@ -383,6 +383,24 @@ class BinaryCrossEntropyRows:
     arrays: dict[str, FloatArray] = field(default_factory=dict)
 
 
+def _bce_exact_rows(
+    z: FloatArray, y: FloatArray, pw: FloatArray | None, v: FloatArray | None
+) -> FloatArray:
+    """Σ_c v·[pw·y·softplus(−z) + (1 − y)·softplus(z)] per row, each term 0 where its
+    coefficient is 0 (so ±∞ logits give the limits, not ∞ − ∞ or 0·∞)."""
+    with np.errstate(all="ignore"):
+        z64 = z.astype(np.float64)
+        lp = np.log1p(np.exp(-np.abs(z64)))
+        pos = y * pw if pw is not None else y
+        neg = 1.0 - y
+        terms = np.where(pos != 0, pos * (np.maximum(-z64, 0) + lp), 0)
+        terms = terms + np.where(neg != 0, neg * (np.maximum(z64, 0) + lp), 0)
+        if v is not None:
+            terms = np.where(v != 0, terms * v, 0)
+        out: FloatArray = terms.sum(axis=1).astype(F32)
+    return out
+
+
 def binary_cross_entropy_rows(
     logits: FloatArray,
     targets: FloatArray,
@@ -429,62 +447,75 @@ def binary_cross_entropy_rows(
     probs = np.empty((m_rows, c), dtype=F32) if probabilities else None
     scale = F32(grad_scale or 0.0)
 
-    def work(lo: int, hi: int) -> None:
-        n = hi - lo
-        z = logits[lo:hi]
-        yk = _scratch.get("y", n, c)
+    ones = np.ones(c, dtype=F32)
+
+    def labels(lo: int, hi: int) -> FloatArray:
+        if not eps and t.dtype == F32:
+            return t[lo:hi]
+        yk = _scratch.get("y", hi - lo, c)
         np.copyto(yk, t[lo:hi], casting="unsafe")
         if eps:
             np.multiply(yk, F32(1.0) - eps, out=yk)
             np.add(yk, eps / F32(2.0), out=yk)
-        k = _scratch.get("k", n, c)  # pw·y, then 1 + (pw − 1)·y for the gradient
-        if pw is None:
-            np.copyto(k, yk)
-        else:
-            np.multiply(yk, pw, out=k)
+        return yk
+
+    def work(lo: int, hi: int) -> None:
+        # ℓ = pw·y·max(−z, 0) + (1 − y)·max(z, 0) + q·log1p(exp(−|z|)), q = pw·y + 1 − y:
+        # non-negative terms, no cancellation; rows whose sum is not finite (±∞ logits:
+        # ∞ − ∞, 0·∞) are redone term by term (_bce_exact_rows)
+        n = hi - lo
+        z = logits[lo:hi]
+        yk = labels(lo, hi)
         e = _scratch.get("e", n, c)  # exp(−|z|)
         np.abs(z, out=e)
         np.negative(e, out=e)
         np.exp(e, out=e)
-        sp = _scratch.get("sp", n, c)  # pw·y·softplus(−z), softplus(x) = max(x, 0) + log1p(e)
-        lp = _scratch.get("lp", n, c)
-        np.log1p(e, out=lp)
+        acc = _scratch.get("acc", n, c)
+        rz = _scratch.get("rz", n, c)
         tmp = _scratch.get("tmp", n, c)
-        np.negative(z, out=tmp)
-        np.maximum(tmp, 0, out=tmp)
-        np.add(tmp, lp, out=sp)
-        np.multiply(sp, k, out=sp)
-        np.copyto(sp, 0, where=k == 0)  # no positive mass: the term counts 0 (z = +inf too)
-        np.maximum(z, 0, out=tmp)  # (1 − y)·softplus(z)
-        np.add(tmp, lp, out=tmp)
-        np.subtract(F32(1.0), yk, out=lp)
-        np.multiply(tmp, lp, out=tmp)
-        np.copyto(tmp, 0, where=lp == 0)
-        np.add(sp, tmp, out=sp)
-        np.add(k, lp, out=k)  # k ← pw·y + 1 − y
+        np.maximum(z, 0, out=rz)
+        np.subtract(rz, z, out=tmp)  # max(−z, 0), exactly
+        q: FloatArray | None = None
+        py = yk  # pw·y
+        if pw is not None:
+            py = _scratch.get("py", n, c)
+            np.multiply(yk, pw, out=py)
+        np.multiply(py, tmp, out=acc)
+        np.subtract(F32(1.0), yk, out=tmp)  # 1 − y
+        if pw is not None:
+            q = _scratch.get("q", n, c)
+            np.add(py, tmp, out=q)
+        np.multiply(rz, tmp, out=rz)
+        np.add(acc, rz, out=acc)
+        np.log1p(e, out=tmp)
+        if q is not None:
+            np.multiply(tmp, q, out=tmp)
+        np.add(acc, tmp, out=acc)
         if v is not None:
-            np.multiply(sp, v[lo:hi], out=sp)
-            np.copyto(sp, 0, where=v[lo:hi] == 0)  # weight 0 counts 0, also against ℓ = ∞
-        np.sum(sp, axis=1, out=per_sample[lo:hi])
+            np.multiply(acc, v[lo:hi], out=acc)
+        rows = per_sample[lo:hi]
+        np.matmul(acc, ones, out=rows)
+        if not np.isfinite(rows).all():
+            bad = np.flatnonzero(~np.isfinite(rows))
+            rows[bad] = _bce_exact_rows(z[bad], yk[bad], pw, None if v is None else v[lo:hi][bad])
         if grad is None and probs is None:
             return
-        # σ(z) = 1/(1 + e) for z ≥ 0, e/(1 + e) for z < 0, with e = exp(−|z|)
+        # σ(z) = 1/(1 + e) for z ≥ 0 and e/(1 + e) for z < 0, with e = exp(−|z|)
         sig = _scratch.get("sig", n, c)
-        np.add(e, F32(1.0), out=tmp)
-        np.divide(F32(1.0), tmp, out=sig)
+        np.add(e, F32(1.0), out=sig)
+        np.divide(F32(1.0), sig, out=sig)
         np.multiply(e, sig, out=tmp)
         np.copyto(sig, tmp, where=z < 0)
         if probs is not None:
             np.copyto(probs[lo:hi], sig)
         if grad is None:
             return
-        g = grad[lo:hi]
-        np.multiply(k, sig, out=tmp)
-        if pw is None:
-            np.subtract(tmp, yk, out=g)
+        g = grad[lo:hi]  # written last: it may be the logits (in place)
+        if q is None:
+            np.subtract(sig, yk, out=g)
         else:
-            np.multiply(yk, pw, out=k)
-            np.subtract(tmp, k, out=g)
+            np.multiply(q, sig, out=g)
+            np.subtract(g, py, out=g)
         if v is not None:
             np.multiply(g, v[lo:hi], out=g)
         if scale != 1:

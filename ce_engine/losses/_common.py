@@ -240,6 +240,12 @@ def label_rows(inp: LossInputs) -> tuple[Array, Array]:
             "shape_mismatch",
         )
     y = layout.to_rows(xp, inp.targets).astype(inp.logits.dtype, copy=False)
+    if y.size and float(y.min()) >= 0 and float(y.max()) <= 1:  # no NaN, all in range: no masks
+        valid = xp.ones(layout.num_positions, dtype=bool)
+        if inp.exclude is None:
+            return y, valid
+        valid &= ~inp.exclude
+        return xp.where(valid[:, None], y, 0), valid
     nan = xp.isnan(y)
     if inp.options.nan_policy == "raise":
         reject_first(xp, nan, y, layout, "targets", "target is NaN", "non_finite")
