@@ -11,6 +11,7 @@ The math is the reference's (``ce_engine.losses.cross_entropy``); see each funct
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -160,6 +161,14 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+@functools.lru_cache(maxsize=16)
+def _ones(c: int) -> FloatArray:
+    """A read-only float32 vector of ``c`` ones (row sums through BLAS)."""
+    ones = np.ones(c, dtype=F32)
+    ones.setflags(write=False)
+    return ones
+
+
 #: A per-row factor: an (M,) array, or a scalar when every row shares it.
 Factor = FloatArray | float
 
@@ -271,7 +280,7 @@ def softmax_cross_entropy_rows(
     mx = np.empty(m_rows, F32) if row_max is None else np.asarray(row_max, F32).reshape(m_rows)
     lse = np.empty(m_rows, F32)  # log Σ_c exp((z_ic − m_i)/T)
     smooth_sum = np.empty(m_rows, F32) if eps else None  # Σ_c w_c·(z_ic − m_i)/T
-    ones = np.ones(c, dtype=F32)
+    ones = _ones(c)
     weights = ones if w is None else w
     # Few classes: work on a transposed (C, rows) scratch copy, where the per-row reductions
     # become elementwise ufuncs across C vectors (NumPy's reductions over a short last axis
@@ -285,7 +294,8 @@ def softmax_cross_entropy_rows(
     def moderate(m: FloatArray) -> bool:
         return m.size > 0 and float(m.min()) >= -30.0 and float(m.max()) <= exp_ceiling
 
-    all_unshifted = plain and known_max and moderate(mx)
+    # (small inputs skip the test: it costs more than the shift it saves)
+    all_unshifted = plain and known_max and m_rows * c >= MIN_PARALLEL_ELEMENTS and moderate(mx)
 
     def work(lo: int, hi: int) -> None:
         z = logits[lo:hi]
