@@ -457,7 +457,7 @@ def binary_cross_entropy_rows(
     probs = np.empty((m_rows, c), dtype=F32) if probabilities else None
     scale = F32(grad_scale or 0.0)
 
-    ones = np.ones(c, dtype=F32)
+    ones = _ones(c)
 
     def labels(lo: int, hi: int) -> FloatArray:
         if not eps and t.dtype == F32:
