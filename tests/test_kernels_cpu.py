@@ -30,18 +30,22 @@ def reference_path(monkeypatch: pytest.MonkeyPatch, *args, **kwargs):
         return ce_engine.evaluate(*args, **kwargs)
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts calls of the CPU CE kernel (so a test knows the fast path ran)."""
+def count_calls(monkeypatch: pytest.MonkeyPatch, kernel: str) -> list[int]:
+    """Counts calls of ``cpu.<kernel>`` (so a test knows the fast path ran)."""
     calls: list[int] = []
-    original = cpu.softmax_cross_entropy_rows
+    original = getattr(cpu, kernel)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(cpu, "softmax_cross_entropy_rows", counting)
+    monkeypatch.setattr(cpu, kernel, counting)
     return calls
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    return count_calls(monkeypatch, "softmax_cross_entropy_rows")
 
 
 def assert_same_result(fast, ref, rtol: float = 2e-5, atol: float = 1e-6) -> None:
@@ -468,14 +472,7 @@ def test_bce_evaluate_takes_the_kernel_and_matches_the_generic_path(monkeypatch,
         z[3] = np.nan  # the whole position is dropped
     sw = (RNG.random(shape[0]) + 0.1).astype(np.float32) if case.get("sample_weight") else None
     outputs = ["loss", "per_sample", "grad", "probabilities"]
-    calls: list[int] = []
-    original = cpu.binary_cross_entropy_rows
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(cpu, "binary_cross_entropy_rows", counting)
+    calls = count_calls(monkeypatch, "binary_cross_entropy_rows")
     args = ("binary_cross_entropy", z, t)
     kwargs = {"options": options, "outputs": outputs, "sample_weight": sw, "backend": "numpy"}
     fast = ce_engine.evaluate(*args, **kwargs)
