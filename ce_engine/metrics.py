@@ -51,6 +51,7 @@ import numpy as np
 
 from ce_engine.backend import to_numpy
 from ce_engine.errors import ErrorItem, InputValidationError
+from ce_engine.kernels.cpu import softmax_row_stats
 from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true, log_softmax, resolve_target_format
 from ce_engine.options import CommonOptions
@@ -409,6 +410,21 @@ def _labels_and_mask(
     return xp.argmax(q, axis=-1), q, counted
 
 
+#: Metric sums → the per-row statistic of ``kernels.cpu.softmax_row_stats`` they need.
+_ROW_STAT_OF = {
+    "top_k_hits": "rank",
+    "nll": "nll",
+    "entropy": "entropy",
+    "brier": "brier",
+    "bin_count": "confidence",
+}
+
+
+def _fused_row_stats(xp: ModuleType, options: CommonOptions, q: Array | None, rows: Array) -> bool:
+    """Whether ``kernels.cpu.softmax_row_stats`` covers the batch (NumPy, logits, class ids)."""
+    return xp is np and options.input_kind == "logits" and q is None and rows.ndim == 2
+
+
 def metric_state(
     names: Iterable[str],
     xp: ModuleType,
@@ -453,8 +469,13 @@ def metric_state(
     def wsum(per_row: Array) -> Array:
         return (w * per_row.astype(xp.float64, copy=False)).sum()
 
-    # p and log p only when a probability metric needs them
-    if shapes.keys() & {"nll", "entropy", "brier", "bin_count"}:
+    # NumPy, logits, class-id targets: per-row statistics from one chunked pass (no (M, C)
+    # temporaries); otherwise p and log p, only when a probability metric needs them
+    fast: dict[str, Any] | None = None
+    if _fused_row_stats(xp, options, q, rows):
+        want = frozenset(stat for key, stat in _ROW_STAT_OF.items() if key in shapes)
+        fast = softmax_row_stats(rows, labels, temperature=options.temperature, want=want)
+    elif shapes.keys() & {"nll", "entropy", "brier", "bin_count"}:
         if options.input_kind == "logits":
             log_p = log_softmax(xp, rows, options.temperature)
             p = xp.exp(log_p)
@@ -466,24 +487,31 @@ def metric_state(
     predicted: Array = None
     correct: Array = None
     if fmt != "multi_hot":
-        predicted = xp.argmax(rows, axis=-1)
+        predicted = fast["prediction"] if fast is not None else xp.argmax(rows, axis=-1)
         correct = (predicted == labels).astype(xp.float64)
     if "correct" in shapes:
         sums["correct"] = wsum(correct)
     if "top_k_hits" in shapes:
-        score_y = rows[ar, labels][:, None]
-        # sklearn ranks by a stable ascending sort reversed: among ties the larger id comes first
-        above = rows > score_y
-        above |= (rows == score_y) & (xp.arange(c)[None, :] > labels[:, None])
-        rank = above.sum(axis=-1)
+        if fast is not None:
+            rank = fast["rank"]
+        else:
+            score_y = rows[ar, labels][:, None]
+            # sklearn ranks by a stable ascending sort reversed: among ties the larger id first
+            above = rows > score_y
+            above |= (rows == score_y) & (xp.arange(c)[None, :] > labels[:, None])
+            rank = above.sum(axis=-1)
         ks = xp.asarray(top_k, dtype=xp.int64)
         sums["top_k_hits"] = ((rank[:, None] < ks[None, :]) * w[:, None]).sum(axis=0)
-    if "nll" in shapes:
+    if fast is not None:
+        for key in ("nll", "entropy", "brier"):
+            if key in shapes:
+                sums[key] = wsum(fast[key])
+    if "nll" in shapes and fast is None:
         dense_nll = None if q is None else -xp.sum(q * _masked_log(xp, q, log_p), axis=-1)
         sums["nll"] = wsum(-log_p[ar, labels] if dense_nll is None else dense_nll)
-    if "entropy" in shapes:
+    if "entropy" in shapes and fast is None:
         sums["entropy"] = wsum(-xp.sum(p * _masked_log(xp, p, log_p), axis=-1))
-    if "brier" in shapes:
+    if "brier" in shapes and fast is None:
         if q is None:  # Σ_c (p_c − y_c)² = Σ_c p_c² − 2 p_y + 1 without a one-hot (M, C) array
             p_y = p[ar, labels].astype(xp.float64)
             per_row = xp.sum(p * p, axis=-1, dtype=xp.float64) - 2.0 * p_y + 1.0
@@ -492,7 +520,9 @@ def metric_state(
         sums["brier"] = wsum(per_row)
     if "bin_count" in shapes:
         n_bins = options.n_bins
-        confidence = p[ar, predicted].astype(xp.float64)
+        confidence = (fast["confidence"] if fast is not None else p[ar, predicted]).astype(
+            xp.float64
+        )
         edges = xp.linspace(0.0, 1.0, n_bins + 1)
         # bins (lo, hi]: searchsorted 'left' gives i with edges[i-1] < κ ≤ edges[i]
         b = xp.clip(xp.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)

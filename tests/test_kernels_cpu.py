@@ -345,23 +345,34 @@ def test_binary_cross_entropy_extremes_and_in_place():
     assert wrong.per_sample[0] == math.inf
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("c", [1, 6, 200])
-def test_classification_pass(c):
-    m = 500
-    z = RNG.standard_normal((m, c)).astype(np.float32)
-    z[:10, : min(c, 3)] = 1.0  # ties: first index wins, and ranks count ties before y
+def test_softmax_row_stats_against_float64_reference(c, temperature, dtype):
+    m = 300
+    z = RNG.standard_normal((m, c)).astype(dtype)
+    z[:10, : min(c, 3)] = 1.0  # ties: argmax takes the first, the rank counts larger ids first
     y = RNG.integers(0, c, size=m)
-    got = cpu.classification_pass(z, y, n_bins=15)
+    y[:20] = 0
+    if c > 2:
+        z[10:20, 1] = -np.inf  # p = 0 entries: 0·log 0 = 0 in the entropy
+    got = cpu.softmax_row_stats(z, y, temperature=temperature, threads=2, chunk_bytes=4096)
+    s = (z.astype(np.float64) - z.max(axis=1, keepdims=True)) / temperature
+    p = np.exp(s) / np.exp(s).sum(axis=1, keepdims=True)
+    r = np.arange(m)
     np.testing.assert_array_equal(got["prediction"], np.argmax(z, axis=1))
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(got["confidence"], p.max(axis=1), rtol=1e-6)
-    for i in range(m):
-        order = sorted(range(c), key=lambda j: (-float(z[i, j]), j))
+    for i in range(m):  # sklearn: descending score, the larger id first among ties
+        order = sorted(range(c), key=lambda j: (-float(z[i, j]), -j))
         assert got["rank"][i] == order.index(y[i])
-    edges = np.linspace(0, 1, 16)
-    expected_bin = np.searchsorted(edges, p.max(axis=1), side="left") - 1
-    np.testing.assert_array_equal(got["bin"], np.clip(expected_bin, 0, 14))
+    tol = {"rtol": 2e-5 if dtype == np.float32 else 1e-12, "atol": 1e-6}
+    np.testing.assert_allclose(got["confidence"], p.max(axis=1), **tol)
+    np.testing.assert_allclose(got["nll"], -np.log(p[r, y]), **tol)
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0)
+    np.testing.assert_allclose(got["entropy"], -plogp.sum(axis=1), **tol)
+    np.testing.assert_allclose(
+        got["brier"], ((p - np.eye(c)[y]) ** 2).sum(axis=1), rtol=1e-4, atol=1e-6
+    )
+    assert got["nll"].dtype == dtype
 
 
 def test_thread_setting():
@@ -513,3 +524,35 @@ def test_bce_confident_rows_keep_relative_accuracy():
         coef = t * (pw if kwargs else 1.0) + (1 - t)
         want = (coef * np.log1p(np.exp(-np.abs(z64)))).sum(axis=1)
         np.testing.assert_allclose(out.per_sample, want, rtol=1e-5)
+
+
+metrics_module = importlib.import_module("ce_engine.metrics")
+ALL_ROW_METRICS = ["accuracy", "top_k_accuracy", "nll", "perplexity", "entropy", "brier", "ece"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"temperature": 1.5, "top_k": [1, 2, 5]}, {"ignore_index": 2}, {"nan_policy": "omit"}],
+)
+def test_metrics_fused_row_stats_match_the_generic_path(monkeypatch, options, dtype):
+    z = (RNG.standard_normal((400, 9)) * 3).astype(dtype)
+    z[:30, :4] = 1.0  # ties for argmax and the top-k ranks
+    z[40, 3] = -np.inf
+    y = RNG.integers(0, 9, size=400)
+    if options.get("nan_policy") == "omit":
+        z[50, 2] = np.nan
+    sw = RNG.random(400) + 0.5
+    args = ("cross_entropy", z, y)
+    kwargs = {"options": options, "metrics": ALL_ROW_METRICS, "sample_weight": sw}
+    fused = ce_engine.evaluate(*args, backend="numpy", **kwargs)
+    monkeypatch.setattr(metrics_module, "_fused_row_stats", lambda *a: False)
+    generic = ce_engine.evaluate(*args, backend="numpy", **kwargs)
+    assert fused.metrics.keys() == generic.metrics.keys()
+    rtol = 2e-5 if dtype == np.float32 else 1e-10
+    for name, value in generic.metrics.items():
+        got = fused.metrics[name]
+        if isinstance(value, dict):  # top_k_accuracy: {k: value}
+            assert got.keys() == value.keys()
+            got, value = list(got.values()), list(value.values())
+        np.testing.assert_allclose(got, value, rtol=rtol, atol=1e-7, err_msg=name)

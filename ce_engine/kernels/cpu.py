@@ -540,33 +540,79 @@ def binary_cross_entropy_rows(
     return BinaryCrossEntropyRows(per_sample, arrays)
 
 
-def classification_pass(
-    logits: FloatArray, targets: npt.NDArray[np.integer], n_bins: int = 15
+#: Per-row statistics :func:`softmax_row_stats` can return (``prediction`` always comes back).
+ROW_STATS = frozenset({"confidence", "rank", "nll", "entropy", "brier"})
+
+
+def softmax_row_stats(
+    logits: npt.NDArray[np.floating],
+    targets: npt.NDArray[np.integer],
+    *,
+    temperature: float = 1.0,
+    want: frozenset[str] = ROW_STATS,
+    threads: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict[str, npt.NDArray[np.generic]]:
     """Per-row quantities behind the classification metrics, from one chunked pass.
 
-    ``prediction`` = argmax_c z_ic (first on ties); ``confidence`` = max_c p_ic = 1/Σ_c
-    exp(z_ic − m_i); ``rank`` = #{c : z_ic > z_iy or (z_ic = z_iy and c < y)}, so the target is
-    in the top k exactly when rank < k; ``bin`` = the confidence's bin of ``n_bins`` equal-width
-    (lo, hi] bins over [0, 1]. Targets must be valid class ids.
+    With m_i = max_c z_ic, s_ic = (z_ic − m_i)/T, e = exp(s), S_i = Σ_c e_ic, p = e/S and y the
+    target class:
+
+        prediction = argmax_c z_ic (first on ties)       confidence = max_c p_ic = 1/S_i
+        rank = #{c : z_ic > z_iy, or z_ic = z_iy and c > y}   (y is in the top k iff rank < k;
+               among ties the larger id ranks first, as in sklearn's top_k_accuracy_score)
+        nll = log S_i − s_iy        entropy = log S_i − Σ_c e_ic·s_ic / S_i   (0·log 0 = 0)
+        brier = Σ_c p_ic² − 2·p_iy + 1
+
+    ``logits`` (M, C) float32/float64 (the results keep that dtype; prediction and rank are
+    int64); ``targets`` (M,) valid class ids; T > 0. Only the statistics in ``want`` are
+    computed; no (M, C) array is allocated beyond a chunk's scratch.
     """
     m_rows, c = logits.shape
+    dtype = logits.dtype
     y = np.asarray(targets, dtype=np.intp).reshape(m_rows)
-    pred = np.empty(m_rows, dtype=np.int64)
-    confidence = np.empty(m_rows, dtype=F32)
-    rank = np.empty(m_rows, dtype=np.int32)
-    cols = np.arange(c)
+    out: dict[str, npt.NDArray[np.generic]] = {"prediction": np.empty(m_rows, dtype=np.int64)}
+    for name in want:
+        out[name] = np.empty(m_rows, dtype=np.int64 if name == "rank" else dtype)
+    need_exp = bool(want - {"rank"})
+    inv_t = dtype.type(1.0 / temperature)
+    ones = np.ones(c, dtype=dtype)
 
     def work(lo: int, hi: int) -> None:
         z = logits[lo:hi]
+        n = hi - lo
+        r = np.arange(n)
         yy = y[lo:hi]
-        z_y = z[np.arange(hi - lo), yy][:, None]
-        pred[lo:hi] = np.argmax(z, axis=1)
-        mx = np.max(z, axis=1)
-        confidence[lo:hi] = 1.0 / np.exp(z - mx[:, None]).sum(axis=1)
-        ahead = (z > z_y) | ((z == z_y) & (cols[None, :] < yy[:, None]))
-        rank[lo:hi] = ahead.sum(axis=1)
+        pred = np.argmax(z, axis=1)
+        out["prediction"][lo:hi] = pred
+        z_y = z[r, yy]
+        if "rank" in want:
+            ahead = np.count_nonzero(z > z_y[:, None], axis=1)
+            for i in np.flatnonzero(np.count_nonzero(z == z_y[:, None], axis=1) > 1):
+                ahead[i] += np.count_nonzero(z[i, yy[i] + 1 :] == z_y[i])  # ties after y
+            out["rank"][lo:hi] = ahead
+        if not need_exp:
+            return
+        m = z[r, pred]
+        shifted = np.subtract(z, m[:, None], dtype=dtype)
+        if inv_t != 1:
+            np.multiply(shifted, inv_t, out=shifted)
+        e = np.exp(shifted)
+        total = e @ ones
+        lse = np.log(total)
+        s_y = (z_y - m) * inv_t
+        if "confidence" in want:
+            out["confidence"][lo:hi] = 1.0 / total
+        if "nll" in want:
+            out["nll"][lo:hi] = lse - s_y
+        if "entropy" in want:
+            mean_s = np.einsum("ij,ij->i", e, shifted)
+            for i in np.flatnonzero(~np.isfinite(mean_s)):  # −inf logits: e·s = 0·(−∞)
+                mean_s[i] = np.where(e[i] > 0, e[i] * shifted[i], 0).sum()
+            out["entropy"][lo:hi] = lse - mean_s / total
+        if "brier" in want:
+            sq = np.einsum("ij,ij->i", e, e)
+            out["brier"][lo:hi] = sq / (total * total) - 2.0 * np.exp(s_y) / total + 1.0
 
-    run_blocks(m_rows, c, work)
-    bins = np.clip(np.ceil(confidence * n_bins).astype(np.int32) - 1, 0, n_bins - 1)
-    return {"prediction": pred, "confidence": confidence, "rank": rank, "bin": bins}
+    run_blocks(m_rows, c, work, threads=threads, chunk_bytes=chunk_bytes)
+    return out

@@ -274,7 +274,8 @@ __global__ void bce_rows_warp(const void* __restrict__ logits, const float* __re
 }
 
 // metrics pass, one warp per row: argmax, max-probability confidence, rank of the target
-// (#classes ranked before it: higher logit, or equal logit and lower index), confidence bin
+// (#classes ranked before it: higher logit, or equal logit and higher index, as sklearn's
+// top_k_accuracy_score and kernels.cpu.softmax_row_stats), confidence bin
 template <int KIND>
 __global__ void metrics_rows_warp(const void* __restrict__ logits,
                                   const long long* __restrict__ targets, long long* pred,
@@ -294,7 +295,7 @@ __global__ void metrics_rows_warp(const void* __restrict__ logits,
         float x = load_logit<KIND>(logits, off + j);
         online_add(m, s, x);
         if (x > best || (x == best && j < best_j) || best_j == classes) { best = x; best_j = j; }
-        if (x > z_y || (x == z_y && j < y)) ahead++;
+        if (x > z_y || (x == z_y && j > y)) ahead++;
     }
     warp_merge_ms(m, s);
     #pragma unroll
@@ -527,7 +528,7 @@ def binary_cross_entropy_rows(
 
 def classification_pass(logits: Any, targets: Any, n_bins: int = 15) -> dict[str, Any]:
     """One fused read of the logits for the classification metrics; contract and outputs of
-    :func:`ce_engine.kernels.cpu.classification_pass` (CuPy arrays)."""
+    :func:`ce_engine.kernels.cpu.softmax_row_stats` (CuPy arrays; plus the confidence bin)."""
     cp = _cupy()
     kind = _kind_of(logits)
     logits = cp.ascontiguousarray(logits)
