@@ -16,6 +16,7 @@ each process then writes its samples there and ``/metrics`` aggregates all of th
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
@@ -77,8 +78,14 @@ REJECTION_REASONS = {
 UNMATCHED_ROUTE = "<unmatched>"
 
 
+@functools.cache
+def _evaluate_duration(loss: str, backend: str) -> Any:
+    """The labelled histogram child (``labels()`` costs a locked lookup per call)."""
+    return EVALUATE_DURATION.labels(loss, backend)
+
+
 def observe_evaluate(loss: str, backend: str, seconds: float) -> None:
-    EVALUATE_DURATION.labels(loss, backend).observe(seconds)
+    _evaluate_duration(loss, backend).observe(seconds)
 
 
 def count_batch(outcome: str) -> None:
