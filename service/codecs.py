@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from ce_engine.dtypes import WIRE_DTYPES, wire_name
-from service.errors import PayloadTooLarge, ValidationFailed
+from service.errors import PayloadTooLarge, ValidationFailed, truncate
 
 
 def _invalid(loc: Sequence[str | int], msg: str, type_: str = "tensor") -> ValidationFailed:
@@ -29,15 +28,17 @@ def check_shape(shape: Sequence[Any], loc: Sequence[str | int], max_elements: in
     """Validate a declared shape; returns its element count (Python ints: no overflow)."""
     if not isinstance(shape, (list, tuple)) or len(shape) > 32:
         raise _invalid((*loc, "shape"), "shape must be a list of at most 32 dimensions")
-    count = 1
-    for i, dim in enumerate(shape):
+    for i, dim in enumerate(shape):  # every dimension checked before any arithmetic on them
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-            raise _invalid((*loc, "shape", i), f"dimension must be an integer >= 0, got {dim!r}")
+            got = truncate(repr(dim), 40)
+            raise _invalid((*loc, "shape", i), f"dimension must be an integer >= 0, got {got}")
+    count = 1
+    for dim in shape:
         count *= dim
         if count > max_elements or dim > max_elements:  # a huge dim beside a 0 one too
             raise PayloadTooLarge(
-                f"{'.'.join(map(str, loc))}: {math.prod(shape)} elements exceed the limit of "
-                f"{max_elements}",
+                f"{'.'.join(map(str, loc))}: shape {truncate(list(shape), 200)} holds more "
+                f"than the limit of {max_elements} elements",
                 [{"loc": list(loc), "msg": "too many elements", "type": "too_many_elements"}],
             )
     return count

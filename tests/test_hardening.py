@@ -194,6 +194,21 @@ def test_huge_dimension_beside_a_zero_one_is_413() -> None:
         )
 
 
+@pytest.mark.parametrize("bad", ["ab" * 1000, {"k": 1}, [3], 2.5, None, True, -1])
+def test_bad_dimension_after_a_huge_one_is_a_short_422(bad: object) -> None:
+    """Every dimension is type-checked before the product: no 500, no giant message."""
+    with pytest.raises(ValidationFailed) as info:
+        decode_tensor({"dtype": "float32", "shape": [10**9, bad], "data": ""}, ("logits",), 10**6)
+    assert info.value.errors[0]["loc"] == ["logits", "shape", 1]
+    assert len(str(info.value)) < 300
+
+
+def test_too_many_elements_message_stays_short() -> None:
+    with pytest.raises(PayloadTooLarge) as info:
+        decode_tensor({"dtype": "float32", "shape": [10**9] * 32, "data": ""}, ("logits",), 10**6)
+    assert len(str(info.value)) < 400
+
+
 async def test_per_request_compute_limit_is_413() -> None:
     rng = np.random.default_rng(0)
     linear = {

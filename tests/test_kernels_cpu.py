@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -375,6 +376,27 @@ def test_softmax_row_stats_against_float64_reference(c, temperature, dtype):
     assert got["nll"].dtype == dtype
 
 
+def test_concurrent_calls_with_different_pool_sizes():
+    """Calls from several threads needing different pool sizes never see a shut-down pool."""
+    errors: list[str] = []
+
+    def worker(rows: int, threads: int) -> None:
+        z = np.zeros((rows, 1024), np.float32)  # 128 rows per chunk: 2 and 3 chunks
+        for _ in range(200):
+            try:
+                cpu.row_max(z, threads=threads)
+            except Exception as exc:  # any error fails the test
+                errors.append(repr(exc))
+                return
+
+    workers = [threading.Thread(target=worker, args=args) for args in ((256, 2), (384, 3))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert errors == []
+
+
 def test_thread_setting():
     cpu.set_threads(3)
     try:
@@ -449,6 +471,7 @@ bce_module = importlib.import_module("ce_engine.losses.binary_cross_entropy")
 BCE_CASES = [
     {},
     {"pos_weight": "random", "label_smoothing": 0.1},
+    {"pos_weight": "scalar"},
     {"weight": "classes", "sample_weight": True},
     {"weight": "full_with_zeros"},
     {"nan_policy": "omit", "reduction": "sum"},
@@ -470,8 +493,10 @@ def test_bce_evaluate_takes_the_kernel_and_matches_the_generic_path(monkeypatch,
     options: dict = {k: v for k, v in case.items() if k in ("nan_policy", "reduction")}
     if "class_axis" in case:
         options["class_axis"] = 1
-    if case.get("pos_weight"):
+    if case.get("pos_weight") == "random":
         options["pos_weight"] = (RNG.random(c) * 3).tolist()
+    if case.get("pos_weight") == "scalar":  # one weight for every class
+        options["pos_weight"] = 2.5
     if case.get("weight") == "classes":
         options["weight"] = (RNG.random(c) + 0.5).tolist()
     if case.get("weight") == "full_with_zeros":

@@ -66,11 +66,14 @@ def set_threads(threads: int | None) -> None:
 
 
 def _executor(size: int) -> ThreadPoolExecutor:
+    """The shared pool, with at least ``size`` workers.
+
+    It only grows, and a replaced pool is never shut down here: a call still submitting to it
+    from another thread keeps working (its idle workers exit once it is garbage-collected).
+    """
     global _pool, _pool_size
     with _lock:
-        if _pool is None or _pool_size != size:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
+        if _pool is None or _pool_size < size:
             _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="ce-cpu")
             _pool_size = size
         return _pool
@@ -446,7 +449,7 @@ def binary_cross_entropy_rows(
     v = None if element_weight is None else np.asarray(element_weight)
     if v is not None and v.shape != (m_rows, c):
         raise ValueError("element_weight must have the logits' shape")
-    pw = None if pos_weight is None else np.asarray(pos_weight, dtype=F32).reshape(c)
+    pw = None if pos_weight is None else np.broadcast_to(np.asarray(pos_weight, dtype=F32), (c,))
     eps = F32(label_smoothing)
     per_sample = np.empty(m_rows, dtype=F32)
     grad: FloatArray | None = None

@@ -105,7 +105,10 @@ def reject_first(
 
 
 def index_targets(inp: LossInputs) -> tuple[Array, Array]:
-    """Validated class ids (M,) with ignored positions set to 0, and the counted mask (M,)."""
+    """Validated class ids (M,) with ignored positions set to 0, and the counted mask (M,).
+
+    The ids may be a view of the caller's targets: read them, never write into them.
+    """
     xp, layout, opts = inp.xp, inp.layout, inp.options
     y = layout.to_positions(inp.targets).astype(xp.int64, copy=False)
     c = layout.num_classes
@@ -230,7 +233,10 @@ def element_weights(
 
 
 def label_rows(inp: LossInputs) -> tuple[Array, Array]:
-    """Per-class labels y ∈ [0, 1] of the logits' shape as rows (M, C), and the counted mask."""
+    """Per-class labels y ∈ [0, 1] of the logits' shape as rows (M, C), and the counted mask.
+
+    The labels may be a view of the caller's targets: read them, never write into them.
+    """
     xp, layout = inp.xp, inp.layout
     if tuple(inp.targets.shape) != layout.shape:
         raise InputValidationError.single(
