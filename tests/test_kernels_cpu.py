@@ -581,3 +581,19 @@ def test_metrics_fused_row_stats_match_the_generic_path(monkeypatch, options, dt
             assert got.keys() == value.keys()
             got, value = list(got.values()), list(value.values())
         np.testing.assert_allclose(got, value, rtol=rtol, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])  # fused kernel, generic path
+def test_ce_zero_sample_weight_drops_an_infinite_row(dtype):
+    z = RNG.standard_normal((4, 5)).astype(dtype)
+    z[1, 2] = -np.inf
+    y = np.array([0, 2, 1, 3])  # row 1: p_y = 0, ℓ = ∞
+    sw = np.array([1.0, 0.0, 2.0, 1.0])
+    res = ce_engine.evaluate(
+        "cross_entropy", z, y, sample_weight=sw, outputs=["per_sample", "grad"], backend="numpy"
+    )
+    assert res.outputs["per_sample"][1] == 0 and np.isfinite(res.value)
+    keep = [0, 2, 3]
+    ref = ce_engine.evaluate("cross_entropy", z[keep], y[keep], sample_weight=sw[keep])
+    assert res.value == pytest.approx(ref.value, rel=1e-6)
+    assert np.all(res.outputs["grad"][1] == 0)

@@ -372,7 +372,9 @@ def softmax_cross_entropy_rows(
         loss = (1.0 - eps) * nll if eps else nll
         if smooth_sum is not None:
             loss = loss + (eps / c) * (w_total * lse - smooth_sum)
-        weighted = loss * row_scale if isinstance(row_scale, np.ndarray) else loss
+        weighted = loss
+        if isinstance(row_scale, np.ndarray):  # weight 0 counts 0, also against ℓ = ∞
+            weighted = np.where(row_scale != 0, loss * row_scale, 0)
         if ok is not None:
             weighted = np.where(ok, weighted, 0)
         per_sample: FloatArray = weighted.astype(F32, copy=False)

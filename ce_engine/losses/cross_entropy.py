@@ -77,7 +77,7 @@ def cross_entropy(inp: LossInputs) -> LossTerms:
         y = rows = None
 
     if s is not None:
-        loss = loss * s
+        loss = xp.where(s != 0, loss, 0) * s  # weight 0 counts 0, also against ℓ = ∞
         valid_weight = valid_weight * s
     arrays: dict[str, Array] = {}
     need_p = bool(inp.want & {"grad", "probabilities", *SECOND_ORDER})
