@@ -170,6 +170,79 @@ def _no_linear_inputs(loss: str, **tensors: Any) -> None:
         )
 
 
+#: Largest batches (N·C) the small-batch lane takes (larger ones: the fused kernels).
+SMALL_BATCH_ELEMENTS = 16_384
+_SMALL_OUTPUTS = frozenset({"loss", "per_sample", "grad"})
+
+
+def _small_cross_entropy(
+    logits: Any, targets: Any, outputs: Iterable[str], backend: str
+) -> EvaluationResult | None:
+    """Cross-entropy with default options on a small clean NumPy batch, in a dozen ufuncs.
+
+    Small batches cost more in per-call overhead than in arithmetic, so this lane skips the
+    general machinery for the common case: ``cross_entropy`` with no options, (N, C) float32 or
+    float64 logits whose row maxima are finite, (N,) integer class ids in [0, C), outputs among
+    loss / per_sample / grad, no metrics or weights. Same math as the general path (mean over N,
+    ℓ_i = log Σ_c exp(z_ic − m_i) − (z_iy − m_i), ∂/∂z_ij = (p_ij − [j = y_i]) / N). Anything
+    else, including any input the general path would reject or treat specially (NaN, ±∞
+    losses, ignore_index), returns None: the general path answers, with its errors.
+    """
+    if backend not in ("numpy", "auto") or not isinstance(logits, np.ndarray):
+        return None
+    if not isinstance(targets, np.ndarray) or logits.dtype not in (np.float32, np.float64):
+        return None
+    want = frozenset(outputs)
+    if not want <= _SMALL_OUTPUTS or logits.ndim != 2 or targets.ndim != 1:
+        return None
+    n, c = logits.shape
+    if (
+        not 0 < n * c <= SMALL_BATCH_ELEMENTS
+        or targets.shape != (n,)
+        or targets.dtype.kind not in "iu"
+    ):
+        return None
+    if backend == "auto" and get_namespace("auto")[0] is not np:
+        return None
+    if int(targets.min()) < 0 or int(targets.max()) >= c:
+        return None
+    with np.errstate(all="ignore"):
+        peak = logits.max(axis=1)
+        if not np.isfinite(peak).all():
+            return None
+        shifted = logits - peak[:, None]
+        e = np.exp(shifted)
+        total = e.sum(axis=1)
+        rows = np.arange(n)
+        nll = np.log(total) - shifted[rows, targets]
+        if not np.isfinite(nll).all():
+            return None
+    loss_sum = float(nll.sum(dtype=np.float64))
+    arrays: dict[str, Array] = {}
+    if "per_sample" in want:
+        arrays["per_sample"] = nll
+    if "grad" in want:
+        grad = e
+        grad *= (1.0 / total)[:, None]
+        grad[rows, targets] -= 1.0
+        grad *= grad.dtype.type(1.0 / n)
+        arrays["grad"] = grad
+    return EvaluationResult(
+        loss="cross_entropy",
+        value=loss_sum / n,
+        sum=loss_sum,
+        denominator=float(n),
+        count=n,
+        ignored=0,
+        reduction="mean",
+        normalization="valid",
+        unit="nats",
+        outputs=arrays,
+        backend="numpy",
+        compute_dtype=logits.dtype.name,
+    )
+
+
 def evaluate(
     loss: str,
     logits: Any,
@@ -193,10 +266,19 @@ def evaluate(
     Linear-layer losses (``linear_cross_entropy``) take ``features`` (N, D), ``weight`` (C, D)
     and optional ``bias`` (C,) instead of logits (pass ``logits=None``).
     """
+    outputs, metric_names = tuple(outputs), list(metrics)
+    if (
+        loss == "cross_entropy"
+        and not options
+        and not metric_names
+        and all(x is None for x in (sample_weight, vector, features, weight, bias))
+    ):
+        small = _small_cross_entropy(logits, targets, outputs, backend)
+        if small is not None:
+            return small
     spec = get_loss(loss)
     opts = spec.parse_options(options)
     want = _check_outputs(outputs, spec.outputs, loss)
-    metric_names = list(metrics)
     xp, backend_name = get_namespace(backend)
 
     linear: dict[str, Array] = {}

@@ -597,3 +597,80 @@ def test_ce_zero_sample_weight_drops_an_infinite_row(dtype):
     ref = ce_engine.evaluate("cross_entropy", z[keep], y[keep], sample_weight=sw[keep])
     assert res.value == pytest.approx(ref.value, rel=1e-6)
     assert np.all(res.outputs["grad"][1] == 0)
+
+
+api_module = importlib.import_module("ce_engine.api")
+
+
+def _small_cases():
+    rng = np.random.default_rng(7)
+    for dtype in (np.float32, np.float64):
+        for n, c in ((1, 1), (16, 10), (7, 300), (128, 128)):
+            z = (rng.standard_normal((n, c)) * 3).astype(dtype)
+            y = rng.integers(0, c, size=n)
+            yield f"{np.dtype(dtype).name}-{n}x{c}", z, y, True
+    z = rng.standard_normal((6, 4)).astype(np.float32)
+    y = np.array([0, 1, 2, 3, 0, 1])
+    z_minus_inf = z.copy()
+    z_minus_inf[2, 0] = -np.inf  # an entry with p = 0: still the lane
+    yield "minus-inf-entry", z_minus_inf, y, True
+    nan = z.copy()
+    nan[1, 1] = np.nan
+    yield "nan", nan, y, False  # the general path raises 422, located
+    inf_loss = z.copy()
+    inf_loss[2, 2] = -np.inf  # the target's logit: ℓ = ∞
+    yield "infinite-loss", inf_loss, y, False
+    yield "ignore-index", z, np.array([0, -100, 2, 3, 0, 1]), False
+    yield "out-of-range", z, np.array([0, 9, 2, 3, 0, 1]), False
+    yield "too-big", np.zeros((200, 100), np.float32), np.zeros(200, np.int64), False
+
+
+@pytest.mark.parametrize(
+    ("name", "z", "y", "lane"), list(_small_cases()), ids=lambda v: v if isinstance(v, str) else ""
+)
+@pytest.mark.parametrize("outputs", [["loss"], ["loss", "per_sample", "grad"]])
+def test_small_batch_lane_matches_the_general_path(monkeypatch, name, z, y, lane, outputs):
+    """The lane answers exactly the clean default-option case, with the general path's
+    numbers; everything else falls through to the general path (errors included)."""
+    taken: list[bool] = []
+    original = api_module._small_cross_entropy
+
+    def spy(*args):
+        result = original(*args)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(api_module, "_small_cross_entropy", spy)
+
+    def run():
+        try:
+            return ce_engine.evaluate("cross_entropy", z, y, outputs=outputs, backend="numpy")
+        except ce_engine.InputValidationError as exc:
+            return exc.errors[0].to_dict()
+
+    got = run()
+    assert taken == [lane]
+    monkeypatch.setattr(api_module, "_small_cross_entropy", lambda *a: None)
+    ref = run()
+    if isinstance(ref, dict):
+        assert got == ref
+        return
+    assert_same_result(got, ref, rtol=1e-6 if z.dtype == np.float32 else 1e-12)
+    assert (got.backend, got.compute_dtype, got.reduction) == (
+        ref.backend,
+        ref.compute_dtype,
+        ref.reduction,
+    )
+    assert (got.normalization, got.unit, got.metrics, got.extras) == (
+        ref.normalization,
+        ref.unit,
+        ref.metrics,
+        ref.extras,
+    )
+
+
+def test_outputs_as_a_generator_reach_whichever_path_answers():
+    z = RNG.standard_normal((4, 3)).astype(np.float32)
+    for y in (np.array([0, 1, 2, 0]), np.array([0, -100, 2, 0])):  # lane, then general path
+        res = ce_engine.evaluate("cross_entropy", z, y, outputs=(o for o in ["loss", "grad"]))
+        assert set(res.outputs) == {"grad"} and res.outputs["grad"].shape == (4, 3)
