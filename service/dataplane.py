@@ -94,13 +94,14 @@ class DataPlane:
         logits = self.decode(request.logits, "logits")
         targets = self.decode(request.targets, "targets")
         linear = {
-            name: self.decode(getattr(request, name), name)
+            name: self.decode(value, name)
             for name in ("features", "weight", "bias")
+            if (value := getattr(request, name)) is not None
         }
         total = sum(a.size for a in (logits, targets, *linear.values()) if a is not None)
         if total > self.settings.max_elements:
             raise decode_limit_error(total, self.settings.max_elements)
-        work = estimated_work(logits, linear["features"], linear["weight"], request.outputs)
+        work = estimated_work(logits, linear.get("features"), linear.get("weight"), request.outputs)
         if work > self.settings.max_work:
             raise PayloadTooLarge(
                 f"the request needs about {work:.3g} multiply-adds, over the per-request "
