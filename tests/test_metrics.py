@@ -532,6 +532,34 @@ def test_to_dict_from_dict_round_trip_through_json() -> None:
         MetricState.from_dict(broken)
 
 
+def test_large_statistics_are_packed_exactly_and_old_list_states_still_load() -> None:
+    c = 40  # a 40 × 40 confusion matrix: 1600 ≥ PACKED_STAT_SIZE elements
+    z = RNG.standard_normal((500, c))
+    y = RNG.integers(0, c, size=500)
+    w = RNG.uniform(0.1, 1.0, size=500)  # non-integral sums: exactness is visible
+    state = batch_state(z, y, w, {})
+    data = json.loads(json.dumps(state.to_dict()))
+    packed = data["stats"]["confusion"]
+    assert packed["dtype"] == "float64" and packed["shape"] == [c, c]
+    assert isinstance(data["stats"]["tp"], list)  # small statistics stay lists
+    back = MetricState.from_dict(data)
+    np.testing.assert_array_equal(back.stats["confusion"], state.stats["confusion"])
+    assert back.compute() == state.compute()
+    legacy = json.loads(json.dumps(state.to_dict()))
+    legacy["stats"]["confusion"] = state.stats["confusion"].tolist()  # the earlier format
+    assert MetricState.from_dict(legacy).compute() == state.compute()
+    for bad in (
+        {**packed, "zlib_base64": "not base64!"},
+        {**packed, "shape": [c, c + 1]},
+        {**packed, "dtype": "float32"},
+        {"shape": [c, c]},
+    ):
+        broken = json.loads(json.dumps(state.to_dict()))
+        broken["stats"]["confusion"] = bad
+        with pytest.raises(ValueError, match="confusion"):
+            MetricState.from_dict(broken)
+
+
 @pytest.mark.parametrize(
     ("field", "other_opts", "other_c", "other_names"),
     [
