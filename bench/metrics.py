@@ -7,12 +7,17 @@ loss only and for three metric sets. "fused" is the default path (per-row softma
 from one chunked pass, ``ce_engine.kernels.cpu.softmax_row_stats``); "generic" is the
 xp-generic metric code (full log-softmax and probability arrays), the path CuPy and
 probability inputs take. Both are timed interleaved, repetition by repetition, in one process.
+
+Then the per-batch cost of a run's stored metric state for a 1000-class confusion matrix
+(``MetricState.to_dict`` → JSON → ``from_dict``, what the run store does on every batch):
+packed (the default: zlib + base64 float64) vs the statistics as JSON lists.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import platform
 import statistics
 import time
@@ -25,6 +30,7 @@ import numpy as np
 import ce_engine
 from bench._results import write_results
 from ce_engine import metrics as metrics_module
+from ce_engine.metrics import MetricState
 
 SHAPES = [(4096, 1000), (1024, 32000)]
 METRIC_SETS = {
@@ -51,6 +57,38 @@ def timed(z: np.ndarray, y: np.ndarray, names: list[str], generic: bool) -> floa
         start = time.perf_counter()
         ce_engine.evaluate("cross_entropy", z, y, metrics=names, backend="numpy")
         return time.perf_counter() - start
+
+
+def state_round_trip(rng: np.random.Generator, repeat: int) -> list[dict[str, Any]]:
+    c = 1000
+    z = rng.standard_normal((4096, c), dtype=np.float32)
+    y = rng.integers(0, c, size=4096)
+    state = ce_engine.evaluate(
+        "cross_entropy", z, y, metrics=["confusion_matrix", "accuracy"], backend="numpy"
+    ).metric_state
+    assert state is not None
+
+    def as_lists() -> dict[str, Any]:
+        data = state.to_dict()
+        data["stats"] = {
+            k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in state.stats.items()
+        }
+        return data
+
+    rows = []
+    print(f"\nrun state of a {c}-class confusion matrix: to_dict + JSON + from_dict")
+    for label, encode in (("packed", state.to_dict), ("lists", as_lists)):
+        times, size = [], 0
+        for _ in range(repeat + 1):
+            start = time.perf_counter()
+            text = json.dumps(encode())
+            MetricState.from_dict(json.loads(text))
+            times.append(time.perf_counter() - start)
+            size = len(text)
+        ms = statistics.median(times[1:]) * 1e3
+        rows.append({"format": label, "json_bytes": size, "ms": ms})
+        print(f"  {label:<7} {size / 1e6:8.2f} MB {ms:8.1f} ms")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{generic_ms / fused_ms:12.1f}x",
                 flush=True,
             )
+    state_rows = state_round_trip(rng, args.repeat)
     write_results(
         {
             "benchmark": "metrics_fused_vs_generic_cpu",
+            "state_round_trip": state_rows,
             "repeat": args.repeat,
             "machine": {"processor": platform.processor(), "python": platform.python_version()},
             "numpy": np.__version__,
