@@ -376,15 +376,29 @@ def test_softmax_row_stats_against_float64_reference(c, temperature, dtype):
     assert got["nll"].dtype == dtype
 
 
+@pytest.mark.parametrize("shape", [(12000, 7), (300, 500), (40, 3000), (50, 9)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_row_max_every_branch(monkeypatch, shape, threads):
+    """One NumPy call, transposed small-C chunks, threaded row blocks: all equal np.max,
+    NaN rows included."""
+    z = RNG.standard_normal(shape).astype(np.float32)
+    z[5, 1] = np.nan
+    z[7] = -np.inf
+    for limit in (cpu.PARALLEL_REDUCTION_ELEMENTS, 1):  # 1: every input takes the threads
+        monkeypatch.setattr(cpu, "PARALLEL_REDUCTION_ELEMENTS", limit)
+        np.testing.assert_array_equal(cpu.row_max(z, threads=threads), z.max(axis=1))
+
+
 def test_concurrent_calls_with_different_pool_sizes():
     """Calls from several threads needing different pool sizes never see a shut-down pool."""
     errors: list[str] = []
 
     def worker(rows: int, threads: int) -> None:
         z = np.zeros((rows, 1024), np.float32)  # 128 rows per chunk: 2 and 3 chunks
-        for _ in range(200):
+        y = np.zeros(rows, np.int64)
+        for _ in range(100):
             try:
-                cpu.row_max(z, threads=threads)
+                cpu.softmax_cross_entropy_rows(z, y, threads=threads)
             except Exception as exc:  # any error fails the test
                 errors.append(repr(exc))
                 return

@@ -127,15 +127,29 @@ def run_blocks(
         fut.result()
 
 
+#: A max over rows splits over threads from this many elements (below, one NumPy call is
+#: faster: the reduction is bound by memory bandwidth, which a second thread barely adds to).
+PARALLEL_REDUCTION_ELEMENTS = 1 << 24
+
+
 def row_max(rows: FloatArray, *, threads: int | None = None) -> FloatArray:
-    """max_c z_ic per row (NaN when the row holds a NaN), chunked and threaded."""
+    """max_c z_ic per row (NaN when the row holds a NaN).
+
+    One NumPy reduction, except for few classes (transposed chunks: NumPy's reductions over a
+    short last axis are slow) and for very large inputs (threads over row blocks).
+    """
     m_rows, c = rows.shape
-    if m_rows * c < MIN_PARALLEL_ELEMENTS:  # one call: chunking and threads cost more here
+    small_classes = c <= SMALL_CLASSES and rows.dtype == F32
+    if m_rows * c < MIN_PARALLEL_ELEMENTS or (
+        not small_classes and m_rows * c < PARALLEL_REDUCTION_ELEMENTS
+    ):
         return np.max(rows, axis=1)
+    if small_classes and m_rows * c < PARALLEL_REDUCTION_ELEMENTS:
+        threads = 1
     out = np.empty(m_rows, dtype=rows.dtype)
 
     def work(lo: int, hi: int) -> None:
-        if c <= SMALL_CLASSES and rows.dtype == F32:  # see softmax_cross_entropy_rows
+        if small_classes:  # see softmax_cross_entropy_rows
             t = _scratch.get("t", c, hi - lo)
             np.copyto(t, rows[lo:hi].T)
             np.max(t, axis=0, out=out[lo:hi])
