@@ -189,9 +189,10 @@ def _small_cross_entropy(
     else, including any input the general path would reject or treat specially (NaN, ±∞
     losses, ignore_index), returns None: the general path answers, with its errors.
     """
-    if backend not in ("numpy", "auto") or not isinstance(logits, np.ndarray):
+    # exact types: subclasses (masked arrays, np.matrix) take the general path, which converts
+    if backend not in ("numpy", "auto") or type(logits) is not np.ndarray:
         return None
-    if not isinstance(targets, np.ndarray) or logits.dtype not in (np.float32, np.float64):
+    if type(targets) is not np.ndarray or logits.dtype not in (np.float32, np.float64):
         return None
     want = frozenset(outputs)
     if not want <= _SMALL_OUTPUTS or logits.ndim != 2 or targets.ndim != 1:

@@ -147,13 +147,20 @@ def _unpack(value: Any) -> np.ndarray:
     if isinstance(value, dict):
         if value.get("dtype") != "float64":
             raise ValueError(f"packed statistic of dtype {value.get('dtype')!r}, want float64")
-        shape = tuple(int(d) for d in value["shape"])
+        try:
+            shape = tuple(int(d) for d in value["shape"])
+        except OverflowError:
+            raise ValueError(f"packed statistic has shape {value['shape']!r}") from None
         size = math.prod(shape) * 8
-        if size > 8 * 4096 * 4096:  # the largest statistic: a 4096-class confusion matrix
-            raise ValueError(f"packed statistic of shape {list(shape)} is too large")
+        if size > 8 * 4096 * 4096 or min(shape, default=0) < 0:  # ≤ a 4096-class confusion
+            raise ValueError(f"packed statistic of shape {list(shape)} is out of range")
         inflate = zlib.decompressobj()
-        raw = inflate.decompress(base64.b64decode(value["zlib_base64"], validate=True), size + 1)
-        if len(raw) != size or not inflate.eof:
+        try:
+            packed = base64.b64decode(value["zlib_base64"], validate=True)
+            raw = inflate.decompress(packed, size + 1)
+        except zlib.error as exc:
+            raise ValueError(f"packed statistic is not zlib data: {exc}") from None
+        if len(raw) != size or not inflate.eof or inflate.unused_data:
             raise ValueError(f"packed statistic does not hold {list(shape)} float64 values")
         return np.frombuffer(raw, dtype="<f8").astype(np.float64).reshape(shape)
     return np.asarray(value, np.float64)
@@ -245,7 +252,7 @@ class MetricState:
         for key, shape in shapes.items():
             try:
                 value = int(raw[key]) if key == "count" else _unpack(raw[key])
-            except (TypeError, ValueError, KeyError) as exc:
+            except (TypeError, ValueError, KeyError, OverflowError) as exc:
                 raise ValueError(f"metric state {key!r} is not numeric: {exc}") from None
             if isinstance(value, int):
                 stats[key] = value

@@ -688,3 +688,25 @@ def test_outputs_as_a_generator_reach_whichever_path_answers():
     for y in (np.array([0, 1, 2, 0]), np.array([0, -100, 2, 0])):  # lane, then general path
         res = ce_engine.evaluate("cross_entropy", z, y, outputs=(o for o in ["loss", "grad"]))
         assert set(res.outputs) == {"grad"} and res.outputs["grad"].shape == (4, 3)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_small_batch_lane_leaves_array_subclasses_to_the_general_path():
+    z = np.zeros((2, 3), np.float32)
+    masked = np.ma.masked_array([0, -1], mask=[False, True])
+    with pytest.raises(ce_engine.InputValidationError, match="out of range"):
+        ce_engine.evaluate("cross_entropy", z, masked)  # the general path sees the -1
+    as_matrix = ce_engine.evaluate("cross_entropy", np.asmatrix(z), np.array([0, 1]))
+    assert as_matrix.value == pytest.approx(math.log(3))
+
+
+@pytest.mark.parametrize("c", [5, 15])
+def test_uniform_rows_fall_in_the_exact_confidence_bin(c):
+    """max p = 1/C exactly: with C = 5 (or 15) that is a bin edge of 15 bins, (lo, hi]."""
+    z = np.zeros((4, c), np.float32)
+    res = ce_engine.evaluate(
+        "cross_entropy", z, np.arange(4) % c, metrics=["reliability"], backend="numpy"
+    )
+    counts = res.metrics["reliability"]["count"]
+    expected_bin = math.ceil(15 / c) - 1  # 1/C ∈ (edge_{k-1}, edge_k] with edge_k = k/15
+    assert counts[expected_bin] == 4 and sum(counts) == 4

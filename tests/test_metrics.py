@@ -553,6 +553,9 @@ def test_large_statistics_are_packed_exactly_and_old_list_states_still_load() ->
         {**packed, "shape": [c, c + 1]},
         {**packed, "dtype": "float32"},
         {"shape": [c, c]},
+        {**packed, "zlib_base64": "AAAA"},  # base64, but not zlib
+        {**packed, "shape": [float("inf"), c]},
+        {**packed, "shape": [-c, -c]},
     ):
         broken = json.loads(json.dumps(state.to_dict()))
         broken["stats"]["confusion"] = bad

@@ -591,8 +591,10 @@ def softmax_row_stats(
     dtype = logits.dtype
     y = np.asarray(targets, dtype=np.intp).reshape(m_rows)
     out: dict[str, npt.NDArray[np.generic]] = {"prediction": np.empty(m_rows, dtype=np.int64)}
-    for name in want:
-        out[name] = np.empty(m_rows, dtype=np.int64 if name == "rank" else dtype)
+    for name in want:  # confidence in float64: exact bins for uniform rows (1/C)
+        kind = np.int64 if name == "rank" else np.float64 if name == "confidence" else dtype
+        out[name] = np.empty(m_rows, dtype=kind)
+    cols = np.arange(c)
     need_exp = bool(want - {"rank"})
     inv_t = dtype.type(1.0 / temperature)
     ones = np.ones(c, dtype=dtype)
@@ -607,8 +609,10 @@ def softmax_row_stats(
         z_y = z[r, yy]
         if "rank" in want:
             ahead = np.count_nonzero(z > z_y[:, None], axis=1)
-            for i in np.flatnonzero(np.count_nonzero(z == z_y[:, None], axis=1) > 1):
-                ahead[i] += np.count_nonzero(z[i, yy[i] + 1 :] == z_y[i])  # ties after y
+            tied = np.flatnonzero(np.count_nonzero(z == z_y[:, None], axis=1) > 1)
+            if tied.size:  # ties with a larger class id rank before y
+                later = (z[tied] == z_y[tied, None]) & (cols[None, :] > yy[tied, None])
+                ahead[tied] += np.count_nonzero(later, axis=1)
             out["rank"][lo:hi] = ahead
         if not need_exp:
             return
@@ -621,13 +625,14 @@ def softmax_row_stats(
         lse = np.log(total)
         s_y = (z_y - m) * inv_t
         if "confidence" in want:
-            out["confidence"][lo:hi] = 1.0 / total
+            out["confidence"][lo:hi] = 1.0 / total.astype(np.float64)
         if "nll" in want:
             out["nll"][lo:hi] = lse - s_y
         if "entropy" in want:
             mean_s = np.einsum("ij,ij->i", e, shifted)
-            for i in np.flatnonzero(~np.isfinite(mean_s)):  # −inf logits: e·s = 0·(−∞)
-                mean_s[i] = np.where(e[i] > 0, e[i] * shifted[i], 0).sum()
+            bad = np.flatnonzero(~np.isfinite(mean_s))  # −inf logits: e·s = 0·(−∞)
+            if bad.size:
+                mean_s[bad] = np.where(e[bad] > 0, e[bad] * shifted[bad], 0).sum(axis=1)
             out["entropy"][lo:hi] = lse - mean_s / total
         if "brier" in want:
             sq = np.einsum("ij,ij->i", e, e)
