@@ -114,30 +114,34 @@ def index_targets(inp: LossInputs) -> tuple[Array, Array]:
     c = layout.num_classes
     ignore = opts.ignore_index
     in_range_ignore = ignore is not None and 0 <= ignore < c
-    if not in_range_ignore and y.size and int(y.min()) >= 0 and int(y.max()) < c:
-        # every id is a class and none can be ignore_index: all count
+    # every id a class and none can be ignore_index: all count, no masks needed
+    clean = not in_range_ignore and bool(y.size) and int(y.min()) >= 0 and int(y.max()) < c
+    if clean:
         valid = xp.ones(y.shape, dtype=bool)
-        if inp.exclude is None:
-            return y, valid
-        valid &= ~inp.exclude
-        return xp.where(valid, y, 0), valid
-    ignored = (y == opts.ignore_index) if opts.ignore_index is not None else xp.zeros(y.shape, bool)
-    bad = first_true(xp, ~ignored & ((y < 0) | (y >= c)))
-    if bad is not None:
-        raise InputValidationError.single(
-            ("targets", *layout.position(bad)),
-            f"class index {int(y[bad])} is out of range [0, {c})"
-            + (
-                f" and is not ignore_index ({opts.ignore_index})"
-                if opts.ignore_index is not None
-                else ""
-            ),
-            "class_index_out_of_range",
-        )
-    valid = ~ignored
-    if inp.exclude is not None:
-        valid &= ~inp.exclude
-    return xp.where(valid, y, 0), valid
+    else:
+        ignored = (y == ignore) if ignore is not None else xp.zeros(y.shape, bool)
+        bad = first_true(xp, ~ignored & ((y < 0) | (y >= c)))
+        if bad is not None:
+            raise InputValidationError.single(
+                ("targets", *layout.position(bad)),
+                f"class index {int(y[bad])} is out of range [0, {c})"
+                + (f" and is not ignore_index ({ignore})" if ignore is not None else ""),
+                "class_index_out_of_range",
+            )
+        valid = ~ignored
+    return _counted(xp, y, valid, inp.exclude, clean)
+
+
+def _counted(
+    xp: ModuleType, y: Array, valid: Array, exclude: Array | None, clean: bool
+) -> tuple[Array, Array]:
+    """(targets with the positions not counted set to 0, counted mask (M,)): ``valid`` less
+    ``exclude``. ``clean`` (every position valid) returns ``y`` as is when none is excluded."""
+    if exclude is not None:
+        valid = valid & ~exclude
+    elif clean:
+        return y, valid
+    return xp.where(valid if y.ndim == 1 else valid[:, None], y, 0), valid
 
 
 def dense_targets(inp: LossInputs, fmt: str) -> tuple[Array, Array]:
@@ -246,31 +250,25 @@ def label_rows(inp: LossInputs) -> tuple[Array, Array]:
             "shape_mismatch",
         )
     y = layout.to_rows(xp, inp.targets).astype(inp.logits.dtype, copy=False)
-    if y.size and float(y.min()) >= 0 and float(y.max()) <= 1:  # no NaN, all in range: no masks
-        valid = xp.ones(layout.num_positions, dtype=bool)
-        if inp.exclude is None:
-            return y, valid
-        valid &= ~inp.exclude
-        return xp.where(valid[:, None], y, 0), valid
-    nan = xp.isnan(y)
-    if inp.options.nan_policy == "raise":
-        reject_first(xp, nan, y, layout, "targets", "target is NaN", "non_finite")
-    reject_first(
-        xp,
-        (y < 0) | (y > 1),
-        y,
-        layout,
-        "targets",
-        "labels must lie in [0, 1], got {value}",
-        "label_range",
-    )
-    if inp.options.nan_policy == "omit":
-        valid = ~nan.any(axis=-1)
-    else:
-        valid = xp.ones(layout.num_positions, dtype=bool)
-    if inp.exclude is not None:
-        valid &= ~inp.exclude
-    return xp.where(valid[:, None], y, 0), valid
+    # no NaN and all in range (min/max are NaN when any label is): no masks needed
+    clean = bool(y.size) and float(y.min()) >= 0 and float(y.max()) <= 1
+    valid = xp.ones(layout.num_positions, dtype=bool)
+    if not clean:
+        nan = xp.isnan(y)
+        if inp.options.nan_policy == "raise":
+            reject_first(xp, nan, y, layout, "targets", "target is NaN", "non_finite")
+        reject_first(
+            xp,
+            (y < 0) | (y > 1),
+            y,
+            layout,
+            "targets",
+            "labels must lie in [0, 1], got {value}",
+            "label_range",
+        )
+        if inp.options.nan_policy == "omit":
+            valid = ~nan.any(axis=-1)
+    return _counted(xp, y, valid, inp.exclude, clean)
 
 
 def input_log_probs(inp: LossInputs) -> tuple[Array, Array | None]:
