@@ -79,20 +79,15 @@ BCE_KERNEL_OUTPUTS = frozenset({"loss", "per_sample", "grad", "probabilities"})
 
 
 def fast_binary_cross_entropy(
-    inp: LossInputs,
-    labels: Array,
-    valid: Array,
-    weight: Array | None,
-    pos_weight: Array | None,
-) -> LossTerms | None:
+    inp: LossInputs, labels: Array, element_scale: Array, pos_weight: Array | None
+) -> cpu.BinaryCrossEntropyRows | None:
     """Sigmoid BCE through the CPU kernel (``kernels.cpu.binary_cross_entropy_rows``), or None
     when not covered: CuPy, probability inputs, float64 compute, a temperature, or outputs
     beyond loss / per_sample / grad / probabilities.
 
     ``labels`` (M, C) are the loss's validated, smoothed labels (0 on rows not counted),
-    ``valid`` (M,) its counted mask, ``weight`` its element weights ((C,) or (M, C)) and
-    ``pos_weight`` (C,). Rows not counted and sample weights enter as element weights
-    v_ic = [i counted]·s_i·w_ic, so ``per_sample`` is Σ_c v_ic·ℓ_ic as in the reference.
+    ``element_scale`` its weights v_ic = [i counted]·s_i·w_ic as (M, 1) or (M, C), and
+    ``pos_weight`` (C,): ``per_sample`` is Σ_c v_ic·ℓ_ic as in the reference.
     """
     xp, opts = inp.xp, inp.options
     z = inp.logits
@@ -100,27 +95,12 @@ def fast_binary_cross_entropy(
         return None
     if z.dtype != np.float32 or z.ndim != 2 or z.size == 0 or inp.want - BCE_KERNEL_OUTPUTS:
         return None
-    s = inp.sample_weight
-    scale = valid.astype(np.float32)
-    if s is not None:
-        scale = scale * s
-    element_weight = None
-    if weight is not None or s is not None or not bool(valid.all()):
-        per_row = scale[:, None]
-        element_weight = np.broadcast_to(
-            per_row * weight if weight is not None else per_row, z.shape
-        )
-    out = cpu.binary_cross_entropy_rows(
+    uniform = element_scale.shape[-1] == 1 and bool((element_scale == 1).all())
+    return cpu.binary_cross_entropy_rows(
         np.ascontiguousarray(z),
         labels,
         pos_weight=pos_weight,
-        element_weight=element_weight,
+        element_weight=None if uniform else np.broadcast_to(element_scale, z.shape),
         grad_scale=1.0 if "grad" in inp.want else None,
         probabilities="probabilities" in inp.want,
-    )
-    return LossTerms(
-        per_sample=out.per_sample,
-        valid_weight=scale * np.float32(z.shape[1]),
-        valid=valid,
-        arrays=out.arrays,
     )

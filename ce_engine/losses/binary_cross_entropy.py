@@ -47,9 +47,16 @@ def binary_cross_entropy(inp: LossInputs) -> LossTerms:
         y = xp.where(valid[:, None], y * (1.0 - o.label_smoothing) + o.label_smoothing / 2, 0)
     w = element_weights(xp, o.weight, layout, dtype)
     pw = per_class(xp, o.pos_weight, c, dtype, "pos_weight")
-    fast = fast_binary_cross_entropy(inp, y, valid, w, pw)
+    scale = valid.astype(dtype)
+    if inp.sample_weight is not None:
+        scale = scale * inp.sample_weight
+    el_scale = scale[:, None] * w if w is not None else scale[:, None]
+    valid_weight = scale * dtype.type(c)
+    fast = fast_binary_cross_entropy(inp, y, el_scale, pw)
     if fast is not None:  # fused kernel (NumPy, logits input, float32 compute)
-        return fast
+        return LossTerms(
+            per_sample=fast.per_sample, valid_weight=valid_weight, valid=valid, arrays=fast.arrays
+        )
     pos = y * pw if pw is not None else y  # pw·y
     neg = 1 - y
     z = scaled_logits(inp)
@@ -62,10 +69,6 @@ def binary_cross_entropy(inp: LossInputs) -> LossTerms:
         inside = (z > o.eps) & (z < 1.0 - o.eps)
         log_p, log_1mp = xp.log(x), xp.log1p(-x)
         loss_el = -(pos * log_p + neg * log_1mp)
-    scale = valid.astype(dtype)
-    if inp.sample_weight is not None:
-        scale = scale * inp.sample_weight
-    el_scale = scale[:, None] * w if w is not None else scale[:, None]
     loss = xp.sum(times_log(xp, xp.broadcast_to(el_scale, loss_el.shape), loss_el), axis=-1)
 
     if "probabilities" in inp.want:
@@ -90,9 +93,7 @@ def binary_cross_entropy(inp: LossInputs) -> LossTerms:
         arrays.update(
             second_order(xp, inp.want, layout, inp.vector, diag=(d * el_scale).astype(dtype))
         )
-    return LossTerms(
-        per_sample=loss, valid_weight=scale * dtype.type(c), valid=valid, arrays=arrays
-    )
+    return LossTerms(per_sample=loss, valid_weight=valid_weight, valid=valid, arrays=arrays)
 
 
 register(
