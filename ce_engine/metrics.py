@@ -467,6 +467,54 @@ def _fused_row_stats(xp: ModuleType, options: CommonOptions, q: Array | None, ro
     return xp is np and options.input_kind == "logits" and q is None and rows.ndim == 2
 
 
+def _row_stats(
+    xp: ModuleType,
+    rows: Array,
+    labels: Array,
+    q: Array | None,
+    options: CommonOptions,
+    want: frozenset[str],
+    with_prediction: bool,
+) -> dict[str, Array]:
+    """The per-row statistics of ``kernels.cpu.softmax_row_stats`` in xp-generic code: any
+    backend and input kind; with target distributions ``q``, nll and brier are against q.
+    p and log p are formed only when a probability statistic is wanted."""
+    m, c = rows.shape
+    ar = xp.arange(m)
+    out: dict[str, Array] = {}
+    if with_prediction:  # every label metric, ece & co included (multi_hot has none)
+        out["prediction"] = xp.argmax(rows, axis=-1)
+    if "rank" in want:
+        score_y = rows[ar, labels][:, None]
+        # sklearn ranks by a stable ascending sort reversed: among ties the larger id first
+        above = rows > score_y
+        above |= (rows == score_y) & (xp.arange(c)[None, :] > labels[:, None])
+        out["rank"] = above.sum(axis=-1)
+    if not want & {"nll", "entropy", "brier", "confidence"}:
+        return out
+    if options.input_kind == "logits":
+        log_p = log_softmax(xp, rows, options.temperature)
+        p = xp.exp(log_p)
+    elif options.input_kind == "log_probabilities":
+        log_p, p = rows, xp.exp(rows)
+    else:
+        p, log_p = rows, xp.log(xp.clip(rows, options.eps, 1.0 - options.eps))
+    if "nll" in want:
+        dense_nll = None if q is None else -xp.sum(q * _masked_log(xp, q, log_p), axis=-1)
+        out["nll"] = -log_p[ar, labels] if dense_nll is None else dense_nll
+    if "entropy" in want:
+        out["entropy"] = -xp.sum(p * _masked_log(xp, p, log_p), axis=-1)
+    if "brier" in want:
+        if q is None:  # Σ_c (p_c − y_c)² = Σ_c p_c² − 2 p_y + 1 without a one-hot (M, C) array
+            p_y = p[ar, labels].astype(xp.float64)
+            out["brier"] = xp.sum(p * p, axis=-1, dtype=xp.float64) - 2.0 * p_y + 1.0
+        else:
+            out["brier"] = xp.sum((p - q) ** 2, axis=-1)
+    if "confidence" in want:
+        out["confidence"] = p[ar, out["prediction"]]
+    return out
+
+
 def metric_state(
     names: Iterable[str],
     xp: ModuleType,
@@ -511,60 +559,25 @@ def metric_state(
     def wsum(per_row: Array) -> Array:
         return (w * per_row.astype(xp.float64, copy=False)).sum()
 
-    # NumPy, logits, class-id targets: per-row statistics from one chunked pass (no (M, C)
-    # temporaries); otherwise p and log p, only when a probability metric needs them
-    fast: dict[str, Any] | None = None
+    # NumPy, logits, class-id targets: one chunked pass, no (M, C) temporaries
+    want = frozenset(stat for key, stat in _ROW_STAT_OF.items() if key in shapes)
     if _fused_row_stats(xp, options, q, rows):
-        want = frozenset(stat for key, stat in _ROW_STAT_OF.items() if key in shapes)
-        fast = softmax_row_stats(rows, labels, temperature=options.temperature, want=want)
-    elif shapes.keys() & {"nll", "entropy", "brier", "bin_count"}:
-        if options.input_kind == "logits":
-            log_p = log_softmax(xp, rows, options.temperature)
-            p = xp.exp(log_p)
-        elif options.input_kind == "log_probabilities":
-            log_p, p = rows, xp.exp(rows)
-        else:
-            p, log_p = rows, xp.log(xp.clip(rows, options.eps, 1.0 - options.eps))
-    ar = xp.arange(m)
-    predicted: Array = None
-    correct: Array = None
-    if fmt != "multi_hot":
-        predicted = fast["prediction"] if fast is not None else xp.argmax(rows, axis=-1)
-        correct = (predicted == labels).astype(xp.float64)
+        per_row = softmax_row_stats(rows, labels, temperature=options.temperature, want=want)
+    else:
+        per_row = _row_stats(xp, rows, labels, q, options, want, fmt != "multi_hot")
+    predicted: Array = per_row.get("prediction")
+    correct: Array = None if predicted is None else (predicted == labels).astype(xp.float64)
     if "correct" in shapes:
         sums["correct"] = wsum(correct)
     if "top_k_hits" in shapes:
-        if fast is not None:
-            rank = fast["rank"]
-        else:
-            score_y = rows[ar, labels][:, None]
-            # sklearn ranks by a stable ascending sort reversed: among ties the larger id first
-            above = rows > score_y
-            above |= (rows == score_y) & (xp.arange(c)[None, :] > labels[:, None])
-            rank = above.sum(axis=-1)
         ks = xp.asarray(top_k, dtype=xp.int64)
-        sums["top_k_hits"] = ((rank[:, None] < ks[None, :]) * w[:, None]).sum(axis=0)
-    if fast is not None:
-        for key in ("nll", "entropy", "brier"):
-            if key in shapes:
-                sums[key] = wsum(fast[key])
-    if "nll" in shapes and fast is None:
-        dense_nll = None if q is None else -xp.sum(q * _masked_log(xp, q, log_p), axis=-1)
-        sums["nll"] = wsum(-log_p[ar, labels] if dense_nll is None else dense_nll)
-    if "entropy" in shapes and fast is None:
-        sums["entropy"] = wsum(-xp.sum(p * _masked_log(xp, p, log_p), axis=-1))
-    if "brier" in shapes and fast is None:
-        if q is None:  # Σ_c (p_c − y_c)² = Σ_c p_c² − 2 p_y + 1 without a one-hot (M, C) array
-            p_y = p[ar, labels].astype(xp.float64)
-            per_row = xp.sum(p * p, axis=-1, dtype=xp.float64) - 2.0 * p_y + 1.0
-        else:
-            per_row = xp.sum((p - q) ** 2, axis=-1)
-        sums["brier"] = wsum(per_row)
+        sums["top_k_hits"] = ((per_row["rank"][:, None] < ks[None, :]) * w[:, None]).sum(axis=0)
+    for key in ("nll", "entropy", "brier"):
+        if key in shapes:
+            sums[key] = wsum(per_row[key])
     if "bin_count" in shapes:
         n_bins = options.n_bins
-        confidence = (fast["confidence"] if fast is not None else p[ar, predicted]).astype(
-            xp.float64
-        )
+        confidence = per_row["confidence"].astype(xp.float64)
         edges = xp.linspace(0.0, 1.0, n_bins + 1)
         # bins (lo, hi]: searchsorted 'left' gives i with edges[i-1] < κ ≤ edges[i]
         b = xp.clip(xp.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
