@@ -288,8 +288,7 @@ def evaluate(
         )
         rows = peak = None
     else:
-        if features is not None or weight is not None or bias is not None:
-            _no_linear_inputs(loss, features=features, weight=weight, bias=bias)
+        _no_linear_inputs(loss, features=features, weight=weight, bias=bias)
         z = to_backend(xp, logits, loc="logits")
         if z.dtype.kind == "b" or not (is_floating(z.dtype) or z.dtype.kind in "iu"):
             raise InputValidationError.single(
