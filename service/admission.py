@@ -6,8 +6,6 @@ Shared by every adapter (REST, gRPC, OIP) through :class:`service.dataplane.Data
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from service.errors import Unavailable
 
@@ -26,8 +24,14 @@ class Admission:
     def inflight(self) -> int:
         return self._inflight
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
+    def admit(self) -> Admission:
+        """``with admission.admit():`` counts one evaluation in flight; 503 when full or draining.
+
+        A plain context manager (no generator): it wraps every request.
+        """
+        return self
+
+    def __enter__(self) -> None:
         with self._lock:
             if self.draining:
                 raise self._refuse("the server is shutting down", "draining")
@@ -36,11 +40,10 @@ class Admission:
                     f"evaluation queue is full ({self.limit} in flight)", "queue_full"
                 )
             self._inflight += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._inflight -= 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._inflight -= 1
 
     def _refuse(self, detail: str, reason: str) -> Unavailable:
         return Unavailable(

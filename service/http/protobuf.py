@@ -24,18 +24,16 @@ from service.schemas import EvaluateRequest
 
 
 def media_type(request: Request) -> str:
+    """``Content-Type`` without parameters, lower case ('' when absent)."""
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def is_protobuf(request: Request) -> bool:
-    return media_type(request) == PROTOBUF_MEDIA_TYPE
-
-
-def wants_protobuf(request: Request) -> bool:
+def wants_protobuf(request: Request, content_type: str) -> bool:
+    """Answer in protobuf? ``content_type``: the request's media type (:func:`media_type`)."""
     accept = request.headers.get("accept", "").lower()
     if PROTOBUF_MEDIA_TYPE in accept:
         return True
-    return is_protobuf(request) and accept.strip() in ("", "*/*")
+    return content_type == PROTOBUF_MEDIA_TYPE and accept.strip() in ("", "*/*")
 
 
 async def read_protobuf_request(request: Request, settings: Settings) -> EvaluateRequest:

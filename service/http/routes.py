@@ -15,7 +15,7 @@ from service.dataplane import DataPlane, parse_evaluate_request
 from service.errors import MalformedBody, UnsupportedMediaType
 from service.http.protobuf import (
     ProtobufResponse,
-    is_protobuf,
+    media_type,
     read_protobuf_request,
     wants_protobuf,
 )
@@ -39,9 +39,13 @@ def _json_body_schema(name: str, protobuf: bool = False) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
-async def read_json(request: Request) -> Any:
-    """Body → object: 415 unless JSON, 413 (body-limit middleware), 400 if malformed."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+async def read_json(request: Request, content_type: str | None = None) -> Any:
+    """Body → object: 415 unless JSON, 413 (body-limit middleware), 400 if malformed.
+
+    ``content_type``: the request's media type when the caller has it already.
+    """
+    if content_type is None:
+        content_type = media_type(request)
     if content_type != "application/json" and not content_type.endswith("+json"):
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, got {content_type or 'none'!r}",
@@ -86,11 +90,12 @@ def _dataplane(request: Request) -> DataPlane:
 async def evaluate(request: Request) -> Response:
     """JSON or ``application/x-protobuf`` (``ce_eval.v1.EvaluateRequest``) in, either out."""
     dataplane = _dataplane(request)
-    if is_protobuf(request):
+    content_type = media_type(request)
+    if content_type == PROTOBUF_MEDIA_TYPE:
         req = await read_protobuf_request(request, dataplane.settings)
     else:
-        req = parse_evaluate_request(await read_json(request), dataplane.settings)
-    binary = wants_protobuf(request)
+        req = parse_evaluate_request(await read_json(request, content_type), dataplane.settings)
+    binary = wants_protobuf(request, content_type)
     result = await dataplane.evaluate_async(req, "raw" if binary else None)
     return ProtobufResponse(result) if binary else FastJSONResponse(result)
 
