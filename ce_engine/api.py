@@ -201,7 +201,7 @@ def _small_cross_entropy(
     # exact types: subclasses (masked arrays, np.matrix) take the general path, which converts
     if backend not in ("numpy", "auto") or type(logits) is not np.ndarray:
         return None
-    if type(targets) is not np.ndarray or logits.dtype not in (np.float32, np.float64):
+    if type(targets) is not np.ndarray or logits.dtype.char not in "fd":  # float32, float64
         return None
     want = frozenset(outputs)
     if not want <= _SMALL_OUTPUTS or logits.ndim != 2 or targets.ndim != 1:
@@ -221,12 +221,12 @@ def _small_cross_entropy(
     rows = _arange(n)
     # ufunc methods, not ndarray.max/sum: their Python wrappers cost as much as these reductions
     with np.errstate(all="ignore"):  # a NaN or +inf logit, or an all −inf row, makes ℓ NaN
-        peak = np.maximum.reduce(logits, axis=1)
-        shifted = logits - peak[:, None]
+        shifted = logits - np.maximum.reduce(logits, axis=1, keepdims=True)
         picked = shifted[rows, classes]
         e = np.exp(shifted)
         total = np.add.reduce(e, axis=1)
-        nll = np.log(total) - picked
+        nll = np.log(total)
+        nll -= picked
     loss_sum = float(np.add.reduce(nll, dtype=np.float64))
     if not math.isfinite(loss_sum):  # finite exactly when every ℓ_i is (at most 16k terms)
         return None

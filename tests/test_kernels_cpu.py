@@ -638,6 +638,7 @@ def _small_cases():
     yield "out-of-range", z, np.array([0, 9, 2, 3, 0, 1]), False
     yield "negative-int8", z, np.array([0, 1, -1, 3, 0, 1], np.int8), False  # not class C − 1
     yield "uint8", z, np.array([0, 1, 2, 3, 0, 1], np.uint8), True
+    yield "big-endian", z.astype(">f4"), y, True
     yield "too-big", np.zeros((200, 100), np.float32), np.zeros(200, np.int64), False
 
 
