@@ -10,9 +10,10 @@ then measures from this process:
    ratio compares runs under the same machine load) and to the bare localhost TCP transfer
    of the logits' bytes (a socket into a preallocated buffer: no HTTP, no parsing), whose
    sum with the engine time is the best any transport could reach on the machine;
-2. req/s with 32 concurrent keep-alive connections for a 16×10 ``/v1/evaluate`` (JSON lists)
-   vs ``POST /noop`` with the same body (a minimal raw-socket load generator, so the client
-   leaves the CPU to the server).
+2. req/s with 32 concurrent keep-alive connections for a 16×10 ``/v1/evaluate`` (JSON lists,
+   then protobuf) vs ``POST /noop`` with the same body, in paired rounds (a minimal raw-socket
+   load generator, so the client leaves the CPU to the server); the verdict is the median of
+   the per-round ratios.
 
 Targets (issue 6): binary transports ≥ 70% of engine-only throughput at 512×32000; tiny-batch
 evaluate ≥ 70% of the no-op's req/s. Prints a table and writes ``bench/results/serving-*.json``.
