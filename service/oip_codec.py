@@ -93,7 +93,7 @@ class InferRequest:
     binary_outputs: set[str] = field(default_factory=set)
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
+def split_body(body: bytes | memoryview, header_length: str | None) -> tuple[Any, memoryview]:
     """Body → (JSON header object, binary tail); 400 when either part is malformed."""
     if header_length is None:
         size = len(body)
@@ -171,7 +171,7 @@ def _decode_input(
 
 
 def parse_infer_request(
-    loss: str, body: bytes, header_length: str | None, settings: Settings
+    loss: str, body: bytes | memoryview, header_length: str | None, settings: Settings
 ) -> InferRequest:
     """Infer request bytes → :class:`InferRequest` (400 malformed, 413 too large, 422 invalid)."""
     header, binary = split_body(body, header_length)

@@ -95,7 +95,7 @@ def _malformed(reason: str) -> MalformedBody:
     )
 
 
-def parse_request_bytes(body: bytes) -> pb.EvaluateRequest:
+def parse_request_bytes(body: bytes | memoryview) -> pb.EvaluateRequest:
     """Serialized ``EvaluateRequest`` → message; 400 when it does not parse."""
     message = pb.EvaluateRequest()
     try:
@@ -146,7 +146,7 @@ _TENSOR_NUMBERS = {_REQUEST_FIELD_NUMBERS[name]: name for name in _TENSOR_FIELDS
 
 
 def split_request_bytes(
-    body: bytes, min_bytes: int = 64 * 1024
+    body: bytes | memoryview, min_bytes: int = 64 * 1024
 ) -> tuple[pb.EvaluateRequest, dict[str, memoryview]]:
     """Like :func:`parse_request_bytes`, but each tensor's ``data`` stays in ``body``.
 

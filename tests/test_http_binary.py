@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import numpy as np
 import orjson
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from service.client import AsyncClient, EvaluationError
 from service.config import Settings
+from service.errors import MalformedBody
 from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.http.app import create_app
+from service.http.bodies import LARGE_BODY_BYTES, read_body
 from service.proto_codec import PROTOBUF_MEDIA_TYPE, request_to_proto
 from tests.reference import softmax_ce
 
@@ -188,3 +191,65 @@ async def test_openapi_documents_protobuf_and_oip(client: httpx.AsyncClient) -> 
     body = schema["paths"]["/v1/evaluate"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", PROTOBUF_MEDIA_TYPE}
     assert "/v2/models/{loss}/infer" in schema["paths"]
+
+
+@pytest.fixture
+async def big_app(tmp_path: Path) -> AsyncIterator[FastAPI]:
+    settings = Settings(
+        max_body_bytes=64 * 1024 * 1024,
+        max_elements=10_000_000,
+        log_level="warning",
+        database_url=f"sqlite:///{tmp_path / 'ce-eval.db'}",
+    )
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.mark.parametrize("transport", ["protobuf", "oip", "base64"])
+async def test_large_bodies_arrive_whole(big_app: FastAPI, transport: str) -> None:
+    """Bodies over LARGE_BODY_BYTES, sent in 1 MiB pieces, are read into one buffer."""
+    logits = RNG.standard_normal((1100, 1000)).astype(np.float32)  # 4.4 MB
+    assert logits.nbytes > LARGE_BODY_BYTES
+    targets = RNG.integers(0, 1000, size=1100)
+    targets[7] = 999
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=big_app), base_url="http://test")
+    async with AsyncClient(transport=transport, http=http) as client:  # type: ignore[arg-type]
+        result = await client.evaluate("cross_entropy", logits, targets, outputs=["per_sample"])
+    per, den, _ = softmax_ce(logits.astype(np.float64), targets, fmt="index")
+    assert result.value == pytest.approx(per.sum() / den.sum(), rel=1e-6)
+    np.testing.assert_allclose(result.outputs["per_sample"], per, rtol=1e-4)
+
+
+async def _read(declared: int, parts: list[bytes]) -> bytes | memoryview:
+    messages = [
+        {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
+        for i, part in enumerate(parts)
+    ]
+
+    async def receive() -> dict[str, object]:
+        return messages.pop(0)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "headers": [(b"content-length", str(declared).encode())],
+    }
+    return await read_body(Request(scope, receive))
+
+
+async def test_read_body_fills_one_read_only_buffer() -> None:
+    parts = [bytes([i]) * (LARGE_BODY_BYTES // 3 + i) for i in range(4)]
+    body = await _read(sum(map(len, parts)), parts)
+    assert isinstance(body, memoryview) and body.readonly
+    assert bytes(body) == b"".join(parts)
+    small = await _read(5, [b"ab", b"cde"])
+    assert small == b"abcde"
+
+
+@pytest.mark.parametrize(("extra", "message"), [(1, "longer than"), (-1, "ended after")])
+async def test_read_body_rejects_a_body_unlike_its_content_length(extra: int, message: str) -> None:
+    parts = [b"x" * LARGE_BODY_BYTES, b"y" * 10]
+    with pytest.raises(MalformedBody, match=message):
+        await _read(LARGE_BODY_BYTES + 10 - extra, parts)

@@ -17,6 +17,7 @@ import ce_engine
 from service import __version__
 from service.dataplane import DataPlane
 from service.errors import NotFound, ServiceError
+from service.http.bodies import read_body
 from service.http.responses import FastJSONResponse, ProblemResponse, problems
 from service.oip_codec import (
     HEADER_LENGTH,
@@ -100,7 +101,7 @@ async def infer(request: Request, loss: str, version: str | None = None) -> Resp
     _spec(loss, version)
     dataplane: DataPlane = request.app.state.dataplane
     infer_request = parse_infer_request(
-        loss, await request.body(), request.headers.get(HEADER_LENGTH), dataplane.settings
+        loss, await read_body(request), request.headers.get(HEADER_LENGTH), dataplane.settings
     )
     result = await dataplane.evaluate_async(infer_request.request, "raw")
     body, header_length = encode_infer_response(loss, infer_request, result)

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from service.config import Settings
 from service.errors import MalformedBody
+from service.http.bodies import read_body
 from service.proto_codec import (
     PROTOBUF_MEDIA_TYPE,
     request_from_proto,
@@ -38,7 +39,7 @@ def wants_protobuf(request: Request, content_type: str) -> bool:
 
 async def read_protobuf_request(request: Request, settings: Settings) -> EvaluateRequest:
     """Body → ``EvaluateRequest`` model (tensors as NumPy views of the body's bytes)."""
-    body = await request.body()
+    body = await read_body(request)
     if not body:
         raise MalformedBody("the request body is empty")
     message, data = split_request_bytes(body)

@@ -1,4 +1,4 @@
-"""Routes: a few lines each; parsing in ``bodies``, work in ``service.dataplane``."""
+"""Routes: a few lines each; bodies read in ``bodies``, work in ``service.dataplane``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from starlette.responses import Response
 from ce_engine.backend import available_backends
 from service.dataplane import DataPlane, parse_evaluate_request
 from service.errors import MalformedBody, UnsupportedMediaType
+from service.http.bodies import read_body
 from service.http.protobuf import (
     ProtobufResponse,
     media_type,
@@ -57,7 +58,7 @@ async def read_json(request: Request, content_type: str | None = None) -> Any:
                 }
             ],
         )
-    body = await request.body()
+    body = await read_body(request)
     if not body:
         raise MalformedBody("the request body is empty")
     try:
