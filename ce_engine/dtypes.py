@@ -43,7 +43,7 @@ def is_floating(dtype: Any) -> bool:
 def compute_dtype(dtype: Any) -> np.dtype[Any]:
     """Compute dtype: float64 and integer inputs → float64; float16/bfloat16/float32 → float32."""
     dt = np.dtype(dtype)
-    if dt == np.float64:
+    if dt.type is np.float64:  # either byte order ('>f8' != np.float64)
         return np.dtype(np.float64)
     if is_floating(dt):
         return np.dtype(np.float32)

@@ -639,6 +639,7 @@ def _small_cases():
     yield "negative-int8", z, np.array([0, 1, -1, 3, 0, 1], np.int8), False  # not class C − 1
     yield "uint8", z, np.array([0, 1, 2, 3, 0, 1], np.uint8), True
     yield "big-endian", z.astype(">f4"), y, True
+    yield "big-endian-float64", z.astype(">f8"), y, True  # computed in float64 on both paths
     yield "too-big", np.zeros((200, 100), np.float32), np.zeros(200, np.int64), False
 
 
