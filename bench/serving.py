@@ -251,9 +251,10 @@ def tiny_batch(
 ) -> list[dict[str, Any]]:
     """req/s of ``/v1/evaluate`` and of the no-op, per body kind, in paired rounds.
 
-    Each round loads the no-op and then ``/v1/evaluate`` with the same body, back to back, and
-    keeps their ratio: a pair shares the machine's load of the moment, so the median of the
-    per-round ratios moves much less than the ratio of two medians on a shared host.
+    Each round loads the no-op and ``/v1/evaluate`` with the same body back to back (which goes
+    first alternates) and keeps their ratio: a pair shares the machine's load of the moment, so
+    the median of the per-round ratios moves much less than the ratio of two medians on a
+    shared host.
     """
     from service.proto_codec import PROTOBUF_MEDIA_TYPE, request_to_proto
 
@@ -280,8 +281,9 @@ def tiny_batch(
         for request in pair.values():
             asyncio.run(_load(port, request, connections, 0.5))  # warm-up
         runs: dict[str, list[dict[str, Any]]] = {"noop": [], "evaluate": []}
-        for _ in range(rounds):
-            for name, request in pair.items():
+        for round_ in range(rounds):
+            order = list(pair.items())
+            for name, request in order if round_ % 2 == 0 else order[::-1]:  # no first-run bias
                 runs[name].append(asyncio.run(_load(port, request, connections, seconds)))
         ratios = [
             e["req_per_s"] / n["req_per_s"]
