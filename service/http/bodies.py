@@ -14,14 +14,13 @@ LARGE_BODY_BYTES = 4 * 1024 * 1024
 async def read_body(request: Request) -> bytes | memoryview:
     """The whole request body, read-only (413 beyond the limit: the body-limit middleware).
 
-    A large body with a ``Content-Length`` is copied chunk by chunk into one NumPy buffer
-    instead of joining the chunks into ``bytes``. NumPy asks the kernel for huge pages on
+    A large body with one plain ``Content-Length`` is copied chunk by chunk into one NumPy
+    buffer instead of joining the chunks into ``bytes``. NumPy asks the kernel for huge pages on
     large allocations, so filling 65 MB costs about 17 ms here against 35 ms for the join.
     """
-    declared = request.headers.get("content-length", "")
-    if not (declared.isascii() and declared.isdigit()) or int(declared) < LARGE_BODY_BYTES:
+    size = _plain_length(request)
+    if size is None or size < LARGE_BODY_BYTES:
         return await request.body()
-    size = int(declared)
     view = np.empty(size, np.uint8).data
     filled = 0
     async for chunk in request.stream():
@@ -33,3 +32,21 @@ async def read_body(request: Request) -> bytes | memoryview:
     if filled != size:
         raise MalformedBody(f"the body ended after {filled} of its {size} declared bytes")
     return view.toreadonly()
+
+
+def _plain_length(request: Request) -> int | None:
+    """The body's length when the headers fix it beyond doubt and within the body limit.
+
+    None for anything else (no, several or odd ``Content-Length`` headers, any
+    ``Transfer-Encoding``): the body is then read as the server frames it.
+    """
+    lengths = []
+    for name, value in request.scope["headers"]:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            lengths.append(value)
+    if len(lengths) != 1 or not 0 < len(lengths[0]) <= 20 or not lengths[0].isdigit():
+        return None  # bytes.isdigit: ASCII digits only
+    size = int(lengths[0])
+    return size if size <= request.app.state.settings.max_body_bytes else None
