@@ -31,7 +31,7 @@ import numpy as np
 import orjson
 from google.rpc import status_pb2
 
-from service.codecs import decode_tensor, encode_tensor
+from service.codecs import decode_tensor, encode_tensor, wire_array
 from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.oip_codec import DATATYPES, datatype_of
 from service.proto_codec import (
@@ -112,7 +112,7 @@ class _Call:
             "sample_weight": self.sample_weight,
             "vector": self.vector,
         }
-        return {k: np.ascontiguousarray(v) for k, v in named.items() if v is not None}
+        return {k: wire_array(v) for k, v in named.items() if v is not None}
 
 
 Chunks = list[bytes | memoryview]

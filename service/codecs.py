@@ -116,14 +116,20 @@ def _from_nested(value: Any, loc: Sequence[str | int], max_elements: int) -> np.
     return array
 
 
+def wire_array(array: Any) -> np.ndarray:
+    """C-contiguous and little-endian: the byte layout of every tensor on the wire."""
+    contiguous = np.ascontiguousarray(array)
+    if contiguous.dtype.byteorder == ">":
+        return contiguous.astype(contiguous.dtype.newbyteorder("<"))
+    return contiguous
+
+
 def encode_tensor(array: np.ndarray, encoding: str) -> Any:
     """Array → ``list`` (nested lists; non-finite become null), ``base64`` mapping, or ``raw``."""
     if encoding == "raw":
         return array
     if encoding == "base64":
-        contiguous = np.ascontiguousarray(array)
-        if contiguous.dtype.byteorder == ">":
-            contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
+        contiguous = wire_array(array)
         return {
             "dtype": wire_name(contiguous.dtype),
             "shape": list(contiguous.shape),

@@ -17,7 +17,7 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
 from ce_engine.dtypes import wire_name
-from service.codecs import from_bytes
+from service.codecs import from_bytes, wire_array
 from service.config import Settings
 from service.dataplane import parse_evaluate_request
 from service.errors import MalformedBody, ServiceError
@@ -30,9 +30,7 @@ _TENSOR_FIELDS = ("logits", "targets", "sample_weight", "vector")
 
 def array_to_tensor(array: Any, out: pb.Tensor | None = None) -> pb.Tensor:
     """Array (anything ``np.asarray`` takes) → ``Tensor`` of little-endian C-order bytes."""
-    contiguous = np.ascontiguousarray(array)
-    if contiguous.dtype.byteorder == ">":
-        contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
+    contiguous = wire_array(array)
     tensor = pb.Tensor() if out is None else out
     tensor.dtype = wire_name(contiguous.dtype)
     tensor.shape[:] = contiguous.shape
@@ -253,7 +251,7 @@ def request_chunks(
     ``b"".join(chunks)`` parses to the same message as :func:`request_to_proto`.
     """
     arrays = {
-        name: np.ascontiguousarray(array)
+        name: wire_array(array)
         for name, array in (
             ("logits", logits),
             ("targets", targets),
@@ -266,8 +264,6 @@ def request_chunks(
         loss=loss, outputs=list(outputs), metrics=list(metrics), backend=backend or ""
     )
     for name, array in arrays.items():
-        if array.dtype.byteorder == ">":
-            arrays[name] = array = array.astype(array.dtype.newbyteorder("<"))
         tensor = getattr(message, name)
         tensor.dtype = wire_name(array.dtype)
         tensor.shape[:] = array.shape

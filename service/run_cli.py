@@ -11,7 +11,6 @@ errors, 429 and 5xx answers are retried with exponential backoff (``Retry-After`
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import os
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from service.codecs import encode_tensor
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -109,14 +110,9 @@ def find_sources(paths: Sequence[str]) -> list[Source]:
 
 
 def encode(array: np.ndarray) -> dict[str, Any]:
-    contiguous = np.ascontiguousarray(array)
-    if contiguous.dtype.byteorder == ">":
-        contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
-    return {
-        "dtype": "bool" if contiguous.dtype.kind == "b" else contiguous.dtype.name,
-        "shape": list(contiguous.shape),
-        "data": base64.b64encode(contiguous.tobytes()).decode("ascii"),
-    }
+    """Array → ``{dtype, shape, data: base64}``."""
+    encoded: dict[str, Any] = encode_tensor(array, "base64")
+    return encoded
 
 
 def batches_of(source: Source, batch_size: int) -> Iterator[tuple[str, dict[str, Any]]]:

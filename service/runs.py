@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 import ce_engine
 from ce_engine.dtypes import wire_name
 from ce_engine.metrics import MetricState, supported_metrics
+from service.codecs import wire_array
 from service.config import Settings
 from service.dataplane import (
     DataPlane,
@@ -120,9 +121,7 @@ def content_hash(arrays: Mapping[str, np.ndarray | None]) -> str:
         if array is None:
             digest.update(f"{name}:none;".encode())
             continue
-        contiguous = np.ascontiguousarray(array)
-        if contiguous.dtype.byteorder == ">":
-            contiguous = contiguous.astype(contiguous.dtype.newbyteorder("<"))
+        contiguous = wire_array(array)
         digest.update(f"{name}:{wire_name(contiguous.dtype)}:{list(contiguous.shape)};".encode())
         digest.update(contiguous.tobytes())
     return digest.hexdigest()

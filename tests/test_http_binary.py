@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -221,7 +222,12 @@ async def test_large_bodies_arrive_whole(big_app: FastAPI, transport: str) -> No
     np.testing.assert_allclose(result.outputs["per_sample"], per, rtol=1e-4)
 
 
-async def _read(declared: int | bytes, parts: list[bytes]) -> bytes | memoryview:
+LIMIT = 8 * 1024 * 1024
+
+
+async def _read(
+    declared: int | bytes, parts: list[bytes], *more_headers: tuple[bytes, bytes]
+) -> bytes | memoryview:
     messages = [
         {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
         for i, part in enumerate(parts)
@@ -230,13 +236,13 @@ async def _read(declared: int | bytes, parts: list[bytes]) -> bytes | memoryview
     async def receive() -> dict[str, object]:
         return messages.pop(0)
 
+    length = declared if isinstance(declared, bytes) else b"%d" % declared
     scope = {
         "type": "http",
         "method": "POST",
         "path": "/",
-        "headers": [
-            (b"content-length", declared if isinstance(declared, bytes) else b"%d" % declared)
-        ],
+        "headers": [(b"content-length", length), *more_headers],
+        "app": SimpleNamespace(state=SimpleNamespace(settings=Settings(max_body_bytes=LIMIT))),
     }
     return await read_body(Request(scope, receive))
 
@@ -252,8 +258,38 @@ async def test_read_body_fills_one_read_only_buffer() -> None:
     assert odd == b"ab"
 
 
+@pytest.mark.parametrize(
+    ("declared", "headers"),
+    [
+        (LARGE_BODY_BYTES, [(b"content-length", b"7")]),  # two lengths: which one holds?
+        (LARGE_BODY_BYTES, [(b"transfer-encoding", b"chunked")]),  # framed by chunks
+        (b"0" * 4990 + b"7", []),  # beyond int()'s 4300 digits
+        (LIMIT + 1, []),  # over the body limit: never allocated
+    ],
+    ids=["two-lengths", "chunked", "4991-digits", "over-the-limit"],
+)
+async def test_read_body_reads_doubtful_lengths_as_framed(
+    declared: int | bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Only one plain Content-Length within the limit sizes the buffer; else the chunks."""
+    body = await _read(declared, [b"abc", b"defg"], *headers)
+    assert body == b"abcdefg"
+
+
 @pytest.mark.parametrize(("extra", "message"), [(1, "longer than"), (-1, "ended after")])
 async def test_read_body_rejects_a_body_unlike_its_content_length(extra: int, message: str) -> None:
     parts = [b"x" * LARGE_BODY_BYTES, b"y" * 10]
     with pytest.raises(MalformedBody, match=message):
         await _read(LARGE_BODY_BYTES + 10 - extra, parts)
+
+
+@pytest.mark.parametrize("transport", ["protobuf", "oip", "base64", "json"])
+async def test_sdk_sends_big_endian_arrays(app: FastAPI, transport: str) -> None:
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    logits = RNG.standard_normal((5, 3)).astype(">f8")
+    targets = np.array([0, 2, 1, 1, 0], dtype=">i8")
+    async with AsyncClient(transport=transport, http=http) as client:  # type: ignore[arg-type]
+        result = await client.evaluate("cross_entropy", logits, targets, outputs=["per_sample"])
+    per, den, _ = softmax_ce(logits.astype(np.float64), targets.astype(np.int64), fmt="index")
+    assert result.value == pytest.approx(per.sum() / den.sum(), rel=1e-12)
+    np.testing.assert_allclose(result.outputs["per_sample"], per, rtol=1e-12)
