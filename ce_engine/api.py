@@ -283,8 +283,12 @@ def evaluate(
         loss == "cross_entropy"
         and not options
         and not metric_names
-        and all(x is None for x in (sample_weight, vector, features, weight, bias))
-    ):
+        and sample_weight is None
+        and vector is None
+        and features is None
+        and weight is None
+        and bias is None
+    ):  # no generator: this test runs on every call
         small = _small_cross_entropy(logits, targets, outputs, backend)
         if small is not None:
             return small

@@ -93,12 +93,12 @@ class DataPlane:
         started = time.perf_counter()
         logits = self.decode(request.logits, "logits")
         targets = self.decode(request.targets, "targets")
-        linear = {
-            name: self.decode(value, name)
-            for name in ("features", "weight", "bias")
-            if (value := getattr(request, name)) is not None
-        }
-        total = sum(a.size for a in (logits, targets, *linear.values()) if a is not None)
+        linear: dict[str, np.ndarray] = {}
+        total = (0 if logits is None else logits.size) + (0 if targets is None else targets.size)
+        for name in ("features", "weight", "bias"):  # a loop, not generators: runs every call
+            if (value := getattr(request, name)) is not None:
+                linear[name] = array = decode_tensor(value, (name,), self.settings.max_elements)
+                total += array.size
         if total > self.settings.max_elements:
             raise decode_limit_error(total, self.settings.max_elements)
         work = estimated_work(logits, linear.get("features"), linear.get("weight"), request.outputs)
