@@ -247,7 +247,7 @@ def _http_request(path: str, body: bytes, content_type: str) -> bytes:
 
 
 def tiny_batch(
-    port: int, seconds: float, connections: int = 32, rounds: int = 5
+    port: int, seconds: float, connections: int = 32, rounds: int = 7
 ) -> list[dict[str, Any]]:
     """req/s of ``/v1/evaluate`` and of the no-op, per body kind, in paired rounds.
 

@@ -9,6 +9,7 @@ from service.errors import MalformedBody
 
 #: Bodies declaring at least this many bytes are read into one preallocated NumPy buffer.
 LARGE_BODY_BYTES = 4 * 1024 * 1024
+_LARGE_DIGITS = len(str(LARGE_BODY_BYTES))  # a Content-Length with fewer digits is smaller
 
 
 async def read_body(request: Request) -> bytes | memoryview:
@@ -18,6 +19,8 @@ async def read_body(request: Request) -> bytes | memoryview:
     buffer instead of joining the chunks into ``bytes``. NumPy asks the kernel for huge pages on
     large allocations, so filling 65 MB costs about 17 ms here against 35 ms for the join.
     """
+    if len(request.headers.get("content-length", "")) < _LARGE_DIGITS:  # the common case, fast
+        return await request.body()
     size = _plain_length(request)
     if size is None or size < LARGE_BODY_BYTES:
         return await request.body()
