@@ -19,10 +19,8 @@ async def read_body(request: Request) -> bytes | memoryview:
     buffer instead of joining the chunks into ``bytes``. NumPy asks the kernel for huge pages on
     large allocations, so filling 65 MB costs about 17 ms here against 35 ms for the join.
     """
-    if len(request.headers.get("content-length", "")) < _LARGE_DIGITS:  # the common case, fast
-        return await request.body()
-    size = _plain_length(request)
-    if size is None or size < LARGE_BODY_BYTES:
+    size = _large_length(request)
+    if size is None:
         return await request.body()
     view = np.empty(size, np.uint8).data
     filled = 0
@@ -37,12 +35,15 @@ async def read_body(request: Request) -> bytes | memoryview:
     return view.toreadonly()
 
 
-def _plain_length(request: Request) -> int | None:
-    """The body's length when the headers fix it beyond doubt and within the body limit.
+def _large_length(request: Request) -> int | None:
+    """The body's length if it is at least ``LARGE_BODY_BYTES`` and the headers fix it beyond
+    doubt, within the body limit; else None.
 
-    None for anything else (no, several or odd ``Content-Length`` headers, any
-    ``Transfer-Encoding``): the body is then read as the server frames it.
+    None too for no, several or odd ``Content-Length`` headers, or any ``Transfer-Encoding``:
+    such a body is read as the server frames it.
     """
+    if len(request.headers.get("content-length", "")) < _LARGE_DIGITS:  # the common case
+        return None
     lengths = []
     for name, value in request.scope["headers"]:
         if name == b"transfer-encoding":
@@ -52,4 +53,6 @@ def _plain_length(request: Request) -> int | None:
     if len(lengths) != 1 or not 0 < len(lengths[0]) <= 20 or not lengths[0].isdigit():
         return None  # bytes.isdigit: ASCII digits only
     size = int(lengths[0])
-    return size if size <= request.app.state.settings.max_body_bytes else None
+    if size < LARGE_BODY_BYTES or size > request.app.state.settings.max_body_bytes:
+        return None
+    return size
