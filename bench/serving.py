@@ -289,28 +289,28 @@ def tiny_batch(
             e["req_per_s"] / n["req_per_s"]
             for n, e in zip(runs["noop"], runs["evaluate"], strict=True)
         ]
-        for case, name in (
-            (f"no-op endpoint ({noop_kind})", "noop"),
-            (f"/v1/evaluate {kind}", "evaluate"),
-        ):
-            rates = [r["req_per_s"] for r in runs[name]]
-            row = {
-                "case": case,
-                "connections": connections,
-                "req_per_s": statistics.median(rates),
-                "rounds": rates,
-                "errors": sum(r["errors"] for r in runs[name]),
-            }
-            if name == "evaluate":
-                row["vs_noop"] = statistics.median(ratios)
-                row["vs_noop_rounds"] = ratios
-            rows.append(row)
-            print(
-                f"16×10  {case:<32} {row['req_per_s']:>9.0f} req/s  (median of "
-                f"{', '.join(f'{r:.0f}' for r in rates)}; {row['errors']} errors)",
-                flush=True,
-            )
+        rows.append(_tiny_row(f"no-op endpoint ({noop_kind})", runs["noop"], connections))
+        rows.append(_tiny_row(f"/v1/evaluate {kind}", runs["evaluate"], connections))
+        rows[-1]["vs_noop"] = statistics.median(ratios)
+        rows[-1]["vs_noop_rounds"] = ratios
     return rows
+
+
+def _tiny_row(case: str, runs: list[dict[str, Any]], connections: int) -> dict[str, Any]:
+    rates = [r["req_per_s"] for r in runs]
+    row = {
+        "case": case,
+        "connections": connections,
+        "req_per_s": statistics.median(rates),
+        "rounds": rates,
+        "errors": sum(r["errors"] for r in runs),
+    }
+    print(
+        f"16×10  {case:<32} {row['req_per_s']:>9.0f} req/s  (median of "
+        f"{', '.join(f'{r:.0f}' for r in rates)}; {row['errors']} errors)",
+        flush=True,
+    )
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
