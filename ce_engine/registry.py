@@ -32,6 +32,10 @@ ALL_OUTPUTS = (
     "grad_bias",
 )
 
+#: Outputs of a loss on logits, up to first order; ``ce_engine.hessian.SECOND_ORDER`` adds
+#: the Hessian ones.
+LOGIT_OUTPUTS = frozenset({"loss", "per_sample", "grad", "probabilities", "log_probabilities"})
+
 #: Gradients w.r.t. parameters of ``inputs="linear"`` losses: returned in their own shapes.
 PARAMETER_GRADS = frozenset({"grad_features", "grad_weight", "grad_bias"})
 

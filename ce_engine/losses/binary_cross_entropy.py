@@ -6,7 +6,7 @@ Reference: ``torch.nn.functional.binary_cross_entropy_with_logits`` (weight, pos
 
 from __future__ import annotations
 
-from ce_engine.hessian import second_order
+from ce_engine.hessian import SECOND_ORDER, second_order
 from ce_engine.kernels.dispatch import fast_binary_cross_entropy
 from ce_engine.losses._common import (
     element_weights,
@@ -18,7 +18,7 @@ from ce_engine.losses._common import (
     times_log,
 )
 from ce_engine.options import BinaryCrossEntropyOptions
-from ce_engine.registry import LossInputs, LossSpec, LossTerms, register
+from ce_engine.registry import LOGIT_OUTPUTS, LossInputs, LossSpec, LossTerms, register
 
 FORMULA = (
     "ℓ_ic = w_ic [pw_c y_ic softplus(−z_ic) + (1 − y_ic) softplus(z_ic)] "
@@ -102,18 +102,7 @@ register(
         compute=binary_cross_entropy,
         elementwise=lambda options: True,
         options_model=BinaryCrossEntropyOptions,
-        outputs=frozenset(
-            {
-                "loss",
-                "per_sample",
-                "grad",
-                "probabilities",
-                "log_probabilities",
-                "hessian",
-                "hessian_diag",
-                "hvp",
-            }
-        ),
+        outputs=LOGIT_OUTPUTS | SECOND_ORDER,
         summary="Sigmoid binary cross-entropy for multi-label targets (pos_weight, weights).",
         formula=FORMULA,
     )

@@ -18,7 +18,7 @@ from ce_engine.losses._common import (
     times_log,
 )
 from ce_engine.options import CrossEntropyOptions
-from ce_engine.registry import LossInputs, LossSpec, LossTerms, register
+from ce_engine.registry import LOGIT_OUTPUTS, LossInputs, LossSpec, LossTerms, register
 
 FORMULA = (
     "ℓ_i = −Σ_c w_c q_ic log p_ic,  p_i = softmax(z_i / T),  q ← (1 − ε)·q + ε/C;  "
@@ -165,16 +165,7 @@ register(
         name="cross_entropy",
         compute=cross_entropy,
         options_model=CrossEntropyOptions,
-        outputs=frozenset(
-            {
-                "loss",
-                "per_sample",
-                "grad",
-                "probabilities",
-                "log_probabilities",
-                *SECOND_ORDER,
-            }
-        ),
+        outputs=LOGIT_OUTPUTS | SECOND_ORDER,
         summary="Softmax cross-entropy with index, probability or multi-hot targets.",
         formula=FORMULA,
     )

@@ -24,7 +24,7 @@ from ce_engine.losses._common import (
     times_log,
 )
 from ce_engine.options import FocalOptions
-from ce_engine.registry import LossInputs, LossSpec, LossTerms, register
+from ce_engine.registry import LOGIT_OUTPUTS, LossInputs, LossSpec, LossTerms, register
 
 FORMULA = (
     "sigmoid: ℓ_ic = α_t (1 − p_t)^γ BCE(z_ic, y_ic), p = σ(z), p_t = p y + (1 − p)(1 − y), "
@@ -136,7 +136,7 @@ register(
         compute=focal,
         elementwise=lambda options: options.variant == "sigmoid",
         options_model=FocalOptions,
-        outputs=frozenset({"loss", "per_sample", "grad", "probabilities", "log_probabilities"}),
+        outputs=LOGIT_OUTPUTS,
         summary="Focal loss: sigmoid (torchvision) or softmax variant, alpha/gamma.",
         formula=FORMULA,
     )

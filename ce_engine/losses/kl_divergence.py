@@ -6,7 +6,7 @@ for target log-probabilities), ``optax.kl_divergence``.
 
 from __future__ import annotations
 
-from ce_engine.hessian import second_order
+from ce_engine.hessian import SECOND_ORDER, second_order
 from ce_engine.layout import Array
 from ce_engine.losses._common import (
     dense_targets,
@@ -17,7 +17,7 @@ from ce_engine.losses._common import (
     times_log,
 )
 from ce_engine.options import KLDivergenceOptions
-from ce_engine.registry import LossInputs, LossSpec, LossTerms, register
+from ce_engine.registry import LOGIT_OUTPUTS, LossInputs, LossSpec, LossTerms, register
 
 FORMULA = (
     "ℓ_i = Σ_c q_ic (log q_ic − log p_ic) = H(q_i, p_i) − H(q_i),  p_i = softmax(z_i / T);  "
@@ -123,18 +123,7 @@ register(
         name="kl_divergence",
         compute=kl_divergence,
         options_model=KLDivergenceOptions,
-        outputs=frozenset(
-            {
-                "loss",
-                "per_sample",
-                "grad",
-                "probabilities",
-                "log_probabilities",
-                "hessian",
-                "hessian_diag",
-                "hvp",
-            }
-        ),
+        outputs=LOGIT_OUTPUTS | SECOND_ORDER,
         summary="KL(q ‖ p) from target probabilities, logits or log-probabilities.",
         formula=FORMULA,
     )
