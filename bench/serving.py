@@ -256,7 +256,7 @@ def tiny_batch(
     the median of the per-round ratios moves much less than the ratio of two medians on a
     shared host.
     """
-    from service.proto_codec import PROTOBUF_MEDIA_TYPE, request_to_proto
+    from service.codecs.proto import PROTOBUF_MEDIA_TYPE, request_to_proto
 
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((16, 10)).astype(np.float32)

@@ -31,10 +31,8 @@ import numpy as np
 import orjson
 from google.rpc import status_pb2
 
-from service.codecs import decode_tensor, encode_tensor, wire_array
-from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
-from service.oip_codec import DATATYPES, datatype_of
-from service.proto_codec import (
+from service.codecs.oip import DATATYPES, datatype_of
+from service.codecs.proto import (
     PROTOBUF_MEDIA_TYPE,
     batch_answer_from_proto,
     batch_to_proto,
@@ -46,6 +44,8 @@ from service.proto_codec import (
     run_from_proto,
     runs_page_from_proto,
 )
+from service.codecs.tensors import decode_tensor, encode_tensor, wire_array
+from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossEvaluation"].full_name
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from service.codecs import encode_tensor
+from service.codecs.tensors import encode_tensor
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})

@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 import ce_engine
 from ce_engine.dtypes import wire_name
 from ce_engine.metrics import MetricState, supported_metrics
-from service.codecs import wire_array
+from service.codecs.tensors import wire_array
 from service.config import Settings
 from service.dataplane import (
     DataPlane,

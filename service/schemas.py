@@ -25,7 +25,8 @@ class TensorData(BaseModel):
 #: A tensor on the wire: nested lists of numbers, or TensorData.
 Tensor = list[Any] | TensorData
 #: A request tensor field: documented as ``Tensor``, passed through as is (NumPy arrays from
-#: the binary transports too); ``service.codecs.decode_tensor`` validates and locates errors.
+#: the binary transports too); ``service.codecs.tensors.decode_tensor`` validates and locates
+#: errors.
 RequestTensor = Annotated[Tensor | Any, SkipValidation]
 
 

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 import ce_engine
 from service.client import EvaluationError, GrpcClient
+from service.codecs.proto import batch_to_proto
 from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.grpc.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
-from service.proto_codec import batch_to_proto
 from tests.servers import ServeProcess, start_serve
 from tests.test_runs import make_batches
 

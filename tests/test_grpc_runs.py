@@ -21,12 +21,7 @@ import orjson
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from service.config import Settings
-from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
-from service.grpc.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
-from service.grpc.server import GrpcServer, start_grpc_server
-from service.http.app import create_app
-from service.proto_codec import (
+from service.codecs.proto import (
     batch_answer_from_proto,
     batch_to_proto,
     batches_summary_from_proto,
@@ -35,6 +30,11 @@ from service.proto_codec import (
     run_from_proto,
     runs_page_from_proto,
 )
+from service.config import Settings
+from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
+from service.grpc.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
+from service.grpc.server import GrpcServer, start_grpc_server
+from service.http.app import create_app
 from tests.servers import PostgresCluster
 from tests.test_runs import (
     ALL_METRICS,
@@ -214,7 +214,7 @@ def _base64(batch: dict[str, np.ndarray]) -> dict[str, Any]:
 def _evaluate_request(
     data: dict[str, Any], *, options: dict[str, Any], metrics: list[str]
 ) -> pb.EvaluateRequest:
-    from service.proto_codec import request_to_proto
+    from service.codecs.proto import request_to_proto
 
     return request_to_proto(
         "cross_entropy",

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.codecs import decode_tensor
+from service.codecs.tensors import decode_tensor
 from service.config import Settings
 from service.errors import PayloadTooLarge, ValidationFailed
 from service.http.app import create_app

@@ -13,12 +13,12 @@ import pytest
 from fastapi import FastAPI, Request
 
 from service.client import AsyncClient, EvaluationError
+from service.codecs.proto import PROTOBUF_MEDIA_TYPE, request_to_proto
 from service.config import Settings
 from service.errors import MalformedBody
 from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.http.app import create_app
 from service.http.bodies import LARGE_BODY_BYTES, read_body
-from service.proto_codec import PROTOBUF_MEDIA_TYPE, request_to_proto
 from tests.reference import softmax_ce
 
 RNG = np.random.default_rng(11)

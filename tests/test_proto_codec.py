@@ -8,9 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.errors import MalformedBody, PayloadTooLarge, ValidationFailed
-from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
-from service.proto_codec import (
+from service.codecs.proto import (
     array_to_tensor,
     parse_request_bytes,
     request_chunks,
@@ -19,6 +17,8 @@ from service.proto_codec import (
     struct_to_dict,
     tensor_to_array,
 )
+from service.errors import MalformedBody, PayloadTooLarge, ValidationFailed
+from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 
 RNG = np.random.default_rng(3)
 

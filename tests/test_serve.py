@@ -17,9 +17,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.cli import main as cli_main
 from service.client import TRANSPORTS, Client, EvaluationError, GrpcClient
+from service.codecs.proto import request_to_proto
 from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.grpc.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
-from service.proto_codec import request_to_proto
 from tests.reference import log_softmax_row, softmax_ce
 from tests.servers import ServeProcess, start_serve
 

@@ -36,12 +36,7 @@ from grpc_reflection.v1alpha import reflection
 
 import ce_engine
 from service.auth import Authenticator, presented_key
-from service.config import Settings
-from service.dataplane import DataPlane, engine_error
-from service.errors import MalformedBody, ServiceError, ValidationFailed
-from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
-from service.logs import get_logger
-from service.proto_codec import (
+from service.codecs.proto import (
     batch_answer_to_proto,
     batch_from_proto,
     batches_summary_to_proto,
@@ -53,6 +48,11 @@ from service.proto_codec import (
     runs_page_to_proto,
     split_request_bytes,
 )
+from service.config import Settings
+from service.dataplane import DataPlane, engine_error
+from service.errors import MalformedBody, ServiceError, ValidationFailed
+from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
+from service.logs import get_logger
 from service.runs import BatchesSummary, RunsDataPlane
 
 log = get_logger("grpc")

@@ -1,6 +1,6 @@
 """Open Inference Protocol v2 routes (KServe / Triton / MLServer), so stock clients work.
 
-Each loss is a "model". Parsing and encoding live in :mod:`service.oip_codec`; evaluation in the
+Each loss is a "model". Parsing and encoding live in :mod:`service.codecs.oip`; evaluation in the
 data plane. Errors are problem+json with the OIP ``error`` member added (what OIP clients read).
 """
 
@@ -15,16 +15,16 @@ from starlette.responses import Response
 
 import ce_engine
 from service import __version__
-from service.dataplane import DataPlane
-from service.errors import NotFound, ServiceError
-from service.http.bodies import read_body
-from service.http.responses import FastJSONResponse, ProblemResponse, problems
-from service.oip_codec import (
+from service.codecs.oip import (
     HEADER_LENGTH,
     encode_infer_response,
     model_metadata,
     parse_infer_request,
 )
+from service.dataplane import DataPlane
+from service.errors import NotFound, ServiceError
+from service.http.bodies import read_body
+from service.http.responses import FastJSONResponse, ProblemResponse, problems
 
 router = APIRouter(
     prefix="/v2",

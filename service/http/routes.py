@@ -11,6 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import Response
 
 from ce_engine.backend import available_backends
+from service.codecs.proto import PROTOBUF_MEDIA_TYPE
 from service.dataplane import DataPlane, parse_evaluate_request
 from service.errors import MalformedBody, UnsupportedMediaType
 from service.http.bodies import read_body
@@ -21,7 +22,6 @@ from service.http.protobuf import (
     wants_protobuf,
 )
 from service.http.responses import FastJSONResponse, problems
-from service.proto_codec import PROTOBUF_MEDIA_TYPE
 from service.schemas import EvaluateResponse, Health, LossCatalog
 
 PROBLEMS = problems(400, 401, 403, 413, 415, 422, 429, 503)

@@ -14,7 +14,7 @@ import atheris
 with atheris.instrument_imports():
     import orjson
 
-    from service.codecs import decode_tensor
+    from service.codecs.tensors import decode_tensor
     from service.config import Settings
     from service.dataplane import DataPlane, parse_evaluate_request
     from service.errors import ServiceError

@@ -2,7 +2,8 @@
 
 Shared by the gRPC servicer, ``POST /v1/evaluate`` with ``application/x-protobuf`` and the SDK.
 Tensors travel as little-endian C-order bytes (``Tensor{dtype, shape, data}``) and are decoded
-with :func:`service.codecs.from_bytes` (explicit dtype and shape, element limit checked first).
+with :func:`service.codecs.tensors.from_bytes` (explicit dtype and shape, element limit checked
+first).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
 from ce_engine.dtypes import wire_name
-from service.codecs import from_bytes, wire_array
+from service.codecs.tensors import from_bytes, wire_array
 from service.config import Settings
 from service.dataplane import parse_evaluate_request
 from service.errors import MalformedBody, ServiceError

@@ -26,7 +26,7 @@ import numpy as np
 import orjson
 
 from ce_engine.dtypes import BFLOAT16
-from service.codecs import check_shape, from_bytes
+from service.codecs.tensors import check_shape, from_bytes
 from service.config import Settings
 from service.dataplane import parse_evaluate_request
 from service.errors import MalformedBody, ValidationFailed
