@@ -19,9 +19,9 @@ from sqlalchemy import text
 
 from ce_engine.metrics import METRIC_NAMES
 from service.config import Settings
+from service.dataplane.runs import RunsDataPlane
 from service.errors import ServiceError, Unavailable
 from service.http.app import create_app
-from service.runs import RunsDataPlane
 from service.store import Store
 from tests.servers import PostgresCluster, free_port
 

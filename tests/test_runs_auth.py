@@ -216,8 +216,8 @@ def test_cli_sends_its_api_key(tmp_path, serve, monkeypatch):
 
 def test_data_plane_scopes_by_the_principal_an_adapter_passes(tmp_path):
     """What a gRPC servicer does: the principal from its interceptor, as a keyword."""
+    from service.dataplane.runs import RunsDataPlane
     from service.errors import NotFound
-    from service.runs import RunsDataPlane
 
     url = f"sqlite:///{tmp_path / 'runs.db'}"
     store = Store(url)

@@ -28,7 +28,7 @@ import orjson
 from ce_engine.dtypes import BFLOAT16
 from service.codecs.tensors import check_shape, from_bytes
 from service.config import Settings
-from service.dataplane import parse_evaluate_request
+from service.dataplane.evaluate import parse_evaluate_request
 from service.errors import MalformedBody, ValidationFailed
 from service.schemas import EvaluateRequest
 

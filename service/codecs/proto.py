@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from ce_engine.dtypes import wire_name
 from service.codecs.tensors import from_bytes, wire_array
 from service.config import Settings
-from service.dataplane import parse_evaluate_request
+from service.dataplane.evaluate import parse_evaluate_request
 from service.errors import MalformedBody, ServiceError
 from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.schemas import EvaluateRequest
@@ -356,7 +356,7 @@ def problem_from_proto(problem: pb.Problem) -> dict[str, Any]:
     }
 
 
-# ---- runs (DESIGN §3): messages ↔ the dicts of service.runs.RunsDataPlane and the REST API ----
+# ---- runs (DESIGN §3): messages ↔ the dicts of RunsDataPlane and the REST API ----
 
 
 def create_run_from_proto(message: pb.CreateRunRequest) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """gRPC server (grpc.aio): ``ce_eval.v1.LossEvaluation`` over the data planes, health, reflection.
 
-``Evaluate`` runs on :class:`service.dataplane.DataPlane`; ``CreateRun``, ``AddBatch``,
-``AddBatches``, ``GetRun`` and ``ListRuns`` on :class:`service.runs.RunsDataPlane`, the same one
-the REST runs API uses. Batches are admitted one by one (``AddBatches`` too), so a full queue or
-a draining server answers UNAVAILABLE as HTTP answers 503.
+``Evaluate`` runs on :class:`service.dataplane.evaluate.DataPlane`; ``CreateRun``, ``AddBatch``,
+``AddBatches``, ``GetRun`` and ``ListRuns`` on :class:`service.dataplane.runs.RunsDataPlane`, the
+same one the REST runs API uses. Batches are admitted one by one (``AddBatches`` too), so a full
+queue or a draining server answers UNAVAILABLE as HTTP answers 503.
 
 API keys (when configured) come from the call metadata, ``authorization: Bearer <key>`` or
 ``x-api-key``, through the same :class:`service.auth.Authenticator` as HTTP: UNAUTHENTICATED,
@@ -49,11 +49,11 @@ from service.codecs.proto import (
     split_request_bytes,
 )
 from service.config import Settings
-from service.dataplane import DataPlane, engine_error
+from service.dataplane.evaluate import DataPlane, engine_error
+from service.dataplane.runs import BatchesSummary, RunsDataPlane
 from service.errors import MalformedBody, ServiceError, ValidationFailed
 from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.logs import get_logger
-from service.runs import BatchesSummary, RunsDataPlane
 
 log = get_logger("grpc")
 

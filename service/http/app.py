@@ -16,7 +16,8 @@ import ce_engine
 from service import __version__
 from service.auth import Authenticator
 from service.config import Settings
-from service.dataplane import DataPlane
+from service.dataplane.evaluate import DataPlane
+from service.dataplane.runs import RunsDataPlane
 from service.http.auth import ApiKeyMiddleware
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -26,7 +27,6 @@ from service.http.oip import router as oip_router
 from service.http.routes import router
 from service.http.runs import router as runs_router
 from service.logs import get_logger
-from service.runs import RunsDataPlane
 from service.schemas import EvaluateRequest
 from service.store import Store
 from service.telemetry import PrometheusMiddleware, count_batch, observe_evaluate

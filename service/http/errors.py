@@ -8,7 +8,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 import ce_engine
-from service.dataplane import engine_error
+from service.dataplane.evaluate import engine_error
 from service.errors import ServiceError, ValidationFailed, truncate
 from service.http.responses import problem_response
 from service.logs import get_logger

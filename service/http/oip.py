@@ -21,7 +21,7 @@ from service.codecs.oip import (
     model_metadata,
     parse_infer_request,
 )
-from service.dataplane import DataPlane
+from service.dataplane.evaluate import DataPlane
 from service.errors import NotFound, ServiceError
 from service.http.bodies import read_body
 from service.http.responses import FastJSONResponse, ProblemResponse, problems

@@ -1,4 +1,4 @@
-"""Routes: a few lines each; bodies read in ``bodies``, work in ``service.dataplane``."""
+"""Routes: a few lines each; bodies read in ``bodies``, work in ``service.dataplane.evaluate``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from ce_engine.backend import available_backends
 from service.codecs.proto import PROTOBUF_MEDIA_TYPE
-from service.dataplane import DataPlane, parse_evaluate_request
+from service.dataplane.evaluate import DataPlane, parse_evaluate_request
 from service.errors import MalformedBody, UnsupportedMediaType
 from service.http.bodies import read_body
 from service.http.protobuf import (

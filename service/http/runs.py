@@ -1,4 +1,5 @@
-"""Runs API routes (DESIGN §3): thin translations onto :class:`service.runs.RunsDataPlane`.
+"""Runs API routes (DESIGN §3): thin translations onto
+:class:`service.dataplane.runs.RunsDataPlane`.
 
 Each call passes the authenticated principal (set by ``ApiKeyMiddleware``; None with auth off),
 so a run is visible only to the API key that created it.
@@ -13,9 +14,9 @@ from anyio import to_thread
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
+from service.dataplane.runs import AddBatchRequest, CreateRunRequest, RunsDataPlane
 from service.http.responses import FastJSONResponse, problems
 from service.http.routes import read_json
-from service.runs import AddBatchRequest, CreateRunRequest, RunsDataPlane
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 

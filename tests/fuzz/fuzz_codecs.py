@@ -16,7 +16,7 @@ with atheris.instrument_imports():
 
     from service.codecs.tensors import decode_tensor
     from service.config import Settings
-    from service.dataplane import DataPlane, parse_evaluate_request
+    from service.dataplane.evaluate import DataPlane, parse_evaluate_request
     from service.errors import ServiceError
 
 SETTINGS = Settings(max_elements=100_000, log_level="warning")

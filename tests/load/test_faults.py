@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from service.config import Settings
+from service.dataplane.runs import RunsDataPlane
 from service.errors import Unavailable
-from service.runs import RunsDataPlane
 from service.store import Store
 from tests.servers import PostgresCluster, ServerProcess
 from tests.test_runs import as_base64

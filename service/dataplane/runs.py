@@ -1,7 +1,7 @@
 """Runs data plane: persistent, exactly-once aggregates of evaluation batches (DESIGN §3).
 
-Protocol-agnostic, like :mod:`service.dataplane`: the REST router and the gRPC servicer call
-these (blocking) methods with plain Python values and get JSON-ready dicts back; failures are
+Protocol-agnostic, like :mod:`service.dataplane.evaluate`: the REST router and the gRPC servicer
+call these (blocking) methods with plain Python values and get JSON-ready dicts back; failures are
 :class:`service.errors.ServiceError` subclasses (404, 409, 422, 503).
 
 Exactness: a run keeps ``sum``, ``denominator`` and ``count`` of the loss and the merged metric
@@ -42,7 +42,7 @@ from ce_engine.dtypes import wire_name
 from ce_engine.metrics import MetricState, supported_metrics
 from service.codecs.tensors import wire_array
 from service.config import Settings
-from service.dataplane import (
+from service.dataplane.evaluate import (
     DataPlane,
     decode_limit_error,
     engine_error,

@@ -17,9 +17,9 @@ import ce_engine
 from ce_engine.backend import to_numpy
 from ce_engine.errors import BackendUnavailableError, InputValidationError
 from ce_engine.metrics import supported_metrics
-from service.admission import Admission
 from service.codecs.tensors import decode_tensor, encode_tensor
 from service.config import Settings
+from service.dataplane.admission import Admission
 from service.errors import (
     MalformedBody,
     PayloadTooLarge,

@@ -1,6 +1,6 @@
 """Backpressure: a bounded number of evaluations admitted at once; beyond → 503 + Retry-After.
 
-Shared by every adapter (REST, gRPC, OIP) through :class:`service.dataplane.DataPlane`.
+Shared by every adapter (REST, gRPC, OIP) through :class:`service.dataplane.evaluate.DataPlane`.
 """
 
 from __future__ import annotations
