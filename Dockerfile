@@ -14,6 +14,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY ce_engine ce_engine
 COPY service service
+COPY client client
 # An optional CA bundle (build secret "pipca") for networks that intercept TLS.
 RUN --mount=type=secret,id=pipca \
     if [ -s /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi; \

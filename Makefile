@@ -24,16 +24,16 @@ run: $(VENV)/.installed-run
 	$(BIN)/ce-eval serve
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check ce_engine service tests bench scripts
-	$(BIN)/ruff format --check ce_engine service tests bench scripts
+	$(BIN)/ruff check ce_engine service client tests bench scripts
+	$(BIN)/ruff format --check ce_engine service client tests bench scripts
 	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 format: $(VENV)/.installed-dev
-	$(BIN)/ruff format ce_engine service tests bench scripts
-	$(BIN)/ruff check --fix ce_engine service tests bench scripts
+	$(BIN)/ruff format ce_engine service client tests bench scripts
+	$(BIN)/ruff check --fix ce_engine service client tests bench scripts
 
 # Optional parity suite against PyTorch (CPU build); skipped cleanly when torch is absent.
 parity: $(VENV)/.installed-dev

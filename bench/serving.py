@@ -124,8 +124,9 @@ def tcp_floor(payload: bytes, budget_s: float) -> list[float]:
 
 
 def throughput(url: str, grpc_target: str, budget_s: float, json_big: bool) -> list[dict[str, Any]]:
+    from ce_eval_client.sdk import Client, GrpcClient
+
     import ce_engine
-    from service.client import Client, GrpcClient
 
     rows: list[dict[str, Any]] = []
     rng = np.random.default_rng(0)

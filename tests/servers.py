@@ -148,7 +148,7 @@ class ServerProcess:
     extra_env: dict[str, str] = field(default_factory=dict)
     grpc: bool = False
     grpc_port: int = 0
-    module: list[str] = field(default_factory=lambda: ["service.cli", "serve"])
+    module: list[str] = field(default_factory=lambda: ["ce_eval_client.cli", "serve"])
 
     @property
     def url(self) -> str:
@@ -267,7 +267,7 @@ def start_serve(
         workdir / "server.log",
         extra_env=dict(env or {}),
         grpc=True,
-        module=module or ["service.cli", "serve"],
+        module=module or ["ce_eval_client.cli", "serve"],
     )
     return server.start(timeout)
 

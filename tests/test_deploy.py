@@ -506,7 +506,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "CE_EVAL_BACKEND": "numpy",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"],
+        [sys.executable, "-m", "ce_eval_client.cli", "serve"],
         cwd=workdir,
         env=env,
         stdout=subprocess.DEVNULL,

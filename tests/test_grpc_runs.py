@@ -19,6 +19,8 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from service.codecs.proto import (
@@ -31,8 +33,6 @@ from service.codecs.proto import (
     runs_page_from_proto,
 )
 from service.config import Settings
-from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
-from service.grpc.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
 from service.grpc.server import GrpcServer, start_grpc_server
 from service.http.app import create_app
 from tests.servers import PostgresCluster

@@ -10,13 +10,13 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+from ce_eval_client.sdk import AsyncClient, EvaluationError
 from fastapi import FastAPI, Request
 
-from service.client import AsyncClient, EvaluationError
 from service.codecs.proto import PROTOBUF_MEDIA_TYPE, request_to_proto
 from service.config import Settings
 from service.errors import MalformedBody
-from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.http.app import create_app
 from service.http.bodies import LARGE_BODY_BYTES, read_body
 from tests.reference import softmax_ce

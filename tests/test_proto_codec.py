@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,6 @@ from service.codecs.proto import (
     tensor_to_array,
 )
 from service.errors import MalformedBody, PayloadTooLarge, ValidationFailed
-from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 
 RNG = np.random.default_rng(3)
 

@@ -29,7 +29,7 @@ def test_regenerating_gives_no_diff(tmp_path: Path) -> None:
 
 
 def test_service_descriptor_lists_evaluate() -> None:
-    from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
+    from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
 
     service = pb.DESCRIPTOR.services_by_name["LossEvaluation"]
     method = service.methods_by_name["Evaluate"]

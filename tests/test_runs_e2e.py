@@ -28,7 +28,7 @@ METRICS = ["accuracy", "nll", "ece", "reliability", "confusion_matrix", "macro_f
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "ce_eval_client.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -153,7 +153,7 @@ def test_kill_server_mid_push_then_push_again_counts_every_batch_once(tmp_path, 
         "run", "create", "--url", server.url, "--name", "crash", *metric_args, "--id-only"
     ).stdout.strip()  # fmt: skip
     push = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "run", "push", "--url", server.url, run_id,
+        [sys.executable, "-m", "ce_eval_client.cli", "run", "push", "--url", server.url, run_id,
          str(tmp_path / "data"), "--batch-size", str(batch_size), "--retries", "2", "--quiet"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

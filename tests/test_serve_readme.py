@@ -60,7 +60,7 @@ def test_cli_serve_answers_and_readme_example_matches() -> None:
 
 def test_serve_help_lists_flags() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--help"],
+        [sys.executable, "-m", "ce_eval_client.cli", "serve", "--help"],
         capture_output=True,
         text=True,
         check=True,

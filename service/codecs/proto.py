@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
@@ -22,7 +23,6 @@ from service.codecs.tensors import from_bytes, wire_array
 from service.config import Settings
 from service.dataplane.evaluate import parse_evaluate_request
 from service.errors import MalformedBody, ServiceError
-from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.schemas import EvaluateRequest
 
 PROTOBUF_MEDIA_TYPE = "application/x-protobuf"

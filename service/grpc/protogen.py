@@ -1,9 +1,9 @@
-"""Generate ``service/grpc/gen`` from ``proto/`` with grpcio-tools.
+"""Generate ``client/ce_eval_client/gen`` from ``proto/`` with grpcio-tools.
 
 ``python -m service.grpc.protogen`` rewrites the generated package in place;
 ``--out DIR`` writes elsewhere (the test compares a fresh generation with the committed code).
 protoc emits absolute imports of the proto package (``from ce_eval.v1 import ...``); they are
-rewritten to ``service.grpc.gen.ce_eval.v1`` so the code lives inside this package.
+rewritten to ``ce_eval_client.gen.ce_eval.v1`` so the code lives inside this package.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = ROOT / "proto"
 PROTO_FILES = ("ce_eval/v1/ce_eval.proto",)
-GEN_DIR = Path(__file__).resolve().parent / "gen"
-GEN_PACKAGE = "service.grpc.gen"
+GEN_DIR = ROOT / "client" / "ce_eval_client" / "gen"
+GEN_PACKAGE = "ce_eval_client.gen"
 _IMPORT = re.compile(r"^from ce_eval(\.v1)? import ", re.MULTILINE)
 
 

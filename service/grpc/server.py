@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import anyio
 import grpc
 import orjson
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -52,7 +53,6 @@ from service.config import Settings
 from service.dataplane.evaluate import DataPlane, engine_error
 from service.dataplane.runs import BatchesSummary, RunsDataPlane
 from service.errors import MalformedBody, ServiceError, ValidationFailed
-from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.logs import get_logger
 
 log = get_logger("grpc")

@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from ce_eval_client.run_cli import add_commands as add_run_commands
 from service import __version__
-from service.run_cli import add_commands as add_run_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -85,7 +85,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from service.client import Client, Evaluation, EvaluationError, GrpcClient
+    from ce_eval_client.sdk import Client, Evaluation, EvaluationError, GrpcClient
 
     saves = _pairs(args.output, "--output")
     outputs = ["loss", *[name for name in saves if name != "loss"]]

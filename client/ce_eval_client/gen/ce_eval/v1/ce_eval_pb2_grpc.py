@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service.grpc.gen.ce_eval.v1 import ce_eval_pb2 as ce__eval_dot_v1_dot_ce__eval__pb2
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as ce__eval_dot_v1_dot_ce__eval__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
