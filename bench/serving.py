@@ -124,9 +124,8 @@ def tcp_floor(payload: bytes, budget_s: float) -> list[float]:
 
 
 def throughput(url: str, grpc_target: str, budget_s: float, json_big: bool) -> list[dict[str, Any]]:
-    from ce_eval_client.sdk import Client, GrpcClient
-
     import ce_engine
+    from ce_eval_client.sdk import Client, GrpcClient
 
     rows: list[dict[str, Any]] = []
     rng = np.random.default_rng(0)
@@ -257,7 +256,7 @@ def tiny_batch(
     the median of the per-round ratios moves much less than the ratio of two medians on a
     shared host.
     """
-    from service.codecs.proto import PROTOBUF_MEDIA_TYPE, request_to_proto
+    from ce_eval_client.proto import PROTOBUF_MEDIA_TYPE, request_to_proto
 
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((16, 10)).astype(np.float32)

@@ -9,31 +9,6 @@ import numpy as np
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
-#: Wire names → NumPy dtypes (little-endian), the set DESIGN §3 allows on the wire.
-WIRE_DTYPES: dict[str, np.dtype[Any]] = {
-    "float16": np.dtype("<f2"),
-    "bfloat16": BFLOAT16,
-    "float32": np.dtype("<f4"),
-    "float64": np.dtype("<f8"),
-    "int8": np.dtype("i1"),
-    "int16": np.dtype("<i2"),
-    "int32": np.dtype("<i4"),
-    "int64": np.dtype("<i8"),
-    "uint8": np.dtype("u1"),
-    "uint16": np.dtype("<u2"),
-    "uint32": np.dtype("<u4"),
-    "uint64": np.dtype("<u8"),
-    "bool": np.dtype("?"),
-}
-
-
-def wire_name(dtype: Any) -> str:
-    """NumPy dtype → wire name (inverse of :data:`WIRE_DTYPES`)."""
-    dt = np.dtype(dtype)
-    if dt == BFLOAT16:
-        return "bfloat16"
-    return "bool" if dt.kind == "b" else dt.name
-
 
 def is_floating(dtype: Any) -> bool:
     dt = np.dtype(dtype)

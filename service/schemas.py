@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation
 
-from ce_engine.dtypes import WIRE_DTYPES
 from ce_engine.registry import ALL_OUTPUTS
+from ce_eval_client.wire import WIRE_DTYPES
 
 TensorEncoding = Literal["list", "base64"]
 

@@ -13,16 +13,16 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
-from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
-from ce_eval_client.sdk import EvaluationError, GrpcClient
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import ce_engine
-from service.codecs.proto import batch_to_proto
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
+from ce_eval_client.proto import batch_to_proto
+from ce_eval_client.sdk import EvaluationError, GrpcClient
 from tests.servers import ServeProcess, start_serve
 from tests.test_runs import make_batches
 

@@ -10,11 +10,11 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
-from ce_eval_client.sdk import AsyncClient, EvaluationError
 from fastapi import FastAPI, Request
 
-from service.codecs.proto import PROTOBUF_MEDIA_TYPE, request_to_proto
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+from ce_eval_client.proto import PROTOBUF_MEDIA_TYPE, request_to_proto
+from ce_eval_client.sdk import AsyncClient, EvaluationError
 from service.config import Settings
 from service.errors import MalformedBody
 from service.http.app import create_app

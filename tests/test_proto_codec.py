@@ -5,19 +5,12 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.codecs.proto import (
-    array_to_tensor,
-    parse_request_bytes,
-    request_chunks,
-    request_to_proto,
-    split_request_bytes,
-    struct_to_dict,
-    tensor_to_array,
-)
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+from ce_eval_client.proto import array_to_tensor, request_chunks, request_to_proto, struct_to_dict
+from service.codecs.proto import parse_request_bytes, split_request_bytes, tensor_to_array
 from service.errors import MalformedBody, PayloadTooLarge, ValidationFailed
 
 RNG = np.random.default_rng(3)

@@ -11,15 +11,15 @@ import grpc
 import numpy as np
 import orjson
 import pytest
-from ce_eval_client.cli import main as cli_main
-from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
-from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
-from ce_eval_client.sdk import TRANSPORTS, Client, EvaluationError, GrpcClient
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.codecs.proto import request_to_proto
+from ce_eval_client.cli import main as cli_main
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
+from ce_eval_client.proto import request_to_proto
+from ce_eval_client.sdk import TRANSPORTS, Client, EvaluationError, GrpcClient
 from tests.reference import log_softmax_row, softmax_ce
 from tests.servers import ServeProcess, start_serve
 

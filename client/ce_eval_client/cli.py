@@ -6,13 +6,15 @@ import argparse
 import sys
 from typing import Any
 
+from ce_eval_client import __version__
+from ce_eval_client.run_cli import CommandError, server_modules
 from ce_eval_client.run_cli import add_commands as add_run_commands
-from service import __version__
 
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    server_modules("serve")
     from service.config import Settings
     from service.http.app import create_app
     from service.logs import configure_logging
@@ -190,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except CommandError as exc:
+        print(f"ce-eval: {exc}", file=sys.stderr)
+        return 1
     return result
 
 

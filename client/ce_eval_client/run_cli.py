@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from service.codecs.tensors import encode_tensor
+from ce_eval_client.wire import encode_tensor
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -311,7 +311,19 @@ def cmd_close(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
+def server_modules(command: str) -> None:
+    """The server package, which ``serve`` and ``db`` need (``pip install ./client`` lacks it)."""
+    try:
+        import service.config  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise CommandError(
+            f"'ce-eval {command}' needs the ce-eval server (missing module {exc.name!r}); "
+            "install it with: pip install ce-eval (or pip install . in the repository)"
+        ) from None
+
+
 def cmd_db(args: argparse.Namespace) -> int:
+    server_modules("db")
     from service.config import Settings
     from service.store import Store
 

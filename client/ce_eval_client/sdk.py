@@ -32,8 +32,7 @@ import orjson
 from google.rpc import status_pb2
 
 from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
-from service.codecs.oip import DATATYPES, datatype_of
-from service.codecs.proto import (
+from ce_eval_client.proto import (
     PROTOBUF_MEDIA_TYPE,
     batch_answer_from_proto,
     batch_to_proto,
@@ -45,13 +44,18 @@ from service.codecs.proto import (
     run_from_proto,
     runs_page_from_proto,
 )
-from service.codecs.tensors import decode_tensor, encode_tensor, wire_array
+from ce_eval_client.wire import (
+    DATATYPES,
+    datatype_of,
+    decode_json_tensor,
+    encode_tensor,
+    wire_array,
+)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossEvaluation"].full_name
 
 Transport = Literal["protobuf", "base64", "json", "oip"]
 TRANSPORTS: tuple[Transport, ...] = ("protobuf", "base64", "json", "oip")
-_MAX_ELEMENTS = 2**40  # the client trusts the server's shapes; this only guards overflow
 
 
 class EvaluationError(Exception):
@@ -224,13 +228,12 @@ def _decode_rest(response: httpx.Response, transport: Transport) -> Evaluation:
         raise EvaluationError(response.status_code, problem)
     if transport == "protobuf":
         message = pb.EvaluateResponse.FromString(response.content)
-        return Evaluation.from_dict(response_from_proto(message, _MAX_ELEMENTS))
+        return Evaluation.from_dict(response_from_proto(message))
     if transport == "oip":
         return _decode_oip(response)
     body = orjson.loads(response.content)
     body["outputs"] = {
-        name: decode_tensor(value, ("outputs", name), _MAX_ELEMENTS)
-        for name, value in body.get("outputs", {}).items()
+        name: decode_json_tensor(value) for name, value in body.get("outputs", {}).items()
     }
     return Evaluation.from_dict(body)
 
@@ -444,7 +447,7 @@ class GrpcClient:
             backend=backend,
         )
         response = self._call(self._evaluate, chunks)
-        return Evaluation.from_dict(response_from_proto(response, _MAX_ELEMENTS))
+        return Evaluation.from_dict(response_from_proto(response))
 
     def create_run(
         self,

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ce_engine.dtypes import BFLOAT16
+from ce_eval_client.wire import DATATYPES, datatype_of
 from service.codecs.tensors import check_shape, from_bytes
 from service.config import Settings
 from service.dataplane.evaluate import parse_evaluate_request
@@ -34,22 +34,6 @@ from service.schemas import EvaluateRequest
 
 HEADER_LENGTH = "inference-header-content-length"
 
-#: OIP datatype names → NumPy dtypes (little-endian). BYTES (strings) has no meaning here.
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BF16": BFLOAT16,
-}
 _WIRE_NAMES = {
     "FP16": "float16",
     "FP32": "float32",
@@ -64,17 +48,6 @@ RESERVED_PARAMETERS = frozenset({"backend", "metrics", "binary_data_output"})
 IGNORED_PARAMETERS = frozenset(
     {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout"}
 )
-
-
-def datatype_of(dtype: Any) -> str:
-    """NumPy dtype → OIP datatype name."""
-    dt = np.dtype(dtype)
-    if dt == BFLOAT16:
-        return "BF16"
-    for name, candidate in DATATYPES.items():
-        if candidate == dt:
-            return name
-    raise ValueError(f"no OIP datatype for {dt}")
 
 
 def _invalid(loc: Sequence[str | int], msg: str, type_: str = "value_error") -> ValidationFailed:

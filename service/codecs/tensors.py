@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from ce_engine.dtypes import WIRE_DTYPES, wire_name
+from ce_eval_client.wire import WIRE_DTYPES
 from service.errors import PayloadTooLarge, ValidationFailed, truncate
 
 
@@ -114,25 +114,3 @@ def _from_nested(value: Any, loc: Sequence[str | int], max_elements: int) -> np.
     if list(array.shape) != shape:
         raise _invalid(loc, "not a rectangular array of numbers", "ragged")
     return array
-
-
-def wire_array(array: Any) -> np.ndarray:
-    """C-contiguous and little-endian: the byte layout of every tensor on the wire."""
-    contiguous = np.ascontiguousarray(array)
-    if contiguous.dtype.byteorder == ">":
-        return contiguous.astype(contiguous.dtype.newbyteorder("<"))
-    return contiguous
-
-
-def encode_tensor(array: np.ndarray, encoding: str) -> Any:
-    """Array → ``list`` (nested lists; non-finite become null), ``base64`` mapping, or ``raw``."""
-    if encoding == "raw":
-        return array
-    if encoding == "base64":
-        contiguous = wire_array(array)
-        return {
-            "dtype": wire_name(contiguous.dtype),
-            "shape": list(contiguous.shape),
-            "data": base64.b64encode(contiguous.tobytes()).decode("ascii"),
-        }
-    return array.tolist()

@@ -17,7 +17,8 @@ import ce_engine
 from ce_engine.backend import to_numpy
 from ce_engine.errors import BackendUnavailableError, InputValidationError
 from ce_engine.metrics import supported_metrics
-from service.codecs.tensors import decode_tensor, encode_tensor
+from ce_eval_client.wire import encode_tensor
+from service.codecs.tensors import decode_tensor
 from service.config import Settings
 from service.dataplane.admission import Admission
 from service.errors import (

@@ -38,9 +38,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 import ce_engine
-from ce_engine.dtypes import wire_name
 from ce_engine.metrics import MetricState, supported_metrics
-from service.codecs.tensors import wire_array
+from ce_eval_client.wire import wire_array, wire_name
 from service.config import Settings
 from service.dataplane.evaluate import (
     DataPlane,

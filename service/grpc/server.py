@@ -28,7 +28,6 @@ from typing import Any, TypeVar
 import anyio
 import grpc
 import orjson
-from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -36,6 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import ce_engine
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from service.auth import Authenticator, presented_key
 from service.codecs.proto import (
     batch_answer_to_proto,

@@ -12,12 +12,8 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import Response
 
-from service.codecs.proto import (
-    PROTOBUF_MEDIA_TYPE,
-    request_from_proto,
-    response_to_proto,
-    split_request_bytes,
-)
+from ce_eval_client.proto import PROTOBUF_MEDIA_TYPE
+from service.codecs.proto import request_from_proto, response_to_proto, split_request_bytes
 from service.config import Settings
 from service.errors import MalformedBody
 from service.http.bodies import read_body

@@ -11,7 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import Response
 
 from ce_engine.backend import available_backends
-from service.codecs.proto import PROTOBUF_MEDIA_TYPE
+from ce_eval_client.proto import PROTOBUF_MEDIA_TYPE
 from service.dataplane.evaluate import DataPlane, parse_evaluate_request
 from service.errors import MalformedBody, UnsupportedMediaType
 from service.http.bodies import read_body
