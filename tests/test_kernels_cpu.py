@@ -565,7 +565,7 @@ def test_bce_confident_rows_keep_relative_accuracy():
         np.testing.assert_allclose(out.per_sample, want, rtol=1e-5)
 
 
-metrics_module = importlib.import_module("ce_engine.metrics")
+metrics_module = importlib.import_module("ce_engine.metrics.softmax")
 ALL_ROW_METRICS = ["accuracy", "top_k_accuracy", "nll", "perplexity", "entropy", "brier", "ece"]
 
 
