@@ -17,7 +17,7 @@ from ce_engine.kernels.cpu import row_max
 from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true, reject_first
 from ce_engine.losses.linear_cross_entropy import linear_inputs
-from ce_engine.metrics import MetricState, metric_state
+from ce_engine.metrics import MetricState, evaluate_metrics
 from ce_engine.options import CommonOptions
 from ce_engine.reduction import LN2, derivative_scale, reduction_denominator
 from ce_engine.registry import PARAMETER_GRADS, LossInputs, LossTerms, get_loss
@@ -300,7 +300,7 @@ def evaluate(
     linear: dict[str, Array] = {}
     if spec.inputs == "linear":
         layout, cdt, exclude, linear = linear_inputs(
-            xp, logits, features, weight, bias, opts, metric_names
+            xp, logits, features, weight, bias, opts, metric_names, targets
         )
         rows = peak = None
     else:
@@ -332,15 +332,32 @@ def evaluate(
         raise InputValidationError.single(("vector",), "output 'hvp' needs `vector`", "missing")
 
     terms = spec.compute(
-        LossInputs(xp, layout, rows, t, opts, s, exclude, want, v, row_max=peak, **linear)
+        LossInputs(
+            xp,
+            layout,
+            rows,
+            t,
+            opts,
+            s,
+            exclude,
+            want,
+            v,
+            row_max=peak,
+            metrics=tuple(metric_names) if spec.inputs == "linear" else (),
+            **linear,
+        )
     )
     result = reduce_terms(terms, layout, opts, spec.name, want, xp)
     result.backend = backend_name
     result.compute_dtype = cdt.type.__name__
     if metric_names:
-        state = metric_state(metric_names, xp, rows, t, layout, opts, s, exclude, loss=spec.name)
-        result.metric_state = state
-        result.metrics = state.compute()
+        if terms.metric_state is not None:  # reduced by the loss (linear: chunk by chunk)
+            result.metric_state = terms.metric_state
+            result.metrics = terms.metric_state.compute()
+        else:
+            result.metric_state, result.metrics = evaluate_metrics(
+                metric_names, xp, rows, t, layout, opts, s, exclude, loss=spec.name
+            )
     return result
 
 

@@ -46,6 +46,16 @@ class CommonOptions(BaseModel):
         default_factory=lambda: [1, 5], description="k values for `top_k_accuracy`."
     )
     n_bins: int = Field(15, ge=1, le=1000, description="Bins for ece/mce/reliability.")
+    n_thresholds: int = Field(
+        1000,
+        ge=2,
+        le=100_000,
+        description=(
+            "Score-histogram bins per class for the ranking metrics of runs (auroc, "
+            "average_precision, roc_curve, pr_curve): thresholds linspace(0, 1, n_thresholds). "
+            "A stateless evaluation computes them exactly."
+        ),
+    )
     max_confusion_classes: int = Field(
         1024,
         ge=1,
@@ -89,6 +99,23 @@ def _non_negative_finite(values: list[float], what: str) -> None:
         raise ValueError(f"{what} must be finite and >= 0")
 
 
+def _threshold_field() -> Any:
+    return Field(
+        0.5,
+        description=(
+            "Decision threshold of the threshold metrics (accuracy, f1, …): a label is predicted "
+            "where σ(z) > threshold; a number in [0, 1] or one per label (C,)."
+        ),
+    )
+
+
+def _check_threshold(value: float | list[float]) -> float | list[float]:
+    values = [value] if isinstance(value, float) else value
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        raise ValueError("threshold must lie in [0, 1]")
+    return value
+
+
 class BinaryCrossEntropyOptions(CommonOptions):
     """Options of sigmoid (multi-label) binary cross-entropy."""
 
@@ -105,6 +132,9 @@ class BinaryCrossEntropyOptions(CommonOptions):
         None, description="Weight pw of positive labels, a number or per class (C,)."
     )
     label_smoothing: float = Field(0.0, ge=0.0, le=1.0, description="y ← (1 − ε)·y + ε/2.")
+    threshold: float | list[float] = _threshold_field()
+
+    _threshold_range = field_validator("threshold")(_check_threshold)
 
     @field_validator("pos_weight")
     @classmethod
@@ -140,6 +170,9 @@ class FocalOptions(CommonOptions):
     ignore_index: int | None = Field(
         -100, description="softmax variant, index targets equal to this are not counted."
     )
+    threshold: float | list[float] = _threshold_field()
+
+    _threshold_range = field_validator("threshold")(_check_threshold)
 
     @field_validator("alpha")
     @classmethod

@@ -9,13 +9,16 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
 
 from ce_engine.errors import ErrorItem, InputValidationError
 from ce_engine.layout import Array, Layout
 from ce_engine.options import CommonOptions
+
+if TYPE_CHECKING:
+    from ce_engine.metrics.state import MetricState
 
 #: Array outputs every loss may offer; a spec lists the subset it supports.
 ALL_OUTPUTS = (
@@ -62,6 +65,9 @@ class LossInputs:
     #: a fused kernel may fold the reduction's 1/denominator into its derivative arrays
     #: (False when the caller reduces several calls itself, e.g. row chunks)
     fold_reduction: bool = True
+    #: metrics for losses that reduce them themselves (``inputs="linear"``: the rows exist
+    #: only chunk by chunk); other losses get () and the caller reduces ``logits``
+    metrics: tuple[str, ...] = ()
 
 
 @dataclass
@@ -87,6 +93,8 @@ class LossTerms:
     #: True when the derivative arrays already include the reduction's scale (a fused kernel
     #: folds 1/denominator into its one write of the gradient); reduce_terms then leaves them
     derivatives_scaled: bool = False
+    #: the merged metric state of ``LossInputs.metrics`` (losses that reduce metrics themselves)
+    metric_state: MetricState | None = None
 
 
 LossFn = Callable[[LossInputs], LossTerms]

@@ -224,9 +224,9 @@ def test_input_errors():
         assert info.value.errors[0].loc == loc and msg in info.value.errors[0].msg
     with pytest.raises(InputValidationError, match="not logits"):
         ce_engine.evaluate("linear_cross_entropy", np.zeros((3, 4)), y, features=x, weight=w)
-    with pytest.raises(InputValidationError, match="metrics are not supported"):
+    with pytest.raises(InputValidationError, match="confusion_matrix is not supported for linear"):
         ce_engine.evaluate(
-            "linear_cross_entropy", None, y, features=x, weight=w, metrics=["accuracy"]
+            "linear_cross_entropy", None, y, features=x, weight=w, metrics=["confusion_matrix"]
         )
     with pytest.raises(InputValidationError, match="only for linear-layer losses"):
         ce_engine.evaluate("cross_entropy", np.zeros((3, 4)), y, features=x)

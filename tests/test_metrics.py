@@ -24,9 +24,8 @@ from sklearn.metrics import (
 
 import ce_engine
 from ce_engine.errors import InputValidationError
-from ce_engine.layout import Layout
-from ce_engine.metrics import METRIC_NAMES, MetricState, metric_state
-from ce_engine.options import CrossEntropyOptions
+from ce_engine.metrics import METRIC_NAMES, MetricState, supported_metrics
+from ce_engine.registry import get_loss
 
 RNG = np.random.default_rng(2024)
 # sklearn warns that k = C is a perfect score: we test that case on purpose
@@ -439,17 +438,35 @@ def test_default_top_k_above_c_is_dropped_explicit_is_rejected() -> None:
     assert m["top_k_accuracy"] == {"3": 1.0}
 
 
-@pytest.mark.parametrize("loss", ["binary_cross_entropy", "focal", "linear_cross_entropy"])
-def test_metrics_unsupported_for_non_softmax_losses(loss: str) -> None:
+@pytest.mark.parametrize(
+    ("loss", "options", "names", "bad"),
+    [
+        ("binary_cross_entropy", {}, ["accuracy", "top_k_accuracy", "entropy", "auroc"], [1, 2]),
+        ("focal", {}, ["subset_accuracy", "perplexity"], [1]),
+        ("focal", {"variant": "softmax"}, ["top_k_accuracy", "samples_f1"], [1]),
+        ("linear_cross_entropy", {}, ["accuracy", "confusion_matrix", "f1", "brier"], [1, 2]),
+    ],
+)
+def test_metrics_a_loss_cannot_give_are_422_naming_what_it_offers(
+    loss: str, options: dict[str, Any], names: list[str], bad: list[int]
+) -> None:
     z = RNG.standard_normal((4, 3))
-    y = RNG.integers(0, 3, size=4)
-    layout = Layout.of(z.shape, -1)
+    y = (RNG.random((4, 3)) < 0.5).astype(float)
+    kwargs: dict[str, Any] = {"logits": z}
+    if loss == "linear_cross_entropy":
+        kwargs = {"logits": None, "features": z, "weight": RNG.standard_normal((3, 3))}
+        y = RNG.integers(0, 3, size=4)
+    elif options.get("variant") == "softmax":
+        y = RNG.integers(0, 3, size=4)
     with pytest.raises(InputValidationError) as err:
-        metric_state(
-            ["accuracy", "nll"], np, z, y, layout, CrossEntropyOptions(), None, None, loss=loss
-        )
-    assert [e.loc for e in err.value.errors] == [("metrics", 0), ("metrics", 1)]
-    assert err.value.errors[0].msg.startswith(f"metric accuracy is not supported for {loss}")
+        ce_engine.evaluate(loss, targets=y, options=options, metrics=names, **kwargs)
+    assert [e.loc for e in err.value.errors] == [("metrics", i) for i in bad]
+    offered = supported_metrics(loss, get_loss(loss).parse_options(options))
+    for i, item in zip(bad, err.value.errors, strict=True):
+        assert item.type == "unsupported_metric"
+        assert item.msg.startswith(f"metric {names[i]} is not supported for {loss}")
+        assert item.msg.endswith(f"{loss} offers: {', '.join(offered)}")
+        assert names[i] not in offered
 
 
 # ---- mergeable state -----------------------------------------------------------------------

@@ -4,6 +4,8 @@ The (N, C) logits are never materialised whole: each chunk of rows forms its log
 :func:`ce_engine.losses.cross_entropy.cross_entropy` on them (same options: weights,
 ignore_index, label smoothing, temperature, target formats) and folds the logits gradient G
 into dX = G W, dW += Gᵀ X, db += Σ_rows G. Peak extra memory is O(chunk·C + C·D).
+Metrics (``ce_engine.metrics.LINEAR_METRICS``) are reduced from each chunk's logits to a
+mergeable state and merged over the chunks, so they add O(N) per-row temporaries, no (N, C).
 Reference: the fused linear cross-entropy of Liger-Kernel / Apple's Cut Cross-Entropy
 (Wijmans et al. 2024), here without a custom kernel.
 """
@@ -20,6 +22,9 @@ from ce_engine.errors import ErrorItem, InputValidationError
 from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true, resolve_target_format
 from ce_engine.losses.cross_entropy import cross_entropy
+from ce_engine.metrics.check import check_request
+from ce_engine.metrics.softmax import softmax_metric_state
+from ce_engine.metrics.state import MetricState
 from ce_engine.options import LinearCrossEntropyOptions
 from ce_engine.registry import LossInputs, LossSpec, LossTerms, register
 
@@ -63,8 +68,10 @@ def linear_inputs(
     bias: Any,
     opts: LinearCrossEntropyOptions,
     metrics: list[str],
+    targets: Any = None,
 ) -> tuple[Layout, np.dtype[Any], Array | None, dict[str, Array | None]]:
-    """Validate X (N, D), W (C, D), b (C,) → (layout of (N, C), compute dtype, exclude, arrays).
+    """Validate X (N, D), W (C, D), b (C,) → (layout of (N, C), compute dtype, exclude, arrays);
+    ``metrics`` are checked against the loss before any logits are formed.
 
     NaN/inf in a row of X is handled by ``nan_policy`` (raise | omit the row | propagate);
     W and b must be finite unless ``propagate``.
@@ -74,10 +81,6 @@ def linear_inputs(
             ("logits",),
             "linear_cross_entropy takes `features`, `weight` and `bias`, not logits",
             "unexpected",
-        )
-    if metrics:
-        raise InputValidationError.single(
-            ("metrics",), "metrics are not supported for linear_cross_entropy", "unsupported"
         )
     x = _tensor(xp, features, "features", 2)
     w = _tensor(xp, weight, "weight", 2)
@@ -103,6 +106,10 @@ def linear_inputs(
     x, w = (xp.asarray(a).astype(cdt, copy=False) for a in (x, w))
     b = None if b is None else xp.asarray(b).astype(cdt, copy=False)
     layout = Layout.of((x.shape[0], w.shape[0]), -1)
+    if metrics and targets is not None:
+        targets = np.asarray(targets) if not hasattr(targets, "dtype") else targets
+        fmt = resolve_target_format(opts.target_format, targets, layout)
+        check_request(metrics, "linear_cross_entropy", opts, fmt, layout.num_classes)
     exclude = None
     if opts.nan_policy != "propagate":
         for array, loc in ((w, "weight"), (b, "bias")):
@@ -133,7 +140,8 @@ def linear_cross_entropy(inp: LossInputs) -> LossTerms:
     Rows per chunk = max(1, ``chunk_elements`` // C), so at most a few (chunk, C) arrays live at
     once besides dW (C, D); dW accumulates in class blocks of ``chunk_elements`` // D rows so no
     (C, D) temporary is made. ``l2`` λ adds (λ/2)‖W‖² to the reduced value (``extras.penalty``)
-    and λW to dW, unscaled by the reduction.
+    and λW to dW, unscaled by the reduction. ``inp.metrics`` are reduced per chunk (before the
+    loss, which may reuse the chunk's logits) and merged.
     """
     xp, opts, layout = inp.xp, inp.options, inp.layout
     o: LinearCrossEntropyOptions = opts
@@ -154,12 +162,29 @@ def linear_cross_entropy(inp: LossInputs) -> LossTerms:
     g_w = xp.zeros((c, d), dtype=dtype) if "grad_weight" in want_grad else None
     g_b = xp.zeros(c, dtype=dtype) if "grad_bias" in want_grad else None
     chunk_want = frozenset({"grad"}) if want_grad else frozenset()
+    state: MetricState | None = None
     for start in range(0, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
         xc = x[start:stop]
         z = xc @ w.T
         if b is not None:
             z += b
+        if inp.metrics:
+            try:
+                part_state, _ = softmax_metric_state(
+                    inp.metrics,
+                    xp,
+                    z,
+                    inp.targets[start:stop],
+                    Layout((stop - start, c), 1),
+                    chunk_opts,
+                    None if inp.sample_weight is None else inp.sample_weight[start:stop],
+                    None if inp.exclude is None else inp.exclude[start:stop],
+                    "linear_cross_entropy",
+                )
+            except InputValidationError as exc:
+                raise _shifted(exc, start) from None
+            state = part_state if state is None else state.merge(part_state)
         part = LossInputs(
             xp,
             Layout((stop - start, c), 1),
@@ -201,6 +226,11 @@ def linear_cross_entropy(inp: LossInputs) -> LossTerms:
         penalty = 0.5 * o.l2 * float(xp.sum(w.astype(np.float64) ** 2))
         if g_w is not None:
             penalty_grads["grad_weight"] = w * dtype.type(o.l2)
+    if inp.metrics and state is None:  # no rows: the state of zero positions
+        request = check_request(list(inp.metrics), "linear_cross_entropy", chunk_opts, fmt, c)
+        state = MetricState.empty(
+            request.names, c, request.top_k, o.n_bins, o.log_base, n_thresholds=o.n_thresholds
+        )
     return LossTerms(
         per_sample=per_sample,
         valid_weight=valid_weight,
@@ -208,6 +238,7 @@ def linear_cross_entropy(inp: LossInputs) -> LossTerms:
         arrays=arrays,
         penalty=penalty,
         penalty_grads=penalty_grads,
+        metric_state=state,
     )
 
 

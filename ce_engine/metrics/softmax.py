@@ -1,8 +1,6 @@
-"""Evaluation metrics as mergeable, fixed-size states (DESIGN §2).
+"""Metrics of the softmax losses: one distribution p_i over C classes per position.
 
-A batch is reduced to a :class:`MetricState`: weighted sums and counts only (totals, per-bin
-sums, per-class counts, a confusion matrix), so merging two states is element-wise addition and
-computing on a merged state equals computing on the concatenated batches.
+A batch is reduced to a :class:`~ce_engine.metrics.state.MetricState` of family ``softmax``.
 
 Definitions, per counted position i with sample weight s_i (1 without ``sample_weight``),
 probabilities p_i (softmax(z_i / T) for logits, the values as sent for ``input_kind``
@@ -34,6 +32,14 @@ probabilities, exp of them for log_probabilities) and W = Σ_i s_i:
   (sklearn ``zero_division=0``); ``support``; ``macro_f1`` = mean F1 over the classes that occur
   (support or predicted > 0, sklearn's default labels), ``weighted_f1`` = Σ_c f1_c support_c / W,
   ``micro_f1`` = 2 Σtp / (Σpredicted + Σsupport) (= accuracy for single-label data).
+- ``auroc``, ``average_precision``, ``roc_curve``, ``pr_curve``: one-vs-rest per class c, the
+  positives the positions with y_i = c (weight s_i), the negatives the others, scored by p_ic
+  (ranked by log p_ic for logits and log-probabilities, so that underflow to p = 0 makes no
+  ties); ``macro`` = mean over the classes where the value is defined
+  (``sklearn.metrics.roc_auc_score(multi_class="ovr", average="macro")``). Exact in a stateless
+  evaluation, binned in a run: see :mod:`ce_engine.metrics.ranking`.
+- ``nll`` is ``sklearn.metrics.log_loss`` (in ``log_base`` units); there is no separate
+  ``log_loss`` key.
 
 Positions not counted by the loss (``ignore_index``, ``nan_policy: omit``, multi_hot rows with
 no positive label) are not counted here either. Means over zero weight are None.
@@ -41,375 +47,21 @@ no positive label) are not counted here either. Means over zero weight are None.
 
 from __future__ import annotations
 
-import base64
-import math
-import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from ce_engine.backend import to_numpy
-from ce_engine.errors import ErrorItem, InputValidationError
+from ce_engine.errors import InputValidationError
 from ce_engine.kernels.cpu import softmax_row_stats
 from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true, log_softmax, resolve_target_format
+from ce_engine.metrics import ranking
+from ce_engine.metrics.check import check_request
+from ce_engine.metrics.state import MetricState, stat_shapes
 from ce_engine.options import CommonOptions
-
-METRIC_NAMES: tuple[str, ...] = (
-    "accuracy",
-    "top_k_accuracy",
-    "nll",
-    "perplexity",
-    "entropy",
-    "ece",
-    "mce",
-    "reliability",
-    "brier",
-    "confusion_matrix",
-    "precision",
-    "recall",
-    "f1",
-    "support",
-    "macro_f1",
-    "micro_f1",
-    "weighted_f1",
-)
-
-#: Metrics defined without a single label per position (valid for multi_hot targets too).
-LABEL_FREE_METRICS = frozenset({"nll", "perplexity", "entropy", "brier"})
-_PER_CLASS = frozenset(
-    {"precision", "recall", "f1", "support", "macro_f1", "micro_f1", "weighted_f1"}
-)
-_BINNED = frozenset({"ece", "mce", "reliability"})
-
-#: Losses whose outputs are not a softmax distribution over classes: no metric applies.
-_NOT_SOFTMAX = {
-    "binary_cross_entropy": "its outputs are independent sigmoids, not a softmax distribution",
-    "linear_cross_entropy": "its logits are never materialised",
-}
-
-LN2 = math.log(2.0)
-
-
-def supported_metrics(loss: str) -> tuple[str, ...]:
-    """Metric names a loss accepts (focal accepts them with ``variant: softmax`` only)."""
-    return () if loss in _NOT_SOFTMAX else METRIC_NAMES
-
-
-def _stat_shapes(
-    names: Iterable[str], num_classes: int, top_k: tuple[int, ...], n_bins: int
-) -> dict[str, tuple[int, ...]]:
-    """The sufficient statistics the metrics ``names`` need, with their shapes (() = scalar)."""
-    wanted = set(names)
-    shapes: dict[str, tuple[int, ...]] = {"weight": (), "count": ()}
-    if "accuracy" in wanted:
-        shapes["correct"] = ()
-    if "top_k_accuracy" in wanted:
-        shapes["top_k_hits"] = (len(top_k),)
-    if wanted & {"nll", "perplexity"}:
-        shapes["nll"] = ()
-    if "entropy" in wanted:
-        shapes["entropy"] = ()
-    if "brier" in wanted:
-        shapes["brier"] = ()
-    if wanted & _BINNED:
-        for key in ("bin_count", "bin_confidence", "bin_correct"):
-            shapes[key] = (n_bins,)
-    if "confusion_matrix" in wanted:
-        shapes["confusion"] = (num_classes, num_classes)
-    if wanted & _PER_CLASS:
-        for key in ("tp", "predicted", "support"):
-            shapes[key] = (num_classes,)
-    return shapes
-
-
-#: Statistics with at least this many elements are stored packed (see MetricState.to_dict).
-PACKED_STAT_SIZE = 1024
-
-
-def _pack(value: Any) -> Any:
-    if not isinstance(value, np.ndarray):
-        return value
-    if value.size < PACKED_STAT_SIZE:
-        return value.tolist()
-    data = zlib.compress(np.ascontiguousarray(value, dtype="<f8").tobytes(), 1)
-    return {
-        "dtype": "float64",
-        "shape": list(value.shape),
-        "zlib_base64": base64.b64encode(data).decode("ascii"),
-    }
-
-
-def _unpack(value: Any) -> np.ndarray:
-    if isinstance(value, dict):
-        if value.get("dtype") != "float64":
-            raise ValueError(f"packed statistic of dtype {value.get('dtype')!r}, want float64")
-        try:
-            shape = tuple(int(d) for d in value["shape"])
-        except OverflowError:
-            raise ValueError(f"packed statistic has shape {value['shape']!r}") from None
-        size = math.prod(shape) * 8
-        if size > 8 * 4096 * 4096 or min(shape, default=0) < 0:  # ≤ a 4096-class confusion
-            raise ValueError(f"packed statistic of shape {list(shape)} is out of range")
-        inflate = zlib.decompressobj()
-        try:
-            packed = base64.b64decode(value["zlib_base64"], validate=True)
-            raw = inflate.decompress(packed, size + 1)
-        except zlib.error as exc:
-            raise ValueError(f"packed statistic is not zlib data: {exc}") from None
-        if len(raw) != size or not inflate.eof or inflate.unused_data:
-            raise ValueError(f"packed statistic does not hold {list(shape)} float64 values")
-        return np.frombuffer(raw, dtype="<f8").astype(np.float64).reshape(shape)
-    return np.asarray(value, np.float64)
-
-
-@dataclass
-class MetricState:
-    """Fixed-size sufficient statistics for the requested metrics; merge = addition.
-
-    ``stats`` holds host values only: ``count`` (int, positions counted), ``weight`` (float,
-    W = Σ s_i) and, per requested metric, float64 NumPy arrays or floats of weighted sums
-    (nll and entropy in nats; ``log_base`` applies in :meth:`compute`).
-    """
-
-    names: tuple[str, ...]
-    num_classes: int
-    top_k: tuple[int, ...]
-    n_bins: int
-    log_base: str  # "e" | "2"
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def empty(
-        cls,
-        names: Iterable[str],
-        num_classes: int,
-        top_k: Iterable[int] = (1, 5),
-        n_bins: int = 15,
-        log_base: str = "e",
-    ) -> MetricState:
-        """The state of zero positions (the identity of :meth:`merge`)."""
-        names_t, top_k_t = tuple(names), tuple(top_k)
-        stats: dict[str, Any] = {}
-        for key, shape in _stat_shapes(names_t, num_classes, top_k_t, n_bins).items():
-            stats[key] = 0 if key == "count" else (np.zeros(shape) if shape else 0.0)
-        return cls(names_t, num_classes, top_k_t, n_bins, log_base, stats)
-
-    def _config(self) -> tuple[Any, ...]:
-        return (self.names, self.num_classes, self.top_k, self.n_bins, self.log_base)
-
-    def merge(self, other: MetricState) -> MetricState:
-        """Element-wise sum of the statistics; ValueError when the states are incompatible."""
-        if self._config() != other._config():
-            fields = ("names", "num_classes", "top_k", "n_bins", "log_base")
-            diff = [
-                f"{f}: {a!r} != {b!r}"
-                for f, a, b in zip(fields, self._config(), other._config(), strict=True)
-                if a != b
-            ]
-            raise ValueError(f"cannot merge incompatible metric states ({'; '.join(diff)})")
-        if self.stats.keys() != other.stats.keys():
-            raise ValueError("cannot merge metric states holding different statistics")
-        stats = {key: self.stats[key] + other.stats[key] for key in self.stats}
-        return replace(self, stats=stats)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form: arrays as (nested) lists of floats, those of at least
-        ``PACKED_STAT_SIZE`` elements (a confusion matrix) as ``{dtype, shape, zlib_base64}``: the
-        little-endian float64 bytes zlib-compressed, in base64 (exact, and for a mostly-zero
-        1000-class confusion matrix ~100× smaller and ~5× faster to (de)serialise than lists)."""
-        return {
-            "names": list(self.names),
-            "num_classes": self.num_classes,
-            "top_k": list(self.top_k),
-            "n_bins": self.n_bins,
-            "log_base": self.log_base,
-            "stats": {key: _pack(value) for key, value in self.stats.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MetricState:
-        """Inverse of :meth:`to_dict`; ValueError when the statistics do not fit the config."""
-        try:
-            names = tuple(str(n) for n in data["names"])
-            num_classes = int(data["num_classes"])
-            top_k = tuple(int(k) for k in data["top_k"])
-            n_bins = int(data["n_bins"])
-            log_base = str(data["log_base"])
-            raw = dict(data["stats"])
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"not a metric state: {exc!r}") from None
-        unknown = [n for n in names if n not in METRIC_NAMES]
-        if unknown or log_base not in ("e", "2"):
-            raise ValueError(f"not a metric state: names {unknown} / log_base {log_base!r}")
-        shapes = _stat_shapes(names, num_classes, top_k, n_bins)
-        if raw.keys() != shapes.keys():
-            raise ValueError(f"metric state statistics {sorted(raw)} do not match {sorted(shapes)}")
-        stats: dict[str, Any] = {}
-        for key, shape in shapes.items():
-            try:
-                value = int(raw[key]) if key == "count" else _unpack(raw[key])
-            except (TypeError, ValueError, KeyError, OverflowError) as exc:
-                raise ValueError(f"metric state {key!r} is not numeric: {exc}") from None
-            if isinstance(value, int):
-                stats[key] = value
-            elif value.shape != shape:
-                raise ValueError(f"metric state {key!r} has shape {value.shape}, want {shape}")
-            else:
-                stats[key] = value if shape else float(value)
-        return cls(names, num_classes, top_k, n_bins, log_base, stats)
-
-    def compute(self) -> dict[str, Any]:
-        """{name: value} for the requested metrics (see the module docstring)."""
-        st = self.stats
-        total = float(st["weight"])
-        scale = 1.0 / LN2 if self.log_base == "2" else 1.0
-
-        def mean(key: str) -> float | None:
-            return float(st[key]) / total if total > 0 else None
-
-        out: dict[str, Any] = {}
-        for name in self.names:
-            if name == "accuracy":
-                out[name] = mean("correct")
-            elif name == "top_k_accuracy":
-                out[name] = {
-                    str(k): (float(h) / total if total > 0 else None)
-                    for k, h in zip(self.top_k, st["top_k_hits"], strict=True)
-                }
-            elif name == "nll":
-                nll = mean("nll")
-                out[name] = None if nll is None else nll * scale
-            elif name == "perplexity":
-                nll = mean("nll")
-                out[name] = None if nll is None else _exp(nll)
-            elif name == "entropy":
-                ent = mean("entropy")
-                out[name] = None if ent is None else ent * scale
-            elif name == "brier":
-                out[name] = mean("brier")
-            elif name in _BINNED:
-                out[name] = self._calibration(name, total)
-            elif name == "confusion_matrix":
-                out[name] = st["confusion"].tolist()
-            else:
-                out[name] = self._per_class(name, total)
-        return out
-
-    def _calibration(self, name: str, total: float) -> Any:
-        count = self.stats["bin_count"]
-        conf = self.stats["bin_confidence"]
-        correct = self.stats["bin_correct"]
-        filled = count > 0
-        safe = np.where(filled, count, 1.0)
-        conf_mean = np.where(filled, conf / safe, 0.0)
-        acc_mean = np.where(filled, correct / safe, 0.0)
-        if name == "ece":
-            return float(np.abs(correct - conf).sum() / total) if total > 0 else None
-        if name == "mce":
-            gaps = np.abs(acc_mean - conf_mean)[filled]
-            return float(gaps.max()) if gaps.size else None
-        return {
-            "bin_edges": np.linspace(0.0, 1.0, self.n_bins + 1).tolist(),
-            "confidence": conf_mean.tolist(),
-            "accuracy": acc_mean.tolist(),
-            "count": count.tolist(),
-        }
-
-    def _per_class(self, name: str, total: float) -> Any:
-        tp, predicted, support = (self.stats[k] for k in ("tp", "predicted", "support"))
-        if name == "support":
-            return support.tolist()
-        if name == "micro_f1":
-            den = float(predicted.sum() + support.sum())
-            return 2.0 * float(tp.sum()) / den if den > 0 else None
-        f1 = _ratio(2.0 * tp, predicted + support)
-        if name == "precision":
-            return _ratio(tp, predicted).tolist()
-        if name == "recall":
-            return _ratio(tp, support).tolist()
-        if name == "f1":
-            return f1.tolist()
-        if name == "macro_f1":
-            present = (support > 0) | (predicted > 0)
-            return float(f1[present].mean()) if present.any() else None
-        assert name == "weighted_f1"
-        return float((f1 * support).sum() / support.sum()) if support.sum() > 0 else None
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """num / den with 0 where den is 0 (sklearn ``zero_division=0``)."""
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
-
-
-def _exp(x: float) -> float:
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return math.inf
-
-
-def _check_request(
-    names: list[str], loss: str, options: CommonOptions, fmt: str, num_classes: int
-) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """Validate metric names against the loss and targets; returns (names, top_k)."""
-    errors: list[ErrorItem] = []
-    for i, name in enumerate(names):
-        if name not in METRIC_NAMES:
-            errors.append(
-                ErrorItem(
-                    ("metrics", i),
-                    f"unknown metric {name!r}; available: {', '.join(METRIC_NAMES)}",
-                    "unknown_metric",
-                )
-            )
-        elif loss in _NOT_SOFTMAX or (loss == "focal" and _option(options, "variant") != "softmax"):
-            why = _NOT_SOFTMAX.get(loss, "the sigmoid variant has no softmax distribution")
-            errors.append(
-                ErrorItem(
-                    ("metrics", i),
-                    f"metric {name} is not supported for {loss} ({why})",
-                    "unsupported_metric",
-                )
-            )
-        elif fmt == "multi_hot" and name not in LABEL_FREE_METRICS:
-            errors.append(
-                ErrorItem(
-                    ("metrics", i),
-                    f"metric {name} needs one label per position; multi_hot targets have "
-                    f"several (label-free metrics: {', '.join(sorted(LABEL_FREE_METRICS))})",
-                    "unsupported_metric",
-                )
-            )
-        elif name == "confusion_matrix" and num_classes > options.max_confusion_classes:
-            errors.append(
-                ErrorItem(
-                    ("metrics", i),
-                    f"metric confusion_matrix needs C ≤ options.max_confusion_classes "
-                    f"({options.max_confusion_classes}), logits have {num_classes} classes",
-                    "too_many_classes",
-                )
-            )
-    top_k: tuple[int, ...] = ()
-    if "top_k_accuracy" in names:
-        explicit = "top_k" in options.model_fields_set
-        for j, k in enumerate(options.top_k):
-            if k <= num_classes:
-                top_k += () if k in top_k else (k,)
-            elif explicit:
-                errors.append(
-                    ErrorItem(
-                        ("options", "top_k", j),
-                        f"k = {k} exceeds the number of classes ({num_classes})",
-                        "top_k_too_large",
-                    )
-                )
-    if errors:
-        raise InputValidationError(errors)
-    return tuple(dict.fromkeys(names)), top_k
 
 
 def _masked_log(xp: ModuleType, coef: Array, log_p: Array) -> Array:
@@ -515,7 +167,23 @@ def _row_stats(
     return out
 
 
-def metric_state(
+def _ranking_inputs(
+    xp: ModuleType, rows: Array, labels: Array, w: Array, options: CommonOptions
+) -> tuple[Array, Array, Array, Array]:
+    """(score, p, positive weights, negative weights), each (M, C), for one-vs-rest ranking."""
+    if options.input_kind == "probabilities":
+        p = rows.astype(xp.float64, copy=False)
+        score = p
+    else:
+        score = rows.astype(xp.float64, copy=False)
+        if options.input_kind == "logits":
+            score = log_softmax(xp, score, options.temperature)
+        p = xp.exp(score)
+    hit = labels[:, None] == xp.arange(rows.shape[1])[None, :]
+    return score, p, xp.where(hit, w[:, None], 0.0), xp.where(hit, 0.0, w[:, None])
+
+
+def softmax_metric_state(
     names: Iterable[str],
     xp: ModuleType,
     rows: Array,
@@ -525,20 +193,27 @@ def metric_state(
     sample_weight: Array | None,
     exclude: Array | None,
     loss: str = "cross_entropy",
-) -> MetricState:
-    """Reduce one batch to a :class:`MetricState` (one vectorised pass over the rows).
+    *,
+    exact: bool = False,
+) -> tuple[MetricState, dict[str, Any]]:
+    """Reduce one batch to a softmax :class:`MetricState` (one vectorised pass over the rows);
+    with ``exact``, also the batch's exact ranking values (``ranking.ranking_values`` of its
+    distinct scores), else {}.
 
     ``rows`` (M, C) are the loss inputs with the class axis last (logits, probabilities or
     log-probabilities per ``options.input_kind``); ``targets`` as sent; ``sample_weight`` (M,);
     ``exclude`` (M,) marks positions dropped by ``nan_policy: omit``. Raises
-    :class:`InputValidationError` for unknown or unsupported metrics, ``top_k`` > C and a
-    confusion matrix over more than ``options.max_confusion_classes`` classes.
+    :class:`InputValidationError` for unknown or unsupported metrics, ``top_k`` > C, a
+    confusion matrix over more than ``options.max_confusion_classes`` classes and ranking
+    histograms over ``ranking.MAX_RANKING_CELLS``.
     """
     names_list = list(names)
     c = layout.num_classes
     fmt = resolve_target_format(_option(options, "target_format") or "auto", targets, layout)
-    names_t, top_k = _check_request(names_list, loss, options, fmt, c)
-    shapes = _stat_shapes(names_t, c, top_k, options.n_bins)
+    request = check_request(names_list, loss, options, fmt, c)
+    names_t, top_k = request.names, request.top_k
+    n_thr = options.n_thresholds
+    shapes = stat_shapes("softmax", names_t, c, top_k, options.n_bins, n_thr)
     labels, q, counted = _labels_and_mask(xp, targets, layout, options, fmt)
     if exclude is not None:
         counted &= ~exclude
@@ -591,6 +266,14 @@ def metric_state(
         sums["tp"] = xp.bincount(labels, weights=w * correct, minlength=c)
         sums["predicted"] = xp.bincount(predicted, weights=w, minlength=c)
         sums["support"] = xp.bincount(labels, weights=w, minlength=c)
+    exact_values: dict[str, Any] = {}
+    if "rank_pos" in shapes:
+        score, p, pos, neg = _ranking_inputs(xp, rows, labels, w, options)
+        sums["rank_pos"], sums["rank_neg"] = ranking.histograms(xp, p, pos, neg, n_thr)
+        if exact:
+            points = ranking.exact_points(xp, score, p, pos, neg)
+            exact_values = ranking.ranking_values(points, names_t)
+        del score, p, pos, neg
 
     stats: dict[str, Any] = {}
     for key, shape in shapes.items():
@@ -600,4 +283,7 @@ def metric_state(
             stats[key] = to_numpy(sums[key]).astype(np.float64, copy=False).reshape(shape)
         else:
             stats[key] = float(sums[key])
-    return MetricState(names_t, c, top_k, options.n_bins, options.log_base, stats)
+    state = MetricState(
+        names_t, c, top_k, options.n_bins, options.log_base, stats, "softmax", n_thr
+    )
+    return state, exact_values
