@@ -110,7 +110,10 @@ class LossInfo(BaseModel):
     options_schema: dict[str, Any]
     defaults: dict[str, Any]
     outputs: list[str]
-    metrics: list[str]
+    metrics: list[str] = Field(description="Metric names the loss accepts (every variant).")
+    metrics_by_variant: dict[str, list[str]] | None = Field(
+        None, description="Where the metrics depend on options.variant (focal): variant → names."
+    )
 
 
 class LossCatalog(BaseModel):

@@ -87,6 +87,20 @@ async def test_malformed_metrics_field_is_422(client: httpx.AsyncClient) -> None
 async def test_catalog_lists_metrics(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/losses")
     assert r.status_code == 200
-    ce = next(loss for loss in r.json()["losses"] if loss["name"] == "cross_entropy")
-    assert ce["metrics"] == list(METRIC_NAMES)
+    losses = {loss["name"]: loss for loss in r.json()["losses"]}
+    ce = losses["cross_entropy"]
+    assert ce["metrics"] == [*METRIC_NAMES, "auroc", "average_precision", "roc_curve", "pr_curve"]
     assert ce["defaults"]["max_confusion_classes"] == 1024
+    bce = losses["binary_cross_entropy"]["metrics"]
+    assert {"auroc", "average_precision", "subset_accuracy", "samples_f1"} <= set(bce)
+    assert "top_k_accuracy" not in bce
+    linear = losses["linear_cross_entropy"]["metrics"]
+    assert {"accuracy", "top_k_accuracy", "nll", "perplexity", "entropy", "ece", "brier"} <= set(
+        linear
+    )
+    assert "confusion_matrix" not in linear
+    focal = losses["focal"]
+    assert focal["metrics_by_variant"]["sigmoid"] == bce
+    assert focal["metrics_by_variant"]["softmax"] == ce["metrics"]
+    assert set(focal["metrics"]) == set(bce) | set(ce["metrics"])
+    assert ce["metrics_by_variant"] is None

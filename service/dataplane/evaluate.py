@@ -16,7 +16,7 @@ import pydantic
 import ce_engine
 from ce_engine.backend import to_numpy
 from ce_engine.errors import BackendUnavailableError, InputValidationError
-from ce_engine.metrics import supported_metrics
+from ce_engine.metrics import metrics_by_variant, supported_metrics
 from ce_eval_client.wire import encode_tensor
 from service.codecs.tensors import decode_tensor
 from service.config import Settings
@@ -178,6 +178,7 @@ class DataPlane:
                     defaults=spec.defaults(),
                     outputs=sorted(spec.outputs),
                     metrics=list(supported_metrics(spec.name)),
+                    metrics_by_variant=metrics_by_variant(spec.name),
                 )
                 for spec in ce_engine.all_losses().values()
             ]

@@ -38,7 +38,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 import ce_engine
-from ce_engine.metrics import MetricState, supported_metrics
+from ce_engine.metrics import MetricState, scalar_metrics, supported_metrics
 from ce_eval_client.wire import wire_array, wire_name
 from service.config import Settings
 from service.dataplane.evaluate import (
@@ -149,22 +149,11 @@ def _decode_cursor(kind: str, cursor: str) -> int:
         ) from None
 
 
-def _is_number(value: Any) -> bool:
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-
-
 def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """The chartable part of metrics: numbers (None over zero weight) and small ``{k: number}``
-    maps (top-k accuracy); per-class lists, matrices and reliability bins are left out."""
-    kept: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if _is_number(value):
-            kept[key] = None if value is None else float(value)
-        elif (
-            isinstance(value, Mapping) and len(value) <= 16 and all(map(_is_number, value.values()))
-        ):
-            kept[key] = {str(k): None if v is None else float(v) for k, v in value.items()}
-    return kept
+    """The chartable part of metrics (``ce_engine.metrics.scalar_metrics``): numbers (None
+    over zero weight), small ``{k: number}`` maps (top-k accuracy) and the ``macro`` of AUROC
+    and average precision; per-class lists, matrices, bins and curves are left out."""
+    return scalar_metrics(metrics)
 
 
 def _not_found(run_id: str) -> NotFound:
@@ -282,7 +271,7 @@ class RunsDataPlane:
                     }
                 ],
             )
-        available = supported_metrics(spec.name)
+        available = supported_metrics(spec.name, options)
         unknown = [
             {
                 "loc": ["body", "metrics", i],
