@@ -5,7 +5,9 @@
 Both paths compute the mean cross-entropy of z = X Wᵀ + b and dX, dW, db in float32. Memory is
 the tracemalloc peak (NumPy reports its allocations to it) above what is held before the call
 (the inputs); outputs dX, dW, db count, as both paths return them. Speed is the best wall time
-of ``--repeat`` runs without tracing. Target: chunked peak ≤ 25% of the naive peak.
+of ``--repeat`` runs without tracing. Target: chunked peak ≤ 25% of the naive peak. The chunked
+path runs twice: without metrics and with ``METRICS`` (reduced inside the row chunks, so they
+should add at most O(N + C) to the peak).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import ce_engine
 from bench._results import write_results
 
 OUTPUTS = ("grad_features", "grad_weight", "grad_bias")
+METRICS = ("accuracy", "top_k_accuracy", "nll", "perplexity", "entropy", "ece", "brier")
 
 
 def naive(x: np.ndarray, w: np.ndarray, b: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -42,7 +45,12 @@ def naive(x: np.ndarray, w: np.ndarray, b: np.ndarray, y: np.ndarray) -> dict[st
 
 
 def chunked(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray, y: np.ndarray, chunk_elements: int
+    x: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray,
+    y: np.ndarray,
+    chunk_elements: int,
+    metrics: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     res = ce_engine.evaluate(
         "linear_cross_entropy",
@@ -53,9 +61,10 @@ def chunked(
         bias=b,
         options={"chunk_elements": chunk_elements},
         outputs=OUTPUTS,
+        metrics=metrics,
         backend="numpy",
     )
-    return {"loss": res.value, **res.outputs}
+    return {"loss": res.value, **res.outputs, "metrics": res.metrics}
 
 
 def peak_extra_bytes(fn: Callable[[], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
@@ -99,8 +108,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chunk_peak, out = peak_extra_bytes(lambda: chunked(x, w, b, y, args.chunk_elements))
     loss_diff = abs(out["loss"] - ref["loss"])
     del out
+    metrics_peak, out = peak_extra_bytes(lambda: chunked(x, w, b, y, args.chunk_elements, METRICS))
+    metrics = out["metrics"]
+    del out
     naive_s = best_seconds(lambda: naive(x, w, b, y), args.repeat)
     chunk_s = best_seconds(lambda: chunked(x, w, b, y, args.chunk_elements), args.repeat)
+    metrics_s = best_seconds(lambda: chunked(x, w, b, y, args.chunk_elements, METRICS), args.repeat)
 
     mib = 1 << 20
     result = {
@@ -114,10 +127,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "outputs_mib": (args.n * args.d + args.c * args.d + args.c) * 4 / mib,
         "naive_peak_extra_mib": naive_peak / mib,
         "chunked_peak_extra_mib": chunk_peak / mib,
+        "chunked_metrics_peak_extra_mib": metrics_peak / mib,
+        "metrics_extra_mib": (metrics_peak - chunk_peak) / mib,
+        "metrics": list(METRICS),
+        "metric_values": metrics,
         "peak_ratio": chunk_peak / naive_peak,
         "target_ratio": 0.25,
         "naive_seconds": naive_s,
         "chunked_seconds": chunk_s,
+        "chunked_metrics_seconds": metrics_s,
         "speedup": naive_s / chunk_s,
         "loss_abs_diff": loss_diff,
         "repeat": args.repeat,
@@ -129,8 +147,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("path", "peak extra MiB", "seconds"),
         ("naive (full logits)", f"{result['naive_peak_extra_mib']:.1f}", f"{naive_s:.2f}"),
         ("linear_cross_entropy", f"{result['chunked_peak_extra_mib']:.1f}", f"{chunk_s:.2f}"),
+        ("  + metrics", f"{result['chunked_metrics_peak_extra_mib']:.1f}", f"{metrics_s:.2f}"),
     ]
     print(f"N={args.n} D={args.d} C={args.c} float32, logits {result['logits_mib']:.0f} MiB")
+    print(f"metrics: {', '.join(METRICS)}")
     for row in rows:
         print(f"{row[0]:<22} {row[1]:>15} {row[2]:>9}")
     print(

@@ -259,3 +259,118 @@ def test_peak_memory_stays_below_the_logits():
         tracemalloc.stop()
     logits_bytes = n * c * 4
     assert peak < 0.25 * logits_bytes + 2 * w.nbytes + x.nbytes
+
+
+# ---- metrics, chunk by chunk -----------------------------------------------------------------
+
+LINEAR_METRICS = ["accuracy", "top_k_accuracy", "nll", "perplexity", "entropy", "ece", "brier"]
+
+
+@pytest.mark.filterwarnings("ignore:.k. .* greater than or equal to .n_classes.")
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 6, 10**6])  # 1 row, 3 rows, one chunk
+@pytest.mark.parametrize("case", ["plain", "weighted_ignored", "bits_temperature"])
+def test_metrics_from_chunks_match_sklearn_on_the_full_logits(
+    chunk_elements: int, case: str
+) -> None:
+    from tests.test_metrics import check_against_sklearn, softmax
+
+    n, d, c = 40, 4, 6
+    x = RNG.standard_normal((n, d))
+    w = RNG.standard_normal((c, d))
+    b = RNG.standard_normal(c)
+    y = RNG.integers(0, c, size=n)
+    opts: dict = {"chunk_elements": chunk_elements, "top_k": [1, 2, 6]}
+    sw = None
+    if case == "weighted_ignored":
+        y[::4] = -100
+        sw = RNG.uniform(0.1, 2.0, size=n)
+    if case == "bits_temperature":
+        opts.update(log_base=2, temperature=1.7)
+    res = ce_engine.evaluate(
+        "linear_cross_entropy",
+        None,
+        y,
+        features=x,
+        weight=w,
+        bias=b,
+        options=opts,
+        metrics=[*LINEAR_METRICS, "mce", "reliability"],
+        sample_weight=sw,
+        backend="numpy",
+    )
+    keep = y != -100
+    z = (x @ w.T + b) / opts.get("temperature", 1.0)
+    check_against_sklearn(
+        res.metrics,
+        y[keep],
+        softmax(z[keep]),
+        None if sw is None else sw[keep],
+        log_base="2" if case == "bits_temperature" else "e",
+    )
+    assert res.metric_state is not None and res.metric_state.stats["count"] == int(keep.sum())
+
+
+def test_metrics_from_chunks_equal_cross_entropy_on_materialised_logits() -> None:
+    """The chunked path equals the general path on the same logits (float64)."""
+    n, d, c = 33, 5, 7
+    x = RNG.standard_normal((n, d))
+    w = RNG.standard_normal((c, d))
+    q = RNG.random((n, c)) ** 2
+    q /= q.sum(axis=1, keepdims=True)
+    x[[3, 20], 1] = np.nan  # nan_policy omit drops rows of features
+    opts = {"nan_policy": "omit", "n_bins": 7}
+    names = ["nll", "perplexity", "entropy", "brier", "accuracy", "ece"]
+    chunked = ce_engine.evaluate(
+        "linear_cross_entropy",
+        None,
+        q,
+        features=x,
+        weight=w,
+        options={**opts, "chunk_elements": 2 * c},
+        metrics=names,
+    )
+    z = np.where(np.isnan(x), np.nan, x) @ w.T
+    full = ce_engine.evaluate("cross_entropy", z, q, options=opts, metrics=names)
+    assert chunked.metrics.keys() == full.metrics.keys()
+    for name in names:
+        assert chunked.metrics[name] == pytest.approx(full.metrics[name], rel=1e-12), name
+
+
+def test_metrics_of_no_rows_are_the_empty_state() -> None:
+    res = ce_engine.evaluate(
+        "linear_cross_entropy",
+        None,
+        np.zeros(0, dtype=np.int64),
+        features=np.zeros((0, 3)),
+        weight=np.ones((4, 3)),
+        metrics=["accuracy", "top_k_accuracy"],
+    )
+    assert res.metrics == {"accuracy": None, "top_k_accuracy": {"1": None}}
+
+
+def test_metric_errors_are_raised_before_any_chunk_and_located_in_the_batch() -> None:
+    x = RNG.standard_normal((6, 2))
+    w = RNG.standard_normal((3, 2))
+    y = np.array([0, 1, 2, 0, 7, 1])
+    with pytest.raises(InputValidationError) as err:  # error location in the whole batch
+        ce_engine.evaluate(
+            "linear_cross_entropy",
+            None,
+            y,
+            features=x,
+            weight=w,
+            options={"chunk_elements": 6},
+            metrics=["accuracy"],
+        )
+    assert err.value.errors[0].loc == ("targets", 4)
+    multi_hot = RNG.random((6, 3)) < 0.5
+    with pytest.raises(InputValidationError) as err:
+        ce_engine.evaluate(
+            "linear_cross_entropy",
+            None,
+            multi_hot,
+            features=x,
+            weight=w,
+            metrics=["nll", "accuracy"],
+        )
+    assert [e.loc for e in err.value.errors] == [("metrics", 1)]
