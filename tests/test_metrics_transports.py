@@ -233,3 +233,64 @@ async def test_grpc_create_run_with_binary_metrics(stack: Stack) -> None:
     assert got["metrics"]["hamming_loss"] == pytest.approx(
         np.mean((1 / (1 + np.exp(-Z)) > 0.5) != Y), rel=1e-12
     )
+
+
+async def test_linear_cross_entropy_metrics_over_protobuf_grpc_and_oip(stack: Stack) -> None:
+    """features / weight / bias travel as tensors of their own on every transport."""
+    x = RNG.standard_normal((30, 5))
+    w = RNG.standard_normal((7, 5))
+    b = RNG.standard_normal(7)
+    y = RNG.integers(0, 7, size=30)
+    names = ["accuracy", "top_k_accuracy", "nll", "perplexity", "entropy", "ece", "brier"]
+    linear = {"features": x, "weight": w, "bias": b}
+    options = {"chunk_elements": 21, "top_k": [1, 3]}
+    expected = orjson.loads(
+        orjson.dumps(
+            ce_engine.evaluate(
+                "linear_cross_entropy", None, y, options=options, metrics=names, **linear
+            ).metrics
+        )
+    )
+    z = x @ w.T + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert expected["nll"] == pytest.approx(-np.log(p[np.arange(30), y]).mean(), rel=1e-12)
+
+    answer = await stack.rest.post(
+        "/v1/evaluate",
+        json={
+            "loss": "linear_cross_entropy",
+            "targets": y.tolist(),
+            **{k: v.tolist() for k, v in linear.items()},
+            "options": options,
+            "metrics": names,
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    assert_nested_close(answer.json()["metrics"], expected, rtol=0)
+
+    message = request_to_proto(
+        "linear_cross_entropy", None, y, options=options, metrics=names, **linear
+    )
+    answer = await stack.rest.post(
+        "/v1/evaluate",
+        content=message.SerializeToString(),
+        headers={"content-type": PROTOBUF_MEDIA_TYPE},
+    )
+    assert answer.status_code == 200, answer.text
+    decoded = response_from_proto(pb.EvaluateResponse.FromString(answer.content), 10**6)
+    assert_nested_close(decoded["metrics"], expected, rtol=0)
+    decoded = response_from_proto(await stack.stub.Evaluate(message), 10**6)
+    assert_nested_close(decoded["metrics"], expected, rtol=0)
+
+    inputs = [
+        {"name": name, "datatype": "FP64", "shape": list(v.shape), "data": v.ravel().tolist()}
+        for name, v in linear.items()
+    ]
+    inputs.append({"name": "targets", "datatype": "INT64", "shape": [30], "data": y.tolist()})
+    answer = await stack.rest.post(
+        "/v2/models/linear_cross_entropy/infer",
+        json={"inputs": inputs, "parameters": {**options, "metrics": names}},
+    )
+    assert answer.status_code == 200, answer.text
+    assert_nested_close(orjson.loads(answer.json()["parameters"]["metrics"]), expected, rtol=0)

@@ -20,7 +20,7 @@ from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from ce_eval_client.wire import array_from_wire, wire_array, wire_name
 
 PROTOBUF_MEDIA_TYPE = "application/x-protobuf"
-TENSOR_FIELDS = ("logits", "targets", "sample_weight", "vector")
+TENSOR_FIELDS = ("logits", "targets", "sample_weight", "vector", "features", "weight", "bias")
 TENSOR_DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
 REQUEST_FIELD_NUMBERS = {f.name: f.number for f in pb.EvaluateRequest.DESCRIPTOR.fields}
 
@@ -90,17 +90,27 @@ def request_to_proto(
     sample_weight: Any = None,
     vector: Any = None,
     backend: str | None = None,
+    features: Any = None,
+    weight: Any = None,
+    bias: Any = None,
 ) -> pb.EvaluateRequest:
-    """Client side: arrays + options → ``EvaluateRequest`` message."""
+    """Client side: arrays + options → ``EvaluateRequest`` message (``logits`` None for
+    linear-layer losses, which take ``features``, ``weight`` and ``bias``)."""
     message = pb.EvaluateRequest(
         loss=loss, outputs=list(outputs), metrics=list(metrics), backend=backend or ""
     )
-    array_to_tensor(logits, message.logits)
-    array_to_tensor(targets, message.targets)
-    if sample_weight is not None:
-        array_to_tensor(sample_weight, message.sample_weight)
-    if vector is not None:
-        array_to_tensor(vector, message.vector)
+    tensors = {
+        "logits": logits,
+        "targets": targets,
+        "sample_weight": sample_weight,
+        "vector": vector,
+        "features": features,
+        "weight": weight,
+        "bias": bias,
+    }
+    for name, array in tensors.items():
+        if array is not None:
+            array_to_tensor(array, getattr(message, name))
     if options:
         dict_to_struct(options, message.options)
     return message
@@ -117,6 +127,9 @@ def request_chunks(
     sample_weight: Any = None,
     vector: Any = None,
     backend: str | None = None,
+    features: Any = None,
+    weight: Any = None,
+    bias: Any = None,
 ) -> list[bytes | memoryview]:
     """A serialized ``EvaluateRequest`` as chunks that reference the arrays' memory (no copy).
 
@@ -132,6 +145,9 @@ def request_chunks(
             ("targets", targets),
             ("sample_weight", sample_weight),
             ("vector", vector),
+            ("features", features),
+            ("weight", weight),
+            ("bias", bias),
         )
         if array is not None
     }

@@ -6,8 +6,9 @@ the binary tensor data extension (the JSON header is the first
 ``Inference-Header-Content-Length`` bytes, then each binary input's bytes, in input order).
 
 Inputs are named as the REST fields: ``logits``, ``targets``, optional ``sample_weight`` and
-``vector``. Request ``parameters`` are the loss options, except ``backend``, ``metrics`` (a list
-or a comma-separated string), ``binary_data_output``, and Triton's reserved scheduling keys
+``vector`` (linear-layer losses: ``features``, ``weight``, ``bias`` instead of ``logits``).
+Request ``parameters`` are the loss options, except ``backend``, ``metrics`` (a list or a
+comma-separated string), ``binary_data_output``, and Triton's reserved scheduling keys
 (ignored). Outputs: ``loss`` (FP64 [1], the reduced value; NaN for reduction ``none``) and the
 loss's array outputs (``per_sample``, ``grad``, …); ``["loss"]`` when none are named. Response
 ``parameters`` carry ``value``, ``sum``, ``denominator``, ``count``, ``ignored``, ``reduction``,
@@ -41,7 +42,7 @@ _WIRE_NAMES = {
     "BF16": "bfloat16",
     "BOOL": "bool",
 }
-INPUT_NAMES = ("logits", "targets", "sample_weight", "vector")
+INPUT_NAMES = ("logits", "targets", "sample_weight", "vector", "features", "weight", "bias")
 #: Request parameters that are not loss options.
 RESERVED_PARAMETERS = frozenset({"backend", "metrics", "binary_data_output"})
 #: Triton scheduling parameters: meaningless for a stateless loss, accepted and ignored.

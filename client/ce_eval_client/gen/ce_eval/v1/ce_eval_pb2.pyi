@@ -18,7 +18,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("loss", "logits", "targets", "sample_weight", "options", "outputs", "vector", "metrics", "backend")
+    __slots__ = ("loss", "logits", "targets", "sample_weight", "options", "outputs", "vector", "metrics", "backend", "features", "weight", "bias")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,9 @@ class EvaluateRequest(_message.Message):
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
     loss: str
     logits: Tensor
     targets: Tensor
@@ -37,7 +40,10 @@ class EvaluateRequest(_message.Message):
     vector: Tensor
     metrics: _containers.RepeatedScalarFieldContainer[str]
     backend: str
-    def __init__(self, loss: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Iterable[str]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., metrics: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ...) -> None: ...
+    features: Tensor
+    weight: Tensor
+    bias: Tensor
+    def __init__(self, loss: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Iterable[str]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., metrics: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("loss", "value", "sum", "denominator", "count", "ignored", "reduction", "normalization", "unit", "outputs", "metrics", "extras", "backend", "compute_dtype", "elapsed_ms")
