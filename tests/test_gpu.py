@@ -171,3 +171,49 @@ def test_bfloat16_goes_to_the_device_as_words():
     on_cpu = ce_engine.evaluate("cross_entropy", z, y, backend="numpy", outputs=["grad"])
     assert on_gpu.value == pytest.approx(on_cpu.value, rel=1e-5)
     np.testing.assert_allclose(host(on_gpu.outputs["grad"]), on_cpu.outputs["grad"], atol=1e-6)
+
+
+def _assert_tree_close(got, want, rtol):
+    if isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for key in want:
+            _assert_tree_close(got[key], want[key], rtol)
+    elif isinstance(want, list):
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            _assert_tree_close(a, b, rtol)
+    elif want is None or isinstance(want, str):
+        assert got == want
+    else:
+        assert got == pytest.approx(want, rel=rtol, abs=1e-9)
+
+
+@pytest.mark.parametrize("loss", ["binary_cross_entropy", "focal", "cross_entropy"])
+def test_metric_families_on_cupy_match_numpy(loss):
+    from ce_engine.metrics import BINARY_METRICS, SOFTMAX_METRICS
+
+    z = (RNG.integers(-6, 7, size=(500, 6)) / 3.0).astype(np.float64)  # ties for the ranking
+    if loss == "cross_entropy":
+        names, y = list(SOFTMAX_METRICS), RNG.integers(0, 6, size=500)
+        y[:7] = -100
+    else:
+        names, y = list(BINARY_METRICS), (RNG.random((500, 6)) < 0.3).astype(np.float64)
+        y[:, 5] = 0.0  # undefined AUROC: null + warnings on both backends
+    sw = RNG.random(500) + 0.5
+    kwargs = {"metrics": names, "sample_weight": sw, "options": {"n_thresholds": 64}}
+    on_gpu = ce_engine.evaluate(loss, z, y, backend="cupy", **kwargs)
+    on_cpu = ce_engine.evaluate(loss, z, y, backend="numpy", **kwargs)
+    assert on_gpu.backend == "cupy"
+    _assert_tree_close(on_gpu.metrics, on_cpu.metrics, 1e-12)  # exact ranking included
+    _assert_tree_close(on_gpu.metric_state.compute(), on_cpu.metric_state.compute(), 1e-12)
+
+
+def test_linear_cross_entropy_metrics_on_cupy_match_numpy():
+    x = RNG.standard_normal((300, 16)).astype(np.float32)
+    w = RNG.standard_normal((500, 16)).astype(np.float32)
+    y = RNG.integers(0, 500, size=300)
+    names = ["accuracy", "top_k_accuracy", "nll", "perplexity", "entropy", "ece", "brier"]
+    kwargs = {"features": x, "weight": w, "metrics": names, "options": {"chunk_elements": 5000}}
+    on_gpu = ce_engine.evaluate("linear_cross_entropy", None, y, backend="cupy", **kwargs)
+    on_cpu = ce_engine.evaluate("linear_cross_entropy", None, y, backend="numpy", **kwargs)
+    _assert_tree_close(on_gpu.metrics, on_cpu.metrics, 2e-5)
