@@ -35,9 +35,10 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff format ce_engine service client tests bench scripts
 	$(BIN)/ruff check --fix ce_engine service client tests bench scripts
 
-# Optional parity suite against PyTorch (CPU build); skipped cleanly when torch is absent.
+# Optional parity suite against PyTorch (CPU build), torchmetrics and torcheval; each test file
+# skips cleanly when its peer is absent.
 parity: $(VENV)/.installed-dev
-	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
+	$(BIN)/python -m pip install --quiet 'torch==2.13.0' 'torchmetrics>=1.4' 'torcheval>=0.0.7'
 	$(BIN)/python -m pytest tests -m "parity" -p no:cacheprovider $(PYTEST_ARGS)
 
 # Long load run: 64 clients for 10 minutes against a real server; fails on 5xx or RSS growth > 10%.
