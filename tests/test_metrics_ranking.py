@@ -4,6 +4,7 @@ on quantised scores, and within the documented bound on random ones)."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -18,7 +19,7 @@ from sklearn.metrics import (
 
 import ce_engine
 from ce_engine.errors import InputValidationError
-from ce_engine.metrics import ranking
+from ce_engine.metrics import MetricState, ranking
 from tests.test_metrics import softmax
 from tests.test_metrics_binary import assert_nested_close
 
@@ -283,3 +284,22 @@ def test_binned_histogram_counts_by_hand() -> None:
     assert math.isclose(
         res.metrics["auroc"]["macro"], pairwise_auroc(p[:, 0], y[:, 0], 1 - y[:, 0])
     )
+
+
+def test_histogram_limit_applies_to_ranking_states_only() -> None:
+    """A 1100-class confusion state (no ranking metric) loads whatever n_thresholds says."""
+    z = RNG.standard_normal((50, 1100))
+    y = RNG.integers(0, 1100, size=50)
+    options = {"max_confusion_classes": 1100}
+    state = evaluate(
+        "cross_entropy", z, y, metrics=["confusion_matrix"], options=options
+    ).metric_state
+    assert state is not None
+    data = state.to_dict()
+    assert data["num_classes"] * data["n_thresholds"] > ranking.MAX_RANKING_CELLS
+    back = MetricState.from_dict(json.loads(json.dumps(data)))
+    assert back.compute() == state.compute()
+    legacy = {k: v for k, v in data.items() if k not in ("family", "n_thresholds", "threshold")}
+    assert MetricState.from_dict(legacy).compute() == state.compute()  # written before them
+    with pytest.raises(InputValidationError, match="n_thresholds"):
+        evaluate("cross_entropy", z, y, metrics=["auroc"])

@@ -244,7 +244,8 @@ class MetricState:
         unknown = [n for n in names if n not in known]
         if unknown or log_base not in ("e", "2"):
             raise ValueError(f"not a metric state: names {unknown} / log_base {log_base!r}")
-        if n_thresholds < 2 or num_classes * n_thresholds > ranking.MAX_RANKING_CELLS:
+        ranked = set(names) & set(RANKING_METRICS)
+        if n_thresholds < 2 or (ranked and num_classes * n_thresholds > ranking.MAX_RANKING_CELLS):
             raise ValueError(f"not a metric state: n_thresholds {n_thresholds} out of range")
         fam: Family = "binary" if family == "binary" else "softmax"
         shapes = stat_shapes(fam, names, num_classes, top_k, n_bins, n_thresholds)
