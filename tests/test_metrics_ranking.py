@@ -303,3 +303,24 @@ def test_histogram_limit_applies_to_ranking_states_only() -> None:
     assert MetricState.from_dict(legacy).compute() == state.compute()  # written before them
     with pytest.raises(InputValidationError, match="n_thresholds"):
         evaluate("cross_entropy", z, y, metrics=["auroc"])
+
+
+@pytest.mark.parametrize("n", [2, 3, 11, 16, 1000, 4097])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_uniform_searchsorted_equals_the_binary_search(n: int, side: str) -> None:
+    from ce_engine.metrics.bins import uniform_searchsorted
+
+    edges = np.linspace(0.0, 1.0, n)
+    x = np.concatenate(
+        [
+            RNG.random(20_000),
+            edges,
+            np.nextafter(edges, 2.0),
+            np.nextafter(edges, -1.0),
+            np.arange(n) / (n - 1),  # j/(n − 1), which may differ from edges[j] by an ulp
+            [0.0, 1.0],
+        ]
+    )
+    x = np.clip(x, 0.0, 1.0)
+    want = np.searchsorted(edges, x, side=side)  # type: ignore[call-overload]
+    np.testing.assert_array_equal(uniform_searchsorted(np, edges, x, side), want)  # type: ignore[arg-type]

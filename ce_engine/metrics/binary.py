@@ -48,8 +48,8 @@ import numpy as np
 from ce_engine.backend import to_numpy
 from ce_engine.errors import InputValidationError
 from ce_engine.layout import Array, Layout
-from ce_engine.losses._common import sigmoid, softplus
 from ce_engine.metrics import ranking
+from ce_engine.metrics.bins import uniform_searchsorted
 from ce_engine.metrics.check import check_request
 from ce_engine.metrics.state import MetricState, stat_shapes
 from ce_engine.options import CommonOptions
@@ -60,17 +60,35 @@ def _times(xp: ModuleType, coef: Array, value: Array) -> Array:
     return xp.where(coef != 0, coef * xp.where(coef != 0, value, 0), 0)
 
 
-def _scores(xp: ModuleType, rows: Array, y: Array, options: CommonOptions) -> tuple[Array, ...]:
-    """(ranking score, p, element NLL) of rows (M, L), all float64."""
+def _scores(
+    xp: ModuleType, rows: Array, y: Array, options: CommonOptions, with_nll: bool
+) -> tuple[Array, Array, Array | None]:
+    """(ranking score, p, Σ_l of the element NLL per row or None), all float64.
+
+    From logits, with t = log1p(e^−|z|): softplus(−z) = max(−z, 0) + t, so
+    p = σ(z) = exp(−max(−z, 0) − t) and the element NLL
+    y softplus(−z) + (1 − y) softplus(z) = t + y max(−z, 0) + (1 − y) max(z, 0), every term
+    ≥ 0 (no cancellation at any magnitude)."""
     z = rows.astype(xp.float64, copy=False)
-    if options.input_kind == "logits":
-        if options.temperature != 1.0:
-            z = z / options.temperature
-        nll = _times(xp, y, softplus(xp, -z)) + _times(xp, 1.0 - y, softplus(xp, z))
-        return z, sigmoid(xp, z), nll
-    clipped = xp.clip(z, options.eps, 1.0 - options.eps)
-    nll = -(y * xp.log(clipped) + (1.0 - y) * xp.log1p(-clipped))
-    return z, z, nll
+    if options.input_kind != "logits":
+        if not with_nll:
+            return z, z, None
+        clipped = xp.clip(z, options.eps, 1.0 - options.eps)
+        return z, z, -(y * xp.log(clipped) + (1.0 - y) * xp.log1p(-clipped)).sum(axis=-1)
+    if options.temperature != 1.0:
+        z = z / options.temperature
+    t = xp.log1p(xp.exp(-xp.abs(z)))
+    neg_part = xp.maximum(-z, 0.0)
+    p = xp.exp(-(neg_part + t))
+    if not with_nll:
+        return z, p, None
+    pos_part = xp.maximum(z, 0.0)
+    if bool(xp.isinf(z).any()):  # 0 · ∞ = 0: a label of 0 (or 1) against a logit of ±∞
+        terms = _times(xp, y, neg_part) + _times(xp, 1.0 - y, pos_part)
+    else:
+        terms = y * neg_part + (1.0 - y) * pos_part
+    terms += t
+    return z, p, terms.sum(axis=-1)
 
 
 def binary_metric_state(
@@ -114,37 +132,43 @@ def binary_metric_state(
         if sample_weight is not None
         else xp.ones(m, dtype=xp.float64)
     )
-    score, p, nll = _scores(xp, rows, y, options)
-    pos, neg = w[:, None] * y, w[:, None] * (1.0 - y)
+    score, p, nll = _scores(xp, rows, y, options, "nll" in shapes)
     predicted = p > xp.asarray(np.asarray(request.threshold, dtype=np.float64))
     sums: dict[str, Any] = {"weight": w.sum(), "count": m}
+    hits: Array = None
+    if shapes.keys() & {"tp", "samples_f1"}:
+        hits = xp.where(predicted, y, 0.0)  # ŷ y
     if "tp" in shapes:
-        sums["tp"] = xp.where(predicted, pos, 0.0).sum(axis=0)
-        sums["fp"] = xp.where(predicted, neg, 0.0).sum(axis=0)
-        sums["fn"] = xp.where(predicted, 0.0, pos).sum(axis=0)
-        sums["tn"] = xp.where(predicted, 0.0, neg).sum(axis=0)
+        # ŷ(1 − y) = ŷ − ŷy, y(1 − ŷ) = y − ŷy, (1 − y)(1 − ŷ) = (1 − y) − ŷ(1 − y): exact
+        # in floating point for ŷ ∈ {0, 1}; one matrix-vector product per sum
+        false_pos = predicted - hits
+        sums["tp"] = w @ hits
+        sums["fp"] = w @ false_pos
+        sums["fn"] = w @ (y - hits)
+        sums["tn"] = w @ ((1.0 - y) - false_pos)
+        del false_pos
     if "exact_match" in shapes:
-        sums["exact_match"] = (w * xp.prod(xp.where(predicted, y, 1.0 - y), axis=-1)).sum()
+        sums["exact_match"] = w @ xp.prod(xp.where(predicted, y, 1.0 - y), axis=-1)
     if "samples_f1" in shapes:
-        hits = xp.where(predicted, y, 0.0).sum(axis=-1)
         den = predicted.sum(axis=-1) + y.sum(axis=-1)
-        f1 = xp.where(den > 0, 2.0 * hits / xp.where(den > 0, den, 1.0), 0.0)
-        sums["samples_f1"] = (w * f1).sum()
-    if "nll" in shapes:
-        sums["nll"] = (w * nll.sum(axis=-1)).sum()
+        f1 = xp.where(den > 0, 2.0 * hits.sum(axis=-1) / xp.where(den > 0, den, 1.0), 0.0)
+        sums["samples_f1"] = w @ f1
+    if nll is not None:
+        sums["nll"] = w @ nll
     if "brier" in shapes:
-        sums["brier"] = (w * ((p - y) ** 2).sum(axis=-1)).sum()
+        sums["brier"] = w @ ((p - y) ** 2).sum(axis=-1)
     if "bin_count" in shapes:
         n_bins = options.n_bins
         edges = xp.linspace(0.0, 1.0, n_bins + 1)
         # bins (lo, hi]: searchsorted 'left' gives i with edges[i-1] < p ≤ edges[i]
-        b = xp.clip(xp.searchsorted(edges, p.ravel(), side="left") - 1, 0, n_bins - 1)
+        b = xp.clip(uniform_searchsorted(xp, edges, p.ravel(), "left") - 1, 0, n_bins - 1)
         ones = xp.broadcast_to(w[:, None], p.shape).ravel()
         sums["bin_count"] = xp.bincount(b, weights=ones, minlength=n_bins)
         sums["bin_confidence"] = xp.bincount(b, weights=(w[:, None] * p).ravel(), minlength=n_bins)
-        sums["bin_correct"] = xp.bincount(b, weights=pos.ravel(), minlength=n_bins)
+        sums["bin_correct"] = xp.bincount(b, weights=(w[:, None] * y).ravel(), minlength=n_bins)
     exact_values: dict[str, Any] = {}
     if "rank_pos" in shapes:
+        pos, neg = w[:, None] * y, w[:, None] * (1.0 - y)
         sums["rank_pos"], sums["rank_neg"] = ranking.histograms(xp, p, pos, neg, n_thr)
         if exact:
             points = ranking.exact_points(xp, score, p, pos, neg)

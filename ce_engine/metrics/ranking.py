@@ -46,6 +46,7 @@ import numpy as np
 
 from ce_engine.backend import to_numpy
 from ce_engine.layout import Array
+from ce_engine.metrics.bins import uniform_searchsorted
 
 #: Largest histogram a ranking state keeps: classes × n_thresholds (two such arrays).
 MAX_RANKING_CELLS = 1 << 20
@@ -63,7 +64,8 @@ def histograms(
     (M, K) of the elements of each column whose probability ``p`` (M, K) falls in bin j."""
     m, k = p.shape
     edges = xp.asarray(thresholds(n_thresholds))
-    b = xp.searchsorted(edges, xp.clip(p.astype(xp.float64, copy=False), 0.0, 1.0), side="right")
+    clipped = xp.clip(p.astype(xp.float64, copy=False), 0.0, 1.0)
+    b = uniform_searchsorted(xp, edges, clipped, "right")
     flat = (xp.clip(b - 1, 0, n_thresholds - 1) + xp.arange(k)[None, :] * n_thresholds).ravel()
     size = k * n_thresholds
 
@@ -126,22 +128,20 @@ def exact_points(xp: ModuleType, score: Array, reported: Array, pos: Array, neg:
         return _points(
             xp, xp.zeros(0, dtype=xp.int64), zeros, zeros, zeros, xp.zeros(k), xp.zeros(k)
         )
-    s = xp.ascontiguousarray(score.T)
-    order = xp.argsort(-s, axis=1)
-    sorted_s = xp.take_along_axis(s, order, axis=1)
-
-    def gathered(a: Array) -> Array:
-        return xp.take_along_axis(xp.ascontiguousarray(a.T), order, axis=1)
-
-    a = gathered(pos.astype(xp.float64, copy=False))
-    b = gathered(neg.astype(xp.float64, copy=False))
+    # one transposed copy of the scores to sort; the other arrays are gathered from their
+    # own (M, K) layout by flat index, and ``reported`` only at the points
+    order = xp.argsort(-xp.ascontiguousarray(score.T), axis=1)
+    flat = (order * k + xp.arange(k)[:, None]).ravel()
+    sorted_s = score.ravel()[flat].reshape(k, m)
+    a = pos.astype(xp.float64, copy=False).ravel()[flat].reshape(k, m)
+    b = neg.astype(xp.float64, copy=False).ravel()[flat].reshape(k, m)
     ends = xp.ones((k, m), dtype=bool)
     ends[:, :-1] = sorted_s[:, 1:] != sorted_s[:, :-1]
     idx = xp.nonzero(ends.ravel())[0]
     return _points(
         xp,
         idx // m,
-        gathered(reported.astype(xp.float64, copy=False)).ravel()[idx],
+        reported.astype(xp.float64, copy=False).ravel()[flat[idx]],
         xp.cumsum(a, axis=1).ravel()[idx],
         xp.cumsum(b, axis=1).ravel()[idx],
         a.sum(axis=1),

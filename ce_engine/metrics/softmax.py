@@ -59,6 +59,7 @@ from ce_engine.kernels.cpu import softmax_row_stats
 from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true, log_softmax, resolve_target_format
 from ce_engine.metrics import ranking
+from ce_engine.metrics.bins import uniform_searchsorted
 from ce_engine.metrics.check import check_request
 from ce_engine.metrics.state import MetricState, stat_shapes
 from ce_engine.options import CommonOptions
@@ -255,7 +256,7 @@ def softmax_metric_state(
         confidence = per_row["confidence"].astype(xp.float64)
         edges = xp.linspace(0.0, 1.0, n_bins + 1)
         # bins (lo, hi]: searchsorted 'left' gives i with edges[i-1] < κ ≤ edges[i]
-        b = xp.clip(xp.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+        b = xp.clip(uniform_searchsorted(xp, edges, confidence, "left") - 1, 0, n_bins - 1)
         sums["bin_count"] = xp.bincount(b, weights=w, minlength=n_bins)
         sums["bin_confidence"] = xp.bincount(b, weights=w * confidence, minlength=n_bins)
         sums["bin_correct"] = xp.bincount(b, weights=w * correct, minlength=n_bins)
