@@ -311,3 +311,16 @@ def test_focal_sigmoid_gives_the_metrics_of_bce() -> None:
     b = ce_engine.evaluate("binary_cross_entropy", z, y, metrics=BINARY_METRICS).metrics
     assert a == b
     assert math.isfinite(a["nll"])
+
+
+def test_minus_infinite_logits_give_p_zero_and_a_finite_nll() -> None:
+    z = np.array([[-np.inf, 0.5], [1.0, -np.inf]])
+    y = np.array([[0.0, 1.0], [1.0, 0.0]])
+    m = ce_engine.evaluate(
+        "binary_cross_entropy", z, y, metrics=["nll", "brier", "auroc", "accuracy"]
+    ).metrics
+    assert m["nll"] == pytest.approx((softplus(-0.5) + softplus(-1.0)) / 4, rel=1e-12)
+    want = ((1 - sigmoid(0.5)) ** 2 + (1 - sigmoid(1.0)) ** 2) / 4
+    assert m["brier"] == pytest.approx(want, rel=1e-12)
+    assert m["auroc"]["per_class"] == [1.0, 1.0]
+    assert m["accuracy"] == 1.0
