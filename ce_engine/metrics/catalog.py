@@ -101,8 +101,9 @@ Kind = Literal["scalar", "scalar_map", "per_class", "summary", "bins", "matrix",
 #: - ``summary``: ``{"macro": number | null, "per_class": [C numbers | null]}``;
 #: - ``bins``: ``reliability``, lists of B (B + 1 edges);
 #: - ``matrix``: ``confusion_matrix``, C × C (softmax) or C × 2 × 2 (binary);
-#: - ``curve``: per class null or ``{x, y, thresholds}`` lists: up to T + 1 points in runs,
-#:   N + 1 in a stateless evaluation;
+#: - ``curve``: per class null or lists of points, ``roc_curve`` {fpr, tpr, thresholds} and
+#:   ``pr_curve`` {recall, precision, thresholds} (the first threshold null): up to T + 1
+#:   points in runs, N + 1 in a stateless evaluation;
 #: - ``list``: ``warnings``, at most two entries per ranking metric.
 METRIC_SHAPES: Mapping[str, Kind] = {
     "accuracy": "scalar",
