@@ -5,9 +5,9 @@
 Both paths compute the mean cross-entropy of z = X Wᵀ + b and dX, dW, db in float32. Memory is
 the tracemalloc peak (NumPy reports its allocations to it) above what is held before the call
 (the inputs); outputs dX, dW, db count, as both paths return them. Speed is the best wall time
-of ``--repeat`` runs without tracing. Target: chunked peak ≤ 25% of the naive peak. The chunked
-path runs twice: without metrics and with ``METRICS`` (reduced inside the row chunks, so they
-should add at most O(N + C) to the peak).
+of ``--repeat`` rounds without tracing, the paths taking turns within a round. Target: chunked
+peak ≤ 25% of the naive peak. The chunked path runs twice: without metrics and with
+``METRICS`` (reduced inside the row chunks, so they should add at most O(N + C) to the peak).
 """
 
 from __future__ import annotations
@@ -78,13 +78,16 @@ def peak_extra_bytes(fn: Callable[[], dict[str, Any]]) -> tuple[int, dict[str, A
     return peak - base, out
 
 
-def best_seconds(fn: Callable[[], object], repeat: int) -> float:
-    times = []
+def best_seconds(fns: list[Callable[[], object]], repeat: int) -> list[float]:
+    """Best wall time of each of ``fns`` over ``repeat`` rounds, run in turn within a round so
+    that they share the machine's load of the moment."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -111,9 +114,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics_peak, out = peak_extra_bytes(lambda: chunked(x, w, b, y, args.chunk_elements, METRICS))
     metrics = out["metrics"]
     del out
-    naive_s = best_seconds(lambda: naive(x, w, b, y), args.repeat)
-    chunk_s = best_seconds(lambda: chunked(x, w, b, y, args.chunk_elements), args.repeat)
-    metrics_s = best_seconds(lambda: chunked(x, w, b, y, args.chunk_elements, METRICS), args.repeat)
+    naive_s, chunk_s, metrics_s = best_seconds(
+        [
+            lambda: naive(x, w, b, y),
+            lambda: chunked(x, w, b, y, args.chunk_elements),
+            lambda: chunked(x, w, b, y, args.chunk_elements, METRICS),
+        ],
+        args.repeat,
+    )
 
     mib = 1 << 20
     result = {
