@@ -12,7 +12,7 @@ import numpy as np
 
 from ce_engine.backend import get_namespace
 from ce_engine.dtypes import BFLOAT16, compute_dtype, is_floating
-from ce_engine.errors import ErrorItem, InputValidationError
+from ce_engine.errors import ErrorItem, InputValidationError, unknown_name
 from ce_engine.kernels.cpu import row_max
 from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true, reject_first
@@ -20,7 +20,7 @@ from ce_engine.losses.linear_cross_entropy import linear_inputs
 from ce_engine.metrics import MetricState, evaluate_metrics
 from ce_engine.options import CommonOptions
 from ce_engine.reduction import LN2, derivative_scale, reduction_denominator
-from ce_engine.registry import PARAMETER_GRADS, LossInputs, LossTerms, get_loss
+from ce_engine.registry import ALL_OUTPUTS, PARAMETER_GRADS, LossInputs, LossTerms, get_loss
 
 
 @dataclass
@@ -147,7 +147,10 @@ def _check_outputs(
     want = []
     errors = []
     for i, name in enumerate(requested):
-        if name not in supported:
+        if name not in ALL_OUTPUTS:
+            msg = unknown_name("output", name, sorted(supported), owner=loss)
+            errors.append(ErrorItem(("outputs", i), msg, "unknown_output"))
+        elif name not in supported:
             errors.append(
                 ErrorItem(
                     ("outputs", i),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,20 @@ class ErrorItem:
 
     def to_dict(self) -> dict[str, Any]:
         return {"loc": list(self.loc), "msg": self.msg, "type": self.type}
+
+
+def unknown_name(kind: str, name: object, valid: Iterable[str], *, owner: str = "") -> str:
+    """``unknown <kind> 'name'[ for <owner>]; did you mean 'x'? valid: a, b, …`` — the one wording
+    of every unknown loss, option, metric and output. The guess is the closest valid name by
+    ``difflib.get_close_matches`` (ratio ≥ 0.6), left out when none is that close."""
+    names = list(valid)
+    guess = difflib.get_close_matches(str(name), names, n=1) if isinstance(name, str) else []
+    return (
+        f"unknown {kind} {name!r}"
+        + (f" for {owner}" if owner else "")
+        + (f"; did you mean {guess[0]!r}?" if guess else ";")
+        + f" valid: {', '.join(names)}"
+    )
 
 
 class EngineError(Exception):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
 
-from ce_engine.errors import ErrorItem, InputValidationError
+from ce_engine.errors import ErrorItem, InputValidationError, unknown_name
 from ce_engine.layout import Array, Layout
 from ce_engine.options import CommonOptions
 
@@ -125,11 +125,16 @@ class LossSpec:
             return self.options_model.model_validate(dict(options or {}))
         except pydantic.ValidationError as exc:
             raise InputValidationError(
-                [
-                    ErrorItem(("options", *e["loc"]), e["msg"], e["type"])
-                    for e in exc.errors(include_url=False)
-                ]
+                [self._option_error(e) for e in exc.errors(include_url=False)]
             ) from None
+
+    def _option_error(self, error: Any) -> ErrorItem:
+        """One pydantic error → an item under ``options``; an unknown key names the option meant."""
+        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
+            name = error["loc"][0]
+            msg = unknown_name("option", name, self.options_model.model_fields, owner=self.name)
+            return ErrorItem(("options", name), msg, "unknown_option")
+        return ErrorItem(("options", *error["loc"]), error["msg"], error["type"])
 
     def defaults(self) -> dict[str, Any]:
         return self.options_model().model_dump()
@@ -163,9 +168,7 @@ def get_loss(name: str) -> LossSpec:
         return REGISTRY[name]
     except KeyError:
         raise InputValidationError.single(
-            ("loss",),
-            f"unknown loss {name!r}; available: {', '.join(sorted(REGISTRY))}",
-            "unknown_loss",
+            ("loss",), unknown_name("loss", name, sorted(REGISTRY)), "unknown_loss"
         ) from None
 
 

@@ -209,7 +209,7 @@ async def test_415_media_type(client: httpx.AsyncClient) -> None:
         (
             {"loss": "cross_entropy", "logits": LOGITS, "targets": TARGETS, "outputs": ["x"]},
             ["outputs", 0],
-            "not supported",
+            "unknown output 'x' for cross_entropy",
         ),
         (
             {"loss": "cross_entropy", "logits": LOGITS, "targets": TARGETS, "extra": 1},

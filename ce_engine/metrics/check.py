@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ce_engine.errors import ErrorItem, InputValidationError
+from ce_engine.errors import ErrorItem, InputValidationError, unknown_name
 from ce_engine.metrics.catalog import (
     ALL_METRICS,
     LABEL_FREE_METRICS,
@@ -50,11 +50,7 @@ def check_request(
     for i, name in enumerate(names):
         loc = ("metrics", i)
         if name not in ALL_METRICS:
-            errors.append(
-                ErrorItem(
-                    loc, f"unknown metric {name!r}; {_offers(loss, options)}", "unknown_metric"
-                )
-            )
+            errors.append(ErrorItem(loc, unknown_name("metric", name, offered), "unknown_metric"))
         elif name not in offered:
             errors.append(
                 ErrorItem(
