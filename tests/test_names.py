@@ -120,3 +120,10 @@ def test_every_transport_answers_the_same_suggestion(server: ServerProcess, tran
     (item,) = caught.value.errors
     assert item["msg"].startswith(TYPO)
     assert item["loc"][-1] == "label_smothing"
+
+
+def test_run_creation_answers_the_suggestion(server: ServerProcess) -> None:
+    with Client(server.url) as client, pytest.raises(EvaluationError) as caught:
+        client.create_run("typo", "cross_entropy", options={"label_smothing": 0.1})
+    assert caught.value.status == 422
+    assert TYPO in caught.value.detail

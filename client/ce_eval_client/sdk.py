@@ -15,6 +15,15 @@ outputs come back as float64/int64 arrays since lists carry no dtype) and
 ...     client.add_batches(run["id"], [{"batch_id": "0", "logits": z0, "targets": y0}])
 ...     client.get_run(run["id"])["value"]
 
+:class:`Client` and :class:`AsyncClient` offer the same runs calls over REST (``create_run``,
+``add_batch``, ``get_run``, ``list_runs``, ``close_run``, ``delete_run``, ``run_metric``), with
+run ids sent as one percent-encoded path segment:
+
+>>> with Client("http://127.0.0.1:8000") as client:
+...     run = client.create_run("val", "cross_entropy", metrics=["accuracy", "confusion_matrix"])
+...     client.add_batch(run["id"], "b0", z0, y0)
+...     client.run_metric(run["id"], "confusion_matrix", top=20)["top"]
+
 Every failure the service reports raises :class:`EvaluationError`
 carrying the RFC 9457 problem (``status``, ``detail``, ``errors``).
 """
@@ -24,6 +33,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import quote
 
 import grpc
 import httpx
@@ -59,13 +69,17 @@ TRANSPORTS: tuple[Transport, ...] = ("protobuf", "base64", "json", "oip")
 
 
 class EvaluationError(Exception):
-    """The service answered an error: ``status`` (HTTP status or gRPC code name), ``problem``."""
+    """The service answered an error: ``status`` (HTTP status or gRPC code name), ``problem``,
+    and ``retry_after`` (seconds, from a 429/503's ``Retry-After``; None when absent)."""
 
-    def __init__(self, status: int | str, problem: Mapping[str, Any]) -> None:
+    def __init__(
+        self, status: int | str, problem: Mapping[str, Any], retry_after: float | None = None
+    ) -> None:
         self.status = status
         self.problem = dict(problem)
         self.detail: str = str(self.problem.get("detail", ""))
         self.errors: list[dict[str, Any]] = list(self.problem.get("errors") or [])
+        self.retry_after = retry_after
         super().__init__(f"[{status}] {self.detail}")
 
 
@@ -219,13 +233,25 @@ async def _async_chunks(chunks: Chunks) -> AsyncIterator[Any]:
         yield chunk
 
 
+def _raise_for_problem(response: httpx.Response) -> None:
+    """An error answer → :class:`EvaluationError` with its problem (or the text, when not JSON)."""
+    if response.status_code < 400:
+        return
+    try:
+        problem = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        problem = None
+    if not isinstance(problem, dict):
+        problem = {"detail": response.text[:500] or response.reason_phrase}
+    try:
+        retry_after: float | None = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        retry_after = None
+    raise EvaluationError(response.status_code, problem, retry_after)
+
+
 def _decode_rest(response: httpx.Response, transport: Transport) -> Evaluation:
-    if response.status_code >= 400:
-        try:
-            problem = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            problem = {"detail": response.text}
-        raise EvaluationError(response.status_code, problem)
+    _raise_for_problem(response)
     if transport == "protobuf":
         message = pb.EvaluateResponse.FromString(response.content)
         return Evaluation.from_dict(response_from_proto(message))
@@ -263,6 +289,87 @@ def _decode_oip(response: httpx.Response) -> Evaluation:
     )
 
 
+def run_path(run_id: str, *rest: str) -> str:
+    """``/v1/runs/<run_id>[/rest…]`` with the id as one percent-encoded segment: ``/``, ``?``,
+    ``#``, ``%`` and dots are escaped, so no id can reach another path (``../../v1/evaluate``)."""
+    if not isinstance(run_id, str) or not run_id:
+        raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
+    segment = quote(run_id, safe="").replace(".", "%2E")
+    return "/".join(("/v1/runs", segment, *rest))
+
+
+@dataclass(frozen=True)
+class _JsonCall:
+    """One runs API call: method, path, JSON body, query."""
+
+    method: str
+    path: str
+    body: Any = None
+    params: Mapping[str, Any] | None = None
+
+
+def _create_run_call(
+    name: str,
+    loss: str,
+    options: Mapping[str, Any] | None,
+    metrics: Iterable[str],
+    class_names: Iterable[str] | None,
+    tags: Mapping[str, str] | None,
+) -> _JsonCall:
+    body: dict[str, Any] = {
+        "name": name,
+        "loss": loss,
+        "options": dict(options or {}),
+        "metrics": list(metrics),
+        "tags": dict(tags or {}),
+    }
+    if class_names is not None:
+        body["class_names"] = list(class_names)
+    return _JsonCall("POST", "/v1/runs", body)
+
+
+def _add_batch_call(
+    run_id: str, batch_id: str, logits: Any, targets: Any, sample_weight: Any
+) -> _JsonCall:
+    named = {"logits": logits, "targets": targets, "sample_weight": sample_weight}
+    body: dict[str, Any] = {"batch_id": batch_id}
+    body.update(
+        {k: encode_tensor(wire_array(v), "base64") for k, v in named.items() if v is not None}
+    )
+    return _JsonCall("POST", run_path(run_id, "batches"), body)
+
+
+def _list_runs_call(
+    name: str | None, tags: Iterable[str], status: str | None, limit: int, cursor: str | None
+) -> _JsonCall:
+    params: dict[str, Any] = {"limit": limit, "tag": list(tags)}
+    params.update(
+        {k: v for k, v in {"name": name, "status": status, "cursor": cursor}.items() if v}
+    )
+    return _JsonCall("GET", "/v1/runs", params=params)
+
+
+def _metric_query(query: Mapping[str, Any]) -> dict[str, str]:
+    """``run_metric`` keywords → query strings: booleans as ``true``/``false``, sequences of
+    class ids joined by commas (``classes=[3, 17]`` → ``3,17``); None is left out."""
+    params: dict[str, str] = {}
+    for key, value in query.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            params[key] = "true" if value else "false"
+        elif isinstance(value, list | tuple | range | np.ndarray):
+            params[key] = ",".join(str(int(v)) for v in value)
+        else:
+            params[key] = str(value)
+    return params
+
+
+def _json_answer(response: httpx.Response) -> Any:
+    _raise_for_problem(response)
+    return orjson.loads(response.content) if response.content else None
+
+
 class Client:
     """Synchronous REST client (httpx)."""
 
@@ -273,10 +380,13 @@ class Client:
         transport: Transport = "protobuf",
         timeout: float = 120.0,
         headers: Mapping[str, str] | None = None,
+        api_key: str | None = None,
         http: httpx.Client | None = None,
     ) -> None:
         self.transport = transport
-        self._http = http or httpx.Client(base_url=url, timeout=timeout, headers=headers)
+        self._http = http or httpx.Client(
+            base_url=url, timeout=timeout, headers=_auth_headers(headers, api_key)
+        )
 
     def evaluate(
         self,
@@ -298,6 +408,63 @@ class Client:
         response = self._http.post(path, content=chunks, headers=headers)  # type: ignore[arg-type]
         return _decode_rest(response, self.transport)
 
+    # ------------------------------------------------------------------------------ runs
+
+    def _json(self, call: _JsonCall) -> Any:
+        response = self._http.request(call.method, call.path, json=call.body, params=call.params)
+        return _json_answer(response)
+
+    def create_run(
+        self,
+        name: str,
+        loss: str,
+        *,
+        options: Mapping[str, Any] | None = None,
+        metrics: Iterable[str] = (),
+        class_names: Iterable[str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/runs`` → the new run."""
+        return self._json(_create_run_call(name, loss, options, metrics, class_names, tags))
+
+    def add_batch(
+        self, run_id: str, batch_id: str, logits: Any, targets: Any, sample_weight: Any = None
+    ) -> dict[str, Any]:
+        """``POST /v1/runs/{id}/batches`` (base64 tensors) → ``{run_id, batch_id, seq,
+        duplicate, batch, run}``; the same ``batch_id`` again counts nothing."""
+        return self._json(_add_batch_call(run_id, batch_id, logits, targets, sample_weight))
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """``GET /v1/runs/{id}`` → the run with its aggregates."""
+        return self._json(_JsonCall("GET", run_path(run_id)))
+
+    def list_runs(
+        self,
+        *,
+        name: str | None = None,
+        tags: Iterable[str] = (),
+        status: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """``GET /v1/runs`` → ``{runs, next_cursor}`` (newest first; tags as ``key:value``)."""
+        return self._json(_list_runs_call(name, tags, status, limit, cursor))
+
+    def close_run(self, run_id: str) -> dict[str, Any]:
+        """``POST /v1/runs/{id}/close`` → the closed run (later batches get 409)."""
+        return self._json(_JsonCall("POST", run_path(run_id, "close")))
+
+    def delete_run(self, run_id: str) -> None:
+        """``DELETE /v1/runs/{id}``: the run and its batches."""
+        self._json(_JsonCall("DELETE", run_path(run_id)))
+
+    def run_metric(self, run_id: str, name: str, **query: Any) -> dict[str, Any]:
+        """``GET /v1/runs/{id}/metrics/{name}``: one statistic in full, e.g.
+        ``run_metric(id, "confusion_matrix", top=20)``, ``classes=[3, 17]``,
+        ``normalize=True``; ``run_metric(id, "per_class", sort="f1", order="asc", limit=10)``."""
+        path = run_path(run_id, "metrics", quote(name, safe=""))
+        return self._json(_JsonCall("GET", path, params=_metric_query(query)))
+
     def close(self) -> None:
         self._http.close()
 
@@ -318,10 +485,13 @@ class AsyncClient:
         transport: Transport = "protobuf",
         timeout: float = 120.0,
         headers: Mapping[str, str] | None = None,
+        api_key: str | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
         self.transport = transport
-        self._http = http or httpx.AsyncClient(base_url=url, timeout=timeout, headers=headers)
+        self._http = http or httpx.AsyncClient(
+            base_url=url, timeout=timeout, headers=_auth_headers(headers, api_key)
+        )
 
     async def evaluate(
         self,
@@ -343,6 +513,63 @@ class AsyncClient:
         response = await self._http.post(path, content=_async_chunks(chunks), headers=headers)
         return _decode_rest(response, self.transport)
 
+    # ------------------------------------------------------------------------------ runs
+
+    async def _json(self, call: _JsonCall) -> Any:
+        response = await self._http.request(
+            call.method, call.path, json=call.body, params=call.params
+        )
+        return _json_answer(response)
+
+    async def create_run(
+        self,
+        name: str,
+        loss: str,
+        *,
+        options: Mapping[str, Any] | None = None,
+        metrics: Iterable[str] = (),
+        class_names: Iterable[str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/runs`` → the new run."""
+        return await self._json(_create_run_call(name, loss, options, metrics, class_names, tags))
+
+    async def add_batch(
+        self, run_id: str, batch_id: str, logits: Any, targets: Any, sample_weight: Any = None
+    ) -> dict[str, Any]:
+        """``POST /v1/runs/{id}/batches`` → the batch's result and the run's totals."""
+        call = _add_batch_call(run_id, batch_id, logits, targets, sample_weight)
+        return await self._json(call)
+
+    async def get_run(self, run_id: str) -> dict[str, Any]:
+        """``GET /v1/runs/{id}`` → the run with its aggregates."""
+        return await self._json(_JsonCall("GET", run_path(run_id)))
+
+    async def list_runs(
+        self,
+        *,
+        name: str | None = None,
+        tags: Iterable[str] = (),
+        status: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """``GET /v1/runs`` → ``{runs, next_cursor}``."""
+        return await self._json(_list_runs_call(name, tags, status, limit, cursor))
+
+    async def close_run(self, run_id: str) -> dict[str, Any]:
+        """``POST /v1/runs/{id}/close`` → the closed run."""
+        return await self._json(_JsonCall("POST", run_path(run_id, "close")))
+
+    async def delete_run(self, run_id: str) -> None:
+        """``DELETE /v1/runs/{id}``."""
+        await self._json(_JsonCall("DELETE", run_path(run_id)))
+
+    async def run_metric(self, run_id: str, name: str, **query: Any) -> dict[str, Any]:
+        """``GET /v1/runs/{id}/metrics/{name}`` (see :meth:`Client.run_metric`)."""
+        path = run_path(run_id, "metrics", quote(name, safe=""))
+        return await self._json(_JsonCall("GET", path, params=_metric_query(query)))
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -351,6 +578,10 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _auth_headers(headers: Mapping[str, str] | None, api_key: str | None) -> dict[str, str]:
+    return {**(headers or {}), **({"X-API-Key": api_key} if api_key else {})}
 
 
 def problem_from_rpc_error(error: grpc.RpcError) -> dict[str, Any]:
