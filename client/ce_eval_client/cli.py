@@ -7,8 +7,9 @@ import sys
 from typing import Any
 
 from ce_eval_client import __version__
-from ce_eval_client.run_cli import CommandError, server_modules
+from ce_eval_client.cli_errors import CommandError
 from ce_eval_client.run_cli import add_commands as add_run_commands
+from ce_eval_client.run_cli import server_modules
 
 
 def _serve(args: argparse.Namespace) -> int:
