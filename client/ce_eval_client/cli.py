@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from difflib import get_close_matches
 from typing import Any
 
 from ce_eval_client import __version__
-from ce_eval_client.cli_errors import CommandError
+from ce_eval_client.cli_errors import CommandError, UsageError, unknown_name
 from ce_eval_client.run_cli import add_commands as add_run_commands
-from ce_eval_client.run_cli import server_modules
+from ce_eval_client.run_cli import add_connection_flags, check_url, server_modules
+
+#: Exit status when stdout is closed early (``ce-eval … | head``), as for a process that
+#: SIGPIPE ended: the shell's 128 + 13.
+BROKEN_PIPE_EXIT = 141
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -46,21 +52,40 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_array(spec: str) -> Any:
+def load_array(spec: str, flag: str) -> Any:
     """``a.npy``, ``a.npz`` (its only array) or ``a.npz:key`` → array (never unpickles)."""
     import numpy as np
 
     path, key = spec.rsplit(":", 1) if ".npz:" in spec else (spec, "")
-    loaded = np.load(path, allow_pickle=False)
+    hint = f"{flag} takes FILE.npy, FILE.npz or FILE.npz:NAME"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file", hint) from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{flag} {path}: not a readable .npy/.npz file ({exc})", hint) from None
     if isinstance(loaded, np.ndarray):
+        if key:
+            raise UsageError(f"{flag} {spec}: {path} holds one array, not named ones", hint)
         return loaded
     with loaded:
         names = list(loaded.files)
         if not key:
             if len(names) != 1:
-                raise SystemExit(f"{path} holds {names}; pick one with {path}:NAME")
+                raise UsageError(
+                    f"{flag} {path} holds {len(names)} arrays ({', '.join(names)})",
+                    f"pick one: {flag} {path}:{names[0] if names else 'NAME'}",
+                )
             key = names[0]
-        return loaded[key]
+        if key not in names:
+            raise UsageError(
+                f"{flag} {spec}: {unknown_name('array', key, names)}",
+                f"{flag} {path}:{(get_close_matches(key, names, n=1) or names or ['NAME'])[0]}",
+            )
+        try:
+            return loaded[key]
+        except ValueError as exc:
+            raise UsageError(f"{flag} {spec}: cannot read the array ({exc})", hint) from None
 
 
 def _option_value(text: str) -> Any:
@@ -78,7 +103,7 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"{what} must be KEY=VALUE, got {item!r}")
+            raise UsageError(f"{what} must be KEY=VALUE, got {item!r}", f"e.g. {what} grad=g.npy")
         pairs[key] = value
     return pairs
 
@@ -88,7 +113,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from ce_eval_client.sdk import Client, Evaluation, EvaluationError, GrpcClient
+    from ce_eval_client.retry import Retrier
+    from ce_eval_client.sdk import Client, Evaluation, GrpcClient
 
     saves = _pairs(args.output, "--output")
     outputs = ["loss", *[name for name in saves if name != "loss"]]
@@ -96,26 +122,34 @@ def _evaluate(args: argparse.Namespace) -> int:
         "options": {k: _option_value(v) for k, v in _pairs(args.option, "--option").items()},
         "outputs": outputs,
         "metrics": args.metric,
-        "sample_weight": _load_array(args.sample_weight) if args.sample_weight else None,
+        "sample_weight": load_array(args.sample_weight, "--sample-weight")
+        if args.sample_weight
+        else None,
         "backend": args.backend,
     }
-    logits, targets = _load_array(args.logits), _load_array(args.targets)
-    client: Client | GrpcClient = (
-        GrpcClient(args.grpc_target, timeout=args.timeout)
-        if args.transport == "grpc"
-        else Client(args.url, transport=args.transport, timeout=args.timeout)
-    )
-    try:
-        with client:
-            result: Evaluation = client.evaluate(args.loss, logits, targets, **kwargs)
-    except EvaluationError as exc:
-        print(f"error {exc.status}: {exc.detail}", file=sys.stderr)
-        for item in exc.errors:
-            loc = ".".join(map(str, item.get("loc", [])))
-            print(f"  {loc}: {item.get('msg')} ({item.get('type')})", file=sys.stderr)
-        return 1
+    logits, targets = load_array(args.logits, "--logits"), load_array(args.targets, "--targets")
+    client: Client | GrpcClient
+    if args.transport == "grpc":
+        target, what = args.grpc_target, f"grpc {args.grpc_target} Evaluate"
+        client = GrpcClient(target, timeout=args.timeout, api_key=args.api_key)
+    else:
+        target = check_url(args.url)
+        path = f"/v2/models/{args.loss}/infer" if args.transport == "oip" else "/v1/evaluate"
+        what = f"POST {target}{path}"
+        client = Client(
+            target, transport=args.transport, timeout=args.timeout, api_key=args.api_key
+        )
+    with client:
+        result: Evaluation = Retrier(target, args.retries).call(
+            what, lambda: client.evaluate(args.loss, logits, targets, **kwargs)
+        )
     for name, path in saves.items():
-        np.save(path, result.outputs[name])
+        try:
+            np.save(path, result.outputs[name])
+        except OSError as exc:
+            raise UsageError(
+                f"--output {name}={path}: cannot write ({exc.strerror})", None
+            ) from None
     summary = {
         key: getattr(result, key)
         for key in ("loss", "value", "sum", "denominator", "count", "ignored", "reduction")
@@ -139,8 +173,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"denominator {result.denominator:.6g}; {result.count} counted, {result.ignored} ignored)"
     )
     for name, array in result.outputs.items():
-        target = f" → {saves[name]}" if name in saves else ""
-        print(f"  {name}: {array.dtype} {list(array.shape)}{target}")
+        target_file = f" → {saves[name]}" if name in saves else ""
+        print(f"  {name}: {array.dtype} {list(array.shape)}{target_file}")
     for name, metric in result.metrics.items():
         print(f"  {name}: {metric}")
     print(f"  backend {result.backend}, compute {result.compute_dtype}, {result.elapsed_ms:.2f} ms")
@@ -164,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a loss on .npy/.npz arrays")
-    evaluate.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
-    evaluate.add_argument("--grpc-target", default="127.0.0.1:50051", help="host:port for grpc")
+    add_connection_flags(evaluate)
+    evaluate.add_argument(
+        "--grpc-target",
+        default=os.environ.get("CE_EVAL_GRPC_TARGET", "127.0.0.1:50051"),
+        help="host:port for --transport grpc (CE_EVAL_GRPC_TARGET, default 127.0.0.1:50051)",
+    )
     evaluate.add_argument(
         "--transport",
         choices=["protobuf", "base64", "json", "oip", "grpc"],
@@ -184,7 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--metric", action="append", default=[], help="metric name")
     evaluate.add_argument("--backend", choices=["auto", "numpy", "cupy"], help="array backend")
-    evaluate.add_argument("--timeout", type=float, default=120.0, help="seconds")
     evaluate.add_argument("--json", action="store_true", help="print the summary as JSON")
     evaluate.set_defaults(func=_evaluate)
     add_run_commands(sub)
@@ -192,12 +229,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs one command; failures are one line on stderr: exit 2 for usage errors (argparse's
+    too), 1 for the server's errors, 130 on Ctrl-C, 141 when stdout closes early."""
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help, --version, argparse's usage errors (2)
+            sys.stdout.flush()
+            return exc.code if isinstance(exc.code, int) else 2
         result: int = args.func(args)
+        sys.stdout.flush()  # here, so a closed pipe is caught below and not at exit
     except CommandError as exc:
-        print(f"ce-eval: {exc}", file=sys.stderr)
-        return 1
+        print(exc.line(), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ce-eval: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `ce-eval … | head`: the reader is gone. Point stdout at /dev/null so the interpreter's
+        # last flush at exit finds nowhere to fail, and leave quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT
     return result
 
 

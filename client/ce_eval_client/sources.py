@@ -1,68 +1,261 @@
-"""The files ``ce-eval run push`` reads, as sources of row-aligned arrays cut into batches."""
+"""The files ``ce-eval run push`` reads, as sources of row-aligned arrays cut into batches.
+
+Accepted: ``.npz`` files; directories holding ``logits.npy`` and ``targets.npy`` (optionally
+``sample_weight.npy``; memory-mapped); ``.safetensors`` files; Parquet files (``.parquet``,
+``.pq``); Arrow IPC files (``.arrow``, ``.feather``, ``.ipc``) and streams (``.arrows``). Each
+holds the arrays (or columns) ``logits``, ``targets`` and optionally ``sample_weight`` with one
+row per example; in Parquet / Arrow, ``logits`` (and probability targets) are list columns of
+one length (``fixed_size_list`` as written by ``pa.list_(pa.float32(), C)``). Any other array
+name is an error, never dropped. safetensors and pyarrow come with the ``files`` extra.
+
+Sources are listed (names and row counts read from headers and metadata) before any request,
+and each is loaded when its turn comes.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ce_eval_client.cli_errors import CommandError
-from ce_eval_client.wire import encode_tensor
+from ce_eval_client.cli_errors import UsageError, unknown_name
 
 TENSOR_NAMES = ("logits", "targets", "sample_weight")
+REQUIRED = ("logits", "targets")
+FILES_EXTRA = "pip install 'ce-eval-client[files]' (in the repository: pip install '.[files]')"
+ARROW_FILE_SUFFIXES = frozenset({".arrow", ".feather", ".ipc"})
+ARROW_STREAM_SUFFIXES = frozenset({".arrows"})
+PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
+FILE_SUFFIXES = frozenset(
+    {".npz", ".safetensors", *PARQUET_SUFFIXES, *ARROW_FILE_SUFFIXES, *ARROW_STREAM_SUFFIXES}
+)
+FORMATS = (
+    ".npz, .safetensors, .parquet, Arrow IPC (.arrow/.feather/.ipc, stream .arrows) "
+    "or a directory with logits.npy and targets.npy"
+)
 
 
 @dataclass
 class Source:
-    """One file (or ``.npy`` trio) of arrays with a common first axis."""
+    """One file (or ``.npy`` directory) of arrays with a common first axis of ``rows``."""
 
     name: str
-    arrays: dict[str, np.ndarray]
+    path: Path
+    rows: int
+    load_arrays: Callable[[], Mapping[str, Any]] = field(repr=False)
 
-    @property
-    def rows(self) -> int:
-        return int(self.arrays["logits"].shape[0])
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays, checked: the known names only, ``rows`` rows each."""
+        arrays = {k: v for k, v in self.load_arrays().items()}
+        _check_names(self.path, arrays)
+        for key, array in arrays.items():
+            if array.ndim == 0 or array.shape[0] != self.rows:
+                raise UsageError(
+                    f"{self.path}: {key} has shape {list(array.shape)}, not {self.rows} rows "
+                    "like logits",
+                    "every array needs one row per example",
+                )
+        return arrays
 
 
-def _check_arrays(name: str, arrays: dict[str, np.ndarray]) -> Source:
-    for required in ("logits", "targets"):
-        if required not in arrays:
-            raise CommandError(f"{name}: no array named {required!r}")
-    rows = arrays["logits"].shape[0] if arrays["logits"].ndim else 0
-    for key, array in arrays.items():
-        if array.ndim == 0 or array.shape[0] != rows:
-            raise CommandError(f"{name}: {key} must have {rows} rows like logits")
-    return Source(name, arrays)
+def _check_names(path: Path, names: Sequence[str] | Mapping[str, Any], kind: str = "array") -> None:
+    for name in names:
+        if name not in TENSOR_NAMES:
+            raise UsageError(
+                f"{path}: {unknown_name(kind, name, TENSOR_NAMES)}",
+                f"rename or drop it: run push sends only {', '.join(TENSOR_NAMES)}",
+            )
+    for required in REQUIRED:
+        if required not in names:
+            raise UsageError(
+                f"{path}: no {kind} named {required!r} (it holds: {', '.join(names) or 'nothing'})",
+                f"run push needs {' and '.join(REQUIRED)}, optionally sample_weight",
+            )
+
+
+def _first_dims(path: Path, shapes: Mapping[str, Sequence[int]]) -> int:
+    """The common row count of ``shapes`` (after the name checks)."""
+    _check_names(path, shapes)
+    rows = {name: int(shape[0]) if len(shape) else -1 for name, shape in shapes.items()}
+    if len(set(rows.values())) != 1 or rows["logits"] < 0:
+        listed = ", ".join(f"{k} {list(shapes[k])}" for k in shapes)
+        raise UsageError(f"{path}: arrays of different row counts ({listed})", None)
+    return rows["logits"]
+
+
+# ----------------------------------------------------------------------------- NumPy formats
+
+
+def _npy_header(member: Any) -> tuple[int, ...]:
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape = np.lib.format.read_array_header_1_0(member)[0]
+    else:
+        shape = np.lib.format.read_array_header_2_0(member)[0]
+    return tuple(shape)
 
 
 def _npz(path: Path) -> Source:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: np.asarray(data[k]) for k in TENSOR_NAMES if k in data.files}
-    except (OSError, ValueError) as exc:
-        raise CommandError(f"{path}: cannot read arrays ({exc})") from None
-    return _check_arrays(path.name, arrays)
+        with zipfile.ZipFile(path) as archive:
+            shapes = {}
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    shapes[info.filename.removesuffix(".npy")] = _npy_header(member)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"{path}: not a readable .npz file ({exc})", None) from None
+
+    def load() -> dict[str, np.ndarray]:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: np.asarray(data[k]) for k in data.files}
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: cannot read arrays ({exc})", None) from None
+
+    return Source(path.name, path, _first_dims(path, shapes), load)
 
 
 def _npy_dir(directory: Path) -> Source:
+    files = sorted(directory.glob("*.npy"))
     try:
-        arrays = {
-            k: np.load(directory / f"{k}.npy", mmap_mode="r", allow_pickle=False)
-            for k in TENSOR_NAMES
-            if (directory / f"{k}.npy").exists()
-        }
+        arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in files}
     except (OSError, ValueError) as exc:
-        raise CommandError(f"{directory}: cannot read arrays ({exc})") from None
-    return _check_arrays(directory.name or str(directory), arrays)
+        raise UsageError(f"{directory}: cannot read arrays ({exc})", None) from None
+    rows = _first_dims(directory, {k: a.shape for k, a in arrays.items()})
+    return Source(directory.name or str(directory), directory, rows, lambda: arrays)
+
+
+# ---------------------------------------------------------------- safetensors, Parquet, Arrow
+
+
+def _missing_library(path: Path, what: str, module: str) -> UsageError:
+    return UsageError(f"{path}: reading {what} needs the {module} package", FILES_EXTRA)
+
+
+def _safetensors(path: Path) -> Source:
+    try:
+        from safetensors import safe_open
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise _missing_library(path, ".safetensors", "safetensors") from None
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own SafetensorError (not exported)
+        raise UsageError(f"{path}: not a readable .safetensors file ({exc})", None) from None
+
+    def load() -> dict[str, np.ndarray]:
+        try:
+            return dict(load_file(str(path)))
+        except Exception as exc:
+            raise UsageError(f"{path}: cannot read tensors ({exc})", None) from None
+
+    return Source(path.name, path, _first_dims(path, shapes), load)
+
+
+def _pyarrow(path: Path, what: str) -> Any:
+    try:
+        import pyarrow
+        import pyarrow.ipc
+        import pyarrow.parquet
+    except ImportError:
+        raise _missing_library(path, what, "pyarrow") from None
+    return pyarrow
+
+
+def column_array(path: Path, name: str, column: Any) -> np.ndarray:
+    """An Arrow column → NumPy: list columns of one length per level become trailing axes
+    (``fixed_size_list<float>[C]`` → (N, C)); nulls are an error."""
+    pa = _pyarrow(path, "Arrow data")
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    shape = [len(array)]
+    while (
+        pa.types.is_fixed_size_list(array.type)
+        or pa.types.is_list(array.type)
+        or (pa.types.is_large_list(array.type))
+    ):
+        if array.null_count:
+            raise UsageError(f"{path}: column {name!r} has {array.null_count} null rows", None)
+        if pa.types.is_fixed_size_list(array.type):
+            size = array.type.list_size
+        else:
+            lengths = np.unique(array.value_lengths().to_numpy(zero_copy_only=False))
+            if len(lengths) > 1:
+                raise UsageError(
+                    f"{path}: column {name!r} holds lists of lengths {lengths[:5].tolist()}…",
+                    "every row needs the same number of classes (a fixed_size_list column)",
+                )
+            size = int(lengths[0]) if len(lengths) else 0
+        shape.append(size)
+        array = array.flatten()
+    if array.null_count:
+        raise UsageError(f"{path}: column {name!r} has {array.null_count} null values", None)
+    try:
+        values = array.to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise UsageError(f"{path}: column {name!r} is not numeric ({exc})", None) from None
+    return np.asarray(values).reshape(shape)
+
+
+def _table_source(path: Path, read: Callable[[], Any], rows: int, names: list[str]) -> Source:
+    _check_names(path, names, "column")
+
+    def load() -> dict[str, np.ndarray]:
+        table = read()
+        return {name: column_array(path, name, table.column(name)) for name in table.column_names}
+
+    return Source(path.name, path, rows, load)
+
+
+def _parquet(path: Path) -> Source:
+    pa = _pyarrow(path, "Parquet")
+    try:
+        metadata = pa.parquet.ParquetFile(path)
+        names, rows = list(metadata.schema_arrow.names), int(metadata.metadata.num_rows)
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{path}: not a readable Parquet file ({exc})", None) from None
+    return _table_source(path, lambda: pa.parquet.read_table(path), rows, names)
+
+
+def _arrow_ipc(path: Path) -> Source:
+    pa = _pyarrow(path, "Arrow IPC")
+    stream = path.suffix in ARROW_STREAM_SUFFIXES
+
+    def read() -> Any:
+        # memory-mapped: zero-copy, the table's buffers are the file's pages
+        if stream:
+            return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+        try:
+            return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        except pa.ArrowInvalid:  # a stream saved under a file suffix still reads
+            return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+
+    try:
+        table = read()
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{path}: not a readable Arrow IPC file ({exc})", None) from None
+    return _table_source(path, read, table.num_rows, list(table.column_names))
+
+
+def _file(path: Path) -> Source:
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return _npz(path)
+    if suffix == ".safetensors":
+        return _safetensors(path)
+    if suffix in PARQUET_SUFFIXES:
+        return _parquet(path)
+    return _arrow_ipc(path)
 
 
 def find_sources(paths: Sequence[str]) -> list[Source]:
-    """``.npz`` files, ``logits.npy`` (its directory's trio), or directories holding either
-    (``.npz`` files and sub-directories with ``logits.npy``, in name order)."""
+    """Files of the accepted formats, ``logits.npy`` (its directory), or directories holding
+    either (a ``logits.npy`` directory first, then files and such sub-directories by name)."""
     sources: list[Source] = []
     for raw in paths:
         path = Path(raw)
@@ -71,37 +264,61 @@ def find_sources(paths: Sequence[str]) -> list[Source]:
             if (path / "logits.npy").exists():
                 found.append(_npy_dir(path))
             for child in sorted(path.iterdir()):
-                if child.suffix == ".npz" and child.is_file():
-                    found.append(_npz(child))
+                if child.is_file() and child.suffix.lower() in FILE_SUFFIXES:
+                    found.append(_file(child))
                 elif child.is_dir() and (child / "logits.npy").exists():
                     found.append(_npy_dir(child))
             if not found:
-                raise CommandError(f"{path}: no .npz files and no logits.npy")
+                raise UsageError(f"{path}: no data files in this directory", f"push {FORMATS}")
             sources.extend(found)
-        elif path.suffix == ".npz" and path.is_file():
-            sources.append(_npz(path))
+        elif path.is_file() and path.suffix.lower() in FILE_SUFFIXES:
+            sources.append(_file(path))
         elif path.suffix == ".npy" and path.exists():
             sources.append(_npy_dir(path.parent))
+        elif not path.exists():
+            raise UsageError(f"{path}: no such file or directory", f"push {FORMATS}")
         else:
-            raise CommandError(f"{path}: not a .npz/.npy file or a directory")
+            raise UsageError(f"{path}: not a format run push reads", f"push {FORMATS}")
     return sources
 
 
-def encode(array: np.ndarray) -> dict[str, Any]:
-    """Array → ``{dtype, shape, data: base64}``."""
-    encoded: dict[str, Any] = encode_tensor(array, "base64")
-    return encoded
+# ----------------------------------------------------------------------------------- batches
 
 
-def batches_of(source: Source, batch_size: int) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(stable batch id, request body without batch_id) for each slice of ``batch_size`` rows."""
-    for index, start in enumerate(range(0, source.rows, batch_size)):
+@dataclass
+class Batch:
+    """Rows ``start:start + len`` of one source, and its position among the source's batches."""
+
+    source: str
+    index: int
+    parts: dict[str, np.ndarray]
+
+    @property
+    def rows(self) -> int:
+        return int(self.parts["logits"].shape[0])
+
+    def batch_id(self) -> str:
+        """``<source>#<index>:<sha256 of names, dtypes, shapes and bytes, 16 hex>``: the same
+        rows always get the same id, so a re-run push counts nothing twice."""
         digest = hashlib.sha256()
-        body: dict[str, Any] = {}
         for key in TENSOR_NAMES:
-            if key in source.arrays:
-                part = np.ascontiguousarray(source.arrays[key][start : start + batch_size])
+            if key in self.parts:
+                part = self.parts[key]
                 digest.update(f"{key}:{part.dtype.str}:{part.shape};".encode())
-                digest.update(part.tobytes())
-                body[key] = encode(part)
-        yield f"{source.name[:120]}#{index}:{digest.hexdigest()[:16]}", body
+                digest.update(part.reshape(-1).view(np.uint8).data)
+        return f"{self.source[:120]}#{self.index}:{digest.hexdigest()[:16]}"
+
+
+def batches_of(
+    source: Source, batch_size: int, arrays: Mapping[str, np.ndarray] | None = None
+) -> Iterator[Batch]:
+    """The source's rows in slices of ``batch_size`` (C-contiguous copies where needed);
+    ``arrays``: the source's arrays when already loaded."""
+    arrays = source.arrays() if arrays is None else arrays
+    for index, start in enumerate(range(0, source.rows, batch_size)):
+        parts = {
+            key: np.ascontiguousarray(arrays[key][start : start + batch_size])
+            for key in TENSOR_NAMES
+            if key in arrays
+        }
+        yield Batch(source.name, index, parts)
