@@ -28,7 +28,9 @@ class EvaluationResult:
     """Reduced loss plus ``sum``/``denominator`` for exact aggregation across batches.
 
     ``value`` = sum / denominator for mean/batchmean, = sum for ``sum``, None for ``none`` (and
-    for a mean over zero counted weight).
+    for a mean over zero counted weight). ``count``/``ignored`` count predictions: positions for
+    softmax losses, labels (positions × C) for element-wise sigmoid losses (binary
+    cross-entropy, sigmoid focal), whose 1-D logits of N labels therefore count N.
     """
 
     loss: str
@@ -370,7 +372,8 @@ def reduce_terms(
     """Apply ``reduction``/``normalization``/``log_base`` to per-position terms."""
     base_scale = 1.0 / LN2 if opts.log_base == "2" else 1.0
     total = float(terms.per_sample.sum(dtype=np.float64)) * base_scale
-    count = int(terms.valid.sum())
+    per_position = terms.predictions_per_position
+    count = int(terms.valid.sum()) * per_position
     denominator = reduction_denominator(opts, layout, terms.valid_weight)
     if opts.reduction in ("mean", "batchmean"):
         value = total / denominator if denominator > 0 else None
@@ -415,7 +418,7 @@ def reduce_terms(
         sum=total,
         denominator=denominator,
         count=count,
-        ignored=layout.num_positions - count,
+        ignored=layout.num_positions * per_position - count,
         reduction=opts.reduction,
         normalization="batch_size" if opts.reduction == "batchmean" else opts.normalization,
         unit="bits" if opts.log_base == "2" else "nats",

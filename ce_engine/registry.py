@@ -95,6 +95,9 @@ class LossTerms:
     derivatives_scaled: bool = False
     #: the merged metric state of ``LossInputs.metrics`` (losses that reduce metrics themselves)
     metric_state: MetricState | None = None
+    #: predictions per position that ``count``/``ignored`` count: 1 for softmax losses (one
+    #: distribution per position), C for element-wise sigmoid losses (each label is its own)
+    predictions_per_position: int = 1
 
 
 LossFn = Callable[[LossInputs], LossTerms]

@@ -73,8 +73,14 @@ class EvaluateResponse(BaseModel):
     value: float | None = Field(None, description="Reduced loss (absent for reduction none).")
     sum: float
     denominator: float
-    count: int = Field(..., description="Positions counted.")
-    ignored: int = Field(..., description="Positions not counted (ignore_index, omitted, …).")
+    count: int = Field(
+        ...,
+        description=(
+            "Predictions counted: positions for softmax losses, labels (positions × C) for "
+            "element-wise ones (binary_cross_entropy, sigmoid focal)."
+        ),
+    )
+    ignored: int = Field(..., description="Predictions not counted (ignore_index, omitted, …).")
     reduction: str
     normalization: str
     unit: Literal["nats", "bits"]

@@ -209,7 +209,24 @@ def test_nan_targets_policies():
     assert info.value.errors[0].loc == ("targets", 1, 0)
     omitted = ce_engine.evaluate("binary_cross_entropy", z, y, options={"nan_policy": "omit"})
     kept = ce_engine.evaluate("binary_cross_entropy", z[[0, 2]], y[[0, 2]])
-    assert omitted.value == pytest.approx(kept.value) and omitted.ignored == 1
+    assert omitted.value == pytest.approx(kept.value)
+    assert (omitted.count, omitted.ignored) == (4, 2)  # elements: row 1's two labels are dropped
+
+
+@pytest.mark.parametrize("loss", ["binary_cross_entropy", "focal"])
+def test_count_is_the_number_of_counted_labels(loss: str) -> None:
+    """Element-wise losses count labels (elements), not positions: 1-D logits of N labels count
+    N, (N, C) logits count N·C, as the ``valid`` mean divides by (PyTorch's mean over elements)."""
+    z = RNG.standard_normal(7)
+    y = (RNG.random(7) > 0.5).astype(np.float64)
+    flat = ce_engine.evaluate(loss, z, y)
+    assert (flat.count, flat.ignored, flat.denominator) == (7, 0, 7.0)
+    z2, y2 = RNG.standard_normal((5, 3)), (RNG.random((5, 3)) > 0.5).astype(np.float64)
+    y2[2, 1] = np.nan
+    rows = ce_engine.evaluate(loss, z2, y2, options={"nan_policy": "omit"})
+    assert (rows.count, rows.ignored, rows.denominator) == (12, 3, 12.0)
+    softmax = ce_engine.evaluate("focal", z2, np.arange(5) % 3, options={"variant": "softmax"})
+    assert (softmax.count, softmax.ignored) == (5, 0)  # one prediction per position
 
 
 def test_errors_name_the_field():

@@ -36,7 +36,7 @@ def binary_cross_entropy(inp: LossInputs) -> LossTerms:
     equals (1 − y)·z + (1 + (pw − 1)·y)·softplus(−z) and stays finite for any finite z.
     Probability inputs x (clipped to [eps, 1 − eps]): ℓ = −w [pw y log x + (1 − y) log(1 − x)].
     ``mean`` with ``valid`` divides by the number of counted elements Σ_i s_i·C (PyTorch's
-    mean over all elements).
+    mean over all elements), and ``count`` is the number of counted elements (labels).
     """
     xp, opts, layout = inp.xp, inp.options, inp.layout
     o: BinaryCrossEntropyOptions = opts
@@ -55,7 +55,11 @@ def binary_cross_entropy(inp: LossInputs) -> LossTerms:
     fast = fast_binary_cross_entropy(inp, y, el_scale, pw)
     if fast is not None:  # fused kernel (NumPy, logits input, float32 compute)
         return LossTerms(
-            per_sample=fast.per_sample, valid_weight=valid_weight, valid=valid, arrays=fast.arrays
+            per_sample=fast.per_sample,
+            valid_weight=valid_weight,
+            valid=valid,
+            arrays=fast.arrays,
+            predictions_per_position=c,
         )
     pos = y * pw if pw is not None else y  # pw·y
     neg = 1 - y
@@ -93,7 +97,13 @@ def binary_cross_entropy(inp: LossInputs) -> LossTerms:
         arrays.update(
             second_order(xp, inp.want, layout, inp.vector, diag=(d * el_scale).astype(dtype))
         )
-    return LossTerms(per_sample=loss, valid_weight=valid_weight, valid=valid, arrays=arrays)
+    return LossTerms(
+        per_sample=loss,
+        valid_weight=valid_weight,
+        valid=valid,
+        arrays=arrays,
+        predictions_per_position=c,
+    )
 
 
 register(

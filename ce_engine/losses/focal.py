@@ -127,7 +127,13 @@ def focal(inp: LossInputs) -> LossTerms:
         if o.temperature != 1.0:
             grad = grad / dtype.type(o.temperature)
         arrays["grad"] = (grad * scale[:, None]).astype(dtype, copy=False)
-    return LossTerms(per_sample=loss, valid_weight=scale * share, valid=valid, arrays=arrays)
+    return LossTerms(
+        per_sample=loss,
+        valid_weight=scale * share,
+        valid=valid,
+        arrays=arrays,
+        predictions_per_position=int(share),  # sigmoid: each label counts
+    )
 
 
 register(
