@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 import typing
 from pathlib import Path
 
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from service.config import Settings
@@ -24,7 +26,25 @@ END = "<!-- env-table:end -->"
 def _type_name(annotation: object) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return " \\| ".join(f"`{value}`" for value in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `int | None`
+        return " \\| ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
     return getattr(annotation, "__name__", str(annotation))
+
+
+def _default(name: str, field: FieldInfo) -> str:
+    """The default as written (``repr``), or the rule of a computed one, which a field states
+    as ``json_schema_extra={"env_default": "<rule>"}`` (a ``default_factory`` must)."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if "env_default" in extra:
+        return str(extra["env_default"])
+    if field.default_factory is not None:
+        raise ValueError(
+            f"setting {name!r} has a computed default: state its rule with "
+            "json_schema_extra={'env_default': '...'}"
+        )
+    return "" if field.is_required() else f"`{field.get_default()!r}`"
 
 
 def env_table(settings_model: type[BaseSettings] = Settings) -> str:
@@ -33,7 +53,7 @@ def env_table(settings_model: type[BaseSettings] = Settings) -> str:
     rows = ["| Variable | Type | Default | Description |", "|---|---|---|---|"]
     for name, field in settings_model.model_fields.items():
         variable = f"{prefix}{name}".upper()
-        default = "" if field.is_required() else f"`{field.get_default()!r}`"
+        default = _default(name, field)
         description = (field.description or "").replace("|", "\\|")
         rows.append(
             f"| `{variable}` | {_type_name(field.annotation)} | {default} | {description} |"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,6 +54,16 @@ class Settings(BaseSettings):
         default_factory=lambda: os.cpu_count() or 1,
         ge=1,
         description="Threads running engine work off the event loop.",
+        json_schema_extra={"env_default": "the number of CPUs (`os.cpu_count()`)"},
+    )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Threads of the engine's fused NumPy kernels within one evaluation (the engine "
+            "reads it too, without the server)."
+        ),
+        json_schema_extra={"env_default": "unset: the cores this process may run on"},
     )
     api_keys: str = Field("", description="Comma-separated API keys; empty = no authentication.")
     public_paths: str = Field(
@@ -76,6 +86,11 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="debug | info | warning | error.")
     log_format: Literal["json", "text"] = Field("json", description="Log line format.")
     echo_max_chars: int = Field(120, ge=0, description="Longest echo of bad input in errors.")
+
+    @field_validator("cpu_threads", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]

@@ -465,6 +465,39 @@ def test_env_table_follows_the_model() -> None:
         assert f"| `{variable}` |" in table
 
 
+def test_env_table_shows_real_defaults_and_every_variable_read() -> None:
+    """No ``PydanticUndefined``: a computed default shows its rule; and each ``CE_EVAL_*``
+    variable the service or the engine reads has a row."""
+    table = gen_env_table.env_table()
+    assert "PydanticUndefined" not in table
+    rows = {line.split("|")[1].strip(" `"): line for line in table.splitlines()[2:]}
+    assert "number of CPUs" in rows["CE_EVAL_COMPUTE_THREADS"]
+    assert "cores this process may run on" in rows["CE_EVAL_CPU_THREADS"]
+    read = set()
+    for path in [*(REPO / "service").rglob("*.py"), *(REPO / "ce_engine").rglob("*.py")]:
+        read |= set(re.findall(r"[\"'](CE_EVAL_[A-Z0-9_]+)[\"']", path.read_text()))
+    assert read <= set(rows), sorted(read - set(rows))
+
+    class Computed(Settings):
+        knob: int = Field(default_factory=lambda: 4, description="A knob.")
+
+    with pytest.raises(ValueError, match="knob"):  # a computed default needs its rule written
+        gen_env_table.env_table(Computed)
+
+
+def test_cpu_threads_setting_sizes_the_kernel_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ce_engine.kernels import cpu
+    from service.http.app import create_app
+
+    monkeypatch.setenv("CE_EVAL_CPU_THREADS", "")
+    assert Settings().cpu_threads is None  # empty = unset, as the engine reads it
+    try:
+        create_app(Settings(cpu_threads=3, database_url="sqlite://"))
+        assert cpu.get_threads() == 3
+    finally:
+        cpu.set_threads(None)
+
+
 def test_readme_deploy_section() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     deploy = readme.split("\n## Deploy", 1)[1].split("\n## ", 1)[0]

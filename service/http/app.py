@@ -13,6 +13,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
 import ce_engine
+from ce_engine.kernels.cpu import set_threads
 from service import __version__
 from service.auth import Authenticator
 from service.config import Settings
@@ -69,6 +70,8 @@ def _install_openapi(app: FastAPI) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    if settings.cpu_threads is not None:  # unset: the engine's own default (all cores)
+        set_threads(settings.cpu_threads)
 
     dataplane = DataPlane(settings)
     store = Store(
