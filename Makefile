@@ -1,10 +1,11 @@
-# ce-eval — set-up and checks. `make run` serves; `make test` runs lint + the whole suite.
+# ce-eval — set-up and checks. `make run` serves; `make test` runs lint + the whole suite;
+# `make test-deps` installs the system tools some checks need (Debian).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format parity soak clean
+.PHONY: run test test-deps lint format parity soak clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
@@ -28,8 +29,14 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check ce_engine service client tests bench scripts
 	$(BIN)/mypy
 
+# Names, before and after the suite, the checks skipped for want of a system tool (CI fails).
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	scripts/test-deps.sh --check
+	$(BIN)/python -m pytest $(PYTEST_ARGS); status=$$?; scripts/test-deps.sh --check; exit $$status
+
+# System tools of the dashboard, store and deployment checks (Debian: apt-get, sudo if needed).
+test-deps:
+	scripts/test-deps.sh --install
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff format ce_engine service client tests bench scripts

@@ -515,6 +515,47 @@ def test_readme_deploy_section() -> None:
         assert needle in deploy, needle
 
 
+# ---- system tools of the suite ---------------------------------------------------------------
+
+TEST_DEPS = REPO / "scripts" / "test-deps.sh"
+
+
+def _bare_path(tmp_path: Path) -> dict[str, str]:
+    """An environment whose PATH holds bash alone: none of the suite's system tools."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "bash").symlink_to(shutil.which("bash") or "/bin/bash")
+    return {"PATH": str(bin_dir), "POSTGRES_LIB": str(tmp_path / "no-postgres"), "CI": ""}
+
+
+def test_missing_system_tools_are_named_with_the_skipped_checks(tmp_path: Path) -> None:
+    env = _bare_path(tmp_path)
+    checked = run(str(TEST_DEPS), "--check", env=env)
+    assert checked.returncode == 0, checked.stderr
+    for needle in (
+        "THESE CHECKS ARE SKIPPED",
+        "PostgreSQL store",
+        "tests/test_dashboard.py (chromium)",
+        "tests/test_dashboard.py (chromedriver)",
+        "promtool check",
+        "nginx -t",
+        "make test-deps",
+        "apt-get install postgresql chromium chromium-driver prometheus nginx-light",
+    ):
+        assert needle in checked.stderr, needle
+    assert run(str(TEST_DEPS), "--check", "--strict", env=env).returncode == 1
+    assert run(str(TEST_DEPS), "--check", env={**env, "CI": "true"}).returncode == 1
+
+
+def test_make_test_reports_and_ci_installs_the_system_tools() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile.split("\ntest: ", 1)[1].split("\n\n", 1)[0]
+    assert recipe.count("scripts/test-deps.sh --check") == 2  # before and after the suite
+    assert "\ntest-deps:\n\tscripts/test-deps.sh --install\n" in makefile
+    ci = (REPO / ".ci" / "run").read_text()
+    assert ci.index("make test-deps") < ci.index("make test\n")
+
+
 # ---- smoke scripts against a real server -----------------------------------------------------
 
 
