@@ -67,3 +67,53 @@ def test_serve_help_lists_flags() -> None:
     ).stdout
     for flag in ("--host", "--port", "--backend", "--log-level"):
         assert flag in out
+
+
+def test_readme_runs_example_runs_as_written_in_a_fresh_shell(tmp_path: Path) -> None:
+    """The runs example, verbatim, in ``bash`` with a bare PATH at a root holding the ``.venv``
+    that ``make run`` / ``make test`` create; ``CE_EVAL_URL`` names this test's server."""
+    commands = readme_block("readme-example:runs")
+    root = tmp_path / "checkout"
+    root.mkdir()
+    venv = Path(sys.prefix)
+    assert (venv / "bin" / "ce-eval").exists(), f"no ce-eval in {venv}: run under make test"
+    (root / ".venv").symlink_to(venv)
+    rng = np.random.default_rng(11)
+    parts = []
+    (root / "shards").mkdir()
+    for i in range(3):
+        logits = rng.standard_normal((50, 10)).astype(np.float32)
+        targets = rng.integers(0, 10, size=50)
+        np.savez(root / "shards" / f"shard-{i:04d}.npz", logits=logits, targets=targets)
+        parts.append((logits, targets))
+    with serve() as server:
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CE_EVAL_URL": server.url}
+        bare = subprocess.run(["bash", "-c", "command -v ce-eval"], env=env, cwd=root)
+        assert bare.returncode != 0, "ce-eval is on the bare PATH: the test proves nothing"
+        done = subprocess.run(
+            ["bash", "-e", "-c", commands + '\necho "RUN=$RUN"'],
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr
+        found = re.search(r"^RUN=(\S+)$", done.stdout, re.M)
+        assert found, done.stdout
+        run = httpx.get(f"{server.url}/v1/runs/{found[1]}", timeout=30).json()
+    z = np.concatenate([p[0] for p in parts]).astype(np.float64)
+    y = np.concatenate([p[1] for p in parts])
+    per, den, _ = softmax_ce(z, y, fmt="index")
+    assert run["count"] == 150 and run["batches"] == 3
+    assert run["value"] == pytest.approx(per.sum() / den.sum(), rel=1e-6)
+    assert run["metrics"]["accuracy"] == pytest.approx(float((z.argmax(1) == y).mean()))
+    assert {"ece", "reliability"} <= set(run["metrics"])  # the dashboard's diagram has its bins
+    lines = done.stdout.splitlines()  # the push's JSON summary, then the show table
+    heads = [i for i, line in enumerate(lines) if line.startswith(f"{found[1]}  ")]
+    assert heads, done.stdout
+    shown = lines[heads[0] :]
+    assert shown[0] == f"{found[1]}  resnet50-val  open  cross_entropy"
+    assert any(line.split()[:1] == ["ece"] for line in shown)
+    assert any(line.startswith("details: ") and "reliability" in line for line in shown)
+    assert "150/150 rows" in done.stderr
