@@ -293,6 +293,29 @@ def test_push_reads_every_format_concurrently_and_counts_each_row_once(
     assert json.loads(again.stdout)["duplicates"] == batches
 
 
+def test_push_over_grpc_counts_the_same(server: ServerProcess, tmp_path: Path) -> None:
+    parts = _dataset(6, parts=2, rows=30, classes=4)
+    for i, part in enumerate(parts):
+        np.savez(tmp_path / f"p{i}.npz", **part)
+    run_id = cli("run", "create", "--url", server.url, "--name", "grpc-push", "--metric",
+                 "accuracy", "--id-only").stdout.strip()  # fmt: skip
+    pushed = cli("run", "push", "--url", server.url, "--transport", "grpc", "--grpc-target",
+                 server.grpc_target, run_id, str(tmp_path), "--batch-size", "8")  # fmt: skip
+    assert pushed.returncode == 0, pushed.stderr
+    assert json.loads(pushed.stdout)["accepted"] == 2 * 4
+    run = httpx.get(f"{server.url}/v1/runs/{run_id}", timeout=30).json()
+    expected = _expected(parts)
+    assert run["count"] == expected["count"]
+    assert run["sum"] == pytest.approx(expected["sum"], rel=1e-6)
+    assert run["metrics"]["accuracy"] == pytest.approx(expected["accuracy"], rel=1e-12)
+    closed = cli("run", "close", "--url", server.url, run_id)
+    assert closed.returncode == 0
+    late = cli("run", "push", "--url", server.url, "--transport", "grpc", "--grpc-target",
+               server.grpc_target, run_id, str(tmp_path / "p0.npz"), "--quiet")  # fmt: skip
+    assert late.returncode == 1
+    assert one_line(late.stderr).startswith(f"ce-eval: grpc {server.grpc_target} AddBatch: ")
+
+
 UNREACHABLE = "http://127.0.0.1:9"  # nothing listens: a request would fail with exit 1
 
 
