@@ -372,8 +372,8 @@ def reduce_terms(
     """Apply ``reduction``/``normalization``/``log_base`` to per-position terms."""
     base_scale = 1.0 / LN2 if opts.log_base == "2" else 1.0
     total = float(terms.per_sample.sum(dtype=np.float64)) * base_scale
-    per_position = terms.predictions_per_position
-    count = int(terms.valid.sum()) * per_position
+    predictions = terms.predictions_per_position
+    count = int(terms.valid.sum()) * predictions
     denominator = reduction_denominator(opts, layout, terms.valid_weight)
     if opts.reduction in ("mean", "batchmean"):
         value = total / denominator if denominator > 0 else None
@@ -418,7 +418,7 @@ def reduce_terms(
         sum=total,
         denominator=denominator,
         count=count,
-        ignored=layout.num_positions * per_position - count,
+        ignored=layout.num_positions * predictions - count,
         reduction=opts.reduction,
         normalization="batch_size" if opts.reduction == "batchmean" else opts.normalization,
         unit="bits" if opts.log_base == "2" else "nats",
