@@ -205,7 +205,7 @@ def test_cli_sends_its_api_key(tmp_path, serve, monkeypatch):
     assert created.returncode == 0, created.stderr
     run_id = created.stdout.strip()
     monkeypatch.setenv("CE_EVAL_API_KEY", KEY_A)  # the environment variable works too
-    shown = cli("run", "show", "--url", server.url, run_id)
+    shown = cli("run", "show", "--url", server.url, run_id, "--json")
     assert shown.returncode == 0 and json.loads(shown.stdout)["name"] == "mine"
     other = cli("run", "show", "--url", server.url, "--api-key", KEY_B, run_id)
     assert other.returncode == 1 and "404" in other.stderr
