@@ -199,7 +199,8 @@ def _small_cross_entropy(
     general machinery for the common case: ``cross_entropy`` with no options, (N, C) float32 or
     float64 logits whose row maxima are finite, (N,) integer class ids in [0, C), outputs among
     loss / per_sample / grad, no metrics or weights. Same math as the general path (mean over N,
-    ℓ_i = log Σ_c exp(z_ic − m_i) − (z_iy − m_i), ∂/∂z_ij = (p_ij − [j = y_i]) / N). Anything
+    ℓ_i = log Σ_c exp(z_ic − m_i) − (z_iy − m_i), ∂/∂z_ij = (p_ij − [j = y_i]) / N, the row
+    sums and ℓ_i in float64, p_iy − 1 as −Σ_{c≠y} exp(z_ic − m_i)/Σ_c exp(z_ic − m_i)). Anything
     else, including any input the general path would reject or treat specially (NaN, ±∞
     losses, ignore_index), returns None: the general path answers, with its errors.
     """
@@ -229,19 +230,20 @@ def _small_cross_entropy(
         shifted = logits - np.maximum.reduce(logits, axis=1, keepdims=True)
         picked = shifted[rows, classes]
         e = np.exp(shifted)
-        total = np.add.reduce(e, axis=1)
-        nll = np.log(total)
+        total = np.add.reduce(e, axis=1, dtype=np.float64)  # the row sums in float64 …
+        nll = np.log(total)  # … so is ℓ_i: a confident row's ℓ_i ≪ 1 keeps its precision
         nll -= picked
-    loss_sum = float(np.add.reduce(nll, dtype=np.float64))
+    loss_sum = float(np.add.reduce(nll))
     if not math.isfinite(loss_sum):  # finite exactly when every ℓ_i is (at most 16k terms)
         return None
     arrays: dict[str, Array] = {}
     if "per_sample" in want:
-        arrays["per_sample"] = nll
+        arrays["per_sample"] = nll.astype(logits.dtype.type, copy=False)  # native order
     if "grad" in want:
         grad = e
+        others = total - grad[rows, classes]  # Σ_{c≠y} e_c: p_y − 1 without cancellation
         grad *= (1.0 / total)[:, None]
-        grad[rows, classes] -= 1.0
+        grad[rows, classes] = -others / total
         grad *= grad.dtype.type(1.0 / n)
         arrays["grad"] = grad
     return EvaluationResult(
@@ -352,7 +354,7 @@ def evaluate(
             **linear,
         )
     )
-    result = reduce_terms(terms, layout, opts, spec.name, want, xp)
+    result = reduce_terms(terms, layout, opts, spec.name, want, xp, dtype=cdt)
     result.backend = backend_name
     result.compute_dtype = cdt.type.__name__
     if metric_names:
@@ -367,9 +369,19 @@ def evaluate(
 
 
 def reduce_terms(
-    terms: LossTerms, layout: Layout, opts: CommonOptions, name: str, want: frozenset[str], xp: Any
+    terms: LossTerms,
+    layout: Layout,
+    opts: CommonOptions,
+    name: str,
+    want: frozenset[str],
+    xp: Any,
+    dtype: Any = None,
 ) -> EvaluationResult:
-    """Apply ``reduction``/``normalization``/``log_base`` to per-position terms."""
+    """Apply ``reduction``/``normalization``/``log_base`` to per-position terms.
+
+    ``sum`` is Σ_i per_sample in float64 (per-position losses may be float64 where the compute
+    dtype is float32); ``outputs["per_sample"]`` comes back in ``dtype`` (the compute dtype).
+    """
     base_scale = 1.0 / LN2 if opts.log_base == "2" else 1.0
     total = float(terms.per_sample.sum(dtype=np.float64)) * base_scale
     predictions = terms.predictions_per_position
@@ -409,9 +421,12 @@ def reduce_terms(
         extras[key] = extra_total / denominator if mean_like else extra_total
     if "per_sample" in want:
         per = terms.per_sample
-        outputs["per_sample"] = layout.from_positions(
-            per * per.dtype.type(base_scale) if base_scale != 1.0 else per
-        )
+        if base_scale != 1.0:
+            per = per * base_scale
+        if dtype is not None and per.dtype != dtype:
+            with np.errstate(over="ignore"):  # beyond float32: inf, caught by the callers
+                per = per.astype(dtype)
+        outputs["per_sample"] = layout.from_positions(per)
     return EvaluationResult(
         loss=name,
         value=value,

@@ -218,3 +218,82 @@ def test_linear_cross_entropy_against_autograd():
     assert res.value == pytest.approx(float(loss.detach()), rel=1e-12)
     for key, t in (("grad_features", tx), ("grad_weight", tw), ("grad_bias", tb)):
         np.testing.assert_allclose(res.outputs[key], t.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+# ------------------------------------------------ float32 accuracy: at most 2× torch's error
+
+
+def float32_errors(z: np.ndarray, y: np.ndarray, value, per, grad) -> np.ndarray:
+    """(|value − v|, max |per − ℓ|, max |grad − g|) against float64 from the float32 logits,
+    each floored at half a float32 ulp of the exact number (no float32 answer is nearer)."""
+    z64 = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+    exact = F.cross_entropy(z64, torch.tensor(y))
+    exact.backward()
+    exact_per = F.cross_entropy(z64.detach(), torch.tensor(y), reduction="none").numpy()
+    exact_grad = z64.grad.numpy()
+    errors = np.array(
+        [
+            abs(float(value) - float(exact.detach())),
+            np.max(np.abs(np.asarray(per, np.float64) - exact_per)),
+            np.max(np.abs(np.asarray(grad, np.float64) - exact_grad)),
+        ]
+    )
+    floor = (
+        np.array([float(exact.detach()), np.max(np.abs(exact_per)), np.max(np.abs(exact_grad))])
+        * 2.0**-25
+    )
+    return np.maximum(errors, floor)
+
+
+def torch_float32_errors(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    zt = torch.tensor(z, requires_grad=True)
+    value = F.cross_entropy(zt, torch.tensor(y))
+    value.backward()
+    per = F.cross_entropy(zt.detach(), torch.tensor(y), reduction="none").numpy()
+    return float32_errors(z, y, float(value.detach()), per, zt.grad.numpy())
+
+
+PARITY_PATHS = {  # (options, outputs): see tests/test_numerics.py
+    "lane": ({}, ["per_sample", "grad"]),
+    "kernel": ({"ignore_index": -100}, ["per_sample", "grad"]),
+    "kernel+log_probabilities": ({}, ["per_sample", "grad", "log_probabilities"]),
+    "generic": ({}, ["per_sample", "grad", "hessian_diag"]),
+}
+PARITY_BATCHES = [  # (N, C, row maxima near, target margin)
+    (20000, 4, 12.0, 0.0),  # the audit's shape
+    (200, 10, 12.0, 14.0),
+    (600, 10, -1e4, 8.0),
+    (100, 1000, 1e4, 16.0),
+    (64, 300, 30.0, 3.0),
+    (16, 32000, 0.0, 6.0),
+    (2000, 64, -30.0, 0.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "n", "c", "offset", "margin"),
+    [
+        (path, *batch)
+        for batch in PARITY_BATCHES
+        for path in PARITY_PATHS
+        if path != "lane" or batch[0] * batch[1] <= 16_384  # the lane takes small batches
+    ],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_error_at_most_twice_torch_float32(path, n, c, offset, margin, seed):
+    """value, per_sample and grad: error vs float64 ≤ 2× torch float32's on the same input."""
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((n, c)) * 2 + offset).astype(np.float32)
+    y = rng.integers(0, c, size=n)
+    if n == 20000:  # the audit's reproducer: confident rows, maxima in [10, 14]
+        z = np.zeros((n, c), np.float32)
+        z[:, 0] = np.linspace(10, 14, n)
+        y = np.zeros(n, np.int64)
+    z[np.arange(n), y] += np.float32(margin)
+    options, outputs = PARITY_PATHS[path]
+    res = ce_engine.evaluate(
+        "cross_entropy", z, y, options=options, outputs=outputs, backend="numpy"
+    )
+    ours = float32_errors(z, y, res.value, res.outputs["per_sample"], res.outputs["grad"])
+    theirs = torch_float32_errors(z, y)
+    assert np.all(ours <= 2 * theirs), (ours / theirs).round(3)

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -164,14 +165,23 @@ class _Scratch(threading.local):
     """Per-thread scratch chunks, grown on demand and reused across calls."""
 
     def __init__(self) -> None:
-        self.buffers: dict[str, FloatArray] = {}
+        self.buffers: dict[tuple[str, str], npt.NDArray[np.floating]] = {}
 
     def get(self, name: str, rows: int, cols: int) -> FloatArray:
+        """A float32 (rows, cols) scratch array."""
+        return self._get(name, rows, cols, F32)
+
+    def get64(self, name: str, rows: int, cols: int) -> npt.NDArray[np.float64]:
+        """A float64 (rows, cols) scratch array."""
+        return self._get(name, rows, cols, np.float64)
+
+    def _get(self, name: str, rows: int, cols: int, dtype: type[np.floating]) -> Any:
         need = rows * cols
-        buf = self.buffers.get(name)
+        key = (name, np.dtype(dtype).char)
+        buf = self.buffers.get(key)
         if buf is None or buf.size < need:
-            buf = np.empty(max(need, DEFAULT_CHUNK_BYTES // 4), dtype=F32)
-            self.buffers[name] = buf
+            buf = np.empty(max(need, DEFAULT_CHUNK_BYTES // 4), dtype=dtype)
+            self.buffers[key] = buf
         return buf[:need].reshape(rows, cols)
 
 
@@ -179,22 +189,22 @@ _scratch = _Scratch()
 
 
 @functools.lru_cache(maxsize=16)
-def _ones(c: int) -> FloatArray:
-    """A read-only float32 vector of ``c`` ones (row sums through BLAS)."""
-    ones = np.ones(c, dtype=F32)
+def _ones(c: int, dtype: type[np.floating] = F32) -> npt.NDArray[np.floating]:
+    """A read-only vector of ``c`` ones (row sums through BLAS)."""
+    ones = np.ones(c, dtype=dtype)
     ones.setflags(write=False)
     return ones
 
 
 #: A per-row factor: an (M,) array, or a scalar when every row shares it.
-Factor = FloatArray | float
+Factor = npt.NDArray[np.floating] | float
 
 
-def _per_row(v: Factor, m_rows: int) -> FloatArray:
-    """A factor as an (M,) float32 array."""
+def _per_row(v: Factor, m_rows: int, dtype: type[np.floating] = F32) -> Any:
+    """A factor as an (M,) array of ``dtype``."""
     if isinstance(v, np.ndarray):
-        return v.astype(F32, copy=False)
-    return np.full(m_rows, v, dtype=F32)
+        return v.astype(dtype, copy=False)
+    return np.full(m_rows, v, dtype=dtype)
 
 
 def _part(v: Factor, lo: int, hi: int) -> Factor:
@@ -202,12 +212,30 @@ def _part(v: Factor, lo: int, hi: int) -> Factor:
     return v[lo:hi] if isinstance(v, np.ndarray) else v
 
 
+def _row_sums64(
+    chunk: FloatArray,
+    out: npt.NDArray[np.float64],
+    transposed: bool,
+    weights: npt.NDArray[np.float64] | None = None,
+) -> None:
+    """Σ_c w_c·chunk_ic per row, accumulated in float64 (w = 1 when None), for a float32
+    (rows, C) chunk or its (C, rows) transpose. NumPy's own loops, not BLAS: a float64 BLAS
+    call from the pool's threads starts BLAS threads of its own, which stall on busy cores."""
+    if weights is not None:
+        np.einsum("ji,j->i" if transposed else "ij,j->i", chunk, weights, out=out)
+    elif transposed:
+        np.add.reduce(chunk, axis=0, dtype=np.float64, out=out)
+    else:
+        np.einsum("ij->i", chunk, dtype=np.float64, out=out)
+
+
 @dataclass
 class SoftmaxCrossEntropyRows:
-    """Per-row results of :func:`softmax_cross_entropy_rows` (float32)."""
+    """Per-row results of :func:`softmax_cross_entropy_rows` (float64 per-row sums on the CPU,
+    float32 from the CUDA kernel; the arrays are float32)."""
 
-    per_sample: FloatArray  # s_i·ℓ_i, 0 where not counted
-    valid_weight: FloatArray  # s_i·w_{y_i}, 0 where not counted
+    per_sample: npt.NDArray[np.floating]  # s_i·ℓ_i, 0 where not counted
+    valid_weight: npt.NDArray[np.floating]  # s_i·w_{y_i}, 0 where not counted
     arrays: dict[str, FloatArray] = field(default_factory=dict)
 
 
@@ -216,10 +244,10 @@ def softmax_cross_entropy_rows(
     targets: npt.NDArray[np.integer],
     valid: npt.NDArray[np.bool_] | None = None,
     *,
-    weight: FloatArray | None = None,
+    weight: npt.NDArray[np.floating] | None = None,
     label_smoothing: float = 0.0,
     temperature: float = 1.0,
-    sample_weight: FloatArray | None = None,
+    sample_weight: npt.NDArray[np.floating] | None = None,
     grad_scale: float | None = None,
     grad_out: FloatArray | None = None,
     probabilities: bool = False,
@@ -230,11 +258,23 @@ def softmax_cross_entropy_rows(
 ) -> SoftmaxCrossEntropyRows:
     """Softmax cross-entropy with index targets, forward and backward in one chunked pass.
 
-    With p_i = softmax(z_i / T), ε the label smoothing, w the class weights (1 when absent),
-    W = Σ_c w_c, s_i the sample weight and lse_i = log Σ_c exp((z_ic − m_i)/T), m_i = max_c z_ic:
+    With m_i = max_c z_ic, x_ic = (z_ic − m_i)/T (shift first, then scale: no z/T overflows),
+    S_i = Σ_c exp(x_ic), lse_i = log S_i, p_ic = exp(x_ic)/S_i, ε the label smoothing, w the
+    class weights (1 when absent), W = Σ_c w_c and s_i the sample weight:
 
-        ℓ_i = (1 − ε)·w_y·(lse_i − (z_iy − m_i)/T) + (ε/C)·Σ_c w_c·(lse_i − (z_ic − m_i)/T)
+        ℓ_i = (1 − ε)·w_y·(lse_i − x_iy) + (ε/C)·Σ_c w_c·(lse_i − x_ic)
         ∂(s_i ℓ_i)/∂z_ij = s_i/T · (p_ij·[(1 − ε)w_y + εW/C] − (ε/C)·w_j − (1 − ε)·w_y·[j = y])
+
+    Numerics. The chunks evaluate exp in float32 on float32(x_ic) (the maximum gives
+    exp(0) = 1 exactly) and accumulate S_i and Σ_c w_c·x_ic in float64; everything per row is
+    float64: lse_i = log S_i, x_iy from z_iy − m_i, ℓ_i. So ℓ_i carries only the float32
+    rounding of the shift and of the other classes' exp, never float32's spacing at m_i or at
+    S_i: a confident row's ℓ_i ≈ Σ_{c≠y} p_ic keeps its relative precision. The gradient's
+    target entry is formed in float64 from p_iy = e_iy/S_i, e_iy = exp(x_iy) as summed (no
+    cancellation in p_iy − 1). With more than ``SMALL_CLASSES`` classes and no temperature,
+    smoothing or log-probabilities, rows whose maximum lies in [−30, 80 − log C] skip the
+    shift (exp(z) cannot overflow there; the formulas hold with m_i read as 0), and their
+    ℓ_i = log S_i − log e_iy: e_iy, the float32 exp(z_iy) inside S_i, cancels its own rounding.
 
     Rows with ``valid`` False give 0 loss, 0 weight and a zero gradient row. ``grad_scale``
     (None → no gradient) multiplies the gradient (the reduction's 1/denominator, folded in so
@@ -246,6 +286,7 @@ def softmax_cross_entropy_rows(
     Only the (M, C) work runs per chunk (a handful of ufuncs, so that worker threads rarely
     wait for each other's GIL); the per-row arithmetic runs once over all rows afterwards.
     ``logits`` (M, C) float32 C-contiguous; ``targets`` (M,) class ids in [0, C) where valid.
+    ``per_sample`` and ``valid_weight`` come back in float64, the arrays in float32.
     """
     if logits.dtype != F32 or logits.ndim != 2 or not logits.flags.c_contiguous:
         raise ValueError("logits must be a C-contiguous (M, C) float32 array")
@@ -257,20 +298,22 @@ def softmax_cross_entropy_rows(
     if ok is not None:
         y = np.where(ok, y, 0)
     eps = float(label_smoothing)
-    inv_t = F32(1.0 / temperature)
-    w = None if weight is None else np.ascontiguousarray(weight, dtype=F32).reshape(c)
-    w_total = float(c) if w is None else float(w.sum(dtype=np.float64))
-    s = None if sample_weight is None else np.asarray(sample_weight, dtype=F32).reshape(m_rows)
+    inv_t = 1.0 / temperature
+    inv_t32 = F32(inv_t)
+    w = None if weight is None else np.asarray(weight, dtype=np.float64).reshape(c)
+    w32 = None if w is None else w.astype(F32)
+    w_total = float(c) if w is None else float(w.sum())
+    s = None if sample_weight is None else np.asarray(sample_weight, np.float64).reshape(m_rows)
 
-    # per-row factors, a scalar where all rows share it: w_y, and s_i (0 where not counted)
+    # per-row factors (float64), a scalar where all rows share it: w_y, s_i (0 if not counted)
     w_y: Factor = 1.0 if w is None else w[y]
     row_scale: Factor = 1.0 if s is None else s
     counted: Factor = 1.0
     if ok is not None:
-        counted = ok.astype(F32)
+        counted = ok.astype(np.float64)
         w_y = w_y * counted
         row_scale = row_scale * counted
-    valid_weight = _per_row(w_y * row_scale, m_rows)
+    valid_weight = _per_row(w_y * row_scale, m_rows, np.float64)
 
     grad: FloatArray | None = None
     if grad_scale is not None:
@@ -285,27 +328,28 @@ def softmax_cross_entropy_rows(
     probs = np.empty((m_rows, c), dtype=F32) if probabilities else None
     log_probs = np.empty((m_rows, c), dtype=F32) if log_probabilities else None
     # per-row gradient factors: a_i = s_i·scale/T (0 where not counted)
-    a = row_scale * ((grad_scale or 0.0) / temperature)
-    q_mass = (1.0 - eps) * w_y + (eps / c) * w_total * counted
-    p_coef = a * q_mass  # ∂/∂z_ij = p_coef_i·p_ij − …, before 1/Σ_c exp
+    a = row_scale * ((grad_scale or 0.0) * inv_t)
+    q_mass = (1.0 - eps) * w_y + ((eps / c) * w_total * counted if eps else 0.0)
+    p_coef = a * q_mass  # ∂/∂z_ij = p_coef_i·p_ij − …
     smooth_coef = a * (eps / c)
-    coef = np.empty(m_rows, F32) if grad is not None else None
 
     rows = np.arange(m_rows)
     z_y = logits[rows, y]  # gathered before an in-place gradient overwrites the logits
     known_max = row_max is not None
     mx = np.empty(m_rows, F32) if row_max is None else np.asarray(row_max, F32).reshape(m_rows)
-    lse = np.empty(m_rows, F32)  # log Σ_c exp((z_ic − m_i)/T)
-    smooth_sum = np.empty(m_rows, F32) if eps else None  # Σ_c w_c·(z_ic − m_i)/T
-    ones = _ones(c)
-    weights = ones if w is None else w
+    shift = np.empty(m_rows, F32)  # what the chunk subtracted before exp: m_i, or 0 unshifted
+    raw = np.zeros(m_rows, bool)  # rows that took exp(z) unshifted
+    total = np.empty(m_rows, np.float64)  # S_i
+    e_y = np.empty(m_rows, F32)  # exp(f_iy), as summed in S_i
+    smooth_sum = np.empty(m_rows, np.float64) if eps else None  # Σ_c w_c·f_ic
     # Few classes: work on a transposed (C, rows) scratch copy, where the per-row reductions
     # become elementwise ufuncs across C vectors (NumPy's reductions over a short last axis
     # are an order of magnitude slower per element).
     transposed = c <= SMALL_CLASSES
     # without temperature, smoothing or log-probabilities, rows whose max lies in
-    # [−30, exp_ceiling] take exp(z) directly: Σ_c exp(z_ic) ≤ C·exp(m_i) stays finite
-    plain = inv_t == 1 and not eps and log_probs is None
+    # [−30, exp_ceiling] take exp(z) directly: Σ_c exp(z_ic) ≤ C·exp(m_i) stays finite. Not
+    # for few classes, where the shift costs less than the float64 log that corrects exp(z_iy)
+    plain = inv_t32 == 1 and not eps and log_probs is None and not transposed
     exp_ceiling = 80.0 - math.log(c)
 
     def moderate(m: FloatArray) -> bool:
@@ -315,37 +359,37 @@ def softmax_cross_entropy_rows(
     all_unshifted = plain and known_max and m_rows * c >= MIN_PARALLEL_ELEMENTS and moderate(mx)
 
     def work(lo: int, hi: int) -> None:
+        n = hi - lo
         z = logits[lo:hi]
         m = mx[lo:hi]
         if transposed:
-            e = _scratch.get("t", c, hi - lo)
+            e = _scratch.get("t", c, n)
             np.copyto(e, z.T)
             src = e
         else:
-            e = grad[lo:hi] if grad is not None else _scratch.get("g", hi - lo, c)
+            e = grad[lo:hi] if grad is not None else _scratch.get("g", n, c)
             src = z
 
-        def per_row(v: Factor) -> Factor:
+        def per_row(v: Any) -> Any:
             if not isinstance(v, np.ndarray):
                 return v
             return v[None, :] if transposed else v[:, None]
-
-        def row_dot(vec: FloatArray, out: FloatArray) -> None:
-            # Σ_c vec_c·e_ic per row through BLAS (several times faster than np.sum)
-            np.matmul(vec, e, out=out) if transposed else np.matmul(e, vec, out=out)
 
         if not known_max:
             np.max(src, axis=0 if transposed else 1, out=m)
         unshifted = all_unshifted or (plain and not known_max and moderate(m))
         if unshifted:
+            shift[lo:hi] = 0
+            raw[lo:hi] = True
             np.exp(src, out=e)
         else:
+            shift[lo:hi] = m
             np.subtract(src, per_row(m), out=e)
-            if inv_t != 1:
-                np.multiply(e, inv_t, out=e)
+            if inv_t32 != 1:
+                np.multiply(e, inv_t32, out=e)
             if smooth_sum is not None:
                 ss = smooth_sum[lo:hi]
-                row_dot(weights, ss)
+                _row_sums64(e, ss, transposed, w)
                 if w is not None and np.isnan(ss).any():
                     # w_c = 0 on a −inf class: that term counts 0, as in the reference
                     shifted = e.T if transposed else e
@@ -354,33 +398,42 @@ def softmax_cross_entropy_rows(
             if log_probs is not None:
                 np.copyto(log_probs[lo:hi], e.T if transposed else e)
             np.exp(e, out=e)
-        total = lse[lo:hi]
-        row_dot(ones, total)
+        row_total = total[lo:hi]
+        _row_sums64(e, row_total, transposed)
+        if grad is not None or unshifted:
+            r = np.arange(n)
+            e_y[lo:hi] = e[y[lo:hi], r] if transposed else e[r, y[lo:hi]]
         if probs is not None:
-            np.divide(e.T if transposed else e, total[:, None], out=probs[lo:hi])
-        if grad is not None and coef is not None:
-            k = coef[lo:hi]
-            np.divide(_part(p_coef, lo, hi), total, out=k)
+            inv_total = (1.0 / row_total).astype(F32)
+            np.multiply(e.T if transposed else e, inv_total[:, None], out=probs[lo:hi])
+        if grad is not None:
+            k = (_part(p_coef, lo, hi) / row_total).astype(F32)  # p_coef_i / S_i
             np.multiply(e, per_row(k), out=e)
             if eps:
-                sc = _part(smooth_coef, lo, hi)
-                if w is None:
+                part = _part(smooth_coef, lo, hi)
+                sc = part.astype(F32) if isinstance(part, np.ndarray) else F32(part)
+                if w32 is None:
                     np.subtract(e, per_row(sc), out=e)
                 else:
                     tmp = _scratch.get("w", *e.shape)
-                    np.multiply(per_row(sc), w[:, None] if transposed else w[None, :], out=tmp)
+                    np.multiply(per_row(sc), w32[:, None] if transposed else w32[None, :], out=tmp)
                     np.subtract(e, tmp, out=e)
             if transposed:
                 np.copyto(grad[lo:hi], e.T)
-        np.log(total, out=total)
-        if unshifted:
-            np.subtract(total, m, out=total)
         if log_probs is not None:
-            np.subtract(log_probs[lo:hi], total[:, None], out=log_probs[lo:hi])
+            lse32 = np.log(row_total).astype(F32)
+            np.subtract(log_probs[lo:hi], lse32[:, None], out=log_probs[lo:hi])
 
     run_blocks(m_rows, c, work, threads=threads, chunk_bytes=chunk_bytes)
     with np.errstate(all="ignore"):  # ±inf/NaN follow IEEE rules, as in the chunks
-        nll = lse - (z_y - mx) * inv_t
+        lse = np.log(total)
+        x_y = (z_y.astype(np.float64) - shift) * inv_t
+        nll = lse - x_y
+        # unshifted rows: less the rounding of the target's own exp(z_iy), log e_iy − z_iy
+        # (shifted ones need none: their maximum is exp(0) = 1 exactly)
+        fix = np.flatnonzero(raw & (e_y >= np.finfo(F32).tiny))
+        if fix.size:
+            nll[fix] -= np.log(e_y[fix], dtype=np.float64) - z_y[fix]
         if isinstance(w_y, np.ndarray):  # w_y = 0 counts 0, also against an infinite nll
             nll = np.where(w_y != 0, w_y * nll, 0)
         loss = (1.0 - eps) * nll if eps else nll
@@ -391,9 +444,12 @@ def softmax_cross_entropy_rows(
             weighted = np.where(row_scale != 0, loss * row_scale, 0)
         if ok is not None:
             weighted = np.where(ok, weighted, 0)
-        per_sample: FloatArray = weighted.astype(F32, copy=False)
+        per_sample = _per_row(weighted, m_rows, np.float64)
         if grad is not None:
-            grad[rows, y] -= a * (1.0 - eps) * w_y
+            # the target's entry in float64: p_iy·q_mass − w_y·((1 − ε) + ε/C), without
+            # float32's cancellation in p_iy − 1 on confident rows
+            target_coef = ((1.0 - eps) + eps / c) * w_y
+            grad[rows, y] = a * (q_mass * (e_y / total) - target_coef)
     arrays: dict[str, FloatArray] = {}
     if grad is not None:
         arrays["grad"] = grad

@@ -40,8 +40,8 @@ def fast_index_cross_entropy(inp: LossInputs, targets: Array, valid: Array) -> L
         return None
     want = inp.want
     weight = None
-    if opts.weight is not None:
-        weight = xp.asarray(np.asarray(opts.weight, dtype=np.float32))
+    if opts.weight is not None:  # float64 on the CPU, where the per-row arithmetic is float64
+        weight = xp.asarray(np.asarray(opts.weight, dtype=np.float64 if xp is np else np.float32))
     s = inp.sample_weight
     grad_scale = None
     if "grad" in want:

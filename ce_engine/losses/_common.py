@@ -1,7 +1,15 @@
-"""Helpers shared by the loss modules (xp-generic)."""
+"""Helpers shared by the loss modules (xp-generic).
+
+Softmax numerics live here, once: x = (z − max)/T (:func:`shift_scale`: shift first, then
+scale), log Σ exp(x) summed in float64 (:func:`log_sum_exp`), and the float64 recomputation of
+positions whose float32 loss overflowed in an intermediate (:func:`refine_in_float64`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -10,20 +18,52 @@ import numpy as np
 from ce_engine.dtypes import is_floating
 from ce_engine.errors import InputValidationError
 from ce_engine.layout import Array, Layout
-from ce_engine.registry import LossInputs
+from ce_engine.registry import LossInputs, LossTerms
+
+
+def shift_scale(
+    xp: ModuleType, z: Array, temperature: float = 1.0, row_max: Array | None = None
+) -> Array:
+    """x = (z − m)/T, m = max_c z_c per row (last axis; ``row_max`` when known): shift first,
+    then scale.
+
+    Scaling first would overflow: z/T with |z| near the dtype's maximum and T < 1 is ±inf,
+    while x ≤ 0 always and its maximum is exactly 0.
+    """
+    m = xp.max(z, axis=-1, keepdims=True) if row_max is None else row_max[..., None]
+    with np.errstate(over="ignore"):  # beyond the dtype: −inf, p = 0 (refine_in_float64)
+        x = z - m
+        if temperature != 1.0:
+            x /= x.dtype.type(temperature)
+    return x
+
+
+def log_sum_exp(xp: ModuleType, x: Array) -> Array:
+    """log Σ_c exp(x_c) per row (last axis, kept) of shifted logits x (max 0), in float64.
+
+    exp runs in x's dtype, the sum (in [1, C]) and its log in float64: a float32 sum would
+    round 1 + r to float32's spacing at 1, the whole of a confident row's loss r ≪ 1.
+    """
+    return xp.log(xp.sum(xp.exp(x), axis=-1, keepdims=True, dtype=xp.float64))
 
 
 def log_softmax(xp: ModuleType, z: Array, temperature: float = 1.0) -> Array:
-    """log p = z/T − max − log Σ exp(z/T − max), row-wise over the last axis.
+    """log p = x − log Σ_c exp(x_c), x = (z − max)/T, row-wise over the last axis.
 
     Rows of −inf only are rejected earlier (see ``ce_engine.api``); a −inf entry gives log p = −inf.
     """
-    zs = z / z.dtype.type(temperature) if temperature != 1.0 else z
-    row_max = xp.max(zs, axis=-1, keepdims=True)
-    shifted = zs - row_max
-    lse = xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
-    shifted -= lse
-    return shifted
+    return log_softmax_lse(xp, z, temperature)[0]
+
+
+def log_softmax_lse(
+    xp: ModuleType, z: Array, temperature: float = 1.0, row_max: Array | None = None
+) -> tuple[Array, Array]:
+    """(log p in z's dtype, lse = log Σ_c exp(x_c) per row (M,) in float64): see
+    :func:`log_softmax`; ``row_max`` (M,) is max_c z_c when known."""
+    x = shift_scale(xp, z, temperature, row_max)
+    lse = log_sum_exp(xp, x)
+    x -= lse.astype(x.dtype)
+    return x, lse[..., 0]
 
 
 def times_log(xp: ModuleType, coef: Array, log_p: Array) -> Array:
@@ -42,7 +82,16 @@ def class_weights(
             ("options", "weight"),
             f"weight has {len(weight)} entries but logits have {num_classes} classes",
         )
-    return xp.asarray(np.asarray(weight, dtype=dtype))
+    with np.errstate(over="ignore"):
+        w = np.asarray(weight, dtype=dtype)
+    beyond = np.flatnonzero(~np.isfinite(w))  # finite as sent (options), not in float32
+    if beyond.size:
+        raise InputValidationError.single(
+            ("options", "weight", int(beyond[0])),
+            f"class weight {weight[int(beyond[0])]} is beyond the range of "
+            f"{np.dtype(dtype).name} (the compute dtype): send float64 logits",
+        )
+    return xp.asarray(w)
 
 
 def resolve_target_format(fmt: str, targets: Array, layout: Layout) -> str:
@@ -184,7 +233,8 @@ def sigmoid(xp: ModuleType, x: Array) -> Array:
 
 
 def scaled_logits(inp: LossInputs) -> Array:
-    """z / T; temperature is only meaningful for ``input_kind: logits``."""
+    """z / T for the elementwise (sigmoid) losses, which have no row maximum to shift by: z/T
+    overflows only where σ(z/T) is 0 or 1 anyway. Temperature needs ``input_kind: logits``."""
     opts = inp.options
     if opts.input_kind != "logits" and opts.temperature != 1.0:
         raise InputValidationError.single(
@@ -284,3 +334,44 @@ def input_log_probs(inp: LossInputs) -> tuple[Array, Array | None]:
         return z, None
     clipped = xp.clip(z, opts.eps, 1.0 - opts.eps)
     return xp.log(clipped), clipped
+
+
+def refine_in_float64(
+    inp: LossInputs, terms: LossTerms, targets: Array, loss: Callable[[LossInputs], LossTerms]
+) -> LossTerms:
+    """With a float32 compute dtype, recompute from float64 logits the positions whose loss
+    is not finite, so that an intermediate beyond float32's range (z − m, w·log p near
+    ±3.4e38) never turns a loss that is finite in float64 into ±inf. Genuinely non-finite
+    losses (mass on a −inf logit) stay so. Only ``per_sample`` changes (float64 there).
+
+    ``targets`` are the loss's targets as rows or positions (M, …) and ``loss`` the loss
+    function itself, run on the bad rows alone with the same options.
+    """
+    xp, per = inp.xp, terms.per_sample
+    if inp.logits is None or inp.logits.dtype != np.float32:
+        return terms
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(float(per.sum(dtype=xp.float64))):
+            return terms
+    bad = xp.nonzero(~xp.isfinite(per))[0]
+    if not bad.size:
+        return terms
+    s, exclude = inp.sample_weight, inp.exclude
+    rows = LossInputs(
+        xp,
+        Layout.of((int(bad.size), inp.layout.num_classes), -1),
+        inp.logits[bad].astype(xp.float64),
+        targets[bad],
+        inp.options,
+        None if s is None else s[bad].astype(xp.float64),
+        None if exclude is None else exclude[bad],
+        frozenset({"loss"}),
+    )
+    redone = loss(rows)
+    per = per.astype(xp.float64)  # copies: the kernels' arrays stay untouched
+    per[bad] = redone.per_sample
+    extras = {}
+    for key, values in terms.per_sample_extras.items():
+        extras[key] = values.astype(xp.float64)
+        extras[key][bad] = redone.per_sample_extras[key]
+    return dataclasses.replace(terms, per_sample=per, per_sample_extras=extras)

@@ -6,12 +6,15 @@ for target log-probabilities), ``optax.kl_divergence``.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ce_engine.hessian import SECOND_ORDER, second_order
 from ce_engine.layout import Array
 from ce_engine.losses._common import (
     dense_targets,
     input_log_probs,
     log_softmax,
+    refine_in_float64,
     reject_first,
     resolve_target_format,
     times_log,
@@ -62,16 +65,29 @@ def kl_divergence(inp: LossInputs) -> LossTerms:
     Hessian: Σq (diag p − p pᵀ)/T² for logits, diag(q/x²) for probabilities, 0 for
     log-probabilities. ``extras``: ``entropy`` = −Σ q log q and ``cross_entropy`` = −Σ q log p,
     reduced like the loss (sums for ``sum`` and ``none``), so cross_entropy = entropy + value.
+    Numerics: softmax((z − max)/T) (shift, then scale), row sums in float64; with a float32
+    compute dtype, positions whose KL is not finite are recomputed from float64 logits
+    (``_common.refine_in_float64``). ``reduction: mean`` divides by the counted positions
+    (PyTorch's ``mean`` divides by N·C).
     """
+    terms = _kl_divergence(inp)
+    rows = inp.layout.to_rows(inp.xp, inp.targets)
+    return refine_in_float64(inp, terms, rows, _kl_divergence)
+
+
+def _kl_divergence(inp: LossInputs) -> LossTerms:
+    """:func:`kl_divergence` in the compute dtype (row sums in float64)."""
     xp, opts, layout = inp.xp, inp.options, inp.layout
     o: KLDivergenceOptions = opts
     dtype = inp.logits.dtype
+    f64 = xp.float64
     q, log_q, valid = _target_distribution(inp)
     log_p, clipped = input_log_probs(inp)
     log_q = xp.where(q > 0, log_q, 0)  # 0·log 0 = 0, and no −inf − (−inf)
-    entropy = -xp.sum(q * log_q, axis=-1)
-    cross = -xp.sum(times_log(xp, q, log_p), axis=-1)
-    kl = xp.sum(times_log(xp, q, log_q - log_p), axis=-1)  # direct: no H(q, p) − H(q) cancel
+    entropy = -xp.sum(q * log_q, axis=-1, dtype=f64)
+    cross = -xp.sum(times_log(xp, q, log_p), axis=-1, dtype=f64)
+    with np.errstate(over="ignore"):  # beyond the dtype: refine_in_float64 redoes the row
+        kl = xp.sum(times_log(xp, q, log_q - log_p), axis=-1, dtype=f64)  # not H(q,p) − H(q)
     scale = valid.astype(dtype)
     if inp.sample_weight is not None:
         scale = scale * inp.sample_weight
@@ -87,7 +103,8 @@ def kl_divergence(inp: LossInputs) -> LossTerms:
         arrays["grad"] = _grad(inp, q, p, clipped, scale)
     if inp.want & {"hessian", "hessian_diag", "hvp"}:
         if p is not None:
-            mass = xp.sum(q, axis=-1) * scale / dtype.type(o.temperature**2)
+            t = dtype.type(o.temperature)
+            mass = xp.sum(q, axis=-1) * scale / t / t  # not T²: it under/overflows first
             arrays.update(second_order(xp, inp.want, layout, inp.vector, p=p, scale=mass))
         else:
             diag = xp.zeros_like(q)

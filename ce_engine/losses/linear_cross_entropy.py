@@ -155,8 +155,8 @@ def linear_cross_entropy(inp: LossInputs) -> LossTerms:
     rows_per_chunk = max(1, o.chunk_elements // c)
     classes_per_block = max(1, o.chunk_elements // max(d, 1))
     want_grad = inp.want & {"grad_features", "grad_weight", "grad_bias"}
-    per_sample = xp.zeros(n, dtype=dtype)
-    valid_weight = xp.zeros(n, dtype=dtype)
+    per_sample = xp.zeros(n, dtype=xp.float64)  # float64 per row, as cross_entropy's
+    valid_weight = xp.zeros(n, dtype=xp.float64)
     valid = xp.zeros(n, dtype=bool)
     g_x = xp.zeros((n, d), dtype=dtype) if "grad_features" in want_grad else None
     g_w = xp.zeros((c, d), dtype=dtype) if "grad_weight" in want_grad else None

@@ -8,11 +8,12 @@ multi_margin_loss`` is Weston–Watkins divided by C).
 
 from __future__ import annotations
 
+import numpy as np
+
 from ce_engine.layout import Array
 from ce_engine.losses._common import (
     index_targets,
     resolve_target_format,
-    scaled_logits,
     times_log,
 )
 from ce_engine.options import MulticlassHingeOptions
@@ -25,7 +26,8 @@ FORMULA = (
 
 
 def multiclass_hinge(inp: LossInputs) -> LossTerms:
-    """Multi-class hinge loss on scores z = logits / T with integer targets y.
+    """Multi-class hinge loss on scores z / T with integer targets y, margins formed as
+    m + (z_ij − z_iy)/T (the difference first: no z/T overflows for T < 1).
 
     Weston–Watkins: ℓ_i = Σ_{j≠y_i} max(0, m − z_iy + z_ij); subgradient +1 at each active j,
     −(number active) at y. Crammer–Singer: ℓ_i = max(0, m + z_ik − z_iy), k = argmax_{j≠y} z_ij;
@@ -37,24 +39,28 @@ def multiclass_hinge(inp: LossInputs) -> LossTerms:
     dtype = inp.logits.dtype
     resolve_target_format("index", inp.targets, layout)
     y, valid = index_targets(inp)
-    z = scaled_logits(inp)
+    z = inp.logits
     rows = xp.arange(layout.num_positions)
     z_y = z[rows, y]
     target_masked = z_y == -xp.inf
     z_y = xp.where(target_masked, 0, z_y)[:, None]
     is_target = xp.arange(layout.num_classes)[None, :] == y[:, None]
     grad = xp.zeros_like(z) if "grad" in inp.want else None
+    with np.errstate(over="ignore"):  # a gap beyond the dtype is ±inf, as its margin
+        gap = z - z_y  # z_ij − z_iy first, then / T: no z/T overflows for T < 1
+        if o.temperature != 1.0:
+            gap /= dtype.type(o.temperature)
     if o.variant == "weston_watkins":
-        margins = xp.where(is_target, -xp.inf, (o.margin - z_y) + z)
+        margins = xp.where(is_target, -xp.inf, o.margin + gap)
         active = margins > 0
         loss = xp.sum(xp.maximum(margins, 0), axis=-1)  # maximum propagates NaN
         if grad is not None:
             grad += active
             grad[rows, y] -= xp.sum(active, axis=-1)
     else:
-        others = xp.where(is_target, -xp.inf, z)
+        others = xp.where(is_target, -xp.inf, gap)
         k = xp.argmax(others, axis=-1)
-        margin = (o.margin - z_y[:, 0]) + others[rows, k]
+        margin = o.margin + others[rows, k]
         active = margin > 0
         loss = xp.maximum(margin, 0)
         if grad is not None:
