@@ -1,4 +1,22 @@
-"""``ce_engine.evaluate``: validate → loss → reduce → outputs (DESIGN §2)."""
+"""``ce_engine.evaluate``: validate → loss → reduce → outputs (DESIGN §2).
+
+Precision: float16/bfloat16/float32 inputs compute in float32 with float64 sums; every loss's
+per-position terms are float64 sums (``sum`` and ``denominator`` always float64), softmax
+log-sum-exp is taken after the max shift (temperature after the shift) with its sum in
+float64, so a per-position loss carries a few float32 ulps of its own size, not of the row
+maximum. ``outputs`` come back in the compute dtype.
+
+Non-finite answers, never a silent null:
+- where the float64 sums are finite they are answered (a float32 loss beyond float32's range
+  included; then ``per_sample``, if requested, is a 422: it cannot hold it);
+- weights whose counted sum overflows float64 (the ``valid`` denominator) are a 422
+  ``weight_overflow`` naming ``sample_weight`` or ``options.weight``, whatever ``nan_policy``;
+- a genuinely non-finite loss (target mass on a class of logit −inf; a product beyond
+  float64) is, under ``nan_policy: raise`` (the default), a 422 ``non_finite_result``
+  (:class:`~ce_engine.errors.NonFiniteResultError`) naming the first position and the reason;
+  under ``propagate`` it is answered as is, under ``omit`` those positions are not counted; both
+  list them, with the positions of NaN/+inf inputs, in ``EvaluationResult.non_finite``.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from ce_engine.backend import get_namespace
+from ce_engine.backend import get_namespace, to_numpy
 from ce_engine.dtypes import BFLOAT16, compute_dtype, is_floating
-from ce_engine.errors import ErrorItem, InputValidationError, unknown_name
+from ce_engine.errors import ErrorItem, InputValidationError, NonFiniteResultError, unknown_name
 from ce_engine.kernels.cpu import row_max
 from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true, reject_first
@@ -48,6 +66,10 @@ class EvaluationResult:
     backend: str = "numpy"
     compute_dtype: str = "float32"
     extras: dict[str, float] = field(default_factory=dict)
+    #: with ``nan_policy`` propagate or omit: the positions whose loss or input was not finite,
+    #: ``{"count": k, "positions": [[i, …], …]}`` (the first ``MAX_REPORTED_POSITIONS``); empty
+    #: when there were none
+    non_finite: dict[str, Any] = field(default_factory=dict)
 
 
 def to_backend(xp: Any, array: Any, *, loc: str) -> Array:
@@ -132,12 +154,25 @@ def _sample_weight(xp: Any, sw: Any, layout: Layout, dtype: Any) -> Array | None
             f"{list(layout.positions_shape)}, got {list(shape)}",
             "shape_mismatch",
         )
-    s = layout.to_positions(xp.asarray(s, dtype=dtype))
-    bad = first_true(xp, ~xp.isfinite(s) | (s < 0))
+    s = layout.to_positions(s)
+    if not (is_floating(s.dtype) or s.dtype.kind in "iub"):
+        raise InputValidationError.single(("sample_weight",), "not a numeric array", "dtype")
+    wide = s.astype(xp.float64, copy=False)
+    bad = first_true(xp, ~xp.isfinite(wide) | (wide < 0))
     if bad is not None:
         raise InputValidationError.single(
             ("sample_weight", *layout.position(bad)),
             "sample weights must be finite and >= 0",
+            "sample_weight",
+        )
+    with np.errstate(over="ignore"):
+        s = s.astype(dtype, copy=False)
+    bad = first_true(xp, ~xp.isfinite(s))
+    if bad is not None:
+        raise InputValidationError.single(
+            ("sample_weight", *layout.position(bad)),
+            f"sample weight {float(wide[bad])} is beyond the range of {np.dtype(dtype).name} "
+            "(the compute dtype): send float64 logits",
             "sample_weight",
         )
     return s
@@ -175,6 +210,106 @@ def _no_linear_inputs(loss: str, **tensors: Any) -> None:
             f"`{given[0]}` is only for linear-layer losses (linear_cross_entropy), not {loss}",
             "unexpected",
         )
+
+
+#: Most positions listed in ``EvaluationResult.non_finite`` (the count covers them all).
+MAX_REPORTED_POSITIONS = 100
+_RAISE_HINT = " (nan_policy 'raise'; 'propagate' answers it, 'omit' leaves the position out)"
+
+
+def _check_denominator(
+    xp: Any, terms: LossTerms, opts: CommonOptions, sample_weight: Array | None
+) -> None:
+    """422 naming the weights when the ``valid`` denominator Σ_i s_i·w_{y_i} overflows float64."""
+    if opts.reduction != "mean" or opts.normalization != "valid":
+        return
+    with np.errstate(over="ignore"):
+        total = float(terms.valid_weight.sum(dtype=np.float64))
+    if math.isfinite(total):
+        return
+    loc: tuple[str, ...] = ("sample_weight",)
+    with np.errstate(over="ignore"):
+        own_sum_finite = sample_weight is None or math.isfinite(
+            float(sample_weight.sum(dtype=np.float64))
+        )
+    if own_sum_finite and getattr(opts, "weight", None) is not None:
+        loc = ("options", "weight")
+    raise InputValidationError.single(
+        loc,
+        f"the weights of the counted positions sum to {total} in float64: the mean's "
+        "denominator is not finite; scale the weights down",
+        "weight_overflow",
+    )
+
+
+def _raise_non_finite(
+    xp: Any, per_sample: Array, bad: Array, layout: Layout, rows: Array | None, s: Array | None
+) -> None:
+    """422 ``non_finite_result`` at the first position whose loss (or running sum) is not
+    finite, with the reason."""
+    first = first_true(xp, bad)
+    if first is None:  # every term is finite, their float64 sum is not
+        running = xp.cumsum(per_sample.astype(xp.float64))
+        first = first_true(xp, ~xp.isfinite(running))
+        assert first is not None
+        raise NonFiniteResultError.single(
+            ("logits", *layout.position(first)),
+            "the sum of the per-position losses overflows float64 at this position" + _RAISE_HINT,
+            "non_finite_result",
+        )
+    value = float(per_sample[first])
+    loc: tuple[str | int, ...] = ("logits", *layout.position(first))
+    if math.isnan(value):
+        reason = "the loss at this position is NaN"
+    elif rows is not None and bool(xp.any(rows[first] == -xp.inf)):
+        reason = (
+            f"the loss at this position is {value}: the target puts mass on a class of "
+            "probability 0 (a -inf entry of logits)"
+        )
+    elif s is not None and float(s[first]) > 1.0:
+        reason = f"the loss at this position times its sample weight {float(s[first])} is {value}"
+        loc = ("sample_weight", *layout.position(first))
+    else:
+        reason = f"the loss at this position is {value}: it overflows float64"
+    raise NonFiniteResultError.single(loc, reason + _RAISE_HINT, "non_finite_result")
+
+
+def _check_finite_answer(
+    xp: Any, result: EvaluationResult, outputs: tuple[str, ...], layout: Layout
+) -> None:
+    """422 ``non_finite_result`` where a finite float64 sum still gives a non-finite answer: a
+    mean that overflows, an extra, or a per-position loss beyond the compute dtype's range."""
+    if result.value is not None and not math.isfinite(result.value):
+        raise NonFiniteResultError.single(
+            ("logits",),
+            f"the mean overflows float64: sum {result.sum} / denominator {result.denominator}",
+            "non_finite_result",
+        )
+    for name, extra in result.extras.items():
+        if not math.isfinite(extra):
+            raise NonFiniteResultError.single(
+                ("logits",), f"extras.{name} is {extra}" + _RAISE_HINT, "non_finite_result"
+            )
+    per = result.outputs.get("per_sample")
+    if per is not None:
+        bad = first_true(xp, ~xp.isfinite(per))
+        if bad is not None:
+            raise NonFiniteResultError.single(
+                ("outputs", list(outputs).index("per_sample")),
+                f"per_sample at position {list(layout.position(bad))} is beyond the range of "
+                f"{per.dtype} (the compute dtype; value and sum are float64): send float64 "
+                "logits",
+                "non_finite_result",
+            )
+
+
+def _positions(xp: Any, mask: Array, layout: Layout) -> dict[str, Any]:
+    """``{"count", "positions"}`` of the True entries of an (M,) mask ({} when none)."""
+    flat = to_numpy(xp.nonzero(mask)[0])
+    if not flat.size:
+        return {}
+    listed = [list(layout.position(int(i))) for i in flat[:MAX_REPORTED_POSITIONS]]
+    return {"count": int(flat.size), "positions": listed}
 
 
 #: Largest batches (N·C) the small-batch lane takes (larger ones: the fused kernels).
@@ -284,6 +419,8 @@ def evaluate(
     ``outputs`` (arrays in the backend's namespace, logits' layout) and ``metrics``.
     Linear-layer losses (``linear_cross_entropy``) take ``features`` (N, D), ``weight`` (C, D)
     and optional ``bias`` (C,) instead of logits (pass ``logits=None``).
+    Non-finite results follow the module's rule: 422 under ``nan_policy: raise``, listed in
+    ``non_finite`` under ``propagate`` and ``omit``.
     """
     outputs, metric_names = tuple(outputs), list(metrics)
     if (
@@ -338,23 +475,45 @@ def evaluate(
     elif "hvp" in want:
         raise InputValidationError.single(("vector",), "output 'hvp' needs `vector`", "missing")
 
-    terms = spec.compute(
-        LossInputs(
-            xp,
-            layout,
-            rows,
-            t,
-            opts,
-            s,
-            exclude,
-            want,
-            v,
-            row_max=peak,
-            metrics=tuple(metric_names) if spec.inputs == "linear" else (),
-            **linear,
+    def compute(excluded: Array | None) -> LossTerms:
+        return spec.compute(
+            LossInputs(
+                xp,
+                layout,
+                rows,
+                t,
+                opts,
+                s,
+                excluded,
+                want,
+                v,
+                row_max=peak,
+                metrics=tuple(metric_names) if spec.inputs == "linear" else (),
+                **linear,
+            )
         )
-    )
+
+    # Non-finite answers (module docstring): weights → 422; a non-finite loss → 422 under
+    # nan_policy raise, left out under omit, answered under propagate; both list the positions
+    terms = compute(exclude)
+    _check_denominator(xp, terms, opts, s)
     result = reduce_terms(terms, layout, opts, spec.name, want, xp, dtype=cdt)
+    non_finite = None
+    if not math.isfinite(result.sum):
+        bad = ~xp.isfinite(terms.per_sample)
+        if opts.nan_policy == "raise":
+            _raise_non_finite(xp, terms.per_sample, bad, layout, rows, s)
+        non_finite = bad
+        if opts.nan_policy == "omit" and bool(bad.any()):
+            exclude = bad if exclude is None else exclude | bad
+            terms = compute(exclude)
+            result = reduce_terms(terms, layout, opts, spec.name, want, xp, dtype=cdt)
+    if opts.nan_policy == "raise":
+        _check_finite_answer(xp, result, outputs, layout)
+    if exclude is not None:
+        non_finite = exclude if non_finite is None else non_finite | exclude
+    if non_finite is not None:
+        result.non_finite = _positions(xp, non_finite, layout)
     result.backend = backend_name
     result.compute_dtype = cdt.type.__name__
     if metric_names:

@@ -58,5 +58,11 @@ class InputValidationError(EngineError):
         return cls([ErrorItem(loc, msg, type)])
 
 
+class NonFiniteResultError(InputValidationError):
+    """Valid inputs whose answer is not finite in float64 (e.g. target mass on a −inf logit),
+    under ``nan_policy: raise``; ``errors`` name the first position and the reason (HTTP 422,
+    gRPC INVALID_ARGUMENT, problem type ``non-finite-result``)."""
+
+
 class BackendUnavailableError(EngineError):
     """The requested array backend cannot be used here (HTTP 422, gRPC FAILED_PRECONDITION)."""

@@ -40,7 +40,11 @@ class CommonOptions(BaseModel):
     )
     nan_policy: NanPolicy = Field(
         "raise",
-        description="NaN/+inf in inputs: raise (422 naming the position), propagate, omit.",
+        description=(
+            "NaN/+inf in inputs, or a non-finite loss (e.g. target mass on a -inf logit): "
+            "raise (422 naming the position), propagate (answered; the response lists the "
+            "positions in `non_finite`), omit (those positions are not counted, and listed)."
+        ),
     )
     top_k: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [1, 5], description="k values for `top_k_accuracy`."

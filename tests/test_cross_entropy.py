@@ -254,8 +254,15 @@ def test_minus_inf_logits_mask_classes():
     np.testing.assert_allclose(res.outputs["per_sample"], [-math.log(p0), 0.0])
     assert np.isfinite(res.outputs["grad"]).all()
     assert res.outputs["grad"][0, 1] == 0.0
-    masked_target = ce_engine.evaluate("cross_entropy", z, np.array([1, 0]), outputs=["per_sample"])
+    masked_target = ce_engine.evaluate(
+        "cross_entropy",
+        z,
+        np.array([1, 0]),
+        options={"nan_policy": "propagate"},
+        outputs=["per_sample"],
+    )
     assert masked_target.outputs["per_sample"][0] == math.inf
+    assert masked_target.non_finite == {"count": 1, "positions": [[0]]}
 
 
 def test_out_of_range_label_names_position():

@@ -245,11 +245,13 @@ def test_minus_inf_and_huge_logits(smoothing, c):
     w = np.ones(c)
     w[1] = 0.0  # the masked class carries no weight: its terms count 0
     for weight in (None, w.tolist()):
+        # smoothing without a zero weight puts mass on the −inf class: ℓ_0 = +inf, answered
+        # under nan_policy propagate (raise would make it a 422)
         res = ce_engine.evaluate(
             "cross_entropy",
             z,
             y,
-            options={"label_smoothing": smoothing, "weight": weight},
+            options={"label_smoothing": smoothing, "weight": weight, "nan_policy": "propagate"},
             outputs=["per_sample", "grad"],
             backend="numpy",
         )
@@ -261,9 +263,19 @@ def test_minus_inf_and_huge_logits(smoothing, c):
         if weight is None:  # row 1 is uniform: ℓ = log C whatever the smoothing
             assert res.outputs["per_sample"][1] == pytest.approx(math.log(c), rel=1e-5)
     target_masked = ce_engine.evaluate(
-        "cross_entropy", z[:1], np.array([1]), outputs=["per_sample"], backend="numpy"
+        "cross_entropy",
+        z[:1],
+        np.array([1]),
+        options={"nan_policy": "propagate"},
+        outputs=["per_sample"],
+        backend="numpy",
     )
     assert target_masked.outputs["per_sample"][0] == math.inf
+    assert target_masked.non_finite == {"count": 1, "positions": [[0]]}
+    with pytest.raises(ce_engine.InputValidationError) as info:
+        ce_engine.evaluate("cross_entropy", z[:1], np.array([1]), backend="numpy")
+    assert info.value.errors[0].type == "non_finite_result"
+    assert info.value.errors[0].loc == ("logits", 0)
 
 
 def test_nan_policy_row_max_screen():
@@ -579,6 +591,7 @@ def test_metrics_fused_row_stats_match_the_generic_path(monkeypatch, options, dt
     z[:30, :4] = 1.0  # ties for argmax and the top-k ranks
     z[40, 3] = -np.inf
     y = RNG.integers(0, 9, size=400)
+    y[40] = 4  # no mass on the −inf class (that loss is +inf: a 422 under nan_policy raise)
     if options.get("nan_policy") == "omit":
         z[50, 2] = np.nan
     sw = RNG.random(400) + 0.5

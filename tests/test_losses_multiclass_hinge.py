@@ -128,10 +128,21 @@ def test_extreme_scores(scale, variant):
 def test_masked_classes():
     z = np.array([[2.0, -np.inf, 0.0], [-np.inf, 1.0, 0.0]])
     res = ce_engine.evaluate(
-        "multiclass_hinge", z, np.array([0, 0]), outputs=["per_sample", "grad"]
+        "multiclass_hinge",
+        z,
+        np.array([0, 0]),
+        options={"nan_policy": "propagate"},  # row 1's loss is +inf: a 422 under raise
+        outputs=["per_sample", "grad"],
     )
     assert res.outputs["per_sample"][0] == 0.0 and res.outputs["per_sample"][1] == math.inf
     assert np.isfinite(res.outputs["grad"]).all()
+    assert res.non_finite == {"count": 1, "positions": [[1]]}
+    with pytest.raises(InputValidationError) as info:
+        ce_engine.evaluate("multiclass_hinge", z, np.array([0, 0]))
+    assert (info.value.errors[0].loc, info.value.errors[0].type) == (
+        ("logits", 1),
+        "non_finite_result",
+    )
 
 
 def test_errors():

@@ -1,4 +1,5 @@
-"""Numerics (issue 14): float32 accuracy on every path, temperature, overflow.
+"""Numerics (issue 14): float32 accuracy on every path, temperature, overflow, non-finite
+results.
 
 References are plain float64 (or exact rational) arithmetic written here; tolerances are
 derived from float32's rounding of the inputs' shift and of the answer (``float32_bounds``),
@@ -8,12 +9,14 @@ never from the spacing of float32 at the row maximum.
 from __future__ import annotations
 
 import importlib
+import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
 import ce_engine
+from ce_engine.errors import InputValidationError
 from ce_engine.kernels import cpu
 
 api_module = importlib.import_module("ce_engine.api")
@@ -236,3 +239,97 @@ def test_label_smoothing_with_class_weights_has_no_intermediate_overflow(z, expe
             float(expected), rel=1e-12 if z.dtype == np.float64 else 1e-6
         )
         assert np.isfinite(res.outputs["grad"]).all()
+
+
+# ------------------------------------------------------------ 4. non-finite results
+
+
+@pytest.mark.parametrize(
+    ("targets", "outputs"),
+    [
+        (np.array([1]), ["loss"]),  # fused kernel
+        (np.array([1]), ["grad", "hessian_diag"]),  # generic path
+        (np.array([[0.0, 1.0]], np.float32), ["grad"]),  # probability targets
+    ],
+    ids=["kernel", "generic", "probabilities"],
+)
+def test_float32_loss_beyond_float32_has_its_float64_sum(targets, outputs):
+    """ℓ = 3e38 − (−3e38) = 6e38 > float32's maximum, but the float64 sum holds it."""
+    z = np.array([[3e38, -3e38]], np.float32)
+    res = ce_engine.evaluate("cross_entropy", z, targets, outputs=outputs)
+    exact = 2 * float(np.float32(3e38))
+    assert res.sum == pytest.approx(exact, rel=1e-12) and res.value == res.sum
+    assert res.denominator == 1.0
+
+
+def test_per_sample_beyond_float32_is_a_located_422():
+    z = np.array([[0.0, 1.0], [3e38, -3e38]], np.float32)
+    with pytest.raises(InputValidationError) as info:
+        ce_engine.evaluate("cross_entropy", z, np.array([0, 1]), outputs=["grad", "per_sample"])
+    err = info.value.errors[0]
+    assert (err.loc, err.type) == (("outputs", 1), "non_finite_result")
+    assert "[1]" in err.msg and "float64" in err.msg
+
+
+MASKED = np.array([[0.5, 1.0, 0.0], [0.0, -np.inf, 1.0], [2.0, 0.0, -np.inf]], np.float32)
+MASKED_Y = np.array([0, 1, 2])  # rows 1 and 2 put their mass on a −inf logit: ℓ = +inf
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("loss", ["cross_entropy", "multiclass_hinge", "focal"])
+def test_infinite_loss_under_each_nan_policy(dtype, loss):
+    z = MASKED.astype(dtype)
+    options = {"variant": "softmax"} if loss == "focal" else {}
+    with pytest.raises(InputValidationError) as info:
+        ce_engine.evaluate(loss, z, MASKED_Y, options=options)
+    err = info.value.errors[0]
+    assert (err.loc, err.type) == (("logits", 1), "non_finite_result")
+    assert "-inf" in err.msg
+    propagated = ce_engine.evaluate(
+        loss, z, MASKED_Y, options={**options, "nan_policy": "propagate"}, outputs=["per_sample"]
+    )
+    assert propagated.value == math.inf and propagated.sum == math.inf
+    assert propagated.non_finite == {"count": 2, "positions": [[1], [2]]}
+    omitted = ce_engine.evaluate(loss, z, MASKED_Y, options={**options, "nan_policy": "omit"})
+    first_row = ce_engine.evaluate(loss, z[:1], MASKED_Y[:1], options=options)
+    assert omitted.count == 1 and omitted.ignored == 2
+    rel = 1e-12 if dtype == np.float64 else 1e-6  # float32: the lane against the kernel
+    assert omitted.value == pytest.approx(first_row.value, rel=rel)
+    assert omitted.non_finite == {"count": 2, "positions": [[1], [2]]}
+
+
+def test_omit_lists_the_positions_with_non_finite_inputs_too():
+    z = np.array([[0.5, 1.0], [np.nan, 0.0], [1.0, 2.0]])
+    res = ce_engine.evaluate(
+        "cross_entropy", z, np.array([0, 1, 1]), options={"nan_policy": "omit"}
+    )
+    assert res.count == 2 and res.non_finite == {"count": 1, "positions": [[1]]}
+    clean = ce_engine.evaluate("cross_entropy", z[[0, 2]], np.array([0, 1]), options={})
+    assert clean.non_finite == {}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "loc"),
+    [
+        ({"sample_weight": np.array([1e308, 1e308])}, ("sample_weight",)),
+        ({"options": {"weight": [1e308, 1e308]}}, ("options", "weight")),
+    ],
+    ids=["sample_weight", "class-weights"],
+)
+def test_weights_whose_sum_overflows_name_the_field(kwargs, loc):
+    """Σ_i s_i·w_{y_i} = 2e308: the mean has no finite denominator (was value 0.0)."""
+    with pytest.raises(InputValidationError) as info:
+        ce_engine.evaluate("cross_entropy", np.zeros((2, 2)), np.array([0, 1]), **kwargs)
+    assert info.value.errors[0].loc == loc
+    assert info.value.errors[0].type == "weight_overflow"
+
+
+def test_sample_weight_beyond_the_float32_compute_dtype_is_located():
+    with pytest.raises(InputValidationError) as info:
+        ce_engine.evaluate(
+            "cross_entropy",
+            np.zeros((2, 2), np.float32),
+            np.array([0, 1]),
+            sample_weight=np.array([1.0, 1e39]),
+        )
+    assert info.value.errors[0].loc == ("sample_weight", 1)
