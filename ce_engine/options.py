@@ -38,6 +38,14 @@ class CommonOptions(BaseModel):
     eps: float = Field(
         1e-7, gt=0, lt=0.5, description="Clip for probability inputs: p ∈ [eps, 1 − eps]."
     )
+    sum_tolerance: float = Field(
+        1e-3,
+        ge=0,
+        description=(
+            "Probability inputs of softmax losses: each position's probabilities must sum to "
+            "1 within this (else 422); values must lie in [0, 1] (to 1e-6) for every loss."
+        ),
+    )
     nan_policy: NanPolicy = Field(
         "raise",
         description=(

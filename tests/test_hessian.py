@@ -111,6 +111,7 @@ def test_cross_entropy_second_order(opts, fmt, with_sample_weight):
 @pytest.mark.parametrize("input_kind", ["probabilities", "log_probabilities"])
 def test_cross_entropy_probability_inputs(input_kind):
     p = RNG.uniform(0.05, 0.9, (N, C))
+    p /= p.sum(axis=1, keepdims=True)  # probability inputs are distributions
     z = p if input_kind == "probabilities" else np.log(p)
     y = np.array([2, 0, 1])
     v = RNG.standard_normal((N, C))
@@ -178,6 +179,8 @@ def test_binary_cross_entropy_second_order(opts):
 def test_kl_divergence_second_order(opts):
     kind = opts.get("input_kind", "logits")
     z = RNG.uniform(0.05, 0.9, (N, C)) if kind == "probabilities" else RNG.standard_normal((N, C))
+    if kind == "probabilities":
+        z /= z.sum(axis=1, keepdims=True)  # probability inputs are distributions
     if kind == "log_probabilities":
         z = np.log(RNG.uniform(0.05, 0.9, (N, C)))
     t = RNG.standard_normal((N, C)) if opts.get("target_kind") == "logits" else None

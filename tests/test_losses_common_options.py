@@ -110,7 +110,10 @@ def test_eps_clips_probability_inputs(eps):
     bce = ce_engine.evaluate("binary_cross_entropy", x, y, options=opts)
     per, den = bce_ref.reference(x, y, input_kind="probabilities", eps=eps)
     assert bce.value == pytest.approx(per.sum() / den.sum(), rel=1e-12)
-    q = x / x.sum(axis=1, keepdims=True)
-    kl = ce_engine.evaluate("kl_divergence", x, q, options=opts)
-    expected = kl_ref.reference(x, q, input_kind="probabilities", eps=eps)[0].sum() / N
+    p = x / x.sum(axis=1, keepdims=True)  # softmax inputs are distributions (sum_tolerance)
+    p[1] = np.eye(C)[2]  # an exact 1 (and zeros) to clip
+    q = RNG.uniform(0.1, 1.0, (N, C))
+    q /= q.sum(axis=1, keepdims=True)
+    kl = ce_engine.evaluate("kl_divergence", p, q, options=opts)
+    expected = kl_ref.reference(p, q, input_kind="probabilities", eps=eps)[0].sum() / N
     assert kl.value == pytest.approx(expected, rel=1e-12)

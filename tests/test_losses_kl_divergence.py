@@ -90,7 +90,7 @@ def test_value_decomposition_and_grad(opts, reduction, normalization, with_sampl
     z = {
         "logits": RNG.standard_normal((N, C)) * 2,
         "log_probabilities": np.log(distributions((N, C)) + 0.05),
-        "probabilities": RNG.uniform(0.05, 0.95, (N, C)),
+        "probabilities": distributions((N, C)),
     }[kind]
     sw = RNG.random(N) + 0.1 if with_sample_weight else None
     kw = {k: opts[k] for k in ("target_kind", "input_kind", "temperature") if k in opts}

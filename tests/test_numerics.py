@@ -1,5 +1,5 @@
 """Numerics (issue 14): float32 accuracy on every path, temperature, overflow, non-finite
-results.
+results, probability inputs.
 
 References are plain float64 (or exact rational) arithmetic written here; tolerances are
 derived from float32's rounding of the inputs' shift and of the answer (``float32_bounds``),
@@ -333,3 +333,58 @@ def test_sample_weight_beyond_the_float32_compute_dtype_is_located():
             sample_weight=np.array([1.0, 1e39]),
         )
     assert info.value.errors[0].loc == ("sample_weight", 1)
+
+
+# ------------------------------------------------------------- 6. probability inputs
+
+
+@pytest.mark.parametrize(
+    ("loss", "x", "loc", "kind"),
+    [
+        ("cross_entropy", [[1.7, 1.7, 1.7]], ("logits", 0, 0), "probability_range"),
+        ("kl_divergence", [[0.5, 0.6, -0.1]], ("logits", 0, 2), "probability_range"),
+        ("binary_cross_entropy", [[0.5, -0.2]], ("logits", 0, 1), "probability_range"),
+        ("cross_entropy", [[0.2, 0.3, 0.5], [0.5, 0.4, 0.05]], ("logits", 1), "probability_sum"),
+        ("kl_divergence", [[0.2, 0.2, 0.2]], ("logits", 0), "probability_sum"),
+    ],
+)
+def test_probability_inputs_outside_their_range_are_located(loss, x, loc, kind):
+    x = np.array(x)
+    targets = {
+        "cross_entropy": np.zeros(len(x), np.int64),
+        "kl_divergence": np.full(x.shape, 1.0 / x.shape[1]),
+        "binary_cross_entropy": np.ones(x.shape),
+    }[loss]
+    with pytest.raises(InputValidationError) as info:
+        ce_engine.evaluate(loss, x, targets, options={"input_kind": "probabilities"})
+    assert (info.value.errors[0].loc, info.value.errors[0].type) == (loc, kind)
+
+
+def test_probability_inputs_within_the_tolerances_are_clipped_and_answered():
+    x = np.array([[1.0 + 5e-7, -5e-7, 0.0], [0.5, 0.4995, 0.0]])  # off by < 1e-6; Σ = 0.9995
+    res = ce_engine.evaluate(
+        "cross_entropy", x, np.array([0, 1]), options={"input_kind": "probabilities"}
+    )
+    eps = 1e-7
+    expected = (-math.log(1 - eps) - math.log(0.4995)) / 2
+    assert res.value == pytest.approx(expected, rel=1e-12)
+    loose = ce_engine.evaluate(
+        "cross_entropy",
+        np.array([[0.5, 0.4, 0.05]]),
+        np.array([0]),
+        options={"input_kind": "probabilities", "sum_tolerance": 0.1},
+    )
+    assert loose.value == pytest.approx(-math.log(0.5), rel=1e-12)
+    bce = ce_engine.evaluate(
+        "binary_cross_entropy",
+        np.array([[0.3, 0.3]]),  # elementwise: rows need not sum to 1
+        np.array([[1.0, 0.0]]),
+        options={"input_kind": "probabilities"},
+    )
+    assert bce.value == pytest.approx(-(math.log(0.3) + math.log(0.7)) / 2, rel=1e-12)
+
+
+def test_sum_tolerance_is_in_the_registry():
+    for name, spec in ce_engine.all_losses().items():
+        assert spec.defaults()["sum_tolerance"] == 1e-3, name
+        assert "sum_tolerance" in spec.options_schema()["properties"], name

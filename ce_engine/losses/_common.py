@@ -1,8 +1,9 @@
 """Helpers shared by the loss modules (xp-generic).
 
 Softmax numerics live here, once: x = (z − max)/T (:func:`shift_scale`: shift first, then
-scale), log Σ exp(x) summed in float64 (:func:`log_sum_exp`), and the float64 recomputation of
-positions whose float32 loss overflowed in an intermediate (:func:`refine_in_float64`).
+scale), log Σ exp(x) summed in float64 (:func:`log_sum_exp`), the float64 recomputation of
+positions whose float32 loss overflowed in an intermediate (:func:`refine_in_float64`), and the
+range checks of probability inputs (:func:`check_probabilities`).
 """
 
 from __future__ import annotations
@@ -321,8 +322,53 @@ def label_rows(inp: LossInputs) -> tuple[Array, Array]:
     return _counted(xp, y, valid, inp.exclude, clean)
 
 
+#: How far outside [0, 1] a probability input may lie (rounding) before it is a 422.
+PROBABILITY_TOLERANCE = 1e-6
+
+
+def check_probabilities(inp: LossInputs, distribution: bool) -> None:
+    """422 at the first probability input outside [0, 1] by more than
+    ``PROBABILITY_TOLERANCE`` and, with ``distribution`` (softmax losses), at the first counted
+    position whose probabilities sum to 1 ± more than ``options.sum_tolerance``.
+
+    Inside the range the loss clips to [eps, 1 − eps]; outside it clipping would answer a
+    number for an input that is not a probability. NaN is left to ``nan_policy``.
+    """
+    xp, x, layout = inp.xp, inp.logits, inp.layout
+    if not x.size:
+        return
+    tol = PROBABILITY_TOLERANCE
+    if not (float(xp.min(x)) >= -tol and float(xp.max(x)) <= 1.0 + tol):  # NaN: the masks
+        reject_first(
+            xp,
+            (x < -tol) | (x > 1.0 + tol),
+            x,
+            layout,
+            "logits",
+            "probability {value} is outside [0, 1] (input_kind 'probabilities')",
+            "probability_range",
+        )
+    if not distribution:
+        return
+    total = xp.sum(x, axis=-1, dtype=xp.float64)
+    off = xp.abs(total - 1.0) > inp.options.sum_tolerance
+    if inp.exclude is not None:
+        off &= ~inp.exclude
+    bad = first_true(xp, off)
+    if bad is not None:
+        raise InputValidationError.single(
+            ("logits", *layout.position(bad)),
+            f"the probabilities of this position sum to {float(total[bad])}, not 1 "
+            f"(options.sum_tolerance {inp.options.sum_tolerance})",
+            "probability_sum",
+        )
+
+
 def input_log_probs(inp: LossInputs) -> tuple[Array, Array | None]:
-    """(log p, clipped probabilities or None): log-probabilities of the rows per ``input_kind``."""
+    """(log p, clipped probabilities or None): log-probabilities of the rows per ``input_kind``.
+
+    Probability inputs are checked first (:func:`check_probabilities`, rows summing to 1).
+    """
     xp, z, opts = inp.xp, inp.logits, inp.options
     if opts.input_kind != "logits" and opts.temperature != 1.0:
         raise InputValidationError.single(
@@ -332,6 +378,7 @@ def input_log_probs(inp: LossInputs) -> tuple[Array, Array | None]:
         return log_softmax(xp, z, opts.temperature), None
     if opts.input_kind == "log_probabilities":
         return z, None
+    check_probabilities(inp, distribution=True)
     clipped = xp.clip(z, opts.eps, 1.0 - opts.eps)
     return xp.log(clipped), clipped
 

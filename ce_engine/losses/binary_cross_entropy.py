@@ -9,6 +9,7 @@ from __future__ import annotations
 from ce_engine.hessian import SECOND_ORDER, second_order
 from ce_engine.kernels.dispatch import fast_binary_cross_entropy
 from ce_engine.losses._common import (
+    check_probabilities,
     element_weights,
     label_rows,
     per_class,
@@ -34,7 +35,8 @@ def binary_cross_entropy(inp: LossInputs) -> LossTerms:
     labels y ∈ [0, 1] of the logits' shape smoothed to (1 − ε)y + ε/2, ``pos_weight`` pw over
     the class axis and element weights w ((C,) or the logits' shape). The two-softplus form
     equals (1 − y)·z + (1 + (pw − 1)·y)·softplus(−z) and stays finite for any finite z.
-    Probability inputs x (clipped to [eps, 1 − eps]): ℓ = −w [pw y log x + (1 − y) log(1 − x)].
+    Probability inputs x ∈ [0, 1] (else 422; clipped to [eps, 1 − eps]):
+    ℓ = −w [pw y log x + (1 − y) log(1 − x)].
     ``mean`` with ``valid`` divides by the number of counted elements Σ_i s_i·C (PyTorch's
     mean over all elements), and ``count`` is the number of counted elements (labels).
     """
@@ -69,6 +71,7 @@ def binary_cross_entropy(inp: LossInputs) -> LossTerms:
         log_p, log_1mp = -softplus(xp, -z), -softplus(xp, z)
         loss_el = -(times_log(xp, pos, log_p) + times_log(xp, neg, log_1mp))
     else:
+        check_probabilities(inp, distribution=False)
         x = xp.clip(z, o.eps, 1.0 - o.eps)
         inside = (z > o.eps) & (z < 1.0 - o.eps)
         log_p, log_1mp = xp.log(x), xp.log1p(-x)
