@@ -100,6 +100,12 @@ class ValidationFailed(ServiceError):
     )
 
 
+class NonFiniteResult(ValidationFailed):
+    """Valid input whose answer is not finite (``nan_policy: raise``): never a null in a 200."""
+
+    type = "non-finite-result"
+
+
 class PreconditionFailed(ValidationFailed):
     """Valid request the server cannot honour here (e.g. backend cupy without a GPU)."""
 

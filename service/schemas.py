@@ -66,6 +66,14 @@ class EvaluateRequest(BaseModel):
     )
 
 
+class NonFinitePositions(BaseModel):
+    """Positions whose input or loss was not finite (left out under omit, in the sums under
+    propagate)."""
+
+    count: int = Field(..., description="How many positions.")
+    positions: list[list[int]] = Field(..., description="The first 100, as index lists.")
+
+
 class EvaluateResponse(BaseModel):
     """POST /v1/evaluate answer. ``value`` = sum / denominator for mean reductions."""
 
@@ -87,6 +95,13 @@ class EvaluateResponse(BaseModel):
     outputs: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     extras: dict[str, float] = Field(default_factory=dict)
+    non_finite: NonFinitePositions | None = Field(
+        None,
+        description=(
+            "Only with nan_policy propagate or omit, when some positions had a non-finite "
+            "input or loss (raise answers 422 non_finite_result instead)."
+        ),
+    )
     backend: str
     compute_dtype: str
     elapsed_ms: float

@@ -337,3 +337,77 @@ async def test_nd_logits_class_axis_over_http(client: httpx.AsyncClient) -> None
     assert body["value"] is None
     np.testing.assert_allclose(np.array(body["outputs"]["per_sample"]).reshape(-1), per, rtol=1e-12)
     assert np.array(body["outputs"]["grad"]).shape == (2, 3, 4)
+
+
+async def test_finite_float64_sum_of_float32_logits_is_answered(client: httpx.AsyncClient) -> None:
+    """float32 [[3e38, -3e38]], target 1: ℓ = 6e38 overflows float32, not the float64 sum
+    (was 200 with value and sum null)."""
+    z = np.array([[3e38, -3e38]], np.float32)
+    r = await client.post(
+        "/v1/evaluate",
+        json={"loss": "cross_entropy", "logits": b64(z, "float32"), "targets": [1]},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    exact = 2 * float(np.float32(3e38))
+    assert body["sum"] == pytest.approx(exact, rel=1e-12) and body["value"] == body["sum"]
+    assert "non_finite" not in body
+
+
+async def test_non_finite_result_is_a_located_422_or_listed(client: httpx.AsyncClient) -> None:
+    """Target mass on a -inf logit: ℓ = +inf. raise → 422 non_finite_result at the position;
+    propagate and omit answer 200 and list the position (never a silent null)."""
+    z = np.array([[0.5, 1.0, 0.0], [0.0, -np.inf, 1.0]], np.float32)
+    body = {"loss": "cross_entropy", "logits": b64(z, "float32"), "targets": [0, 1]}
+    problem = assert_problem(await client.post("/v1/evaluate", json=body), 422)
+    assert problem["type"] == "urn:ce-eval:problem:non-finite-result"
+    assert problem["errors"][0]["loc"] == ["logits", 1]
+    assert problem["errors"][0]["type"] == "non_finite_result"
+    assert "-inf" in problem["errors"][0]["msg"]
+    listed = {"count": 1, "positions": [[1]]}
+    propagated = await client.post(
+        "/v1/evaluate", json={**body, "options": {"nan_policy": "propagate"}}
+    )
+    assert propagated.status_code == 200, propagated.text
+    assert propagated.json()["non_finite"] == listed
+    omitted = await client.post("/v1/evaluate", json={**body, "options": {"nan_policy": "omit"}})
+    assert omitted.status_code == 200, omitted.text
+    got = omitted.json()
+    assert got["non_finite"] == listed and got["count"] == 1 and got["ignored"] == 1
+    per, _, _ = softmax_ce(z[:1].astype(np.float64), np.array([0]), fmt="index")
+    assert got["value"] == pytest.approx(per[0], rel=1e-6)
+
+
+async def test_weights_overflowing_float64_name_the_field(client: httpx.AsyncClient) -> None:
+    body = {"loss": "cross_entropy", "logits": [[0.0, 0.0], [0.0, 0.0]], "targets": [0, 1]}
+    problem = assert_problem(
+        await client.post("/v1/evaluate", json={**body, "sample_weight": [1e308, 1e308]}), 422
+    )
+    assert problem["errors"][0]["loc"] == ["sample_weight"]
+    assert problem["errors"][0]["type"] == "weight_overflow"
+    problem = assert_problem(
+        await client.post("/v1/evaluate", json={**body, "options": {"weight": [1e308, 1e308]}}),
+        422,
+    )
+    assert problem["errors"][0]["loc"] == ["options", "weight"]
+
+
+@pytest.mark.parametrize(
+    ("loss", "logits", "targets", "loc"),
+    [
+        ("cross_entropy", [[1.7, 1.7, 1.7]], [0], ["logits", 0, 0]),  # was 1e-7
+        ("binary_cross_entropy", [[-0.2]], [[1.0]], ["logits", 0, 0]),  # was 16.1
+        ("cross_entropy", [[0.5, 0.4, 0.05]], [0], ["logits", 0]),  # sums to 0.95
+    ],
+)
+async def test_probability_inputs_outside_their_range_are_422(
+    client: httpx.AsyncClient, loss: str, logits: list, targets: list, loc: list
+) -> None:
+    body = {
+        "loss": loss,
+        "logits": logits,
+        "targets": targets,
+        "options": {"input_kind": "probabilities"},
+    }
+    problem = assert_problem(await client.post("/v1/evaluate", json=body), 422)
+    assert problem["errors"][0]["loc"] == loc

@@ -15,7 +15,7 @@ import pydantic
 
 import ce_engine
 from ce_engine.backend import to_numpy
-from ce_engine.errors import BackendUnavailableError, InputValidationError
+from ce_engine.errors import BackendUnavailableError, InputValidationError, NonFiniteResultError
 from ce_engine.metrics import metrics_by_variant, supported_metrics
 from ce_eval_client.wire import encode_tensor
 from service.codecs.tensors import decode_tensor
@@ -23,6 +23,7 @@ from service.config import Settings
 from service.dataplane.admission import Admission
 from service.errors import (
     MalformedBody,
+    NonFiniteResult,
     PayloadTooLarge,
     PreconditionFailed,
     ValidationFailed,
@@ -59,7 +60,8 @@ def engine_error(exc: ce_engine.EngineError) -> ValidationFailed:
             str(exc), [{"loc": ["backend"], "msg": str(exc), "type": "backend_unavailable"}]
         )
     assert isinstance(exc, InputValidationError)
-    return ValidationFailed(exc.detail, [e.to_dict() for e in exc.errors])
+    kind = NonFiniteResult if isinstance(exc, NonFiniteResultError) else ValidationFailed
+    return kind(exc.detail, [e.to_dict() for e in exc.errors])
 
 
 def parse_evaluate_request(payload: Any, settings: Settings) -> EvaluateRequest:
@@ -132,7 +134,7 @@ class DataPlane:
             raise engine_error(exc) from None
         observe_evaluate(result.loss, result.backend, time.perf_counter() - started)
         enc = encoding or request.tensor_encoding
-        return {
+        answer: dict[str, Any] = {
             "loss": result.loss,
             "value": result.value,
             "sum": result.sum,
@@ -149,6 +151,9 @@ class DataPlane:
             "compute_dtype": result.compute_dtype,
             "elapsed_ms": (time.perf_counter() - started) * 1000.0,
         }
+        if result.non_finite:  # nan_policy propagate / omit: which positions were not finite
+            answer["non_finite"] = result.non_finite
+        return answer
 
     async def evaluate_async(
         self, request: EvaluateRequest, encoding: str | None = None
