@@ -322,6 +322,40 @@ async def test_runs_without_metrics_and_with_sum_reduction(api):
     assert_close(got["value"], expected.json()["value"])
 
 
+async def test_a_run_never_stores_a_non_finite_aggregate(api):
+    """A batch with a non-finite sum (nan_policy propagate) or one that would overflow the
+    run's float64 sum is a 422 and counts nothing (SQLite kept null; PostgreSQL answered 500)."""
+    run = (
+        await api.post(
+            "/v1/runs",
+            json={"name": "nf", "loss": "cross_entropy", "options": {"nan_policy": "propagate"}},
+        )
+    ).json()
+    url = f"/v1/runs/{run['id']}/batches"
+    masked = np.array([[0.0, -np.inf, 1.0], [1.0, 0.0, 0.0]])  # row 0's target has p = 0
+    refused = await api.post(
+        url, json={"batch_id": "inf", "logits": as_base64(masked), "targets": [1, 0]}
+    )
+    assert refused.status_code == 422, refused.text
+    problem = refused.json()
+    assert problem["type"].endswith("non-finite-result")
+    assert problem["errors"][0]["loc"] == ["logits", 0]
+    assert problem["errors"][0]["type"] == "non_finite_result"
+    # each batch's ℓ = 1.5e308 is finite, the run's sum of two is not
+    huge = {"logits": [[0.0, -1.5e308]], "targets": [1]}
+    first = await api.post(url, json={"batch_id": "a", **huge})
+    assert first.status_code == 200, first.text
+    second = await api.post(url, json={"batch_id": "b", **huge})
+    assert second.status_code == 422, second.text
+    assert second.json()["errors"][0]["type"] == "non_finite_result"
+    got = (await api.get(f"/v1/runs/{run['id']}")).json()
+    assert got["batches"] == 1 and got["count"] == 1
+    assert got["sum"] == 1.5e308 and got["value"] == 1.5e308
+    assert (
+        await api.post(url, json={"batch_id": "inf", "logits": [[0.0]], "targets": [0]})
+    ).status_code == 200
+
+
 async def test_batch_with_another_number_of_classes_is_rejected(api):
     run = await create_run(api)
     await add(api, run["id"], "a", as_json(make_batches(10, [4])[0]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -47,7 +48,14 @@ from service.dataplane.evaluate import (
     engine_error,
     validation_error_from_pydantic,
 )
-from service.errors import Conflict, MalformedBody, NotFound, Unavailable, ValidationFailed
+from service.errors import (
+    Conflict,
+    MalformedBody,
+    NonFiniteResult,
+    NotFound,
+    Unavailable,
+    ValidationFailed,
+)
 from service.store import Batch, Run, RunTag, Store
 from service.store.models import utcnow
 
@@ -187,6 +195,36 @@ def _content_conflict(batch_id: str) -> Conflict:
             }
         ],
     )
+
+
+def _refuse_non_finite(
+    result: ce_engine.EvaluationResult, run_sum: float, run_denominator: float, weighted: bool
+) -> None:
+    """A run never stores a non-finite aggregate (DESIGN §7): a batch whose value, sum or
+    denominator is not finite, or would make the run's not finite, is a 422 and counts
+    nothing (``nan_policy: raise`` has answered 422 in the engine already)."""
+    positions = result.non_finite.get("positions") or [[]]
+    checks = (
+        ("sum", result.sum, run_sum + result.sum, ["logits", *positions[0]]),
+        (
+            "denominator",
+            result.denominator,
+            run_denominator + result.denominator,
+            ["sample_weight" if weighted else "logits"],
+        ),
+    )
+    for name, batch_value, run_value, loc in checks:
+        if not math.isfinite(batch_value):
+            msg = f"the batch's {name} is {batch_value}"
+        elif not math.isfinite(run_value):
+            msg = f"the run's {name} would become {run_value} (beyond float64)"
+        else:
+            continue
+        msg += ": a run stores finite aggregates only, the batch was not counted"
+        raise NonFiniteResult(msg, [{"loc": loc, "msg": msg, "type": "non_finite_result"}])
+    if result.value is not None and not math.isfinite(result.value):
+        msg = f"the batch's value is {result.value}: the batch was not counted"
+        raise NonFiniteResult(msg, [{"loc": ["logits"], "msg": msg, "type": "non_finite_result"}])
 
 
 def _store_unavailable(exc: Exception) -> Unavailable:
@@ -459,6 +497,7 @@ class RunsDataPlane:
             raise engine_error(exc) from None
         if self.on_evaluate is not None:
             self.on_evaluate(run.loss, result.backend, time.perf_counter() - started)
+        _refuse_non_finite(result, 0.0, 0.0, sample_weight is not None)
         state = result.metric_state
         batch_result = {
             "value": result.value,
@@ -477,6 +516,7 @@ class RunsDataPlane:
                     return replay
                 if run.status == "closed":
                     raise _closed(run_id)
+                _refuse_non_finite(result, run.sum, run.denominator, sample_weight is not None)
                 merged = self._merge_state(run.metric_state, state)
                 run.batches += 1
                 batch = Batch(
