@@ -1,5 +1,5 @@
 """Numerics (issue 14): float32 accuracy on every path, temperature, overflow, non-finite
-results, probability inputs.
+results, probability inputs, and the documented conventions.
 
 References are plain float64 (or exact rational) arithmetic written here; tolerances are
 derived from float32's rounding of the inputs' shift and of the answer (``float32_bounds``),
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -388,3 +390,25 @@ def test_sum_tolerance_is_in_the_registry():
     for name, spec in ce_engine.all_losses().items():
         assert spec.defaults()["sum_tolerance"] == 1e-3, name
         assert "sum_tolerance" in spec.options_schema()["properties"], name
+
+
+# -------------------------------------------------------------- 7. conventions, in README
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_states_the_numerical_conventions():
+    text = README.read_text()
+    match = re.search(r"^## Numerical conventions\n(.*?)(?=^## )", text, re.S | re.M)
+    assert match, "README has no 'Numerical conventions' section"
+    section = match.group(1)
+    for needle in (
+        "0·(−inf)",  # torch gives NaN, we give the limit
+        "log_loss",  # sklearn clips at float64 eps
+        "1e-7",  # keras focal clips
+        "torchmetrics",  # ECE bins [lo, hi) in float32 with a bin at 1.0; ours (lo, hi]
+        "N·C",  # KL reduction mean: torch divides by N·C, we by positions
+        "non_finite_result",  # the rule for non-finite answers
+        "sum_tolerance",
+    ):
+        assert needle in section, needle

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -297,3 +299,36 @@ def test_float32_error_at_most_twice_torch_float32(path, n, c, offset, margin, s
     ours = float32_errors(z, y, res.value, res.outputs["per_sample"], res.outputs["grad"])
     theirs = torch_float32_errors(z, y)
     assert np.all(ours <= 2 * theirs), (ours / theirs).round(3)
+
+
+# ------------------------------------- the documented differences (README, "Numerical conventions")
+
+
+def test_zero_times_minus_inf_is_nan_in_torch_and_the_limit_here():
+    """A −inf logit on a class of weight 0 under label smoothing, and KL with q_c = 0 there."""
+    z = np.array([[0.0, -np.inf, 1.0]])
+    weight = [1.0, 0.0, 1.0]
+    ours = ce_engine.evaluate(
+        "cross_entropy", z, np.array([2]), options={"label_smoothing": 0.1, "weight": weight}
+    )
+    theirs = F.cross_entropy(
+        torch.tensor(z),
+        torch.tensor([2]),
+        weight=torch.tensor(weight, dtype=torch.float64),
+        label_smoothing=0.1,
+    )
+    assert math.isnan(float(theirs)) and math.isfinite(ours.value)
+    q = np.array([[0.5, 0.0, 0.5]])
+    kl = ce_engine.evaluate("kl_divergence", z, q)
+    kl_torch = F.kl_div(F.log_softmax(torch.tensor(z), dim=-1), torch.tensor(q), reduction="sum")
+    assert math.isnan(float(kl_torch)) and math.isfinite(kl.value)
+
+
+def test_kl_mean_divides_by_positions_where_torch_divides_by_elements():
+    z = RNG.standard_normal((6, 5))
+    raw = RNG.random((6, 5))
+    q = raw / raw.sum(axis=1, keepdims=True)
+    ours = ce_engine.evaluate("kl_divergence", z, q, options={"reduction": "mean"})
+    with pytest.warns(UserWarning, match="batchmean"):  # torch's own note on its 'mean'
+        theirs = F.kl_div(F.log_softmax(torch.tensor(z), dim=-1), torch.tensor(q), reduction="mean")
+    assert ours.value == pytest.approx(float(theirs) * 5, rel=1e-12)  # C = 5
