@@ -264,6 +264,25 @@ def test_float32_loss_beyond_float32_has_its_float64_sum(targets, outputs):
     assert res.denominator == 1.0
 
 
+@pytest.mark.parametrize(
+    ("loss", "z", "targets", "options"),
+    [
+        ("binary_cross_entropy", [[3e38, 3e38]], [[0.0, 0.0]], {}),  # fused BCE kernel
+        ("binary_cross_entropy", [[3e38, 3e38]], [[0.0, 0.0]], {"temperature": 1.0 + 1e-9}),
+        ("focal", [[3e38, 3e38]], [[0.0, 0.0]], {"alpha": None, "gamma": 0.0}),
+        ("multiclass_hinge", [[0.0, 3e38, 3e38]], [0], {}),
+    ],
+    ids=["bce-kernel", "bce-generic", "focal-sigmoid", "hinge"],
+)
+def test_row_sums_beyond_float32_are_float64_in_every_loss(loss, z, targets, options):
+    """Two terms of 3e38 each: their float32 row sum is inf, the float64 one 6e38."""
+    z32 = np.array(z, np.float32)
+    t = np.array(targets, np.float32) if isinstance(targets[0], list) else np.array(targets)
+    res = ce_engine.evaluate(loss, z32, t, options={"reduction": "sum", **options})
+    exact = 2 * float(np.float32(3e38))
+    assert res.value == pytest.approx(exact, rel=1e-6)
+
+
 def test_per_sample_beyond_float32_is_a_located_422():
     z = np.array([[0.0, 1.0], [3e38, -3e38]], np.float32)
     with pytest.raises(InputValidationError) as info:

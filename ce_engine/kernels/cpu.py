@@ -462,17 +462,17 @@ def softmax_cross_entropy_rows(
 
 @dataclass
 class BinaryCrossEntropyRows:
-    """Results of :func:`binary_cross_entropy_rows` (float32)."""
+    """Results of :func:`binary_cross_entropy_rows` (``per_sample`` float64, arrays float32)."""
 
-    per_sample: FloatArray  # Σ_c v_ic·ℓ_ic per row
+    per_sample: npt.NDArray[np.float64]  # Σ_c v_ic·ℓ_ic per row
     arrays: dict[str, FloatArray] = field(default_factory=dict)
 
 
 def _bce_exact_rows(
     z: FloatArray, y: FloatArray, pw: FloatArray | None, v: FloatArray | None
-) -> FloatArray:
-    """Σ_c v·[pw·y·softplus(−z) + (1 − y)·softplus(z)] per row, each term 0 where its
-    coefficient is 0 (so ±∞ logits give the limits, not ∞ − ∞ or 0·∞)."""
+) -> npt.NDArray[np.float64]:
+    """Σ_c v·[pw·y·softplus(−z) + (1 − y)·softplus(z)] per row in float64, each term 0 where
+    its coefficient is 0 (so ±∞ logits give the limits, not ∞ − ∞ or 0·∞)."""
     with np.errstate(all="ignore"):
         z64 = z.astype(np.float64)
         lp = np.log1p(np.exp(-np.abs(z64)))
@@ -482,7 +482,7 @@ def _bce_exact_rows(
         terms = terms + np.where(neg != 0, neg * (np.maximum(z64, 0) + lp), 0)
         if v is not None:
             terms = np.where(v != 0, terms * v, 0)
-        out: FloatArray = terms.sum(axis=1).astype(F32)
+        out: npt.NDArray[np.float64] = terms.sum(axis=1)
     return out
 
 
@@ -523,7 +523,7 @@ def binary_cross_entropy_rows(
         raise ValueError("element_weight must have the logits' shape")
     pw = None if pos_weight is None else np.broadcast_to(np.asarray(pos_weight, dtype=F32), (c,))
     eps = F32(label_smoothing)
-    per_sample = np.empty(m_rows, dtype=F32)
+    per_sample = np.empty(m_rows, dtype=np.float64)
     grad: FloatArray | None = None
     if grad_scale is not None:
         grad = np.empty((m_rows, c), dtype=F32) if grad_out is None else grad_out
@@ -578,11 +578,14 @@ def binary_cross_entropy_rows(
         np.add(acc, tmp, out=acc)
         if v is not None:
             np.multiply(acc, v[lo:hi], out=acc)
-        rows = per_sample[lo:hi]
+        rows = _scratch.get("rows", 1, n)[0]
         np.matmul(acc, ones, out=rows)
-        if not np.isfinite(rows).all():
+        per_sample[lo:hi] = rows
+        if not np.isfinite(rows).all():  # and where a float32 row sum overflowed
             bad = np.flatnonzero(~np.isfinite(rows))
-            rows[bad] = _bce_exact_rows(z[bad], yk[bad], pw, None if v is None else v[lo:hi][bad])
+            per_sample[lo + bad] = _bce_exact_rows(
+                z[bad], yk[bad], pw, None if v is None else v[lo:hi][bad]
+            )
         if grad is None and probs is None:
             return
         # σ(z) = 1/(1 + e) for z ≥ 0 and e/(1 + e) for z < 0, with e = exp(−|z|)

@@ -76,7 +76,9 @@ def binary_cross_entropy(inp: LossInputs) -> LossTerms:
         inside = (z > o.eps) & (z < 1.0 - o.eps)
         log_p, log_1mp = xp.log(x), xp.log1p(-x)
         loss_el = -(pos * log_p + neg * log_1mp)
-    loss = xp.sum(times_log(xp, xp.broadcast_to(el_scale, loss_el.shape), loss_el), axis=-1)
+    loss = xp.sum(
+        times_log(xp, xp.broadcast_to(el_scale, loss_el.shape), loss_el), axis=-1, dtype=xp.float64
+    )
 
     if "probabilities" in inp.want:
         arrays["probabilities"] = sigmoid(xp, z) if o.input_kind == "logits" else x

@@ -69,7 +69,7 @@ def _softmax_focal(
     one_minus_p = -xp.expm1(log_p)
     modulator = one_minus_p**gamma
     aq = q * alpha if alpha is not None else q
-    loss = -xp.sum(times_log(xp, aq * modulator, log_p), axis=-1)
+    loss = -xp.sum(times_log(xp, aq * modulator, log_p), axis=-1, dtype=xp.float64)
     # u_c = α_c q_c p_c g'(p_c), g(p) = −(1 − p)^γ log p; p log p / (1 − p) → −1 as p → 1
     positive = one_minus_p > 0
     plogp = times_log(xp, p, log_p)
@@ -108,7 +108,7 @@ def focal(inp: LossInputs) -> LossTerms:
                 "the sigmoid variant takes labels of the logits' shape, not class indices",
             )
         el_loss, grad, p, valid = _sigmoid_focal(inp, alpha)
-        loss = xp.sum(el_loss, axis=-1)
+        loss = xp.sum(el_loss, axis=-1, dtype=xp.float64)
         share = dtype.type(c)
         if "log_probabilities" in inp.want:
             arrays["log_probabilities"] = -softplus(xp, -scaled_logits(inp))

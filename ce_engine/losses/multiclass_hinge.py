@@ -53,7 +53,7 @@ def multiclass_hinge(inp: LossInputs) -> LossTerms:
     if o.variant == "weston_watkins":
         margins = xp.where(is_target, -xp.inf, o.margin + gap)
         active = margins > 0
-        loss = xp.sum(xp.maximum(margins, 0), axis=-1)  # maximum propagates NaN
+        loss = xp.sum(xp.maximum(margins, 0), axis=-1, dtype=xp.float64)  # NaN propagates
         if grad is not None:
             grad += active
             grad[rows, y] -= xp.sum(active, axis=-1)
@@ -66,7 +66,7 @@ def multiclass_hinge(inp: LossInputs) -> LossTerms:
         if grad is not None:
             grad[rows, k] += active
             grad[rows, y] -= active
-    loss = xp.where(target_masked, xp.inf, loss).astype(dtype, copy=False)
+    loss = xp.where(target_masked, xp.inf, loss).astype(xp.float64, copy=False)
     scale = valid.astype(dtype)
     if inp.sample_weight is not None:
         scale = scale * inp.sample_weight
