@@ -376,9 +376,10 @@ def _small_cross_entropy(
         arrays["per_sample"] = nll.astype(logits.dtype.type, copy=False)  # native order
     if "grad" in want:
         grad = e
-        others = total - grad[rows, classes]  # Σ_{c≠y} e_c: p_y − 1 without cancellation
-        grad *= (1.0 / total)[:, None]
-        grad[rows, classes] = -others / total
+        target = grad[rows, classes] - total  # −Σ_{c≠y} e_c: p_y − 1 without cancellation
+        target /= total
+        grad *= np.divide(1.0, total, dtype=grad.dtype)[:, None]
+        grad[rows, classes] = target
         grad *= grad.dtype.type(1.0 / n)
         arrays["grad"] = grad
     return EvaluationResult(
