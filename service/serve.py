@@ -3,14 +3,17 @@
 SIGTERM/SIGINT: new evaluations are refused at once (503 / UNAVAILABLE) and ``/readyz`` answers
 503; the listeners stay open ``drain_delay_s`` seconds so load balancers notice, then both servers
 stop together (gRPC health NOT_SERVING) and running requests get ``shutdown_grace_s`` seconds to
-finish. A second signal skips the delay.
+finish. A second signal skips the delay. After a clean drain the process exits 0 (uvicorn would
+re-raise the captured signal, an exit of 143 / -15).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
@@ -40,6 +43,15 @@ class _Server(uvicorn.Server):
         timer = threading.Timer(delay, super().handle_exit, (sig, frame))
         timer.daemon = True
         timer.start()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's handlers, without re-raising SIGTERM/SIGINT once the drain is done."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # After the app's lifespan (run-store migrations): gRPC reports SERVING only once the

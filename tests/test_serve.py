@@ -282,7 +282,7 @@ def test_cli_evaluate_saves_outputs(server: ServeProcess, tmp_path: Path, capsys
 def test_sigterm_stops_both_servers_gracefully() -> None:
     process = start_serve()
     code, stderr = process.stop(timeout=20)
-    assert code in (0, -15), stderr  # uvicorn re-raises the captured SIGTERM after its shutdown
+    assert code == 0, stderr  # a clean drain exits 0, not 143 / -15
     assert "Traceback" not in stderr
     with grpc.insecure_channel(process.grpc_target) as ch, pytest.raises(grpc.RpcError):
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
