@@ -92,6 +92,20 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _printable_ascii_keys(cls, value: str) -> str:
+        """Keys travel in HTTP headers, which servers decode as Latin-1 bytes, so a key outside
+        printable ASCII (0x21–0x7E) could never match: refused at start-up."""
+        for position, key in enumerate(k.strip() for k in value.split(",") if k.strip()):
+            bad = next((c for c in key if not "!" <= c <= "~"), None)
+            if bad is not None:
+                raise ValueError(
+                    f"CE_EVAL_API_KEYS: key {position + 1} holds {bad!r} (U+{ord(bad):04X}); "
+                    "keys must be printable ASCII (0x21-0x7E) to match an HTTP header"
+                )
+        return value
+
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 

@@ -68,6 +68,17 @@ async def test_api_keys() -> None:
         assert (await client.get("/v1/losses")).status_code == 401
 
 
+@pytest.mark.parametrize("keys", ["k\u00e9y1", "ok,tab\tkey", "caf\u00e9,x"])
+def test_api_keys_outside_printable_ascii_are_refused_at_start_up(keys: str) -> None:
+    """A header arrives as Latin-1 bytes: a UTF-8 key such as 'kéy1' could never match."""
+    with pytest.raises(ValueError, match=r"CE_EVAL_API_KEYS: key \d holds .*printable ASCII"):
+        Settings(api_keys=keys)
+
+
+def test_printable_ascii_keys_are_accepted() -> None:
+    assert Settings(api_keys="k-one, K_two!~").api_key_list() == ["k-one", "K_two!~"]
+
+
 async def test_rate_limit_per_key_429() -> None:
     async with make_client(api_keys="a,b", rate_limit_per_s=0.5, rate_limit_burst=2) as client:
         codes = [
