@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 
 import httpx
 import ml_dtypes
@@ -11,6 +12,7 @@ import pytest
 
 from service.config import Settings
 from service.http.app import create_app
+from service.logs import request_id_var
 from tests.reference import softmax_ce
 
 PROBLEM = "application/problem+json"
@@ -89,6 +91,43 @@ async def test_request_id_echoed_and_generated(client: httpx.AsyncClient) -> Non
     assert r.headers["x-request-id"] == "abc-123"
     r = await client.get("/healthz")
     assert len(r.headers["x-request-id"]) == 32
+
+
+async def test_a_500_carries_the_request_id_in_its_answer_and_its_log_line(
+    settings: Settings,
+) -> None:
+    app = create_app(settings)
+    ids: list[str] = []
+
+    class Ids(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info:
+                ids.append(request_id_var.get())
+
+    handler = Ids()
+    logging.getLogger().addHandler(handler)
+
+    async def boom() -> None:
+        raise RuntimeError("unexpected")
+
+    app.add_api_route("/boom", boom)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/boom", headers={"X-Request-ID": "req-500"})
+        assert r.status_code == 500
+        assert r.headers["x-request-id"] == "req-500"
+        assert r.headers["content-type"] == "application/problem+json"
+        assert "unexpected" not in r.text  # no exception text to the client
+        assert (await client.get("/healthz")).status_code == 200
+    logging.getLogger().removeHandler(handler)
+    assert ids == ["req-500"], "the exception is logged once, with the request's id"
+
+
+async def test_a_request_id_cannot_split_a_header_or_a_log_line(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.get("/healthz", headers={"X-Request-ID": "a b\x7fc\u00e9".encode("latin-1")})
+    assert r.headers["x-request-id"] == "a\\x20b\\x7fc\\xe9"
 
 
 async def test_health_ready_losses_docs(client: httpx.AsyncClient) -> None:

@@ -9,10 +9,17 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge
+from service.errors import PayloadTooLarge, ServiceError
 from service.logs import get_logger, request_id_var
 
 access_log = get_logger("access")
+error_log = get_logger("errors")
+
+
+def safe_request_id(incoming: str) -> str:
+    """The client's id, at most 128 characters, with every character outside printable ASCII
+    (0x21–0x7E) written as ``\\xNN`` so that it can neither split a header nor a log line."""
+    return "".join(c if "!" <= c <= "~" else f"\\x{ord(c):02x}" for c in incoming[:128])
 
 
 class RequestContextMiddleware:
@@ -25,15 +32,18 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:128]
-        request_id = incoming or uuid.uuid4().hex
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = safe_request_id(incoming) or uuid.uuid4().hex
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500
+        started_response = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
+                nonlocal started_response
+                started_response = True
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
@@ -42,6 +52,12 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Inside the request's context: the 500 carries X-Request-ID and so does its log line.
+            error_log.exception("unhandled error", extra={"fields": {"path": scope["path"]}})
+            if started_response:
+                raise
+            await _internal_error(scope, send_with_id)
         finally:
             access_log.info(
                 "request",
@@ -55,6 +71,16 @@ class RequestContextMiddleware:
                 },
             )
             request_id_var.reset(token)
+
+
+async def _internal_error(scope: Scope, send: Send) -> None:
+    body = orjson.dumps(ServiceError("internal error; see the server log").problem(scope["path"]))
+    headers: list[Any] = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 500, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimitMiddleware:
