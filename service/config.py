@@ -35,6 +35,24 @@ class Settings(BaseSettings):
     backend: Literal["auto", "numpy", "cupy"] = Field(
         "auto", description="Default array backend when a request does not name one."
     )
+    grpc_keepalive_time_s: float = Field(
+        60.0, gt=0, description="gRPC: seconds between keepalive pings on an idle connection."
+    )
+    grpc_keepalive_timeout_s: float = Field(
+        20.0, gt=0, description="gRPC: seconds a keepalive ping may go unanswered before closing."
+    )
+    grpc_max_connection_idle_s: float = Field(
+        300.0, gt=0, description="gRPC: a connection with no RPC for this long is closed (GOAWAY)."
+    )
+    grpc_max_connection_age_s: float = Field(
+        3600.0, gt=0, description="gRPC: a connection older than this is closed (GOAWAY)."
+    )
+    grpc_max_connection_age_grace_s: float = Field(
+        30.0, ge=0, description="gRPC: seconds RPCs of an aged connection get to finish."
+    )
+    grpc_max_concurrent_streams: int = Field(
+        100, ge=1, description="gRPC: concurrent RPCs per connection."
+    )
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body.")
     max_elements: int = Field(
         256 * 1024 * 1024, ge=1, description="Largest number of tensor elements in one request."

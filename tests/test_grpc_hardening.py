@@ -15,6 +15,7 @@ import orjson
 import pytest
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -435,4 +436,27 @@ def test_sigterm_draining_refuses_batches_with_unavailable() -> None:
             assert run.batches == 0
     finally:
         code, stderr = process.stop(timeout=30)  # a second SIGTERM skips the delay
-    assert code in (0, -signal.SIGTERM) and "Traceback" not in stderr, stderr
+    assert code == 0 and "Traceback" not in stderr, stderr
+
+
+# ---- connections: an idle client does not hold its connection forever -------------------------
+
+
+def test_an_idle_grpc_connection_is_closed_by_the_server() -> None:
+    """``CE_EVAL_GRPC_MAX_CONNECTION_IDLE_S``: the server sends GOAWAY, the client's channel goes
+    from READY back to IDLE (its own idle timeout is 30 minutes)."""
+    process = start_serve({"CE_EVAL_GRPC_MAX_CONNECTION_IDLE_S": "0.5"})
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        with grpc.insecure_channel(process.grpc_target) as ch:
+            ch.subscribe(states.append, try_to_connect=False)
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            deadline = time.monotonic() + 10
+            while not (
+                grpc.ChannelConnectivity.READY in states
+                and states[-1] == grpc.ChannelConnectivity.IDLE
+            ):
+                assert time.monotonic() < deadline, states
+                time.sleep(0.05)
+    finally:
+        process.stop()

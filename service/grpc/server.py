@@ -313,6 +313,26 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments: message size, keepalive, and idle / age limits on connections, so that
+    an idle or endless client cannot hold a connection forever."""
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    return [
+        ("grpc.max_receive_message_length", settings.max_body_bytes),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.keepalive_time_ms", ms(settings.grpc_keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(settings.grpc_keepalive_timeout_s)),
+        ("grpc.max_connection_idle_ms", ms(settings.grpc_max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", ms(settings.grpc_max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(settings.grpc_max_connection_age_grace_s)),
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 async def start_grpc_server(
     settings: Settings,
     dataplane: DataPlane,
@@ -332,12 +352,7 @@ async def start_grpc_server(
         authenticator = Authenticator(
             settings.api_key_list(), settings.rate_limit_per_s, settings.rate_limit_burst
         )
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", settings.max_body_bytes),
-            ("grpc.max_send_message_length", -1),
-        ]
-    )
+    server = grpc.aio.server(options=server_options(settings))
     servicer = LossEvaluationServicer(dataplane, runs, authenticator)
     server.add_generic_rpc_handlers((servicer.handler(),))
     health_servicer = health.aio.HealthServicer()
