@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import ce_engine
 from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
-from ce_eval_client.proto import batch_to_proto
+from ce_eval_client.proto import array_to_tensor, batch_to_proto
 from ce_eval_client.sdk import EvaluationError, GrpcClient
 from tests.servers import ServeProcess, start_serve
 from tests.test_runs import make_batches
@@ -460,3 +460,17 @@ def test_an_idle_grpc_connection_is_closed_by_the_server() -> None:
                 time.sleep(0.05)
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_struct_option_is_invalid_argument(
+    channel: grpc.Channel, value: float
+) -> None:
+    request = pb.EvaluateRequest(loss="cross_entropy")
+    request.logits.CopyFrom(array_to_tensor(np.zeros((1, 2), np.float32)))
+    request.targets.CopyFrom(array_to_tensor(np.zeros(1, np.int64)))
+    request.options["temperature"] = value
+    with pytest.raises(grpc.RpcError) as info:
+        pb_grpc.LossEvaluationStub(channel).Evaluate(request, metadata=AUTH, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "options.temperature" in info.value.details()  # type: ignore[attr-defined]

@@ -31,6 +31,16 @@ def _body(**kwargs: object) -> bytes:
     return request_to_proto("cross_entropy", logits, targets, **kwargs).SerializeToString()  # type: ignore[arg-type]
 
 
+def _non_finite_option(path: tuple[str, ...], value: float) -> bytes:
+    """A Struct option holding NaN/±inf (protobuf allows it, JSON and our options do not)."""
+    message = request_to_proto("cross_entropy", np.zeros((1, 2), np.float32), np.zeros(1, int))
+    if len(path) == 1:
+        message.options[path[0]] = value
+    else:
+        message.options.get_or_create_struct(path[0])[path[1]] = value
+    return message.SerializeToString()
+
+
 async def test_protobuf_in_protobuf_out(client: httpx.AsyncClient) -> None:
     logits = RNG.standard_normal((3, 4)).astype(np.float32)
     response = await client.post(
@@ -71,8 +81,11 @@ async def test_json_in_protobuf_out_when_accept_asks(client: httpx.AsyncClient) 
         (b"", 400, None),
         (_body(targets=np.array([0, 1, 4])), 422, ["targets", 2]),
         (_body(options={"reduction": "avg"}), 422, ["options", "reduction"]),
+        (_non_finite_option(("temperature",), float("nan")), 422, ["options", "temperature"]),
+        (_non_finite_option(("temperature",), float("-inf")), 422, ["options", "temperature"]),
+        (_non_finite_option(("x", "y"), float("inf")), 422, ["options", "x", "y"]),
     ],
-    ids=["garbage", "empty", "label", "option"],
+    ids=["garbage", "empty", "label", "option", "nan", "-inf", "nested-inf"],
 )
 async def test_protobuf_bad_input_is_a_problem(
     client: httpx.AsyncClient, body: bytes, status: int, loc: list[object] | None

@@ -8,10 +8,12 @@ checked first).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
 from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
@@ -27,8 +29,29 @@ from ce_eval_client.proto import (
 from service.codecs.tensors import from_bytes
 from service.config import Settings
 from service.dataplane.evaluate import parse_evaluate_request
-from service.errors import MalformedBody, ServiceError
+from service.errors import MalformedBody, ServiceError, ValidationFailed
 from service.schemas import EvaluateRequest
+
+
+def options_from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """``Struct`` options → a dict; a NaN or ±inf number (JSON has none) is a 422 naming it."""
+    pending: list[tuple[tuple[str | int, ...], struct_pb2.Value]] = [
+        (("options", key), value) for key, value in struct.fields.items()
+    ]
+    while pending:
+        loc, value = pending.pop()
+        kind = value.WhichOneof("kind")
+        if kind == "number_value" and not math.isfinite(value.number_value):
+            msg = f"{value.number_value} is not a finite number"
+            raise ValidationFailed(
+                f"{'.'.join(map(str, loc))}: {msg}",
+                [{"loc": list(loc), "msg": msg, "type": "finite_number"}],
+            )
+        if kind == "struct_value":
+            pending += [((*loc, k), v) for k, v in value.struct_value.fields.items()]
+        elif kind == "list_value":
+            pending += [((*loc, n), v) for n, v in enumerate(value.list_value.values)]
+    return struct_to_dict(struct)
 
 
 def tensor_to_array(tensor: pb.Tensor, loc: Sequence[str | int], max_elements: int) -> np.ndarray:
@@ -144,7 +167,7 @@ def request_from_proto(
         elif name in ("logits", "targets"):
             payload[name] = None  # the engine answers 422 "field required" at this location
     if message.HasField("options"):
-        payload["options"] = struct_to_dict(message.options)
+        payload["options"] = options_from_struct(message.options)
     if message.outputs:
         payload["outputs"] = list(message.outputs)
     if message.metrics:
@@ -204,7 +227,7 @@ def create_run_from_proto(message: pb.CreateRunRequest) -> dict[str, Any]:
         "tags": dict(message.tags),
     }
     if message.HasField("options"):
-        payload["options"] = struct_to_dict(message.options)
+        payload["options"] = options_from_struct(message.options)
     if message.class_names:
         payload["class_names"] = list(message.class_names)
     return payload
