@@ -35,6 +35,22 @@ class Settings(BaseSettings):
     backend: Literal["auto", "numpy", "cupy"] = Field(
         "auto", description="Default array backend when a request does not name one."
     )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="HTTP: seconds a request's headers may take to arrive (→ 408)."
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="HTTP: seconds a request body may go without a byte arriving (→ 408).",
+    )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description=(
+            "HTTP: open connections at most; the next is answered 503 and closed at once "
+            "(the file-descriptor limit is raised to fit where the hard limit allows)."
+        ),
+    )
     grpc_keepalive_time_s: float = Field(
         60.0, gt=0, description="gRPC: seconds between keepalive pings on an idle connection."
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import socket
 import threading
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from fastapi import FastAPI
 
 from service.config import Settings
 from service.grpc.server import GrpcServer, start_grpc_server
+from service.http.protocol import bounded_protocol
 
 
 class _Server(uvicorn.Server):
@@ -76,6 +78,16 @@ class _Server(uvicorn.Server):
         self.grpc = None
 
 
+def _fit_descriptor_limit(connections: int) -> None:
+    """Soft RLIMIT_NOFILE ≥ connections + 256 (files, gRPC, the run store), up to the hard limit,
+    so that the connection cap is reached before accept() fails with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        ceiling = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+
+
 async def serve(app: FastAPI, settings: Settings) -> None:
     """Serve HTTP on ``settings.port`` and gRPC on ``settings.grpc_port`` (0 = no gRPC)."""
     config = uvicorn.Config(
@@ -85,7 +97,11 @@ async def serve(app: FastAPI, settings: Settings) -> None:
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        http=bounded_protocol(
+            settings.header_timeout_s, settings.body_timeout_s, settings.max_connections
+        ),
     )
+    _fit_descriptor_limit(settings.max_connections)
     server = _Server(config, app, settings)
     try:
         await server.serve()

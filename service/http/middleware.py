@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge, ServiceError
@@ -52,6 +53,8 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            pass  # the client left (or was cut off by a read timeout): nobody to answer
         except Exception:
             # Inside the request's context: the 500 carries X-Request-ID and so does its log line.
             error_log.exception("unhandled error", extra={"fields": {"path": scope["path"]}})
