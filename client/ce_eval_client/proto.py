@@ -172,7 +172,7 @@ def request_chunks(
 
 def response_from_proto(message: pb.EvaluateResponse) -> dict[str, Any]:
     """Client side: ``EvaluateResponse`` → the REST response dict with NumPy outputs."""
-    return {
+    answer: dict[str, Any] = {
         "loss": message.loss,
         "value": message.value if message.HasField("value") else None,
         "sum": message.sum,
@@ -189,6 +189,12 @@ def response_from_proto(message: pb.EvaluateResponse) -> dict[str, Any]:
         "compute_dtype": message.compute_dtype,
         "elapsed_ms": message.elapsed_ms,
     }
+    if message.HasField("non_finite"):  # as REST: present only when some position was
+        answer["non_finite"] = {
+            "count": message.non_finite.count,
+            "positions": [list(p.index) for p in message.non_finite.positions],
+        }
+    return answer
 
 
 def problem_from_proto(problem: pb.Problem) -> dict[str, Any]:

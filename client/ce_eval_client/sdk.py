@@ -102,6 +102,9 @@ class Evaluation:
     backend: str = ""
     compute_dtype: str = ""
     elapsed_ms: float = 0.0
+    #: ``{"count", "positions"}`` under nan_policy propagate / omit when some position was
+    #: not finite; None otherwise.
+    non_finite: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, body: Mapping[str, Any]) -> Evaluation:

@@ -200,6 +200,11 @@ def response_to_proto(result: Mapping[str, Any]) -> pb.EvaluateResponse:
         dict_to_struct(result["metrics"], message.metrics)
     for name, extra in result.get("extras", {}).items():
         message.extras[name] = extra
+    non_finite = result.get("non_finite")
+    if non_finite:
+        message.non_finite.count = non_finite["count"]
+        for position in non_finite["positions"]:
+            message.non_finite.positions.add(index=position)
     return message
 
 

@@ -46,7 +46,7 @@ class EvaluateRequest(_message.Message):
     def __init__(self, loss: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Iterable[str]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., metrics: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("loss", "value", "sum", "denominator", "count", "ignored", "reduction", "normalization", "unit", "outputs", "metrics", "extras", "backend", "compute_dtype", "elapsed_ms")
+    __slots__ = ("loss", "value", "sum", "denominator", "count", "ignored", "reduction", "normalization", "unit", "outputs", "metrics", "extras", "backend", "compute_dtype", "elapsed_ms", "non_finite")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class EvaluateResponse(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    NON_FINITE_FIELD_NUMBER: _ClassVar[int]
     loss: str
     value: float
     sum: float
@@ -91,7 +92,22 @@ class EvaluateResponse(_message.Message):
     backend: str
     compute_dtype: str
     elapsed_ms: float
-    def __init__(self, loss: _Optional[str] = ..., value: _Optional[float] = ..., sum: _Optional[float] = ..., denominator: _Optional[float] = ..., count: _Optional[int] = ..., ignored: _Optional[int] = ..., reduction: _Optional[str] = ..., normalization: _Optional[str] = ..., unit: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., extras: _Optional[_Mapping[str, float]] = ..., backend: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...
+    non_finite: NonFinitePositions
+    def __init__(self, loss: _Optional[str] = ..., value: _Optional[float] = ..., sum: _Optional[float] = ..., denominator: _Optional[float] = ..., count: _Optional[int] = ..., ignored: _Optional[int] = ..., reduction: _Optional[str] = ..., normalization: _Optional[str] = ..., unit: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., extras: _Optional[_Mapping[str, float]] = ..., backend: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., elapsed_ms: _Optional[float] = ..., non_finite: _Optional[_Union[NonFinitePositions, _Mapping]] = ...) -> None: ...
+
+class NonFinitePositions(_message.Message):
+    __slots__ = ("count", "positions")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    positions: _containers.RepeatedCompositeFieldContainer[Position]
+    def __init__(self, count: _Optional[int] = ..., positions: _Optional[_Iterable[_Union[Position, _Mapping]]] = ...) -> None: ...
+
+class Position(_message.Message):
+    __slots__ = ("index",)
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, index: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ErrorItem(_message.Message):
     __slots__ = ("loc", "msg", "type")
