@@ -450,3 +450,40 @@ async def test_probability_inputs_outside_their_range_are_422(
     }
     problem = assert_problem(await client.post("/v1/evaluate", json=body), 422)
     assert problem["errors"][0]["loc"] == loc
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "msg"),
+    [
+        ("logits", [[1.0, 2.0], [3.0]], "logits[1] has length 1, logits[0] has length 2"),
+        ("logits", [[1.0], [2.0, 3.0]], "logits[1] has length 2, logits[0] has length 1"),
+        (
+            "logits",
+            [[[1.0, 2.0]], [[3.0, 4.0], [5.0, 6.0]]],
+            "logits[1] has length 2, logits[0] has length 1",
+        ),
+        (
+            "logits",
+            [[[1.0, 2.0]], [[3.0]]],
+            "logits[1][0] has length 1, logits[0][0] has length 2",
+        ),
+        ("logits", [[1.0, 2.0], 3.0], "logits[1] is a number, logits[0] is a list of length 2"),
+        ("logits", [[1.0, [2.0]], [3.0, 4.0]], "logits[0][1] is a list, logits[0][0] is a number"),
+        ("targets", [[0], [1, 0]], "targets[1] has length 2, targets[0] has length 1"),
+    ],
+)
+async def test_ragged_lists_say_which_row_has_which_length(
+    client: httpx.AsyncClient, field: str, value: object, msg: str
+) -> None:
+    body: dict[str, object] = {
+        "loss": "cross_entropy",
+        "logits": [[1.0, 2.0], [3.0, 4.0]],
+        "targets": [0, 1],
+        field: value,
+    }
+    problem = assert_problem(await client.post("/v1/evaluate", json=body), 422)
+    error = problem["errors"][0]  # type: ignore[index]
+    assert error["loc"] == [field]
+    assert error["type"] == "ragged"
+    assert error["msg"] == f"not a rectangular array: {msg}"
+    assert "inhomogeneous" not in repr(problem)

@@ -107,10 +107,55 @@ def _from_nested(value: Any, loc: Sequence[str | int], max_elements: int) -> np.
     check_shape(shape, loc, max_elements)
     try:
         array = np.array(value)
-    except (ValueError, TypeError) as exc:
-        raise _invalid(loc, f"not a rectangular array of numbers ({exc})", "ragged") from None
+    except (ValueError, TypeError):
+        raise _ragged(value, shape, loc) from None
+    if list(array.shape) != shape:
+        raise _ragged(value, shape, loc)
     if array.dtype.kind not in "biuf":
         raise _invalid(loc, "tensor elements must be numbers or booleans", "dtype")
-    if list(array.shape) != shape:
-        raise _invalid(loc, "not a rectangular array of numbers", "ragged")
     return array
+
+
+def _ragged(value: Any, shape: Sequence[int], loc: Sequence[str | int]) -> ValidationFailed:
+    """422 ``ragged`` naming the first element whose nesting differs from the first elements'
+    (``shape``, read along index 0 at every depth), e.g. "logits[1] has length 1, logits[0]
+    has length 2"."""
+    found = _first_mismatch(value, shape, [])
+    if found is None:  # rectangular after all (numbers of mixed kinds): no lengths to name
+        return _invalid(loc, "not a rectangular array of numbers", "ragged")
+    path, depth = found, len(found)
+    name = ".".join(map(str, loc))
+
+    def at(indices: Sequence[int]) -> str:
+        return name + "".join(f"[{i}]" for i in indices)
+
+    probe: Any = value
+    for i in path:
+        probe = probe[i]
+    reference = [0] * depth  # the elements ``shape`` was read from
+    if depth == len(shape):
+        said = f"{at(path)} is a list, {at(reference)} is a number"
+    elif not isinstance(probe, list):
+        said = f"{at(path)} is a number, {at(reference)} is a list of length {shape[depth]}"
+    else:
+        said = f"{at(path)} has length {len(probe)}, {at(reference)} has length {shape[depth]}"
+    return _invalid(loc, f"not a rectangular array: {said}", "ragged")
+
+
+def _first_mismatch(value: Any, shape: Sequence[int], path: list[int]) -> list[int] | None:
+    """Index path of the first element, depth first, that is a list where ``shape``
+    ends, not a list where it goes on, or a list of another length; None if there is none.
+    Depth ≤ 32 (``check_shape``); the walk is linear in the (body-bounded) list size."""
+    depth = len(path)
+    for i, item in enumerate(value):
+        here = [*path, i]
+        if depth + 1 == len(shape):
+            if isinstance(item, list):
+                return here
+            continue
+        if not isinstance(item, list) or len(item) != shape[depth + 1]:
+            return here
+        found = _first_mismatch(item, shape, here)
+        if found is not None:
+            return found
+    return None
