@@ -79,8 +79,8 @@ def dashboard() -> dict[str, Any]:
             [
                 prometheus_target(
                     "A",
-                    "sum by (route, status) (rate(ce_eval_requests_total[1m]))",
-                    "{{route}} {{status}}",
+                    "sum by (transport, route, status) (rate(ce_eval_requests_total[1m]))",
+                    "{{transport}} {{route}} {{status}}",
                 )
             ],
             (0, 0, 12, 8),

@@ -1,8 +1,11 @@
 """Prometheus metrics (prometheus-client) and the ASGI middleware that records them.
 
 Names (a contract for dashboards and alerts):
-- ``ce_eval_requests_total{route,method,status}``: HTTP requests by route *template*
-  (``/v1/runs/{run_id}``, never the raw path; ``<unmatched>`` for unknown paths).
+- ``ce_eval_requests_total{transport,route,method,status}``: requests. ``transport="http"``:
+  by route *template* (``/v1/runs/{run_id}``, never the raw path; ``<unmatched>`` for
+  unknown paths) and HTTP status; ``transport="grpc"``: by full RPC name
+  (``/ce_eval.v1.LossEvaluation/Evaluate``), method ``POST``, status the gRPC code name
+  (``OK``, ``INVALID_ARGUMENT``, …).
 - ``ce_eval_request_duration_seconds{route,method}``: histogram of request latency.
 - ``ce_eval_evaluate_duration_seconds{loss,backend}``: histogram of engine time per evaluation.
 - ``ce_eval_rejected_total{reason}``: requests answered 4xx/5xx, by reason.
@@ -39,7 +42,9 @@ from service import __version__
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 REQUESTS = Counter(
-    "ce_eval_requests_total", "HTTP requests by route template.", ["route", "method", "status"]
+    "ce_eval_requests_total",
+    "Requests by transport, route template (HTTP) or RPC (gRPC), method and status.",
+    ["transport", "route", "method", "status"],
 )
 REQUEST_DURATION = Histogram(
     "ce_eval_request_duration_seconds",
@@ -86,6 +91,10 @@ def _evaluate_duration(loss: str, backend: str) -> Any:
 
 def observe_evaluate(loss: str, backend: str, seconds: float) -> None:
     _evaluate_duration(loss, backend).observe(seconds)
+
+
+def count_request(transport: str, route: str, method: str, status: str) -> None:
+    REQUESTS.labels(transport, route, method, status).inc()
 
 
 def count_batch(outcome: str) -> None:
@@ -138,7 +147,7 @@ class PrometheusMiddleware:
             INFLIGHT.dec()
             route = route_template(scope)
             method = scope["method"]
-            REQUESTS.labels(route, method, str(status)).inc()
+            count_request("http", route, method, str(status))
             REQUEST_DURATION.labels(route, method).observe(time.perf_counter() - started)
             if status >= 400:
                 REJECTED.labels(rejection_reason(status)).inc()

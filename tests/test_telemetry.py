@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import grpc
 import httpx
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
+from ce_eval_client.proto import request_to_proto
+from service.config import Settings
+from service.grpc.server import start_grpc_server
+from service.http.app import create_app
 from tests.servers import ServerProcess
 
 
@@ -53,11 +60,36 @@ async def test_metrics_count_requests_by_route_template_and_rejections(client):
         "ce_eval_build_info",
     }
     batch_route = "/v1/runs/{run_id}/batches"
-    assert delta("ce_eval_requests_total", route=batch_route, method="POST", status="200") == 2
     assert (
-        delta("ce_eval_requests_total", route="/v1/runs/{run_id}", method="GET", status="404") == 1
+        delta(
+            "ce_eval_requests_total",
+            transport="http",
+            route=batch_route,
+            method="POST",
+            status="200",
+        )
+        == 2
     )
-    assert delta("ce_eval_requests_total", route="<unmatched>", method="GET", status="404") == 1
+    assert (
+        delta(
+            "ce_eval_requests_total",
+            transport="http",
+            route="/v1/runs/{run_id}",
+            method="GET",
+            status="404",
+        )
+        == 1
+    )
+    assert (
+        delta(
+            "ce_eval_requests_total",
+            transport="http",
+            route="<unmatched>",
+            method="GET",
+            status="404",
+        )
+        == 1
+    )
     assert not any(run["id"] in str(labels) for _, labels in after)
     assert delta("ce_eval_rejected_total", reason="not_found") == 2
     assert delta("ce_eval_rejected_total", reason="validation") == 1
@@ -82,7 +114,53 @@ def test_metrics_in_multiprocess_mode(tmp_path, serve):
         assert httpx.get(f"{server.url}/healthz").status_code == 200
     scraped = samples(httpx.get(f"{server.url}/metrics").text)
     assert (
-        value(scraped, "ce_eval_requests_total", route="/healthz", method="GET", status="200") == 3
+        value(
+            scraped,
+            "ce_eval_requests_total",
+            transport="http",
+            route="/healthz",
+            method="GET",
+            status="200",
+        )
+        == 3
     )
     assert any(name == "ce_eval_build_info" for name, _ in scraped)
     assert list(directory.glob("*.db"))  # samples live in the shared directory
+
+
+async def test_grpc_calls_are_counted_with_transport_grpc(settings: Settings) -> None:
+    app = create_app(settings)
+    evaluate = "/ce_eval.v1.LossEvaluation/Evaluate"
+    async with app.router.lifespan_context(app):
+        server = await start_grpc_server(settings, app.state.dataplane, "127.0.0.1", 0)
+        try:
+            async with (
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://test"
+                ) as rest,
+                grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+            ):
+                stub = pb_grpc.LossEvaluationStub(channel)
+                before = await scrape(rest)
+                good = request_to_proto("cross_entropy", np.zeros((2, 3), np.float32), [0, 2])
+                for _ in range(2):
+                    await stub.Evaluate(good)
+                bad = request_to_proto("cross_entropy", np.zeros((2, 3), np.float32), [0, 7])
+                try:
+                    await stub.Evaluate(bad)
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+                else:
+                    raise AssertionError("target 7 of 3 classes was accepted")
+                after = await scrape(rest)
+        finally:
+            await server.stop(0)
+
+    def delta(**labels: str) -> float:
+        name = "ce_eval_requests_total"
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    grpc_call = {"transport": "grpc", "route": evaluate, "method": "POST"}
+    assert delta(**grpc_call, status="OK") == 2
+    assert delta(**grpc_call, status="INVALID_ARGUMENT") == 1
+    assert delta(transport="http", route="/metrics", method="GET", status="200") == 1

@@ -54,6 +54,7 @@ from service.dataplane.evaluate import DataPlane, engine_error
 from service.dataplane.runs import BatchesSummary, RunsDataPlane
 from service.errors import MalformedBody, ServiceError, ValidationFailed
 from service.logs import get_logger
+from service.telemetry import count_request
 
 log = get_logger("grpc")
 
@@ -297,6 +298,52 @@ class LossEvaluationServicer:
         return await self._answer(context, work)
 
 
+class CountingInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every unary-response call (unary and client-streaming) in
+    ``ce_eval_requests_total{transport="grpc", route=<full RPC name>, method="POST",
+    status=<gRPC code name>}``; streaming-response RPCs (health Watch, reflection) are not
+    counted."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.response_streaming:
+            return handler
+        rpc = handler_call_details.method
+        if handler.request_streaming:
+            return handler._replace(stream_unary=_counted(handler.stream_unary, rpc))
+        return handler._replace(unary_unary=_counted(handler.unary_unary, rpc))
+
+
+def _counted(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], rpc: str
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        status = "UNKNOWN"  # an exception the servicer did not map to a status
+        try:
+            answer = await behavior(request, context)
+            status = "OK"
+            return answer
+        except BaseException:
+            status = _code_name(context.code())
+            raise
+        finally:
+            count_request("grpc", rpc, "POST", status)
+
+    return counted
+
+
+def _code_name(code: Any) -> str:
+    """A status code (``grpc.StatusCode`` or its integer) → its name; UNKNOWN if unset."""
+    for member in grpc.StatusCode:
+        if code is member or code == member.value[0]:
+            return member.name
+    return "UNKNOWN"
+
+
 class GrpcServer:
     """A started ``grpc.aio`` server: ``port`` is the bound port (useful with port 0)."""
 
@@ -352,7 +399,7 @@ async def start_grpc_server(
         authenticator = Authenticator(
             settings.api_key_list(), settings.rate_limit_per_s, settings.rate_limit_burst
         )
-    server = grpc.aio.server(options=server_options(settings))
+    server = grpc.aio.server(interceptors=[CountingInterceptor()], options=server_options(settings))
     servicer = LossEvaluationServicer(dataplane, runs, authenticator)
     server.add_generic_rpc_handlers((servicer.handler(),))
     health_servicer = health.aio.HealthServicer()
