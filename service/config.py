@@ -70,6 +70,14 @@ class Settings(BaseSettings):
         100, ge=1, description="gRPC: concurrent RPCs per connection."
     )
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body.")
+    max_response_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest answer, estimated from the request before any work (output tensors in "
+            "their encoding); beyond it 413 naming the output."
+        ),
+    )
     max_elements: int = Field(
         256 * 1024 * 1024, ge=1, description="Largest number of tensor elements in one request."
     )

@@ -487,3 +487,42 @@ async def test_ragged_lists_say_which_row_has_which_length(
     assert error["type"] == "ragged"
     assert error["msg"] == f"not a rectangular array: {msg}"
     assert "inhomogeneous" not in repr(problem)
+
+
+async def test_an_answer_over_max_response_bytes_is_refused_before_the_work() -> None:
+    """1024×256 float32 logits asking for the full Hessian: 67M elements, over 1.5 GB as JSON
+    lists. 413 naming the output and what to ask for instead; hessian_diag fits."""
+    app = create_app(Settings(database_url="sqlite://", max_response_bytes=64 * 2**20))
+    logits = np.zeros((1024, 256), np.float32)
+    body = {
+        "loss": "cross_entropy",
+        "logits": b64(logits, "float32"),
+        "targets": [0] * 1024,
+        "outputs": ["hessian"],
+        "tensor_encoding": "list",
+    }
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post("/v1/evaluate", json=body)
+        problem = assert_problem(r, 413)
+        error = problem["errors"][0]  # type: ignore[index]
+        assert error["loc"] == ["outputs", "hessian"]
+        assert "hessian_diag" in error["msg"] and "hvp" in error["msg"]
+        # 1024·256·256 elements × 16 bytes as lists, well over 64 MiB.
+        assert "1024.0 MiB" in error["msg"]
+        ok = await client.post("/v1/evaluate", json={**body, "outputs": ["hessian_diag"]})
+        assert ok.status_code == 200
+        assert len(ok.content) < 64 * 2**20
+
+
+def test_response_estimate_counts_each_output_in_its_encoding() -> None:
+    from service.dataplane.evaluate import estimated_response_bytes
+
+    z = np.zeros((10, 4), np.float64)
+    sizes = estimated_response_bytes(z, {}, ["loss", "grad", "per_sample", "hessian"], "base64")
+    assert sizes == {
+        "grad": 40 * 8 * 4 // 3,
+        "per_sample": 10 * 8 * 4 // 3,
+        "hessian": 160 * 32 // 3,
+    }
+    assert estimated_response_bytes(z.astype(np.float32), {}, ["grad"], "raw") == {"grad": 160}

@@ -6,7 +6,7 @@ REST (JSON and protobuf), gRPC and OIP v2 adapters all call these functions; non
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -86,6 +86,33 @@ class DataPlane:
         with self.admission.admit():
             return await anyio.to_thread.run_sync(fn, *args, limiter=self.compute_limiter)
 
+    def _check_response_size(
+        self,
+        logits: np.ndarray | None,
+        linear: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        encoding: str,
+    ) -> None:
+        """413 before any work when the answer would exceed ``max_response_bytes``."""
+        sizes = estimated_response_bytes(logits, linear, outputs, encoding)
+        total = sum(sizes.values())
+        if total <= self.settings.max_response_bytes:
+            return
+        name = max(sizes, key=sizes.__getitem__)
+        hint = (
+            "ask for 'hvp' (with a vector) or 'hessian_diag' instead, or send fewer rows"
+            if name == "hessian"
+            else "send fewer rows, or a binary encoding (base64, protobuf, OIP binary)"
+        )
+        msg = (
+            f"the answer would hold about {total / 2**20:.1f} MiB of outputs ({name!r}: "
+            f"{sizes[name] / 2**20:.1f} MiB), over the limit of "
+            f"{self.settings.max_response_bytes / 2**20:.1f} MiB; {hint}"
+        )
+        raise PayloadTooLarge(
+            msg, [{"loc": ["outputs", name], "msg": msg, "type": "response_too_large"}]
+        )
+
     def decode(self, value: Any, loc: str) -> np.ndarray | None:
         if value is None:
             return None
@@ -117,6 +144,8 @@ class DataPlane:
                     }
                 ],
             )
+        enc = encoding or request.tensor_encoding
+        self._check_response_size(logits, linear, request.outputs, enc)
         try:
             result = ce_engine.evaluate(
                 request.loss,
@@ -133,7 +162,6 @@ class DataPlane:
         except ce_engine.EngineError as exc:
             raise engine_error(exc) from None
         observe_evaluate(result.loss, result.backend, time.perf_counter() - started)
-        enc = encoding or request.tensor_encoding
         answer: dict[str, Any] = {
             "loss": result.loss,
             "value": result.value,
@@ -215,6 +243,50 @@ def declared_elements(value: Any) -> int:
             count *= dim
         return count
     return 2**62
+
+
+#: Bytes one output element takes in an answer, by tensor encoding (JSON lists: the longest
+#: float repr plus a comma; base64: 4/3 of the item; raw: the item).
+def _bytes_per_element(encoding: str, itemsize: int) -> float:
+    if encoding == "list":
+        return 25.0 if itemsize > 4 else 16.0
+    return itemsize * 4 / 3 if encoding == "base64" else float(itemsize)
+
+
+def estimated_response_bytes(
+    logits: np.ndarray | None,
+    linear: Mapping[str, np.ndarray],
+    outputs: Sequence[str],
+    encoding: str,
+) -> dict[str, int]:
+    """Bytes of each requested output tensor in the answer, from the request alone:
+    ``hessian`` N·C·C, ``per_sample`` N, ``grad_features`` / ``grad_weight`` / ``grad_bias``
+    their parameter's size, every other output the logits' size N·C (linear: N·C too)."""
+    if logits is not None and logits.ndim >= 1:
+        size, itemsize = int(logits.size), max(4, logits.dtype.itemsize)
+        classes = int(logits.shape[1]) if logits.ndim >= 2 else 1
+    elif "features" in linear and "weight" in linear and linear["weight"].ndim == 2:
+        classes = int(linear["weight"].shape[0])
+        size = int(linear["features"].size // max(1, linear["features"].shape[-1])) * classes
+        itemsize = max(4, linear["features"].dtype.itemsize)
+    else:
+        return {}
+    per = _bytes_per_element(encoding, itemsize)
+    sizes: dict[str, int] = {}
+    for name in outputs:
+        if name == "loss":
+            continue
+        if name == "hessian":
+            elements = size * classes
+        elif name == "per_sample":
+            elements = size // max(1, classes)
+        elif name in ("grad_features", "grad_weight", "grad_bias"):
+            parameter = linear.get(name.removeprefix("grad_"))
+            elements = 0 if parameter is None else int(parameter.size)
+        else:
+            elements = size
+        sizes[name] = int(elements * per)
+    return sizes
 
 
 def estimated_work(
