@@ -67,7 +67,7 @@ def test_a_stalled_body_gets_408(server: ServerProcess) -> None:
     with _connect(server) as sock:
         sock.sendall(
             b"POST /v1/evaluate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
-            b"content-length: 100\r\n\r\n{\"loss\":"
+            b'content-length: 100\r\n\r\n{"loss":'
         )
         data, seconds = _read_until_closed(sock, 10)
     assert data.startswith(b"HTTP/1.1 408"), data
