@@ -64,21 +64,31 @@ def browser() -> Iterator[Any]:
 
 
 def push_run(
-    server: ServerProcess, name: str, seed: int, batches: int, key: str | None = None
+    server: ServerProcess,
+    name: str,
+    seed: int,
+    batches: int,
+    key: str | None = None,
+    *,
+    metrics: list[str] | None = None,
+    classes: list[str] | None = None,
+    margin: float = 2.5,
 ) -> dict[str, Any]:
+    """A run of ``batches`` batches of 40 rows, logits N(0, 1) + ``margin`` on the target."""
     rng = np.random.default_rng(seed)
     headers = {"X-API-Key": key} if key else {}
+    names = CLASSES if classes is None else classes
     run = httpx.post(
         f"{server.url}/v1/runs",
         headers=headers,
-        json={"name": name, "loss": "cross_entropy", "metrics": METRICS,
-              "class_names": CLASSES, "tags": {"suite": "dash"},
+        json={"name": name, "loss": "cross_entropy", "metrics": metrics or METRICS,
+              "class_names": names, "tags": {"suite": "dash"},
               "options": {"top_k": [1, 2]}},
     ).json()  # fmt: skip
     for i in range(batches):
         n = 40
-        targets = rng.integers(0, len(CLASSES), size=n)
-        logits = rng.standard_normal((n, len(CLASSES))) + 2.5 * np.eye(len(CLASSES))[targets]
+        targets = rng.integers(0, len(names), size=n)
+        logits = rng.standard_normal((n, len(names))) + margin * np.eye(len(names))[targets]
         body = {"batch_id": f"{i}", "logits": as_base64(logits), "targets": as_base64(targets)}
         answer = httpx.post(f"{server.url}/v1/runs/{run['id']}/batches", json=body, headers=headers)
         assert answer.status_code == 200
@@ -247,3 +257,50 @@ def test_dashboard_with_api_keys_asks_for_a_key_once_and_shows_only_its_runs(
     # Only the API's own 401/403/404 answers may be logged, no script errors.
     for message in severe_console_messages(browser):
         assert any(f"status of {code}" in message["message"] for code in (401, 403, 404)), message
+
+
+# ---------------------------------------------------------------------------------- polish
+
+#: Every metric value on the list and run pages: 4 decimals, or 3 in scientific notation when
+#: |v| < 1e-3 or ≥ 1e4 (0 as 0.0000); "–" for no value.
+METRIC_TEXT = r"^(–|-?\d+\.\d{4}|-?\d\.\d{3}e[+-]\d+)$"
+
+
+def metric_text(value: float) -> str:
+    """The formatter the pages are held to, written independently of the page's script."""
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4):
+        mantissa, exponent = f"{value:.3e}".split("e")
+        return f"{mantissa}e{int(exponent):+d}"
+    return f"{value:.4f}"
+
+
+def test_dashboard_formats_every_metric_value_alike(tmp_path, serve, browser):
+    import re
+
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    perfect = push_run(server, "perfect", 5, batches=2, margin=40.0)
+    assert perfect["metrics"]["accuracy"] == 1.0
+
+    browser.get(f"{server.url}/dashboard")
+    wait_ready(browser, "runs")
+    row = browser.find_element("css selector", f"#runs-table tr[data-run-id='{perfect['id']}']")
+    cells = {
+        th.text: td.text
+        for th, td in zip(
+            browser.find_elements("css selector", "#runs-table thead th"),
+            row.find_elements("tag name", "td"),
+            strict=True,
+        )
+    }
+    assert cells["Accuracy"] == "1.0000"
+    assert cells["Value"] == metric_text(perfect["value"])
+
+    browser.get(f"{server.url}/dashboard#run={perfect['id']}")
+    wait_ready(browser, "run")
+    shown = {
+        tr.find_element("tag name", "th").text: tr.find_element("tag name", "td").text
+        for tr in browser.find_elements("css selector", "#metrics-table tbody tr")
+    }
+    assert shown["accuracy"] == "1.0000"
+    assert shown["nll"] == metric_text(perfect["metrics"]["nll"])
+    assert all(re.match(METRIC_TEXT, text) for text in shown.values()), shown

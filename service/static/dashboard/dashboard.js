@@ -55,11 +55,21 @@ function showKeyState() {
   $("key-forget").hidden = !storedKey();
 }
 
+/** Counts and other plain values: integers with thousands separators. */
 function fmt(value, digits = 4) {
   if (value === null || value === undefined) return "–";
   if (typeof value !== "number") return String(value);
   if (Number.isInteger(value)) return value.toLocaleString("en");
   return Math.abs(value) >= 1e4 || Math.abs(value) < 1e-3 ? value.toExponential(3) : value.toFixed(digits);
+}
+
+/** Every metric and loss value: 4 decimals (1 as 1.0000), or 3 in scientific notation when
+ * 0 < |v| < 1e-3 or |v| ≥ 1e4; "–" for no value. */
+function fmtMetric(value) {
+  if (value === null || value === undefined) return "–";
+  if (typeof value !== "number") return String(value);
+  const size = Math.abs(value);
+  return value !== 0 && (size < 1e-3 || size >= 1e4) ? value.toExponential(3) : value.toFixed(4);
 }
 
 function el(tag, attrs = {}, ...children) {
@@ -122,8 +132,8 @@ function runRow(run) {
     tags,
     el("td", { class: "num", text: fmt(run.batches) }),
     el("td", { class: "num", text: fmt(run.count) }),
-    el("td", { class: "num", text: fmt(run.value) }),
-    el("td", { class: "num", text: fmt(accuracy) }),
+    el("td", { class: "num", text: fmtMetric(run.value) }),
+    el("td", { class: "num", text: fmtMetric(accuracy) }),
     el("td", { text: (run.updated_at || "").replace("T", " ").slice(0, 19) }),
   );
 }
@@ -161,7 +171,7 @@ async function allBatches(runId) {
 
 function summary(run) {
   const items = [["Status", run.status], ["Loss", run.loss], ["Batches", run.batches],
-    ["Count", run.count], ["Ignored", run.ignored], [`Value (${run.unit})`, run.value],
+    ["Count", run.count], ["Ignored", run.ignored], [`Value (${run.unit})`, fmtMetric(run.value)],
     ["Reduction", `${run.reduction} / ${run.normalization}`], ["Created", run.created_at]];
   $("run-summary").replaceChildren(...items.map(([k, v]) => el("div", {}, el("dt", { text: k }), el("dd", { text: fmt(v) }))));
 }
@@ -169,9 +179,9 @@ function summary(run) {
 function metricsTable(run) {
   const rows = [];
   for (const [key, value] of Object.entries(run.metrics)) {
-    if (typeof value === "number" || value === null) rows.push(el("tr", {}, el("th", { text: key }), el("td", { class: "num", text: fmt(value) })));
+    if (typeof value === "number" || value === null) rows.push(el("tr", {}, el("th", { text: key }), el("td", { class: "num", text: fmtMetric(value) })));
     else if (key === "top_k_accuracy") {
-      for (const [k, v] of Object.entries(value)) rows.push(el("tr", {}, el("th", { text: `top-${k} accuracy` }), el("td", { class: "num", text: fmt(v) })));
+      for (const [k, v] of Object.entries(value)) rows.push(el("tr", {}, el("th", { text: `top-${k} accuracy` }), el("td", { class: "num", text: fmtMetric(v) })));
     }
   }
   $("metrics-table").tBodies[0].replaceChildren(...rows);
@@ -274,9 +284,9 @@ async function openCompare(ids) {
     const first = Object.values(values)[0];
     if (first !== null && typeof first === "object") {
       for (const k of Object.keys(first)) rows.push(el("tr", {}, el("th", { text: `${key} @${k}` }),
-        ...result.runs.map((r) => el("td", { class: "num", text: fmt(values[r.id] ? values[r.id][k] : null) }))));
+        ...result.runs.map((r) => el("td", { class: "num", text: fmtMetric(values[r.id] ? values[r.id][k] : null) }))));
     } else {
-      rows.push(el("tr", {}, el("th", { text: key }), ...result.runs.map((r) => el("td", { class: "num", text: fmt(values[r.id]) }))));
+      rows.push(el("tr", {}, el("th", { text: key }), ...result.runs.map((r) => el("td", { class: "num", text: fmtMetric(values[r.id]) }))));
     }
   }
   $("compare-table").tHead.replaceChildren(head);
