@@ -304,3 +304,14 @@ def test_dashboard_formats_every_metric_value_alike(tmp_path, serve, browser):
     assert shown["accuracy"] == "1.0000"
     assert shown["nll"] == metric_text(perfect["metrics"]["nll"])
     assert all(re.match(METRIC_TEXT, text) for text in shown.values()), shown
+
+
+def test_dashboard_says_no_batches_yet_on_an_empty_run(tmp_path, serve, browser):
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    empty = push_run(server, "empty", 6, batches=0)
+    browser.get(f"{server.url}/dashboard#run={empty['id']}")
+    wait_ready(browser, "run")
+    note = browser.find_element("id", "batches-empty")
+    assert note.is_displayed() and "no batches yet" in note.text.lower()
+    assert not browser.find_element("id", "loss-chart").is_displayed()
+    assert severe_console_messages(browser) == []

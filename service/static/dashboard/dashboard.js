@@ -178,7 +178,7 @@ function summary(run) {
 
 function metricsTable(run) {
   const rows = [];
-  for (const [key, value] of Object.entries(run.metrics)) {
+  for (const [key, value] of Object.entries(run.metrics || {})) {
     if (typeof value === "number" || value === null) rows.push(el("tr", {}, el("th", { text: key }), el("td", { class: "num", text: fmtMetric(value) })));
     else if (key === "top_k_accuracy") {
       for (const [k, v] of Object.entries(value)) rows.push(el("tr", {}, el("th", { text: `top-${k} accuracy` }), el("td", { class: "num", text: fmtMetric(v) })));
@@ -188,7 +188,7 @@ function metricsTable(run) {
 }
 
 function reliability(run) {
-  const bins = run.metrics.reliability;
+  const bins = (run.metrics || {}).reliability;
   $("reliability-empty").hidden = Boolean(bins);
   $("reliability-chart").parentElement.hidden = !bins;
   if (!bins) return;
@@ -211,7 +211,7 @@ function reliability(run) {
 }
 
 function confusion(run) {
-  const matrix = run.metrics.confusion_matrix;
+  const matrix = (run.metrics || {}).confusion_matrix;
   $("confusion-empty").hidden = Boolean(matrix);
   const box = $("confusion");
   box.replaceChildren();
@@ -238,7 +238,11 @@ async function openRun(runId) {
   summary(run);
   metricsTable(run);
   const seq = points.map((p) => p.seq);
-  drawChart("loss-chart", {
+  const empty = points.length === 0;
+  $("batches-empty").hidden = !empty;
+  $("loss-chart").parentElement.hidden = empty;
+  if (empty && charts["loss-chart"]) { charts["loss-chart"].destroy(); delete charts["loss-chart"]; }
+  if (!empty) drawChart("loss-chart", {
     type: "line",
     data: { labels: seq, datasets: [
       { label: "batch value", data: points.map((p) => p.value), borderColor: COLORS[0], pointRadius: 1 },
@@ -247,6 +251,7 @@ async function openRun(runId) {
     options: { scales: { x: { title: { display: true, text: "batch" } } } },
   });
   const hasAccuracy = points.some((p) => p.metrics && typeof p.metrics.accuracy === "number");
+  $("accuracy-empty").textContent = empty ? "No batches yet." : "No accuracy metric in this run.";
   $("accuracy-empty").hidden = hasAccuracy;
   $("accuracy-chart").parentElement.hidden = !hasAccuracy;
   if (hasAccuracy) {
