@@ -315,3 +315,16 @@ def test_dashboard_says_no_batches_yet_on_an_empty_run(tmp_path, serve, browser)
     assert note.is_displayed() and "no batches yet" in note.text.lower()
     assert not browser.find_element("id", "loss-chart").is_displayed()
     assert severe_console_messages(browser) == []
+
+
+def test_dashboard_tells_runs_with_the_same_name_apart(tmp_path, serve, browser):
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    runs = [push_run(server, "same-name", seed, batches=1) for seed in (7, 8)]
+    browser.get(f"{server.url}/dashboard")
+    wait_ready(browser, "runs")
+    for run in runs:
+        row = browser.find_element("css selector", f"#runs-table tr[data-run-id='{run['id']}']")
+        assert run["id"][-6:] in row.text
+        assert run["created_at"][:19].replace("T", " ") in row.text
+    texts = [r.text for r in browser.find_elements("css selector", "#runs-table tbody tr")]
+    assert len(set(texts)) == 2

@@ -113,6 +113,11 @@ function runsQuery(cursor) {
   return `/v1/runs?${params}`;
 }
 
+/** ISO time as "YYYY-MM-DD HH:MM:SS" (UTC, as the API gives it). */
+function when(iso) {
+  return (iso || "").replace("T", " ").slice(0, 19);
+}
+
 function runRow(run) {
   const check = el("input", { type: "checkbox", "aria-label": `select ${run.name}` });
   check.checked = selected.has(run.id);
@@ -123,10 +128,12 @@ function runRow(run) {
   const tags = el("td");
   for (const [key, value] of Object.entries(run.tags)) tags.append(el("span", { class: "tag", text: `${key}:${value}` }));
   const link = el("a", { href: `#run=${encodeURIComponent(run.id)}`, text: run.name });
+  // Runs may share a name: the id's tail and the creation time tell them apart.
+  const suffix = el("span", { class: "run-id", title: run.id, text: ` …${run.id.slice(-6)}` });
   const accuracy = run.metrics && typeof run.metrics.accuracy === "number" ? run.metrics.accuracy : null;
   return el("tr", { "data-run-id": run.id },
     el("td", {}, check),
-    el("td", {}, link),
+    el("td", {}, link, suffix),
     el("td", { class: `status-${run.status}`, text: run.status }),
     el("td", { text: run.loss }),
     tags,
@@ -134,7 +141,8 @@ function runRow(run) {
     el("td", { class: "num", text: fmt(run.count) }),
     el("td", { class: "num", text: fmtMetric(run.value) }),
     el("td", { class: "num", text: fmtMetric(accuracy) }),
-    el("td", { text: (run.updated_at || "").replace("T", " ").slice(0, 19) }),
+    el("td", { text: when(run.created_at) }),
+    el("td", { text: when(run.updated_at) }),
   );
 }
 
