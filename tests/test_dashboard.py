@@ -328,3 +328,16 @@ def test_dashboard_tells_runs_with_the_same_name_apart(tmp_path, serve, browser)
         assert run["created_at"][:19].replace("T", " ") in row.text
     texts = [r.text for r in browser.find_elements("css selector", "#runs-table tbody tr")]
     assert len(set(texts)) == 2
+
+
+def test_dashboard_draws_a_one_batch_run_with_point_markers(tmp_path, serve, browser):
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    single = push_run(server, "single", 9, batches=1)
+    browser.get(f"{server.url}/dashboard#run={single['id']}")
+    wait_ready(browser, "run")
+    for chart, datasets in (("loss-chart", 2), ("accuracy-chart", 1)):
+        radii = browser.execute_script(
+            f"const c = Chart.getChart('{chart}');"
+            "return c.data.datasets.map((_, i) => c.getDatasetMeta(i).data[0].options.radius);"
+        )
+        assert len(radii) == datasets and all(r >= 3 for r in radii), (chart, radii)

@@ -246,6 +246,8 @@ async function openRun(runId) {
   summary(run);
   metricsTable(run);
   const seq = points.map((p) => p.seq);
+  // A line needs two points: a lone batch gets visible markers instead of a 1-pixel dot.
+  const lone = points.length === 1;
   const empty = points.length === 0;
   $("batches-empty").hidden = !empty;
   $("loss-chart").parentElement.hidden = empty;
@@ -253,8 +255,10 @@ async function openRun(runId) {
   if (!empty) drawChart("loss-chart", {
     type: "line",
     data: { labels: seq, datasets: [
-      { label: "batch value", data: points.map((p) => p.value), borderColor: COLORS[0], pointRadius: 1 },
-      { label: "running value", data: points.map((p) => p.cumulative_value), borderColor: COLORS[1], pointRadius: 0 },
+      { label: "batch value", data: points.map((p) => p.value), borderColor: COLORS[0], backgroundColor: COLORS[0],
+        pointRadius: lone ? 5 : 1 },
+      { label: "running value", data: points.map((p) => p.cumulative_value), borderColor: COLORS[1],
+        backgroundColor: COLORS[1], pointRadius: lone ? 4 : 0, pointStyle: lone ? "rectRot" : "circle" },
     ] },
     options: { scales: { x: { title: { display: true, text: "batch" } } } },
   });
@@ -266,7 +270,7 @@ async function openRun(runId) {
     drawChart("accuracy-chart", {
       type: "line",
       data: { labels: seq, datasets: [{ label: "accuracy", data: points.map((p) => p.metrics.accuracy ?? null),
-        borderColor: COLORS[2], pointRadius: 1 }] },
+        borderColor: COLORS[2], backgroundColor: COLORS[2], pointRadius: lone ? 5 : 1 }] },
       options: { scales: { y: { min: 0, max: 1 }, x: { title: { display: true, text: "batch" } } } },
     });
   }
