@@ -341,3 +341,11 @@ def test_dashboard_draws_a_one_batch_run_with_point_markers(tmp_path, serve, bro
             "return c.data.datasets.map((_, i) => c.getDatasetMeta(i).data[0].options.radius);"
         )
         assert len(radii) == datasets and all(r >= 3 for r in radii), (chart, radii)
+
+
+def test_dashboard_shows_the_tags_of_a_run(tmp_path, serve, browser):
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    run = push_run(server, "tagged", 10, batches=1)
+    browser.get(f"{server.url}/dashboard#run={run['id']}")
+    wait_ready(browser, "run")
+    assert "suite:dash" in browser.find_element("id", "run-tags").text

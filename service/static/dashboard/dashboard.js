@@ -243,6 +243,7 @@ async function openRun(runId) {
   show("run-view");
   const [run, points] = await Promise.all([api(`/v1/runs/${encodeURIComponent(runId)}`), allBatches(runId)]);
   $("run-title").textContent = `${run.name} (${run.id})`;
+  $("run-tags").replaceChildren(...Object.entries(run.tags || {}).map(([k, v]) => el("span", { class: "tag", text: `${k}:${v}` })));
   summary(run);
   metricsTable(run);
   const seq = points.map((p) => p.seq);
