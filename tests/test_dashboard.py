@@ -349,3 +349,37 @@ def test_dashboard_shows_the_tags_of_a_run(tmp_path, serve, browser):
     browser.get(f"{server.url}/dashboard#run={run['id']}")
     wait_ready(browser, "run")
     assert "suite:dash" in browser.find_element("id", "run-tags").text
+
+
+def run_requests(driver: Any, run_id: str) -> int:
+    """How many requests for the run (answer or batches) the page has made so far."""
+    count: int = driver.execute_script(
+        "return performance.getEntriesByType('resource')"
+        ".filter(e => e.name.includes('/v1/runs/' + arguments[0])).length",
+        run_id,
+    )
+    return count
+
+
+def test_dashboard_refreshes_an_open_run_and_stops_once_it_is_closed(tmp_path, serve, browser):
+    import time
+
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    run = push_run(server, "live", 11, batches=2)
+    browser.get(f"{server.url}/dashboard?refresh_ms=250#run={run['id']}")
+    wait_ready(browser, "run")
+    body = {"batch_id": "late", "logits": as_base64(np.eye(4)), "targets": as_base64(np.arange(4))}
+    assert httpx.post(f"{server.url}/v1/runs/{run['id']}/batches", json=body).status_code == 200
+    WebDriverWait(browser, 20).until(
+        lambda d: (
+            len(d.execute_script("return Chart.getChart('loss-chart').data.datasets[0].data")) == 3
+        )
+    )
+    assert httpx.post(f"{server.url}/v1/runs/{run['id']}/close").status_code == 200
+    WebDriverWait(browser, 20).until(lambda d: "closed" in d.find_element("id", "run-summary").text)
+    before = run_requests(browser, run["id"])
+    time.sleep(1.5)  # six refresh intervals
+    assert run_requests(browser, run["id"]) == before
+    assert severe_console_messages(browser) == []

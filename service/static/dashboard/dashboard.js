@@ -10,6 +10,10 @@ const selected = new Set();
 let nextCursor = null;
 
 const KEY_STORAGE = "ce-eval-api-key";
+/** Refresh period of an open run's page, ms: ?refresh_ms=N on the page URL (100 ms to 10 min),
+ * else 5 s. */
+const REFRESH_MS = Math.min(600000, Math.max(100,
+  Number(new URLSearchParams(location.search).get("refresh_ms")) || 5000));
 
 const $ = (id) => document.getElementById(id);
 
@@ -239,9 +243,46 @@ function confusion(run) {
   box.append(el("table", { id: "confusion-table" }, el("thead", {}, head), el("tbody", {}, ...rows)));
 }
 
+/* An open run's page refetches the run every REFRESH_MS (the batches only when their count
+ * changed) and stops once the run is closed or the page leaves it. */
+let refresh = { timer: null, token: 0 };
+
+function stopRefresh() {
+  clearTimeout(refresh.timer);
+  refresh = { timer: null, token: refresh.token + 1 };
+  document.body.dataset.refresh = "off";
+}
+
+function scheduleRefresh(run, points) {
+  if (run.status !== "open") { document.body.dataset.refresh = "off"; return; }
+  const token = refresh.token;
+  document.body.dataset.refresh = "on";
+  refresh.timer = setTimeout(async () => {
+    try {
+      const next = await api(`/v1/runs/${encodeURIComponent(run.id)}`);
+      const nextPoints = next.batches === run.batches ? points : await allBatches(run.id);
+      if (token !== refresh.token) return;  // the page moved on meanwhile
+      renderRun(next, nextPoints);
+      scheduleRefresh(next, nextPoints);
+    } catch (error) {
+      if (token !== refresh.token) return;
+      stopRefresh();
+      if (error instanceof AuthError) { showKeyForm(error); return; }
+      $("runs-error").textContent = `refresh stopped: ${error.message}`;
+      $("runs-error").hidden = false;
+    }
+  }, REFRESH_MS);
+}
+
 async function openRun(runId) {
   show("run-view");
   const [run, points] = await Promise.all([api(`/v1/runs/${encodeURIComponent(runId)}`), allBatches(runId)]);
+  renderRun(run, points);
+  document.body.dataset.ready = "run";
+  scheduleRefresh(run, points);
+}
+
+function renderRun(run, points) {
   $("run-title").textContent = `${run.name} (${run.id})`;
   $("run-tags").replaceChildren(...Object.entries(run.tags || {}).map(([k, v]) => el("span", { class: "tag", text: `${k}:${v}` })));
   summary(run);
@@ -277,7 +318,6 @@ async function openRun(runId) {
   }
   reliability(run);
   confusion(run);
-  document.body.dataset.ready = "run";
 }
 
 /* ------------------------------------------------------------------- comparison */
@@ -315,6 +355,7 @@ async function openCompare(ids) {
 /* ------------------------------------------------------------------------ routing */
 
 async function route() {
+  stopRefresh();
   document.body.dataset.ready = "";
   const hash = new URLSearchParams(location.hash.slice(1));
   try {
