@@ -383,3 +383,46 @@ def test_dashboard_refreshes_an_open_run_and_stops_once_it_is_closed(tmp_path, s
     time.sleep(1.5)  # six refresh intervals
     assert run_requests(browser, run["id"]) == before
     assert severe_console_messages(browser) == []
+
+
+def test_dashboard_closes_and_deletes_a_run_after_confirming(tmp_path, serve, browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    run = push_run(server, "doomed", 12, batches=1)
+    url = f"{server.url}/v1/runs/{run['id']}"
+    browser.get(f"{server.url}/dashboard#run={run['id']}")
+    wait_ready(browser, "run")
+
+    browser.find_element("id", "close-run").click()
+    browser.switch_to.alert.dismiss()  # asked first: dismissing keeps it open
+    assert httpx.get(url).json()["status"] == "open"
+    browser.find_element("id", "close-run").click()
+    browser.switch_to.alert.accept()
+    WebDriverWait(browser, 20).until(lambda _: httpx.get(url).json()["status"] == "closed")
+    WebDriverWait(browser, 20).until(
+        lambda d: (
+            not d.find_element("id", "close-run").is_displayed()
+            and "closed" in d.find_element("id", "run-summary").text
+        )
+    )
+
+    browser.find_element("id", "delete-run").click()
+    browser.switch_to.alert.accept()
+    WebDriverWait(browser, 20).until(lambda _: httpx.get(url).status_code == 404)
+    wait_ready(browser, "runs")
+    assert browser.find_elements("css selector", f"tr[data-run-id='{run['id']}']") == []
+
+
+def test_dashboard_with_api_keys_offers_close_and_delete_on_the_keys_run(tmp_path, serve, browser):
+    server: ServerProcess = serve(
+        f"sqlite:///{tmp_path / 'runs.db'}", CE_EVAL_API_KEYS="alpha-key"
+    ).start()
+    run = push_run(server, "alpha-run", 13, batches=1, key="alpha-key")
+    browser.get(f"{server.url}/dashboard")
+    wait_ready(browser, "auth")
+    browser.execute_script("sessionStorage.setItem('ce-eval-api-key', 'alpha-key')")
+    browser.get(f"{server.url}/dashboard#run={run['id']}")
+    wait_ready(browser, "run")
+    assert browser.find_element("id", "close-run").is_displayed()
+    assert browser.find_element("id", "delete-run").is_displayed()

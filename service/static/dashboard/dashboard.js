@@ -31,11 +31,11 @@ function storedKey() {
   try { return sessionStorage.getItem(KEY_STORAGE); } catch { return null; }
 }
 
-async function api(path) {
+async function api(path, method = "GET") {
   const headers = { Accept: "application/json" };
   const key = storedKey();
   if (key) headers["X-API-Key"] = key;
-  const response = await fetch(path, { headers });
+  const response = await fetch(path, { method, headers });
   if (response.status === 401 || response.status === 403) throw new AuthError(response.status);
   let body = null;
   try { body = await response.json(); } catch { body = null; }
@@ -268,8 +268,7 @@ function scheduleRefresh(run, points) {
       if (token !== refresh.token) return;
       stopRefresh();
       if (error instanceof AuthError) { showKeyForm(error); return; }
-      $("runs-error").textContent = `refresh stopped: ${error.message}`;
-      $("runs-error").hidden = false;
+      runError(`refresh stopped: ${error.message}`);
     }
   }, REFRESH_MS);
 }
@@ -282,7 +281,36 @@ async function openRun(runId) {
   scheduleRefresh(run, points);
 }
 
+/* Close and delete: a run is visible only to the key that created it (or to all, with auth
+ * off), so whoever sees the run page may close or delete it; both ask first. */
+let shownRun = null;
+
+function runError(message) {
+  $("run-error").textContent = message;
+  $("run-error").hidden = !message;
+}
+
+async function closeRun() {
+  const run = shownRun;
+  if (!run || !confirm(`Close run "${run.name}" (${run.id})? It will accept no more batches.`)) return;
+  await api(`/v1/runs/${encodeURIComponent(run.id)}/close`, "POST");
+  await route();
+}
+
+async function deleteRun() {
+  const run = shownRun;
+  if (!run || !confirm(`Delete run "${run.name}" (${run.id}) and all its batches? This cannot be undone.`)) return;
+  stopRefresh();
+  await api(`/v1/runs/${encodeURIComponent(run.id)}`, "DELETE");
+  selected.delete(run.id);
+  location.hash = "";
+}
+
 function renderRun(run, points) {
+  shownRun = run;
+  runError("");
+  $("close-run").hidden = run.status !== "open";
+  $("delete-run").hidden = false;
   $("run-title").textContent = `${run.name} (${run.id})`;
   $("run-tags").replaceChildren(...Object.entries(run.tags || {}).map(([k, v]) => el("span", { class: "tag", text: `${k}:${v}` })));
   summary(run);
@@ -388,6 +416,14 @@ document.addEventListener("DOMContentLoaded", () => {
     route();
   });
   $("key-forget").addEventListener("click", () => { sessionStorage.removeItem(KEY_STORAGE); route(); });
+  $("close-run").addEventListener("click", guarded(() => closeRun().catch((error) => {
+    if (error instanceof AuthError) throw error;
+    runError(error.message);
+  })));
+  $("delete-run").addEventListener("click", guarded(() => deleteRun().catch((error) => {
+    if (error instanceof AuthError) throw error;
+    runError(error.message);
+  })));
   $("compare-button").addEventListener("click", () => { location.hash = `compare=${[...selected].join(",")}`; });
   window.addEventListener("hashchange", route);
   route();
