@@ -426,3 +426,27 @@ def test_dashboard_with_api_keys_offers_close_and_delete_on_the_keys_run(tmp_pat
     wait_ready(browser, "run")
     assert browser.find_element("id", "close-run").is_displayed()
     assert browser.find_element("id", "delete-run").is_displayed()
+
+
+def test_dashboard_shows_per_class_precision_recall_f1(tmp_path, serve, browser):
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    metrics = ["accuracy", "precision", "recall", "f1", "support"]
+    run = push_run(server, "per-class", 14, batches=3, metrics=metrics)
+    browser.get(f"{server.url}/dashboard#run={run['id']}")
+    wait_ready(browser, "run")
+    rows = browser.find_elements("css selector", "#per-class-table tbody tr")
+    assert [r.find_element("tag name", "th").text for r in rows] == CLASSES
+    for c, row in enumerate(rows):
+        cells = [td.text for td in row.find_elements("tag name", "td")]
+        expected = [metric_text(run["metrics"][m][c]) for m in ("precision", "recall", "f1")]
+        assert cells[:3] == expected
+    assert not browser.find_element("id", "per-class-note").is_displayed()
+
+    many = [f"c{i}" for i in range(120)]
+    wide = push_run(server, "many-classes", 15, batches=1, metrics=metrics, classes=many)
+    browser.get(f"{server.url}/dashboard#run={wide['id']}")
+    wait_ready(browser, "run")
+    rows = browser.find_elements("css selector", "#per-class-table tbody tr")
+    assert 0 < len(rows) < 120
+    note = browser.find_element("id", "per-class-note").text
+    assert f"{len(rows)} of 120" in note

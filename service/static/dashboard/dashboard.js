@@ -199,6 +199,36 @@ function metricsTable(run) {
   $("metrics-table").tBodies[0].replaceChildren(...rows);
 }
 
+/** Most classes the per-class table lists (the first ones by index); a note says when cut. */
+const PER_CLASS_ROWS = 50;
+
+function perClassTable(run) {
+  const metrics = run.metrics || {};
+  const columns = ["precision", "recall", "f1"].filter((m) => Array.isArray(metrics[m]));
+  const support = Array.isArray(metrics.support) ? metrics.support : null;
+  $("per-class-empty").hidden = columns.length > 0;
+  $("per-class-table").hidden = columns.length === 0;
+  $("per-class-note").hidden = true;
+  if (!columns.length) { $("per-class-table").tHead.replaceChildren(); $("per-class-table").tBodies[0].replaceChildren(); return; }
+  const classes = metrics[columns[0]].length;
+  const names = run.class_names && run.class_names.length === classes ? run.class_names : null;
+  const shown = Math.min(classes, PER_CLASS_ROWS);
+  $("per-class-table").tHead.replaceChildren(el("tr", {}, el("th", { text: "class" }),
+    ...columns.map((m) => el("th", { class: "num", text: m === "f1" ? "F1" : m })),
+    ...(support ? [el("th", { class: "num", text: "support" })] : [])));
+  const rows = [];
+  for (let c = 0; c < shown; c++) {
+    rows.push(el("tr", {}, el("th", { text: names ? names[c] : String(c) }),
+      ...columns.map((m) => el("td", { class: "num", text: fmtMetric(metrics[m][c]) })),
+      ...(support ? [el("td", { class: "num", text: fmt(support[c]) })] : [])));
+  }
+  $("per-class-table").tBodies[0].replaceChildren(...rows);
+  if (shown < classes) {
+    $("per-class-note").textContent = `Showing the first ${shown} of ${classes} classes.`;
+    $("per-class-note").hidden = false;
+  }
+}
+
 function reliability(run) {
   const bins = (run.metrics || {}).reliability;
   $("reliability-empty").hidden = Boolean(bins);
@@ -346,6 +376,7 @@ function renderRun(run, points) {
   }
   reliability(run);
   confusion(run);
+  perClassTable(run);
 }
 
 /* ------------------------------------------------------------------- comparison */
