@@ -450,3 +450,19 @@ def test_dashboard_shows_per_class_precision_recall_f1(tmp_path, serve, browser)
     assert 0 < len(rows) < 120
     note = browser.find_element("id", "per-class-note").text
     assert f"{len(rows)} of 120" in note
+
+
+def test_dashboard_caps_the_confusion_table_of_many_classes(tmp_path, serve, browser):
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    many = [f"c{i}" for i in range(120)]
+    run = push_run(server, "wide", 16, batches=1, metrics=["confusion_matrix"], classes=many)
+    assert len(run["metrics"]["confusion_matrix"]) == 120
+    browser.get(f"{server.url}/dashboard#run={run['id']}")
+    wait_ready(browser, "run")
+    rows = browser.find_elements("css selector", "#confusion-table tbody tr")
+    assert 0 < len(rows) < 120
+    cells = browser.execute_script("return document.querySelectorAll('#confusion-table td').length")
+    assert cells == len(rows) ** 2
+    first = [float(td.text) for td in rows[0].find_elements("tag name", "td")]
+    assert first == run["metrics"]["confusion_matrix"][0][: len(rows)]
+    assert f"{len(rows)} of 120" in browser.find_element("id", "confusion-note").text

@@ -252,17 +252,25 @@ function reliability(run) {
   });
 }
 
+/** Most classes the confusion table shows (its first rows and columns). */
+const CONFUSION_CLASSES = 30;
+
 function confusion(run) {
   const matrix = (run.metrics || {}).confusion_matrix;
   $("confusion-empty").hidden = Boolean(matrix);
+  $("confusion-note").hidden = true;
   const box = $("confusion");
   box.replaceChildren();
   if (!matrix) return;
   const names = run.class_names && run.class_names.length === matrix.length ? run.class_names : matrix.map((_, i) => String(i));
-  const head = el("tr", {}, el("th", { text: "true \\ pred" }), ...names.map((n) => el("th", { text: n })));
-  const rows = matrix.map((row, i) => {
+  // At most CONFUSION_CLASSES² cells in the page: larger matrices show their top-left corner.
+  const shown = Math.min(matrix.length, CONFUSION_CLASSES);
+  $("confusion-note").hidden = shown === matrix.length;
+  $("confusion-note").textContent = `Showing the first ${shown} of ${matrix.length} classes (shares are of the whole row).`;
+  const head = el("tr", {}, el("th", { text: "true \\ pred" }), ...names.slice(0, shown).map((n) => el("th", { text: n })));
+  const rows = matrix.slice(0, shown).map((row, i) => {
     const total = row.reduce((a, b) => a + b, 0) || 1;
-    return el("tr", {}, el("th", { text: names[i] }), ...row.map((value) => {
+    return el("tr", {}, el("th", { text: names[i] }), ...row.slice(0, shown).map((value) => {
       const share = value / total;
       const cell = el("td", { text: fmt(Math.round(value * 100) / 100, 2), title: `${(share * 100).toFixed(1)}% of row` });
       cell.style.background = `rgba(47,111,221,${(0.08 + 0.85 * share).toFixed(3)})`;
