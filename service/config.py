@@ -98,6 +98,15 @@ class Settings(BaseSettings):
         description="Threads running engine work off the event loop.",
         json_schema_extra={"env_default": "the number of CPUs (`os.cpu_count()`)"},
     )
+    max_inflight_per_key: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "With API keys: compute threads one key may hold at once (its further work "
+            "waits), so that other keys always find one."
+        ),
+        json_schema_extra={"env_default": "`CE_EVAL_COMPUTE_THREADS` − 1, at least 1"},
+    )
     cpu_threads: int | None = Field(
         None,
         ge=1,

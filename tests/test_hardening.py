@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+import anyio
 import httpx
 import numpy as np
 import pytest
@@ -247,3 +248,37 @@ async def test_per_request_compute_limit_is_413() -> None:
         assert (await client.post("/v1/evaluate", json=plain)).status_code == 200
     async with make_client(max_work=7000) as client:
         assert (await client.post("/v1/evaluate", json=linear)).status_code == 200
+
+
+async def test_one_key_cannot_take_every_compute_thread() -> None:
+    """Key B keeps both compute threads busy with slow work; key A's request still gets a
+    thread at once (B holds at most compute_threads − 1 of them, its other work waits)."""
+    from service.dataplane.admission import current_principal
+    from service.dataplane.evaluate import DataPlane
+
+    dataplane = DataPlane(Settings(compute_threads=2, max_inflight=16))
+
+    async def as_key(key: str, seconds: float) -> float:
+        current_principal.set(key)  # each task has its own context
+        started = time.monotonic()
+        await dataplane.run_admitted(time.sleep, seconds)
+        return time.monotonic() - started
+
+    async with anyio.create_task_group() as group:
+        for _ in range(3):
+            group.start_soon(as_key, "key-b", 1.5)
+        await anyio.sleep(0.2)  # B's work holds its share, the rest of it waits
+        waited = await as_key("key-a", 0.0)
+        assert waited < 0.5
+        group.cancel_scope.cancel()
+
+
+async def test_without_keys_the_whole_pool_is_shared() -> None:
+    from service.dataplane.evaluate import DataPlane
+
+    dataplane = DataPlane(Settings(compute_threads=2))
+    started = time.monotonic()
+    async with anyio.create_task_group() as group:
+        for _ in range(2):
+            group.start_soon(dataplane.run_admitted, time.sleep, 0.5)
+    assert time.monotonic() - started < 0.9  # both ran at once: no per-key share with auth off

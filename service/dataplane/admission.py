@@ -5,9 +5,16 @@ Shared by every adapter (REST, gRPC, OIP) through :class:`service.dataplane.eval
 
 from __future__ import annotations
 
+import contextvars
 import threading
 
 from service.errors import Unavailable
+
+#: The API key id of the request being served (None with auth off), set by the adapters once
+#: they authenticate; per-key compute shares read it.
+current_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "current_principal", default=None
+)
 
 
 class Admission:

@@ -20,7 +20,7 @@ from ce_engine.metrics import metrics_by_variant, supported_metrics
 from ce_eval_client.wire import encode_tensor
 from service.codecs.tensors import decode_tensor
 from service.config import Settings
-from service.dataplane.admission import Admission
+from service.dataplane.admission import Admission, current_principal
 from service.errors import (
     MalformedBody,
     NonFiniteResult,
@@ -80,11 +80,26 @@ class DataPlane:
         self.settings = settings
         self.admission = Admission(settings.max_inflight)
         self.compute_limiter = anyio.CapacityLimiter(settings.compute_threads)
+        self.key_share = settings.max_inflight_per_key or max(1, settings.compute_threads - 1)
+        self._key_limiters: dict[str, anyio.CapacityLimiter] = {}
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a compute thread. With auth on, one key holds at most ``key_share``
+        of the ``compute_threads`` at once (its further work waits behind its own), so another
+        key's request always finds a thread within one evaluation's time."""
+        principal = current_principal.get()
+        if principal is None:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self.compute_limiter)
+        share = self._key_limiters.get(principal)
+        if share is None:
+            share = self._key_limiters[principal] = anyio.CapacityLimiter(self.key_share)
+        async with share:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self.compute_limiter)
 
     async def run_admitted(self, fn: Callable[..., T], *args: Any) -> T:
         """Run engine work in a worker thread, within the admission bound (else 503)."""
         with self.admission.admit():
-            return await anyio.to_thread.run_sync(fn, *args, limiter=self.compute_limiter)
+            return await self.in_thread(fn, *args)
 
     def _check_response_size(
         self,
@@ -195,9 +210,7 @@ class DataPlane:
         with self.admission.admit():
             if declared_elements(request.logits) <= INLINE_ELEMENTS:
                 return self.evaluate(request, encoding)
-            return await anyio.to_thread.run_sync(
-                self.evaluate, request, encoding, limiter=self.compute_limiter
-            )
+            return await self.in_thread(self.evaluate, request, encoding)
 
     @staticmethod
     def catalog() -> LossCatalog:

@@ -50,6 +50,7 @@ from service.codecs.proto import (
     split_request_bytes,
 )
 from service.config import Settings
+from service.dataplane.admission import current_principal
 from service.dataplane.evaluate import DataPlane, engine_error
 from service.dataplane.runs import BatchesSummary, RunsDataPlane
 from service.errors import MalformedBody, ServiceError, ValidationFailed
@@ -190,7 +191,9 @@ class LossEvaluationServicer:
     ) -> T:
         """Authenticate, run ``work(principal)``, map a failure to its status (one place)."""
         try:
-            return await work(self._principal(context))
+            principal = self._principal(context)
+            current_principal.set(principal)  # this call's own task: nothing to reset
+            return await work(principal)
         except ServiceError as exc:
             error = exc
         except ce_engine.EngineError as exc:

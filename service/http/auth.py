@@ -6,6 +6,7 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.auth import Authenticator, presented_key
+from service.dataplane.admission import current_principal
 from service.errors import ServiceError
 
 
@@ -48,4 +49,8 @@ class ApiKeyMiddleware:
             await send({"type": "http.response.body", "body": body})
             return
         scope.setdefault("state", {})["principal"] = principal
-        await self.app(scope, receive, send)
+        token = current_principal.set(principal)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current_principal.reset(token)
