@@ -108,7 +108,11 @@ def test_sigterm_drains_inflight_and_readyz_turns_503() -> None:
         "tensor_encoding": "base64",
     }
     results: dict[str, int] = {}
-    env = {"CE_EVAL_DRAIN_DELAY_S": "1.5", "CE_EVAL_MAX_BODY_BYTES": str(256 * 1024 * 1024)}
+    env = {
+        "CE_EVAL_DRAIN_DELAY_S": "1.5",
+        "CE_EVAL_MAX_BODY_BYTES": str(256 * 1024 * 1024),
+        "CE_EVAL_MAX_RESPONSE_BYTES": str(256 * 1024 * 1024),  # three 48 MB outputs
+    }
     with serve(env=env) as server:
         with httpx.Client(base_url=server.url, timeout=60) as client:
 
@@ -128,8 +132,7 @@ def test_sigterm_drains_inflight_and_readyz_turns_503() -> None:
                 refused = other.post("/v1/evaluate", json=BODY)
                 assert refused.status_code == 503 and "retry-after" in refused.headers
             worker.join(timeout=60)
-        # uvicorn re-raises the captured SIGTERM once it has drained
-        assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0  # a clean drain exits 0
     assert results["slow"] == 200
 
 
