@@ -132,7 +132,9 @@ async def test_oip_metrics_parameter(stack: Stack, as_list: bool) -> None:
     }
     answer = await stack.rest.post("/v2/models/binary_cross_entropy/infer", json=request)
     assert answer.status_code == 200, answer.text
-    metrics = orjson.loads(answer.json()["parameters"]["metrics"])
+    (output,) = [o for o in answer.json()["outputs"] if o["name"] == "metrics"]
+    assert output["datatype"] == "BYTES" and output["shape"] == [1]
+    metrics = orjson.loads(output["data"][0])
     expected = engine_metrics(
         "binary_cross_entropy", Z, Y, sample_weight=W, options=BCE_OPTIONS, metrics=names
     )
@@ -293,4 +295,5 @@ async def test_linear_cross_entropy_metrics_over_protobuf_grpc_and_oip(stack: St
         json={"inputs": inputs, "parameters": {**options, "metrics": names}},
     )
     assert answer.status_code == 200, answer.text
-    assert_nested_close(orjson.loads(answer.json()["parameters"]["metrics"]), expected, rtol=0)
+    (output,) = [o for o in answer.json()["outputs"] if o["name"] == "metrics"]
+    assert_nested_close(orjson.loads(output["data"][0]), expected, rtol=0)

@@ -274,9 +274,18 @@ def _decode_oip(response: httpx.Response) -> Evaluation:
     header = orjson.loads(content[:size])
     offset = size
     outputs: dict[str, np.ndarray] = {}
+    metrics: dict[str, Any] = {}
     for item in header["outputs"]:
-        dtype = DATATYPES[item["datatype"]]
         nbytes = (item.get("parameters") or {}).get("binary_data_size")
+        if item["name"] == "metrics" and item["datatype"] == "BYTES":
+            # one element, the metrics' JSON text; binary: <u4 length, then the bytes
+            if nbytes is None:
+                metrics = orjson.loads(item["data"][0])
+            else:
+                metrics = orjson.loads(content[offset + 4 : offset + nbytes])
+                offset += nbytes
+            continue
+        dtype = DATATYPES[item["datatype"]]
         if nbytes is None:
             array = np.asarray(item["data"], dtype=dtype).reshape(item["shape"])
         else:
@@ -286,7 +295,7 @@ def _decode_oip(response: httpx.Response) -> Evaluation:
         if item["name"] != "loss":  # the reduced value also comes as parameters.value
             outputs[item["name"]] = array
     params = dict(header.get("parameters", {}))
-    params["metrics"] = orjson.loads(params["metrics"]) if "metrics" in params else {}
+    params["metrics"] = metrics
     return Evaluation.from_dict(
         {**params, "loss": header["model_name"], "value": params.get("value"), "outputs": outputs}
     )

@@ -12,8 +12,10 @@ comma-separated string), ``binary_data_output``, and Triton's reserved schedulin
 (ignored). Outputs: ``loss`` (FP64 [1], the reduced value; NaN for reduction ``none``) and the
 loss's array outputs (``per_sample``, ``grad``, …); ``["loss"]`` when none are named. Response
 ``parameters`` carry ``value``, ``sum``, ``denominator``, ``count``, ``ignored``, ``reduction``,
-``normalization``, ``unit``, ``backend``, ``compute_dtype``, ``elapsed_ms`` and ``metrics`` (a
-JSON string, as OIP parameters are scalars).
+``normalization``, ``unit``, ``backend``, ``compute_dtype`` and ``elapsed_ms``. Requested metrics
+come back as the output ``metrics``: BYTES, shape [1], its one element the metrics' JSON text
+(binary: Triton's BYTES layout, a 4-byte little-endian length then the bytes). Naming ``metrics``
+in ``outputs`` only sets its ``binary_data`` flag.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from service.errors import MalformedBody, ValidationFailed
 from service.schemas import EvaluateRequest
 
 HEADER_LENGTH = "inference-header-content-length"
+#: The BYTES output holding the metrics' JSON text.
+METRICS_OUTPUT = "metrics"
 
 _WIRE_NAMES = {
     "FP16": "float16",
@@ -188,11 +192,14 @@ def parse_infer_request(
         out_name = item.get("name") if isinstance(item, dict) else None
         if not isinstance(out_name, str):
             raise _invalid(("outputs", index, "name"), "an output needs a name")
-        outputs.append(out_name)
         out_params = item.get("parameters") or {}
         binary_flag = out_params.get("binary_data") if isinstance(out_params, dict) else None
         if binary_flag is True or (binary_flag is None and all_binary):
             binary_outputs.add(out_name)
+        if out_name != METRICS_OUTPUT:
+            outputs.append(out_name)
+    if not requested and all_binary:
+        binary_outputs.add(METRICS_OUTPUT)
     if not outputs:
         outputs = ["loss"]
         if all_binary:
@@ -205,6 +212,11 @@ def parse_infer_request(
         outputs=outputs,
         binary_outputs=binary_outputs,
     )
+
+
+def bytes_tensor_blob(elements: Sequence[bytes]) -> bytes:
+    """BYTES elements → Triton's binary layout: per element ``<u4`` length, then its bytes."""
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
 
 
 def _output_arrays(result: Mapping[str, Any], names: list[str]) -> list[tuple[str, np.ndarray]]:
@@ -239,10 +251,6 @@ def encode_infer_response(
     }
     if result["value"] is not None:
         parameters["value"] = result["value"]
-    if result["metrics"]:
-        parameters["metrics"] = orjson.dumps(
-            result["metrics"], option=orjson.OPT_SERIALIZE_NUMPY
-        ).decode()
     response: dict[str, Any] = {"model_name": loss, "model_version": "1"}
     if infer.request_id is not None:
         response["id"] = infer.request_id
@@ -261,6 +269,16 @@ def encode_infer_response(
             blobs.append(blob)
         else:
             entry["data"] = array.reshape(-1)
+        outputs.append(entry)
+    if result["metrics"]:
+        text = orjson.dumps(result["metrics"], option=orjson.OPT_SERIALIZE_NUMPY)
+        entry = {"name": METRICS_OUTPUT, "datatype": "BYTES", "shape": [1]}
+        if METRICS_OUTPUT in infer.binary_outputs:
+            blob = bytes_tensor_blob([text])
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = [text.decode()]
         outputs.append(entry)
     response["outputs"] = outputs
     header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)

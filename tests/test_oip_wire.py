@@ -1,0 +1,114 @@
+"""OIP v2 wire details: metrics as a BYTES output, ``error`` on every /v2 error, range checks."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.http.app import create_app
+
+LOGITS = [[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]]
+TARGETS = [0, 2]
+FLAT_LOGITS = [v for row in LOGITS for v in row]
+
+
+def _ref_accuracy() -> float:
+    z = np.array(LOGITS, np.float64)
+    return float(np.mean(z.argmax(1) == np.array(TARGETS)))
+
+
+def _ref_ce() -> float:
+    z = np.array(LOGITS, np.float64)
+    logp = z - z.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    return float(-logp[np.arange(2), TARGETS].mean())
+
+
+def _infer_body(**extra: object) -> dict[str, object]:
+    return {
+        "inputs": [
+            {
+                "name": "logits",
+                "datatype": "FP64",
+                "shape": [2, 3],
+                "data": [v for row in LOGITS for v in row],
+            },
+            {"name": "targets", "datatype": "INT64", "shape": [2], "data": TARGETS},
+        ],
+        **extra,
+    }
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    app = create_app(
+        Settings(
+            max_body_bytes=64 * 1024,
+            max_elements=100_000,
+            log_level="warning",
+            database_url=f"sqlite:///{tmp_path / 'ce-eval.db'}",
+        )
+    )
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+# --- metrics as an output tensor -------------------------------------------------------------
+
+
+def test_metrics_come_back_as_a_bytes_output_holding_json(client: TestClient) -> None:
+    r = client.post(
+        "/v2/models/cross_entropy/infer", json=_infer_body(parameters={"metrics": ["accuracy"]})
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "metrics" not in body["parameters"]
+    (metrics,) = [o for o in body["outputs"] if o["name"] == "metrics"]
+    assert metrics["datatype"] == "BYTES" and metrics["shape"] == [1]
+    decoded = orjson.loads(metrics["data"][0])
+    assert decoded["accuracy"] == pytest.approx(_ref_accuracy(), rel=1e-12)
+
+
+def test_no_metrics_output_without_metrics(client: TestClient) -> None:
+    r = client.post("/v2/models/cross_entropy/infer", json=_infer_body())
+    assert r.status_code == 200, r.text
+    assert [o["name"] for o in r.json()["outputs"]] == ["loss"]
+
+
+def test_metrics_output_in_binary_tensor_extension(client: TestClient) -> None:
+    body = _infer_body(
+        parameters={"metrics": "accuracy", "binary_data_output": True},
+        outputs=[{"name": "loss"}, {"name": "metrics"}],
+    )
+    r = client.post("/v2/models/cross_entropy/infer", json=body)
+    assert r.status_code == 200, r.text
+    size = int(r.headers["inference-header-content-length"])
+    header = orjson.loads(r.content[:size])
+    names = [o["name"] for o in header["outputs"]]
+    assert names == ["loss", "metrics"]
+    tail = r.content[size:]
+    loss_size = header["outputs"][0]["parameters"]["binary_data_size"]
+    assert loss_size == 8
+    assert np.frombuffer(tail[:8], "<f8")[0] == pytest.approx(_ref_ce(), rel=1e-12)
+    blob = tail[8:]
+    assert header["outputs"][1]["parameters"]["binary_data_size"] == len(blob)
+    (length,) = struct.unpack("<I", blob[:4])  # Triton BYTES: 4-byte LE length, then the bytes
+    assert length == len(blob) - 4
+    assert orjson.loads(blob[4:])["accuracy"] == pytest.approx(_ref_accuracy(), rel=1e-12)
+
+
+def test_sdk_reads_the_metrics_output(client: TestClient) -> None:
+    from ce_eval_client.sdk import Client
+
+    sdk = Client(transport="oip", http=client)
+    result = sdk.evaluate(
+        "cross_entropy", np.array(LOGITS), np.array(TARGETS), metrics=["accuracy"]
+    )
+    assert result.metrics["accuracy"] == pytest.approx(_ref_accuracy(), rel=1e-12)
