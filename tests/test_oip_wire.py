@@ -112,3 +112,37 @@ def test_sdk_reads_the_metrics_output(client: TestClient) -> None:
         "cross_entropy", np.array(LOGITS), np.array(TARGETS), metrics=["accuracy"]
     )
     assert result.metrics["accuracy"] == pytest.approx(_ref_accuracy(), rel=1e-12)
+
+
+# --- every /v2 error carries "error" ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v2/nope", 404),
+        ("GET", "/v2/models/cross_entropy/versions/1/nope", 404),
+        ("GET", "/v2/models/nope", 404),
+        ("DELETE", "/v2/models/cross_entropy/infer", 405),
+        ("POST", "/v2/health/live", 405),
+    ],
+)
+def test_every_oip_error_has_an_error_member(
+    client: TestClient, method: str, path: str, status: int
+) -> None:
+    r = client.request(method, path)
+    assert r.status_code == status
+    body = r.json()
+    assert isinstance(body["error"], str) and body["error"] and "\n" not in body["error"]
+
+
+def test_oip_validation_error_has_an_error_member(client: TestClient) -> None:
+    r = client.post("/v2/models/cross_entropy/infer", content=b"{not json")
+    assert r.status_code == 400 and r.json()["error"]
+    r = client.post("/v2/models/cross_entropy/infer", json={"inputs": [{"name": "logits"}]})
+    assert r.status_code == 422 and "inputs.0" in r.json()["error"]
+
+
+def test_rest_errors_stay_plain_problems(client: TestClient) -> None:
+    r = client.get("/v1/nope")
+    assert r.status_code == 404 and "error" not in r.json()

@@ -244,6 +244,40 @@ def test_tritonclient_round_trip(server: ServeProcess) -> None:
     client.close()
 
 
+def test_tritonclient_reads_metrics_and_errors(server: ServeProcess) -> None:
+    """Stock tritonclient: the ``metrics`` BYTES output decodes; errors decode to our text."""
+    tritonclient_http = pytest.importorskip("tritonclient.http")
+    from tritonclient.utils import InferenceServerException
+
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0], [1.0, 0.0, 0.0]], np.float32)
+    targets = np.array([0, 1, 0], np.int64)
+    expected_accuracy = float(np.mean(logits.astype(np.float64).argmax(1) == targets))
+    client = tritonclient_http.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    for binary in (False, True):
+        z = tritonclient_http.InferInput("logits", list(logits.shape), "FP32")
+        z.set_data_from_numpy(logits, binary_data=binary)
+        y = tritonclient_http.InferInput("targets", list(targets.shape), "INT64")
+        y.set_data_from_numpy(targets, binary_data=binary)
+        result = client.infer(
+            "cross_entropy",
+            [z, y],
+            outputs=[
+                tritonclient_http.InferRequestedOutput("loss", binary_data=binary),
+                tritonclient_http.InferRequestedOutput("metrics", binary_data=binary),
+            ],
+            parameters={"metrics": "accuracy"},
+        )
+        (text,) = result.as_numpy("metrics")
+        assert orjson.loads(text)["accuracy"] == pytest.approx(expected_accuracy, rel=1e-12)
+    bad = tritonclient_http.InferInput("targets", [3], "INT64")
+    bad.set_data_from_numpy(np.array([0, 1, 7], np.int64))
+    with pytest.raises(InferenceServerException, match=r"targets.*7"):
+        client.infer("cross_entropy", [z, bad])
+    with pytest.raises(InferenceServerException, match="unknown input 'nope'"):
+        client.infer("cross_entropy", [tritonclient_http.InferInput("nope", [1], "FP32"), y])
+    client.close()
+
+
 def test_cli_evaluate_saves_outputs(server: ServeProcess, tmp_path: Path, capsys) -> None:
     logits = RNG.standard_normal((8, 4)).astype(np.float32)
     targets = RNG.integers(0, 4, size=8)

@@ -8,6 +8,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.auth import Authenticator, presented_key
 from service.dataplane.admission import current_principal
 from service.errors import ServiceError
+from service.http.responses import problem_body
 
 
 class ApiKeyMiddleware:
@@ -33,7 +34,7 @@ class ApiKeyMiddleware:
                 )
             )
         except ServiceError as error:
-            body = orjson.dumps(error.problem(path))
+            body = orjson.dumps(problem_body(error, path))
             response_headers = [
                 (b"content-type", b"application/problem+json"),
                 (b"content-length", str(len(body)).encode()),

@@ -11,6 +11,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge, ServiceError
+from service.http.responses import problem_body
 from service.logs import get_logger, request_id_var
 
 access_log = get_logger("access")
@@ -77,7 +78,9 @@ class RequestContextMiddleware:
 
 
 async def _internal_error(scope: Scope, send: Send) -> None:
-    body = orjson.dumps(ServiceError("internal error; see the server log").problem(scope["path"]))
+    body = orjson.dumps(
+        problem_body(ServiceError("internal error; see the server log"), scope["path"])
+    )
     headers: list[Any] = [
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(body)).encode()),
@@ -127,7 +130,7 @@ class BodyLimitMiddleware:
             f"{what} exceeds the limit of {self.max_bytes} bytes",
             [{"loc": ["body"], "msg": "body too large", "type": "body_too_large"}],
         )
-        body = orjson.dumps(error.problem(scope.get("path")))
+        body = orjson.dumps(problem_body(error, scope.get("path")))
         headers: list[Any] = [
             (b"content-type", b"application/problem+json"),
             (b"content-length", str(len(body)).encode()),

@@ -1,14 +1,11 @@
 """Open Inference Protocol v2 routes (KServe / Triton / MLServer), so stock clients work.
 
 Each loss is a "model". Parsing and encoding live in :mod:`service.codecs.oip`; evaluation in the
-data plane. Errors are problem+json with the OIP ``error`` member added (what OIP clients read).
+data plane. Errors are problem+json with the OIP ``error`` member added (what OIP clients read),
+for every path under ``/v2`` (:func:`service.http.responses.problem_body`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Awaitable, Callable
-from functools import wraps
-from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -22,32 +19,15 @@ from service.codecs.oip import (
     parse_infer_request,
 )
 from service.dataplane.evaluate import DataPlane
-from service.errors import NotFound, ServiceError
+from service.errors import NotFound
 from service.http.bodies import read_body
-from service.http.responses import FastJSONResponse, ProblemResponse, problems
+from service.http.responses import FastJSONResponse, problems
 
 router = APIRouter(
     prefix="/v2",
     tags=["open inference protocol v2"],
     responses=problems(400, 401, 403, 404, 413, 415, 422, 429, 503),
 )
-
-Endpoint = Callable[..., Awaitable[Response]]
-
-
-def oip_errors(endpoint: Endpoint) -> Endpoint:
-    """Service errors → problem+json plus ``error`` (the OIP error field)."""
-
-    @wraps(endpoint)
-    async def wrapper(request: Request, *args: Any, **kwargs: Any) -> Response:
-        try:
-            return await endpoint(request, *args, **kwargs)
-        except ServiceError as exc:
-            body = exc.problem(request.url.path)
-            body["error"] = exc.detail
-            return ProblemResponse(body, status_code=exc.status_code, headers=exc.headers or None)
-
-    return wrapper
 
 
 def _spec(loss: str, version: str | None = None) -> ce_engine.LossSpec:
@@ -81,14 +61,12 @@ async def ready(request: Request) -> Response:
 
 @router.get("/models/{loss}", summary="Model (loss) metadata")
 @router.get("/models/{loss}/versions/{version}", summary="Model (loss) metadata")
-@oip_errors
 async def metadata(request: Request, loss: str, version: str | None = None) -> Response:
     return FastJSONResponse(model_metadata(loss, _spec(loss, version).outputs))
 
 
 @router.get("/models/{loss}/ready", summary="Model (loss) readiness")
 @router.get("/models/{loss}/versions/{version}/ready", summary="Model (loss) readiness")
-@oip_errors
 async def model_ready(request: Request, loss: str, version: str | None = None) -> Response:
     _spec(loss, version)
     return FastJSONResponse({"name": loss, "ready": True})
@@ -96,7 +74,6 @@ async def model_ready(request: Request, loss: str, version: str | None = None) -
 
 @router.post("/models/{loss}/infer", summary="Evaluate the loss (JSON or binary tensors)")
 @router.post("/models/{loss}/versions/{version}/infer", summary="Evaluate the loss")
-@oip_errors
 async def infer(request: Request, loss: str, version: str | None = None) -> Response:
     _spec(loss, version)
     dataplane: DataPlane = request.app.state.dataplane
