@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,9 @@ import numpy as np
 import orjson
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from service.config import Settings
 from service.http.app import create_app
@@ -146,3 +150,112 @@ def test_oip_validation_error_has_an_error_member(client: TestClient) -> None:
 def test_rest_errors_stay_plain_problems(client: TestClient) -> None:
     r = client.get("/v1/nope")
     assert r.status_code == 404 and "error" not in r.json()
+
+
+# --- values outside the datatype's range -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("datatype", "value", "why"),
+    [
+        ("UINT8", -1, "out of range"),
+        ("UINT8", 300, "out of range"),
+        ("INT64", 2**63, "out of range"),
+        ("INT64", -(2**64), "out of range"),
+        ("UINT64", 2**64, "out of range"),
+        ("INT8", 1e10, "out of range"),
+        ("INT32", 1.5, "integer"),
+        ("INT64", 1.0, "integer"),
+        ("INT64", "1", "number"),
+        ("FP32", "NaN", "number"),
+        ("FP16", 1e10, "out of range"),
+        ("FP32", 1e300, "out of range"),
+        ("BOOL", 2, "true or false"),
+        ("INT64", None, "not a number"),
+        ("FP64", [1.0], "not an array"),
+    ],
+)
+def test_out_of_range_data_is_422_naming_the_field(
+    client: TestClient, datatype: str, value: object, why: str
+) -> None:
+    body = _infer_body()
+    body["inputs"][1] = {"name": "targets", "datatype": datatype, "shape": [2], "data": [0, value]}  # type: ignore[index]
+    r = client.post("/v2/models/cross_entropy/infer", json=body)
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert problem["errors"][0]["loc"] == ["inputs", 1, "data"]
+    assert why in problem["errors"][0]["msg"]
+    assert "inputs.1.data" in problem["error"]
+
+
+def test_in_range_integer_targets_still_work(client: TestClient) -> None:
+    body = _infer_body()
+    body["inputs"][1]["datatype"] = "UINT8"  # type: ignore[index]
+    r = client.post("/v2/models/cross_entropy/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"][0] == pytest.approx(_ref_ce(), rel=1e-12)
+
+
+_DATATYPES = ["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "UINT64", "FP16", "FP32", "FP64"]
+_json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=5),
+)
+_data = st.recursive(
+    st.lists(_json_scalars, max_size=8), lambda c: st.lists(c, max_size=3), max_leaves=12
+)
+_input = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["logits", "targets", "sample_weight", "x"]),
+        "datatype": st.one_of(st.sampled_from(_DATATYPES), st.text(max_size=4)),
+        "shape": st.one_of(
+            st.lists(st.integers(min_value=-2, max_value=6), max_size=3), _json_scalars
+        ),
+        "data": st.one_of(_data, _json_scalars),
+    }
+)
+_well_formed_input = st.builds(
+    lambda name, datatype, data, nested: {
+        "name": name,
+        "datatype": datatype,
+        "shape": [1, len(data)] if nested else [len(data)],
+        "data": [data] if nested else data,
+    },
+    st.sampled_from(["logits", "targets", "sample_weight"]),
+    st.sampled_from(_DATATYPES),
+    st.lists(_json_scalars, min_size=1, max_size=6),
+    st.booleans(),
+)
+_input = st.one_of(_well_formed_input, _well_formed_input, _input)
+_bodies = st.one_of(
+    st.fixed_dictionaries(
+        {"inputs": st.lists(_input, max_size=3)},
+        optional={
+            "parameters": st.dictionaries(
+                st.sampled_from(["metrics", "reduction", "binary_data_output", "backend"]),
+                _json_scalars,
+                max_size=2,
+            ),
+            "outputs": st.lists(
+                st.fixed_dictionaries({"name": st.sampled_from(["loss", "grad", "metrics", "z"])}),
+                max_size=2,
+            ),
+        },
+    ),
+    st.dictionaries(st.text(max_size=4), _json_scalars, max_size=3),
+)
+
+
+@hyp_settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=_bodies)
+def test_fuzz_oip_json_never_5xx(client: TestClient, body: dict[str, object]) -> None:
+    content = json.dumps(body).encode()  # stdlib: integers past 64 bits too
+    r = client.post("/v2/models/cross_entropy/infer", content=content)
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert r.json()["error"]

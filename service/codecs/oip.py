@@ -21,7 +21,7 @@ in ``outputs`` only sets its ``binary_data`` flag.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,15 +137,83 @@ def _decode_input(
     data = item.get("data")
     if not isinstance(data, list):
         raise _invalid((*loc, "data"), "data must be a list (or use binary_data_size)")
-    try:
-        array = np.asarray(data, dtype=dtype).reshape(-1)
-    except (ValueError, TypeError) as exc:
-        raise _invalid((*loc, "data"), f"not an array of {datatype}: {exc}", "dtype") from None
+    array = json_data_array(data, datatype, dtype, (*loc, "data")).reshape(-1)
     if array.size != count:
         raise _invalid(
             (*loc, "data"), f"{array.size} values do not match shape {shape}", "shape_mismatch"
         )
     return name, array.reshape(shape), offset
+
+
+def _first_bad(flat: Sequence[Any], integer: bool, lo: int, hi: int) -> tuple[int, str]:
+    """(index, why) of the first element that is not a number of the datatype (error path)."""
+    for k, v in enumerate(flat):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return k, f"{truncate_repr(v)} is not a number"
+        if integer and isinstance(v, float) and v.is_integer() and not lo <= v <= hi:
+            return k, f"{v:.17g} is out of range [{lo}, {hi}]"  # JSON ints past 64 bits
+        if integer and not isinstance(v, int):
+            return k, f"{v!r} is not an integer"
+        if integer and not lo <= v <= hi:
+            return k, f"{v} is out of range [{lo}, {hi}]"
+    return 0, "mixed values do not fit one array"
+
+
+def _leaves(data: Any) -> Iterator[Any]:
+    """The scalars of nested lists, in order (iterative: no recursion limit)."""
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            yield item
+        else:
+            stack.pop()
+
+
+def truncate_repr(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def json_data_array(
+    data: list[Any], datatype: str, dtype: np.dtype[Any], loc: Sequence[str | int]
+) -> np.ndarray:
+    """OIP JSON ``data`` (nested lists) → array of ``dtype``; 422 naming ``loc`` for values that
+    are not of the datatype: non-numbers, floats for integer types, integers outside
+    [iinfo.min, iinfo.max], numbers that overflow a float type, non-booleans for BOOL."""
+    try:
+        raw = np.asarray(data)
+    except (ValueError, TypeError, OverflowError) as exc:
+        msg = " ".join(str(exc).splitlines())[:200]
+        raise _invalid(loc, f"not an array of {datatype}: {msg}", "dtype") from None
+    if raw.size == 0:
+        return raw.astype(dtype)
+    kind, target = raw.dtype.kind, np.dtype(dtype).kind
+    if target == "b":
+        if kind != "b":
+            raise _invalid(loc, f"{datatype} values must be true or false", "dtype")
+        return raw
+    integer = target in "iu"
+    lo, hi = (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)) if integer else (0, 0)
+    if kind not in "iuf" or (integer and kind == "f"):
+        index, why = _first_bad(list(_leaves(data)), integer, lo, hi)
+        raise _invalid(loc, f"element {index}: {why} ({datatype})", "dtype")
+    if integer:
+        low, high = int(raw.min()), int(raw.max())
+        if low < lo or high > hi:
+            bad = low if low < lo else high
+            raise _invalid(loc, f"{bad} is out of range [{lo}, {hi}] ({datatype})", "dtype")
+        return raw.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        array = raw.astype(dtype)
+    finite = np.isfinite(array)
+    if not finite.all():
+        index = int(np.argmin(finite.ravel()))
+        value = raw.ravel()[index]
+        raise _invalid(loc, f"element {index}: {value} is out of range for {datatype}", "dtype")
+    return array
 
 
 def parse_infer_request(
