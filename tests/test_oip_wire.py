@@ -259,3 +259,62 @@ def test_fuzz_oip_json_never_5xx(client: TestClient, body: dict[str, object]) ->
     assert r.status_code < 500, (body, r.text)
     if r.status_code >= 400:
         assert r.json()["error"]
+
+
+# --- non_finite positions --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["propagate", "omit"])
+@pytest.mark.parametrize("binary_output", [False, True])
+def test_non_finite_positions_come_back_as_a_bytes_output(
+    client: TestClient, policy: str, binary_output: bool
+) -> None:
+    """Target mass on a -inf logit (row 1): ℓ = +inf; the position is listed, as over REST."""
+    z = np.array([[0.5, 1.0, 0.0], [0.0, -np.inf, 1.0]], "<f4")
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "logits",
+                    "datatype": "FP32",
+                    "shape": [2, 3],
+                    "parameters": {"binary_data_size": z.nbytes},
+                },
+                {"name": "targets", "datatype": "INT64", "shape": [2], "data": [0, 1]},
+            ],
+            "outputs": [
+                {"name": "loss", "parameters": {"binary_data": False}},
+                {"name": "non_finite", "parameters": {"binary_data": binary_output}},
+            ],
+            "parameters": {"nan_policy": policy},
+        }
+    )
+    r = client.post(
+        "/v2/models/cross_entropy/infer",
+        content=header + z.tobytes(),
+        headers={"inference-header-content-length": str(len(header))},
+    )
+    assert r.status_code == 200, r.text
+    size = int(r.headers.get("inference-header-content-length", len(r.content)))
+    answer = orjson.loads(r.content[:size])
+    (entry,) = [o for o in answer["outputs"] if o["name"] == "non_finite"]
+    assert entry["datatype"] == "BYTES" and entry["shape"] == [1]
+    if binary_output:
+        blob = r.content[size:]
+        assert int.from_bytes(blob[:4], "little") == len(blob) - 4
+        listed = orjson.loads(blob[4:])
+    else:
+        listed = orjson.loads(entry["data"][0])
+    assert listed == {"count": 1, "positions": [[1]]}
+
+
+def test_sdk_reads_an_answer_with_non_finite_positions(client: TestClient) -> None:
+    from ce_eval_client.sdk import Client
+
+    z = np.array([[0.5, 1.0, 0.0], [0.0, -np.inf, 1.0]], np.float32)
+    result = Client(transport="oip", http=client).evaluate(
+        "cross_entropy", z, np.array([0, 1]), options={"nan_policy": "omit"}
+    )
+    row = z[0].astype(np.float64)
+    expected = np.log(np.exp(row).sum()) - row[0]
+    assert result.count == 1 and result.value == pytest.approx(expected, rel=1e-6)

@@ -274,15 +274,14 @@ def _decode_oip(response: httpx.Response) -> Evaluation:
     header = orjson.loads(content[:size])
     offset = size
     outputs: dict[str, np.ndarray] = {}
-    metrics: dict[str, Any] = {}
+    json_outputs: dict[str, Any] = {"metrics": {}}
     for item in header["outputs"]:
         nbytes = (item.get("parameters") or {}).get("binary_data_size")
-        if item["name"] == "metrics" and item["datatype"] == "BYTES":
-            # one element, the metrics' JSON text; binary: <u4 length, then the bytes
-            if nbytes is None:
-                metrics = orjson.loads(item["data"][0])
+        if item["datatype"] == "BYTES":  # metrics / non_finite: one element, JSON text
+            if nbytes is None:  # binary: <u4 length, then the bytes
+                json_outputs[item["name"]] = orjson.loads(item["data"][0])
             else:
-                metrics = orjson.loads(content[offset + 4 : offset + nbytes])
+                json_outputs[item["name"]] = orjson.loads(content[offset + 4 : offset + nbytes])
                 offset += nbytes
             continue
         dtype = DATATYPES[item["datatype"]]
@@ -295,7 +294,7 @@ def _decode_oip(response: httpx.Response) -> Evaluation:
         if item["name"] != "loss":  # the reduced value also comes as parameters.value
             outputs[item["name"]] = array
     params = dict(header.get("parameters", {}))
-    params["metrics"] = metrics
+    params.update(json_outputs)
     return Evaluation.from_dict(
         {**params, "loss": header["model_name"], "value": params.get("value"), "outputs": outputs}
     )

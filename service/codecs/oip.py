@@ -14,8 +14,9 @@ loss's array outputs (``per_sample``, ``grad``, …); ``["loss"]`` when none are
 ``parameters`` carry ``value``, ``sum``, ``denominator``, ``count``, ``ignored``, ``reduction``,
 ``normalization``, ``unit``, ``backend``, ``compute_dtype`` and ``elapsed_ms``. Requested metrics
 come back as the output ``metrics``: BYTES, shape [1], its one element the metrics' JSON text
-(binary: Triton's BYTES layout, a 4-byte little-endian length then the bytes). Naming ``metrics``
-in ``outputs`` only sets its ``binary_data`` flag.
+(binary: Triton's BYTES layout, a 4-byte little-endian length then the bytes). Under
+``nan_policy`` propagate / omit, ``non_finite`` (same form) lists the non-finite positions, as
+REST's ``non_finite``. Naming either in ``outputs`` only sets its ``binary_data`` flag.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ from service.errors import MalformedBody, ValidationFailed
 from service.schemas import EvaluateRequest
 
 HEADER_LENGTH = "inference-header-content-length"
-#: The BYTES output holding the metrics' JSON text.
+#: The BYTES outputs holding JSON text: the metrics, and (nan_policy propagate / omit) which
+#: positions were not finite.
 METRICS_OUTPUT = "metrics"
+NON_FINITE_OUTPUT = "non_finite"
+JSON_OUTPUTS = (METRICS_OUTPUT, NON_FINITE_OUTPUT)
 
 _WIRE_NAMES = {
     "FP16": "float16",
@@ -264,10 +268,10 @@ def parse_infer_request(
         binary_flag = out_params.get("binary_data") if isinstance(out_params, dict) else None
         if binary_flag is True or (binary_flag is None and all_binary):
             binary_outputs.add(out_name)
-        if out_name != METRICS_OUTPUT:
+        if out_name not in JSON_OUTPUTS:
             outputs.append(out_name)
     if not requested and all_binary:
-        binary_outputs.add(METRICS_OUTPUT)
+        binary_outputs.update(JSON_OUTPUTS)
     if not outputs:
         outputs = ["loss"]
         if all_binary:
@@ -338,10 +342,12 @@ def encode_infer_response(
         else:
             entry["data"] = array.reshape(-1)
         outputs.append(entry)
-    if result["metrics"]:
-        text = orjson.dumps(result["metrics"], option=orjson.OPT_SERIALIZE_NUMPY)
-        entry = {"name": METRICS_OUTPUT, "datatype": "BYTES", "shape": [1]}
-        if METRICS_OUTPUT in infer.binary_outputs:
+    for name in JSON_OUTPUTS:
+        if not result.get(name):
+            continue
+        text = orjson.dumps(result[name], option=orjson.OPT_SERIALIZE_NUMPY)
+        entry = {"name": name, "datatype": "BYTES", "shape": [1]}
+        if name in infer.binary_outputs:
             blob = bytes_tensor_blob([text])
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
