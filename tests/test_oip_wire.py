@@ -318,3 +318,23 @@ def test_sdk_reads_an_answer_with_non_finite_positions(client: TestClient) -> No
     row = z[0].astype(np.float64)
     expected = np.log(np.exp(row).sum()) - row[0]
     assert result.count == 1 and result.value == pytest.approx(expected, rel=1e-6)
+
+
+def test_middleware_errors_under_v2_have_an_error_member(tmp_path: Path) -> None:
+    """413 (body limit) and 401 (API key) are answered before routing; they carry it too."""
+    app = create_app(
+        Settings(
+            max_body_bytes=1024,
+            api_keys="k1",
+            log_level="warning",
+            database_url=f"sqlite:///{tmp_path / 'ce-eval.db'}",
+        )
+    )
+    with TestClient(app) as c:
+        r = c.post("/v2/models/cross_entropy/infer", json={})
+        assert r.status_code == 401 and r.json()["error"]
+        r = c.post(
+            "/v2/models/cross_entropy/infer", content=b"x" * 4096, headers={"x-api-key": "k1"}
+        )
+        assert r.status_code == 413 and "1024" in r.json()["error"]
+        assert "error" not in c.post("/v1/evaluate", json={}).json()
