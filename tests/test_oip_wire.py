@@ -318,6 +318,7 @@ def test_sdk_reads_an_answer_with_non_finite_positions(client: TestClient) -> No
     row = z[0].astype(np.float64)
     expected = np.log(np.exp(row).sum()) - row[0]
     assert result.count == 1 and result.value == pytest.approx(expected, rel=1e-6)
+    assert result.non_finite == {"count": 1, "positions": [[1]]}
 
 
 def test_middleware_errors_under_v2_have_an_error_member(tmp_path: Path) -> None:
