@@ -136,7 +136,14 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="debug | info | warning | error.")
     log_format: Literal["json", "text"] = Field("json", description="Log line format.")
-    echo_max_chars: int = Field(120, ge=0, description="Longest echo of bad input in errors.")
+    echo_max_chars: int = Field(
+        64,
+        ge=0,
+        description=(
+            "Longest echo of client input (names, keys, values) in an error; longer ones end "
+            "in '…' and give their length."
+        ),
+    )
 
     @field_validator("cpu_threads", mode="before")
     @classmethod

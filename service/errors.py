@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from ce_engine.errors import clip
+
 PROBLEM_BASE = "urn:ce-eval:problem:"
+MAX_ERROR_ITEMS = 20
+"""Items an error's ``errors`` list keeps; ``errors_total`` gives the full count."""
 
 
 class ServiceError(Exception):
@@ -26,11 +30,13 @@ class ServiceError(Exception):
     ) -> None:
         super().__init__(detail)
         self.detail = detail
-        self.errors = errors or []
+        items = errors or []
+        self.errors_total = len(items)
+        self.errors = [_clipped(item) for item in items[:MAX_ERROR_ITEMS]]
         self.headers = headers or {}
 
     def problem(self, instance: str | None = None) -> dict[str, Any]:
-        """RFC 9457 body."""
+        """RFC 9457 body; ``instance`` (the request path, client input) is clipped."""
         body: dict[str, Any] = {
             "type": PROBLEM_BASE + self.type,
             "title": self.title,
@@ -39,9 +45,19 @@ class ServiceError(Exception):
         }
         if self.errors:
             body["errors"] = self.errors
+        if self.errors_total > len(self.errors):
+            body["errors_total"] = self.errors_total
         if instance:
-            body["instance"] = instance
+            body["instance"] = clip(instance)
         return body
+
+
+def _clipped(item: dict[str, Any]) -> dict[str, Any]:
+    """``item`` with the string parts of its ``loc`` (client-supplied keys) clipped."""
+    loc = item.get("loc")
+    if not isinstance(loc, (list, tuple)):
+        return item
+    return {**item, "loc": [clip(p) if isinstance(p, str) else p for p in loc]}
 
 
 class MalformedBody(ServiceError):
@@ -125,9 +141,9 @@ class Unavailable(ServiceError):
     status_code, grpc_code, type, title = 503, "UNAVAILABLE", "unavailable", "Service Unavailable"
 
 
-def truncate(value: Any, limit: int = 120) -> Any:
-    """Echo of client input, cut to ``limit`` characters (never the whole tensor)."""
+def truncate(value: Any, limit: int | None = None) -> Any:
+    """Echo of client input, cut by :func:`ce_engine.errors.clip` to ``limit`` characters
+    (default ``CE_EVAL_ECHO_MAX_CHARS``; never the whole tensor)."""
     if isinstance(value, (int, float, bool)) or value is None:
         return value
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return clip(value if isinstance(value, str) else repr(value), limit)

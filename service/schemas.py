@@ -120,7 +120,10 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
-    errors: list[ProblemItem] | None = None
+    errors: list[ProblemItem] | None = Field(None, description="At most the first 20 items.")
+    errors_total: int | None = Field(
+        None, description="How many items there were, when `errors` holds only the first 20."
+    )
     instance: str | None = None
 
 

@@ -15,7 +15,12 @@ import pydantic
 
 import ce_engine
 from ce_engine.backend import to_numpy
-from ce_engine.errors import BackendUnavailableError, InputValidationError, NonFiniteResultError
+from ce_engine.errors import (
+    BackendUnavailableError,
+    InputValidationError,
+    NonFiniteResultError,
+    set_echo_max_chars,
+)
 from ce_engine.metrics import metrics_by_variant, supported_metrics
 from ce_eval_client.wire import encode_tensor
 from service.codecs.tensors import decode_tensor
@@ -36,7 +41,7 @@ T = TypeVar("T")
 
 
 def validation_error_from_pydantic(
-    exc: pydantic.ValidationError, echo_max_chars: int = 120, prefix: tuple[str, ...] = ()
+    exc: pydantic.ValidationError, echo_max_chars: int | None = None, prefix: tuple[str, ...] = ()
 ) -> ValidationFailed:
     """pydantic errors → 422 with ``errors[{loc, msg, type, input}]`` (input echo truncated)."""
     items = []
@@ -78,6 +83,7 @@ class DataPlane:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        set_echo_max_chars(settings.echo_max_chars)
         self.admission = Admission(settings.max_inflight)
         self.compute_limiter = anyio.CapacityLimiter(settings.compute_threads)
         self.key_share = settings.max_inflight_per_key or max(1, settings.compute_threads - 1)

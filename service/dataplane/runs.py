@@ -39,6 +39,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 import ce_engine
+from ce_engine.errors import quoted
 from ce_engine.metrics import MetricState, scalar_metrics, supported_metrics
 from ce_eval_client.wire import wire_array, wire_name
 from service.config import Settings
@@ -90,9 +91,9 @@ class CreateRunRequest(BaseModel):
     def _tag_keys(cls, tags: dict[str, str]) -> dict[str, str]:
         for key, value in tags.items():
             if not key or len(key) > 100 or ":" in key:
-                raise ValueError(f"tag key {key!r} must be 1-100 characters without ':'")
+                raise ValueError(f"tag key {quoted(key)} must be 1-100 characters without ':'")
             if len(value) > 500:
-                raise ValueError(f"tag {key!r}: value longer than 500 characters")
+                raise ValueError(f"tag {quoted(key)}: value longer than 500 characters")
         return tags
 
 
@@ -166,7 +167,7 @@ def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 def _not_found(run_id: str) -> NotFound:
     return NotFound(
-        f"run {run_id!r} not found",
+        f"run {quoted(run_id)} not found",
         [{"loc": ["path", "run_id"], "msg": "no run with this id", "type": "not_found"}],
     )
 
@@ -179,14 +180,14 @@ class RunClosed(Conflict):
 
 def _closed(run_id: str) -> RunClosed:
     return RunClosed(
-        f"run {run_id!r} is closed; it accepts no more batches",
+        f"run {quoted(run_id)} is closed; it accepts no more batches",
         [{"loc": ["path", "run_id"], "msg": "run is closed", "type": "run_closed"}],
     )
 
 
 def _content_conflict(batch_id: str) -> Conflict:
     return Conflict(
-        f"batch_id {batch_id!r} was already used with different content",
+        f"batch_id {quoted(batch_id)} was already used with different content",
         [
             {
                 "loc": ["body", "batch_id"],
@@ -313,7 +314,7 @@ class RunsDataPlane:
         unknown = [
             {
                 "loc": ["body", "metrics", i],
-                "msg": f"metric {m!r} is not available for {spec.name}",
+                "msg": f"metric {quoted(m)} is not available for {spec.name}",
                 "type": "unknown_metric",
             }
             for i, m in enumerate(request.metrics)
@@ -367,7 +368,7 @@ class RunsDataPlane:
         (all must match). ``next_cursor`` is null on the last page."""
         if status is not None and status not in ("open", "closed"):
             raise ValidationFailed(
-                f"status must be open or closed, got {status!r}",
+                f"status must be open or closed, got {quoted(status)}",
                 [{"loc": ["query", "status"], "msg": "open or closed", "type": "enum"}],
             )
         if not 1 <= limit <= MAX_LIST_LIMIT:
@@ -384,7 +385,7 @@ class RunsDataPlane:
             key, sep, value = tag.partition(":")
             if not sep or not key:
                 raise ValidationFailed(
-                    f"tag filter {tag!r} must be key:value",
+                    f"tag filter {quoted(tag)} must be key:value",
                     [{"loc": ["query", "tag", i], "msg": "expected key:value", "type": "tag"}],
                 )
             query = query.where(

@@ -14,7 +14,8 @@ Errors map once, from the service error classes (``ServiceError.grpc_code``): th
 with that status code, the detail as message, and in the trailing metadata
 ``grpc-status-details-bin`` (a ``google.rpc.Status`` whose details hold a
 ``google.rpc.BadRequest`` and the ``ce_eval.v1.Problem`` the REST API would answer) plus
-``ce-eval-errors-bin`` (the JSON ``errors`` list, for clients without the protos). An error
+``ce-eval-errors-bin`` (the JSON ``errors`` list, for clients without the protos; at most the
+first 20 items) and ``ce-eval-errors-total`` (how many there were). An error
 with ``Retry-After`` (503, 429) also carries a ``google.rpc.RetryInfo`` detail and
 ``retry-after`` metadata; every HTTP header of the error travels as lower-case metadata.
 """
@@ -61,6 +62,7 @@ log = get_logger("grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossEvaluation"].full_name
 ERRORS_METADATA_KEY = "ce-eval-errors-bin"
+ERRORS_TOTAL_METADATA_KEY = "ce-eval-errors-total"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 DEFAULT_LIST_LIMIT = 50
 
@@ -96,6 +98,7 @@ def error_trailers(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
     return (
         (STATUS_DETAILS_KEY, status.SerializeToString()),
         (ERRORS_METADATA_KEY, orjson.dumps(error.errors, default=str)),
+        (ERRORS_TOTAL_METADATA_KEY, str(error.errors_total)),
         *((name.lower(), value) for name, value in error.headers.items()),
     )
 
