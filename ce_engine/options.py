@@ -13,6 +13,9 @@ InputKind = Literal["logits", "probabilities", "log_probabilities"]
 NanPolicy = Literal["raise", "propagate", "omit"]
 TargetFormat = Literal["auto", "index", "probabilities", "multi_hot"]
 
+MAX_TOP_K = 32
+"""Most k values one ``top_k`` list may hold."""
+
 
 class CommonOptions(BaseModel):
     """Options every loss accepts (DESIGN §2)."""
@@ -55,7 +58,11 @@ class CommonOptions(BaseModel):
         ),
     )
     top_k: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=lambda: [1, 5], description="k values for `top_k_accuracy`."
+        default_factory=lambda: [1, 5],
+        max_length=MAX_TOP_K,
+        description=(
+            f"k values for `top_k_accuracy`: at most {MAX_TOP_K}, distinct, each 1 ≤ k ≤ C."
+        ),
     )
     n_bins: int = Field(15, ge=1, le=1000, description="Bins for ece/mce/reliability.")
     n_thresholds: int = Field(
@@ -79,6 +86,16 @@ class CommonOptions(BaseModel):
     @classmethod
     def _log_base_number(cls, value: Any) -> Any:
         return str(value) if value == 2 else value
+
+    @field_validator("top_k")
+    @classmethod
+    def _distinct_k(cls, value: list[int]) -> list[int]:
+        seen: set[int] = set()
+        for k in value:
+            if k in seen:
+                raise ValueError(f"top_k values must be distinct; {k} appears more than once")
+            seen.add(k)
+        return value
 
 
 class CrossEntropyOptions(CommonOptions):
@@ -240,5 +257,8 @@ class LinearCrossEntropyOptions(CrossEntropyOptions):
     chunk_elements: int = Field(
         1 << 23,
         ge=1,
-        description="Row chunk size in logits elements (rows = max(1, chunk_elements // C)).",
+        description=(
+            "Row chunk size in logits elements (rows = max(1, E // C), "
+            "E = max(chunk_elements, 65536))."
+        ),
     )

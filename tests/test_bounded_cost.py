@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 
@@ -136,3 +137,77 @@ async def test_1mb_run_id_and_tag_key_are_clipped(client: httpx.AsyncClient) -> 
     assert "k" * 65 not in r.text
 
 
+# ---- compute bombs: top_k lists and chunk sizes ----
+
+
+@pytest.mark.parametrize(
+    ("top_k", "needle"),
+    [(list(range(1, 34)), "32"), ([1, 2, 2], "distinct"), ([0], "greater than or equal to 1")],
+    ids=["too-many", "duplicate", "zero"],
+)
+async def test_top_k_list_is_bounded(
+    client: httpx.AsyncClient, top_k: list[int], needle: str
+) -> None:
+    logits = [[float(j) for j in range(40)]]
+    body = {**BODY, "logits": logits, "targets": [3], "metrics": ["top_k_accuracy"]}
+    r = await client.post("/v1/evaluate", json={**body, "options": {"top_k": top_k}})
+    assert r.status_code == 422, r.text[:300]
+    error = r.json()["errors"][0]
+    assert error["loc"][:2] == ["options", "top_k"]
+    assert needle in error["msg"]
+
+
+async def test_top_k_over_c_names_the_bound(client: httpx.AsyncClient) -> None:
+    body = {**BODY, "metrics": ["top_k_accuracy"], "options": {"top_k": [1, 4]}}
+    r = await client.post("/v1/evaluate", json=body)
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["loc"] == ["options", "top_k", 1]
+    assert "(3)" in r.json()["errors"][0]["msg"]
+
+
+def test_top_k_accuracy_equals_float64_reference() -> None:
+    rng = np.random.default_rng(7)
+    n, c = 200, 50
+    logits = rng.normal(size=(n, c))
+    targets = rng.integers(0, c, size=n)
+    ks = [1, 3, 5, 10, 32, 50]
+    result = ce_engine.evaluate(
+        "cross_entropy", logits, targets, metrics=["top_k_accuracy"], options={"top_k": ks}
+    )
+    got = result.metrics["top_k_accuracy"]
+    # rank of the target = number of classes scoring strictly higher
+    rank = (logits > logits[np.arange(n), targets][:, None]).sum(axis=1)
+    for k in ks:
+        assert got[str(k)] == pytest.approx(float(np.mean(rank < k)), abs=1e-12)
+
+
+def test_chunk_elements_has_a_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """N = C = 2048, D = 1, chunk_elements 1: at most a few dozen chunks, and the same value."""
+    n = c = 2048
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, 1))
+    w = rng.normal(size=(c, 1))
+    t = rng.integers(0, c, size=n)
+    calls = 0
+    inner = lce_module.cross_entropy
+
+    def counting(part: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return inner(part)
+
+    monkeypatch.setattr(lce_module, "cross_entropy", counting)
+    result = ce_engine.evaluate(
+        "linear_cross_entropy",
+        None,
+        t,
+        features=x,
+        weight=w,
+        options={"chunk_elements": 1},
+        outputs=["loss"],
+    )
+    assert calls <= n * c // lce_module.MIN_CHUNK_ELEMENTS + 1
+    z = x @ w.T
+    zmax = z.max(axis=1, keepdims=True)
+    lse = (zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))).astype(np.float64)
+    assert float(result.value) == pytest.approx(float(np.mean(lse - z[np.arange(n), t])), rel=1e-9)

@@ -3,6 +3,7 @@ memory bound, input validation."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import tracemalloc
 
@@ -12,6 +13,15 @@ import pytest
 import ce_engine
 from ce_engine.errors import InputValidationError
 from tests.reference import central_difference, reduce_reference, softmax_ce
+
+LCE_MODULE = importlib.import_module("ce_engine.losses.linear_cross_entropy")
+
+
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The small ``chunk_elements`` of these tests exercise many chunks (no production floor)."""
+    monkeypatch.setattr(LCE_MODULE, "MIN_CHUNK_ELEMENTS", 1)
+
 
 RNG = np.random.default_rng(17)
 N, D, C = 7, 3, 5

@@ -134,11 +134,18 @@ def _shifted(exc: InputValidationError, start: int) -> InputValidationError:
     return InputValidationError(items)
 
 
+MIN_CHUNK_ELEMENTS = 1 << 16
+"""Floor of the elements per chunk: smaller ``chunk_elements`` run as this many, so the Python
+loop over chunks and class blocks stays short (N = C = 2048 with ``chunk_elements: 1`` would
+otherwise loop N·C times)."""
+
+
 def linear_cross_entropy(inp: LossInputs) -> LossTerms:
     """Cross-entropy of z = X Wᵀ + b per row, with dX, dW, db, chunked over rows.
 
-    Rows per chunk = max(1, ``chunk_elements`` // C), so at most a few (chunk, C) arrays live at
-    once besides dW (C, D); dW accumulates in class blocks of ``chunk_elements`` // D rows so no
+    With E = max(``chunk_elements``, ``MIN_CHUNK_ELEMENTS``): rows per chunk = max(1, E // C),
+    so at most a few (chunk, C) arrays live at once besides dW (C, D) and a request runs at most
+    ⌈N·C / E⌉ + N chunks; dW accumulates in class blocks of max(1, E // D) rows so no
     (C, D) temporary is made. ``l2`` λ adds (λ/2)‖W‖² to the reduced value (``extras.penalty``)
     and λW to dW, unscaled by the reduction. ``inp.metrics`` are reduced per chunk (before the
     loss, which may reuse the chunk's logits) and merged.
@@ -152,8 +159,9 @@ def linear_cross_entropy(inp: LossInputs) -> LossTerms:
     dtype = x.dtype
     fmt = resolve_target_format(o.target_format, inp.targets, layout)
     chunk_opts = o.model_copy(update={"target_format": fmt})
-    rows_per_chunk = max(1, o.chunk_elements // c)
-    classes_per_block = max(1, o.chunk_elements // max(d, 1))
+    elements = max(o.chunk_elements, MIN_CHUNK_ELEMENTS)
+    rows_per_chunk = max(1, elements // c)
+    classes_per_block = max(1, elements // max(d, 1))
     want_grad = inp.want & {"grad_features", "grad_weight", "grad_bias"}
     per_sample = xp.zeros(n, dtype=xp.float64)  # float64 per row, as cross_entropy's
     valid_weight = xp.zeros(n, dtype=xp.float64)

@@ -95,9 +95,10 @@ def check_request(
     top_k: tuple[int, ...] = ()
     if "top_k_accuracy" in names and family == "softmax":
         explicit = "top_k" in options.model_fields_set
+        kept: dict[int, None] = {}  # insertion-ordered set: linear in the list's length
         for j, k in enumerate(options.top_k):
             if k <= num_classes:
-                top_k += () if k in top_k else (k,)
+                kept[k] = None
             elif explicit:
                 errors.append(
                     ErrorItem(
@@ -106,6 +107,7 @@ def check_request(
                         "top_k_too_large",
                     )
                 )
+        top_k = tuple(kept)
     threshold: tuple[float, ...] = ()
     if family == "binary":
         raw = options.threshold
