@@ -211,3 +211,17 @@ def test_chunk_elements_has_a_floor(monkeypatch: pytest.MonkeyPatch) -> None:
     zmax = z.max(axis=1, keepdims=True)
     lse = (zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))).astype(np.float64)
     assert float(result.value) == pytest.approx(float(np.mean(lse - z[np.arange(n), t])), rel=1e-9)
+
+
+# ---- tag filters ----
+
+
+async def test_more_than_32_tag_filters_is_422(client: httpx.AsyncClient) -> None:
+    params = [("tag", f"k{i}:v") for i in range(1100)]
+    r = await client.get("/v1/runs", params=params)
+    assert r.status_code == 422, r.text[:300]
+    error = r.json()["errors"][0]
+    assert error["loc"] == ["query", "tag"]
+    assert "32" in error["msg"]
+    ok = await client.get("/v1/runs", params=params[:32])
+    assert ok.status_code == 200

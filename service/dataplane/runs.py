@@ -62,6 +62,7 @@ from service.store.models import utcnow
 
 RunStatus = Literal["open", "closed"]
 MAX_LIST_LIMIT = 500
+MAX_TAG_FILTERS = 32  # tag=k:v filters one listing may AND together (each is a subquery)
 MAX_SERIES_LIMIT = 10_000
 MAX_COMPARE = 20
 
@@ -375,6 +376,17 @@ class RunsDataPlane:
             raise ValidationFailed(
                 f"limit must be between 1 and {MAX_LIST_LIMIT}",
                 [{"loc": ["query", "limit"], "msg": "out of range", "type": "limit"}],
+            )
+        if len(tags) > MAX_TAG_FILTERS:
+            raise ValidationFailed(
+                f"at most {MAX_TAG_FILTERS} tag filters, got {len(tags)}",
+                [
+                    {
+                        "loc": ["query", "tag"],
+                        "msg": f"at most {MAX_TAG_FILTERS} tag filters",
+                        "type": "too_many_tag_filters",
+                    }
+                ],
             )
         query = _owned(select(Run), principal).order_by(Run.pk.desc()).limit(limit + 1)
         if name:
