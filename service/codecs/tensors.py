@@ -32,10 +32,11 @@ def check_shape(shape: Sequence[Any], loc: Sequence[str | int], max_elements: in
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
             got = truncate(repr(dim), 40)
             raise _invalid((*loc, "shape", i), f"dimension must be an integer >= 0, got {got}")
-    count = 1
+    count = extent = 1  # extent: the product of the non-zero dimensions
     for dim in shape:
         count *= dim
-        if count > max_elements or dim > max_elements:  # a huge dim beside a 0 one too
+        extent *= max(dim, 1)
+        if count > max_elements or extent > max_elements:  # huge dims beside a 0 one too
             raise PayloadTooLarge(
                 f"{'.'.join(map(str, loc))}: shape {truncate(list(shape), 200)} holds more "
                 f"than the limit of {max_elements} elements",
