@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import resource
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import httpx
+import orjson
 import pytest
 
 from tests.servers import ServerProcess, start_serve
@@ -141,3 +143,43 @@ def test_healthz_answers_within_1s_while_2000_half_open_connections_are_held() -
             sock.close()
         code, stderr = process.stop(timeout=30)
     assert code == 0 and "Too many open files" not in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"sample_weight": [1] * 4_000_000},
+        {"options": {f"k{i}": 1 for i in range(200_000)}},
+    ],
+    ids=["4M-sample-weights", "200k-option-keys"],
+)
+def test_healthz_stays_fast_while_a_large_body_with_tiny_logits_is_parsed(
+    server: ServerProcess, field: dict[str, object]
+) -> None:
+    """Tiny logits beside huge other fields: the body's size, not the logits', decides that
+    parsing and validation run off the event loop."""
+    body = orjson.dumps({"loss": "cross_entropy", "logits": [[1.0, 2.0]], "targets": [1], **field})
+    answers: list[int] = []
+
+    def post() -> None:
+        answers.append(
+            httpx.post(
+                f"{server.url}/v1/evaluate",
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=120,
+            ).status_code
+        )
+
+    worker = threading.Thread(target=post)
+    worst = 0.0
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        worker.start()
+        while worker.is_alive():
+            started = time.monotonic()
+            assert client.get("/healthz").status_code == 200
+            worst = max(worst, time.monotonic() - started)
+            time.sleep(0.02)
+    worker.join()
+    assert answers and answers[0] == 422  # the weights' length / the unknown options
+    assert worst < 1.0

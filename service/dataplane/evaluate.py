@@ -204,17 +204,30 @@ class DataPlane:
             answer["non_finite"] = result.non_finite
         return answer
 
+    async def parse_off_loop(self, body_bytes: int, parse: Callable[[], T]) -> T:
+        """``parse()`` (JSON / protobuf decoding and validation of a request) on the loop for
+        bodies of at most ``INLINE_BODY_BYTES``, else in a compute thread: its cost grows with
+        the body, whatever the logits' size."""
+        if body_bytes <= INLINE_BODY_BYTES:
+            return parse()
+        return await self.in_thread(parse)
+
     async def evaluate_async(
-        self, request: EvaluateRequest, encoding: str | None = None
+        self, request: EvaluateRequest, encoding: str | None = None, body_bytes: int = 0
     ) -> dict[str, Any]:
         """:meth:`evaluate` from an event loop, for every adapter, within the admission bound.
 
-        Batches of at most ``INLINE_ELEMENTS`` logits run on the loop itself: their compute
-        (~0.1 ms) is cheaper than a worker-thread hop and the GIL hand-offs it causes under
-        concurrency. Larger ones run in a worker thread, at most ``compute_threads`` at once.
+        Requests of at most ``INLINE_ELEMENTS`` logits from a body of at most
+        ``INLINE_BODY_BYTES`` run on the loop itself: their compute (~0.1 ms) is cheaper than a
+        worker-thread hop and the GIL hand-offs it causes under concurrency. Every other one
+        (large logits, or tiny logits beside large weights, lists or options) runs in a worker
+        thread, at most ``compute_threads`` at once.
         """
         with self.admission.admit():
-            if declared_elements(request.logits) <= INLINE_ELEMENTS:
+            if (
+                body_bytes <= INLINE_BODY_BYTES
+                and declared_elements(request.logits) <= INLINE_ELEMENTS
+            ):
                 return self.evaluate(request, encoding)
             return await self.in_thread(self.evaluate, request, encoding)
 
@@ -239,6 +252,8 @@ class DataPlane:
 
 #: Largest logits (elements) evaluated on the event loop instead of a worker thread.
 INLINE_ELEMENTS = 16_384
+#: Bodies up to this size are parsed and (with few logits) evaluated on the event loop.
+INLINE_BODY_BYTES = 8 * 1024
 
 
 def declared_elements(value: Any) -> int:

@@ -56,6 +56,7 @@ from service.dataplane.evaluate import DataPlane, engine_error
 from service.dataplane.runs import BatchesSummary, RunsDataPlane
 from service.errors import MalformedBody, ServiceError, ValidationFailed
 from service.logs import get_logger
+from service.schemas import EvaluateRequest
 from service.telemetry import count_request
 
 log = get_logger("grpc")
@@ -224,9 +225,11 @@ class LossEvaluationServicer:
         self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.EvaluateResponse:
         async def work(principal: str | None) -> pb.EvaluateResponse:
-            message, data = split_request_bytes(request)
-            parsed = request_from_proto(message, self.dataplane.settings, data)
-            return response_to_proto(await self.dataplane.evaluate_async(parsed, "raw"))
+            parsed = await self.dataplane.parse_off_loop(
+                len(request), partial(_parse_evaluate, request, self.dataplane.settings)
+            )
+            answer = await self.dataplane.evaluate_async(parsed, "raw", len(request))
+            return response_to_proto(answer)
 
         return await self._answer(context, work)
 
@@ -364,6 +367,11 @@ class GrpcServer:
         """Report NOT_SERVING, refuse new calls, let running ones finish within ``grace`` s."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+
+
+def _parse_evaluate(request: bytes, settings: Settings) -> EvaluateRequest:
+    message, data = split_request_bytes(request)
+    return request_from_proto(message, settings, data)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:

@@ -7,6 +7,8 @@ for every path under ``/v2`` (:func:`service.http.responses.problem_body`).
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -77,10 +79,12 @@ async def model_ready(request: Request, loss: str, version: str | None = None) -
 async def infer(request: Request, loss: str, version: str | None = None) -> Response:
     _spec(loss, version)
     dataplane: DataPlane = request.app.state.dataplane
-    infer_request = parse_infer_request(
-        loss, await read_body(request), request.headers.get(HEADER_LENGTH), dataplane.settings
+    body = await read_body(request)
+    parse = partial(
+        parse_infer_request, loss, body, request.headers.get(HEADER_LENGTH), dataplane.settings
     )
-    result = await dataplane.evaluate_async(infer_request.request, "raw")
+    infer_request = await dataplane.parse_off_loop(len(body), parse)
+    result = await dataplane.evaluate_async(infer_request.request, "raw", len(body))
     body, header_length = encode_infer_response(loss, infer_request, result)
     if header_length is None:
         return Response(body, media_type="application/json")

@@ -16,7 +16,6 @@ from ce_eval_client.proto import PROTOBUF_MEDIA_TYPE
 from service.codecs.proto import request_from_proto, response_to_proto, split_request_bytes
 from service.config import Settings
 from service.errors import MalformedBody
-from service.http.bodies import read_body
 from service.schemas import EvaluateRequest
 
 
@@ -33,9 +32,8 @@ def wants_protobuf(request: Request, content_type: str) -> bool:
     return content_type == PROTOBUF_MEDIA_TYPE and accept.strip() in ("", "*/*")
 
 
-async def read_protobuf_request(request: Request, settings: Settings) -> EvaluateRequest:
+def parse_protobuf_request(body: bytes | memoryview, settings: Settings) -> EvaluateRequest:
     """Body → ``EvaluateRequest`` model (tensors as NumPy views of the body's bytes)."""
-    body = await read_body(request)
     if not body:
         raise MalformedBody("the request body is empty")
     message, data = split_request_bytes(body)

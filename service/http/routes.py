@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -12,17 +14,18 @@ from starlette.responses import Response
 
 from ce_engine.backend import available_backends
 from ce_eval_client.proto import PROTOBUF_MEDIA_TYPE
+from service.config import Settings
 from service.dataplane.evaluate import DataPlane, parse_evaluate_request
 from service.errors import MalformedBody, UnsupportedMediaType
 from service.http.bodies import read_body
 from service.http.protobuf import (
     ProtobufResponse,
     media_type,
-    read_protobuf_request,
+    parse_protobuf_request,
     wants_protobuf,
 )
 from service.http.responses import FastJSONResponse, problems
-from service.schemas import EvaluateResponse, Health, LossCatalog
+from service.schemas import EvaluateRequest, EvaluateResponse, Health, LossCatalog
 
 PROBLEMS = problems(400, 401, 403, 413, 415, 422, 429, 503)
 
@@ -40,13 +43,8 @@ def _json_body_schema(name: str, protobuf: bool = False) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
-async def read_json(request: Request, content_type: str | None = None) -> Any:
-    """Body → object: 415 unless JSON, 413 (body-limit middleware), 400 if malformed.
-
-    ``content_type``: the request's media type when the caller has it already.
-    """
-    if content_type is None:
-        content_type = media_type(request)
+def require_json(content_type: str) -> None:
+    """415 unless the media type is JSON."""
     if content_type != "application/json" and not content_type.endswith("+json"):
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, got {content_type or 'none'!r}",
@@ -58,7 +56,10 @@ async def read_json(request: Request, content_type: str | None = None) -> Any:
                 }
             ],
         )
-    body = await read_body(request)
+
+
+def loads_json(body: bytes | memoryview) -> Any:
+    """Body bytes → object; 400 if empty or malformed."""
     if not body:
         raise MalformedBody("the request body is empty")
     try:
@@ -68,6 +69,17 @@ async def read_json(request: Request, content_type: str | None = None) -> Any:
             f"malformed JSON: {exc}",
             [{"loc": ["body", exc.pos], "msg": exc.msg, "type": "json_invalid"}],
         ) from None
+
+
+async def read_json(request: Request, content_type: str | None = None) -> Any:
+    """Body → object: 415 unless JSON, 413 (body-limit middleware), 400 if malformed; bodies
+    over ``INLINE_BODY_BYTES`` are parsed in a compute thread, off the event loop.
+
+    ``content_type``: the request's media type when the caller has it already.
+    """
+    require_json(media_type(request) if content_type is None else content_type)
+    body = await read_body(request)
+    return await _dataplane(request).parse_off_loop(len(body), partial(loads_json, body))
 
 
 def _dataplane(request: Request) -> DataPlane:
@@ -92,13 +104,19 @@ async def evaluate(request: Request) -> Response:
     """JSON or ``application/x-protobuf`` (``ce_eval.v1.EvaluateRequest``) in, either out."""
     dataplane = _dataplane(request)
     content_type = media_type(request)
-    if content_type == PROTOBUF_MEDIA_TYPE:
-        req = await read_protobuf_request(request, dataplane.settings)
-    else:
-        req = parse_evaluate_request(await read_json(request, content_type), dataplane.settings)
+    parse: Callable[[bytes | memoryview, Settings], EvaluateRequest] = parse_protobuf_request
+    if content_type != PROTOBUF_MEDIA_TYPE:
+        require_json(content_type)
+        parse = _parse_json_request
+    body = await read_body(request)
+    req = await dataplane.parse_off_loop(len(body), partial(parse, body, dataplane.settings))
     binary = wants_protobuf(request, content_type)
-    result = await dataplane.evaluate_async(req, "raw" if binary else None)
+    result = await dataplane.evaluate_async(req, "raw" if binary else None, len(body))
     return ProtobufResponse(result) if binary else FastJSONResponse(result)
+
+
+def _parse_json_request(body: bytes | memoryview, settings: Settings) -> EvaluateRequest:
+    return parse_evaluate_request(loads_json(body), settings)
 
 
 @router.get("/v1/losses", tags=["catalog"], response_model=LossCatalog)
