@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from ce_engine.errors import quoted
 from ce_eval_client.wire import DATATYPES, datatype_of
 from service.codecs.tensors import check_shape, from_bytes
 from service.config import Settings
@@ -111,13 +112,15 @@ def _decode_input(
         raise _invalid(loc, "an input must be an object {name, shape, datatype, data}")
     name = item.get("name")
     if not isinstance(name, str) or name not in INPUT_NAMES:
-        raise _invalid((*loc, "name"), f"unknown input {name!r}; expected {INPUT_NAMES}", "name")
+        raise _invalid(
+            (*loc, "name"), f"unknown input {quoted(name)}; expected {INPUT_NAMES}", "name"
+        )
     datatype = item.get("datatype")
     dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None or not isinstance(datatype, str):
         raise _invalid(
             (*loc, "datatype"),
-            f"unsupported datatype {datatype!r}; expected one of {', '.join(DATATYPES)}",
+            f"unsupported datatype {quoted(datatype)}; expected one of {', '.join(DATATYPES)}",
             "dtype",
         )
     shape = item.get("shape")
