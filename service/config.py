@@ -126,6 +126,14 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Requests per second per API key (0 = unlimited)."
     )
     rate_limit_burst: float = Field(0.0, ge=0, description="Burst size of the per-key limit.")
+    auth_failures_per_minute: float = Field(
+        10.0,
+        ge=0,
+        description=(
+            "Failed authentications per minute per client address (as many in a burst); "
+            "beyond, every request from it gets 429 until the bucket refills (0 = unlimited)."
+        ),
+    )
     drain_delay_s: float = Field(
         0.0,
         ge=0,

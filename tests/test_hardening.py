@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from service.codecs.tensors import decode_tensor
 from service.config import Settings
-from service.errors import PayloadTooLarge, ValidationFailed
+from service.errors import PayloadTooLarge, ServiceError, ValidationFailed
 from service.http.app import create_app
 from tests.servers import serving as serve
 
@@ -286,3 +286,33 @@ async def test_without_keys_the_whole_pool_is_shared() -> None:
         for _ in range(2):
             group.start_soon(dataplane.run_admitted, time.sleep, 0.5)
     assert time.monotonic() - started < 0.9  # both ran at once: no per-key share with auth off
+
+
+async def test_failed_authentication_is_throttled_per_client_address() -> None:
+    async with make_client(api_keys="good-key", auth_failures_per_minute=3) as client:
+        for _ in range(3):
+            wrong = await client.post("/v1/evaluate", json=BODY, headers={"X-API-Key": "guess"})
+            assert wrong.status_code == 403
+        throttled = await client.post("/v1/evaluate", json=BODY, headers={"X-API-Key": "guess"})
+        assert throttled.status_code == 429
+        assert int(throttled.headers["retry-after"]) >= 1
+        assert throttled.json()["errors"][0]["type"] == "auth_throttled"
+        # While throttled, a valid key cannot be told from an invalid one.
+        good = await client.post("/v1/evaluate", json=BODY, headers={"X-API-Key": "good-key"})
+        assert good.status_code == 429
+
+
+def test_the_failure_throttle_is_per_address_and_refills() -> None:
+    from service.auth import Authenticator
+
+    auth = Authenticator(["good-key"], failures_per_minute=60)  # one per second, burst 60
+    for _ in range(60):
+        with pytest.raises(ServiceError) as info:
+            auth.authenticate("guess", "10.0.0.1")
+        assert info.value.status_code == 403
+    with pytest.raises(ServiceError) as info:
+        auth.authenticate("good-key", "10.0.0.1")
+    assert info.value.status_code == 429
+    assert auth.authenticate("good-key", "10.0.0.2") is not None  # another address
+    time.sleep(1.1)  # a token back
+    assert auth.authenticate("good-key", "10.0.0.1") is not None

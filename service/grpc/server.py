@@ -184,8 +184,10 @@ class LossEvaluationServicer:
             for key, value in context.invocation_metadata() or ()
             if isinstance(value, str)
         }
+        peer = context.peer() or ""  # "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000"
         return self.authenticator.authenticate(
-            presented_key(metadata.get("authorization"), metadata.get("x-api-key"))
+            presented_key(metadata.get("authorization"), metadata.get("x-api-key")),
+            peer.rpartition(":")[0] or None,
         )
 
     async def _answer(
@@ -411,7 +413,10 @@ async def start_grpc_server(
     """
     if authenticator is None:
         authenticator = Authenticator(
-            settings.api_key_list(), settings.rate_limit_per_s, settings.rate_limit_burst
+            settings.api_key_list(),
+            settings.rate_limit_per_s,
+            settings.rate_limit_burst,
+            settings.auth_failures_per_minute,
         )
     server = grpc.aio.server(interceptors=[CountingInterceptor()], options=server_options(settings))
     servicer = LossEvaluationServicer(dataplane, runs, authenticator)

@@ -112,7 +112,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # One authenticator for HTTP and gRPC (`ce-eval serve`): a key's rate limit spans both.
     app.state.authenticator = Authenticator(
-        settings.api_key_list(), settings.rate_limit_per_s, settings.rate_limit_burst
+        settings.api_key_list(),
+        settings.rate_limit_per_s,
+        settings.rate_limit_burst,
+        settings.auth_failures_per_minute,
     )
     app.add_middleware(
         ApiKeyMiddleware, authenticator=app.state.authenticator, public=settings.public_path_list()

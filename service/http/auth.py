@@ -27,11 +27,13 @@ class ApiKeyMiddleware:
             return
         headers = dict(scope["headers"])
         try:
+            address = scope.get("client")
             principal = self.authenticator.authenticate(
                 presented_key(
                     headers.get(b"authorization", b"").decode("latin-1") or None,
                     headers.get(b"x-api-key", b"").decode("latin-1") or None,
-                )
+                ),
+                address[0] if address else None,
             )
         except ServiceError as error:
             body = orjson.dumps(problem_body(error, path))
