@@ -526,3 +526,35 @@ def test_response_estimate_counts_each_output_in_its_encoding() -> None:
         "hessian": 160 * 32 // 3,
     }
     assert estimated_response_bytes(z.astype(np.float32), {}, ["grad"], "raw") == {"grad": 160}
+
+
+async def test_a_request_cancelled_at_the_end_of_the_shutdown_grace_gets_503() -> None:
+    """uvicorn cancels what still runs when ``CE_EVAL_SHUTDOWN_GRACE_S`` is over: the answer is
+    503 + Retry-After (another replica can take the request), not uvicorn's 500."""
+    import asyncio
+
+    from service.http.middleware import RequestContextMiddleware
+
+    started = asyncio.Event()
+
+    async def endless(scope: object, receive: object, send: object) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/evaluate", "headers": []}
+    task = asyncio.create_task(RequestContextMiddleware(endless)(scope, receive, send))  # type: ignore[arg-type]
+    await started.wait()
+    task.cancel()
+    await task
+    assert sent[0]["status"] == 503
+    headers = dict(sent[0]["headers"])  # type: ignore[arg-type]
+    assert headers[b"retry-after"] == b"1" and b"x-request-id" in headers
+    assert b"shut down" in sent[1]["body"]  # type: ignore[operator]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -10,7 +11,7 @@ import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, ServiceError
+from service.errors import PayloadTooLarge, ServiceError, Unavailable
 from service.http.responses import problem_body
 from service.logs import get_logger, request_id_var
 
@@ -56,6 +57,12 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         except ClientDisconnect:
             pass  # the client left (or was cut off by a read timeout): nobody to answer
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when CE_EVAL_SHUTDOWN_GRACE_S runs out:
+            # answer 503 + Retry-After (another replica can take it), not uvicorn's 500.
+            if started_response:
+                raise
+            await _unavailable(scope, send_with_id)
         except Exception:
             # Inside the request's context: the 500 carries X-Request-ID and so does its log line.
             error_log.exception("unhandled error", extra={"fields": {"path": scope["path"]}})
@@ -78,14 +85,25 @@ class RequestContextMiddleware:
 
 
 async def _internal_error(scope: Scope, send: Send) -> None:
-    body = orjson.dumps(
-        problem_body(ServiceError("internal error; see the server log"), scope["path"])
+    await _send_problem(scope, send, ServiceError("internal error; see the server log"))
+
+
+async def _unavailable(scope: Scope, send: Send) -> None:
+    detail = "the server shut down before this request finished; retry it"
+    error = Unavailable(
+        detail, [{"loc": [], "msg": detail, "type": "shutdown"}], headers={"Retry-After": "1"}
     )
+    await _send_problem(scope, send, error)
+
+
+async def _send_problem(scope: Scope, send: Send, error: ServiceError) -> None:
+    body = orjson.dumps(problem_body(error, scope["path"]))
     headers: list[Any] = [
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in error.headers.items()),
     ]
-    await send({"type": "http.response.start", "status": 500, "headers": headers})
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
