@@ -8,13 +8,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import orjson
 import pytest
 
-from tests.servers import ServerProcess, start_serve
+from tests.servers import ServerProcess, serving, start_serve
 
 ENV = {
     "CE_EVAL_HEADER_TIMEOUT_S": "1",
@@ -183,3 +184,38 @@ def test_healthz_stays_fast_while_a_large_body_with_tiny_logits_is_parsed(
     worker.join()
     assert answers and answers[0] == 422  # the weights' length / the unknown options
     assert worst < 1.0
+
+
+def test_a_keep_alive_connection_stays_usable_after_every_kind_of_error() -> None:
+    """Each bad request (400, 401, 404, 413 by length and while streaming, 415, 422, OIP 422) is
+    followed by a valid one on the same pooled connection, three times over."""
+    key = {"X-API-Key": "k1"}
+    json_type = {"content-type": "application/json"}
+    bad: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", "/v1/evaluate", {"content": b"{nope", "headers": {**key, **json_type}}),
+        ("POST", "/v1/evaluate", {"content": b"x" * 1000, "headers": {**key}}),
+        ("POST", "/v1/evaluate", {"json": {"loss": "nope"}, "headers": key}),
+        ("GET", "/nope", {"headers": key}),
+        ("POST", "/v1/evaluate", {"content": b"x" * 200_000, "headers": {**key, **json_type}}),
+        ("POST", "/v1/evaluate", {"content": iter([b"x" * 50_000] * 4), "headers": key}),
+        ("POST", "/v1/evaluate", {"content": b"x" * 50_000, "headers": json_type}),
+        (
+            "POST",
+            "/v2/models/cross_entropy/infer",
+            {
+                "json": {
+                    "inputs": [{"name": "logits", "shape": [1], "datatype": "UINT8", "data": [300]}]
+                },
+                "headers": key,
+            },
+        ),
+    ]
+    good = {"loss": "cross_entropy", "logits": [[1.0, 2.0]], "targets": [1]}
+    env = {"CE_EVAL_MAX_BODY_BYTES": "65536", "CE_EVAL_API_KEYS": "k1"}
+    with serving(env) as process, httpx.Client(base_url=process.url, timeout=10) as client:
+        statuses = []
+        for _ in range(3):
+            for method, path, kwargs in bad:
+                statuses.append(client.request(method, path, **kwargs).status_code)
+                assert client.post("/v1/evaluate", json=good, headers=key).status_code == 200
+    assert set(statuses) == {400, 401, 404, 413, 415, 422}
