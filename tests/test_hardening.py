@@ -6,10 +6,12 @@ import base64
 import signal
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import anyio
 import httpx
 import numpy as np
+import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -316,3 +318,39 @@ def test_the_failure_throttle_is_per_address_and_refills() -> None:
     assert auth.authenticate("good-key", "10.0.0.2") is not None  # another address
     time.sleep(1.1)  # a token back
     assert auth.authenticate("good-key", "10.0.0.1") is not None
+
+
+async def test_a_request_that_arrived_before_sigterm_completes_while_its_body_uploads() -> None:
+    """Draining refuses new requests only: one whose headers came before the signal, with its
+    body still uploading, is evaluated; the next one gets 503."""
+    app = create_app(Settings(database_url="sqlite://"))
+    admission = app.state.dataplane.admission
+    body = orjson.dumps({**BODY, "sample_weight": [1.0] * len(BODY["targets"])})
+    halfway = anyio.Event()
+    resume = anyio.Event()
+
+    async def upload() -> AsyncIterator[bytes]:
+        yield body[:10]
+        halfway.set()
+        await resume.wait()
+        yield body[10:]
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        answers: list[httpx.Response] = []
+
+        async def slow() -> None:
+            answers.append(
+                await client.post(
+                    "/v1/evaluate", content=upload(), headers={"content-type": "application/json"}
+                )
+            )
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(slow)
+            await halfway.wait()
+            admission.draining = True  # what SIGTERM does
+            resume.set()
+        assert answers[0].status_code == 200, answers[0].text
+        late = await client.post("/v1/evaluate", json=BODY)
+        assert late.status_code == 503 and late.json()["errors"][0]["type"] == "draining"

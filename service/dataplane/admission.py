@@ -16,6 +16,12 @@ current_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "current_principal", default=None
 )
 
+#: True for a request that arrived (its headers, or its RPC) before SIGTERM: it is still admitted
+#: while draining, even if its body was still uploading when the signal came.
+arrived_before_drain: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "arrived_before_drain", default=False
+)
+
 
 class Admission:
     """At most ``limit`` evaluations admitted (running or waiting for a compute thread)."""
@@ -31,6 +37,10 @@ class Admission:
     def inflight(self) -> int:
         return self._inflight
 
+    def mark_arrival(self) -> contextvars.Token[bool]:
+        """Call when a request arrives: it is admitted while draining iff it arrived before."""
+        return arrived_before_drain.set(not self.draining)
+
     def admit(self) -> Admission:
         """``with admission.admit():`` counts one evaluation in flight; 503 when full or draining.
 
@@ -40,7 +50,7 @@ class Admission:
 
     def __enter__(self) -> None:
         with self._lock:
-            if self.draining:
+            if self.draining and not arrived_before_drain.get():
                 raise self._refuse("the server is shutting down", "draining")
             if self._inflight >= self.limit:
                 raise self._refuse(

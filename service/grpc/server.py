@@ -199,6 +199,7 @@ class LossEvaluationServicer:
         try:
             principal = self._principal(context)
             current_principal.set(principal)  # this call's own task: nothing to reset
+            self.dataplane.admission.mark_arrival()
             return await work(principal)
         except ServiceError as exc:
             error = exc

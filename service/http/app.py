@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         ApiKeyMiddleware, authenticator=app.state.authenticator, public=settings.public_path_list()
     )
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, admission=dataplane.admission)
     app.add_middleware(PrometheusMiddleware)
     _install_openapi(app)
     return app

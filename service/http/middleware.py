@@ -11,6 +11,7 @@ import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.dataplane.admission import Admission
 from service.errors import PayloadTooLarge, ServiceError, Unavailable
 from service.http.responses import problem_body
 from service.logs import get_logger, request_id_var
@@ -28,8 +29,9 @@ def safe_request_id(incoming: str) -> str:
 class RequestContextMiddleware:
     """Echo/assign ``X-Request-ID`` and write one structured access-log line per request."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, admission: Admission | None = None) -> None:
         self.app = app
+        self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,6 +40,8 @@ class RequestContextMiddleware:
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = safe_request_id(incoming) or uuid.uuid4().hex
         token = request_id_var.set(request_id)
+        if self.admission is not None:  # in this request's own context
+            self.admission.mark_arrival()
         started = time.perf_counter()
         status = 500
         started_response = False
