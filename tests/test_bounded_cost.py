@@ -4,6 +4,7 @@ listings take a bounded number of tag filters."""
 
 from __future__ import annotations
 
+import base64
 import importlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -225,3 +226,73 @@ async def test_more_than_32_tag_filters_is_422(client: httpx.AsyncClient) -> Non
     assert "32" in error["msg"]
     ok = await client.get("/v1/runs", params=params[:32])
     assert ok.status_code == 200
+
+
+# ---- C×C metrics count in the answer's size before the work ----------------------------
+
+
+def _bounded_app(tmp_path: Path, limit: int) -> httpx.AsyncClient:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'runs.db'}", max_response_bytes=limit, backend="numpy"
+    )
+    app = create_app(settings)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+def _b64_zeros(rows: int, classes: int) -> dict[str, object]:
+    raw = np.zeros((rows, classes), np.float32).tobytes()
+    return {"dtype": "float32", "shape": [rows, classes], "data": base64.b64encode(raw).decode()}
+
+
+async def test_a_stateless_confusion_matrix_over_the_answer_limit_is_413(tmp_path: Path) -> None:
+    """4096 classes: 16.8M cells, up to 25 JSON bytes each (400 MiB) > 64 MiB."""
+    async with _bounded_app(tmp_path, 64 * 2**20) as client:
+        app = client._transport.app  # type: ignore[attr-defined]
+        async with app.router.lifespan_context(app):
+            body = {
+                "loss": "cross_entropy",
+                "logits": _b64_zeros(2, 4096),
+                "targets": [0, 1],
+                "metrics": ["confusion_matrix"],
+                "options": {"max_confusion_classes": 4096},
+            }
+            r = await client.post("/v1/evaluate", json=body)
+            assert r.status_code == 413, r.text
+            assert r.json()["errors"][0]["loc"] == ["metrics", "confusion_matrix"]
+            small = await client.post("/v1/evaluate", json={**body, "logits": _b64_zeros(2, 100)})
+            assert small.status_code == 200
+            binary = {  # multi-label: L·2·2 cells, however many labels
+                "loss": "binary_cross_entropy",
+                "logits": _b64_zeros(2, 4096),
+                "targets": _b64_zeros(2, 4096),
+                "metrics": ["confusion_matrix"],
+            }
+            assert (await client.post("/v1/evaluate", json=binary)).status_code == 200
+
+
+async def test_a_run_whose_answers_would_exceed_the_limit_refuses_the_batch(
+    tmp_path: Path,
+) -> None:
+    """A push answer holds the batch's and the run's confusion matrix: 2 × C² × 25 bytes; at
+    C = 2048 that is 200 MiB. 413 before anything is counted; the run stays empty."""
+    async with _bounded_app(tmp_path, 64 * 2**20) as client:
+        app = client._transport.app  # type: ignore[attr-defined]
+        async with app.router.lifespan_context(app):
+            run = await client.post(
+                "/v1/runs",
+                json={
+                    "name": "wide",
+                    "loss": "cross_entropy",
+                    "metrics": ["confusion_matrix"],
+                    "options": {"max_confusion_classes": 4096},
+                },
+            )
+            assert run.status_code == 201, run.text
+            run_id = run.json()["id"]
+            batch = {"batch_id": "b0", "logits": _b64_zeros(2, 2048), "targets": [0, 1]}
+            pushed = await client.post(f"/v1/runs/{run_id}/batches", json=batch)
+            assert pushed.status_code == 413, pushed.text
+            assert pushed.json()["errors"][0]["loc"] == ["metrics", "confusion_matrix"]
+            assert (await client.get(f"/v1/runs/{run_id}")).json()["batches"] == 0
+            narrow = {"batch_id": "b1", "logits": _b64_zeros(2, 100), "targets": [0, 1]}
+            assert (await client.post(f"/v1/runs/{run_id}/batches", json=narrow)).status_code == 200

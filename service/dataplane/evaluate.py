@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import anyio
@@ -21,7 +22,7 @@ from ce_engine.errors import (
     NonFiniteResultError,
     set_echo_max_chars,
 )
-from ce_engine.metrics import metrics_by_variant, supported_metrics
+from ce_engine.metrics import metric_family, metrics_by_variant, supported_metrics
 from ce_eval_client.wire import encode_tensor
 from service.codecs.tensors import decode_tensor
 from service.config import Settings
@@ -107,31 +108,24 @@ class DataPlane:
         with self.admission.admit():
             return await self.in_thread(fn, *args)
 
-    def _check_response_size(
-        self,
-        logits: np.ndarray | None,
-        linear: Mapping[str, np.ndarray],
-        outputs: Sequence[str],
-        encoding: str,
-    ) -> None:
-        """413 before any work when the answer would exceed ``max_response_bytes``."""
-        sizes = estimated_response_bytes(logits, linear, outputs, encoding)
+    def check_response_size(self, sizes: Mapping[str, int], what: str = "the answer") -> None:
+        """413 before any work when ``sizes`` (bytes per output or metric, estimated from the
+        request) add up to more than ``max_response_bytes``, naming the largest."""
         total = sum(sizes.values())
         if total <= self.settings.max_response_bytes:
             return
         name = max(sizes, key=sizes.__getitem__)
-        hint = (
-            "ask for 'hvp' (with a vector) or 'hessian_diag' instead, or send fewer rows"
-            if name == "hessian"
-            else "send fewer rows, or a binary encoding (base64, protobuf, OIP binary)"
+        hint = _RESPONSE_HINTS.get(
+            name, "send fewer rows, or a binary encoding (base64, protobuf, OIP binary)"
         )
         msg = (
-            f"the answer would hold about {total / 2**20:.1f} MiB of outputs ({name!r}: "
+            f"{what} would hold about {total / 2**20:.1f} MiB ({name!r}: "
             f"{sizes[name] / 2**20:.1f} MiB), over the limit of "
             f"{self.settings.max_response_bytes / 2**20:.1f} MiB; {hint}"
         )
+        section = "metrics" if name in _METRIC_CELL_BYTES else "outputs"
         raise PayloadTooLarge(
-            msg, [{"loc": ["outputs", name], "msg": msg, "type": "response_too_large"}]
+            msg, [{"loc": [section, name], "msg": msg, "type": "response_too_large"}]
         )
 
     def decode(self, value: Any, loc: str) -> np.ndarray | None:
@@ -166,7 +160,13 @@ class DataPlane:
                 ],
             )
         enc = encoding or request.tensor_encoding
-        self._check_response_size(logits, linear, request.outputs, enc)
+        sizes = estimated_response_bytes(logits, linear, request.outputs, enc)
+        sizes.update(
+            estimated_metric_bytes(
+                request.loss, request.options, request.metrics, num_classes(logits)
+            )
+        )
+        self.check_response_size(sizes)
         try:
             result = ce_engine.evaluate(
                 request.loss,
@@ -285,6 +285,31 @@ def _bytes_per_element(encoding: str, itemsize: int) -> float:
     if encoding == "list":
         return 25.0 if itemsize > 4 else 16.0
     return itemsize * 4 / 3 if encoding == "base64" else float(itemsize)
+
+
+_RESPONSE_HINTS = {
+    "hessian": "ask for 'hvp' (with a vector) or 'hessian_diag' instead, or send fewer rows",
+    "confusion_matrix": "ask for it over fewer classes, or raise CE_EVAL_MAX_RESPONSE_BYTES",
+}
+#: JSON bytes per cell of the metrics that grow with C²: a float64 repr and a comma.
+_METRIC_CELL_BYTES = {"confusion_matrix": 25}
+
+
+def num_classes(logits: np.ndarray | None) -> int:
+    """C of (N, C, d…) logits; 1 for 1-D ones."""
+    return int(logits.shape[1]) if logits is not None and logits.ndim >= 2 else 1
+
+
+def estimated_metric_bytes(
+    loss: str, options: Mapping[str, Any], metrics: Sequence[str], classes: int
+) -> dict[str, int]:
+    """JSON bytes of the requested metrics that grow with C²: a softmax loss's
+    ``confusion_matrix`` has C·C cells (binary / multi-label: L·2·2)."""
+    variant = SimpleNamespace(variant=options.get("variant", "sigmoid"))
+    cells = 4 * classes if metric_family(loss, variant) == "binary" else classes * classes
+    return {
+        name: cells * per_cell for name, per_cell in _METRIC_CELL_BYTES.items() if name in metrics
+    }
 
 
 def estimated_response_bytes(

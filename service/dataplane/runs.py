@@ -47,6 +47,8 @@ from service.dataplane.evaluate import (
     DataPlane,
     decode_limit_error,
     engine_error,
+    estimated_metric_bytes,
+    num_classes,
     validation_error_from_pydantic,
 )
 from service.errors import (
@@ -494,6 +496,13 @@ class RunsDataPlane:
             if run.status == "closed":
                 raise _closed(run_id)
 
+        # A push answer carries the batch's metrics and the run's: twice each C×C statistic.
+        per_matrix = estimated_metric_bytes(
+            run.loss, run.options, run.metrics_requested, num_classes(logits)
+        )
+        self.dataplane.check_response_size(
+            {name: 2 * size for name, size in per_matrix.items()}, "each answer of this run"
+        )
         started = time.perf_counter()
         try:
             result = ce_engine.evaluate(
