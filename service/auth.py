@@ -41,13 +41,10 @@ class TokenBucket:
 
     def take(self) -> float:
         """0.0 if a token was taken, else the seconds until one is available."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1.0:
+        wait = self.wait()
+        if wait == 0.0:
             self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return wait
 
 
 class Authenticator:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ce_engine.errors import quoted
+from ce_engine.errors import clip, quoted
 from ce_eval_client.wire import DATATYPES, datatype_of
 from service.codecs.tensors import check_shape, from_bytes
 from service.config import Settings
@@ -156,7 +156,7 @@ def _first_bad(flat: Sequence[Any], integer: bool, lo: int, hi: int) -> tuple[in
     """(index, why) of the first element that is not a number of the datatype (error path)."""
     for k, v in enumerate(flat):
         if isinstance(v, bool) or not isinstance(v, int | float):
-            return k, f"{truncate_repr(v)} is not a number"
+            return k, f"{clip(repr(v), 40)} is not a number"
         if integer and isinstance(v, float) and v.is_integer() and not lo <= v <= hi:
             return k, f"{v:.17g} is out of range [{lo}, {hi}]"  # JSON ints past 64 bits
         if integer and not isinstance(v, int):
@@ -177,11 +177,6 @@ def _leaves(data: Any) -> Iterator[Any]:
             yield item
         else:
             stack.pop()
-
-
-def truncate_repr(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def json_data_array(

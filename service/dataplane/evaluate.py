@@ -23,6 +23,7 @@ from ce_engine.errors import (
     set_echo_max_chars,
 )
 from ce_engine.metrics import metric_family, metrics_by_variant, supported_metrics
+from ce_engine.registry import PARAMETER_GRADS
 from ce_eval_client.wire import encode_tensor
 from service.codecs.tensors import decode_tensor
 from service.config import Settings
@@ -323,7 +324,7 @@ def estimated_response_bytes(
     their parameter's size, every other output the logits' size N·C (linear: N·C too)."""
     if logits is not None and logits.ndim >= 1:
         size, itemsize = int(logits.size), max(4, logits.dtype.itemsize)
-        classes = int(logits.shape[1]) if logits.ndim >= 2 else 1
+        classes = num_classes(logits)
     elif "features" in linear and "weight" in linear and linear["weight"].ndim == 2:
         classes = int(linear["weight"].shape[0])
         size = int(linear["features"].size // max(1, linear["features"].shape[-1])) * classes
@@ -339,7 +340,7 @@ def estimated_response_bytes(
             elements = size * classes
         elif name == "per_sample":
             elements = size // max(1, classes)
-        elif name in ("grad_features", "grad_weight", "grad_bias"):
+        elif name in PARAMETER_GRADS:
             parameter = linear.get(name.removeprefix("grad_"))
             elements = 0 if parameter is None else int(parameter.size)
         else:

@@ -101,7 +101,7 @@ async def _unavailable(scope: Scope, send: Send) -> None:
 
 
 async def _send_problem(scope: Scope, send: Send, error: ServiceError) -> None:
-    body = orjson.dumps(problem_body(error, scope["path"]))
+    body = orjson.dumps(problem_body(error, scope.get("path")))
     headers: list[Any] = [
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(body)).encode()),
@@ -151,12 +151,6 @@ class BodyLimitMiddleware:
         error = PayloadTooLarge(
             f"{what} exceeds the limit of {self.max_bytes} bytes",
             [{"loc": ["body"], "msg": "body too large", "type": "body_too_large"}],
+            headers={"Connection": "close"},
         )
-        body = orjson.dumps(problem_body(error, scope.get("path")))
-        headers: list[Any] = [
-            (b"content-type", b"application/problem+json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _send_problem(scope, send, error)
