@@ -16,14 +16,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+from fastapi import FastAPI
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.config import Settings
+from service.grpc.server import GrpcServer, start_grpc_server
+from service.http.app import create_app
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -281,3 +286,31 @@ def serving(env: dict[str, str] | None = None, timeout: float = 30.0) -> Iterato
     finally:
         if server.process.poll() is None:
             server.stop()
+
+
+@contextlib.asynccontextmanager
+async def in_process_stack(
+    settings: Settings,
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient, grpc.aio.Channel, GrpcServer]]:
+    """The app (lifespan run) over ``httpx.ASGITransport`` and its gRPC server on a free local
+    port, sharing one data plane, run store and authenticator, as ``ce-eval serve`` does."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        server = await start_grpc_server(
+            settings,
+            app.state.dataplane,
+            host="127.0.0.1",
+            port=0,
+            runs=app.state.runs,
+            authenticator=app.state.authenticator,
+        )
+        try:
+            async with (
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://test"
+                ) as rest,
+                grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+            ):
+                yield app, rest, channel, server
+        finally:
+            await server.stop(0)

@@ -33,9 +33,8 @@ from ce_eval_client.proto import (
     runs_page_from_proto,
 )
 from service.config import Settings
-from service.grpc.server import GrpcServer, start_grpc_server
-from service.http.app import create_app
-from tests.servers import PostgresCluster
+from service.grpc.server import GrpcServer
+from tests.servers import PostgresCluster, in_process_stack
 from tests.test_runs import (
     ALL_METRICS,
     OPTIONS,
@@ -68,26 +67,8 @@ async def _stack(tmp_path: Path, database_url: str = "", **overrides: Any) -> As
         backend="numpy",
         **overrides,
     )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        server = await start_grpc_server(
-            settings,
-            app.state.dataplane,
-            host="127.0.0.1",
-            port=0,
-            runs=app.state.runs,
-            authenticator=app.state.authenticator,
-        )
-        try:
-            async with (
-                httpx.AsyncClient(
-                    transport=httpx.ASGITransport(app=app), base_url="http://test"
-                ) as rest,
-                grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-            ):
-                yield Stack(app, rest, channel, pb_grpc.LossEvaluationStub(channel), server)
-        finally:
-            await server.stop(0)
+    async with in_process_stack(settings) as (app, rest, channel, server):
+        yield Stack(app, rest, channel, pb_grpc.LossEvaluationStub(channel), server)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import httpx
 import numpy as np
 import pytest
@@ -18,8 +17,7 @@ from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
 from ce_eval_client.proto import PROTOBUF_MEDIA_TYPE, request_to_proto, response_from_proto
 from ce_eval_client.sdk import Evaluation
 from service.config import Settings
-from service.grpc.server import start_grpc_server
-from service.http.app import create_app
+from tests.servers import in_process_stack
 
 #: Row 1 has a NaN logit, row 3 puts its target on a -inf logit; rows 0, 2, 4 are finite.
 LOGITS = np.array(
@@ -72,19 +70,8 @@ def _check(answer: dict[str, Any], policy: str) -> None:
 
 @pytest.fixture
 async def stack(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        server = await start_grpc_server(settings, app.state.dataplane, "127.0.0.1", 0)
-        try:
-            async with (
-                httpx.AsyncClient(
-                    transport=httpx.ASGITransport(app=app), base_url="http://test"
-                ) as rest,
-                grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-            ):
-                yield rest, pb_grpc.LossEvaluationStub(channel)
-        finally:
-            await server.stop(0)
+    async with in_process_stack(settings) as (_, rest, channel, _server):
+        yield rest, pb_grpc.LossEvaluationStub(channel)
 
 
 @pytest.mark.parametrize("policy", ["propagate", "omit"])

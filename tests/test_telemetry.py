@@ -10,9 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
 from ce_eval_client.proto import request_to_proto
 from service.config import Settings
-from service.grpc.server import start_grpc_server
-from service.http.app import create_app
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, in_process_stack
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -129,32 +127,21 @@ def test_metrics_in_multiprocess_mode(tmp_path, serve):
 
 
 async def test_grpc_calls_are_counted_with_transport_grpc(settings: Settings) -> None:
-    app = create_app(settings)
     evaluate = "/ce_eval.v1.LossEvaluation/Evaluate"
-    async with app.router.lifespan_context(app):
-        server = await start_grpc_server(settings, app.state.dataplane, "127.0.0.1", 0)
+    async with in_process_stack(settings) as (_, rest, channel, _server):
+        stub = pb_grpc.LossEvaluationStub(channel)
+        before = await scrape(rest)
+        good = request_to_proto("cross_entropy", np.zeros((2, 3), np.float32), [0, 2])
+        for _ in range(2):
+            await stub.Evaluate(good)
+        bad = request_to_proto("cross_entropy", np.zeros((2, 3), np.float32), [0, 7])
         try:
-            async with (
-                httpx.AsyncClient(
-                    transport=httpx.ASGITransport(app=app), base_url="http://test"
-                ) as rest,
-                grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-            ):
-                stub = pb_grpc.LossEvaluationStub(channel)
-                before = await scrape(rest)
-                good = request_to_proto("cross_entropy", np.zeros((2, 3), np.float32), [0, 2])
-                for _ in range(2):
-                    await stub.Evaluate(good)
-                bad = request_to_proto("cross_entropy", np.zeros((2, 3), np.float32), [0, 7])
-                try:
-                    await stub.Evaluate(bad)
-                except grpc.aio.AioRpcError as exc:
-                    assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-                else:
-                    raise AssertionError("target 7 of 3 classes was accepted")
-                after = await scrape(rest)
-        finally:
-            await server.stop(0)
+            await stub.Evaluate(bad)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        else:
+            raise AssertionError("target 7 of 3 classes was accepted")
+        after = await scrape(rest)
 
     def delta(**labels: str) -> float:
         name = "ce_eval_requests_total"
