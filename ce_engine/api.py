@@ -30,7 +30,13 @@ import numpy as np
 
 from ce_engine.backend import get_namespace, to_numpy
 from ce_engine.dtypes import BFLOAT16, compute_dtype, is_floating
-from ce_engine.errors import ErrorItem, InputValidationError, NonFiniteResultError, unknown_name
+from ce_engine.errors import (
+    MAX_GUESSES,
+    ErrorItem,
+    InputValidationError,
+    NonFiniteResultError,
+    unknown_name,
+)
 from ce_engine.kernels.cpu import row_max
 from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true, reject_first
@@ -182,10 +188,11 @@ def _check_outputs(
     requested: Iterable[str], supported: frozenset[str], loss: str
 ) -> frozenset[str]:
     want = []
-    errors = []
+    errors: list[ErrorItem] = []
     for i, name in enumerate(requested):
         if name not in ALL_OUTPUTS:
-            msg = unknown_name("output", name, sorted(supported), owner=loss)
+            guess = len(errors) < MAX_GUESSES
+            msg = unknown_name("output", name, sorted(supported), owner=loss, guess=guess)
             errors.append(ErrorItem(("outputs", i), msg, "unknown_output"))
         elif name not in supported:
             errors.append(

@@ -16,6 +16,10 @@ MAX_DETAIL_ITEMS = 5
 
 _GUESS_MAX_CHARS = 256  # longer names get no "did you mean" (difflib is O(len) per candidate)
 
+MAX_GUESSES = 20
+"""Unknown names per list (options, metrics, outputs) that get a "did you mean"; the rest are
+reported without one, so 200k unknown keys cost 20 difflib searches, not 200k."""
+
 
 def set_echo_max_chars(limit: int) -> None:
     """Set :data:`ECHO_MAX_CHARS` (``limit`` ≥ 0) for every later error."""
@@ -61,21 +65,24 @@ class ErrorItem:
         return {"loc": list(self.loc), "msg": self.msg, "type": self.type}
 
 
-def unknown_name(kind: str, name: object, valid: Iterable[str], *, owner: str = "") -> str:
+def unknown_name(
+    kind: str, name: object, valid: Iterable[str], *, owner: str = "", guess: bool = True
+) -> str:
     """``unknown <kind> 'name'[ for <owner>]; did you mean 'x'? valid: a, b, …`` — the one wording
     of every unknown loss, option, metric and output. The guess is the closest valid name by
-    ``difflib.get_close_matches`` (ratio ≥ 0.6), left out when none is that close or the name
-    is longer than 256 characters; ``name`` is echoed by :func:`quoted`."""
+    ``difflib.get_close_matches`` (ratio ≥ 0.6), left out when none is that close, the name
+    is longer than 256 characters or ``guess`` is false (callers pass
+    ``errors so far < MAX_GUESSES``); ``name`` is echoed by :func:`quoted`."""
     names = list(valid)
-    guess = (
+    close = (
         difflib.get_close_matches(name, names, n=1)
-        if isinstance(name, str) and len(name) <= _GUESS_MAX_CHARS
+        if guess and isinstance(name, str) and len(name) <= _GUESS_MAX_CHARS
         else []
     )
     return (
         f"unknown {kind} {quoted(name)}"
         + (f" for {owner}" if owner else "")
-        + (f"; did you mean {guess[0]!r}?" if guess else ";")
+        + (f"; did you mean {close[0]!r}?" if close else ";")
         + f" valid: {', '.join(names)}"
     )
 

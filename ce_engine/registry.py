@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
 
-from ce_engine.errors import ErrorItem, InputValidationError, unknown_name
+from ce_engine.errors import MAX_GUESSES, ErrorItem, InputValidationError, unknown_name
 from ce_engine.layout import Array, Layout
 from ce_engine.options import CommonOptions
 
@@ -128,14 +128,19 @@ class LossSpec:
             return self.options_model.model_validate(dict(options or {}))
         except pydantic.ValidationError as exc:
             raise InputValidationError(
-                [self._option_error(e) for e in exc.errors(include_url=False)]
+                [
+                    self._option_error(e, i < MAX_GUESSES)
+                    for i, e in enumerate(exc.errors(include_url=False))
+                ]
             ) from None
 
-    def _option_error(self, error: Any) -> ErrorItem:
-        """One pydantic error → an item under ``options``; an unknown key names the option meant."""
+    def _option_error(self, error: Any, guess: bool) -> ErrorItem:
+        """One pydantic error → an item under ``options``; an unknown key names the option meant
+        (when ``guess``)."""
         if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
             name = error["loc"][0]
-            msg = unknown_name("option", name, self.options_model.model_fields, owner=self.name)
+            fields = self.options_model.model_fields
+            msg = unknown_name("option", name, fields, owner=self.name, guess=guess)
             return ErrorItem(("options", name), msg, "unknown_option")
         return ErrorItem(("options", *error["loc"]), error["msg"], error["type"])
 

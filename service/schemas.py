@@ -30,6 +30,14 @@ Tensor = list[Any] | TensorData
 RequestTensor = Annotated[Tensor | Any, SkipValidation]
 
 
+MAX_OPTION_KEYS = 64
+"""Keys of a request's ``options`` (a loss has about 20): more is 422 before any is looked at."""
+MAX_METRIC_NAMES = 64
+"""Names in a request's or run's ``metrics`` list."""
+MAX_OUTPUT_NAMES = 32
+"""Names in a request's ``outputs`` list."""
+
+
 class EvaluateRequest(BaseModel):
     """POST /v1/evaluate body."""
 
@@ -43,14 +51,19 @@ class EvaluateRequest(BaseModel):
     targets: RequestTensor = Field(..., description="By target_format (see the loss options).")
     sample_weight: RequestTensor | None = Field(None, description="(N,) or positions' shape.")
     options: dict[str, Any] = Field(
-        default_factory=dict, description="Loss options; schema per loss in GET /v1/losses."
+        default_factory=dict,
+        max_length=MAX_OPTION_KEYS,
+        description="Loss options; schema per loss in GET /v1/losses.",
     )
     outputs: list[str] = Field(
         default_factory=lambda: ["loss"],
+        max_length=MAX_OUTPUT_NAMES,
         description=f"Any of {', '.join(ALL_OUTPUTS)} that the loss supports.",
     )
     vector: RequestTensor | None = Field(None, description="Direction for `hvp` (logits' shape).")
-    metrics: list[str] = Field(default_factory=list, description="Metric names (DESIGN §2).")
+    metrics: list[str] = Field(
+        default_factory=list, max_length=MAX_METRIC_NAMES, description="Metric names (DESIGN §2)."
+    )
     features: RequestTensor | None = Field(
         None, description="linear_cross_entropy: features X (N, D); logits = X Wᵀ + b."
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ce_engine.errors import ErrorItem, InputValidationError, unknown_name
+from ce_engine.errors import MAX_GUESSES, ErrorItem, InputValidationError, unknown_name
 from ce_engine.metrics.catalog import (
     ALL_METRICS,
     LABEL_FREE_METRICS,
@@ -50,7 +50,8 @@ def check_request(
     for i, name in enumerate(names):
         loc = ("metrics", i)
         if name not in ALL_METRICS:
-            errors.append(ErrorItem(loc, unknown_name("metric", name, offered), "unknown_metric"))
+            msg = unknown_name("metric", name, offered, guess=len(errors) < MAX_GUESSES)
+            errors.append(ErrorItem(loc, msg, "unknown_metric"))
         elif name not in offered:
             errors.append(
                 ErrorItem(

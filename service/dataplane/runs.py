@@ -59,6 +59,7 @@ from service.errors import (
     Unavailable,
     ValidationFailed,
 )
+from service.schemas import MAX_METRIC_NAMES, MAX_OPTION_KEYS
 from service.store import Batch, Run, RunTag, Store
 from service.store.models import utcnow
 
@@ -77,10 +78,14 @@ class CreateRunRequest(BaseModel):
     name: str = Field(..., min_length=1, max_length=200, description="Display name.")
     loss: str = Field(..., description="A loss name from GET /v1/losses.")
     options: dict[str, Any] = Field(
-        default_factory=dict, description="Loss options applied to every batch."
+        default_factory=dict,
+        max_length=MAX_OPTION_KEYS,
+        description="Loss options applied to every batch.",
     )
     metrics: list[str] = Field(
-        default_factory=list, description="Metrics to aggregate (DESIGN §2 names)."
+        default_factory=list,
+        max_length=MAX_METRIC_NAMES,
+        description="Metrics to aggregate (DESIGN §2 names).",
     )
     class_names: list[str] | None = Field(
         None, max_length=100_000, description="Display names of the classes (dashboard)."
