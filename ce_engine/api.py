@@ -419,6 +419,7 @@ def evaluate(
     features: Any = None,
     weight: Any = None,
     bias: Any = None,
+    metric_values: Iterable[str] | None = None,
 ) -> EvaluationResult:
     """Evaluate ``loss`` on a batch.
 
@@ -428,7 +429,9 @@ def evaluate(
     Linear-layer losses (``linear_cross_entropy``) take ``features`` (N, D), ``weight`` (C, D)
     and optional ``bias`` (C,) instead of logits (pass ``logits=None``).
     Non-finite results follow the module's rule: 422 under ``nan_policy: raise``, listed in
-    ``non_finite`` under ``propagate`` and ``omit``.
+    ``non_finite`` under ``propagate`` and ``omit``. ``metric_values``: the metrics whose values
+    go in ``metrics`` (default all); ``metric_state`` holds every requested one either way (a
+    run keeps the state and answers scalars, so it skips e.g. the C × C list).
     """
     outputs, metric_names = tuple(outputs), list(metrics)
     if (
@@ -527,10 +530,19 @@ def evaluate(
     if metric_names:
         if terms.metric_state is not None:  # reduced by the loss (linear: chunk by chunk)
             result.metric_state = terms.metric_state
-            result.metrics = terms.metric_state.compute()
+            result.metrics = terms.metric_state.compute(metric_values)
         else:
             result.metric_state, result.metrics = evaluate_metrics(
-                metric_names, xp, rows, t, layout, opts, s, exclude, loss=spec.name
+                metric_names,
+                xp,
+                rows,
+                t,
+                layout,
+                opts,
+                s,
+                exclude,
+                loss=spec.name,
+                only=metric_values,
             )
     return result
 

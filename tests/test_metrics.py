@@ -563,10 +563,10 @@ def test_large_statistics_are_packed_exactly_and_old_list_states_still_load() ->
     assert packed["dtype"] == "float64" and packed["shape"] == [c, c]
     assert isinstance(data["stats"]["tp"], list)  # small statistics stay lists
     back = MetricState.from_dict(data)
-    np.testing.assert_array_equal(back.stats["confusion"], state.stats["confusion"])
+    np.testing.assert_array_equal(back.stats["confusion"].dense(), state.stats["confusion"].dense())
     assert back.compute() == state.compute()
     legacy = json.loads(json.dumps(state.to_dict()))
-    legacy["stats"]["confusion"] = state.stats["confusion"].tolist()  # the earlier format
+    legacy["stats"]["confusion"] = state.stats["confusion"].dense().tolist()  # the earlier format
     assert MetricState.from_dict(legacy).compute() == state.compute()
     for bad in (
         {**packed, "zlib_base64": "not base64!"},
@@ -652,3 +652,30 @@ def test_nan_probability_targets_are_not_counted_like_the_loss(nan_policy: str) 
         accuracy_score(y, softmax(z[keep]).argmax(axis=1))
     )
     np.testing.assert_allclose(res.metrics["support"], np.bincount(y, minlength=3))
+
+
+def test_a_batch_confusion_table_holds_only_the_cells_it_touches() -> None:
+    """At C = 4096 a 256-row batch's confusion statistic is ≤ 256 cells (not 16.8M zeros), and
+    its dense form and merges equal a float64 reference built with np.add.at."""
+    c, n = 4096, 256
+    z = RNG.standard_normal((n, c))  # float64: the weights are summed as sent
+    y = RNG.integers(0, c, size=n)
+    w = RNG.uniform(0.1, 1.0, size=n)
+    opts = {"max_confusion_classes": c}
+    first = ce_engine.evaluate(
+        "cross_entropy", z, y, options=opts, metrics=["confusion_matrix"], sample_weight=w
+    ).metric_state
+    second = ce_engine.evaluate(
+        "cross_entropy", z[::-1], y[::-1], options=opts, metrics=["confusion_matrix"]
+    ).metric_state
+    assert first is not None and second is not None
+    cells = first.stats["confusion"]
+    assert cells.index.size <= n and cells.shape == (c, c)
+    reference = np.zeros((c, c))
+    np.add.at(reference, (y, z.argmax(axis=1)), w)
+    np.testing.assert_array_equal(cells.dense(), reference)
+    np.add.at(reference, (y[::-1], z[::-1].argmax(axis=1)), 1.0)
+    np.testing.assert_array_equal(first.merge(second).stats["confusion"].dense(), reference)
+    back = MetricState.from_dict(json.loads(json.dumps(first.to_dict())))
+    np.testing.assert_array_equal(back.stats["confusion"].index, cells.index)
+    np.testing.assert_array_equal(back.stats["confusion"].weight, cells.weight)

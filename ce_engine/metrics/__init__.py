@@ -52,20 +52,21 @@ def evaluate_metrics(
     loss: str = "cross_entropy",
     *,
     exact: bool = True,
+    only: Iterable[str] | None = None,
 ) -> tuple[MetricState, dict[str, Any]]:
-    """(the batch's mergeable state, its metric values); with ``exact`` the ranking values are
-    exact (the batch's distinct scores), else binned like a run's. Arguments as
-    :func:`ce_engine.metrics.softmax.softmax_metric_state`."""
+    """(the batch's mergeable state, its metric values: those in ``only`` when given); with
+    ``exact`` the ranking values are exact (the batch's distinct scores), else binned like a
+    run's. Arguments as :func:`ce_engine.metrics.softmax.softmax_metric_state`."""
     batch = (
         binary_metric_state if metric_family(loss, options) == "binary" else softmax_metric_state
     )
     state, exact_values = batch(
         names, xp, rows, targets, layout, options, sample_weight, exclude, loss, exact=exact
     )
-    metrics = state.compute()
+    metrics = state.compute(only)
     if exact_values:
         metrics.pop("warnings", None)
-        metrics.update(exact_values)
+        metrics.update({k: v for k, v in exact_values.items() if k in metrics or k == "warnings"})
     return state, metrics
 
 

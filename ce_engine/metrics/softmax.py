@@ -60,6 +60,7 @@ from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true, log_softmax, resolve_target_format
 from ce_engine.metrics import ranking
 from ce_engine.metrics.bins import uniform_searchsorted
+from ce_engine.metrics.cells import Cells
 from ce_engine.metrics.check import check_request
 from ce_engine.metrics.state import MetricState, stat_shapes
 from ce_engine.options import CommonOptions
@@ -260,9 +261,8 @@ def softmax_metric_state(
         sums["bin_count"] = xp.bincount(b, weights=w, minlength=n_bins)
         sums["bin_confidence"] = xp.bincount(b, weights=w * confidence, minlength=n_bins)
         sums["bin_correct"] = xp.bincount(b, weights=w * correct, minlength=n_bins)
-    if "confusion" in shapes:
-        flat = xp.bincount(labels * c + predicted, weights=w, minlength=c * c)
-        sums["confusion"] = flat.reshape(c, c)
+    if "confusion" in shapes:  # sparse: a batch touches at most M of the C² cells
+        sums["confusion"] = Cells.of(c, to_numpy(labels), to_numpy(predicted), to_numpy(w))
     if "tp" in shapes:
         sums["tp"] = xp.bincount(labels, weights=w * correct, minlength=c)
         sums["predicted"] = xp.bincount(predicted, weights=w, minlength=c)
@@ -280,6 +280,8 @@ def softmax_metric_state(
     for key, shape in shapes.items():
         if key == "count":
             stats[key] = int(sums[key])
+        elif isinstance(sums[key], Cells):
+            stats[key] = sums[key]
         elif shape:
             stats[key] = to_numpy(sums[key]).astype(np.float64, copy=False).reshape(shape)
         else:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ce_engine.metrics import ranking
 from ce_engine.metrics.catalog import BINARY_METRICS, RANKING_METRICS, SOFTMAX_METRICS, Family
+from ce_engine.metrics.cells import Cells
 
 LN2 = math.log(2.0)
 
@@ -94,20 +95,52 @@ def stat_shapes(
 PACKED_STAT_SIZE = 1024
 
 
+def _zlib64(array: np.ndarray, dtype: str) -> str:
+    data = zlib.compress(np.ascontiguousarray(array, dtype=dtype).tobytes(), 1)
+    return base64.b64encode(data).decode("ascii")
+
+
 def _pack(value: Any) -> Any:
+    if isinstance(value, Cells):  # sparse: the stored cells' ids and weights
+        return {
+            "dtype": "float64",
+            "shape": [value.size, value.size],
+            "cells": value.index.size,
+            "index_zlib_base64": _zlib64(value.index, "<i8"),
+            "zlib_base64": _zlib64(value.weight, "<f8"),
+        }
     if not isinstance(value, np.ndarray):
         return value
     if value.size < PACKED_STAT_SIZE:
         return value.tolist()
-    data = zlib.compress(np.ascontiguousarray(value, dtype="<f8").tobytes(), 1)
-    return {
-        "dtype": "float64",
-        "shape": list(value.shape),
-        "zlib_base64": base64.b64encode(data).decode("ascii"),
-    }
+    return {"dtype": "float64", "shape": list(value.shape), "zlib_base64": _zlib64(value, "<f8")}
 
 
-def _unpack(value: Any) -> np.ndarray:
+def _inflate(text: Any, size: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """base64 zlib text → exactly ``size`` bytes as ``dtype``; ValueError otherwise."""
+    inflate = zlib.decompressobj()
+    try:
+        packed = base64.b64decode(text, validate=True)
+        raw = inflate.decompress(packed, size + 1)
+    except zlib.error as exc:
+        raise ValueError(f"packed statistic is not zlib data: {exc}") from None
+    if len(raw) != size or not inflate.eof or inflate.unused_data:
+        raise ValueError(f"packed statistic does not hold {list(shape)} values")
+    return np.frombuffer(raw, dtype=dtype)
+
+
+def _unpack_cells(value: dict[str, Any], shape: tuple[int, ...]) -> Cells:
+    count = int(value["cells"])
+    if len(shape) != 2 or shape[0] != shape[1] or not 0 <= count <= shape[0] * shape[1]:
+        raise ValueError(f"packed cells of shape {list(shape)} / count {count} are out of range")
+    index = _inflate(value["index_zlib_base64"], 8 * count, "<i8", shape).astype(np.int64)
+    weight = _inflate(value["zlib_base64"], 8 * count, "<f8", shape).astype(np.float64)
+    if count and (index[0] < 0 or index[-1] >= shape[0] ** 2 or np.any(np.diff(index) <= 0)):
+        raise ValueError("packed cells are not distinct ascending cell ids")
+    return Cells(shape[0], index, weight)
+
+
+def _unpack(value: Any) -> np.ndarray | Cells:
     if isinstance(value, dict):
         if value.get("dtype") != "float64":
             raise ValueError(f"packed statistic of dtype {value.get('dtype')!r}, want float64")
@@ -118,15 +151,10 @@ def _unpack(value: Any) -> np.ndarray:
         size = math.prod(shape) * 8
         if size > 8 * 4096 * 4096 or min(shape, default=0) < 0:  # ≤ a 4096-class confusion
             raise ValueError(f"packed statistic of shape {list(shape)} is out of range")
-        inflate = zlib.decompressobj()
-        try:
-            packed = base64.b64decode(value["zlib_base64"], validate=True)
-            raw = inflate.decompress(packed, size + 1)
-        except zlib.error as exc:
-            raise ValueError(f"packed statistic is not zlib data: {exc}") from None
-        if len(raw) != size or not inflate.eof or inflate.unused_data:
-            raise ValueError(f"packed statistic does not hold {list(shape)} float64 values")
-        return np.frombuffer(raw, dtype="<f8").astype(np.float64).reshape(shape)
+        if "cells" in value:
+            return _unpack_cells(value, shape)
+        raw = _inflate(value["zlib_base64"], size, "<f8", shape)
+        return raw.astype(np.float64).reshape(shape)
     return np.asarray(value, np.float64)
 
 
@@ -172,7 +200,10 @@ class MetricState:
         stats: dict[str, Any] = {}
         shapes = stat_shapes(family, names_t, num_classes, top_k_t, n_bins, n_thresholds)
         for key, shape in shapes.items():
-            stats[key] = 0 if key == "count" else (np.zeros(shape) if shape else 0.0)
+            if key == "confusion":
+                stats[key] = Cells(num_classes, np.zeros(0, np.int64), np.zeros(0))
+            else:
+                stats[key] = 0 if key == "count" else (np.zeros(shape) if shape else 0.0)
         return cls(
             names_t,
             num_classes,
@@ -255,32 +286,56 @@ class MetricState:
         for key, shape in shapes.items():
             try:
                 value = int(raw[key]) if key == "count" else _unpack(raw[key])
+                if key == "confusion" and isinstance(value, np.ndarray) and value.shape == shape:
+                    value = Cells.from_dense(value)  # states stored before the sparse table
             except (TypeError, ValueError, KeyError, OverflowError) as exc:
                 raise ValueError(f"metric state {key!r} is not numeric: {exc}") from None
             if isinstance(value, int):
                 stats[key] = value
-            elif value.shape != shape:
+            elif value.shape != shape or isinstance(value, Cells) != (key == "confusion"):
                 raise ValueError(f"metric state {key!r} has shape {value.shape}, want {shape}")
+            elif isinstance(value, Cells) or shape:
+                stats[key] = value
             else:
-                stats[key] = value if shape else float(value)
+                stats[key] = float(value)
         return cls(names, num_classes, top_k, n_bins, log_base, stats, fam, n_thresholds, threshold)
 
     # ------------------------------------------------------------------ compute
 
-    def compute(self) -> dict[str, Any]:
-        """{name: value} for the requested metrics, then ``warnings`` when a ranking metric is
-        undefined for some class (see the family modules for the definitions)."""
+    def compute(self, only: Iterable[str] | None = None) -> dict[str, Any]:
+        """{name: value} for the requested metrics (those of them in ``only`` when given), then
+        ``warnings`` when a ranking metric is undefined for some class (see the family modules
+        for the definitions)."""
+        names = self.names if only is None else tuple(n for n in self.names if n in set(only))
         ranked: dict[str, Any] = {}
-        if set(self.names) & set(RANKING_METRICS):
+        if set(names) & set(RANKING_METRICS):
             points = ranking.binned_points(self.stats["rank_pos"], self.stats["rank_neg"])
-            ranked = ranking.ranking_values(points, self.names)
+            ranked = ranking.ranking_values(points, names)
         scalar = self._softmax if self.family == "softmax" else self._binary
         out: dict[str, Any] = {}
-        for name in self.names:
+        for name in names:
             out[name] = ranked[name] if name in ranked else scalar(name)
         if "warnings" in ranked:
             out["warnings"] = ranked["warnings"]
         return out
+
+    def per_class(self) -> dict[str, np.ndarray]:
+        """Per class (softmax) or label (binary), from the confusion counts whichever of the
+        per-class metrics were requested: ``precision`` = tp / predicted, ``recall`` =
+        tp / support, ``f1`` = 2·tp / (predicted + support), ``support`` (0 where undefined);
+        KeyError when the state holds no per-class counts."""
+        st = self.stats
+        if self.family == "softmax":
+            tp, predicted, support = st["tp"], st["predicted"], st["support"]
+        else:
+            tp, support = st["tp"], st["tp"] + st["fn"]
+            predicted = st["tp"] + st["fp"]
+        return {
+            "precision": _ratio(tp, predicted),
+            "recall": _ratio(tp, support),
+            "f1": _ratio(2.0 * tp, predicted + support),
+            "support": np.asarray(support, np.float64),
+        }
 
     def _mean(self, key: str, total: float) -> float | None:
         return float(self.stats[key]) / total if total > 0 else None
@@ -307,7 +362,7 @@ class MetricState:
         if name in _BINNED:
             return self._calibration(name, total)
         if name == "confusion_matrix":
-            return st["confusion"].tolist()
+            return st["confusion"].dense().tolist()
         return self._per_class(name, total)
 
     def _calibration(self, name: str, total: float) -> Any:
