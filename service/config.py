@@ -144,6 +144,15 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="debug | info | warning | error.")
     log_format: Literal["json", "text"] = Field("json", description="Log line format.")
+    run_detail_max_classes: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description=(
+            "GET /v1/runs/{id} includes per-class arrays, the confusion matrix and class names "
+            "up to this many classes; larger runs serve them from /v1/runs/{id}/metrics/{name}."
+        ),
+    )
     echo_max_chars: int = Field(
         64,
         ge=0,

@@ -268,7 +268,9 @@ def run_from_proto(message: pb.Run) -> dict[str, Any]:
         "reduction": message.reduction,
         "normalization": message.normalization,
         "unit": message.unit,
+        "num_classes": message.num_classes if message.HasField("num_classes") else None,
         "metrics": struct_to_dict(message.metrics),
+        "details": list(message.details),
     }
 
 

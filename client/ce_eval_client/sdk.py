@@ -53,6 +53,7 @@ from ce_eval_client.proto import (
     response_from_proto,
     run_from_proto,
     runs_page_from_proto,
+    struct_to_dict,
 )
 from ce_eval_client.wire import (
     DATATYPES,
@@ -645,6 +646,7 @@ class GrpcClient:
         self._add_batch = self._unary("AddBatch", pb.AddBatchResponse)
         self._get_run = self._unary("GetRun", pb.Run)
         self._list_runs = self._unary("ListRuns", pb.ListRunsResponse)
+        self._run_metric = self._unary("GetRunMetric", pb.RunMetric)
         self._add_batches = self._channel.stream_unary(
             f"/{SERVICE_NAME}/AddBatches",
             request_serializer=pb.AddBatchRequest.SerializeToString,
@@ -733,6 +735,33 @@ class GrpcClient:
     def get_run(self, run_id: str) -> dict[str, Any]:
         """``GetRun`` → the run with its aggregates."""
         return run_from_proto(self._call(self._get_run, pb.GetRunRequest(run_id=run_id)))
+
+    def run_metric(
+        self,
+        run_id: str,
+        name: str,
+        *,
+        normalize: bool = False,
+        top: int | None = None,
+        classes: Iterable[int] | None = None,
+        sort: str | None = None,
+        order: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> dict[str, Any]:
+        """``GetRunMetric``: one statistic in full, as :meth:`Client.run_metric` answers it."""
+        request = pb.GetRunMetricRequest(
+            run_id=run_id,
+            name=name,
+            normalize=normalize,
+            top=top or 0,
+            classes=[int(c) for c in classes or ()],
+            sort=sort or "",
+            order=order or "",
+            limit=limit or 0,
+            offset=offset,
+        )
+        return struct_to_dict(self._call(self._run_metric, request).detail)
 
     def list_runs(
         self,

@@ -263,6 +263,9 @@ def run_to_proto(run: Mapping[str, Any], out: pb.Run | None = None) -> pb.Run:
     message.metrics_requested[:] = run["metrics_requested"]
     message.class_names[:] = run["class_names"] or []
     message.tags.update(run["tags"])
+    if run["num_classes"] is not None:
+        message.num_classes = run["num_classes"]
+    message.details[:] = run["details"]
     message.created_at = run["created_at"] or ""
     message.updated_at = run["updated_at"] or ""
     message.closed_at = run["closed_at"] or ""

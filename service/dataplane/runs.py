@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -34,6 +34,7 @@ import numpy as np
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Select, delete, exists, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
@@ -41,14 +42,14 @@ from sqlalchemy.orm import Session
 import ce_engine
 from ce_engine.errors import quoted
 from ce_engine.metrics import MetricState, scalar_metrics, supported_metrics
+from ce_engine.metrics.cells import Cells
 from ce_eval_client.wire import wire_array, wire_name
 from service.config import Settings
+from service.dataplane import run_details
 from service.dataplane.evaluate import (
     DataPlane,
     decode_limit_error,
     engine_error,
-    estimated_metric_bytes,
-    num_classes,
     validation_error_from_pydantic,
 )
 from service.errors import (
@@ -60,7 +61,7 @@ from service.errors import (
     ValidationFailed,
 )
 from service.schemas import MAX_METRIC_NAMES, MAX_OPTION_KEYS
-from service.store import Batch, Run, RunTag, Store
+from service.store import Batch, ConfusionCell, Run, RunTag, Store
 from service.store.models import utcnow
 
 RunStatus = Literal["open", "closed"]
@@ -358,9 +359,57 @@ class RunsDataPlane:
         return self._run_dict(run)
 
     def get_run(self, run_id: str, *, principal: str | None = None) -> dict[str, Any]:
-        """The run with its aggregated ``value`` and ``metrics``."""
+        """The run's summary plus its small arrays (``run_details.small_metrics``, the confusion
+        matrix and class names up to ``run_detail_max_classes`` classes)."""
         with _store_guard(), self.store.read() as session:
-            return self._run_dict(self._load(session, run_id, principal))
+            run = self._load(session, run_id, principal)
+            answer = self._run_dict(run)
+            state = self._state(run)
+            limit = self.settings.run_detail_max_classes
+            if state is None:
+                return answer
+            answer["metrics"] = run_details.small_metrics(state, limit)
+            softmax = state.family == "softmax"
+            if softmax and "confusion_matrix" in state.names and state.num_classes <= limit:
+                answer["metrics"]["confusion_matrix"] = self._confusion_value(session, run, state)
+            return answer
+
+    def run_metric(
+        self,
+        run_id: str,
+        name: str,
+        query: run_details.DetailQuery | None = None,
+        *,
+        principal: str | None = None,
+    ) -> dict[str, Any]:
+        """One statistic of the run in full (``GET /v1/runs/{id}/metrics/{name}``, see
+        :mod:`service.dataplane.run_details`): 404 for a name not in the run's ``details``,
+        422 for a query it does not take."""
+        query = query or run_details.DetailQuery()
+        with _store_guard(), self.store.read() as session:
+            run = self._load(session, run_id, principal)
+            offered = run_details.details(run.metrics_requested)
+            if name not in offered:
+                raise run_details.not_in_run(name, offered)
+            state = self._state(run)
+            if state is None:
+                raise NotFound(
+                    f"run {quoted(run_id)} has no batches yet",
+                    [{"loc": ["path", "run_id"], "msg": "no batches yet", "type": "no_batches"}],
+                )
+            binary = state.family == "binary"
+            run_details.check_query(name, query, state.num_classes, binary)
+            names = run.class_names
+            if name == "confusion_matrix":
+                if binary:
+                    return run_details.binary_matrix(state, query.classes, query.normalize)
+                return self._confusion_detail(session, run, state, query)
+            if name == "per_class":
+                return run_details.per_class_table(state, query, names)
+            if name in ("roc_curve", "pr_curve"):
+                limit = self.settings.run_detail_max_classes
+                return run_details.curves(state, name, query.classes, limit)
+            return {"name": name, "value": state.compute(only=(name,))[name]}
 
     def list_runs(
         self,
@@ -432,6 +481,7 @@ class RunsDataPlane:
         with _store_guard(), self.store.write() as session:
             run = self._load(session, run_id, principal, lock=True)
             session.execute(delete(Batch).where(Batch.run_pk == run.pk))
+            session.execute(delete(ConfusionCell).where(ConfusionCell.run_pk == run.pk))
             session.delete(run)
 
     def compare(self, run_ids: Sequence[str], *, principal: str | None = None) -> dict[str, Any]:
@@ -501,13 +551,6 @@ class RunsDataPlane:
             if run.status == "closed":
                 raise _closed(run_id)
 
-        # A push answer carries the batch's metrics and the run's: twice each C×C statistic.
-        per_matrix = estimated_metric_bytes(
-            run.loss, run.options, run.metrics_requested, num_classes(logits)
-        )
-        self.dataplane.check_response_size(
-            {name: 2 * size for name, size in per_matrix.items()}, "each answer of this run"
-        )
         started = time.perf_counter()
         try:
             result = ce_engine.evaluate(
@@ -519,13 +562,14 @@ class RunsDataPlane:
                 metrics=run.metrics_requested,
                 sample_weight=sample_weight,
                 backend=self.settings.backend,
+                metric_values=run_details.summary_names(run.metrics_requested),
             )
         except ce_engine.EngineError as exc:
             raise engine_error(exc) from None
         if self.on_evaluate is not None:
             self.on_evaluate(run.loss, result.backend, time.perf_counter() - started)
         _refuse_non_finite(result, 0.0, 0.0, sample_weight is not None)
-        state = result.metric_state
+        state, cells = _split_cells(result.metric_state)
         batch_result = {
             "value": result.value,
             "sum": result.sum,
@@ -545,6 +589,8 @@ class RunsDataPlane:
                     raise _closed(run_id)
                 _refuse_non_finite(result, run.sum, run.denominator, sample_weight is not None)
                 merged = self._merge_state(run.metric_state, state)
+                if cells is not None:
+                    _add_cells(session, run.pk, cells)
                 run.batches += 1
                 batch = Batch(
                     run_pk=run.pk,
@@ -707,11 +753,73 @@ class RunsDataPlane:
         unit = "bits" if options.log_base == "2" else "nats"
         return options.reduction, normalization, unit
 
+    @staticmethod
+    def _state(run: Run) -> MetricState | None:
+        return None if run.metric_state is None else MetricState.from_dict(run.metric_state)
+
+    def _confusion_value(self, session: Session, run: Run, state: MetricState) -> list[Any]:
+        """The dense C × C matrix from the run's cells (C ≤ ``run_detail_max_classes``)."""
+        dense = np.zeros((state.num_classes, state.num_classes))
+        for true, pred, weight in session.execute(_cells_of(run.pk)):
+            dense[true, pred] = weight
+        return dense.tolist()
+
+    def _confusion_detail(
+        self, session: Session, run: Run, state: MetricState, query: run_details.DetailQuery
+    ) -> dict[str, Any]:
+        c, names = state.num_classes, run.class_names
+        cell = ConfusionCell
+        if query.top is not None:
+            rows = session.execute(
+                _cells_of(run.pk)
+                .where(cell.true_class != cell.pred_class, cell.weight > 0)
+                .order_by(cell.weight.desc(), cell.true_class, cell.pred_class)
+                .limit(query.top)
+            ).all()
+            top = [(int(t), int(p), float(w)) for t, p, w in rows]
+            top_totals = None
+            if query.normalize:
+                top_totals = self._row_totals(session, run.pk, sorted({t for t, _, _ in top}))
+            return run_details.top_cells(top, c, top_totals, names)
+        ids = list(range(c)) if query.classes is None else list(query.classes)
+        if query.classes is None:
+            self.dataplane.check_response_size(
+                {"confusion_matrix": 12 * c * c}, "the whole matrix (ask for top=K or classes=…)"
+            )
+        position = {k: i for i, k in enumerate(ids)}
+        block = np.zeros((len(ids), len(ids)))
+        select_cells = _cells_of(run.pk)
+        if query.classes is not None:
+            select_cells = select_cells.where(cell.true_class.in_(ids), cell.pred_class.in_(ids))
+        for true, pred, weight in session.execute(select_cells):
+            block[position[true], position[pred]] = weight
+        totals = None
+        if query.normalize:
+            sums = self._row_totals(session, run.pk, ids if query.classes is not None else None)
+            totals = np.array([sums.get(k, 0.0) for k in ids])
+        return run_details.matrix_block(block, c, query.classes, totals, names)
+
+    @staticmethod
+    def _row_totals(session: Session, run_pk: int, classes: list[int] | None) -> dict[int, float]:
+        """Σ over predictions of each true class's cells (of ``classes``, or all)."""
+        cell = ConfusionCell
+        query = (
+            select(cell.true_class, func.sum(cell.weight))
+            .where(cell.run_pk == run_pk)
+            .group_by(cell.true_class)
+        )
+        if classes is not None:
+            query = query.where(cell.true_class.in_(classes))
+        return {int(t): float(w) for t, w in session.execute(query)}
+
     def _run_dict(self, run: Run) -> dict[str, Any]:
+        """The run's summary: totals and scalar metrics, whatever its class count."""
         reduction, normalization, unit = self._reduction(run)
         metrics: dict[str, Any] = {}
-        if run.metric_state is not None:
-            metrics = MetricState.from_dict(run.metric_state).compute()
+        state = self._state(run)
+        if state is not None:
+            metrics = _scalar_metrics(state.compute(run_details.summary_names(state.names)))
+        names, limit = run.class_names, self.settings.run_detail_max_classes
         return {
             "id": run.id,
             "name": run.name,
@@ -719,7 +827,7 @@ class RunsDataPlane:
             "loss": run.loss,
             "options": run.options,
             "metrics_requested": run.metrics_requested,
-            "class_names": run.class_names,
+            "class_names": names if names is not None and len(names) <= limit else None,
             "tags": {t.key: t.value for t in run.tags},
             "created_at": _isoformat(run.created_at),
             "updated_at": _isoformat(run.updated_at),
@@ -735,8 +843,45 @@ class RunsDataPlane:
             "reduction": reduction,
             "normalization": normalization,
             "unit": unit,
+            "num_classes": None if state is None else state.num_classes,
             "metrics": metrics,
+            "details": run_details.details(run.metrics_requested),
         }
+
+
+def _split_cells(state: MetricState | None) -> tuple[MetricState | None, Cells | None]:
+    """(the state with an empty confusion table, the batch's cells): the run keeps its
+    confusion matrix as rows of ``confusion_cells``, not in the JSON state."""
+    if state is None or not isinstance(table := state.stats.get("confusion"), Cells):
+        return state, None
+    empty = Cells(table.size, table.index[:0], table.weight[:0])
+    return replace(state, stats={**state.stats, "confusion": empty}), table
+
+
+def _cells_of(run_pk: int) -> Select[int, int, float]:
+    cell = ConfusionCell
+    return select(cell.true_class, cell.pred_class, cell.weight).where(cell.run_pk == run_pk)
+
+
+def _add_cells(session: Session, run_pk: int, cells: Cells) -> None:
+    """Upsert the batch's cells: weight += the batch's sum (O(cells), not O(C²)). The caller
+    holds the run's lock, so cells are added in batch order, as a dense sum would be."""
+    if cells.index.size == 0:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    rows = [
+        {"run_pk": run_pk, "true_class": int(t), "pred_class": int(p), "weight": float(w)}
+        for t, p, w in zip(cells.rows, cells.cols, cells.weight, strict=True)
+    ]
+    statement = insert(ConfusionCell)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["run_pk", "true_class", "pred_class"],
+            set_={"weight": ConfusionCell.weight + statement.excluded.weight},
+        ),
+        rows,
+    )
 
 
 def _run_value(

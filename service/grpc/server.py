@@ -1,9 +1,10 @@
 """gRPC server (grpc.aio): ``ce_eval.v1.LossEvaluation`` over the data planes, health, reflection.
 
 ``Evaluate`` runs on :class:`service.dataplane.evaluate.DataPlane`; ``CreateRun``, ``AddBatch``,
-``AddBatches``, ``GetRun`` and ``ListRuns`` on :class:`service.dataplane.runs.RunsDataPlane`, the
-same one the REST runs API uses. Batches are admitted one by one (``AddBatches`` too), so a full
-queue or a draining server answers UNAVAILABLE as HTTP answers 503.
+``AddBatches``, ``GetRun``, ``ListRuns`` and ``GetRunMetric`` on
+:class:`service.dataplane.runs.RunsDataPlane`, the same one the REST runs API uses. Batches are
+admitted one by one (``AddBatches`` too), so a full queue or a draining server answers
+UNAVAILABLE as HTTP answers 503.
 
 API keys (when configured) come from the call metadata, ``authorization: Bearer <key>`` or
 ``x-api-key``, through the same :class:`service.auth.Authenticator` as HTTP: UNAUTHENTICATED,
@@ -37,6 +38,7 @@ from grpc_reflection.v1alpha import reflection
 
 import ce_engine
 from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+from ce_eval_client.proto import dict_to_struct
 from service.auth import Authenticator, presented_key
 from service.codecs.proto import (
     batch_answer_to_proto,
@@ -53,6 +55,7 @@ from service.codecs.proto import (
 from service.config import Settings
 from service.dataplane.admission import current_principal
 from service.dataplane.evaluate import DataPlane, engine_error
+from service.dataplane.run_details import DetailQuery
 from service.dataplane.runs import BatchesSummary, RunsDataPlane
 from service.errors import MalformedBody, ServiceError, ValidationFailed
 from service.logs import get_logger
@@ -159,6 +162,7 @@ class LossEvaluationServicer:
                 "AddBatch": (self.AddBatch, pb.AddBatchResponse),
                 "GetRun": (self.GetRun, pb.Run),
                 "ListRuns": (self.ListRuns, pb.ListRunsResponse),
+                "GetRunMetric": (self.GetRunMetric, pb.RunMetric),
             }
             for name, (method, response) in unary.items():
                 methods[name] = grpc.unary_unary_rpc_method_handler(
@@ -306,6 +310,30 @@ class LossEvaluationServicer:
                 principal=principal,
             )
             return runs_page_to_proto(await anyio.to_thread.run_sync(page))
+
+        return await self._answer(context, work)
+
+    async def GetRunMetric(
+        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RunMetric:
+        async def work(principal: str | None) -> pb.RunMetric:
+            message = _parse(pb.GetRunMetricRequest, request)
+            query = DetailQuery(
+                normalize=message.normalize,
+                top=message.top or None,
+                classes=list(message.classes) or None,
+                sort=message.sort or None,
+                order=message.order or None,
+                limit=message.limit or None,
+                offset=message.offset,
+            )
+            run_id = _required_run_id(message.run_id)
+            detail = partial(
+                self._runs().run_metric, run_id, message.name, query, principal=principal
+            )
+            answer = pb.RunMetric()
+            dict_to_struct(await anyio.to_thread.run_sync(detail), answer.detail)
+            return answer
 
         return await self._answer(context, work)
 

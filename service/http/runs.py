@@ -14,7 +14,9 @@ from anyio import to_thread
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
+from service.dataplane.run_details import DetailQuery
 from service.dataplane.runs import AddBatchRequest, CreateRunRequest, RunsDataPlane
+from service.errors import ValidationFailed
 from service.http.responses import FastJSONResponse, problems
 from service.http.routes import read_json
 
@@ -95,10 +97,58 @@ async def compare_runs(
     return FastJSONResponse(await to_thread.run_sync(compare))
 
 
-@router.get("/{run_id}", summary="A run with its aggregates", responses=problems(404, 503))
+@router.get(
+    "/{run_id}",
+    summary="A run: its summary plus small arrays (per-class up to CE_EVAL_RUN_DETAIL_MAX_CLASSES)",
+    responses=problems(404, 503),
+)
 async def get_run(request: Request, run_id: str) -> Response:
     get = partial(_runs(request).get_run, run_id, principal=_principal(request))
     return FastJSONResponse(await to_thread.run_sync(get))
+
+
+@router.get(
+    "/{run_id}/metrics/{name}",
+    summary="One statistic of a run in full (confusion matrix, per-class table, curves…)",
+    description=(
+        "`confusion_matrix`: `normalize`, `top` (the K largest off-diagonal cells) or `classes` "
+        "(a block); `per_class`: `sort`, `order`, `limit`, `offset`; `roc_curve` / `pr_curve`: "
+        "`classes`; `reliability`, `auroc`, `average_precision`. The run's `details` lists "
+        "the names it serves."
+    ),
+    responses=problems(404, 413, 422, 503),
+)
+async def run_metric(
+    request: Request,
+    run_id: str,
+    name: str,
+    normalize: Annotated[bool, Query(description="confusion_matrix: rows ÷ true-class total")] = (
+        False
+    ),
+    top: Annotated[int | None, Query(description="confusion_matrix: K largest cells")] = None,
+    classes: Annotated[
+        str | None, Query(max_length=12_000, description="Comma-separated class ids")
+    ] = None,
+    sort: Annotated[str | None, Query(max_length=40, description="per_class column")] = None,
+    order: Annotated[str | None, Query(max_length=4, description="asc | desc")] = None,
+    limit: Annotated[int | None, Query(description="per_class rows, 1-1000 (100)")] = None,
+    offset: Annotated[int, Query(description="per_class rows to skip")] = 0,
+) -> Response:
+    query = DetailQuery(normalize, top, _class_ids(classes), sort, order, limit, offset)
+    detail = partial(_runs(request).run_metric, run_id, name, query, principal=_principal(request))
+    return FastJSONResponse(await to_thread.run_sync(detail))
+
+
+def _class_ids(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValidationFailed(
+            "query parameter classes: comma-separated class ids, e.g. classes=3,17",
+            [{"loc": ["query", "classes"], "msg": "not integers", "type": "query"}],
+        ) from None
 
 
 @router.post(

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models of the run store: runs, their tags and their batches.
+"""SQLAlchemy 2 models of the run store: runs, their tags, batches and confusion cells.
 
 The schema changes only through the Alembic migrations in ``service/store/migrations``.
 """
@@ -128,3 +128,18 @@ class Batch(Base):
         UniqueConstraint("run_pk", "batch_id", name="uq_batches_run_batch_id"),
         Index("ix_batches_run_seq", "run_pk", "seq"),
     )
+
+
+class ConfusionCell(Base):
+    """One non-zero cell of a run's softmax confusion matrix: Σ weights of the positions with
+    true class ``true_class`` predicted as ``pred_class``. A batch upserts only the cells it
+    touches (at most its row count), so ingestion never rewrites the C² matrix."""
+
+    __tablename__ = "confusion_cells"
+
+    run_pk: Mapped[int] = mapped_column(ForeignKey("runs.pk", ondelete="CASCADE"), primary_key=True)
+    true_class: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pred_class: Mapped[int] = mapped_column(Integer, primary_key=True)
+    weight: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (Index("ix_confusion_cells_run_weight", "run_pk", "weight"),)

@@ -157,7 +157,7 @@ class CreateRunRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., loss: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Iterable[str]] = ..., class_names: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "name", "status", "loss", "options", "metrics_requested", "class_names", "tags", "created_at", "updated_at", "closed_at", "batches", "count", "ignored", "sum", "denominator", "value", "reduction", "normalization", "unit", "metrics")
+    __slots__ = ("id", "name", "status", "loss", "options", "metrics_requested", "class_names", "tags", "created_at", "updated_at", "closed_at", "batches", "count", "ignored", "sum", "denominator", "value", "reduction", "normalization", "unit", "metrics", "num_classes", "details")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,8 @@ class Run(_message.Message):
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     UNIT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     status: str
@@ -207,7 +209,9 @@ class Run(_message.Message):
     normalization: str
     unit: str
     metrics: _struct_pb2.Struct
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[str] = ..., loss: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics_requested: _Optional[_Iterable[str]] = ..., class_names: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., closed_at: _Optional[str] = ..., batches: _Optional[int] = ..., count: _Optional[int] = ..., ignored: _Optional[int] = ..., sum: _Optional[float] = ..., denominator: _Optional[float] = ..., value: _Optional[float] = ..., reduction: _Optional[str] = ..., normalization: _Optional[str] = ..., unit: _Optional[str] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    num_classes: int
+    details: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[str] = ..., loss: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics_requested: _Optional[_Iterable[str]] = ..., class_names: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., closed_at: _Optional[str] = ..., batches: _Optional[int] = ..., count: _Optional[int] = ..., ignored: _Optional[int] = ..., sum: _Optional[float] = ..., denominator: _Optional[float] = ..., value: _Optional[float] = ..., reduction: _Optional[str] = ..., normalization: _Optional[str] = ..., unit: _Optional[str] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., num_classes: _Optional[int] = ..., details: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AddBatchRequest(_message.Message):
     __slots__ = ("run_id", "batch_id", "logits", "targets", "sample_weight")
@@ -274,6 +278,34 @@ class GetRunRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class GetRunMetricRequest(_message.Message):
+    __slots__ = ("run_id", "name", "normalize", "top", "classes", "sort", "order", "limit", "offset")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    SORT_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    name: str
+    normalize: bool
+    top: int
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    sort: str
+    order: str
+    limit: int
+    offset: int
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., normalize: _Optional[bool] = ..., top: _Optional[int] = ..., classes: _Optional[_Iterable[int]] = ..., sort: _Optional[str] = ..., order: _Optional[str] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class RunMetric(_message.Message):
+    __slots__ = ("detail",)
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    detail: _struct_pb2.Struct
+    def __init__(self, detail: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
     __slots__ = ("name", "tags", "status", "limit", "cursor")

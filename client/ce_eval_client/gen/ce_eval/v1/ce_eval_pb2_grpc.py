@@ -67,6 +67,11 @@ class LossEvaluationStub:
                 request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
+        self.GetRunMetric = channel.unary_unary(
+                '/ce_eval.v1.LossEvaluation/GetRunMetric',
+                request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.GetRunMetricRequest.SerializeToString,
+                response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.RunMetric.FromString,
+                _registered_method=True)
 
 
 class LossEvaluationServicer:
@@ -117,6 +122,13 @@ class LossEvaluationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunMetric(self, request, context):
+        """GET /v1/runs/{id}/metrics/{name}
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossEvaluationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +161,11 @@ def add_LossEvaluationServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.ListRunsRequest.FromString,
                     response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'GetRunMetric': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunMetric,
+                    request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.GetRunMetricRequest.FromString,
+                    response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.RunMetric.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +333,33 @@ class LossEvaluation:
             '/ce_eval.v1.LossEvaluation/ListRuns',
             ce__eval_dot_v1_dot_ce__eval__pb2.ListRunsRequest.SerializeToString,
             ce__eval_dot_v1_dot_ce__eval__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunMetric(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ce_eval.v1.LossEvaluation/GetRunMetric',
+            ce__eval_dot_v1_dot_ce__eval__pb2.GetRunMetricRequest.SerializeToString,
+            ce__eval_dot_v1_dot_ce__eval__pb2.RunMetric.FromString,
             options,
             channel_credentials,
             insecure,
