@@ -12,7 +12,7 @@ for a whole matrix, by ``CE_EVAL_MAX_RESPONSE_BYTES``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,7 @@ def small_metrics(state: MetricState, max_classes: int) -> dict[str, Any]:
     C ≤ ``max_classes`` the per-class lists, AUROC / AP in full and the binary family's
     L × 2 × 2 confusion counts (a softmax confusion matrix is added by the caller from the
     run's cells)."""
-    small = set(summary_names(state.names)) | {"reliability"}
+    small = set(summary_names(state.names)) | {"reliability"}  # when requested
     if state.num_classes <= max_classes:
         small |= {"precision", "recall", "f1", "support", *RANKED}
         if state.family == "binary":
@@ -251,6 +251,12 @@ def per_class_table(
         row.update({k: v[i] for k, v in columns.items()})
         rows.append(row)
     return {"name": "per_class", "total": state.num_classes, "offset": query.offset, "rows": rows}
+
+
+def reliability(state: MetricState) -> dict[str, Any]:
+    """``reliability``: the calibration bins, which the state holds for ece and mce too."""
+    binned = replace(state, names=(*state.names, "reliability"))
+    return {"name": "reliability", "value": binned.compute(only=("reliability",))["reliability"]}
 
 
 def curves(

@@ -406,6 +406,8 @@ class RunsDataPlane:
                 return self._confusion_detail(session, run, state, query)
             if name == "per_class":
                 return run_details.per_class_table(state, query, names)
+            if name == "reliability":
+                return run_details.reliability(state)
             if name in ("roc_curve", "pr_curve"):
                 limit = self.settings.run_detail_max_classes
                 return run_details.curves(state, name, query.classes, limit)

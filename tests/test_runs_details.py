@@ -1,0 +1,291 @@
+"""Runs at scale: summaries stay small whatever C, the detail endpoint answers one statistic,
+and the confusion matrix lives in sparse cells (one row per non-zero cell).
+
+Expected values come from float64 references written here (np.add.at over the concatenated
+batches), never from the run store.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from service.config import Settings
+from service.dataplane.run_details import DetailQuery
+from service.dataplane.runs import RunsDataPlane
+from service.http.app import create_app
+from service.store import Store
+from tests.servers import PostgresCluster
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'runs.db'}"
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    return cluster.create_database()
+
+
+@pytest.fixture
+async def api(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(
+        database_url=database_url,
+        max_body_bytes=64 * 1024 * 1024,
+        log_level="warning",
+        backend="numpy",
+    )
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        yield c
+
+
+def b64(array: np.ndarray) -> dict[str, Any]:
+    return {
+        "dtype": str(array.dtype),
+        "shape": list(array.shape),
+        "data": base64.b64encode(np.ascontiguousarray(array).tobytes()).decode(),
+    }
+
+
+def batches(seed: int, c: int, count: int, rows: int = 256) -> list[dict[str, np.ndarray]]:
+    """Logits whose argmax is often the target, sometimes one of a few 'confusable' classes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        y = rng.integers(0, c, size=rows)
+        z = rng.standard_normal((rows, c)).astype(np.float32)
+        z[np.arange(rows), y] += 3.0
+        confused = rng.random(rows) < 0.3
+        z[np.arange(rows)[confused], (y[confused] * 7 + 1) % c] += 6.0
+        w = rng.uniform(0.5, 2.0, size=rows)
+        out.append({"logits": z, "targets": y, "sample_weight": w})
+    return out
+
+
+def reference_confusion(parts: list[dict[str, np.ndarray]], c: int) -> np.ndarray:
+    cells = np.zeros((c, c))
+    for part in parts:
+        pred = part["logits"].astype(np.float64).argmax(axis=1)
+        np.add.at(cells, (part["targets"], pred), part["sample_weight"].astype(np.float32))
+    return cells
+
+
+async def make_run(
+    api: httpx.AsyncClient,
+    c: int,
+    parts: list[dict[str, np.ndarray]],
+    metrics: list[str],
+    **extra: Any,
+) -> tuple[str, list[dict[str, Any]]]:
+    created = await api.post(
+        "/v1/runs",
+        json={
+            "name": f"c{c}",
+            "loss": "cross_entropy",
+            "options": {"max_confusion_classes": c},
+            "metrics": metrics,
+            **extra,
+        },
+    )
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    answers = []
+    for i, part in enumerate(parts):
+        body = {"batch_id": f"b{i}", **{k: b64(v) for k, v in part.items()}}
+        r = await api.post(f"/v1/runs/{run_id}/batches", json=body)
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    return run_id, answers
+
+
+def top_reference(cells: np.ndarray, k: int) -> list[tuple[int, int, float]]:
+    c = cells.shape[0]
+    off = [(-cells[t, p], t, p) for t in range(c) for p in range(c) if t != p and cells[t, p] > 0]
+    return [(t, p, -v) for v, t, p in sorted(off)[:k]]
+
+
+async def test_a_1000_class_run_answers_small_summaries_and_exact_details(
+    api: httpx.AsyncClient,
+) -> None:
+    c = 1000
+    parts = batches(1, c, 3)
+    metrics = ["accuracy", "nll", "ece", "confusion_matrix", "precision", "recall", "f1"]
+    run_id, answers = await make_run(api, c, parts, metrics)
+    for answer in answers:  # goal: a push answer ≤ 10 KB whatever C
+        assert len(json.dumps(answer)) <= 10 * 1024
+        assert set(answer["run"]["metrics"]) == {"accuracy", "nll", "ece"}
+    summary = answers[-1]["run"]
+    assert summary["num_classes"] == c
+    assert summary["details"] == ["confusion_matrix", "per_class", "reliability"]
+    listed = await api.get("/v1/runs")
+    assert len(listed.content) <= 100 * 1024 // 50  # one run's share of the 100 KB goal
+    got = (await api.get(f"/v1/runs/{run_id}")).json()  # C > 64: no per-class arrays
+    assert "confusion_matrix" not in got["metrics"] and "precision" not in got["metrics"]
+    assert set(got["metrics"]) == {"accuracy", "nll", "ece"}
+    bins = (await api.get(f"/v1/runs/{run_id}/metrics/reliability")).json()["value"]
+    assert set(bins) == {"bin_edges", "confidence", "accuracy", "count"}
+    assert sum(bins["count"]) == pytest.approx(sum(p["sample_weight"].astype(np.float32).sum()
+                                                   for p in parts), rel=1e-9)  # fmt: skip
+
+    cells = reference_confusion(parts, c)
+    url = f"/v1/runs/{run_id}/metrics/confusion_matrix"
+    top = (await api.get(url, params={"top": 20})).json()
+    assert top["num_classes"] == c
+    want = top_reference(cells, 20)
+    assert [(t["true"], t["pred"]) for t in top["top"]] == [(t, p) for t, p, _ in want]
+    np.testing.assert_allclose([t["count"] for t in top["top"]], [v for _, _, v in want], 1e-12)
+
+    ids = [0, 1, 8, 57, 999]
+    block = await api.get(url, params={"classes": ",".join(map(str, ids)), "normalize": "true"})
+    body = block.json()
+    rows = cells.sum(axis=1)
+    want_block = cells[np.ix_(ids, ids)] / np.where(rows[ids] > 0, rows[ids], 1.0)[:, None]
+    assert body["classes"] == ids
+    np.testing.assert_allclose(np.asarray(body["matrix"]), want_block, rtol=1e-12)
+
+    table = (await api.get(f"/v1/runs/{run_id}/metrics/per_class",
+                           params={"sort": "f1", "order": "asc", "limit": 5})).json()  # fmt: skip
+    tp = np.diag(cells)
+    predicted, support = cells.sum(axis=0), cells.sum(axis=1)
+    f1 = np.where(predicted + support > 0, 2 * tp / np.where(predicted + support > 0,
+                  predicted + support, 1.0), 0.0)  # fmt: skip
+    order = sorted(range(c), key=lambda i: (f1[i], i))[:5]
+    assert table["total"] == c and [r["class"] for r in table["rows"]] == order
+    np.testing.assert_allclose([r["f1"] for r in table["rows"]], f1[order], rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose([r["support"] for r in table["rows"]], support[order], rtol=1e-9)
+
+
+async def test_a_small_run_shows_everything_on_get_and_in_the_detail_endpoint(
+    api: httpx.AsyncClient,
+) -> None:
+    c = 6
+    parts = batches(2, c, 2, rows=40)
+    names = ["a", "b", "c", "d", "e", "f"]
+    run_id, _ = await make_run(api, c, parts, ["confusion_matrix"], class_names=names)
+    cells = reference_confusion(parts, c)
+    got = (await api.get(f"/v1/runs/{run_id}")).json()
+    np.testing.assert_allclose(np.asarray(got["metrics"]["confusion_matrix"]), cells, rtol=1e-12)
+    assert got["class_names"] == names
+    full = (await api.get(f"/v1/runs/{run_id}/metrics/confusion_matrix")).json()
+    np.testing.assert_allclose(np.asarray(full["matrix"]), cells, rtol=1e-12)
+    assert full["class_names"] == names
+    top = (await api.get(f"/v1/runs/{run_id}/metrics/confusion_matrix", params={"top": 2})).json()
+    want = top_reference(cells, 2)
+    assert [(t["true"], t["pred"]) for t in top["top"]] == [(t, p) for t, p, _ in want]
+    ids = sorted({i for t, p, _ in want for i in (t, p)})
+    assert top["class_names"] == {str(i): names[i] for i in ids}
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "loc"),
+    [
+        ("confusion_matrix", {"top": 0}, 422, ["query", "top"]),
+        ("confusion_matrix", {"top": 1001}, 422, ["query", "top"]),
+        ("confusion_matrix", {"top": 3, "classes": "1,2"}, 422, ["query", "top"]),
+        ("confusion_matrix", {"classes": "1,1"}, 422, ["query", "classes"]),
+        ("confusion_matrix", {"classes": "7"}, 422, ["query", "classes"]),
+        ("confusion_matrix", {"classes": "x"}, 422, ["query", "classes"]),
+        ("confusion_matrix", {"sort": "f1"}, 422, ["query", "sort"]),
+        ("per_class", {"sort": "bogus"}, 422, ["query", "sort"]),
+        ("per_class", {"order": "up"}, 422, ["query", "order"]),
+        ("per_class", {"limit": 0}, 422, ["query", "limit"]),
+        ("per_class", {"offset": -1}, 422, ["query", "offset"]),
+        ("per_class", {"top": 3}, 422, ["query", "top"]),
+        ("roc_curve", {}, 404, ["path", "name"]),
+        ("nonsense", {}, 404, ["path", "name"]),
+    ],
+)
+async def test_detail_endpoint_rejects_bad_queries(
+    api: httpx.AsyncClient, path: str, params: dict[str, Any], status: int, loc: list[str]
+) -> None:
+    run_id, _ = await make_run(api, 6, batches(3, 6, 1, rows=20), ["confusion_matrix", "f1"])
+    r = await api.get(f"/v1/runs/{run_id}/metrics/{path}", params=params)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["errors"][0]["loc"] == loc
+
+
+async def test_detail_of_a_missing_run_or_an_empty_one_is_404(api: httpx.AsyncClient) -> None:
+    r = await api.get("/v1/runs/run_nope/metrics/confusion_matrix")
+    assert r.status_code == 404 and r.json()["errors"][0]["type"] == "not_found"
+    run_id, _ = await make_run(api, 6, [], ["confusion_matrix"])
+    r = await api.get(f"/v1/runs/{run_id}/metrics/confusion_matrix")
+    assert r.status_code == 404 and r.json()["errors"][0]["type"] == "no_batches"
+
+
+def test_a_push_upserts_only_the_cells_it_touches(database_url: str, tmp_path: Path) -> None:
+    """4096 classes, two 256-row batches: at most 512 rows in confusion_cells, and the JSON
+    state holds no C² numbers."""
+    c = 4096
+    settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
+    store = Store(database_url)
+    store.upgrade()
+    runs = RunsDataPlane(settings, store)
+    run = runs.create_run(
+        {
+            "name": "wide",
+            "loss": "cross_entropy",
+            "options": {"max_confusion_classes": c},
+            "metrics": ["confusion_matrix"],
+        }
+    )
+    parts = batches(4, c, 2)
+    for i, part in enumerate(parts):
+        runs.add_batch(run["id"], {"batch_id": f"b{i}", **part})
+    with store.engine.connect() as connection:
+        stored = connection.execute(text("SELECT COUNT(*) FROM confusion_cells")).scalar_one()
+        state = connection.execute(text("SELECT metric_state FROM runs")).scalar_one()
+    assert stored <= 2 * 256
+    assert len(state if isinstance(state, str) else json.dumps(state)) < 4096
+    cells = reference_confusion(parts, c)
+    assert stored == np.count_nonzero(cells)
+    top = runs.run_metric(run["id"], "confusion_matrix", DetailQuery(top=5))
+    want = top_reference(cells, 5)
+    assert [(t["true"], t["pred"]) for t in top["top"]] == [(t, p) for t, p, _ in want]
+    store.dispose()
+
+
+def test_migration_0003_moves_a_stored_dense_matrix_into_cells(database_url: str) -> None:
+    from alembic import command
+
+    from ce_engine.metrics.state import _pack
+    from service.store import alembic_config
+
+    store = Store(database_url)
+    store.upgrade("0002")
+    dense = np.array([[3.0, 1.5, 0.0], [0.0, 2.0, 0.25], [4.0, 0.0, 1.0]])
+    state = {
+        "family": "softmax", "names": ["confusion_matrix"], "num_classes": 3, "top_k": [1, 5],
+        "n_bins": 15, "n_thresholds": 1000, "threshold": [], "log_base": "e",
+        "stats": {"weight": 12.75, "count": 9, "confusion": _pack(dense)},
+    }  # fmt: skip
+    with store.engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO runs (id, name, status, loss, options, metrics_requested, created_at,"
+                " updated_at, batches, count, ignored, sum, denominator, metric_state) VALUES"
+                " ('run_old', 'old', 'open', 'cross_entropy', '{}', '[\"confusion_matrix\"]',"
+                " '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z', 1, 9, 0, 1.0, 9.0, :state)"
+            ),
+            {"state": json.dumps(state)},
+        )
+    store.upgrade()
+    runs = RunsDataPlane(Settings(database_url=database_url, log_level="warning"), store)
+    full = runs.run_metric("run_old", "confusion_matrix")
+    np.testing.assert_array_equal(np.asarray(full["matrix"]), dense)
+    top = runs.run_metric("run_old", "confusion_matrix", DetailQuery(top=2))
+    assert [(t["true"], t["pred"], t["count"]) for t in top["top"]] == [(2, 0, 4.0), (0, 1, 1.5)]
+    with store.engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0002")
+    store.dispose()
