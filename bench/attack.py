@@ -6,18 +6,19 @@ process, the way a hostile client would (raw sockets where the attack is about t
 
 - slow clients: 2,000 half-sent headers held at once; bodies that stall; bodies trickled one
   byte a second; more connections than ``CE_EVAL_MAX_CONNECTIONS`` (a second server, cap 200);
-- amplifiers: a 4096-class ``confusion_matrix`` run (create, push, GET), ``outputs: ["hessian"]``
-  on 1024×256 logits, 200k unknown option keys, 1 MB names echoed back, ``GET /v1/runs?limit=6``
-  over six confusion runs filled at the widest class count the response limit admits;
+- amplifiers: a 4096-class ``confusion_matrix`` run (create, push, GET) and evaluate,
+  ``outputs: ["hessian"]`` on 1024×256 logits, 200k unknown option keys, 1 MB names echoed
+  back, ``GET /v1/runs?limit=6`` over six confusion runs (``max_confusion_classes`` 4096) each
+  holding a 1024-class batch (4096-class pushes are refused; the limit admits about 1,150);
 - compute bombs: ``linear_cross_entropy`` with ``chunk_elements: 1`` at N = C = 2048, D = 1, a
   ``top_k`` list 1..32768 on 1×32768 logits, 4M sample weights beside one row of logits, 1,100
   ``tag=`` filters;
 - never a 500: OIP ``UINT8`` data 300, a protobuf ``Struct`` temperature of NaN (REST and gRPC).
 
-Each attack is bounded (a few seconds, short client timeouts). During each one a thread probes
-``/healthz`` on a fresh connection every 50 ms; the row reports the worst probe latency (and
-any probe that did not get 200); it shares this process with the attacking client, so its
-latency includes the client's own work (an upper bound on the server's). RSS growth is the
+Each attack is bounded (a few seconds, short client timeouts). During each one a child
+process probes ``/healthz`` on a fresh connection every 50 ms; the row reports the worst probe
+latency (and any probe that did not get 200). Client, probe and server share the machine's
+cores, so the latency includes waiting for a core. RSS growth is the
 server's ``VmRSS`` after − before and its ``VmHWM`` (peak) rise, from ``/proc/<pid>/status``.
 Prints a Markdown table and writes ``bench/results/attack-*.json``.
 """
@@ -27,13 +28,14 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import math
+import multiprocessing
 import os
 import platform
 import resource
 import selectors
 import shutil
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -97,47 +99,75 @@ def _memory(pid: int) -> dict[str, float]:
     return values
 
 
+def _probe_once(host: str, port: int) -> tuple[float, float, str]:
+    """One ``GET /healthz`` on a fresh connection: its ``time.monotonic`` start and end and its
+    status (``timeout`` past 5 s, ``error`` for a reset or refused connection, ``closed`` for
+    no answer)."""
+    started = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            data = b""
+            while len(data) < 12 and (chunk := sock.recv(4096)):
+                data += chunk
+        status = data[9:12].decode(errors="replace") or "closed"
+    except TimeoutError:
+        status = "timeout"
+    except OSError:
+        status = "error"
+    return started, time.monotonic(), status
+
+
+def _probe_loop(
+    host: str, port: int, interval_s: float, ready: Any, stop: Any, results: Any
+) -> None:
+    found = [_probe_once(host, port)]
+    ready.set()
+    while not stop.is_set():
+        stop.wait(interval_s)
+        found.append(_probe_once(host, port))  # one more after the stop: past the attack's end
+    results.send(found)
+
+
 class HealthProbe:
-    """``GET /healthz`` on a fresh connection every ``interval_s``, in a thread: latencies and
-    statuses (``timeout`` past 5 s, ``error`` for a reset or refused connection)."""
+    """``GET /healthz`` on a fresh connection every ``interval_s`` from a child process (so the
+    attacking client's own work does not delay the probe).
+
+    ``latencies`` and ``statuses`` are those of the probes that overlap the ``with`` block
+    (``time.monotonic`` is one clock for every process), or of the first one after it where
+    the block was shorter than the interval.
+    """
 
     def __init__(self, target: Target, interval_s: float = 0.05) -> None:
-        self.target = target
-        self.interval_s = interval_s
+        context = multiprocessing.get_context("fork")
         self.latencies: list[float] = []
         self.statuses: Counter[str] = Counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _probe(self) -> tuple[float, str]:
-        started = time.perf_counter()
-        try:
-            with socket.create_connection((self.target.host, self.target.port), timeout=5) as s:
-                s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-                data = b""
-                while len(data) < 12 and (chunk := s.recv(4096)):
-                    data += chunk
-            status = data[9:12].decode(errors="replace") or "closed"
-        except TimeoutError:
-            status = "timeout"
-        except OSError:
-            status = "error"
-        return time.perf_counter() - started, status
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            latency, status = self._probe()
-            self.latencies.append(latency)
-            self.statuses[status] += 1
-            self._stop.wait(self.interval_s)
+        self._ready = context.Event()
+        self._stop = context.Event()
+        self._results, child_end = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_probe_loop,
+            args=(target.host, target.port, interval_s, self._ready, self._stop, child_end),
+            daemon=True,
+        )
+        self._began = 0.0
 
     def __enter__(self) -> HealthProbe:
-        self._thread.start()
+        self._process.start()
+        self._ready.wait(10)
+        self._began = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        began, ended = self._began, time.monotonic()
         self._stop.set()
-        self._thread.join(timeout=10)
+        probes = self._results.recv() if self._results.poll(15) else []
+        self._process.join(timeout=5)
+        overlapping = [p for p in probes if p[1] >= began and p[0] <= ended]
+        after = [p for p in probes if p[0] > ended][:1]
+        for start, end, status in overlapping or after:
+            self.latencies.append(end - start)
+            self.statuses[status] += 1
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -156,41 +186,39 @@ def _raise_fd_limit(wanted: int) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def _drain(socks: list[socket.socket], limit_s: float) -> tuple[Counter[str], float, int]:
+def _drain(socks: list[socket.socket], limit_s: float) -> tuple[Counter[str], list[float], int]:
     """Read every socket until the server closes it (or ``limit_s``): the statuses of the
-    answers (``closed`` without one, ``open`` when still open at the end), the seconds until
-    the last one closed, and how many were still open at the end."""
+    answers (``closed`` without one, ``open`` when still open at the end), each socket's
+    ``perf_counter`` time of closing (NaN while open), and how many were still open."""
     selector = selectors.DefaultSelector()
-    got: dict[int, bytes] = {}
-    for sock in socks:
+    got: list[bytes] = [b""] * len(socks)
+    closed_at = [float("nan")] * len(socks)
+    for i, sock in enumerate(socks):
         sock.setblocking(False)
-        selector.register(sock, selectors.EVENT_READ, data=sock)
-        got[sock.fileno()] = b""
+        selector.register(sock, selectors.EVENT_READ, data=i)
     statuses: Counter[str] = Counter()
     started = time.perf_counter()
-    last = 0.0
     open_ = len(socks)
     while open_ and time.perf_counter() - started < limit_s:
         for key, _ in selector.select(timeout=0.2):
-            ready: socket.socket = key.data
+            i = key.data
             try:
-                chunk = ready.recv(65536)
+                chunk = socks[i].recv(65536)
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:
                 chunk = b""
             if chunk:
-                got[ready.fileno()] += chunk
+                got[i] += chunk
                 continue
-            data = got[ready.fileno()]
-            statuses[data[9:12].decode(errors="replace") if data else "closed"] += 1
-            selector.unregister(ready)
+            statuses[got[i][9:12].decode(errors="replace") if got[i] else "closed"] += 1
+            selector.unregister(socks[i])
+            closed_at[i] = time.perf_counter()
             open_ -= 1
-            last = time.perf_counter() - started
     if open_:
         statuses["open"] += open_
     selector.close()
-    return statuses, last, open_
+    return statuses, closed_at, open_
 
 
 def _b64(array: np.ndarray) -> dict[str, Any]:
@@ -254,12 +282,14 @@ def slowloris(target: Target, client: httpx.Client) -> Outcome:
     count = 2000
     partial = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
     socks: list[socket.socket] = []
+    opened_at: list[float] = []
     started = time.perf_counter()
     try:
         for _ in range(count):
             sock = _connect(target)
             sock.sendall(partial)
             socks.append(sock)
+            opened_at.append(time.perf_counter())
         opened_s = time.perf_counter() - started
         # how many were already answered / closed when the last one was opened
         selector = selectors.DefaultSelector()
@@ -268,18 +298,25 @@ def slowloris(target: Target, client: httpx.Client) -> Outcome:
         already = len(selector.select(timeout=0))
         selector.close()
         time.sleep(0.5)  # held: the probe keeps measuring /healthz
-        statuses, _, left = _drain(socks, 10.0)
+        statuses, closed_at, left = _drain(socks, 10.0)
     finally:
         for sock in socks:
             sock.close()
+    ages = [c - o for c, o in zip(closed_at, opened_at, strict=True) if not math.isnan(c)]
+    closed = f"{min(ages):.2f}–{max(ages):.2f} s" if ages else "never"
     outcome = Outcome(f"{count} × {len(partial)} B half-sent headers", statuses)
     outcome.answer_s = time.perf_counter() - started
     outcome.note = (
-        f"{count} opened in {opened_s:.1f} s, {count - already} held at once; "
-        f"all closed {outcome.answer_s:.1f} s after the first opened"
+        f"{count} opened in {opened_s:.1f} s, {count - already} held at once; each closed "
+        f"{closed} after it opened (CE_EVAL_HEADER_TIMEOUT_S 2)"
         + (f"; {left} still open after 10 s" if left else "")
     )
-    outcome.extra = {"opened_s": opened_s, "held_at_once": count - already, "still_open": left}
+    outcome.extra = {
+        "opened_s": opened_s,
+        "held_at_once": count - already,
+        "still_open": left,
+        "closed_after_s": [min(ages), max(ages)] if ages else None,
+    }
     return outcome
 
 
@@ -525,6 +562,17 @@ sample_weights_bomb = _json_attack(
     "/v1/evaluate", "4M sample weights, 1×3 logits",
     lambda: {**TINY, "sample_weight": [1] * 4_000_000},
 )  # fmt: skip
+confusion_evaluate = _json_attack(
+    "/v1/evaluate",
+    "2×4096 logits, stateless confusion_matrix",
+    lambda: {
+        "loss": "cross_entropy",
+        "logits": _b64(np.random.default_rng(5).standard_normal((2, 4096)).astype(np.float32)),
+        "targets": [0, 1],
+        "metrics": ["confusion_matrix"],
+        "options": {"max_confusion_classes": 4096},
+    },
+)
 oip_uint8 = _json_attack(
     "/v2/models/cross_entropy/infer", "OIP UINT8 data 300",
     lambda: {
@@ -610,6 +658,7 @@ ATTACKS: list[Spec] = [
     _plain("slow", "slow body: trickled", slow_body_trickle),
     _plain("slow", "connection cap", connection_cap, server="cap"),
     _plain("amplifier", "confusion run, 4096 classes", confusion_run),
+    _built("amplifier", "confusion evaluate, 4096 classes", confusion_evaluate),
     _plain("amplifier", "hessian 1024×256", hessian),
     _built("amplifier", "200k unknown option keys", option_keys),
     _built("amplifier", "echo: loss name", echo_loss),
@@ -662,9 +711,12 @@ def _cell_statuses(statuses: dict[str, int]) -> str:
 
 
 def format_row(row: dict[str, Any]) -> str:
-    healthz = "–" if row["healthz_worst_ms"] is None else f"{row['healthz_worst_ms']:.0f} ms"
-    if row["healthz_not_200"]:
-        healthz += f" ({_cell_statuses(row['healthz_not_200'])} of {row['healthz_probes']})"
+    healthz = "–"
+    if row["healthz_worst_ms"] is not None:
+        healthz = f"{row['healthz_worst_ms']:.0f} ms (n={row['healthz_probes']}"
+        if row["healthz_not_200"]:
+            healthz += f"; {_cell_statuses(row['healthz_not_200'])}"
+        healthz += ")"
     rss = "–"
     if row["rss_growth_mib"] is not None:
         rss = f"{row['rss_growth_mib']:+.0f} MiB (peak {row['peak_rss_growth_mib']:+.0f})"
