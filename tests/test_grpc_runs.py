@@ -32,6 +32,7 @@ from ce_eval_client.proto import (
     response_from_proto,
     run_from_proto,
     runs_page_from_proto,
+    struct_to_dict,
 )
 from service.config import Settings
 from service.grpc.server import GrpcServer
@@ -190,6 +191,35 @@ async def test_grpc_run_equals_rest_run_and_one_evaluation(stack: Stack) -> None
     assert math.isclose(grpc_view["value"], evaluation["value"], rel_tol=1e-9)
     assert math.isclose(grpc_view["denominator"], evaluation["denominator"], rel_tol=1e-12)
     assert_close(grpc_view["metrics"], evaluation["metrics"])
+
+
+async def test_get_run_metric_equals_the_rest_detail(stack: Stack) -> None:
+    run = await grpc_run(stack.stub)
+    for i, batch in enumerate(make_batches(12, [9, 14])):
+        await stack.stub.AddBatch(grpc_batch(run["id"], f"b{i}", batch))
+    path = f"/v1/runs/{run['id']}/metrics"
+    for name, request, params in [
+        ("confusion_matrix", {"top": 3, "normalize": True}, {"top": 3, "normalize": "true"}),
+        ("confusion_matrix", {"classes": [4, 0]}, {"classes": "4,0"}),
+        ("per_class", {"sort": "f1", "order": "asc", "limit": 2}, {"sort": "f1", "order": "asc",
+                                                                   "limit": 2}),
+        ("reliability", {}, {}),
+    ]:  # fmt: skip
+        message = pb.GetRunMetricRequest(run_id=run["id"], name=name, **request)
+        got = struct_to_dict((await stack.stub.GetRunMetric(message)).detail)
+        want = (await stack.rest.get(f"{path}/{name}", params=params)).json()
+        assert got == want  # Struct numbers are doubles: exact, and 3.0 == 3
+    missing = await rpc_error(
+        stack.stub.GetRunMetric(pb.GetRunMetricRequest(run_id=run["id"], name="roc_curve"))
+    )
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
+    bad = await rpc_error(
+        stack.stub.GetRunMetric(
+            pb.GetRunMetricRequest(run_id=run["id"], name="confusion_matrix", top=5000)
+        )
+    )
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(bad)[0][0]["loc"] == ["query", "top"]
 
 
 def _base64(batch: dict[str, np.ndarray]) -> dict[str, Any]:

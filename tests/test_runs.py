@@ -683,3 +683,7 @@ async def test_openapi_documents_the_runs_api(api):
         assert path in schema["paths"], path
     body = schema["paths"]["/v1/runs/{run_id}/batches"]["post"]["requestBody"]
     assert "batch_id" in body["content"]["application/json"]["schema"]["required"]
+    detail = schema["paths"]["/v1/runs/{run_id}/metrics/{name}"]["get"]
+    params = {p["name"] for p in detail["parameters"]}
+    assert {"normalize", "top", "classes", "sort", "order", "limit", "offset"} <= params
+    assert "404" in detail["responses"] and "422" in detail["responses"]
