@@ -30,6 +30,9 @@ Tensor = list[Any] | TensorData
 RequestTensor = Annotated[Tensor | Any, SkipValidation]
 
 
+#: Tensors of a run batch: logits (or, for linear_cross_entropy, features, weight and bias),
+#: targets and sample weights.
+BATCH_TENSORS = ("logits", "targets", "sample_weight", "features", "weight", "bias")
 MAX_OPTION_KEYS = 64
 """Keys of a request's ``options`` (a loss has about 20): more is 422 before any is looked at."""
 MAX_METRIC_NAMES = 64

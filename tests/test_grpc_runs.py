@@ -527,3 +527,34 @@ async def test_rate_limit_is_resource_exhausted_and_shared_with_http(limited: St
     # The bucket is the key's, over both transports.
     assert (await limited.rest.get("/v1/runs", headers={"X-API-Key": "a"})).status_code == 429
     assert (await stub.ListRuns(pb.ListRunsRequest(), metadata=(("x-api-key", "b"),))).runs == []
+
+
+async def test_a_linear_cross_entropy_run_takes_features_over_rest_and_grpc(stack: Stack) -> None:
+    """Batches of (X, W, b) pushed over REST and gRPC equal a float64 reference over all rows."""
+    rng = np.random.default_rng(21)
+    n, d, c = 30, 8, 7
+    x = rng.standard_normal((n, d))
+    w = rng.standard_normal((c, d))
+    b = rng.standard_normal(c)
+    y = rng.integers(0, c, size=n)
+    created = await stack.rest.post(
+        "/v1/runs",
+        json={"name": "head", "loss": "linear_cross_entropy", "metrics": ["accuracy", "nll"]},
+    )
+    run_id = created.json()["id"]
+    first = {"batch_id": "a", "targets": as_base64(y[:12]), "features": as_base64(x[:12]),
+             "weight": as_base64(w), "bias": as_base64(b)}  # fmt: skip
+    assert (await stack.rest.post(f"/v1/runs/{run_id}/batches", json=first)).is_success
+    message = batch_to_proto(run_id, "b", None, y[12:], features=x[12:], weight=w, bias=b)
+    await stack.stub.AddBatch(message)
+    run = (await stack.rest.get(f"/v1/runs/{run_id}")).json()
+    z = x @ w.T + b
+    top = z.max(axis=1)
+    nll = top + np.log(np.exp(z - top[:, None]).sum(axis=1)) - z[np.arange(n), y]
+    assert run["count"] == n and run["num_classes"] == c
+    assert run["value"] == pytest.approx(nll.mean(), rel=1e-12)
+    assert run["metrics"]["nll"] == pytest.approx(nll.mean(), rel=1e-12)
+    assert run["metrics"]["accuracy"] == pytest.approx(np.mean(z.argmax(axis=1) == y), rel=1e-12)
+    both = {**first, "batch_id": "c", "logits": as_base64(z[:2])}
+    refused = await stack.rest.post(f"/v1/runs/{run_id}/batches", json=both)
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == ["body", "logits"]

@@ -234,14 +234,20 @@ def create_run_to_proto(
 
 
 def batch_to_proto(
-    run_id: str, batch_id: str, logits: Any, targets: Any, sample_weight: Any = None
+    run_id: str,
+    batch_id: str,
+    logits: Any,
+    targets: Any,
+    sample_weight: Any = None,
+    **linear: Any,
 ) -> pb.AddBatchRequest:
-    """Client side: one batch's arrays → ``AddBatchRequest``."""
+    """Client side: one batch's arrays → ``AddBatchRequest``; ``linear``: ``features``,
+    ``weight``, ``bias`` of a linear_cross_entropy run (``logits`` None)."""
     message = pb.AddBatchRequest(run_id=run_id, batch_id=batch_id)
-    array_to_tensor(logits, message.logits)
-    array_to_tensor(targets, message.targets)
-    if sample_weight is not None:
-        array_to_tensor(sample_weight, message.sample_weight)
+    named = {"logits": logits, "targets": targets, "sample_weight": sample_weight, **linear}
+    for name, value in named.items():
+        if value is not None:
+            array_to_tensor(value, getattr(message, name))
     return message
 
 

@@ -341,9 +341,9 @@ def _create_run_call(
 
 
 def _add_batch_call(
-    run_id: str, batch_id: str, logits: Any, targets: Any, sample_weight: Any
+    run_id: str, batch_id: str, logits: Any, targets: Any, sample_weight: Any, **linear: Any
 ) -> _JsonCall:
-    named = {"logits": logits, "targets": targets, "sample_weight": sample_weight}
+    named = {"logits": logits, "targets": targets, "sample_weight": sample_weight, **linear}
     body: dict[str, Any] = {"batch_id": batch_id}
     body.update(
         {k: encode_tensor(wire_array(v), "base64") for k, v in named.items() if v is not None}
@@ -440,11 +440,25 @@ class Client:
         return self._json(_create_run_call(name, loss, options, metrics, class_names, tags))
 
     def add_batch(
-        self, run_id: str, batch_id: str, logits: Any, targets: Any, sample_weight: Any = None
+        self,
+        run_id: str,
+        batch_id: str,
+        logits: Any,
+        targets: Any,
+        sample_weight: Any = None,
+        *,
+        features: Any = None,
+        weight: Any = None,
+        bias: Any = None,
     ) -> dict[str, Any]:
         """``POST /v1/runs/{id}/batches`` (base64 tensors) → ``{run_id, batch_id, seq,
-        duplicate, batch, run}``; the same ``batch_id`` again counts nothing."""
-        return self._json(_add_batch_call(run_id, batch_id, logits, targets, sample_weight))
+        duplicate, batch, run}``; the same ``batch_id`` again counts nothing. A
+        linear_cross_entropy run takes ``features``, ``weight``, ``bias`` (``logits`` None)."""
+        call = _add_batch_call(
+            run_id, batch_id, logits, targets, sample_weight,
+            features=features, weight=weight, bias=bias,
+        )  # fmt: skip
+        return self._json(call)
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         """``GET /v1/runs/{id}`` → the run with its aggregates."""
@@ -547,10 +561,23 @@ class AsyncClient:
         return await self._json(_create_run_call(name, loss, options, metrics, class_names, tags))
 
     async def add_batch(
-        self, run_id: str, batch_id: str, logits: Any, targets: Any, sample_weight: Any = None
+        self,
+        run_id: str,
+        batch_id: str,
+        logits: Any,
+        targets: Any,
+        sample_weight: Any = None,
+        *,
+        features: Any = None,
+        weight: Any = None,
+        bias: Any = None,
     ) -> dict[str, Any]:
-        """``POST /v1/runs/{id}/batches`` → the batch's result and the run's totals."""
-        call = _add_batch_call(run_id, batch_id, logits, targets, sample_weight)
+        """``POST /v1/runs/{id}/batches`` → the batch's result and the run's totals (see
+        :meth:`Client.add_batch`)."""
+        call = _add_batch_call(
+            run_id, batch_id, logits, targets, sample_weight,
+            features=features, weight=weight, bias=bias,
+        )  # fmt: skip
         return await self._json(call)
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
@@ -710,10 +737,23 @@ class GrpcClient:
         return run_from_proto(self._call(self._create_run, request))
 
     def add_batch(
-        self, run_id: str, batch_id: str, logits: Any, targets: Any, sample_weight: Any = None
+        self,
+        run_id: str,
+        batch_id: str,
+        logits: Any,
+        targets: Any,
+        sample_weight: Any = None,
+        *,
+        features: Any = None,
+        weight: Any = None,
+        bias: Any = None,
     ) -> dict[str, Any]:
-        """``AddBatch`` → ``{run_id, batch_id, seq, duplicate, batch, run}``."""
-        request = batch_to_proto(run_id, batch_id, logits, targets, sample_weight)
+        """``AddBatch`` → ``{run_id, batch_id, seq, duplicate, batch, run}`` (linear runs:
+        ``features``, ``weight``, ``bias``)."""
+        request = batch_to_proto(
+            run_id, batch_id, logits, targets, sample_weight,
+            features=features, weight=weight, bias=bias,
+        )  # fmt: skip
         return batch_answer_from_proto(self._call(self._add_batch, request))
 
     def add_batches(self, run_id: str, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from service.codecs.tensors import from_bytes
 from service.config import Settings
 from service.dataplane.evaluate import parse_evaluate_request
 from service.errors import MalformedBody, ServiceError, ValidationFailed
-from service.schemas import EvaluateRequest
+from service.schemas import BATCH_TENSORS, EvaluateRequest
 
 
 def options_from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -245,10 +245,10 @@ def batch_from_proto(message: pb.AddBatchRequest, max_elements: int) -> dict[str
     "field required" at that location, as over REST.
     """
     payload: dict[str, Any] = {"batch_id": message.batch_id}
-    for name in ("logits", "targets", "sample_weight"):
+    for name in BATCH_TENSORS:
         if message.HasField(name):
             payload[name] = tensor_to_array(getattr(message, name), (name,), max_elements)
-        else:
+        elif name in ("logits", "targets", "sample_weight"):
             payload[name] = None
     return payload
 

@@ -109,6 +109,25 @@ class DataPlane:
         with self.admission.admit():
             return await self.in_thread(fn, *args)
 
+    def check_work(
+        self, logits: Any, linear: Mapping[str, Any], outputs: Sequence[str] = ("loss",)
+    ) -> None:
+        """413 before any work when the estimated multiply-adds (``estimated_work``) exceed
+        ``max_work``."""
+        work = estimated_work(logits, linear.get("features"), linear.get("weight"), list(outputs))
+        if work > self.settings.max_work:
+            raise PayloadTooLarge(
+                f"the request needs about {work:.3g} multiply-adds, over the per-request "
+                f"compute limit of {self.settings.max_work:.3g}",
+                [
+                    {
+                        "loc": ["outputs" if "hessian" in outputs else "logits"],
+                        "msg": "compute limit exceeded",
+                        "type": "too_much_work",
+                    }
+                ],
+            )
+
     def check_response_size(self, sizes: Mapping[str, int], what: str = "the answer") -> None:
         """413 before any work when ``sizes`` (bytes per output or metric, estimated from the
         request) add up to more than ``max_response_bytes``, naming the largest."""
@@ -147,19 +166,7 @@ class DataPlane:
                 total += array.size
         if total > self.settings.max_elements:
             raise decode_limit_error(total, self.settings.max_elements)
-        work = estimated_work(logits, linear.get("features"), linear.get("weight"), request.outputs)
-        if work > self.settings.max_work:
-            raise PayloadTooLarge(
-                f"the request needs about {work:.3g} multiply-adds, over the per-request "
-                f"compute limit of {self.settings.max_work:.3g}",
-                [
-                    {
-                        "loc": ["outputs" if "hessian" in request.outputs else "logits"],
-                        "msg": "compute limit exceeded",
-                        "type": "too_much_work",
-                    }
-                ],
-            )
+        self.check_work(logits, linear, request.outputs)
         enc = encoding or request.tensor_encoding
         sizes = estimated_response_bytes(logits, linear, request.outputs, enc)
         sizes.update(

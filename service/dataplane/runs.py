@@ -60,7 +60,7 @@ from service.errors import (
     Unavailable,
     ValidationFailed,
 )
-from service.schemas import MAX_METRIC_NAMES, MAX_OPTION_KEYS
+from service.schemas import BATCH_TENSORS, MAX_METRIC_NAMES, MAX_OPTION_KEYS
 from service.store import Batch, ConfusionCell, Run, RunTag, Store
 from service.store.models import utcnow
 
@@ -114,9 +114,14 @@ class AddBatchRequest(BaseModel):
     batch_id: str = Field(
         ..., min_length=1, max_length=200, description="Unique per run; retries reuse it."
     )
-    logits: Any = Field(..., description="(N, C) or (N, d1.., C), as in /v1/evaluate.")
+    logits: Any = Field(
+        None, description="(N, C) or (N, d1.., C), as in /v1/evaluate; not for linear losses."
+    )
     targets: Any = Field(..., description="As in /v1/evaluate.")
     sample_weight: Any = Field(None, description="(N,) or positions' shape.")
+    features: Any = Field(None, description="linear_cross_entropy: features X (N, D).")
+    weight: Any = Field(None, description="linear_cross_entropy: weight W (C, D).")
+    bias: Any = Field(None, description="linear_cross_entropy: bias b (C,).")
 
 
 def _parse(model: type[BaseModel], payload: Any, settings: Settings) -> Any:
@@ -534,15 +539,23 @@ class RunsDataPlane:
         content it is a 409, as is any batch for a closed run.
         """
         request: AddBatchRequest = _parse(AddBatchRequest, payload, self.settings)
-        decode = self.dataplane.decode
-        logits = decode(request.logits, "logits")
-        targets = decode(request.targets, "targets")
-        sample_weight = decode(request.sample_weight, "sample_weight")
-        total = sum(a.size for a in (logits, targets, sample_weight) if a is not None)
+        arrays = {
+            name: self.dataplane.decode(getattr(request, name), name) for name in BATCH_TENSORS
+        }
+        logits, targets, sample_weight = (arrays[k] for k in ("logits", "targets", "sample_weight"))
+        linear = {k: arrays[k] for k in ("features", "weight", "bias") if arrays[k] is not None}
+        total = sum(a.size for a in arrays.values() if a is not None)
         if total > self.settings.max_elements:
             raise decode_limit_error(total, self.settings.max_elements)
+        if linear and logits is not None:
+            raise ValidationFailed(
+                "send logits, or features and weight (linear_cross_entropy), not both",
+                [{"loc": ["body", "logits"], "msg": "logits beside features", "type": "extra"}],
+            )
+        self.dataplane.check_work(logits, linear)
+        # the digest of a logits batch is as before linear batches existed (stored batches replay)
         digest = content_hash(
-            {"logits": logits, "targets": targets, "sample_weight": sample_weight}
+            {"logits": logits, "targets": targets, "sample_weight": sample_weight, **linear}
         )
 
         with _store_guard(), self.store.read() as session:
@@ -565,6 +578,7 @@ class RunsDataPlane:
                 sample_weight=sample_weight,
                 backend=self.settings.backend,
                 metric_values=run_details.summary_names(run.metrics_requested),
+                **linear,
             )
         except ce_engine.EngineError as exc:
             raise engine_error(exc) from None

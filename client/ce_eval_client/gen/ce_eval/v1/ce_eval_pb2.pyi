@@ -214,18 +214,24 @@ class Run(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[str] = ..., loss: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics_requested: _Optional[_Iterable[str]] = ..., class_names: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., closed_at: _Optional[str] = ..., batches: _Optional[int] = ..., count: _Optional[int] = ..., ignored: _Optional[int] = ..., sum: _Optional[float] = ..., denominator: _Optional[float] = ..., value: _Optional[float] = ..., reduction: _Optional[str] = ..., normalization: _Optional[str] = ..., unit: _Optional[str] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., num_classes: _Optional[int] = ..., details: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AddBatchRequest(_message.Message):
-    __slots__ = ("run_id", "batch_id", "logits", "targets", "sample_weight")
+    __slots__ = ("run_id", "batch_id", "logits", "targets", "sample_weight", "features", "weight", "bias")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     batch_id: str
     logits: Tensor
     targets: Tensor
     sample_weight: Tensor
-    def __init__(self, run_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    features: Tensor
+    weight: Tensor
+    bias: Tensor
+    def __init__(self, run_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("value", "sum", "denominator", "count", "ignored", "metrics")
