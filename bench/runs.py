@@ -106,10 +106,14 @@ class Load:
     first_error: str | None = None
 
 
+#: A request maker: (worker, k, rng) → (body, targets, pool index).
+BodyMaker = Callable[[int, int, np.random.Generator], tuple[bytes, np.ndarray, int]]
+
+
 def run_load(
     urls: list[str],
     path: str,
-    body: Callable[[int, int, np.random.Generator], tuple[bytes, np.ndarray, int]],
+    body: BodyMaker,
     clients: int,
     seconds: float,
     warmup: float,
@@ -120,14 +124,18 @@ def run_load(
 
     ``body(worker, k, rng)`` gives the k-th request's body of a worker, its targets and its pool
     index into ``predicted`` (the pool's arg-max classes: to track the confusion cells a run
-    gains). Rate = requests done ÷ the time from the
-    start to the last answer.
+    gains). Rate = requests done ÷ the time from the start to the last answer.
     """
-    barrier = threading.Barrier(clients + 1)
+    window: dict[str, float] = {}
+
+    def open_window() -> None:  # run by one thread as all pass the barrier
+        window["start"] = time.perf_counter()
+        window["stop"] = window["start"] + seconds
+
+    barrier = threading.Barrier(clients + 1, action=open_window)
     lock = threading.Lock()
     state: dict[str, Any] = {"done": 0, "errors": 0, "bytes": 0, "first_error": None, "end": 0.0}
     cells: set[tuple[int, int]] = set()
-    window: dict[str, float] = {}
 
     def worker(i: int) -> None:
         rng = np.random.default_rng(1000 + i)
@@ -145,9 +153,14 @@ def run_load(
             while time.perf_counter() < window["stop"]:
                 data, targets, index = body(i, k, rng)
                 k += 1
-                answer = client.post(
-                    path, content=data, headers={"content-type": "application/json"}
-                )
+                try:
+                    answer = client.post(
+                        path, content=data, headers={"content-type": "application/json"}
+                    )
+                except httpx.HTTPError as exc:
+                    errors += 1
+                    first = first or f"{type(exc).__name__}: {exc}"
+                    continue
                 if answer.status_code == 200:
                     done += 1
                     size = len(answer.content)
@@ -170,11 +183,9 @@ def run_load(
         thread.start()
     # the clients finish their warm-up, then all start together
     barrier.wait()
-    start = time.perf_counter()
-    window["stop"] = start + seconds
     for thread in threads:
         thread.join()
-    elapsed = state["end"] - start
+    elapsed = state["end"] - window["start"]
     return Load(
         state["done"],
         state["errors"],
@@ -221,7 +232,7 @@ def measure(
         fields, targets = work.fields(index, rng)
         return stateless_head + b"," + fields + b"}", targets, index % POOL
 
-    def pusher(tag: str) -> Callable[[int, int, np.random.Generator], tuple[bytes, np.ndarray, int]]:
+    def pusher(tag: str) -> BodyMaker:
         def push(worker: int, k: int, rng: np.random.Generator) -> tuple[bytes, np.ndarray, int]:
             index = worker + k
             fields, targets = work.fields(index, rng)
@@ -456,7 +467,9 @@ def main(argv: list[str] | None = None) -> int:
             with servers(store, replicas, Path(tmp)) as urls:
                 setup = Setup(label, urls, sizes=replicas == 1)
                 for c in classes:
-                    rows.append(measure(setup, workloads[c], args.clients, args.seconds, args.rounds))
+                    rows.append(
+                        measure(setup, workloads[c], args.clients, args.seconds, args.rounds)
+                    )
     elapsed = time.perf_counter() - started
     print()
     print(f"{note}; {elapsed:.0f} s in all")
