@@ -33,8 +33,8 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import Select, delete, exists, func, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Select, delete, exists, func, select, text
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
@@ -881,23 +881,45 @@ def _cells_of(run_pk: int) -> Select[int, int, float]:
 
 def _add_cells(session: Session, run_pk: int, cells: Cells) -> None:
     """Upsert the batch's cells: weight += the batch's sum (O(cells), not O(C²)). The caller
-    holds the run's lock, so cells are added in batch order, as a dense sum would be."""
+    holds the run's lock, so cells are added in batch order, as a dense sum would be.
+    PostgreSQL gets one ``INSERT … SELECT unnest(arrays)``; SQLite one Core executemany."""
     if cells.index.size == 0:
         return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        connection.execute(
+            _UNNEST_UPSERT,
+            {
+                "run_pk": run_pk,
+                "t": cells.rows.tolist(),
+                "p": cells.cols.tolist(),
+                "w": cells.weight.tolist(),
+            },
+        )
+        return
     rows = [
-        {"run_pk": run_pk, "true_class": int(t), "pred_class": int(p), "weight": float(w)}
-        for t, p, w in zip(cells.rows, cells.cols, cells.weight, strict=True)
+        {"run_pk": run_pk, "true_class": t, "pred_class": p, "weight": w}
+        for t, p, w in zip(
+            cells.rows.tolist(), cells.cols.tolist(), cells.weight.tolist(), strict=True
+        )
     ]
-    statement = insert(ConfusionCell)
-    session.execute(
+    statement = sqlite.insert(ConfusionCell)
+    connection.execute(
         statement.on_conflict_do_update(
             index_elements=["run_pk", "true_class", "pred_class"],
             set_={"weight": ConfusionCell.weight + statement.excluded.weight},
         ),
         rows,
     )
+
+
+_UNNEST_UPSERT = text(
+    "INSERT INTO confusion_cells (run_pk, true_class, pred_class, weight) "
+    "SELECT :run_pk, u.t, u.p, u.w FROM unnest(CAST(:t AS integer[]), CAST(:p AS integer[]), "
+    "CAST(:w AS double precision[])) AS u(t, p, w) "
+    "ON CONFLICT (run_pk, true_class, pred_class) "
+    "DO UPDATE SET weight = confusion_cells.weight + excluded.weight"
+)
 
 
 def _run_value(
