@@ -126,6 +126,9 @@ class _Call:
     sample_weight: Any = None
     vector: Any = None
     backend: str | None = None
+    features: Any = None
+    weight: Any = None
+    bias: Any = None
 
     def tensors(self) -> dict[str, np.ndarray]:
         named = {
@@ -133,6 +136,9 @@ class _Call:
             "targets": self.targets,
             "sample_weight": self.sample_weight,
             "vector": self.vector,
+            "features": self.features,
+            "weight": self.weight,
+            "bias": self.bias,
         }
         return {k: wire_array(v) for k, v in named.items() if v is not None}
 
@@ -173,6 +179,9 @@ def _rest_body(call: _Call, transport: Transport) -> tuple[str, Chunks, dict[str
             sample_weight=call.sample_weight,
             vector=call.vector,
             backend=call.backend,
+            features=call.features,
+            weight=call.weight,
+            bias=call.bias,
         )
         headers = {"content-type": PROTOBUF_MEDIA_TYPE, "accept": PROTOBUF_MEDIA_TYPE}
         return "/v1/evaluate", chunks, _with_length(headers, chunks)
@@ -412,10 +421,16 @@ class Client:
         sample_weight: Any = None,
         vector: Any = None,
         backend: str | None = None,
+        features: Any = None,
+        weight: Any = None,
+        bias: Any = None,
     ) -> Evaluation:
+        """One stateless evaluation; linear-layer losses (``linear_cross_entropy``) take
+        ``features`` (N, D), ``weight`` (C, D) and ``bias`` (C,) with ``logits`` None."""
         call = _Call(
-            loss, logits, targets, options, outputs, metrics, sample_weight, vector, backend
-        )
+            loss, logits, targets, options, outputs, metrics, sample_weight, vector, backend,
+            features, weight, bias,
+        )  # fmt: skip
         path, chunks, headers = _encode_rest(call, self.transport)
         response = self._http.post(path, content=chunks, headers=headers)  # type: ignore[arg-type]
         return _decode_rest(response, self.transport)
@@ -531,10 +546,16 @@ class AsyncClient:
         sample_weight: Any = None,
         vector: Any = None,
         backend: str | None = None,
+        features: Any = None,
+        weight: Any = None,
+        bias: Any = None,
     ) -> Evaluation:
+        """One stateless evaluation; linear-layer losses (``linear_cross_entropy``) take
+        ``features`` (N, D), ``weight`` (C, D) and ``bias`` (C,) with ``logits`` None."""
         call = _Call(
-            loss, logits, targets, options, outputs, metrics, sample_weight, vector, backend
-        )
+            loss, logits, targets, options, outputs, metrics, sample_weight, vector, backend,
+            features, weight, bias,
+        )  # fmt: skip
         path, chunks, headers = _encode_rest(call, self.transport)
         response = await self._http.post(path, content=_async_chunks(chunks), headers=headers)
         return _decode_rest(response, self.transport)
@@ -705,7 +726,11 @@ class GrpcClient:
         sample_weight: Any = None,
         vector: Any = None,
         backend: str | None = None,
+        features: Any = None,
+        weight: Any = None,
+        bias: Any = None,
     ) -> Evaluation:
+        """``Evaluate`` (see :meth:`Client.evaluate`)."""
         chunks = request_chunks(
             loss,
             logits,
@@ -716,6 +741,9 @@ class GrpcClient:
             sample_weight=sample_weight,
             vector=vector,
             backend=backend,
+            features=features,
+            weight=weight,
+            bias=bias,
         )
         response = self._call(self._evaluate, chunks)
         return Evaluation.from_dict(response_from_proto(response))
