@@ -113,6 +113,11 @@ async def test_oip_metadata_and_health(client: httpx.AsyncClient) -> None:
         "loss",
         "grad",
     }
+    outputs = {o["name"]: o["datatype"] for o in meta["outputs"]}
+    assert outputs["metrics"] == outputs["non_finite"] == "BYTES"
+    assert "auroc" in meta["parameters"]["metrics"]
+    linear = (await client.get("/v2/models/linear_cross_entropy")).json()
+    assert [i["name"] for i in linear["inputs"]][:3] == ["features", "targets", "weight"]
     assert (await client.get("/v2/models/cross_entropy/versions/1/ready")).status_code == 200
     missing = await client.get("/v2/models/nope")
     assert missing.status_code == 404 and "nope" in missing.json()["error"]

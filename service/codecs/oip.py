@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 
 from ce_engine.errors import clip, quoted
+from ce_engine.metrics import supported_metrics
 from ce_eval_client.wire import DATATYPES, datatype_of
 from service.codecs.tensors import check_shape, from_bytes
 from service.config import Settings
@@ -364,21 +365,37 @@ _OUTPUT_SHAPES = {"per_sample": [-1], "hessian": [-1, -1, -1]}
 
 
 def model_metadata(loss: str, outputs: Iterable[str]) -> dict[str, Any]:
-    """``GET /v2/models/{loss}``: inputs as the REST fields, outputs the loss supports."""
+    """``GET /v2/models/{loss}``: inputs as the REST fields (``features``, ``weight``, ``bias``
+    for linear-layer losses), the outputs the loss supports, then the JSON BYTES outputs
+    ``metrics`` and ``non_finite``; ``parameters.metrics`` names the metrics it offers."""
+    linear = loss == "linear_cross_entropy"
+    inputs: list[dict[str, Any]] = (
+        [
+            {"name": "features", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "targets", "datatype": "INT64", "shape": [-1]},
+            {"name": "weight", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "bias", "datatype": "FP32", "shape": [-1], "optional": True},
+        ]
+        if linear
+        else [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "targets", "datatype": "INT64", "shape": [-1]},
+        ]
+    )
+    inputs.append({"name": "sample_weight", "datatype": "FP32", "shape": [-1], "optional": True})
+    if not linear:
+        inputs.append({"name": "vector", "datatype": "FP32", "shape": [-1, -1], "optional": True})
     return {
         "name": loss,
         "versions": ["1"],
         "platform": "ce-eval",
-        "inputs": [
-            {"name": "logits", "datatype": "FP32", "shape": [-1, -1]},
-            {"name": "targets", "datatype": "INT64", "shape": [-1]},
-            {"name": "sample_weight", "datatype": "FP32", "shape": [-1], "optional": True},
-            {"name": "vector", "datatype": "FP32", "shape": [-1, -1], "optional": True},
-        ],
+        "inputs": inputs,
         "outputs": [{"name": "loss", "datatype": "FP64", "shape": [1]}]
         + [
             {"name": name, "datatype": "FP32", "shape": _OUTPUT_SHAPES.get(name, [-1, -1])}
             for name in sorted(outputs)
             if name != "loss"
-        ],
+        ]
+        + [{"name": name, "datatype": "BYTES", "shape": [1]} for name in JSON_OUTPUTS],
+        "parameters": {"metrics": list(supported_metrics(loss))},
     }
