@@ -468,9 +468,12 @@ def test_dashboard_pages_and_sorts_the_per_class_table_through_the_detail_endpoi
     browser.get(f"{server.url}/dashboard#run={run['id']}")
     wait_ready(browser, "run")
 
-    def shown() -> list[str]:
-        rows = browser.find_elements("css selector", "#per-class-table tbody tr")
-        return [r.find_element("tag name", "th").text for r in rows]
+    def shown() -> list[str]:  # read in one script: the table is replaced as pages arrive
+        names: list[str] = browser.execute_script(
+            "return [...document.querySelectorAll('#per-class-table tbody th')]"
+            ".map(th => th.textContent)"
+        )
+        return names
 
     assert shown() == many[:50]
     browser.find_element("id", "per-class-next").click()
@@ -491,7 +494,8 @@ def heatmap(driver: Any) -> tuple[list[int], list[list[float]]]:
     """The heatmap's window: its class ids and the matrix drawn (rows true, columns pred)."""
     classes, matrix = driver.execute_script(
         "const h = window.ceDashboard.heat; const out = [];"
-        "for (let i = 0; i < h.n; i++) out.push(Array.from(h.matrix.subarray(i * h.n, (i + 1) * h.n)));"
+        "for (let i = 0; i < h.n; i++)"
+        "  out.push(Array.from(h.matrix.subarray(i * h.n, (i + 1) * h.n)));"
         "return [h.classes, out];"
     )
     return classes, matrix
@@ -570,9 +574,9 @@ def test_dashboard_draws_a_1000_class_run_on_a_canvas_within_the_time_goal(
     top = httpx.get(f"{server.url}/v1/runs/{run['id']}/metrics/confusion_matrix?top=20").json()
     items = browser.find_elements("css selector", "#top-confusions li")
     assert len(items) == 20
-    assert [(int(i.get_attribute("data-true")), int(i.get_attribute("data-pred"))) for i in items] == [
-        (t["true"], t["pred"]) for t in top["top"]
-    ]
+    assert [
+        (int(i.get_attribute("data-true")), int(i.get_attribute("data-pred"))) for i in items
+    ] == [(t["true"], t["pred"]) for t in top["top"]]
     first = top["top"][0]
     assert f"class-{first['true']} (#{first['true']}) → class-{first['pred']}" in items[0].text
 
@@ -594,9 +598,7 @@ def test_dashboard_draws_a_1000_class_run_on_a_canvas_within_the_time_goal(
 
     # Clicking a top confusion shows a window holding both of its classes.
     items[0].click()
-    WebDriverWait(browser, 10).until(
-        lambda d: {first["true"], first["pred"]} <= set(heatmap(d)[0])
-    )
+    WebDriverWait(browser, 10).until(lambda d: {first["true"], first["pred"]} <= set(heatmap(d)[0]))
     # Wheel zooms in: fewer rows drawn.
     browser.execute_script(
         "const c = arguments[0], r = c.getBoundingClientRect();"
@@ -617,9 +619,7 @@ def test_dashboard_lists_50_large_runs_from_summaries_within_the_time_goal(
     import time
 
     server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
-    runs = [
-        push_large_run(server, f"run-{i}", 1000, batches=1, rows=64, seed=i) for i in range(50)
-    ]
+    runs = [push_large_run(server, f"run-{i}", 1000, batches=1, rows=64, seed=i) for i in range(50)]
     started = time.perf_counter()
     browser.get(f"{server.url}/dashboard")
     wait_ready(browser, "runs")

@@ -222,7 +222,15 @@ async function perClassTable(run) {
   $("per-class-empty").hidden = has;
   $("per-class-table").hidden = !has;
   $("per-class-pager").hidden = true;
-  if (!has) { $("per-class-table").tHead.replaceChildren(); $("per-class-table").tBodies[0].replaceChildren(); return; }
+  if (!has || !run.num_classes) {
+    $("per-class-table").hidden = true;
+    $("per-class-table").tHead.replaceChildren();
+    $("per-class-table").tBodies[0].replaceChildren();
+    if (has) { $("per-class-note").textContent = "No batches yet."; $("per-class-pager").hidden = false; }
+    $("per-class-prev").hidden = $("per-class-next").hidden = Boolean(has);
+    return;
+  }
+  $("per-class-prev").hidden = $("per-class-next").hidden = false;
   const page = await api(metricUrl(run.id, "per_class", { sort: perClass.sort, order: perClass.order,
     limit: String(PER_CLASS_ROWS), offset: String(perClass.offset) }));
   const columns = Object.keys(PER_CLASS_LABELS).filter((m) => page.rows.length && m in page.rows[0]);
