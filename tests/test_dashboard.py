@@ -487,6 +487,43 @@ def test_dashboard_pages_and_sorts_the_per_class_table_through_the_detail_endpoi
     assert severe_console_messages(browser) == []
 
 
+def test_dashboard_draws_roc_and_pr_curves_of_chosen_classes(tmp_path, serve, browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    metrics = ["accuracy", "roc_curve", "pr_curve"]
+    run = push_run(server, "curves", 18, batches=3, metrics=metrics, margin=1.0)
+    url = f"{server.url}/v1/runs/{run['id']}/metrics"
+    browser.get(f"{server.url}/dashboard#run={run['id']}")
+    wait_ready(browser, "run")
+
+    def drawn(chart: str) -> list[list[list[float]]]:
+        points: list[list[list[float]]] = browser.execute_script(
+            "return Chart.getChart(arguments[0]).data.datasets"
+            ".map(d => d.data.map(p => [p.x, p.y]))",
+            chart,
+        )
+        return points
+
+    for name, chart, (x, y) in (
+        ("roc_curve", "roc-chart", ("fpr", "tpr")),
+        ("pr_curve", "pr-chart", ("recall", "precision")),
+    ):
+        value = httpx.get(f"{url}/{name}").json()["value"]
+        assert drawn(chart) == [[list(p) for p in zip(v[x], v[y], strict=True)] for v in value]
+    field = browser.find_element("id", "curves-classes")
+    field.clear()
+    field.send_keys("2")
+    browser.find_element("css selector", "#curves-form button[type=submit]").click()
+    roc = httpx.get(f"{url}/roc_curve?classes=2").json()["value"][0]
+    WebDriverWait(browser, 10).until(
+        lambda _: (
+            drawn("roc-chart") == [[list(p) for p in zip(roc["fpr"], roc["tpr"], strict=True)]]
+        )
+    )
+    assert severe_console_messages(browser) == []
+
+
 # ------------------------------------------------------------------------------ large C
 
 

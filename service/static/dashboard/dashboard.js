@@ -563,8 +563,49 @@ async function showCell(t, p) {
   }
 }
 
+/** Classes whose curves are drawn by default: the first CURVE_CLASSES ids. */
+const CURVE_CLASSES = 8;
+let curvesRun = null;
+
+/** `roc_curve` / `pr_curve` of a few classes (`?classes=`), as lines of Chart.js. */
+async function curves(run) {
+  const wanted = ["roc_curve", "pr_curve"].filter((n) => (run.details || []).includes(n));
+  $("curves-figure").hidden = wanted.length === 0;
+  if (!wanted.length) return;
+  if (curvesRun !== run.id) {
+    curvesRun = run.id;
+    $("curves-classes").value = "";
+  }
+  $("curves-note").hidden = true;
+  if (!run.num_classes) { $("curves-note").textContent = "No batches yet."; $("curves-note").hidden = false; return; }
+  let ids = $("curves-classes").value.split(",").map((t) => t.trim()).filter(Boolean).map(Number)
+    .filter((c) => Number.isInteger(c) && c >= 0 && c < run.num_classes);
+  if (!ids.length) ids = Array.from({ length: Math.min(CURVE_CLASSES, run.num_classes) }, (_, i) => i);
+  ids = [...new Set(ids)].slice(0, 64);
+  $("curves-classes").value = ids.join(",");
+  const axes = { roc_curve: ["fpr", "tpr", "false positive rate", "true positive rate", "roc-chart"],
+    pr_curve: ["recall", "precision", "recall", "precision", "pr-chart"] };
+  for (const name of ["roc_curve", "pr_curve"]) {
+    const chart = axes[name][4];
+    $(chart).parentElement.hidden = !wanted.includes(name);
+  }
+  await Promise.all(wanted.map(async (name) => {
+    const [xKey, yKey, xTitle, yTitle, chart] = axes[name];
+    const answer = await api(metricUrl(run.id, name, { classes: ids.join(",") }));
+    const datasets = answer.classes.map((c, i) => {
+      const curve = answer.value[i];
+      return { label: heat.runId === run.id ? className(c) : `#${c}`, showLine: true, pointRadius: 0, borderWidth: 1.5,
+        borderColor: COLORS[i % COLORS.length], backgroundColor: COLORS[i % COLORS.length],
+        data: curve ? curve[xKey].map((x, k) => ({ x, y: curve[yKey][k] })) : [] };
+    });
+    drawChart(chart, { type: "scatter", data: { datasets },
+      options: { scales: { x: { min: 0, max: 1, title: { display: true, text: xTitle } },
+        y: { min: 0, max: 1, title: { display: true, text: yTitle } } } } });
+  }));
+}
+
 async function loadDetails(run) {
-  const sections = [["confusion", confusion], ["per-class", perClassTable]];
+  const sections = [["confusion", confusion], ["per-class", perClassTable], ["curves", curves]];
   await Promise.all(sections.map(([id, section]) => section(run).catch((error) => {
     if (error instanceof AuthError) throw error;
     const note = $(`${id}-note`);
@@ -756,6 +797,14 @@ document.addEventListener("DOMContentLoaded", () => {
     if (error instanceof AuthError) throw error;
     runError(error.message);
   })));
+  $("curves-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (shownRun) guarded(() => curves(shownRun).catch((error) => {
+      if (error instanceof AuthError) throw error;
+      $("curves-note").textContent = `Could not load: ${error.message}`;
+      $("curves-note").hidden = false;
+    }))();
+  });
   $("per-class-prev").addEventListener("click", perClassPage(-1));
   $("per-class-next").addEventListener("click", perClassPage(1));
   const canvas = $("confusion-canvas");
