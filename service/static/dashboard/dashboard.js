@@ -368,6 +368,8 @@ async function loadConfusionWindow() {
   answer.matrix.forEach((row, i) => matrix.set(row, i * n));
   if (answer.class_names) classes.forEach((c, i) => heat.nameOf.set(c, answer.class_names[i]));
   Object.assign(heat, { classes, matrix, n, view: heat.view && heat.view.n === n ? heat.view : fullView(n) });
+  // Few classes: cells of about 48 px rather than a page-wide matrix.
+  $("confusion-box").style.maxWidth = `${Math.min(720, HEAT_MARGIN + Math.max(n, 8) * 48)}px`;
   $("confusion-controls").hidden = whole;
   $("confusion-start").value = String(heat.custom ? classes[0] : heat.start);
   $("confusion-start").max = String(Math.max(0, C - 1));
@@ -426,8 +428,7 @@ function drawHeatmap() {
   const every = (cell) => Math.max(1, Math.ceil((14 * ratio) / cell));
   ctx.textAlign = "right"; ctx.textBaseline = "middle";
   for (let i = 0; i < rows; i += every(cellH)) {
-    const label = String(heat.classes[r0 + i]);
-    ctx.fillText(label.slice(0, 7), margin - 3 * ratio, margin + (i + 0.5) * cellH);
+    ctx.fillText(axisLabel(heat.classes[r0 + i], cellH / ratio), margin - 3 * ratio, margin + (i + 0.5) * cellH);
   }
   ctx.save();
   ctx.textAlign = "left";
@@ -435,10 +436,21 @@ function drawHeatmap() {
     ctx.save();
     ctx.translate(margin + (j + 0.5) * cellW, margin - 3 * ratio);
     ctx.rotate(-Math.PI / 2);
-    ctx.fillText(String(heat.classes[c0 + j]).slice(0, 7), 0, 0);
+    ctx.fillText(axisLabel(heat.classes[c0 + j], cellW / ratio), 0, 0);
     ctx.restore();
   }
   ctx.restore();
+  // Cells wide enough for text carry their value.
+  if (cellW >= 30 * ratio && cellH >= 16 * ratio) {
+    ctx.textAlign = "center"; ctx.textBaseline = "middle";
+    for (let i = 0; i < rows; i++) for (let j = 0; j < cols; j++) {
+      const v = heat.matrix[(r0 + i) * n + c0 + j];
+      const k = v > 0 ? Math.round(255 * Math.log1p(v * scale) / denominator) : 0;
+      ctx.fillStyle = k > 150 ? "#fff" : "#1d2330";
+      ctx.fillText(heat.normalize ? v.toFixed(2) : fmt(Math.round(v * 100) / 100),
+        margin + (j + 0.5) * cellW, margin + (i + 0.5) * cellH);
+    }
+  }
   if (heat.highlight) {
     const i = heat.classes.indexOf(heat.highlight[0]) - r0, j = heat.classes.indexOf(heat.highlight[1]) - c0;
     if (i >= 0 && i < rows && j >= 0 && j < cols) {
@@ -455,6 +467,12 @@ function drawHeatmap() {
   }
   canvas.dataset.rows = String(rows);
   canvas.dataset.cols = String(cols);
+}
+
+/** An axis label: the class name (7 characters) where cells are 40 px or more, else its id. */
+function axisLabel(id, cellPx) {
+  const name = heat.nameOf && heat.nameOf.get(id);
+  return cellPx >= 40 && name !== undefined ? name.slice(0, 7) : String(id);
 }
 
 /** The (row, column) index into the window under a mouse event, or null off the cells. */
