@@ -141,6 +141,7 @@ function runRow(run) {
     el("td", { class: `status-${run.status}`, text: run.status }),
     el("td", { text: run.loss }),
     tags,
+    el("td", { class: "num", text: fmt(run.num_classes) }),
     el("td", { class: "num", text: fmt(run.batches) }),
     el("td", { class: "num", text: fmt(run.count) }),
     el("td", { class: "num", text: fmtMetric(run.value) }),
@@ -192,41 +193,79 @@ function metricsTable(run) {
   const rows = [];
   for (const [key, value] of Object.entries(run.metrics || {})) {
     if (typeof value === "number" || value === null) rows.push(el("tr", {}, el("th", { text: key }), el("td", { class: "num", text: fmtMetric(value) })));
-    else if (key === "top_k_accuracy") {
+    else if (value && typeof value === "object" && "macro" in value) {
+      rows.push(el("tr", {}, el("th", { text: `${key} (macro)` }), el("td", { class: "num", text: fmtMetric(value.macro) })));
+    } else if (key === "top_k_accuracy") {
       for (const [k, v] of Object.entries(value)) rows.push(el("tr", {}, el("th", { text: `top-${k} accuracy` }), el("td", { class: "num", text: fmtMetric(v) })));
     }
   }
   $("metrics-table").tBodies[0].replaceChildren(...rows);
 }
 
-/** Most classes the per-class table lists (the first ones by index); a note says when cut. */
-const PER_CLASS_ROWS = 50;
+/* Large statistics come from GET /v1/runs/{id}/metrics/{name} (the run's `details`), never
+ * from the run itself: a window of the confusion matrix, its top cells and a page of the
+ * per-class table, so the page holds O(rows shown) DOM nodes whatever the class count. */
+function metricUrl(runId, name, params) {
+  const query = new URLSearchParams(params);
+  return `/v1/runs/${encodeURIComponent(runId)}/metrics/${name}${query.size ? `?${query}` : ""}`;
+}
 
-function perClassTable(run) {
-  const metrics = run.metrics || {};
-  const columns = ["precision", "recall", "f1"].filter((m) => Array.isArray(metrics[m]));
-  const support = Array.isArray(metrics.support) ? metrics.support : null;
-  $("per-class-empty").hidden = columns.length > 0;
-  $("per-class-table").hidden = columns.length === 0;
-  $("per-class-note").hidden = true;
-  if (!columns.length) { $("per-class-table").tHead.replaceChildren(); $("per-class-table").tBodies[0].replaceChildren(); return; }
-  const classes = metrics[columns[0]].length;
-  const names = run.class_names && run.class_names.length === classes ? run.class_names : null;
-  const shown = Math.min(classes, PER_CLASS_ROWS);
-  $("per-class-table").tHead.replaceChildren(el("tr", {}, el("th", { text: "class" }),
-    ...columns.map((m) => el("th", { class: "num", text: m === "f1" ? "F1" : m })),
-    ...(support ? [el("th", { class: "num", text: "support" })] : [])));
-  const rows = [];
-  for (let c = 0; c < shown; c++) {
-    rows.push(el("tr", {}, el("th", { text: names ? names[c] : String(c) }),
-      ...columns.map((m) => el("td", { class: "num", text: fmtMetric(metrics[m][c]) })),
-      ...(support ? [el("td", { class: "num", text: fmt(support[c]) })] : [])));
+/** Rows per page of the per-class table. */
+const PER_CLASS_ROWS = 50;
+const PER_CLASS_LABELS = { precision: "precision", recall: "recall", f1: "F1", support: "support",
+  auroc: "AUROC", average_precision: "AP" };
+let perClass = { runId: null, sort: "class", order: "asc", offset: 0 };
+
+async function perClassTable(run) {
+  const has = (run.details || []).includes("per_class");
+  if (perClass.runId !== run.id) perClass = { runId: run.id, sort: "class", order: "asc", offset: 0 };
+  $("per-class-empty").hidden = has;
+  $("per-class-table").hidden = !has;
+  $("per-class-pager").hidden = true;
+  if (!has || !run.num_classes) {
+    $("per-class-table").hidden = true;
+    $("per-class-table").tHead.replaceChildren();
+    $("per-class-table").tBodies[0].replaceChildren();
+    if (has) { $("per-class-note").textContent = "No batches yet."; $("per-class-pager").hidden = false; }
+    $("per-class-prev").hidden = $("per-class-next").hidden = Boolean(has);
+    return;
   }
-  $("per-class-table").tBodies[0].replaceChildren(...rows);
-  if (shown < classes) {
-    $("per-class-note").textContent = `Showing the first ${shown} of ${classes} classes.`;
-    $("per-class-note").hidden = false;
+  $("per-class-prev").hidden = $("per-class-next").hidden = false;
+  const page = await api(metricUrl(run.id, "per_class", { sort: perClass.sort, order: perClass.order,
+    limit: String(PER_CLASS_ROWS), offset: String(perClass.offset) }));
+  const columns = Object.keys(PER_CLASS_LABELS).filter((m) => page.rows.length && m in page.rows[0]);
+  const header = (key, text, num) => {
+    const sorted = perClass.sort === key;
+    const th = el("th", { class: `sortable${num ? " num" : ""}${sorted ? " sorted" : ""}`, "data-sort": key,
+      title: `sort by ${text}`, text: `${text}${sorted ? (perClass.order === "asc" ? " ▲" : " ▼") : ""}` });
+    th.addEventListener("click", guarded(() => {
+      if (perClass.sort === key) perClass.order = perClass.order === "asc" ? "desc" : "asc";
+      else { perClass.sort = key; perClass.order = key === "class" ? "asc" : "desc"; }
+      perClass.offset = 0;
+      return perClassTable(run);
+    }));
+    return th;
+  };
+  $("per-class-table").tHead.replaceChildren(el("tr", {}, header("class", "class", false),
+    ...columns.map((m) => header(m, PER_CLASS_LABELS[m], true))));
+  $("per-class-table").tBodies[0].replaceChildren(...page.rows.map((row) => el("tr", { "data-class": row.class },
+    el("th", { text: row.name ?? String(row.class) }),
+    ...columns.map((m) => el("td", { class: "num", text: m === "support" ? fmt(row[m]) : fmtMetric(row[m]) })))));
+  const last = page.offset + page.rows.length;
+  if (page.total > page.rows.length) {
+    $("per-class-note").textContent = `Showing ${page.offset + 1}–${last}: ${page.rows.length} of ${page.total} classes.`;
+    $("per-class-prev").disabled = page.offset === 0;
+    $("per-class-next").disabled = last >= page.total;
+    $("per-class-pager").hidden = false;
   }
+}
+
+function perClassPage(step) {
+  return guarded(async () => {
+    if (!shownRun) return;
+    perClass.offset = Math.max(0, perClass.offset + step * PER_CLASS_ROWS);
+    await perClassTable(shownRun);
+  });
 }
 
 function reliability(run) {
@@ -252,33 +291,346 @@ function reliability(run) {
   });
 }
 
-/** Most classes the confusion table shows (its first rows and columns). */
-const CONFUSION_CLASSES = 30;
+/* ------------------------------------------------------------- confusion heatmap */
 
-function confusion(run) {
-  const matrix = (run.metrics || {}).confusion_matrix;
-  $("confusion-empty").hidden = Boolean(matrix);
+/** Classes of one heatmap window (`?classes=`) for large C; C <= FULL_MATRIX_CLASSES fetches all. */
+const CONFUSION_WINDOW = 256;
+const FULL_MATRIX_CLASSES = 64;
+const TOP_CONFUSIONS = 20;
+/** Sequential colour map (light to dark), interpolated into a 256-entry table. */
+const HEAT_STOPS = [[255, 247, 236], [253, 212, 158], [252, 141, 89], [215, 48, 31], [127, 0, 0], [60, 0, 70]];
+const HEAT_LUT = (() => {
+  const lut = new Uint8ClampedArray(256 * 3);
+  for (let i = 0; i < 256; i++) {
+    const x = (i / 255) * (HEAT_STOPS.length - 1);
+    const k = Math.min(HEAT_STOPS.length - 2, Math.floor(x));
+    const f = x - k;
+    for (let ch = 0; ch < 3; ch++) lut[i * 3 + ch] = HEAT_STOPS[k][ch] * (1 - f) + HEAT_STOPS[k + 1][ch] * f;
+  }
+  return lut;
+})();
+const HEAT_EMPTY = [247, 248, 251];
+const HEAT_MARGIN = 46;
+
+/** The heatmap's state: `classes` (ids of the fetched window), `names`, `matrix` (rows true,
+ * columns predicted, Float64Array n×n) and the zoomed `view` [r0, r1) × [c0, c1) into it. */
+const heat = { runId: null, numClasses: 0, start: 0, classes: [], names: [], matrix: null, n: 0,
+  normalize: false, view: null, drag: null, highlight: null };
+window.ceDashboard = { heat };
+
+function className(i) {
+  const name = heat.nameOf && heat.nameOf.get(i);
+  return name !== undefined ? `${name} (#${i})` : `#${i}`;
+}
+
+async function confusion(run) {
+  const has = (run.details || []).includes("confusion_matrix") && run.loss !== "binary_cross_entropy"
+    && !(run.loss === "focal" && (run.options || {}).variant !== "softmax");
+  $("confusion-empty").hidden = has;
+  $("top-figure").hidden = !has;
+  $("confusion-box").hidden = !has || !run.num_classes;
+  $("confusion-controls").hidden = true;
   $("confusion-note").hidden = true;
-  const box = $("confusion");
-  box.replaceChildren();
-  if (!matrix) return;
-  const names = run.class_names && run.class_names.length === matrix.length ? run.class_names : matrix.map((_, i) => String(i));
-  // At most CONFUSION_CLASSES² cells in the page: larger matrices show their top-left corner.
-  const shown = Math.min(matrix.length, CONFUSION_CLASSES);
-  $("confusion-note").hidden = shown === matrix.length;
-  $("confusion-note").textContent = `Showing the first ${shown} of ${matrix.length} classes (shares are of the whole row).`;
-  const head = el("tr", {}, el("th", { text: "true \\ pred" }), ...names.slice(0, shown).map((n) => el("th", { text: n })));
-  const rows = matrix.slice(0, shown).map((row, i) => {
-    const total = row.reduce((a, b) => a + b, 0) || 1;
-    return el("tr", {}, el("th", { text: names[i] }), ...row.slice(0, shown).map((value) => {
-      const share = value / total;
-      const cell = el("td", { text: fmt(Math.round(value * 100) / 100, 2), title: `${(share * 100).toFixed(1)}% of row` });
-      cell.style.background = `rgba(47,111,221,${(0.08 + 0.85 * share).toFixed(3)})`;
-      cell.style.color = share > 0.55 ? "#fff" : "#1d2330";
-      return cell;
-    }));
+  if (!has) return;
+  if (!run.num_classes) {
+    $("confusion-note").textContent = "No batches yet.";
+    $("confusion-note").hidden = false;
+    $("top-confusions").replaceChildren();
+    return;
+  }
+  if (heat.runId !== run.id) {
+    Object.assign(heat, { runId: run.id, start: 0, view: null, highlight: null, nameOf: new Map() });
+    $("confusion-normalize").checked = false;
+  }
+  heat.numClasses = run.num_classes;
+  await Promise.all([loadConfusionWindow(), topConfusions(run)]);
+}
+
+function windowIds() {
+  if (heat.custom) return heat.custom;
+  const C = heat.numClasses;
+  const start = Math.max(0, Math.min(heat.start, Math.max(0, C - CONFUSION_WINDOW)));
+  heat.start = start;
+  return Array.from({ length: Math.min(CONFUSION_WINDOW, C - start) }, (_, i) => start + i);
+}
+
+async function loadConfusionWindow() {
+  const C = heat.numClasses;
+  heat.normalize = $("confusion-normalize").checked;
+  const params = heat.normalize ? { normalize: "true" } : {};
+  const whole = C <= FULL_MATRIX_CLASSES && !heat.custom;
+  const ids = whole ? null : windowIds();
+  if (!whole) params.classes = ids.join(",");
+  const answer = await api(metricUrl(heat.runId, "confusion_matrix", params));
+  const classes = answer.classes || answer.matrix.map((_, i) => i);
+  const n = classes.length;
+  const matrix = new Float64Array(n * n);
+  answer.matrix.forEach((row, i) => matrix.set(row, i * n));
+  if (answer.class_names) classes.forEach((c, i) => heat.nameOf.set(c, answer.class_names[i]));
+  Object.assign(heat, { classes, matrix, n, view: heat.view && heat.view.n === n ? heat.view : fullView(n) });
+  // Few classes: cells of about 48 px rather than a page-wide matrix.
+  $("confusion-box").style.maxWidth = `${Math.min(720, HEAT_MARGIN + Math.max(n, 8) * 48)}px`;
+  $("confusion-controls").hidden = whole;
+  $("confusion-start").value = String(heat.custom ? classes[0] : heat.start);
+  $("confusion-start").max = String(Math.max(0, C - 1));
+  $("confusion-prev").disabled = !heat.custom && heat.start === 0;
+  $("confusion-next").disabled = !heat.custom && heat.start + n >= C;
+  $("confusion-note").textContent = whole ? "" : heat.custom
+    ? `Classes of the top confusions (${n} of ${C}); ◀ ▶ go back to windows of ${CONFUSION_WINDOW}.`
+    : `Classes ${classes[0]}–${classes[n - 1]} of ${C} (windows of ${CONFUSION_WINDOW}).`;
+  $("confusion-note").hidden = whole;
+  drawHeatmap();
+}
+
+function fullView(n) { return { r0: 0, r1: n, c0: 0, c1: n, n }; }
+
+/** Colour index of a cell: log(1 + v·s) / log(1 + max·s), s = 1 for counts and 1000 for rates,
+ * so single confusions stay visible next to a dominant diagonal. */
+function drawHeatmap() {
+  const canvas = $("confusion-canvas");
+  const css = canvas.getBoundingClientRect().width || 640;
+  const size = Math.round(css * (window.devicePixelRatio || 1));
+  if (canvas.width !== size) { canvas.width = size; canvas.height = size; }
+  const ctx = canvas.getContext("2d");
+  const { r0, r1, c0, c1 } = heat.view;
+  const rows = r1 - r0, cols = c1 - c0, n = heat.n;
+  let max = 0;
+  for (let i = r0; i < r1; i++) for (let j = c0; j < c1; j++) max = Math.max(max, heat.matrix[i * n + j]);
+  const scale = heat.normalize ? 1000 : 1;
+  const denominator = Math.log1p(max * scale) || 1;
+  const image = new ImageData(cols, rows);
+  for (let i = 0; i < rows; i++) {
+    for (let j = 0; j < cols; j++) {
+      const v = heat.matrix[(r0 + i) * n + c0 + j];
+      const o = (i * cols + j) * 4;
+      if (v > 0) {
+        const k = Math.round(255 * Math.log1p(v * scale) / denominator) * 3;
+        image.data[o] = HEAT_LUT[k]; image.data[o + 1] = HEAT_LUT[k + 1]; image.data[o + 2] = HEAT_LUT[k + 2];
+      } else { image.data[o] = HEAT_EMPTY[0]; image.data[o + 1] = HEAT_EMPTY[1]; image.data[o + 2] = HEAT_EMPTY[2]; }
+      image.data[o + 3] = 255;
+    }
+  }
+  const cells = document.createElement("canvas");
+  cells.width = cols; cells.height = rows;
+  cells.getContext("2d").putImageData(image, 0, 0);
+  const ratio = size / css;
+  const margin = HEAT_MARGIN * ratio;
+  const plot = size - margin;
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, size, size);
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(cells, margin, margin, plot, plot);
+  // Axis labels: every class when cells are tall enough, else evenly spaced ids.
+  ctx.fillStyle = "#667085";
+  ctx.font = `${10 * ratio}px system-ui, sans-serif`;
+  const cellH = plot / rows, cellW = plot / cols;
+  const every = (cell) => Math.max(1, Math.ceil((14 * ratio) / cell));
+  ctx.textAlign = "right"; ctx.textBaseline = "middle";
+  for (let i = 0; i < rows; i += every(cellH)) {
+    ctx.fillText(axisLabel(heat.classes[r0 + i], cellH / ratio), margin - 3 * ratio, margin + (i + 0.5) * cellH);
+  }
+  ctx.save();
+  ctx.textAlign = "left";
+  for (let j = 0; j < cols; j += every(cellW)) {
+    ctx.save();
+    ctx.translate(margin + (j + 0.5) * cellW, margin - 3 * ratio);
+    ctx.rotate(-Math.PI / 2);
+    ctx.fillText(axisLabel(heat.classes[c0 + j], cellW / ratio), 0, 0);
+    ctx.restore();
+  }
+  ctx.restore();
+  // Cells wide enough for text carry their value.
+  if (cellW >= 30 * ratio && cellH >= 16 * ratio) {
+    ctx.textAlign = "center"; ctx.textBaseline = "middle";
+    for (let i = 0; i < rows; i++) for (let j = 0; j < cols; j++) {
+      const v = heat.matrix[(r0 + i) * n + c0 + j];
+      const k = v > 0 ? Math.round(255 * Math.log1p(v * scale) / denominator) : 0;
+      ctx.fillStyle = k > 150 ? "#fff" : "#1d2330";
+      ctx.fillText(heat.normalize ? v.toFixed(2) : fmt(Math.round(v * 100) / 100),
+        margin + (j + 0.5) * cellW, margin + (i + 0.5) * cellH);
+    }
+  }
+  if (heat.highlight) {
+    const i = heat.classes.indexOf(heat.highlight[0]) - r0, j = heat.classes.indexOf(heat.highlight[1]) - c0;
+    if (i >= 0 && i < rows && j >= 0 && j < cols) {
+      ctx.strokeStyle = "#2f6fdd"; ctx.lineWidth = 2 * ratio;
+      ctx.strokeRect(margin + j * cellW - ratio, margin + i * cellH - ratio, cellW + 2 * ratio, cellH + 2 * ratio);
+    }
+  }
+  if (heat.drag && heat.drag.end) {
+    const [a, b] = [heat.drag.start, heat.drag.end];
+    ctx.strokeStyle = "#2f6fdd"; ctx.lineWidth = ratio; ctx.setLineDash([4 * ratio, 3 * ratio]);
+    ctx.strokeRect(margin + (Math.min(a[1], b[1]) - c0) * cellW, margin + (Math.min(a[0], b[0]) - r0) * cellH,
+      (Math.abs(a[1] - b[1]) + 1) * cellW, (Math.abs(a[0] - b[0]) + 1) * cellH);
+    ctx.setLineDash([]);
+  }
+  canvas.dataset.rows = String(rows);
+  canvas.dataset.cols = String(cols);
+}
+
+/** An axis label: the class name (7 characters) where cells are 40 px or more, else its id. */
+function axisLabel(id, cellPx) {
+  const name = heat.nameOf && heat.nameOf.get(id);
+  return cellPx >= 40 && name !== undefined ? name.slice(0, 7) : String(id);
+}
+
+/** The (row, column) index into the window under a mouse event, or null off the cells. */
+function cellAt(event) {
+  const canvas = $("confusion-canvas");
+  const box = canvas.getBoundingClientRect();
+  const plot = box.width - HEAT_MARGIN;
+  const x = event.clientX - box.left - HEAT_MARGIN, y = event.clientY - box.top - HEAT_MARGIN;
+  if (!heat.view || x < 0 || y < 0 || x >= plot || y >= plot) return null;
+  const { r0, r1, c0, c1 } = heat.view;
+  return [r0 + Math.floor((y / plot) * (r1 - r0)), c0 + Math.floor((x / plot) * (c1 - c0))];
+}
+
+function heatTip(event) {
+  const tip = $("confusion-tip");
+  const cell = cellAt(event);
+  if (heat.drag) { heat.drag.end = cell || heat.drag.end; drawHeatmap(); }
+  if (!cell) { tip.hidden = true; return; }
+  const v = heat.matrix[cell[0] * heat.n + cell[1]];
+  tip.textContent = `true: ${className(heat.classes[cell[0]])}\npred: ${className(heat.classes[cell[1]])}\n`
+    + (heat.normalize ? `rate: ${fmtMetric(v)}` : `count: ${fmt(v)}`);
+  const box = $("confusion-box").getBoundingClientRect();
+  tip.style.left = `${event.clientX - box.left + 14}px`;
+  tip.style.top = `${event.clientY - box.top + 14}px`;
+  tip.hidden = false;
+}
+
+/** Wheel: zoom in or out by 1.25 around the cell under the pointer (at least 2 × 2 cells). */
+function heatWheel(event) {
+  const cell = cellAt(event);
+  if (!cell) return;
+  event.preventDefault();
+  const factor = event.deltaY < 0 ? 1 / 1.25 : 1.25;
+  const zoom = (lo, hi, at) => {
+    const span = Math.min(heat.n, Math.max(2, Math.round((hi - lo) * factor)));
+    const next = Math.round(at - ((at - lo) / (hi - lo)) * span);
+    const start = Math.max(0, Math.min(heat.n - span, next));
+    return [start, start + span];
+  };
+  const [r0, r1] = zoom(heat.view.r0, heat.view.r1, cell[0]);
+  const [c0, c1] = zoom(heat.view.c0, heat.view.c1, cell[1]);
+  heat.view = { r0, r1, c0, c1, n: heat.n };
+  drawHeatmap();
+  heatTip(event);
+}
+
+function heatDown(event) {
+  const cell = cellAt(event);
+  if (cell) heat.drag = { start: cell, end: null };
+}
+
+function heatUp() {
+  const drag = heat.drag;
+  heat.drag = null;
+  if (drag && drag.end && (drag.end[0] !== drag.start[0] || drag.end[1] !== drag.start[1])) {
+    const [a, b] = [drag.start, drag.end];
+    heat.view = { r0: Math.min(a[0], b[0]), r1: Math.max(a[0], b[0]) + 1,
+      c0: Math.min(a[1], b[1]), c1: Math.max(a[1], b[1]) + 1, n: heat.n };
+  }
+  if (heat.view) drawHeatmap();
+}
+
+function heatReset() {
+  if (!heat.n) return;
+  heat.view = fullView(heat.n);
+  drawHeatmap();
+}
+
+function heatStep(step) {
+  return guarded(async () => {
+    heat.start = heat.custom ? Math.max(0, heat.custom[0]) : heat.start + step * CONFUSION_WINDOW;
+    heat.custom = null;
+    heat.view = null;
+    await loadConfusionWindow();
   });
-  box.append(el("table", { id: "confusion-table" }, el("thead", {}, head), el("tbody", {}, ...rows)));
+}
+
+/** The largest off-diagonal cells (`?top=20&normalize=true`: count and rate); a click shows the
+ * cell on the heatmap (the window holding both classes, or the top confusions' classes). */
+async function topConfusions(run) {
+  const answer = await api(metricUrl(run.id, "confusion_matrix", { top: String(TOP_CONFUSIONS), normalize: "true" }));
+  for (const [id, name] of Object.entries(answer.class_names || {})) heat.nameOf.set(Number(id), name);
+  heat.topClasses = [...new Set(answer.top.flatMap((t) => [t.true, t.pred]))].sort((a, b) => a - b);
+  $("top-empty").hidden = answer.top.length > 0;
+  $("top-confusions").replaceChildren(...answer.top.map((t) => {
+    const item = el("li", { "data-true": t.true, "data-pred": t.pred,
+      text: `${className(t.true)} → ${className(t.pred)}: ${fmt(t.count)} (${(100 * t.rate).toFixed(1)}% of its row)` });
+    item.addEventListener("click", guarded(() => showCell(t.true, t.pred)));
+    return item;
+  }));
+}
+
+async function showCell(t, p) {
+  heat.highlight = [t, p];
+  const inWindow = heat.classes.includes(t) && heat.classes.includes(p);
+  if (!inWindow) {
+    if (Math.abs(t - p) < CONFUSION_WINDOW) {
+      heat.custom = null;
+      heat.start = Math.max(0, Math.min(t, p) - Math.floor((CONFUSION_WINDOW - Math.abs(t - p)) / 2));
+    } else heat.custom = heat.topClasses;
+    heat.view = null;
+    await loadConfusionWindow();
+  } else {
+    heat.view = fullView(heat.n);
+    drawHeatmap();
+  }
+}
+
+/** Classes whose curves are drawn by default: the first CURVE_CLASSES ids. */
+const CURVE_CLASSES = 8;
+let curvesRun = null;
+
+/** `roc_curve` / `pr_curve` of a few classes (`?classes=`), as lines of Chart.js. */
+async function curves(run) {
+  const wanted = ["roc_curve", "pr_curve"].filter((n) => (run.details || []).includes(n));
+  $("curves-figure").hidden = wanted.length === 0;
+  if (!wanted.length) return;
+  if (curvesRun !== run.id) {
+    curvesRun = run.id;
+    $("curves-classes").value = "";
+  }
+  $("curves-note").hidden = true;
+  if (!run.num_classes) { $("curves-note").textContent = "No batches yet."; $("curves-note").hidden = false; return; }
+  let ids = $("curves-classes").value.split(",").map((t) => t.trim()).filter(Boolean).map(Number)
+    .filter((c) => Number.isInteger(c) && c >= 0 && c < run.num_classes);
+  if (!ids.length) ids = Array.from({ length: Math.min(CURVE_CLASSES, run.num_classes) }, (_, i) => i);
+  ids = [...new Set(ids)].slice(0, 64);
+  $("curves-classes").value = ids.join(",");
+  const axes = { roc_curve: ["fpr", "tpr", "false positive rate", "true positive rate", "roc-chart"],
+    pr_curve: ["recall", "precision", "recall", "precision", "pr-chart"] };
+  for (const name of ["roc_curve", "pr_curve"]) {
+    const chart = axes[name][4];
+    $(chart).parentElement.hidden = !wanted.includes(name);
+  }
+  await Promise.all(wanted.map(async (name) => {
+    const [xKey, yKey, xTitle, yTitle, chart] = axes[name];
+    const answer = await api(metricUrl(run.id, name, { classes: ids.join(",") }));
+    const datasets = answer.classes.map((c, i) => {
+      const curve = answer.value[i];
+      return { label: heat.runId === run.id ? className(c) : `#${c}`, showLine: true, pointRadius: 0, borderWidth: 1.5,
+        borderColor: COLORS[i % COLORS.length], backgroundColor: COLORS[i % COLORS.length],
+        data: curve ? curve[xKey].map((x, k) => ({ x, y: curve[yKey][k] })) : [] };
+    });
+    drawChart(chart, { type: "scatter", data: { datasets },
+      options: { scales: { x: { min: 0, max: 1, title: { display: true, text: xTitle } },
+        y: { min: 0, max: 1, title: { display: true, text: yTitle } } } } });
+  }));
+}
+
+async function loadDetails(run) {
+  const sections = [["confusion", confusion], ["per-class", perClassTable], ["curves", curves]];
+  await Promise.all(sections.map(([id, section]) => section(run).catch((error) => {
+    if (error instanceof AuthError) throw error;
+    const note = $(`${id}-note`);
+    note.textContent = `Could not load: ${error.message}`;
+    note.hidden = false;
+    if (id === "per-class") $("per-class-pager").hidden = false;
+  })));
 }
 
 /* An open run's page refetches the run every REFRESH_MS (the batches only when their count
@@ -301,6 +653,7 @@ function scheduleRefresh(run, points) {
       const nextPoints = next.batches === run.batches ? points : await allBatches(run.id);
       if (token !== refresh.token) return;  // the page moved on meanwhile
       renderRun(next, nextPoints);
+      if (next.batches !== run.batches) await loadDetails(next);
       scheduleRefresh(next, nextPoints);
     } catch (error) {
       if (token !== refresh.token) return;
@@ -315,6 +668,7 @@ async function openRun(runId) {
   show("run-view");
   const [run, points] = await Promise.all([api(`/v1/runs/${encodeURIComponent(runId)}`), allBatches(runId)]);
   renderRun(run, points);
+  await loadDetails(run);
   document.body.dataset.ready = "run";
   scheduleRefresh(run, points);
 }
@@ -383,8 +737,6 @@ function renderRun(run, points) {
     });
   }
   reliability(run);
-  confusion(run);
-  perClassTable(run);
 }
 
 /* ------------------------------------------------------------------- comparison */
@@ -463,6 +815,34 @@ document.addEventListener("DOMContentLoaded", () => {
     if (error instanceof AuthError) throw error;
     runError(error.message);
   })));
+  $("curves-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (shownRun) guarded(() => curves(shownRun).catch((error) => {
+      if (error instanceof AuthError) throw error;
+      $("curves-note").textContent = `Could not load: ${error.message}`;
+      $("curves-note").hidden = false;
+    }))();
+  });
+  $("per-class-prev").addEventListener("click", perClassPage(-1));
+  $("per-class-next").addEventListener("click", perClassPage(1));
+  const canvas = $("confusion-canvas");
+  canvas.addEventListener("mousemove", heatTip);
+  canvas.addEventListener("mouseleave", () => { $("confusion-tip").hidden = true; });
+  canvas.addEventListener("wheel", heatWheel, { passive: false });
+  canvas.addEventListener("mousedown", heatDown);
+  window.addEventListener("mouseup", heatUp);
+  canvas.addEventListener("dblclick", heatReset);
+  $("confusion-reset").addEventListener("click", heatReset);
+  $("confusion-prev").addEventListener("click", heatStep(-1));
+  $("confusion-next").addEventListener("click", heatStep(1));
+  $("confusion-normalize").addEventListener("change", guarded(loadConfusionWindow));
+  $("confusion-start").addEventListener("change", guarded(async () => {
+    heat.start = Math.max(0, Number($("confusion-start").value) || 0);
+    heat.custom = null;
+    heat.view = null;
+    await loadConfusionWindow();
+  }));
+  window.addEventListener("resize", () => { if (heat.view && !$("run-view").hidden) drawHeatmap(); });
   $("compare-button").addEventListener("click", () => { location.hash = `compare=${[...selected].join(",")}`; });
   window.addEventListener("hashchange", route);
   route();
