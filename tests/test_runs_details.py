@@ -201,6 +201,7 @@ async def test_a_small_run_shows_everything_on_get_and_in_the_detail_endpoint(
         ("per_class", {"order": "up"}, 422, ["query", "order"]),
         ("per_class", {"limit": 0}, 422, ["query", "limit"]),
         ("per_class", {"offset": -1}, 422, ["query", "offset"]),
+        ("per_class", {"offset": 10**20}, 422, ["query", "offset"]),
         ("per_class", {"top": 3}, 422, ["query", "top"]),
         ("roc_curve", {}, 404, ["path", "name"]),
         ("nonsense", {}, 404, ["path", "name"]),
@@ -288,4 +289,35 @@ def test_migration_0003_moves_a_stored_dense_matrix_into_cells(database_url: str
     assert [(t["true"], t["pred"], t["count"]) for t in top["top"]] == [(2, 0, 4.0), (0, 1, 1.5)]
     with store.engine.begin() as connection:
         command.downgrade(alembic_config(connection), "0002")
+    with store.engine.connect() as connection:  # revision 0002's dense statistic again
+        raw = connection.execute(text("SELECT metric_state FROM runs")).scalar_one()
+    restored = json.loads(raw) if isinstance(raw, str) else raw
+    np.testing.assert_array_equal(np.asarray(restored["stats"]["confusion"]), dense)
     store.dispose()
+
+
+async def test_curves_over_the_response_limit_are_413(tmp_path: Path) -> None:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'r.db'}", max_response_bytes=1 << 20,
+        log_level="warning", backend="numpy",
+    )  # fmt: skip
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api,
+    ):
+        run_id, _ = await make_run(api, 10, batches(6, 10, 1, rows=400), ["pr_curve"], tags={})
+        r = await api.get(f"/v1/runs/{run_id}/metrics/pr_curve")
+        assert r.status_code == 200  # 10 classes × 1001 points × 3 ≈ 0.7 MB estimated
+        created = await api.post("/v1/runs", json={
+            "name": "fine", "loss": "cross_entropy", "metrics": ["pr_curve"],
+            "options": {"n_thresholds": 100_000},
+        })  # fmt: skip
+        fine = created.json()["id"]
+        part = batches(6, 10, 1, rows=400)[0]
+        body = {"batch_id": "b0", **{k: b64(v) for k, v in part.items()}}
+        assert (await api.post(f"/v1/runs/{fine}/batches", json=body)).status_code == 200
+        big = await api.get(f"/v1/runs/{fine}/metrics/pr_curve")
+        assert big.status_code == 413 and "fewer classes" in big.json()["detail"]
+        one = await api.get(f"/v1/runs/{fine}/metrics/pr_curve", params={"classes": "0"})
+        assert one.status_code == 413  # 100,001 points × 3 ≈ 7 MB, still over 1 MiB

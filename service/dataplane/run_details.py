@@ -31,6 +31,9 @@ RANKED = ("auroc", "average_precision")
 MAX_TOP = 1000
 MAX_CLASSES = 1000
 MAX_ROWS = 1000
+MAX_OFFSET = 2**31 - 1
+#: JSON bytes per number of a detail answer, for its size estimate (``0.3333333333333333,``).
+NUMBER_BYTES = 24
 DEFAULT_ROWS = 100
 PER_CLASS_COLUMNS = ("precision", "recall", "f1", "support")
 
@@ -131,8 +134,8 @@ def check_query(name: str, query: DetailQuery, num_classes: int, binary: bool) -
             raise _bad("classes", f"class ids are 0 to {num_classes - 1}")
     if query.limit is not None and not 1 <= query.limit <= MAX_ROWS:
         raise _bad("limit", f"must be between 1 and {MAX_ROWS}")
-    if query.offset < 0:
-        raise _bad("offset", "must be ≥ 0")
+    if not 0 <= query.offset <= MAX_OFFSET:
+        raise _bad("offset", f"must be between 0 and {MAX_OFFSET}")
     if query.order is not None and query.order not in ("asc", "desc"):
         raise _bad("order", "asc or desc")
 
@@ -268,8 +271,8 @@ def curves(
             raise _bad("classes", f"this run has {state.num_classes} classes: name at most "
                        f"{MAX_CLASSES} of them, e.g. classes=0,1,2")  # fmt: skip
         classes = range(state.num_classes)
-    value = state.compute(only=(name,))[name]
     ids = list(classes)
+    value = state.compute(only=(name,))[name]
     return {
         "name": name,
         "num_classes": state.num_classes,

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import pydantic
@@ -88,7 +88,7 @@ class CreateRunRequest(BaseModel):
         max_length=MAX_METRIC_NAMES,
         description="Metrics to aggregate (DESIGN §2 names).",
     )
-    class_names: list[str] | None = Field(
+    class_names: list[Annotated[str, Field(max_length=100)]] | None = Field(
         None, max_length=100_000, description="Display names of the classes (dashboard)."
     )
     tags: dict[str, str] = Field(
@@ -415,6 +415,13 @@ class RunsDataPlane:
                 return run_details.reliability(state)
             if name in ("roc_curve", "pr_curve"):
                 limit = self.settings.run_detail_max_classes
+                shown = len(query.classes) if query.classes is not None else state.num_classes
+                if shown <= max(limit, run_details.MAX_CLASSES):  # else 422 (name classes)
+                    points = shown * (state.n_thresholds + 1) * 3
+                    self.dataplane.check_response_size(
+                        {name: points * run_details.NUMBER_BYTES},
+                        "the curves (ask for fewer classes)",
+                    )
                 return run_details.curves(state, name, query.classes, limit)
             return {"name": name, "value": state.compute(only=(name,))[name]}
 
@@ -800,7 +807,8 @@ class RunsDataPlane:
         ids = list(range(c)) if query.classes is None else list(query.classes)
         if query.classes is None:
             self.dataplane.check_response_size(
-                {"confusion_matrix": 12 * c * c}, "the whole matrix (ask for top=K or classes=…)"
+                {"confusion_matrix": run_details.NUMBER_BYTES * c * c},
+                "the whole matrix (ask for top=K or classes=…)",
             )
         position = {k: i for i, k in enumerate(ids)}
         block = np.zeros((len(ids), len(ids)))
