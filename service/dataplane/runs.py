@@ -368,16 +368,16 @@ class RunsDataPlane:
         matrix and class names up to ``run_detail_max_classes`` classes)."""
         with _store_guard(), self.store.read() as session:
             run = self._load(session, run_id, principal)
-            answer = self._run_dict(run)
             state = self._state(run)
             limit = self.settings.run_detail_max_classes
             if state is None:
-                return answer
-            answer["metrics"] = run_details.small_metrics(state, limit)
+                return self._summary(run, None, {})
+            metrics = run_details.small_metrics(state, limit)
             softmax = state.family == "softmax"
             if softmax and "confusion_matrix" in state.names and state.num_classes <= limit:
-                answer["metrics"]["confusion_matrix"] = self._confusion_value(session, run, state)
-            return answer
+                whole = self._confusion_detail(session, run, state, run_details.DetailQuery())
+                metrics["confusion_matrix"] = whole["matrix"]
+            return self._summary(run, state, metrics)
 
     def run_metric(
         self,
@@ -780,13 +780,6 @@ class RunsDataPlane:
     def _state(run: Run) -> MetricState | None:
         return None if run.metric_state is None else MetricState.from_dict(run.metric_state)
 
-    def _confusion_value(self, session: Session, run: Run, state: MetricState) -> list[Any]:
-        """The dense C × C matrix from the run's cells (C ≤ ``run_detail_max_classes``)."""
-        dense = np.zeros((state.num_classes, state.num_classes))
-        for true, pred, weight in session.execute(_cells_of(run.pk)):
-            dense[true, pred] = weight
-        return dense.tolist()
-
     def _confusion_detail(
         self, session: Session, run: Run, state: MetricState, query: run_details.DetailQuery
     ) -> dict[str, Any]:
@@ -838,11 +831,17 @@ class RunsDataPlane:
 
     def _run_dict(self, run: Run) -> dict[str, Any]:
         """The run's summary: totals and scalar metrics, whatever its class count."""
-        reduction, normalization, unit = self._reduction(run)
-        metrics: dict[str, Any] = {}
         state = self._state(run)
+        metrics: dict[str, Any] = {}
         if state is not None:
             metrics = _scalar_metrics(state.compute(run_details.summary_names(state.names)))
+        return self._summary(run, state, metrics)
+
+    def _summary(
+        self, run: Run, state: MetricState | None, metrics: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The run's fields with ``metrics`` (computed once by the caller from ``state``)."""
+        reduction, normalization, unit = self._reduction(run)
         names, limit = run.class_names, self.settings.run_detail_max_classes
         return {
             "id": run.id,
