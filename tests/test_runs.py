@@ -687,3 +687,56 @@ async def test_openapi_documents_the_runs_api(api):
     params = {p["name"] for p in detail["parameters"]}
     assert {"normalize", "top", "classes", "sort", "order", "limit", "offset"} <= params
     assert "404" in detail["responses"] and "422" in detail["responses"]
+
+
+def test_a_push_to_a_known_run_is_one_transaction_and_replicas_still_see_close_and_delete(
+    database_url,
+):
+    """Pushes after the first skip the read (the run's configuration is kept per replica), yet
+    a run closed or deleted through another replica is refused under the run's lock, with
+    nothing counted; a run is found by its owner only, cached or not."""
+    from sqlalchemy import event
+
+    settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
+    stores = [Store(database_url) for _ in range(2)]
+    stores[0].upgrade()
+    one, two = (RunsDataPlane(settings, store) for store in stores)
+    transactions: list[int] = []
+    event.listen(stores[0].engine, "begin", lambda _connection: transactions.append(1))
+    batches = make_batches(14, [6, 7, 5, 4])
+    stream = [{"batch_id": f"b{i}", **b} for i, b in enumerate(batches)]
+
+    run = one.create_run(
+        {"name": "r", "loss": "cross_entropy", "metrics": ["accuracy"]}, principal="k1"
+    )
+    one.add_batch(run["id"], stream[0], principal="k1")
+    transactions.clear()
+    answer = one.add_batch(run["id"], stream[1], principal="k1")
+    assert len(transactions) == 1
+    counted = int(sum((b["targets"] != -100).sum() for b in batches[:2]))
+    assert answer["run"]["batches"] == 2 and answer["run"]["count"] == counted
+    assert answer["run"]["tags"] == {}
+    with pytest.raises(ServiceError) as stranger:
+        one.add_batch(run["id"], stream[2], principal="k2")
+    assert stranger.value.status_code == 404
+
+    two.close_run(run["id"], principal="k1")
+    with pytest.raises(ServiceError) as closed:
+        one.add_batch(run["id"], stream[2], principal="k1")
+    assert closed.value.status_code == 409
+    again = one.add_batch(run["id"], stream[1], principal="k1")  # a retry is still answered
+    assert again["duplicate"] and again["run"]["batches"] == 2
+
+    tagged = one.create_run(
+        {"name": "t", "loss": "cross_entropy", "metrics": [], "tags": {"team": "a"}}
+    )
+    one.add_batch(tagged["id"], stream[0])
+    assert one.add_batch(tagged["id"], stream[1])["run"]["tags"] == {"team": "a"}
+    assert one.add_batch(tagged["id"], stream[1])["run"]["tags"] == {"team": "a"}  # replayed
+    two.delete_run(tagged["id"])
+    with pytest.raises(ServiceError) as deleted:
+        one.add_batch(tagged["id"], stream[2])
+    assert deleted.value.status_code == 404
+    assert one.get_run(run["id"], principal="k1")["count"] == counted
+    for store in stores:
+        store.dispose()

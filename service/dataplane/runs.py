@@ -22,8 +22,10 @@ import base64
 import binascii
 import hashlib
 import math
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -33,11 +35,10 @@ from typing import Annotated, Any, Literal, TypeVar
 import numpy as np
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import Select, delete, exists, func, select, text
-from sqlalchemy.dialects import sqlite
+from sqlalchemy import Select, delete, exists, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 
 import ce_engine
 from ce_engine.errors import quoted
@@ -61,7 +62,7 @@ from service.errors import (
     ValidationFailed,
 )
 from service.schemas import BATCH_TENSORS, MAX_METRIC_NAMES, MAX_OPTION_KEYS
-from service.store import Batch, ConfusionCell, Run, RunTag, Store
+from service.store import Batch, ConfusionCell, Run, RunTag, Store, pushes
 from service.store.models import utcnow
 
 RunStatus = Literal["open", "closed"]
@@ -69,6 +70,7 @@ MAX_LIST_LIMIT = 500
 MAX_TAG_FILTERS = 32  # tag=k:v filters one listing may AND together (each is a subquery)
 MAX_SERIES_LIMIT = 10_000
 MAX_COMPARE = 20
+RUN_CONFIG_CACHE = 4096  # open runs whose configuration a replica keeps (pushes skip a read)
 
 
 class CreateRunRequest(BaseModel):
@@ -278,6 +280,62 @@ class BatchesSummary:
         }
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """What a push needs before it takes the run's lock: fixed at creation, so a replica may
+    keep it (``RunConfigCache``) for as long as the run is open."""
+
+    pk: int
+    owner: str | None
+    loss: str
+    options: Mapping[str, Any]
+    metrics: Sequence[str]
+    tags: Mapping[str, str]
+
+    @classmethod
+    def of(cls, run: Run) -> RunConfig:
+        return cls(
+            pk=run.pk,
+            owner=run.owner,
+            loss=run.loss,
+            options=dict(run.options),
+            metrics=list(run.metrics_requested),
+            tags={t.key: t.value for t in run.tags},
+        )
+
+
+class RunConfigCache:
+    """Least-recently-used ``run id → RunConfig`` of open runs, at most ``size`` entries.
+
+    Safe because a run's configuration never changes and its id is never reused: a run closed or
+    deleted elsewhere (another replica) is still found out under the run's lock, before anything
+    is written.
+    """
+
+    def __init__(self, size: int = RUN_CONFIG_CACHE) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, RunConfig] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, run_id: str) -> RunConfig | None:
+        with self._lock:
+            config = self._entries.get(run_id)
+            if config is not None:
+                self._entries.move_to_end(run_id)
+            return config
+
+    def put(self, run_id: str, config: RunConfig) -> None:
+        with self._lock:
+            self._entries[run_id] = config
+            self._entries.move_to_end(run_id)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def discard(self, run_id: str) -> None:
+        with self._lock:
+            self._entries.pop(run_id, None)
+
+
 class RunsDataPlane:
     """Create runs, add batches exactly once, read aggregates, series and comparisons.
 
@@ -299,6 +357,7 @@ class RunsDataPlane:
         self.dataplane = dataplane or DataPlane(settings)
         self.on_evaluate = on_evaluate
         self.on_batch = on_batch
+        self.configs = RunConfigCache()
 
     # ------------------------------------------------------------------ runs
 
@@ -483,6 +542,7 @@ class RunsDataPlane:
 
     def close_run(self, run_id: str, *, principal: str | None = None) -> dict[str, Any]:
         """Close the run (idempotent); later batches get 409."""
+        self.configs.discard(run_id)
         with _store_guard(), self.store.write() as session:
             run = self._load(session, run_id, principal, lock=True)
             if run.status != "closed":
@@ -492,6 +552,7 @@ class RunsDataPlane:
 
     def delete_run(self, run_id: str, *, principal: str | None = None) -> None:
         """Delete the run, its tags and its batches."""
+        self.configs.discard(run_id)
         with _store_guard(), self.store.write() as session:
             run = self._load(session, run_id, principal, lock=True)
             session.execute(delete(Batch).where(Batch.run_pk == run.pk))
@@ -544,6 +605,11 @@ class RunsDataPlane:
         The same ``batch_id`` with the same content (SHA-256 of the decoded tensors) answers the
         stored batch result again with ``duplicate: true`` and changes nothing; with different
         content it is a 409, as is any batch for a closed run.
+
+        One write transaction per batch when the run's configuration is cached (``configs``):
+        the batch is evaluated first, then the run is locked, the batch id checked and the
+        aggregates updated. Otherwise a read first finds the run (404), a replay or a closed run
+        before any evaluation.
         """
         request: AddBatchRequest = _parse(AddBatchRequest, payload, self.settings)
         arrays = {
@@ -565,32 +631,38 @@ class RunsDataPlane:
             {"logits": logits, "targets": targets, "sample_weight": sample_weight, **linear}
         )
 
-        with _store_guard(), self.store.read() as session:
-            run = self._load(session, run_id, principal)
-            replay = self._replay(session, run, request.batch_id, digest)
-            if replay is not None:
-                return replay
-            if run.status == "closed":
-                raise _closed(run_id)
+        config = self.configs.get(run_id)
+        if config is not None and principal is not None and config.owner != principal:
+            raise _not_found(run_id)
+        if config is None:
+            with _store_guard(), self.store.read() as session:
+                run = self._load(session, run_id, principal)
+                replay = self._replay(session, run, request.batch_id, digest)
+                if replay is not None:
+                    return replay
+                if run.status == "closed":
+                    raise _closed(run_id)
+                config = RunConfig.of(run)
+            self.configs.put(run_id, config)
 
         started = time.perf_counter()
         try:
             result = ce_engine.evaluate(
-                run.loss,
+                config.loss,
                 logits,
                 targets,
-                options=run.options,
+                options=config.options,
                 outputs=("loss",),
-                metrics=run.metrics_requested,
+                metrics=config.metrics,
                 sample_weight=sample_weight,
                 backend=self.settings.backend,
-                metric_values=run_details.summary_names(run.metrics_requested),
+                metric_values=run_details.summary_names(config.metrics),
                 **linear,
             )
         except ce_engine.EngineError as exc:
             raise engine_error(exc) from None
         if self.on_evaluate is not None:
-            self.on_evaluate(run.loss, result.backend, time.perf_counter() - started)
+            self.on_evaluate(config.loss, result.backend, time.perf_counter() - started)
         _refuse_non_finite(result, 0.0, 0.0, sample_weight is not None)
         state, cells = _split_cells(result.metric_state)
         batch_result = {
@@ -604,37 +676,53 @@ class RunsDataPlane:
 
         try:
             with _store_guard(), self.store.write() as session:
-                run = self._load(session, run_id, principal, lock=True)
-                replay = self._replay(session, run, request.batch_id, digest)
+                locked = pushes.lock_run(session, run_id, principal)
+                if locked is None:
+                    self.configs.discard(run_id)
+                    raise _not_found(run_id)
+                run = locked
+                replay = self._replay(session, run, request.batch_id, digest, config.tags)
                 if replay is not None:
                     return replay
                 if run.status == "closed":
+                    self.configs.discard(run_id)
                     raise _closed(run_id)
                 _refuse_non_finite(result, run.sum, run.denominator, sample_weight is not None)
                 merged = self._merge_state(run.metric_state, state)
                 if cells is not None:
-                    _add_cells(session, run.pk, cells)
-                run.batches += 1
-                batch = Batch(
-                    run_pk=run.pk,
-                    batch_id=request.batch_id,
-                    seq=run.batches,
-                    content_hash=digest,
-                    count=result.count,
-                    sum=result.sum,
-                    denominator=result.denominator,
-                    result=batch_result,
-                    created_at=utcnow(),
+                    pushes.add_cells(
+                        session,
+                        run.pk,
+                        cells.rows.tolist(),
+                        cells.cols.tolist(),
+                        cells.weight.tolist(),
+                    )
+                row = {
+                    "run_pk": run.pk,
+                    "batch_id": request.batch_id,
+                    "seq": run.batches + 1,
+                    "content_hash": digest,
+                    "count": result.count,
+                    "sum": result.sum,
+                    "denominator": result.denominator,
+                    "result": batch_result,
+                    "created_at": utcnow(),
+                }
+                pushes.insert_batch(session, row)
+                totals = {
+                    "batches": row["seq"],
+                    "count": run.count + result.count,
+                    "ignored": run.ignored + result.ignored,
+                    "sum": run.sum + result.sum,
+                    "denominator": run.denominator + result.denominator,
+                    "metric_state": None if merged is None else merged.to_dict(),
+                    "updated_at": row["created_at"],
+                }
+                pushes.update_totals(session, run, totals)
+                batch = Batch(**row)
+                answer = self._batch_answer(
+                    run, batch, duplicate=False, state=merged, tags=config.tags
                 )
-                session.add(batch)
-                run.count += result.count
-                run.ignored += result.ignored
-                run.sum += result.sum
-                run.denominator += result.denominator
-                run.metric_state = merged
-                run.updated_at = batch.created_at
-                session.flush()
-                answer = self._batch_answer(run, batch, duplicate=False)
         except IntegrityError:
             # Another writer inserted this (run, batch_id) first (only possible where the run
             # lock is not exclusive): answer as for any retry of that batch.
@@ -718,40 +806,56 @@ class RunsDataPlane:
     # --------------------------------------------------------------- helpers
 
     @staticmethod
-    def _load(session: Session, run_id: str, principal: str | None, *, lock: bool = False) -> Run:
+    def _load(
+        session: Session,
+        run_id: str,
+        principal: str | None,
+        *,
+        lock: bool = False,
+        tags: bool = True,
+    ) -> Run:
+        """The run (404 if missing or not ``principal``'s), row-locked with ``lock``; with
+        ``tags`` False its tags are loaded only if touched."""
         query = _owned(select(Run), principal).where(Run.id == run_id)
         if lock:
             query = query.with_for_update()
+        if not tags:
+            query = query.options(lazyload(Run.tags))
         run = session.scalars(query).one_or_none()
         if run is None:
             raise _not_found(run_id)
         return run
 
     def _replay(
-        self, session: Session, run: Run, batch_id: str, digest: str
+        self,
+        session: Session,
+        run: Run,
+        batch_id: str,
+        digest: str,
+        tags: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | None:
-        existing = session.scalars(
-            select(Batch).where(Batch.run_pk == run.pk, Batch.batch_id == batch_id)
-        ).one_or_none()
+        """The stored answer again when ``batch_id`` is stored with this content, 409 when with
+        other content, None when new."""
+        existing = pushes.find_batch(session, run.pk, batch_id)
         if existing is None:
             return None
         if existing.content_hash != digest:
             raise _content_conflict(batch_id)
         if self.on_batch is not None:
             self.on_batch("duplicate")
-        return self._batch_answer(run, existing, duplicate=True)
+        return self._batch_answer(run, existing, duplicate=True, tags=tags)
 
     @staticmethod
     def _merge_state(
         stored: dict[str, Any] | None, state: MetricState | None
-    ) -> dict[str, Any] | None:
+    ) -> MetricState | None:
+        """The run's stored state plus the batch's (422 when they do not fit together)."""
         if state is None:
-            return stored
+            return None if stored is None else MetricState.from_dict(stored)
         if stored is None:
-            merged: dict[str, Any] = state.to_dict()
-            return merged
+            return state
         try:
-            merged = MetricState.from_dict(stored).merge(state).to_dict()
+            merged = MetricState.from_dict(stored).merge(state)
         except (ValueError, TypeError, KeyError) as exc:
             raise ValidationFailed(
                 f"this batch's metrics cannot be merged into the run: {exc}",
@@ -759,14 +863,23 @@ class RunsDataPlane:
             ) from None
         return merged
 
-    def _batch_answer(self, run: Run, batch: Batch, *, duplicate: bool) -> dict[str, Any]:
+    def _batch_answer(
+        self,
+        run: Run,
+        batch: Batch,
+        *,
+        duplicate: bool,
+        state: MetricState | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """``state``: the run's parsed state when the caller has it; ``tags``: likewise."""
         return {
             "run_id": run.id,
             "batch_id": batch.batch_id,
             "seq": batch.seq,
             "duplicate": duplicate,
             "batch": dict(batch.result),
-            "run": self._run_dict(run),
+            "run": self._run_dict(run, state, tags),
         }
 
     @staticmethod
@@ -829,18 +942,30 @@ class RunsDataPlane:
             query = query.where(cell.true_class.in_(classes))
         return {int(t): float(w) for t, w in session.execute(query)}
 
-    def _run_dict(self, run: Run) -> dict[str, Any]:
-        """The run's summary: totals and scalar metrics, whatever its class count."""
-        state = self._state(run)
+    def _run_dict(
+        self,
+        run: Run,
+        state: MetricState | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The run's summary: totals and scalar metrics, whatever its class count (``state``:
+        the run's parsed state when the caller has it)."""
+        if state is None:
+            state = self._state(run)
         metrics: dict[str, Any] = {}
         if state is not None:
             metrics = _scalar_metrics(state.compute(run_details.summary_names(state.names)))
-        return self._summary(run, state, metrics)
+        return self._summary(run, state, metrics, tags)
 
     def _summary(
-        self, run: Run, state: MetricState | None, metrics: dict[str, Any]
+        self,
+        run: Run,
+        state: MetricState | None,
+        metrics: dict[str, Any],
+        tags: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """The run's fields with ``metrics`` (computed once by the caller from ``state``)."""
+        """The run's fields with ``metrics`` (computed once by the caller from ``state``);
+        ``tags`` given spares loading them."""
         reduction, normalization, unit = self._reduction(run)
         names, limit = run.class_names, self.settings.run_detail_max_classes
         return {
@@ -851,7 +976,7 @@ class RunsDataPlane:
             "options": run.options,
             "metrics_requested": run.metrics_requested,
             "class_names": names if names is not None and len(names) <= limit else None,
-            "tags": {t.key: t.value for t in run.tags},
+            "tags": dict(tags) if tags is not None else {t.key: t.value for t in run.tags},
             "created_at": _isoformat(run.created_at),
             "updated_at": _isoformat(run.updated_at),
             "closed_at": _isoformat(run.closed_at),
@@ -884,49 +1009,6 @@ def _split_cells(state: MetricState | None) -> tuple[MetricState | None, Cells |
 def _cells_of(run_pk: int) -> Select[int, int, float]:
     cell = ConfusionCell
     return select(cell.true_class, cell.pred_class, cell.weight).where(cell.run_pk == run_pk)
-
-
-def _add_cells(session: Session, run_pk: int, cells: Cells) -> None:
-    """Upsert the batch's cells: weight += the batch's sum (O(cells), not O(C²)). The caller
-    holds the run's lock, so cells are added in batch order, as a dense sum would be.
-    PostgreSQL gets one ``INSERT … SELECT unnest(arrays)``; SQLite one Core executemany."""
-    if cells.index.size == 0:
-        return
-    connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        connection.execute(
-            _UNNEST_UPSERT,
-            {
-                "run_pk": run_pk,
-                "t": cells.rows.tolist(),
-                "p": cells.cols.tolist(),
-                "w": cells.weight.tolist(),
-            },
-        )
-        return
-    rows = [
-        {"run_pk": run_pk, "true_class": t, "pred_class": p, "weight": w}
-        for t, p, w in zip(
-            cells.rows.tolist(), cells.cols.tolist(), cells.weight.tolist(), strict=True
-        )
-    ]
-    statement = sqlite.insert(ConfusionCell)
-    connection.execute(
-        statement.on_conflict_do_update(
-            index_elements=["run_pk", "true_class", "pred_class"],
-            set_={"weight": ConfusionCell.weight + statement.excluded.weight},
-        ),
-        rows,
-    )
-
-
-_UNNEST_UPSERT = text(
-    "INSERT INTO confusion_cells (run_pk, true_class, pred_class, weight) "
-    "SELECT :run_pk, u.t, u.p, u.w FROM unnest(CAST(:t AS integer[]), CAST(:p AS integer[]), "
-    "CAST(:w AS double precision[])) AS u(t, p, w) "
-    "ON CONFLICT (run_pk, true_class, pred_class) "
-    "DO UPDATE SET weight = confusion_cells.weight + excluded.weight"
-)
 
 
 def _run_value(

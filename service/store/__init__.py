@@ -8,8 +8,9 @@ SQLite (the default, one file in WAL mode) serves one process; PostgreSQL
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,11 @@ class Store:
         self._write = sessionmaker(
             self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False
         )
+        # SQLite has one writer at a time: this process's writers queue here, woken as soon as
+        # the last commits, instead of polling the file lock (``busy_timeout`` sleeps).
+        self._writer: AbstractContextManager[Any] = (
+            threading.Lock() if self.dialect == "sqlite" else nullcontext()
+        )
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -148,7 +154,7 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """One transaction; committed on success, rolled back on any exception."""
-        with self._write() as session, session.begin():
+        with self._writer, self._write() as session, session.begin():
             yield session
 
     def upgrade(self, revision: str = "head") -> None:

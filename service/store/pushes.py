@@ -1,0 +1,89 @@
+"""The statements of a batch push, in SQLAlchemy Core: the hot path of every run, so no unit of
+work and no identity map. Rows come back as detached ``Run`` / ``Batch`` objects (plain values;
+nothing is written unless these functions write it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import orjson
+from sqlalchemy import Table, bindparam, insert, select, text, update
+from sqlalchemy.orm import Session
+
+from service.store.models import Batch, Run
+
+RUNS = cast(Table, Run.__table__)
+BATCHES = cast(Table, Batch.__table__)
+
+#: Columns a push changes on the run's row.
+TOTALS = ("batches", "count", "ignored", "sum", "denominator", "metric_state", "updated_at")
+
+# Built once (these run on every push): statements with bound parameters.
+_LOCK_RUN = select(RUNS).where(RUNS.c.id == bindparam("run_id")).with_for_update()
+_LOCK_OWNED_RUN = _LOCK_RUN.where(RUNS.c.owner == bindparam("owner"))
+_FIND_BATCH = select(BATCHES).where(
+    BATCHES.c.run_pk == bindparam("run_pk"), BATCHES.c.batch_id == bindparam("batch_id")
+)
+_UPDATE_TOTALS = update(RUNS).where(RUNS.c.pk == bindparam("run_pk"))
+_UNNEST_UPSERT = text(
+    "INSERT INTO confusion_cells (run_pk, true_class, pred_class, weight) "
+    "SELECT :run_pk, u.t, u.p, u.w FROM unnest(CAST(:t AS integer[]), CAST(:p AS integer[]), "
+    "CAST(:w AS double precision[])) AS u(t, p, w) "
+    "ON CONFLICT (run_pk, true_class, pred_class) "
+    "DO UPDATE SET weight = confusion_cells.weight + excluded.weight"
+)
+# SQLite: the cells as one JSON array of [true, pred, weight] (``WHERE true``: SQLite's parser
+# needs it between a SELECT and ON CONFLICT). Floats round-trip exactly through JSON text.
+_JSON_EACH_UPSERT = text(
+    "INSERT INTO confusion_cells (run_pk, true_class, pred_class, weight) "
+    "SELECT :run_pk, json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), "
+    "json_extract(j.value, '$[2]') FROM json_each(:cells) AS j WHERE true "
+    "ON CONFLICT (run_pk, true_class, pred_class) "
+    "DO UPDATE SET weight = confusion_cells.weight + excluded.weight"
+)
+
+
+def lock_run(session: Session, run_id: str, principal: str | None) -> Run | None:
+    """The run's row, locked for the transaction (``FOR UPDATE``; SQLite's writer lock is the
+    transaction's), or None when missing or not ``principal``'s (None: any run)."""
+    query, params = _LOCK_RUN, {"run_id": run_id}
+    if principal is not None:
+        query, params = _LOCK_OWNED_RUN, {**params, "owner": principal}
+    row = session.connection().execute(query, params).mappings().one_or_none()
+    return None if row is None else Run(**row)
+
+
+def find_batch(session: Session, run_pk: int, batch_id: str) -> Batch | None:
+    """The run's batch with this idempotency key, if stored."""
+    params = {"run_pk": run_pk, "batch_id": batch_id}
+    row = session.connection().execute(_FIND_BATCH, params).mappings().one_or_none()
+    return None if row is None else Batch(**row)
+
+
+def insert_batch(session: Session, row: dict[str, Any]) -> None:
+    """One batch row (``IntegrityError`` when its ``(run_pk, batch_id)`` exists)."""
+    session.connection().execute(insert(BATCHES), row)
+
+
+def update_totals(session: Session, run: Run, totals: dict[str, Any]) -> None:
+    """Write ``totals`` (the ``TOTALS`` columns) to the run's row and to ``run``."""
+    session.connection().execute(_UPDATE_TOTALS, {"run_pk": run.pk, **totals})
+    for name, value in totals.items():
+        setattr(run, name, value)
+
+
+def add_cells(session: Session, run_pk: int, rows: Any, cols: Any, weights: Any) -> None:
+    """Upsert confusion cells: weight += the batch's sum (O(cells), not O(C²)). The caller
+    holds the run's lock, so cells are added in batch order, as a dense sum would be.
+    One statement: PostgreSQL ``INSERT … SELECT unnest(arrays)``, SQLite ``… json_each(array)``."""
+    if len(rows) == 0:
+        return
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        connection.execute(
+            _UNNEST_UPSERT, {"run_pk": run_pk, "t": list(rows), "p": list(cols), "w": list(weights)}
+        )
+        return
+    cells = orjson.dumps(list(zip(rows, cols, weights, strict=True))).decode()
+    connection.execute(_JSON_EACH_UPSERT, {"run_pk": run_pk, "cells": cells})
