@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import math
 import tracemalloc
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -274,6 +275,43 @@ def test_peak_memory_stays_below_the_logits():
 # ---- metrics, chunk by chunk -----------------------------------------------------------------
 
 LINEAR_METRICS = ["accuracy", "top_k_accuracy", "nll", "perplexity", "entropy", "ece", "brier"]
+
+
+def traced_peak(run: Callable[[], object]) -> int:
+    """tracemalloc's peak of ``run()`` in bytes (NumPy reports its buffers to it)."""
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(("n", "c"), [(512, 4000), (2048, 4000), (512, 16000)])
+def test_metrics_add_at_most_a_chunk_and_o_of_n_plus_c_to_the_peak(n: int, c: int) -> None:
+    """The metrics reduce inside the row chunks: extra peak ≤ two float64 chunks + 32 (N + C)
+    bytes, nowhere near the N·C logits."""
+    chunk = 1 << 16
+    x = RNG.standard_normal((n, 32)).astype(np.float32)
+    w = RNG.standard_normal((c, 32)).astype(np.float32)
+    y = RNG.integers(0, c, size=n)
+
+    def evaluate(metrics: list[str]) -> Callable[[], object]:
+        return lambda: ce_engine.evaluate(
+            "linear_cross_entropy",
+            None,
+            y,
+            features=x,
+            weight=w,
+            options={"chunk_elements": chunk, "top_k": [5]},
+            outputs=["grad_features", "grad_weight", "grad_bias"],
+            metrics=metrics,
+        )
+
+    without = traced_peak(evaluate([]))
+    with_metrics = traced_peak(evaluate(LINEAR_METRICS))
+    assert with_metrics - without <= 2 * chunk * 8 + 32 * (n + c)
+    assert with_metrics < 0.25 * n * c * 4 + 2 * w.nbytes + x.nbytes
 
 
 @pytest.mark.filterwarnings("ignore:.k. .* greater than or equal to .n_classes.")

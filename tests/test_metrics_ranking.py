@@ -163,6 +163,9 @@ def test_softmax_one_vs_rest_equals_sklearn(weighted: bool) -> None:
     assert m["auroc"]["macro"] == pytest.approx(
         roc_auc_score(y, p, multi_class="ovr", average="macro", sample_weight=w), abs=1e-12
     )
+    assert m["average_precision"]["macro"] == pytest.approx(
+        average_precision_score(y, p, average="macro", sample_weight=w), abs=1e-12
+    )
     for c in range(5):
         hit = (y == c).astype(int)
         assert m["auroc"]["per_class"][c] == pytest.approx(
