@@ -524,6 +524,91 @@ def test_dashboard_draws_roc_and_pr_curves_of_chosen_classes(tmp_path, serve, br
     assert severe_console_messages(browser) == []
 
 
+def test_dashboard_shows_a_multi_label_run_auroc_ap_per_label_and_its_curves(
+    tmp_path, serve, browser
+):
+    """A binary_cross_entropy run: the list's AUROC / AP columns (macro; "–" for a run without
+    them), the per-label table with AUROC and AP, and ROC / PR curves of chosen labels."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    metrics = ["accuracy", "auroc", "average_precision", "roc_curve", "pr_curve", "f1"]
+    metrics += ["precision", "recall", "support"]
+    created = httpx.post(
+        f"{server.url}/v1/runs",
+        json={"name": "tagger", "loss": "binary_cross_entropy", "metrics": metrics,
+              "options": {"n_thresholds": 50}},
+    ).json()  # fmt: skip
+    rng = np.random.default_rng(23)
+    for i in range(3):
+        logits = rng.standard_normal((40, 3)) * 2
+        labels = (rng.random((40, 3)) < 1 / (1 + np.exp(-logits))).astype(np.float64)
+        body = {"batch_id": f"{i}", "logits": as_base64(logits), "targets": as_base64(labels)}
+        answer = httpx.post(f"{server.url}/v1/runs/{created['id']}/batches", json=body)
+        assert answer.status_code == 200, answer.text
+    run = httpx.get(f"{server.url}/v1/runs/{created['id']}").json()
+    softmax = push_run(server, "softmax", 3, batches=1, metrics=["accuracy"])
+
+    browser.get(f"{server.url}/dashboard")
+    wait_ready(browser, "runs")
+
+    def cells(run_id: str) -> dict[str, str]:
+        row = browser.find_element("css selector", f"#runs-table tr[data-run-id='{run_id}']")
+        return {
+            th.text: td.text
+            for th, td in zip(
+                browser.find_elements("css selector", "#runs-table thead th"),
+                row.find_elements("tag name", "td"),
+                strict=True,
+            )
+        }
+
+    assert cells(run["id"])["AUROC"] == metric_text(run["metrics"]["auroc"]["macro"])
+    assert cells(run["id"])["AP"] == metric_text(run["metrics"]["average_precision"]["macro"])
+    assert cells(softmax["id"])["AUROC"] == cells(softmax["id"])["AP"] == "–"
+
+    browser.get(f"{server.url}/dashboard#run={run['id']}")
+    wait_ready(browser, "run")
+    header = [th.text for th in browser.find_elements("css selector", "#per-class-table thead th")]
+    assert header[0].startswith("class") and {"AUROC", "AP", "F1"} <= set(header)
+    rows = browser.find_elements("css selector", "#per-class-table tbody tr")
+    assert [r.find_element("tag name", "th").text for r in rows] == ["0", "1", "2"]
+    auroc_column = header.index("AUROC") - 1
+    assert [r.find_elements("tag name", "td")[auroc_column].text for r in rows] == [
+        metric_text(v) for v in run["metrics"]["auroc"]["per_class"]
+    ]
+
+    url = f"{server.url}/v1/runs/{run['id']}/metrics"
+
+    def drawn(chart: str) -> list[list[list[float]]]:
+        points: list[list[list[float]]] = browser.execute_script(
+            "return Chart.getChart(arguments[0]).data.datasets"
+            ".map(d => d.data.map(p => [p.x, p.y]))",
+            chart,
+        )
+        return points
+
+    for name, chart, (x, y) in (
+        ("roc_curve", "roc-chart", ("fpr", "tpr")),
+        ("pr_curve", "pr-chart", ("recall", "precision")),
+    ):
+        value = httpx.get(f"{url}/{name}").json()["value"]
+        assert len(value) == 3
+        assert drawn(chart) == [[list(p) for p in zip(v[x], v[y], strict=True)] for v in value]
+    field = browser.find_element("id", "curves-classes")
+    field.clear()
+    field.send_keys("1")
+    browser.find_element("css selector", "#curves-form button[type=submit]").click()
+    pr = httpx.get(f"{url}/pr_curve?classes=1").json()["value"][0]
+    WebDriverWait(browser, 10).until(
+        lambda _: (
+            drawn("pr-chart")
+            == [[list(p) for p in zip(pr["recall"], pr["precision"], strict=True)]]
+        )
+    )
+    assert severe_console_messages(browser) == []
+
+
 # ------------------------------------------------------------------------------ large C
 
 

@@ -135,6 +135,11 @@ function runRow(run) {
   // Runs may share a name: the id's tail and the creation time tell them apart.
   const suffix = el("span", { class: "run-id", title: run.id, text: ` …${run.id.slice(-6)}` });
   const accuracy = run.metrics && typeof run.metrics.accuracy === "number" ? run.metrics.accuracy : null;
+  // Ranking metrics are {macro, per_class}; a run's summary carries the macro ("–" without).
+  const macro = (name) => {
+    const value = run.metrics ? run.metrics[name] : null;
+    return value && typeof value === "object" && typeof value.macro === "number" ? value.macro : null;
+  };
   return el("tr", { "data-run-id": run.id },
     el("td", {}, check),
     el("td", {}, link, suffix),
@@ -146,6 +151,8 @@ function runRow(run) {
     el("td", { class: "num", text: fmt(run.count) }),
     el("td", { class: "num", text: fmtMetric(run.value) }),
     el("td", { class: "num", text: fmtMetric(accuracy) }),
+    el("td", { class: "num", text: fmtMetric(macro("auroc")) }),
+    el("td", { class: "num", text: fmtMetric(macro("average_precision")) }),
     el("td", { text: when(run.created_at) }),
     el("td", { text: when(run.updated_at) }),
   );
