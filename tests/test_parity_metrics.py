@@ -3,7 +3,8 @@
 Binned ranking metrics (a run's state) against torchmetrics ``thresholds=T`` and torcheval
 ``BinaryBinnedAUROC`` / ``BinaryBinnedAUPRC(threshold=T)``; exact ones against torchmetrics
 without thresholds and torcheval ``BinaryAUROC`` / ``BinaryAUPRC`` / ``Multi*AUPRC``; ROC and
-PR curve points at the same thresholds; threshold metrics (precision, recall, F1 and its
+PR curve points at the same thresholds; weighted tied AUROC, ``ignore_index`` and spatial
+labels; threshold metrics (precision, recall, F1 and its
 averages, exact match, confusion matrices, top-k accuracy), calibration, perplexity and the
 log losses where the definitions match. torchmetrics returns float32, hence the 1e-7 to 1e-6
 tolerances.
@@ -259,6 +260,20 @@ def test_exact_ranking_equals_torcheval() -> None:
     )
 
 
+def test_weighted_exact_auroc_with_ties_equals_torcheval() -> None:
+    """``sample_weight`` on logits with many ties: torcheval ``BinaryAUROC(weight=…)``."""
+    z = RNG.integers(-4, 5, size=(N, L)) / 2.0
+    y = (RNG.random((N, L)) < 0.4).astype(np.float64)
+    w = RNG.uniform(0.1, 3.0, size=N)
+    m = ce_engine.evaluate("binary_cross_entropy", z, y, metrics=["auroc"], sample_weight=w)
+    for label in range(L):
+        auroc = torcheval_metrics.BinaryAUROC()
+        auroc.update(torch.tensor(z[:, label]), torch.tensor(y[:, label]), weight=torch.tensor(w))
+        assert m.metrics["auroc"]["per_class"][label] == pytest.approx(
+            float(auroc.compute()), abs=1e-12
+        )
+
+
 def softmax_batch(classes: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits, probabilities, class ids drawn from them)."""
     z = RNG.standard_normal((N, classes)) * 2
@@ -453,3 +468,42 @@ def test_linear_cross_entropy_metrics_equal_the_peers_on_the_full_logits() -> No
     assert m["perplexity"] == pytest.approx(float(perplexity.compute()), rel=1e-12)
     entropy = torch.distributions.Categorical(logits=logits).entropy().mean()
     assert m["entropy"] == pytest.approx(float(entropy), rel=1e-12)
+
+
+def test_ignore_index_and_spatial_labels_equal_torchmetrics() -> None:
+    """Softmax ``ignore_index`` (torchmetrics ``ignore_index=-100``), exact and binned; binary
+    logits (N, d, L) against torchmetrics' (N, L, d) layout, extra axes pooled."""
+    z, _, y = softmax_batch(4)
+    y[::7] = -100
+    res = ce_engine.evaluate(
+        "cross_entropy",
+        z,
+        y,
+        metrics=["accuracy", "macro_f1", "auroc", "ece"],
+        options={"n_thresholds": 100},
+    )
+    assert res.metric_state is not None
+    binned = res.metric_state.compute()
+    preds, target = torch.softmax(torch.tensor(z), -1), torch.tensor(y)
+    keep = {"ignore_index": -100}
+    peers = {
+        "accuracy": classification.MulticlassAccuracy(4, average="micro", **keep),
+        "macro_f1": classification.MulticlassF1Score(4, average="macro", **keep),
+        "ece": classification.MulticlassCalibrationError(4, n_bins=15, **keep),
+    }
+    for name, peer in peers.items():
+        assert res.metrics[name] == pytest.approx(float(peer(preds, target)), abs=1e-6), name
+    exact = classification.MulticlassAUROC(4, average=None, **keep)(preds, target)
+    np.testing.assert_allclose(res.metrics["auroc"]["per_class"], exact.numpy(), atol=2e-7)
+    peer = classification.MulticlassAUROC(4, average=None, thresholds=100, **keep)
+    np.testing.assert_allclose(binned["auroc"]["per_class"], peer(preds, target).numpy(), atol=2e-7)
+
+    z3 = RNG.standard_normal((40, 5, L)) * 2
+    y3 = (RNG.random((40, 5, L)) < 1 / (1 + np.exp(-z3))).astype(np.float64)
+    m = ce_engine.evaluate("binary_cross_entropy", z3, y3, metrics=["auroc", "macro_f1"]).metrics
+    preds = torch.sigmoid(torch.tensor(z3)).permute(0, 2, 1)
+    target = torch.tensor(y3).long().permute(0, 2, 1)
+    auroc = classification.MultilabelAUROC(L, average=None)(preds, target)
+    np.testing.assert_allclose(m["auroc"]["per_class"], auroc.numpy(), atol=2e-7)
+    f1 = classification.MultilabelF1Score(L, average="macro")(preds, target)
+    assert m["macro_f1"] == pytest.approx(float(f1), abs=2e-7)
