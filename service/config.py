@@ -162,6 +162,22 @@ class Settings(BaseSettings):
         ),
     )
 
+    shared_memory: bool = Field(
+        False,
+        description=(
+            "Serve Triton's system shared-memory extension (/v2/systemsharedmemory, tensors "
+            "named by region over OIP and gRPC) to clients on this host; see SECURITY.md."
+        ),
+    )
+    shared_memory_max_regions: int = Field(
+        16, ge=1, description="Shared memory: regions one API key may have registered at once."
+    )
+    shared_memory_max_bytes: int = Field(
+        1024**3,
+        ge=1,
+        description="Shared memory: total bytes of the regions one API key may have registered.",
+    )
+
     @field_validator("cpu_threads", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -17,6 +17,12 @@ come back as the output ``metrics``: BYTES, shape [1], its one element the metri
 (binary: Triton's BYTES layout, a 4-byte little-endian length then the bytes). Under
 ``nan_policy`` propagate / omit, ``non_finite`` (same form) lists the non-finite positions, as
 REST's ``non_finite``. Naming either in ``outputs`` only sets its ``binary_data`` flag.
+
+System shared memory (Triton's extension; regions registered under ``/v2/systemsharedmemory``,
+:mod:`service.shared_memory`): an input whose ``parameters`` hold ``shared_memory_region``,
+``shared_memory_byte_size`` (exactly its shape's bytes) and optionally ``shared_memory_offset``
+is read from that region instead of ``data``; an output with them is written there, and the
+answer lists it by name, datatype and shape only.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from service.config import Settings
 from service.dataplane.evaluate import parse_evaluate_request
 from service.errors import MalformedBody, ValidationFailed
 from service.schemas import EvaluateRequest
+from service.shared_memory import RegionAccess, TensorRef, check_region_name, non_negative_int
 
 HEADER_LENGTH = "inference-header-content-length"
 #: The BYTES outputs holding JSON text: the metrics, and (nan_policy propagate / omit) which
@@ -75,6 +82,9 @@ class InferRequest:
     request_id: str | None
     outputs: list[str]
     binary_outputs: set[str] = field(default_factory=set)
+    #: Outputs to write into shared memory (Triton's ``shared_memory_region`` parameters).
+    shared_outputs: dict[str, TensorRef] = field(default_factory=dict)
+    regions: RegionAccess | None = None
 
 
 def split_body(body: bytes | memoryview, header_length: str | None) -> tuple[Any, memoryview]:
@@ -105,8 +115,64 @@ def split_body(body: bytes | memoryview, header_length: str | None) -> tuple[Any
     return header, view[size:]
 
 
+SHM_REGION = "shared_memory_region"
+
+
+def shared_memory_ref(parameters: Any, loc: tuple[str | int, ...]) -> TensorRef | None:
+    """Triton's ``{shared_memory_region, shared_memory_byte_size, shared_memory_offset?}``
+    tensor parameters → :class:`TensorRef` (None without a region; 422 naming the bad one)."""
+    if not isinstance(parameters, dict) or SHM_REGION not in parameters:
+        return None
+    region = check_region_name(parameters[SHM_REGION], (*loc, SHM_REGION))
+    size_loc = (*loc, "shared_memory_byte_size")
+    if "shared_memory_byte_size" not in parameters:
+        raise _invalid(size_loc, "required with shared_memory_region", "missing")
+    byte_size = non_negative_int(parameters["shared_memory_byte_size"], size_loc)
+    offset_loc = (*loc, "shared_memory_offset")
+    offset = non_negative_int(parameters.get("shared_memory_offset", 0), offset_loc)
+    return TensorRef(region, offset, byte_size, loc)
+
+
+def _decode_shared_input(
+    item: dict[str, Any],
+    ref: TensorRef,
+    loc: tuple[str | int, ...],
+    regions: RegionAccess | None,
+    max_elements: int,
+) -> np.ndarray:
+    """An input held in shared memory: its declared byte size must be its shape's, exactly."""
+    also = "data" if "data" in item else "binary_data_size"
+    if also in item or also in item["parameters"]:
+        raise _invalid(
+            (*loc, also),
+            f"an input sets one of 'data', 'binary_data_size', '{SHM_REGION}'; this one also "
+            f"sets {also!r}",
+            "conflict",
+        )
+    if regions is None:
+        raise _invalid(ref.loc, "shared memory tensors are not served on this endpoint")
+    datatype, shape = item["datatype"], item["shape"]
+    count = check_shape(shape, loc, max_elements)
+    expected = count * DATATYPES[datatype].itemsize
+    if ref.byte_size != expected:
+        raise _invalid(
+            (*ref.loc, "shared_memory_byte_size"),
+            f"{ref.byte_size} bytes declared; shape {shape} of {datatype} holds {expected}",
+            "byte_length",
+        )
+    raw = regions.read(ref)
+    return from_bytes(
+        raw.data, _WIRE_NAMES.get(datatype, datatype.lower()), shape, loc, max_elements
+    )
+
+
 def _decode_input(
-    item: Any, index: int, binary: memoryview, offset: int, max_elements: int
+    item: Any,
+    index: int,
+    binary: memoryview,
+    offset: int,
+    max_elements: int,
+    regions: RegionAccess | None = None,
 ) -> tuple[str, np.ndarray, int]:
     loc: tuple[str | int, ...] = ("inputs", index)
     if not isinstance(item, dict):
@@ -128,6 +194,9 @@ def _decode_input(
     if not isinstance(shape, list):
         raise _invalid((*loc, "shape"), "shape must be a list of dimensions")
     parameters = item.get("parameters") or {}
+    ref = shared_memory_ref(parameters, (*loc, "parameters"))
+    if ref is not None:
+        return name, _decode_shared_input(item, ref, loc, regions, max_elements), offset
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -220,9 +289,17 @@ def json_data_array(
 
 
 def parse_infer_request(
-    loss: str, body: bytes | memoryview, header_length: str | None, settings: Settings
+    loss: str,
+    body: bytes | memoryview,
+    header_length: str | None,
+    settings: Settings,
+    regions: RegionAccess | None = None,
 ) -> InferRequest:
-    """Infer request bytes → :class:`InferRequest` (400 malformed, 413 too large, 422 invalid)."""
+    """Infer request bytes → :class:`InferRequest` (400 malformed, 413 too large, 422 invalid).
+
+    Inputs with ``shared_memory_region`` parameters are read from ``regions`` (the caller's
+    registered regions); outputs with them are checked to name a region now and written there
+    by :func:`encode_infer_response`."""
     header, binary = split_body(body, header_length)
     inputs = header.get("inputs")
     if not isinstance(inputs, list):
@@ -230,7 +307,9 @@ def parse_infer_request(
     payload: dict[str, Any] = {"loss": loss, "logits": None, "targets": None}
     offset = 0
     for index, item in enumerate(inputs):
-        name, array, offset = _decode_input(item, index, binary, offset, settings.max_elements)
+        name, array, offset = _decode_input(
+            item, index, binary, offset, settings.max_elements, regions
+        )
         payload[name] = array
     if offset != len(binary):
         raise _invalid(
@@ -256,6 +335,7 @@ def parse_infer_request(
     all_binary = parameters.get("binary_data_output") is True
     outputs: list[str] = []
     binary_outputs: set[str] = set()
+    shared_outputs: dict[str, TensorRef] = {}
     requested = header.get("outputs") or []
     if not isinstance(requested, list):
         raise _invalid(("outputs",), "outputs must be a list of {name, parameters?}")
@@ -265,7 +345,19 @@ def parse_infer_request(
             raise _invalid(("outputs", index, "name"), "an output needs a name")
         out_params = item.get("parameters") or {}
         binary_flag = out_params.get("binary_data") if isinstance(out_params, dict) else None
-        if binary_flag is True or (binary_flag is None and all_binary):
+        ref = shared_memory_ref(out_params, ("outputs", index, "parameters"))
+        if ref is not None:
+            if binary_flag is True:
+                raise _invalid(
+                    ("outputs", index, "parameters", "binary_data"),
+                    f"an output sets '{SHM_REGION}' or 'binary_data', not both",
+                    "conflict",
+                )
+            if regions is None:
+                raise _invalid(ref.loc, "shared memory tensors are not served on this endpoint")
+            regions.locate(ref)  # 404 / 422 now, before the evaluation
+            shared_outputs[out_name] = ref
+        elif binary_flag is True or (binary_flag is None and all_binary):
             binary_outputs.add(out_name)
         if out_name not in JSON_OUTPUTS:
             outputs.append(out_name)
@@ -282,6 +374,8 @@ def parse_infer_request(
         request_id=str(request_id) if request_id is not None else None,
         outputs=outputs,
         binary_outputs=binary_outputs,
+        shared_outputs=shared_outputs,
+        regions=regions,
     )
 
 
@@ -299,6 +393,13 @@ def _output_arrays(result: Mapping[str, Any], names: list[str]) -> list[tuple[st
         else:
             arrays.append((name, np.ascontiguousarray(result["outputs"][name])))
     return arrays
+
+
+def _write_shared(infer: InferRequest, name: str, data: memoryview) -> None:
+    """An output's bytes into its region, as Triton: nothing of it in the answer but its
+    name, datatype and shape."""
+    assert infer.regions is not None  # set whenever shared_outputs is
+    infer.regions.write(infer.shared_outputs[name], data)
 
 
 def encode_infer_response(
@@ -334,7 +435,9 @@ def encode_infer_response(
             "datatype": datatype_of(array.dtype),
             "shape": list(array.shape),
         }
-        if name in infer.binary_outputs:
+        if name in infer.shared_outputs:
+            _write_shared(infer, name, array.reshape(-1).view(np.uint8).data)
+        elif name in infer.binary_outputs:
             blob = array.tobytes()  # C order, native = little-endian on supported hosts
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
@@ -346,7 +449,9 @@ def encode_infer_response(
             continue
         text = orjson.dumps(result[name], option=orjson.OPT_SERIALIZE_NUMPY)
         entry = {"name": name, "datatype": "BYTES", "shape": [1]}
-        if name in infer.binary_outputs:
+        if name in infer.shared_outputs:
+            _write_shared(infer, name, memoryview(bytes_tensor_blob([text])))
+        elif name in infer.binary_outputs:
             blob = bytes_tensor_blob([text])
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

@@ -37,6 +37,7 @@ from service.errors import (
     truncate,
 )
 from service.schemas import EvaluateRequest, LossCatalog, LossInfo
+from service.shared_memory import SharedMemoryRegistry
 from service.telemetry import observe_evaluate
 
 T = TypeVar("T")
@@ -90,6 +91,11 @@ class DataPlane:
         self.compute_limiter = anyio.CapacityLimiter(settings.compute_threads)
         self.key_share = settings.max_inflight_per_key or max(1, settings.compute_threads - 1)
         self._key_limiters: dict[str, anyio.CapacityLimiter] = {}
+        self.shared_memory = SharedMemoryRegistry(
+            settings.shared_memory,
+            settings.shared_memory_max_regions,
+            settings.shared_memory_max_bytes,
+        )
 
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a compute thread. With auth on, one key holds at most ``key_share``

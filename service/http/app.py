@@ -27,6 +27,7 @@ from service.http.monitoring import static_files
 from service.http.oip import router as oip_router
 from service.http.routes import router
 from service.http.runs import router as runs_router
+from service.http.shared_memory import router as shared_memory_router
 from service.logs import get_logger
 from service.schemas import EvaluateRequest
 from service.store import Store
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         yield
         dataplane.admission.draining = True
+        dataplane.shared_memory.close()
         store.dispose()
         log.info("stopped")
 
@@ -108,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(monitoring_router)
     app.mount("/static", static_files(), name="static")
     app.include_router(oip_router)
+    app.include_router(shared_memory_router)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # One authenticator for HTTP and gRPC (`ce-eval serve`): a key's rate limit spans both.

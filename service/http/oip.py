@@ -20,10 +20,13 @@ from service.codecs.oip import (
     model_metadata,
     parse_infer_request,
 )
-from service.dataplane.evaluate import DataPlane
+from service.dataplane.evaluate import INLINE_BODY_BYTES, DataPlane
 from service.errors import NotFound
 from service.http.bodies import read_body
 from service.http.responses import FastJSONResponse, problems
+from service.shared_memory import RegionAccess
+
+SHARED_MARK = b"shared_memory_region"
 
 router = APIRouter(
     prefix="/v2",
@@ -44,10 +47,12 @@ def _spec(loss: str, version: str | None = None) -> ce_engine.LossSpec:
 
 
 @router.get("", summary="Server metadata")
-async def server_metadata() -> Response:
-    return FastJSONResponse(
-        {"name": "ce-eval", "version": __version__, "extensions": ["binary_tensor_data"]}
-    )
+async def server_metadata(request: Request) -> Response:
+    dataplane: DataPlane = request.app.state.dataplane
+    extensions = ["binary_tensor_data"]
+    if dataplane.shared_memory.enabled:
+        extensions.append("system_shared_memory")
+    return FastJSONResponse({"name": "ce-eval", "version": __version__, "extensions": extensions})
 
 
 @router.get("/health/live", summary="Server liveness")
@@ -80,12 +85,26 @@ async def infer(request: Request, loss: str, version: str | None = None) -> Resp
     _spec(loss, version)
     dataplane: DataPlane = request.app.state.dataplane
     body = await read_body(request)
+    regions = RegionAccess(dataplane.shared_memory, getattr(request.state, "principal", None))
     parse = partial(
-        parse_infer_request, loss, body, request.headers.get(HEADER_LENGTH), dataplane.settings
+        parse_infer_request,
+        loss,
+        body,
+        request.headers.get(HEADER_LENGTH),
+        dataplane.settings,
+        regions,
     )
-    infer_request = await dataplane.parse_off_loop(len(body), parse)
+    # Tensors read from shared memory cost what their bytes cost, however small the body.
+    shared = len(body) <= INLINE_BODY_BYTES and SHARED_MARK in bytes(body)
+    infer_request = await dataplane.parse_off_loop(
+        INLINE_BODY_BYTES + 1 if shared else len(body), parse
+    )
     result = await dataplane.evaluate_async(infer_request.request, "raw", len(body))
-    body, header_length = encode_infer_response(loss, infer_request, result)
+    encode = partial(encode_infer_response, loss, infer_request, result)
+    if infer_request.shared_outputs:
+        body, header_length = await dataplane.in_thread(encode)
+    else:
+        body, header_length = encode()
     if header_length is None:
         return Response(body, media_type="application/json")
     return Response(

@@ -1,0 +1,438 @@
+"""System shared memory (Triton's extension): register / status / unregister, tensors named by
+region in OIP infer, per-key ownership and caps, bad input, and a truncated object (4xx, the
+server alive)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.http.app import create_app
+from service.shared_memory import SharedMemoryRegistry, TensorRef
+from tests.servers import ServerProcess, start_serve
+
+KEY_A, KEY_B = "key-a-0123456789", "key-b-0123456789"
+A, B = {"X-API-Key": KEY_A}, {"X-API-Key": KEY_B}
+RNG = np.random.default_rng(19)
+
+
+def reference_ce(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean softmax cross-entropy and its gradient in float64, written out."""
+    z = logits.astype(np.float64)
+    shifted = z - z.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    n = z.shape[0]
+    value = -log_p[np.arange(n), targets].mean()
+    grad = np.exp(log_p)
+    grad[np.arange(n), targets] -= 1.0
+    return float(value), grad / n
+
+
+@pytest.fixture
+def segment() -> Iterator[shared_memory.SharedMemory]:
+    """A 4 KiB POSIX shared-memory object, unlinked at the end."""
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        yield shm
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def _settings(tmp_path: Path, **extra: object) -> Settings:
+    values: dict[str, object] = {
+        "database_url": f"sqlite:///{tmp_path / 'ce-eval.db'}",
+        "log_level": "warning",
+        "backend": "numpy",
+        "shared_memory": True,
+        "api_keys": f"{KEY_A},{KEY_B}",
+    }
+    values.update(extra)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(_settings(tmp_path)), raise_server_exceptions=False) as c:
+        yield c
+
+
+def _register(
+    client: TestClient | httpx.Client,
+    name: str,
+    key: str,
+    byte_size: int,
+    offset: int = 0,
+    headers: dict[str, str] = A,
+) -> httpx.Response:
+    body = {"key": key, "offset": offset, "byte_size": byte_size}
+    return client.post(f"/v2/systemsharedmemory/region/{name}/register", json=body, headers=headers)
+
+
+def _shm_input(name: str, array: np.ndarray, region: str, offset: int = 0) -> dict[str, object]:
+    datatype = {"float32": "FP32", "int64": "INT64"}[array.dtype.name]
+    parameters: dict[str, object] = {
+        "shared_memory_region": region,
+        "shared_memory_byte_size": array.nbytes,
+    }
+    if offset:
+        parameters["shared_memory_offset"] = offset
+    return {
+        "name": name,
+        "shape": list(array.shape),
+        "datatype": datatype,
+        "parameters": parameters,
+    }
+
+
+def _buf(shm: shared_memory.SharedMemory) -> memoryview:
+    assert shm.buf is not None
+    return shm.buf
+
+
+def _write(shm: shared_memory.SharedMemory, array: np.ndarray, offset: int) -> None:
+    _buf(shm)[offset : offset + array.nbytes] = array.tobytes()
+
+
+# --- register / status / unregister ---------------------------------------------------------
+
+
+def test_register_status_unregister_in_triton_shapes(
+    client: TestClient, segment: shared_memory.SharedMemory
+) -> None:
+    r = _register(client, "inputs", "/" + segment.name, 1024, offset=512)
+    assert r.status_code == 200 and r.content == b""
+    expected = {"name": "inputs", "key": "/" + segment.name, "offset": 512, "byte_size": 1024}
+    assert client.get("/v2/systemsharedmemory/status", headers=A).json() == [expected]
+    one = client.get("/v2/systemsharedmemory/region/inputs/status", headers=A)
+    assert one.status_code == 200 and one.json() == [expected]
+    assert "system_shared_memory" in client.get("/v2", headers=A).json()["extensions"]
+    again = _register(client, "inputs", "/" + segment.name, 1024)
+    assert again.status_code == 409 and "already registered" in again.json()["error"]
+    r = client.post("/v2/systemsharedmemory/region/inputs/unregister", headers=A)
+    assert r.status_code == 200
+    assert client.get("/v2/systemsharedmemory/status", headers=A).json() == []
+    missing = client.get("/v2/systemsharedmemory/region/inputs/status", headers=A)
+    assert missing.status_code == 404 and "inputs" in missing.json()["error"]
+    # An unknown name unregisters as nothing (Triton); so does "all" with none left.
+    assert (
+        client.post("/v2/systemsharedmemory/region/nope/unregister", headers=A).status_code == 200
+    )
+    assert client.post("/v2/systemsharedmemory/unregister", headers=A).status_code == 200
+
+
+def test_unregister_all_closes_every_descriptor(
+    client: TestClient, segment: shared_memory.SharedMemory
+) -> None:
+    registry: SharedMemoryRegistry = client.app.state.dataplane.shared_memory  # type: ignore[attr-defined]
+    before = len(os.listdir("/proc/self/fd"))
+    for name in ("r1", "r2", "r3"):
+        assert _register(client, name, segment.name, 100).status_code == 200
+    assert registry.count() == 3
+    assert len(os.listdir("/proc/self/fd")) == before + 3
+    assert client.post("/v2/systemsharedmemory/unregister", headers=A).status_code == 200
+    assert registry.count() == 0
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_shutdown_closes_regions(tmp_path: Path, segment: shared_memory.SharedMemory) -> None:
+    app = create_app(_settings(tmp_path))
+    before = len(os.listdir("/proc/self/fd"))
+    with TestClient(app) as c:
+        assert _register(c, "r", segment.name, 100).status_code == 200
+        assert app.state.dataplane.shared_memory.count() == 1
+    assert app.state.dataplane.shared_memory.count() == 0
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+# --- inputs and outputs in shared memory ----------------------------------------------------
+
+
+def test_infer_reads_inputs_and_writes_outputs_in_regions(
+    client: TestClient, segment: shared_memory.SharedMemory
+) -> None:
+    logits = RNG.standard_normal((4, 7)).astype(np.float32)
+    targets = RNG.integers(0, 7, size=4)
+    _write(segment, logits, 0)
+    _write(segment, targets, 256)
+    assert _register(client, "in", "/" + segment.name, 1024).status_code == 200
+    assert _register(client, "out", "/" + segment.name, 2048, offset=1024).status_code == 200
+    grad_bytes = logits.nbytes
+    body = {
+        "inputs": [
+            _shm_input("logits", logits, "in"),
+            _shm_input("targets", targets, "in", offset=256),
+        ],
+        "outputs": [
+            {
+                "name": "grad",
+                "parameters": {
+                    "shared_memory_region": "out",
+                    "shared_memory_byte_size": grad_bytes + 100,
+                    "shared_memory_offset": 8,
+                },
+            },
+            {
+                "name": "loss",
+                "parameters": {"shared_memory_region": "out", "shared_memory_byte_size": 8},
+            },
+        ],
+    }
+    r = client.post("/v2/models/cross_entropy/infer", json=body, headers=A)
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    assert outputs["grad"] == {"name": "grad", "datatype": "FP32", "shape": [4, 7]}
+    assert outputs["loss"] == {"name": "loss", "datatype": "FP64", "shape": [1]}
+    value, grad = reference_ce(logits, targets)
+    loss = np.frombuffer(_buf(segment)[1024:1032], np.float64)[0]
+    assert loss == pytest.approx(value, rel=1e-6)
+    written = np.frombuffer(_buf(segment)[1032 : 1032 + grad_bytes], np.float32).reshape(4, 7)
+    np.testing.assert_allclose(written, grad, rtol=1e-5, atol=1e-7)
+    # Outputs stay inside their bounds: the bytes after the gradient are untouched.
+    assert bytes(_buf(segment)[1032 + grad_bytes : 3072]) == bytes(3072 - 1032 - grad_bytes)
+
+
+def test_metrics_output_in_a_region(
+    client: TestClient, segment: shared_memory.SharedMemory
+) -> None:
+    logits = np.array([[3.0, 0.0], [0.0, 3.0], [3.0, 0.0]], np.float32)
+    targets = np.array([0, 1, 1])
+    _write(segment, logits, 0)
+    _write(segment, targets, 64)
+    assert _register(client, "r", segment.name, 4096).status_code == 200
+    body = {
+        "inputs": [_shm_input("logits", logits, "r"), _shm_input("targets", targets, "r", 64)],
+        "outputs": [
+            {
+                "name": "metrics",
+                "parameters": {
+                    "shared_memory_region": "r",
+                    "shared_memory_byte_size": 1000,
+                    "shared_memory_offset": 2048,
+                },
+            }
+        ],
+        "parameters": {"metrics": ["accuracy"]},
+    }
+    r = client.post("/v2/models/cross_entropy/infer", json=body, headers=A)
+    assert r.status_code == 200, r.text
+    length = int.from_bytes(_buf(segment)[2048:2052], "little")
+    text = bytes(_buf(segment)[2052 : 2052 + length])
+    assert orjson.loads(text)["accuracy"] == pytest.approx(2 / 3)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["../etc/passwd", "a/b", "//x", "", ".", "..", "x" * 65, "sem.mp-1", "a b", "/dev/shm/x", 7],
+)
+def test_bad_keys_are_422_naming_the_key(client: TestClient, key: object) -> None:
+    r = client.post(
+        "/v2/systemsharedmemory/region/r/register", json={"key": key, "byte_size": 8}, headers=A
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["loc"] == ["body", "key"]
+    assert "error" in r.json()
+
+
+def test_missing_object_is_404(client: TestClient) -> None:
+    r = _register(client, "r", "/ce-eval-no-such-object-19", 8)
+    assert r.status_code == 404 and "no such object" in r.json()["error"]
+
+
+def test_bad_register_bodies(client: TestClient, segment: shared_memory.SharedMemory) -> None:
+    assert _register(client, "r", segment.name, 4097).status_code == 422  # past the object
+    assert _register(client, "r", segment.name, 8, offset=4090).status_code == 422
+    assert _register(client, "r", segment.name, 0).status_code == 422
+    assert _register(client, "r", segment.name, -1).status_code == 422
+    bad_name = _register(client, "a%20b", segment.name, 8)
+    assert bad_name.status_code == 422
+    assert bad_name.json()["errors"][0]["loc"] == ["path", "region_name"]
+    r = client.post("/v2/systemsharedmemory/region/r/register", content=b"{not json", headers=A)
+    assert r.status_code == 400
+    r = client.post("/v2/systemsharedmemory/region/r/register", json=[1], headers=A)
+    assert r.status_code == 400
+    r = client.post(
+        "/v2/systemsharedmemory/region/r/register", json={"key": segment.name}, headers=A
+    )
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "byte_size"]
+
+
+def test_unknown_region_and_out_of_bounds_in_infer(
+    client: TestClient, segment: shared_memory.SharedMemory
+) -> None:
+    logits = np.zeros((2, 4), np.float32)
+    targets = np.zeros(2, np.int64)
+    assert _register(client, "r", segment.name, 64).status_code == 200
+    unknown = {"inputs": [_shm_input("logits", logits, "zz"), _shm_input("targets", targets, "r")]}
+    r = client.post("/v2/models/cross_entropy/infer", json=unknown, headers=A)
+    assert r.status_code == 404
+    assert r.json()["errors"][0]["loc"] == ["inputs", 0, "parameters", "shared_memory_region"]
+    past = {"inputs": [_shm_input("logits", logits, "r"), _shm_input("targets", targets, "r", 60)]}
+    r = client.post("/v2/models/cross_entropy/infer", json=past, headers=A)
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["loc"] == ["inputs", 1, "parameters", "shared_memory_byte_size"]
+    wrong_size = _shm_input("logits", logits, "r")
+    wrong_size["parameters"]["shared_memory_byte_size"] = 31  # type: ignore[index]
+    r = client.post(
+        "/v2/models/cross_entropy/infer",
+        json={"inputs": [wrong_size, _shm_input("targets", targets, "r", 32)]},
+        headers=A,
+    )
+    assert r.status_code == 422 and "holds 32" in r.json()["error"]
+    both = _shm_input("logits", logits, "r")
+    both["data"] = [0.0] * 8
+    r = client.post(
+        "/v2/models/cross_entropy/infer",
+        json={"inputs": [both, _shm_input("targets", targets, "r", 32)]},
+        headers=A,
+    )
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["inputs", 0, "data"]
+    # An output region too small for the output, or outside its region: 422, before any work.
+    ok_inputs = [_shm_input("logits", logits, "r"), _shm_input("targets", targets, "r", 32)]
+    for size, offset in ((16, 0), (8, 60)):
+        out = {
+            "name": "grad",
+            "parameters": {
+                "shared_memory_region": "r",
+                "shared_memory_byte_size": size,
+                "shared_memory_offset": offset,
+            },
+        }
+        r = client.post(
+            "/v2/models/cross_entropy/infer",
+            json={"inputs": ok_inputs, "outputs": [out]},
+            headers=A,
+        )
+        assert r.status_code == 422, r.text
+
+
+def test_regions_are_invisible_to_other_keys(
+    client: TestClient, segment: shared_memory.SharedMemory
+) -> None:
+    logits = np.zeros((2, 4), np.float32)
+    targets = np.zeros(2, np.int64)
+    assert _register(client, "mine", segment.name, 64).status_code == 200
+    assert client.get("/v2/systemsharedmemory/status", headers=B).json() == []
+    assert client.get("/v2/systemsharedmemory/region/mine/status", headers=B).status_code == 404
+    body = {
+        "inputs": [_shm_input("logits", logits, "mine"), _shm_input("targets", targets, "mine", 32)]
+    }
+    assert client.post("/v2/models/cross_entropy/infer", json=body, headers=B).status_code == 404
+    assert client.post("/v2/models/cross_entropy/infer", json=body, headers=A).status_code == 200
+    # B's "unregister all" leaves A's region; B cannot register the same object either.
+    assert client.post("/v2/systemsharedmemory/unregister", headers=B).status_code == 200
+    assert len(client.get("/v2/systemsharedmemory/status", headers=A).json()) == 1
+    taken = _register(client, "theirs", segment.name, 64, headers=B)
+    assert taken.status_code == 409 and "another API key" in taken.json()["error"]
+    assert client.get("/v2/systemsharedmemory/status").status_code == 401
+
+
+def test_caps_on_regions_and_bytes_per_key(
+    tmp_path: Path, segment: shared_memory.SharedMemory
+) -> None:
+    settings = _settings(tmp_path, shared_memory_max_regions=2, shared_memory_max_bytes=1000)
+    with TestClient(create_app(settings)) as c:
+        assert _register(c, "a", segment.name, 400).status_code == 200
+        over = _register(c, "b", segment.name, 601)
+        assert over.status_code == 413 and "CE_EVAL_SHARED_MEMORY_MAX_BYTES" in over.json()["error"]
+        assert _register(c, "b", segment.name, 600).status_code == 200
+        third = _register(c, "c", segment.name, 1)
+        assert third.status_code == 413 and "MAX_REGIONS" in third.json()["error"]
+
+
+def test_disabled_by_default(tmp_path: Path, segment: shared_memory.SharedMemory) -> None:
+    assert Settings().shared_memory is False
+    settings = _settings(tmp_path, shared_memory=False)
+    with TestClient(create_app(settings)) as c:
+        r = _register(c, "r", segment.name, 8)
+        assert r.status_code == 403 and "CE_EVAL_SHARED_MEMORY=true" in r.json()["error"]
+        assert c.post("/v2/systemsharedmemory/unregister", headers=A).status_code == 403
+        assert c.get("/v2/systemsharedmemory/status", headers=A).json() == []
+        assert "system_shared_memory" not in c.get("/v2", headers=A).json()["extensions"]
+        logits, targets = np.zeros((2, 4), np.float32), np.zeros(2, np.int64)
+        body = {"inputs": [_shm_input("logits", logits, "r"), _shm_input("targets", targets, "r")]}
+        assert c.post("/v2/models/cross_entropy/infer", json=body, headers=A).status_code == 403
+
+
+def test_registry_reads_and_writes_only_inside_the_region(
+    segment: shared_memory.SharedMemory,
+) -> None:
+    registry = SharedMemoryRegistry(True, 4, 1 << 20)
+    try:
+        registry.register(None, "r", segment.name, 1000, 100)
+        _buf(segment)[1000:1100] = bytes(range(100))
+        assert bytes(registry.read(None, TensorRef("r", 10, 5, ("x",)))) == bytes(range(10, 15))
+        with pytest.raises(Exception, match="exceed the 100 bytes"):
+            registry.read(None, TensorRef("r", 96, 5, ("x",)))
+        with pytest.raises(Exception, match="cannot hold"):
+            registry.write(None, TensorRef("r", 0, 4, ("x",)), b"12345")
+        registry.write(None, TensorRef("r", 98, 2, ("x",)), b"\xff\xff")
+        assert bytes(_buf(segment)[1098:1101]) == b"\xff\xff\x00"
+    finally:
+        registry.close()
+
+
+# --- a client truncates its object after registering ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    process = start_serve({"CE_EVAL_SHARED_MEMORY": "true"})
+    yield process
+    process.stop()
+
+
+def test_truncated_object_is_a_4xx_and_the_server_lives(server: ServerProcess) -> None:
+    logits = RNG.standard_normal((8, 16)).astype(np.float32)
+    targets = RNG.integers(0, 16, size=8)
+    shm = shared_memory.SharedMemory(create=True, size=1 << 20)
+    try:
+        _write(shm, logits, 0)
+        _write(shm, targets, 4096)
+        body = {
+            "inputs": [
+                _shm_input("logits", logits, "t"),
+                _shm_input("targets", targets, "t", 4096),
+            ],
+            "outputs": [
+                {
+                    "name": "grad",
+                    "parameters": {
+                        "shared_memory_region": "t",
+                        "shared_memory_byte_size": logits.nbytes,
+                        "shared_memory_offset": 8192,
+                    },
+                }
+            ],
+        }
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            assert _register(http, "t", "/" + shm.name, 1 << 20).status_code == 200
+            assert http.post("/v2/models/cross_entropy/infer", json=body).status_code == 200
+            shm.close()  # our own mapping goes first: touching it after truncation would fault
+            os.truncate(f"/dev/shm/{shm.name}", 100)
+            r = http.post("/v2/models/cross_entropy/infer", json=body)
+            assert r.status_code == 409, r.text
+            assert "truncated" in r.json()["error"]
+            assert r.json()["errors"][0]["loc"][-1] == "shared_memory_region"
+            # Only the output's extent gone: the inputs read, the write refused.
+            os.truncate(f"/dev/shm/{shm.name}", 8192 + 10)
+            r = http.post("/v2/models/cross_entropy/infer", json=body)
+            assert r.status_code == 409, r.text
+            assert r.json()["errors"][0]["loc"][:2] == ["outputs", 0]
+            assert server.process is not None and server.process.poll() is None
+            assert http.get("/healthz").status_code == 200
+            assert http.post("/v2/systemsharedmemory/unregister").status_code == 200
+    finally:
+        shm.unlink()
