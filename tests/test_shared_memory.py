@@ -436,3 +436,73 @@ def test_truncated_object_is_a_4xx_and_the_server_lives(server: ServerProcess) -
             assert http.post("/v2/systemsharedmemory/unregister").status_code == 200
     finally:
         shm.unlink()
+
+
+# --- stock tritonclient ---------------------------------------------------------------------
+
+
+def test_stock_tritonclient_evaluates_through_shared_memory(server: ServerProcess) -> None:
+    """Triton's own client and shared-memory utilities, unchanged: register, infer with inputs
+    and the gradient in regions, read the gradient back, status, errors, unregister."""
+    http = pytest.importorskip("tritonclient.http")
+    shm = pytest.importorskip("tritonclient.utils.shared_memory")
+    from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+
+    logits = RNG.standard_normal((32, 10)).astype(np.float32)
+    targets = RNG.integers(0, 10, size=32)
+    in_size, out_size = logits.nbytes + targets.nbytes, logits.nbytes
+    in_key, out_key = f"/ce_eval_test_in_{os.getpid()}", f"/ce_eval_test_out_{os.getpid()}"
+    client = http.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    in_handle = shm.create_shared_memory_region("ce_in", in_key, in_size)
+    out_handle = shm.create_shared_memory_region("ce_out", out_key, out_size)
+    try:
+        shm.set_shared_memory_region(in_handle, [logits])
+        shm.set_shared_memory_region(in_handle, [targets], offset=logits.nbytes)
+        client.register_system_shared_memory("ce_in", in_key, in_size)
+        client.register_system_shared_memory("ce_out", out_key, out_size)
+        status = {r["name"]: r for r in client.get_system_shared_memory_status()}
+        assert status["ce_in"] == {
+            "name": "ce_in",
+            "key": in_key,
+            "offset": 0,
+            "byte_size": in_size,
+        }
+        assert client.get_system_shared_memory_status("ce_out")[0]["byte_size"] == out_size
+
+        z = http.InferInput("logits", list(logits.shape), "FP32")
+        z.set_shared_memory("ce_in", logits.nbytes)
+        y = http.InferInput("targets", list(targets.shape), "INT64")
+        y.set_shared_memory("ce_in", targets.nbytes, offset=logits.nbytes)
+        grad_out = http.InferRequestedOutput("grad", binary_data=True)
+        grad_out.set_shared_memory("ce_out", out_size)
+        loss_out = http.InferRequestedOutput("loss", binary_data=False)
+        result = client.infer("cross_entropy", [z, y], outputs=[grad_out, loss_out])
+
+        value, expected_grad = reference_ce(logits, targets)
+        assert result.as_numpy("loss")[0] == pytest.approx(value, rel=1e-6)
+        meta = result.get_output("grad")
+        grad = shm.get_contents_as_numpy(
+            out_handle, triton_to_np_dtype(meta["datatype"]), meta["shape"]
+        )
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+        with pytest.raises(
+            InferenceServerException, match="unable to find system shared memory region"
+        ):
+            client.get_system_shared_memory_status("no_such_region")
+        far = http.InferInput("logits", list(logits.shape), "FP32")
+        far.set_shared_memory("ce_in", logits.nbytes, offset=targets.nbytes + 8)
+        with pytest.raises(InferenceServerException, match="exceed"):
+            client.infer("cross_entropy", [far, y])
+        with pytest.raises(InferenceServerException, match="already registered"):
+            client.register_system_shared_memory("ce_in", in_key, in_size)
+        with pytest.raises(InferenceServerException, match="must name a /dev/shm object"):
+            client.register_system_shared_memory("bad", "/../etc/passwd", 8)
+        client.unregister_system_shared_memory("ce_out")
+        assert [r["name"] for r in client.get_system_shared_memory_status()] == ["ce_in"]
+        client.unregister_system_shared_memory()
+        assert client.get_system_shared_memory_status() == []
+    finally:
+        shm.destroy_shared_memory_region(in_handle)
+        shm.destroy_shared_memory_region(out_handle)
+        client.close()
