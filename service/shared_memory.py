@@ -68,7 +68,7 @@ class SharedMemoryDisabled(Forbidden):
 class RegionTruncated(Conflict):
     """The object behind a region no longer holds the bytes a tensor needs."""
 
-    type = "shared-memory-truncated"
+    grpc_code, type = "FAILED_PRECONDITION", "shared-memory-truncated"
 
 
 @dataclass(frozen=True)
@@ -310,8 +310,13 @@ class SharedMemoryRegistry:
             os.close(region.fd)
 
     def count(self) -> int:
+        """Regions registered, all principals together."""
         with self._lock:
             return sum(len(regions) for regions in self._regions.values())
+
+    def count_of(self, principal: str | None) -> int:
+        with self._lock:
+            return len(self._regions.get(principal, {}))
 
     # ----------------------------------------------------------- tensors
 
@@ -403,3 +408,7 @@ class RegionAccess:
 
     def locate(self, ref: TensorRef) -> Region:
         return self.registry.locate(self.principal, ref)
+
+    def any(self) -> bool:
+        """Whether this principal has a region (its requests may name one)."""
+        return self.registry.enabled and self.registry.count_of(self.principal) > 0

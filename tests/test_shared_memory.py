@@ -506,3 +506,99 @@ def test_stock_tritonclient_evaluates_through_shared_memory(server: ServerProces
         shm.destroy_shared_memory_region(in_handle)
         shm.destroy_shared_memory_region(out_handle)
         client.close()
+
+
+# --- gRPC Evaluate with SharedTensor ---------------------------------------------------------
+
+
+def test_grpc_evaluate_reads_and_writes_shared_tensors(server: ServerProcess) -> None:
+    import grpc
+
+    from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+    from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
+
+    logits = RNG.standard_normal((16, 9)).astype(np.float32)
+    targets = RNG.integers(0, 9, size=16)
+    shm = shared_memory.SharedMemory(create=True, size=8192)
+    try:
+        _write(shm, logits, 0)
+        with (
+            httpx.Client(base_url=server.url, timeout=10) as http,
+            grpc.insecure_channel(server.grpc_target) as channel,
+        ):
+            assert _register(http, "g_in", shm.name, 4096).status_code == 200
+            assert _register(http, "g_out", shm.name, 4096, offset=4096).status_code == 200
+            stub = pb_grpc.LossEvaluationStub(channel)
+
+            def request(**changes: object) -> pb.EvaluateRequest:
+                message = pb.EvaluateRequest(
+                    loss="cross_entropy",
+                    logits=pb.Tensor(
+                        dtype="float32",
+                        shape=list(logits.shape),
+                        shared_memory=pb.SharedTensor(region="g_in", byte_size=logits.nbytes),
+                    ),
+                    targets=pb.Tensor(dtype="int64", shape=[16], data=targets.tobytes()),
+                    outputs=["loss", "grad"],
+                )
+                message.output_shared_memory["grad"].CopyFrom(
+                    pb.SharedTensor(region="g_out", offset=64, byte_size=2048)
+                )
+                for name, value in changes.items():
+                    getattr(message, name).CopyFrom(value)  # type: ignore[arg-type]
+                return message
+
+            answer = stub.Evaluate(request(), timeout=10)
+            value, grad = reference_ce(logits, targets)
+            assert answer.value == pytest.approx(value, rel=1e-6)
+            tensor = answer.outputs["grad"]
+            assert (
+                tensor.data == b"" and list(tensor.shape) == [16, 9] and tensor.dtype == "float32"
+            )
+            where = tensor.shared_memory
+            assert (where.region, where.offset, where.byte_size) == ("g_out", 64, logits.nbytes)
+            written = np.frombuffer(
+                bytes(_buf(shm)[4096 + 64 : 4096 + 64 + logits.nbytes]), np.float32
+            )
+            np.testing.assert_allclose(written.reshape(16, 9), grad, rtol=1e-5, atol=1e-7)
+
+            def code_of(message: pb.EvaluateRequest) -> grpc.StatusCode:
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Evaluate(message, timeout=10)
+                return info.value.code()  # type: ignore[no-any-return]
+
+            unknown = pb.Tensor(
+                dtype="float32",
+                shape=list(logits.shape),
+                shared_memory=pb.SharedTensor(region="nope", byte_size=logits.nbytes),
+            )
+            assert code_of(request(logits=unknown)) == grpc.StatusCode.NOT_FOUND
+            short = pb.Tensor(
+                dtype="float32",
+                shape=list(logits.shape),
+                shared_memory=pb.SharedTensor(region="g_in", byte_size=logits.nbytes - 4),
+            )
+            assert code_of(request(logits=short)) == grpc.StatusCode.INVALID_ARGUMENT
+            beyond = pb.Tensor(
+                dtype="float32",
+                shape=list(logits.shape),
+                shared_memory=pb.SharedTensor(region="g_in", offset=4000, byte_size=logits.nbytes),
+            )
+            assert code_of(request(logits=beyond)) == grpc.StatusCode.INVALID_ARGUMENT
+            unrequested = request()
+            unrequested.output_shared_memory["probabilities"].region = "g_out"
+            assert code_of(unrequested) == grpc.StatusCode.INVALID_ARGUMENT
+            # REST protobuf shares the message but not the regions: a 422 naming the tensor.
+            r = http.post(
+                "/v1/evaluate",
+                content=request().SerializeToString(),
+                headers={"content-type": "application/x-protobuf"},
+            )
+            assert r.status_code == 422
+            shm.close()
+            os.truncate(f"/dev/shm/{shm.name}", 16)
+            assert code_of(request()) == grpc.StatusCode.FAILED_PRECONDITION
+            assert server.process is not None and server.process.poll() is None
+            assert http.post("/v2/systemsharedmemory/unregister").status_code == 200
+    finally:
+        shm.unlink()

@@ -38,7 +38,7 @@ import orjson
 from ce_engine.errors import clip, quoted
 from ce_engine.metrics import supported_metrics
 from ce_eval_client.wire import DATATYPES, datatype_of
-from service.codecs.tensors import check_shape, from_bytes
+from service.codecs.tensors import check_shape, from_bytes, shared_array
 from service.config import Settings
 from service.dataplane.evaluate import parse_evaluate_request
 from service.errors import MalformedBody, ValidationFailed
@@ -151,19 +151,8 @@ def _decode_shared_input(
         )
     if regions is None:
         raise _invalid(ref.loc, "shared memory tensors are not served on this endpoint")
-    datatype, shape = item["datatype"], item["shape"]
-    count = check_shape(shape, loc, max_elements)
-    expected = count * DATATYPES[datatype].itemsize
-    if ref.byte_size != expected:
-        raise _invalid(
-            (*ref.loc, "shared_memory_byte_size"),
-            f"{ref.byte_size} bytes declared; shape {shape} of {datatype} holds {expected}",
-            "byte_length",
-        )
-    raw = regions.read(ref)
-    return from_bytes(
-        raw.data, _WIRE_NAMES.get(datatype, datatype.lower()), shape, loc, max_elements
-    )
+    wire = _WIRE_NAMES.get(item["datatype"], item["datatype"].lower())
+    return shared_array(regions, ref, wire, item["shape"], loc, max_elements)
 
 
 def _decode_input(

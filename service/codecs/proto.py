@@ -26,11 +26,13 @@ from ce_eval_client.proto import (
     length_delimited,
     struct_to_dict,
 )
-from service.codecs.tensors import from_bytes
+from ce_eval_client.wire import wire_array, wire_name
+from service.codecs.tensors import from_bytes, shared_array
 from service.config import Settings
 from service.dataplane.evaluate import parse_evaluate_request
 from service.errors import MalformedBody, ServiceError, ValidationFailed
 from service.schemas import BATCH_TENSORS, EvaluateRequest
+from service.shared_memory import RegionAccess, TensorRef, check_region_name
 
 
 def options_from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -147,23 +149,85 @@ def split_request_bytes(
     return parse_request_bytes(bytes(rest)), data
 
 
+def _no_shared_memory(loc: Sequence[str | int]) -> ValidationFailed:
+    msg = "shared-memory tensors are served by gRPC Evaluate and OIP infer only"
+    return ValidationFailed(
+        f"{'.'.join(map(str, loc))}: {msg}",
+        [{"loc": list(loc), "msg": msg, "type": "shared_memory"}],
+    )
+
+
+def shared_ref(shared: pb.SharedTensor, loc: tuple[str | int, ...]) -> TensorRef:
+    """``SharedTensor`` → :class:`TensorRef` (422 naming a bad region name)."""
+    region = check_region_name(shared.region, (*loc, "region"))
+    return TensorRef(region, shared.offset, shared.byte_size, loc)
+
+
+def has_shared_tensors(message: pb.EvaluateRequest) -> bool:
+    """Whether a request names shared memory (its tensors then cost their bytes to read)."""
+    return bool(message.output_shared_memory) or any(
+        message.HasField(name) and getattr(message, name).HasField("shared_memory")
+        for name in TENSOR_FIELDS
+    )
+
+
+def _tensor_array(
+    tensor: pb.Tensor,
+    name: str,
+    raw: bytes | memoryview,
+    regions: RegionAccess | None,
+    max_elements: int,
+) -> np.ndarray:
+    if not tensor.HasField("shared_memory"):
+        return from_bytes(raw, tensor.dtype, list(tensor.shape), (name,), max_elements)
+    loc = (name, "shared_memory")
+    if regions is None:
+        raise _no_shared_memory(loc)
+    if len(raw):
+        msg = "a tensor holds data or shared_memory, not both"
+        raise ValidationFailed(msg, [{"loc": [name, "data"], "msg": msg, "type": "conflict"}])
+    ref = shared_ref(tensor.shared_memory, loc)
+    return shared_array(regions, ref, tensor.dtype, list(tensor.shape), (name,), max_elements)
+
+
+def shared_outputs_from_proto(
+    message: pb.EvaluateRequest, regions: RegionAccess | None
+) -> dict[str, TensorRef]:
+    """``output_shared_memory`` → output name → :class:`TensorRef`; each must be a requested
+    array output and lie inside a region of the caller's (checked now, before any work)."""
+    shared: dict[str, TensorRef] = {}
+    for name, target in message.output_shared_memory.items():
+        loc: tuple[str | int, ...] = ("output_shared_memory", name)
+        if regions is None:
+            raise _no_shared_memory(loc)
+        if name == "loss" or name not in message.outputs:
+            msg = f"{name!r} is not among the requested array outputs {list(message.outputs)}"
+            raise ValidationFailed(msg, [{"loc": list(loc), "msg": msg, "type": "output"}])
+        shared[name] = ref = shared_ref(target, loc)
+        regions.locate(ref)
+    return shared
+
+
 def request_from_proto(
     message: pb.EvaluateRequest,
     settings: Settings,
     data: Mapping[str, memoryview] | None = None,
+    regions: RegionAccess | None = None,
 ) -> EvaluateRequest:
     """``EvaluateRequest`` message → the REST request model (tensors as NumPy arrays).
 
     ``data``: tensor bytes kept out of the message by :func:`split_request_bytes`.
+    ``regions``: the caller's shared-memory regions, for tensors with ``shared_memory``
+    (None: such tensors are a 422, as on REST protobuf).
     """
     payload: dict[str, Any] = {"loss": message.loss}
+    if regions is None and message.output_shared_memory:
+        raise _no_shared_memory(("output_shared_memory",))
     for name in TENSOR_FIELDS:
         if message.HasField(name):
             tensor = getattr(message, name)
             raw = data[name] if data and name in data else tensor.data
-            payload[name] = from_bytes(
-                raw, tensor.dtype, list(tensor.shape), (name,), settings.max_elements
-            )
+            payload[name] = _tensor_array(tensor, name, raw, regions, settings.max_elements)
         elif name in ("logits", "targets"):
             payload[name] = None  # the engine answers 422 "field required" at this location
     if message.HasField("options"):
@@ -177,8 +241,14 @@ def request_from_proto(
     return parse_evaluate_request(payload, settings)
 
 
-def response_to_proto(result: Mapping[str, Any]) -> pb.EvaluateResponse:
-    """``DataPlane.evaluate(..., encoding="raw")`` dict → ``EvaluateResponse`` message."""
+def response_to_proto(
+    result: Mapping[str, Any],
+    shared: Mapping[str, TensorRef] | None = None,
+    regions: RegionAccess | None = None,
+) -> pb.EvaluateResponse:
+    """``DataPlane.evaluate(..., encoding="raw")`` dict → ``EvaluateResponse`` message; the
+    outputs in ``shared`` are written into their regions and answered by dtype, shape and
+    where (``shared_memory``, ``byte_size`` = the bytes written) instead of data."""
     message = pb.EvaluateResponse(
         loss=result["loss"],
         sum=result["sum"],
@@ -195,7 +265,11 @@ def response_to_proto(result: Mapping[str, Any]) -> pb.EvaluateResponse:
     if result["value"] is not None:
         message.value = result["value"]
     for name, array in result["outputs"].items():
-        array_to_tensor(array, message.outputs[name])
+        if shared and name in shared:
+            assert regions is not None  # shared outputs are parsed with the caller's regions
+            _write_output(regions, shared[name], array, message.outputs[name])
+        else:
+            array_to_tensor(array, message.outputs[name])
     if result["metrics"]:
         dict_to_struct(result["metrics"], message.metrics)
     for name, extra in result.get("extras", {}).items():
@@ -206,6 +280,19 @@ def response_to_proto(result: Mapping[str, Any]) -> pb.EvaluateResponse:
         for position in non_finite["positions"]:
             message.non_finite.positions.add(index=position)
     return message
+
+
+def _write_output(
+    regions: RegionAccess, ref: TensorRef, array: np.ndarray, tensor: pb.Tensor
+) -> None:
+    contiguous = wire_array(array)
+    data = contiguous.reshape(-1).view(np.uint8).data
+    regions.write(ref, data)
+    tensor.dtype = wire_name(contiguous.dtype)
+    tensor.shape[:] = contiguous.shape
+    tensor.shared_memory.region = ref.region
+    tensor.shared_memory.offset = ref.offset
+    tensor.shared_memory.byte_size = len(data)
 
 
 def problem_to_proto(error: ServiceError) -> pb.Problem:

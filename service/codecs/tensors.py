@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from ce_eval_client.wire import WIRE_DTYPES
 from service.errors import PayloadTooLarge, ValidationFailed, truncate
+from service.shared_memory import RegionAccess, TensorRef
 
 
 def _invalid(loc: Sequence[str | int], msg: str, type_: str = "tensor") -> ValidationFailed:
@@ -69,6 +70,34 @@ def from_bytes(
             "byte_length",
         )
     return np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
+
+
+def shared_array(
+    regions: RegionAccess,
+    ref: TensorRef,
+    dtype_name: str,
+    shape: Sequence[Any],
+    loc: Sequence[str | int],
+    max_elements: int,
+) -> np.ndarray:
+    """A tensor held in shared memory → array (its bytes copied out of the region).
+
+    Dtype and shape are checked first, and ``ref.byte_size`` must be exactly their bytes."""
+    dtype = WIRE_DTYPES.get(dtype_name)
+    if dtype is None:
+        raise _invalid(
+            (*loc, "dtype"),
+            f"unknown dtype {dtype_name!r}; expected one of {', '.join(WIRE_DTYPES)}",
+            "dtype",
+        )
+    expected = check_shape(shape, loc, max_elements) * dtype.itemsize
+    if ref.byte_size != expected:
+        raise _invalid(
+            (*ref.loc, "shared_memory_byte_size"),
+            f"{ref.byte_size} bytes declared; shape {list(shape)} of {dtype_name} holds {expected}",
+            "byte_length",
+        )
+    return from_bytes(regions.read(ref).data, dtype_name, shape, loc, max_elements)
 
 
 def decode_tensor(value: Any, loc: Sequence[str | int], max_elements: int) -> np.ndarray:

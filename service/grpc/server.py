@@ -50,16 +50,18 @@ from service.codecs.proto import (
     response_to_proto,
     run_to_proto,
     runs_page_to_proto,
+    shared_outputs_from_proto,
     split_request_bytes,
 )
 from service.config import Settings
 from service.dataplane.admission import current_principal
-from service.dataplane.evaluate import DataPlane, engine_error
+from service.dataplane.evaluate import INLINE_BODY_BYTES, DataPlane, engine_error
 from service.dataplane.run_details import DetailQuery
 from service.dataplane.runs import BatchesSummary, RunsDataPlane
 from service.errors import MalformedBody, ServiceError, ValidationFailed
 from service.logs import get_logger
 from service.schemas import EvaluateRequest
+from service.shared_memory import RegionAccess, TensorRef
 from service.telemetry import count_request
 
 log = get_logger("grpc")
@@ -232,10 +234,16 @@ class LossEvaluationServicer:
         self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.EvaluateResponse:
         async def work(principal: str | None) -> pb.EvaluateResponse:
-            parsed = await self.dataplane.parse_off_loop(
-                len(request), partial(_parse_evaluate, request, self.dataplane.settings)
+            dataplane = self.dataplane
+            regions = RegionAccess(dataplane.shared_memory, principal)
+            # A small request naming shared memory costs what its tensors' bytes cost.
+            size = len(request) if not regions.any() else max(len(request), INLINE_BODY_BYTES + 1)
+            parsed, shared = await dataplane.parse_off_loop(
+                size, partial(_parse_evaluate, request, dataplane.settings, regions)
             )
-            answer = await self.dataplane.evaluate_async(parsed, "raw", len(request))
+            answer = await dataplane.evaluate_async(parsed, "raw", len(request))
+            if shared:
+                return await dataplane.in_thread(response_to_proto, answer, shared, regions)
             return response_to_proto(answer)
 
         return await self._answer(context, work)
@@ -400,9 +408,13 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
-def _parse_evaluate(request: bytes, settings: Settings) -> EvaluateRequest:
+def _parse_evaluate(
+    request: bytes, settings: Settings, regions: RegionAccess
+) -> tuple[EvaluateRequest, dict[str, TensorRef]]:
+    """Request bytes → (the request, its outputs bound for shared memory)."""
     message, data = split_request_bytes(request)
-    return request_from_proto(message, settings, data)
+    shared = shared_outputs_from_proto(message, regions) if message.output_shared_memory else {}
+    return request_from_proto(message, settings, data, regions), shared
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
