@@ -545,7 +545,7 @@ def test_grpc_evaluate_reads_and_writes_shared_tensors(server: ServerProcess) ->
                     pb.SharedTensor(region="g_out", offset=64, byte_size=2048)
                 )
                 for name, value in changes.items():
-                    getattr(message, name).CopyFrom(value)  # type: ignore[arg-type]
+                    getattr(message, name).CopyFrom(value)
                 return message
 
             answer = stub.Evaluate(request(), timeout=10)
@@ -565,7 +565,7 @@ def test_grpc_evaluate_reads_and_writes_shared_tensors(server: ServerProcess) ->
             def code_of(message: pb.EvaluateRequest) -> grpc.StatusCode:
                 with pytest.raises(grpc.RpcError) as info:
                     stub.Evaluate(message, timeout=10)
-                return info.value.code()  # type: ignore[no-any-return]
+                return info.value.code()
 
             unknown = pb.Tensor(
                 dtype="float32",
@@ -602,3 +602,49 @@ def test_grpc_evaluate_reads_and_writes_shared_tensors(server: ServerProcess) ->
             assert http.post("/v2/systemsharedmemory/unregister").status_code == 200
     finally:
         shm.unlink()
+
+
+# --- the SDK: Client(shared_memory=True) ----------------------------------------------------
+
+
+def test_sdk_client_evaluates_through_its_own_region(server: ServerProcess) -> None:
+    from ce_eval_client.sdk import Client
+
+    logits = RNG.standard_normal((12, 6)).astype(np.float32)
+    targets = RNG.integers(0, 6, size=12)
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        with Client(server.url, shared_memory=True) as client:
+            result = client.evaluate(
+                "cross_entropy",
+                logits,
+                targets,
+                outputs=["loss", "grad", "per_sample"],
+                metrics=["accuracy"],
+            )
+            value, grad = reference_ce(logits, targets)
+            assert result.value == pytest.approx(value, rel=1e-6)
+            np.testing.assert_allclose(result.outputs["grad"], grad, rtol=1e-5, atol=1e-7)
+            z = logits.astype(np.float64)
+            log_p = z - z.max(1, keepdims=True)
+            log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+            expected_per_sample = -log_p[np.arange(12), targets]
+            np.testing.assert_allclose(result.outputs["per_sample"], expected_per_sample, rtol=1e-5)
+            assert result.metrics["accuracy"] == pytest.approx(
+                float(np.mean(logits.argmax(1) == targets))
+            )
+            assert client.region is not None
+            name, first_size = client.region.name, client.region.size
+            status = http.get(f"/v2/systemsharedmemory/region/{name}/status").json()
+            assert status[0]["byte_size"] == first_size
+            # A call that needs more room gets a larger object under the same region name.
+            big = RNG.standard_normal((2048, 40)).astype(np.float32)
+            big_targets = RNG.integers(0, 40, size=2048)
+            answer = client.evaluate("cross_entropy", big, big_targets, outputs=["loss", "grad"])
+            big_value, big_grad = reference_ce(big, big_targets)
+            assert answer.value == pytest.approx(big_value, rel=1e-6)
+            np.testing.assert_allclose(answer.outputs["grad"], big_grad, rtol=1e-5, atol=1e-8)
+            assert client.region.size > first_size
+            status = http.get(f"/v2/systemsharedmemory/region/{name}/status").json()
+            assert status[0]["byte_size"] == client.region.size
+        assert http.get(f"/v2/systemsharedmemory/region/{name}/status").status_code == 404
+        assert not os.path.exists(f"/dev/shm/{name}")

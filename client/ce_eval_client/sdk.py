@@ -55,6 +55,7 @@ from ce_eval_client.proto import (
     runs_page_from_proto,
     struct_to_dict,
 )
+from ce_eval_client.shm import Layout, SharedRegion, plan
 from ce_eval_client.wire import (
     DATATYPES,
     datatype_of,
@@ -240,6 +241,50 @@ def _encode_oip(call: _Call) -> tuple[str, Chunks, dict[str, str]]:
     return f"/v2/models/{call.loss}/infer", chunks, _with_length(headers, chunks)
 
 
+def _encode_oip_shared(call: _Call, region: SharedRegion) -> tuple[str, bytes, Layout]:
+    """OIP infer JSON naming ``region`` for the inputs and the logits-shaped outputs (written
+    there first); other outputs are asked for as binary data."""
+    tensors = call.tensors()
+    layout = plan(tensors, list(call.outputs))
+    region.ensure(layout.size)
+    inputs = []
+    for name, array in tensors.items():
+        offset, size = layout.inputs[name]
+        region.write(offset, array)
+        inputs.append(
+            {
+                "name": name,
+                "shape": list(array.shape),
+                "datatype": datatype_of(array.dtype),
+                "parameters": _shared_parameters(region.name, offset, size),
+            }
+        )
+    outputs = []
+    for name in call.outputs:
+        if name in layout.outputs:
+            offset, size = layout.outputs[name]
+            outputs.append(
+                {"name": name, "parameters": _shared_parameters(region.name, offset, size)}
+            )
+        else:
+            outputs.append({"name": name, "parameters": {"binary_data": True}})
+    parameters: dict[str, Any] = dict(call.options or {})
+    if call.metrics:
+        parameters["metrics"] = list(call.metrics)
+    if call.backend:
+        parameters["backend"] = call.backend
+    body = orjson.dumps({"inputs": inputs, "outputs": outputs, "parameters": parameters})
+    return f"/v2/models/{call.loss}/infer", body, layout
+
+
+def _shared_parameters(region: str, offset: int, size: int) -> dict[str, Any]:
+    return {
+        "shared_memory_region": region,
+        "shared_memory_offset": offset,
+        "shared_memory_byte_size": size,
+    }
+
+
 async def _async_chunks(chunks: Chunks) -> AsyncIterator[Any]:
     """httpx's async content: the chunks as they are (it writes any buffer)."""
     for chunk in chunks:
@@ -277,7 +322,9 @@ def _decode_rest(response: httpx.Response, transport: Transport) -> Evaluation:
     return Evaluation.from_dict(body)
 
 
-def _decode_oip(response: httpx.Response) -> Evaluation:
+def _decode_oip(
+    response: httpx.Response, shared: tuple[SharedRegion, Layout] | None = None
+) -> Evaluation:
     content = response.content
     length = response.headers.get("inference-header-content-length")
     size = int(length) if length is not None else len(content)
@@ -295,7 +342,10 @@ def _decode_oip(response: httpx.Response) -> Evaluation:
                 offset += nbytes
             continue
         dtype = DATATYPES[item["datatype"]]
-        if nbytes is None:
+        if shared is not None and item["name"] in shared[1].outputs:
+            region, layout = shared
+            array = region.read(layout.outputs[item["name"]][0], dtype, item["shape"])
+        elif nbytes is None:
             array = np.asarray(item["data"], dtype=dtype).reshape(item["shape"])
         else:
             raw = content[offset : offset + nbytes]
@@ -392,7 +442,12 @@ def _json_answer(response: httpx.Response) -> Any:
 
 
 class Client:
-    """Synchronous REST client (httpx)."""
+    """Synchronous REST client (httpx).
+
+    ``shared_memory=True``: for a server on this host (``CE_EVAL_SHARED_MEMORY=true``, the
+    same ``/dev/shm``), ``evaluate`` goes over OIP with the tensors in a shared-memory region
+    this client owns (:mod:`ce_eval_client.shm`) instead of the socket; ``close()``
+    unregisters and unlinks it."""
 
     def __init__(
         self,
@@ -403,11 +458,13 @@ class Client:
         headers: Mapping[str, str] | None = None,
         api_key: str | None = None,
         http: httpx.Client | None = None,
+        shared_memory: bool = False,
     ) -> None:
         self.transport = transport
         self._http = http or httpx.Client(
             base_url=url, timeout=timeout, headers=_auth_headers(headers, api_key)
         )
+        self.region = SharedRegion(self._http, _raise_for_problem) if shared_memory else None
 
     def evaluate(
         self,
@@ -431,6 +488,13 @@ class Client:
             loss, logits, targets, options, outputs, metrics, sample_weight, vector, backend,
             features, weight, bias,
         )  # fmt: skip
+        if self.region is not None:
+            path, body, layout = _encode_oip_shared(call, self.region)
+            response = self._http.post(
+                path, content=body, headers={"content-type": "application/json"}
+            )
+            _raise_for_problem(response)
+            return _decode_oip(response, (self.region, layout))
         path, chunks, headers = _encode_rest(call, self.transport)
         response = self._http.post(path, content=chunks, headers=headers)  # type: ignore[arg-type]
         return _decode_rest(response, self.transport)
@@ -507,6 +571,8 @@ class Client:
         return self._json(_JsonCall("GET", path, params=_metric_query(query)))
 
     def close(self) -> None:
+        if self.region is not None:
+            self.region.release()
         self._http.close()
 
     def __enter__(self) -> Client:
