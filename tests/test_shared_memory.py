@@ -251,6 +251,35 @@ def test_missing_object_is_404(client: TestClient) -> None:
     assert r.status_code == 404 and "no such object" in r.json()["error"]
 
 
+def test_symlinks_and_non_regular_objects_are_refused(
+    client: TestClient, segment: shared_memory.SharedMemory, tmp_path: Path
+) -> None:
+    """A /dev/shm entry that is a symlink (to a file elsewhere, or to a real object) is never
+    followed; a FIFO or a directory is not a region."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"x" * 64)
+    names = [f"ce_eval_link_{os.getpid()}", f"ce_eval_link2_{os.getpid()}"]
+    fifo = f"ce_eval_fifo_{os.getpid()}"
+    os.symlink(secret, f"/dev/shm/{names[0]}")
+    os.symlink(f"/dev/shm/{segment.name}", f"/dev/shm/{names[1]}")
+    os.mkfifo(f"/dev/shm/{fifo}")
+    os.mkdir(f"/dev/shm/{fifo}.d")
+    try:
+        for name in names:
+            r = _register(client, "r", name, 8)
+            assert r.status_code == 404, r.text
+            assert r.json()["errors"][0]["loc"] == ["body", "key"]
+        for name, status in ((fifo, 422), (fifo + ".d", 404)):  # a directory does not open
+            r = _register(client, "r", name, 8)
+            assert r.status_code == status, r.text
+            assert r.json()["errors"][0]["loc"] == ["body", "key"]
+        assert client.get("/v2/systemsharedmemory/status", headers=A).json() == []
+    finally:
+        for name in (*names, fifo):
+            os.unlink(f"/dev/shm/{name}")
+        os.rmdir(f"/dev/shm/{fifo}.d")
+
+
 def test_bad_register_bodies(client: TestClient, segment: shared_memory.SharedMemory) -> None:
     assert _register(client, "r", segment.name, 4097).status_code == 422  # past the object
     assert _register(client, "r", segment.name, 8, offset=4090).status_code == 422
