@@ -677,3 +677,41 @@ def test_sdk_client_evaluates_through_its_own_region(server: ServerProcess) -> N
             assert status[0]["byte_size"] == client.region.size
         assert http.get(f"/v2/systemsharedmemory/region/{name}/status").status_code == 404
         assert not os.path.exists(f"/dev/shm/{name}")
+
+
+async def test_grpc_sees_the_regions_its_key_registered_over_http(
+    tmp_path: Path, segment: shared_memory.SharedMemory
+) -> None:
+    """One registry for both transports, scoped by API key: key A's region serves key A's
+    Evaluate; key B's call naming it is NOT_FOUND."""
+    import grpc
+
+    from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+    from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
+    from tests.servers import in_process_stack
+
+    logits = RNG.standard_normal((3, 5)).astype(np.float32)
+    targets = np.array([4, 0, 2])
+    _write(segment, logits, 0)
+    async with in_process_stack(_settings(tmp_path)) as (_app, rest, channel, _server):
+        r = await rest.post(
+            "/v2/systemsharedmemory/region/mine/register",
+            json={"key": segment.name, "byte_size": 1024},
+            headers=A,
+        )
+        assert r.status_code == 200
+        stub = pb_grpc.LossEvaluationStub(channel)
+        request = pb.EvaluateRequest(
+            loss="cross_entropy",
+            logits=pb.Tensor(
+                dtype="float32",
+                shape=[3, 5],
+                shared_memory=pb.SharedTensor(region="mine", byte_size=logits.nbytes),
+            ),
+            targets=pb.Tensor(dtype="int64", shape=[3], data=targets.tobytes()),
+        )
+        answer = await stub.Evaluate(request, metadata=(("x-api-key", KEY_A),), timeout=10)
+        assert answer.value == pytest.approx(reference_ce(logits, targets)[0], rel=1e-6)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Evaluate(request, metadata=(("x-api-key", KEY_B),), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
