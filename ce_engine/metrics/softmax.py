@@ -261,6 +261,30 @@ def softmax_position_stats(
     return PositionStats(keep, rows, labels, q, w, per_row, correct)
 
 
+def batch_positions(
+    names: Iterable[str],
+    xp: ModuleType,
+    rows: Array,
+    targets: Array,
+    layout: Layout,
+    options: CommonOptions,
+    sample_weight: Array | None,
+    exclude: Array | None,
+    loss: str = "cross_entropy",
+) -> PositionStats:
+    """:func:`softmax_position_stats` for the metric request ``names`` (validated as in
+    :func:`softmax_metric_state`)."""
+    c = layout.num_classes
+    fmt = resolve_target_format(_option(options, "target_format") or "auto", targets, layout)
+    request = check_request(list(names), loss, options, fmt, c)
+    shapes = stat_shapes(
+        "softmax", request.names, c, request.top_k, options.n_bins, options.n_thresholds
+    )
+    return softmax_position_stats(
+        shapes, xp, rows, targets, layout, options, sample_weight, exclude, fmt
+    )
+
+
 def softmax_metric_state(
     names: Iterable[str],
     xp: ModuleType,
@@ -273,10 +297,12 @@ def softmax_metric_state(
     loss: str = "cross_entropy",
     *,
     exact: bool = False,
+    positions: PositionStats | None = None,
 ) -> tuple[MetricState, dict[str, Any]]:
     """Reduce one batch to a softmax :class:`MetricState` (one vectorised pass over the rows);
     with ``exact``, also the batch's exact ranking values (``ranking.ranking_values`` of its
-    distinct scores), else {}.
+    distinct scores), else {}. ``positions``: the batch's :func:`batch_positions` for these
+    ``names`` when already computed (a run with bootstrap replicates shares them).
 
     ``rows`` (M, C) are the loss inputs with the class axis last (logits, probabilities or
     log-probabilities per ``options.input_kind``); ``targets`` as sent; ``sample_weight`` (M,);
@@ -292,7 +318,7 @@ def softmax_metric_state(
     names_t, top_k = request.names, request.top_k
     n_thr = options.n_thresholds
     shapes = stat_shapes("softmax", names_t, c, top_k, options.n_bins, n_thr)
-    counted = softmax_position_stats(
+    counted = positions or softmax_position_stats(
         shapes, xp, rows, targets, layout, options, sample_weight, exclude, fmt
     )
     rows, labels, w = counted.rows, counted.labels, counted.weight
