@@ -150,6 +150,13 @@ def test_int_and_string_hashes_match_plain_references() -> None:
         assert a == ref_splitmix64((x & MASK) ^ 0x6A09E667F3BCC908)
         assert b == ref_splitmix64((x & MASK) ^ 0xBB67AE8584CAA73B)
     assert example_id_hashes(ints)[0].tolist() == h1.tolist()  # a list of ints is the same
+    as_objects = np.asarray([np.int64(x) for x in ints], dtype=object)
+    assert example_id_hashes(as_objects)[0].tolist() == h1.tolist()
+    assert example_id_hashes(np.asarray([0, 1, 12345], np.uint32))[0].tolist() == [
+        h1[0],
+        h1[1],
+        h1[5],
+    ]
     strings = ["", "a", "ß-東京", "x" * 128]
     s1, s2 = example_id_hashes(strings)
     for text, a, b in zip(strings, s1.tolist(), s2.tolist(), strict=True):
@@ -339,12 +346,16 @@ def test_bad_seed_names_the_field(seed: Any) -> None:
         {"sample_weight": np.linspace(0.1, 2.0, 64)},
         {"options": {"input_kind": "probabilities"}},
         {"options": {"reduction": "sum"}},
+        {"targets": "probabilities"},
     ],
 )
 def test_unit_weights_give_the_point_values(kw: dict[str, Any]) -> None:
     z, y = data(64)
     if kw.get("options", {}).get("input_kind") == "probabilities":
         z = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    if kw.pop("targets", None) == "probabilities":  # dense target distributions
+        q = np.random.default_rng(1).random(z.shape)
+        y = q / q.sum(axis=1, keepdims=True)
     result = ce_engine.evaluate(
         "cross_entropy", z, y, metrics=CI_NAMES, replicate_weights=np.ones((64, 1)), **kw
     )
@@ -457,10 +468,12 @@ def test_state_round_trips_through_json_and_rejects_what_is_not_one() -> None:
     bad_shape["stats"]["weight"] = [1.0, 2.0]
     bad_name = {**data_, "names": ["confusion_matrix"]}
     bad_count = {**data_, "replicates": 1001}
+    bad_flag = {**data_, "loss_mean": "false"}
     nan = json.loads(json.dumps(data_))
     nan["stats"]["loss_sum"][0] = float("nan")
     bad: Any
-    for bad in (bad_shape, bad_name, bad_count, nan, {**data_, "stats": {}}, {"names": []}):
+    no_stats = {**data_, "stats": {}}
+    for bad in (bad_shape, bad_name, bad_count, bad_flag, nan, no_stats, {"names": []}):
         with pytest.raises(ValueError):
             ReplicateState.from_dict(bad)
     with pytest.raises(ValueError):

@@ -148,6 +148,10 @@ def _string_hashes(ids: list[Any]) -> tuple[U64, U64]:
     return words[:, 0].copy(), words[:, 1].copy()
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
 def example_id_hashes(ids: Any) -> tuple[U64, U64]:
     """(h1, h2), two (N,) uint64 hashes of the example ids ``ids``: a 1-D array or sequence of
     ints in int64 range or of strings of at most :data:`MAX_ID_CHARS` characters (module
@@ -171,12 +175,13 @@ def example_id_hashes(ids: Any) -> tuple[U64, U64]:
     if arr.dtype.kind != "O":
         _bad_ids(f"example ids must be int64 or strings, got dtype {arr.dtype}", kind="dtype")
     values = arr.tolist()
-    if values and all(type(v) is int for v in values):
-        if not all(-(1 << 63) <= v < (1 << 63) for v in values):
+    if values and all(_is_int(v) for v in values):
+        ints = [int(v) for v in values]
+        if not all(-(1 << 63) <= v < (1 << 63) for v in ints):
             _bad_ids("integer example ids must fit in int64")
-        return _int_hashes(np.asarray(values, dtype=np.int64))
-    if values and isinstance(values[0], int) and not isinstance(values[0], bool):
-        bad = next(i for i, v in enumerate(values) if type(v) is not int)
+        return _int_hashes(np.asarray(ints, dtype=np.int64))
+    if values and _is_int(values[0]):
+        bad = next(i for i, v in enumerate(values) if not _is_int(v))
         _bad_ids(
             f"example ids must all be strings or all int64, got {type(values[bad]).__name__}",
             bad,
@@ -410,12 +415,14 @@ class ReplicateState:
             top_k = tuple(int(k) for k in data["top_k"])
             n_bins = int(data["n_bins"])
             log_base = str(data["log_base"])
-            loss_mean = bool(data["loss_mean"])
+            loss_mean = data["loss_mean"]
             raw = dict(data["stats"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a replicate state: {exc!r}") from None
         if not 1 <= replicates <= MAX_REPLICATES or not 1 <= n_bins <= 10_000:
             raise ValueError("not a replicate state: replicates or n_bins out of range")
+        if not isinstance(loss_mean, bool):
+            raise ValueError(f"not a replicate state: loss_mean {loss_mean!r}")
         if any(n not in CI_METRICS for n in names) or log_base not in ("e", "2"):
             raise ValueError(f"not a replicate state: names {list(names)} / {log_base!r}")
         if len(top_k) > 64 or any(k < 1 for k in top_k):
