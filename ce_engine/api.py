@@ -42,7 +42,13 @@ from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true, reject_first
 from ce_engine.losses.linear_cross_entropy import linear_inputs
 from ce_engine.metrics import MetricState, evaluate_metrics
-from ce_engine.metrics.bootstrap import ReplicateState, replicate_statistics, shared_positions
+from ce_engine.metrics.bootstrap import (
+    ExampleStatistics,
+    ReplicateState,
+    check_weights,
+    example_statistics,
+    shared_positions,
+)
 from ce_engine.options import CommonOptions
 from ce_engine.reduction import LN2, derivative_scale, reduction_denominator
 from ce_engine.registry import ALL_OUTPUTS, PARAMETER_GRADS, LossInputs, LossTerms, get_loss
@@ -80,6 +86,9 @@ class EvaluationResult:
     #: with ``replicate_weights``: the batch's bootstrap replicates of the loss and of the
     #: metrics that have intervals (``ce_engine.metrics.bootstrap.replicate_statistics``)
     replicate_state: ReplicateState | None = None
+    #: with ``replicate_weights``: the per-example sums behind it, for the replicates of a
+    #: subset of the examples (a slice): ``example_statistics.replicates(weights, rows)``
+    example_statistics: ExampleStatistics | None = None
 
 
 def to_backend(xp: Any, array: Any, *, loc: str) -> Array:
@@ -439,7 +448,8 @@ def evaluate(
     run keeps the state and answers scalars, so it skips e.g. the C × C list).
     ``replicate_weights`` (N, B): the bootstrap weights of the batch's N examples
     (``ce_engine.metrics.bootstrap.poisson_weights``); then ``replicate_state`` holds the
-    batch's B replicates of the loss and of the metrics with intervals.
+    batch's B replicates of the loss and of the metrics with intervals, and
+    ``example_statistics`` the per-example sums behind them (for slices).
     """
     outputs, metric_names = tuple(outputs), list(metrics)
     if (
@@ -560,7 +570,8 @@ def evaluate(
                 positions=positions,
             )
     if replicate_weights is not None:
-        result.replicate_state = replicate_statistics(
+        check_weights(replicate_weights, layout.batch_size)
+        result.example_statistics = example_statistics(
             spec.name,
             xp,
             rows,
@@ -572,9 +583,9 @@ def evaluate(
             per_sample=terms.per_sample,
             valid_weight=terms.valid_weight,
             metrics=metric_names,
-            weights=replicate_weights,
             positions=positions,
         )
+        result.replicate_state = result.example_statistics.replicates(replicate_weights)
     return result
 
 

@@ -456,6 +456,29 @@ def test_order_split_and_processes_give_the_same_replicates() -> None:
             assert percentile_ci(got[name]) == pytest.approx(percentile_ci(want[name]), 1e-12)
 
 
+def test_a_slice_of_the_examples_is_that_batch_alone() -> None:
+    z, y = data(120, seed=12)
+    ids = [f"s{i}" for i in range(120)]
+    lang = np.random.default_rng(12).choice(["en", "de", "fr"], 120)
+    w = poisson_weights(example_id_hashes(ids)[0], 50, 2)
+    result = ce_engine.evaluate("cross_entropy", z, y, metrics=CI_NAMES, replicate_weights=w)
+    stats = result.example_statistics
+    assert stats is not None and stats.examples == 120
+    parts = []
+    for value in ("en", "de", "fr"):
+        mask = lang == value
+        part = stats.replicates(w, mask)
+        alone = replicates_of(z[mask], y[mask], np.asarray(ids)[mask], 50, 2)
+        for key, array in alone.stats.items():
+            np.testing.assert_allclose(part.stats[key], array, rtol=1e-12, atol=1e-12)
+        parts.append(part)
+    assert result.replicate_state is not None
+    for key, array in reduce(ReplicateState.merge, parts).stats.items():
+        np.testing.assert_allclose(array, result.replicate_state.stats[key], rtol=1e-12)
+    with pytest.raises(InputValidationError):
+        stats.replicates(w[:-1])
+
+
 def test_state_round_trips_through_json_and_rejects_what_is_not_one() -> None:
     z, y = data(50)
     state = replicates_of(z, y, list(range(50)), 300)

@@ -589,7 +589,60 @@ def _one_blas_thread() -> Any:
     return _blas().limit(limits=1, user_api="blas")
 
 
-def replicate_statistics(
+@dataclass(frozen=True)
+class ExampleStatistics:
+    """A batch's per-example sums X (N, S) behind a :class:`ReplicateState` (the columns of
+    its statistics in order: loss sum and denominator, then those of ``names``), so that the
+    replicates of the whole batch and of any subset of its examples (a slice) are one product
+    each, from one pass over the rows."""
+
+    values: np.ndarray
+    names: tuple[str, ...]
+    top_k: tuple[int, ...]
+    n_bins: int
+    log_base: str
+    loss_mean: bool
+
+    @property
+    def examples(self) -> int:
+        return int(self.values.shape[0])
+
+    def replicates(self, weights: Any, examples: Any = None) -> ReplicateState:
+        """The :class:`ReplicateState` Wᵀ X of the (N, B) bootstrap ``weights``; with
+        ``examples`` (indices or an (N,) boolean mask) of those examples only.
+        :class:`InputValidationError` naming ``example_ids`` unless W has one row per
+        example."""
+        w = check_weights(weights, self.examples)
+        x = self.values
+        if examples is not None:
+            w, x = w[examples], x[examples]
+        with _one_blas_thread():
+            sums = w.astype(np.float64).T @ x  # (B, S)
+        state = ReplicateState(
+            int(w.shape[1]), self.names, self.top_k, self.n_bins, self.log_base, self.loss_mean
+        )
+        j = 0
+        for key, shape in _replicate_shapes(self.names, self.top_k, self.n_bins).items():
+            size = math.prod(shape)
+            state.stats[key] = np.ascontiguousarray(sums[:, j : j + size].reshape(-1, *shape))
+            j += size
+        return state
+
+
+def check_weights(weights: Any, examples: int) -> np.ndarray:
+    """``weights`` as an (examples, B ≥ 1) array; :class:`InputValidationError` naming
+    ``example_ids`` otherwise (the ids are what the weights are drawn from)."""
+    w = np.asarray(weights)
+    if w.ndim != 2 or w.shape[0] != examples or w.shape[1] < 1:
+        raise InputValidationError.single(
+            ("example_ids",),
+            f"expected {examples} example ids, one per batch row; weights of shape {list(w.shape)}",
+            "shape_mismatch",
+        )
+    return w
+
+
+def example_statistics(
     loss: str,
     xp: ModuleType,
     rows: Array | None,
@@ -602,12 +655,10 @@ def replicate_statistics(
     per_sample: Array,
     valid_weight: Array,
     metrics: Iterable[str],
-    weights: Any,
     positions: PositionStats | None = None,
-) -> ReplicateState:
-    """One batch's :class:`ReplicateState`: S_b = Σ_i w_ib x_i as one matrix product Wᵀ X of
-    the (N, B) bootstrap ``weights`` (:func:`poisson_weights`, N = ``layout.batch_size``) and
-    the (N, S) per-example statistics X (each example's sums over its positions).
+) -> ExampleStatistics:
+    """The batch's :class:`ExampleStatistics`: per example i of the N = ``layout.batch_size``
+    (the leading axis of the positions), the sums x_i over its counted positions.
 
     ``per_sample`` (M,) s·ℓ per position in nats and ``valid_weight`` (M,) its share of the
     ``valid`` denominator are the loss's (``LossTerms``); ``rows`` (M, C) the loss inputs
@@ -615,17 +666,9 @@ def replicate_statistics(
     and ``exclude`` as for :func:`~ce_engine.metrics.softmax.softmax_metric_state`;
     ``metrics`` the run's metrics, of which those in ``CI_METRICS`` get replicates (softmax
     family only); ``positions`` the batch's ``softmax.batch_positions`` for ``metrics`` when
-    already computed (:func:`shared_positions`). :class:`InputValidationError` naming
-    ``example_ids`` when ``weights`` does not have one row per example.
+    already computed (:func:`shared_positions`).
     """
-    w = np.asarray(weights)
     n = layout.batch_size
-    if w.ndim != 2 or w.shape[0] != n or w.shape[1] < 1:
-        raise InputValidationError.single(
-            ("example_ids",),
-            f"expected {n} example ids, one per batch row; weights of shape {list(w.shape)}",
-            "shape_mismatch",
-        )
     t = layout.num_positions // n if n else 0
     wanted = [m for m in metrics if m in CI_METRICS]
     softmax = metric_family(loss, options) == "softmax" and rows is not None and wanted
@@ -636,20 +679,11 @@ def replicate_statistics(
         fmt = resolve_target_format(target_format, targets, layout)
         request = check_request(wanted, loss, options, fmt, layout.num_classes)
         names, top_k = request.names, request.top_k
-    state = ReplicateState.empty(
-        w.shape[1],
-        names,
-        top_k,
-        options.n_bins,
-        options.log_base,
-        loss_mean=not (options.reduction == "sum" or options.normalization == "none"),
-    )
-    shapes = _replicate_shapes(names, top_k, options.n_bins)
     per = to_numpy(per_sample).astype(np.float64).reshape(n, t).sum(axis=1)
     vw = to_numpy(valid_weight).astype(np.float64).reshape(n, t)
-    den = _loss_denominators(options, vw)
-    columns = [per[:, None], den[:, None]]
+    columns = [per[:, None], _loss_denominators(options, vw)[:, None]]
     if names:
+        shapes = _replicate_shapes(names, top_k, options.n_bins)
         values, kept = _metric_columns(
             xp,
             shapes,
@@ -668,12 +702,44 @@ def replicate_statistics(
         else:
             example = (np.arange(values.shape[0]) if kept is None else kept) // max(t, 1)
             columns.append(_per_example(values, example, n))
-    x = np.concatenate(columns, axis=1)
-    with _one_blas_thread():
-        sums = w.astype(np.float64).T @ x  # (B, S)
-    j = 0
-    for key, shape in shapes.items():
-        size = math.prod(shape)
-        state.stats[key] = np.ascontiguousarray(sums[:, j : j + size].reshape(-1, *shape))
-        j += size
-    return state
+    loss_mean = not (options.reduction == "sum" or options.normalization == "none")
+    return ExampleStatistics(
+        np.concatenate(columns, axis=1), names, top_k, options.n_bins, options.log_base, loss_mean
+    )
+
+
+def replicate_statistics(
+    loss: str,
+    xp: ModuleType,
+    rows: Array | None,
+    targets: Array,
+    layout: Layout,
+    options: CommonOptions,
+    sample_weight: Array | None,
+    exclude: Array | None,
+    *,
+    per_sample: Array,
+    valid_weight: Array,
+    metrics: Iterable[str],
+    weights: Any,
+    positions: PositionStats | None = None,
+) -> ReplicateState:
+    """One batch's :class:`ReplicateState`: S_b = Σ_i w_ib x_i as one matrix product Wᵀ X of
+    the (N, B) bootstrap ``weights`` (:func:`poisson_weights`) and the batch's
+    :func:`example_statistics` X (arguments as there). :class:`InputValidationError` naming
+    ``example_ids`` when ``weights`` does not have one row per example."""
+    check_weights(weights, layout.batch_size)
+    return example_statistics(
+        loss,
+        xp,
+        rows,
+        targets,
+        layout,
+        options,
+        sample_weight,
+        exclude,
+        per_sample=per_sample,
+        valid_weight=valid_weight,
+        metrics=metrics,
+        positions=positions,
+    ).replicates(weights)
