@@ -382,10 +382,14 @@ def test_unit_weights_give_the_point_values(kw: dict[str, Any]) -> None:
         {"ignore_index": -100, "label_smoothing": 0.1, "weight": [1.0, 2.0, 0.5, 1.0, 1.0]},
     ],
 )
-def test_sequences_weigh_every_position_of_an_example_alike(options: dict[str, Any]) -> None:
-    """(N, T, C) logits: example i's weight multiplies all T of its positions."""
+@pytest.mark.parametrize("t", [1, 6])
+def test_sequences_weigh_every_position_of_an_example_alike(
+    options: dict[str, Any], t: int
+) -> None:
+    """(N, T, C) logits: example i's weight multiplies all T of its positions (T = 1: the
+    compact calibration bins)."""
     rng = np.random.default_rng(4)
-    n, t, c = 12, 6, 5
+    n, c = 12, 5
     z = rng.normal(size=(n, t, c))
     y = rng.integers(0, c, (n, t))
     y[rng.random((n, t)) < 0.2] = -100

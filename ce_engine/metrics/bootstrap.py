@@ -523,9 +523,10 @@ def _metric_columns(
     fmt: str,
     top_k: tuple[int, ...],
     positions: PositionStats | None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(per counted position, the columns of the metric statistics in ``shapes`` order; the
-    row index of each counted position or None when all count)."""
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Per counted position: (the columns of the metric statistics in ``shapes`` order but
+    the calibration bins; the bins as (bin index, s, s·κ, s·[ŷ = y]) columns, or None; the row
+    index of each counted position, or None when all count)."""
     counted = positions or softmax_position_stats(
         shapes, xp, rows, targets, layout, options, sample_weight, exclude, fmt
     )
@@ -543,18 +544,27 @@ def _metric_columns(
             columns.append(top_k_hit(xp, per_row["rank"], top_k) * w[:, None])
         elif key in ("nll", "entropy", "brier"):
             columns.append((w * per_row[key].astype(xp.float64))[:, None])
-        elif key == "bin_count":
-            confidence = per_row["confidence"].astype(xp.float64)
-            one_hot = (
-                calibration_bin(xp, confidence, options.n_bins)[:, None]
-                == xp.arange(options.n_bins)[None, :]
-            ) * w[:, None]
-            columns += [one_hot, one_hot * confidence[:, None], one_hot * correct[:, None]]
-        elif key not in ("bin_confidence", "bin_correct"):
+        elif key not in _BIN_KEYS:
             raise AssertionError(f"no replicate column for {key}")
+    bins = None
+    if "bin_count" in shapes:
+        confidence = per_row["confidence"].astype(xp.float64)
+        index = calibration_bin(xp, confidence, options.n_bins).astype(xp.float64)
+        bins = xp.stack([index, w, w * confidence, w * correct], axis=1)
+        bins = to_numpy(bins).astype(np.float64, copy=False)
     values = to_numpy(xp.concatenate(columns, axis=1)).astype(np.float64, copy=False)
     kept = None if counted.kept is None else to_numpy(counted.kept).astype(np.int64)
-    return values, kept
+    return values, bins, kept
+
+
+_BIN_KEYS = ("bin_count", "bin_confidence", "bin_correct")
+
+
+def _one_hot_bins(bins: np.ndarray, n_bins: int) -> np.ndarray:
+    """(M', 3·n_bins) dense bin columns [count | confidence | correct] of the (M', 4) compact
+    (bin index, s, s·κ, s·c) rows."""
+    one_hot = bins[:, :1].astype(np.int64) == np.arange(n_bins)[None, :]
+    return np.concatenate([one_hot * bins[:, k : k + 1] for k in (1, 2, 3)], axis=1)
 
 
 def shared_positions(
@@ -594,7 +604,12 @@ class ExampleStatistics:
     """A batch's per-example sums X (N, S) behind a :class:`ReplicateState` (the columns of
     its statistics in order: loss sum and denominator, then those of ``names``), so that the
     replicates of the whole batch and of any subset of its examples (a slice) are one product
-    each, from one pass over the rows."""
+    each, from one pass over the rows.
+
+    With one position per example, each example lies in one calibration bin: ``bins`` (N, 4)
+    holds (bin index or −1, s, s·κ, s·c) and ``values`` leaves the 3 · n_bins bin columns
+    out, so the product is one small one per bin (~6× fewer multiply-adds with ECE).
+    """
 
     values: np.ndarray
     names: tuple[str, ...]
@@ -602,6 +617,7 @@ class ExampleStatistics:
     n_bins: int
     log_base: str
     loss_mean: bool
+    bins: np.ndarray | None = None
 
     @property
     def examples(self) -> int:
@@ -612,12 +628,15 @@ class ExampleStatistics:
         ``examples`` (indices or an (N,) boolean mask) of those examples only.
         :class:`InputValidationError` naming ``example_ids`` unless W has one row per
         example."""
-        w = check_weights(weights, self.examples)
-        x = self.values
+        w = check_weights(weights, self.examples).astype(np.float64)
+        x, bins = self.values, self.bins
         if examples is not None:
             w, x = w[examples], x[examples]
+            bins = None if bins is None else bins[examples]
         with _one_blas_thread():
-            sums = w.astype(np.float64).T @ x  # (B, S)
+            sums = w.T @ x  # (B, S)
+            if bins is not None:
+                sums = np.concatenate([sums, self._binned(w, bins)], axis=1)
         state = ReplicateState(
             int(w.shape[1]), self.names, self.top_k, self.n_bins, self.log_base, self.loss_mean
         )
@@ -627,6 +646,20 @@ class ExampleStatistics:
             state.stats[key] = np.ascontiguousarray(sums[:, j : j + size].reshape(-1, *shape))
             j += size
         return state
+
+    def _binned(self, w: np.ndarray, bins: np.ndarray) -> np.ndarray:
+        """(B, 3 · n_bins) [count | confidence | correct] replicate sums of the compact bins:
+        per bin j, W_jᵀ (s, s·κ, s·c) over the examples in it."""
+        out = np.zeros((w.shape[1], 3, self.n_bins))
+        order = np.argsort(bins[:, 0], kind="stable")
+        index = bins[order, 0].astype(np.int64)
+        ws, xs = w[order], bins[order, 1:]
+        edges = np.searchsorted(index, np.arange(self.n_bins + 1), side="left")
+        for j in range(self.n_bins):
+            lo, hi = edges[j], edges[j + 1]
+            if hi > lo:
+                out[:, :, j] = ws[lo:hi].T @ xs[lo:hi]
+        return out.reshape(w.shape[1], 3 * self.n_bins)
 
 
 def check_weights(weights: Any, examples: int) -> np.ndarray:
@@ -682,9 +715,10 @@ def example_statistics(
     per = to_numpy(per_sample).astype(np.float64).reshape(n, t).sum(axis=1)
     vw = to_numpy(valid_weight).astype(np.float64).reshape(n, t)
     columns = [per[:, None], _loss_denominators(options, vw)[:, None]]
+    bins: np.ndarray | None = None
     if names:
         shapes = _replicate_shapes(names, top_k, options.n_bins)
-        values, kept = _metric_columns(
+        values, bins, kept = _metric_columns(
             xp,
             shapes,
             rows,
@@ -697,14 +731,28 @@ def example_statistics(
             top_k,
             positions,
         )
+        if bins is not None and t != 1:  # an example's positions fall in several bins
+            values = np.concatenate([values, _one_hot_bins(bins, options.n_bins)], axis=1)
+            bins = None
         if kept is None and t == 1:
             columns.append(values)
         else:
             example = (np.arange(values.shape[0]) if kept is None else kept) // max(t, 1)
             columns.append(_per_example(values, example, n))
+        if bins is not None and kept is not None:  # examples not counted: in no bin
+            compact = np.zeros((n, 4))
+            compact[:, 0] = -1.0
+            compact[kept] = bins
+            bins = compact
     loss_mean = not (options.reduction == "sum" or options.normalization == "none")
     return ExampleStatistics(
-        np.concatenate(columns, axis=1), names, top_k, options.n_bins, options.log_base, loss_mean
+        np.concatenate(columns, axis=1),
+        names,
+        top_k,
+        options.n_bins,
+        options.log_base,
+        loss_mean,
+        bins,
     )
 
 
