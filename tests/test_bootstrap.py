@@ -289,7 +289,7 @@ def test_weights_match_the_plain_counter_based_reference() -> None:
     h1, _ = example_id_hashes([f"id-{i}" for i in range(40)])
     for seed in (0, 7, 2**40):
         w = poisson_weights(h1, 50, seed)
-        assert w.shape == (40, 50) and w.dtype == np.int64
+        assert w.shape == (40, 50) and w.dtype == np.uint8
         ref = [[ref_weight(int(h), b, seed) for b in range(50)] for h in h1]
         assert w.tolist() == ref
 

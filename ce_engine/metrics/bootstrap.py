@@ -289,11 +289,12 @@ def _replicate_keys(replicates: int, seed: int) -> U64:
     return keys
 
 
-def poisson_weights(h1: Any, replicates: int, seed: int) -> npt.NDArray[np.int64]:
-    """(N, B) int64 bootstrap weights w_ib ~ Poisson(1) of the examples hashed to ``h1``
-    (N,): u_ib = splitmix64(h1_i ⊕ splitmix64(seed · MAX_REPLICATES + b)) mod 2⁶⁴, w_ib the
-    inverse CDF (:func:`poisson_thresholds`) at the top 53 bits of u_ib. Deterministic per
-    (example, replicate, seed); validation as :func:`check_replicates`."""
+def poisson_weights(h1: Any, replicates: int, seed: int) -> npt.NDArray[np.uint8]:
+    """(N, B) uint8 bootstrap weights w_ib ~ Poisson(1) (below 19, the table's size) of the
+    examples hashed to ``h1`` (N,): u_ib = splitmix64(h1_i ⊕ splitmix64(seed · MAX_REPLICATES
+    + b)) mod 2⁶⁴, w_ib the inverse CDF (:func:`poisson_thresholds`) at the top 53 bits of
+    u_ib. Deterministic per (example, replicate, seed); validation as
+    :func:`check_replicates`."""
     check_replicates(replicates, seed)
     h = np.asarray(h1, dtype=np.uint64).reshape(-1)
     u = _mix_in_place(h[:, None] ^ _replicate_keys(replicates, seed)[None, :])
@@ -305,7 +306,7 @@ def poisson_weights(h1: Any, replicates: int, seed: int) -> npt.NDArray[np.int64
 _DIRECT = 4
 
 
-def _poisson_inverse_cdf(u: U64) -> npt.NDArray[np.int64]:
+def _poisson_inverse_cdf(u: U64) -> npt.NDArray[np.uint8]:
     """#{k : T_k ≤ u} element-wise: ``searchsorted(T, u, "right")``, ~5× faster as a few
     comparisons for the common small weights and a search for the rare larger ones."""
     thresholds = poisson_thresholds()
@@ -315,7 +316,7 @@ def _poisson_inverse_cdf(u: U64) -> npt.NDArray[np.int64]:
     flat = weight.reshape(-1)
     tail = np.flatnonzero(flat == _DIRECT)
     flat[tail] = np.searchsorted(thresholds, u.reshape(-1)[tail], side="right")
-    return weight.astype(np.int64)
+    return weight
 
 
 # ---------------------------------------------------------------- replicate state
@@ -628,11 +629,15 @@ class ExampleStatistics:
         ``examples`` (indices or an (N,) boolean mask) of those examples only.
         :class:`InputValidationError` naming ``example_ids`` unless W has one row per
         example."""
-        w = check_weights(weights, self.examples).astype(np.float64)
+        w = check_weights(weights, self.examples)
         x, bins = self.values, self.bins
         if examples is not None:
             w, x = w[examples], x[examples]
             bins = None if bins is None else bins[examples]
+        if bins is not None:  # examples in bin order, for one product per bin
+            order = np.argsort(bins[:, 0], kind="stable")
+            w, x, bins = w[order], x[order], bins[order]
+        w = w.astype(np.float64)
         with _one_blas_thread():
             sums = w.T @ x  # (B, S)
             if bins is not None:
@@ -648,12 +653,11 @@ class ExampleStatistics:
         return state
 
     def _binned(self, w: np.ndarray, bins: np.ndarray) -> np.ndarray:
-        """(B, 3 · n_bins) [count | confidence | correct] replicate sums of the compact bins:
-        per bin j, W_jᵀ (s, s·κ, s·c) over the examples in it."""
+        """(B, 3 · n_bins) [count | confidence | correct] replicate sums of the compact bins
+        (rows in bin order): per bin j, W_jᵀ (s, s·κ, s·c) over the examples in it."""
         out = np.zeros((w.shape[1], 3, self.n_bins))
-        order = np.argsort(bins[:, 0], kind="stable")
-        index = bins[order, 0].astype(np.int64)
-        ws, xs = w[order], bins[order, 1:]
+        index = bins[:, 0].astype(np.int64)
+        ws, xs = w, bins[:, 1:]
         edges = np.searchsorted(index, np.arange(self.n_bins + 1), side="left")
         for j in range(self.n_bins):
             lo, hi = edges[j], edges[j + 1]
