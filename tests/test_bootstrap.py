@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import subprocess
 import sys
 from fractions import Fraction
 from functools import reduce
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -636,6 +638,20 @@ def test_bound_verdict_needs_a_bound_and_levels_are_checked() -> None:
         with pytest.raises(InputValidationError) as exc:
             percentile_ci([1.0, 2.0], level)  # type: ignore[arg-type]
         assert exc.value.errors[0].loc == ("confidence", "level")
+
+
+def test_readme_bootstrap_example_runs() -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- readme-example:bootstrap -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "README has no bootstrap example"
+    scope: dict[str, Any] = {}
+    exec(compile(match.group(1), "README.md", "exec"), scope)
+    lo, hi = scope["ci"]
+    assert 0.0 < lo < hi < 1.0
+    d_lo, d_hi = scope["delta"]
+    assert d_lo < d_hi and d_hi - d_lo < hi - lo  # paired: narrower than the metric's own
+    assert scope["verdict"] == "fail" and d_hi < -0.01  # as the README says
+    assert scope["fingerprint"].count == 2000
 
 
 @pytest.mark.slow
