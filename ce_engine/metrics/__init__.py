@@ -23,6 +23,8 @@ from ce_engine.metrics.binary import binary_metric_state
 from ce_engine.metrics.catalog import (
     ALL_METRICS,
     BINARY_METRICS,
+    CI_METRICS,
+    HIGHER_IS_BETTER,
     LABEL_FREE_METRICS,
     LINEAR_METRICS,
     METRIC_NAMES,
@@ -105,6 +107,8 @@ def metric_state(
 __all__ = [
     "ALL_METRICS",
     "BINARY_METRICS",
+    "CI_METRICS",
+    "HIGHER_IS_BETTER",
     "LABEL_FREE_METRICS",
     "LINEAR_METRICS",
     "METRIC_NAMES",
