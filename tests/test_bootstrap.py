@@ -19,6 +19,7 @@ import pytest
 
 import ce_engine
 from ce_engine.errors import InputValidationError
+from ce_engine.layout import Layout
 from ce_engine.metrics.bootstrap import (
     MAX_REPLICATES,
     Fingerprint,
@@ -27,6 +28,7 @@ from ce_engine.metrics.bootstrap import (
     example_id_hashes,
     poisson_thresholds,
     poisson_weights,
+    replicate_statistics,
     splitmix64,
 )
 from ce_engine.metrics.catalog import CI_METRICS
@@ -37,6 +39,7 @@ from ce_engine.metrics.intervals import (
     percentile_ci,
     replicate_intervals,
 )
+from ce_engine.registry import get_loss
 
 MASK = (1 << 64) - 1
 CI_NAMES = ["accuracy", "top_k_accuracy", "nll", "perplexity", "entropy", "brier", "ece", "mce"]
@@ -349,12 +352,15 @@ def test_bad_seed_names_the_field(seed: Any) -> None:
         {"options": {"input_kind": "probabilities"}},
         {"options": {"reduction": "sum"}},
         {"targets": "probabilities"},
+        {"options": {"nan_policy": "omit"}, "nan_row": 3},
     ],
 )
 def test_unit_weights_give_the_point_values(kw: dict[str, Any]) -> None:
     z, y = data(64)
     if kw.get("options", {}).get("input_kind") == "probabilities":
         z = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    if "nan_row" in kw:  # a position left out by nan_policy omit
+        z[kw.pop("nan_row"), 0] = np.nan
     if kw.pop("targets", None) == "probabilities":  # dense target distributions
         q = np.random.default_rng(1).random(z.shape)
         y = q / q.sum(axis=1, keepdims=True)
@@ -507,6 +513,47 @@ def test_state_round_trips_through_json_and_rejects_what_is_not_one() -> None:
             ReplicateState.from_dict(bad)
     with pytest.raises(ValueError):
         state.merge(replicates_of(z, y, list(range(50)), 200))
+
+
+def test_replicate_statistics_takes_the_loss_terms_directly() -> None:
+    """The data-plane entry point: per-position loss terms and the weights, no evaluate."""
+    z, y = data(30)
+    w = poisson_weights(example_id_hashes(list(range(30)))[0], 20, 0)
+    opts = get_loss("cross_entropy").parse_options({"log_base": "2"})
+    nll = ref_rows(z, y)["nll"]
+    state = replicate_statistics(
+        "cross_entropy",
+        np,
+        z,
+        y,
+        Layout.of(z.shape, -1),
+        opts,
+        None,
+        None,
+        per_sample=nll,
+        valid_weight=np.ones(30),
+        metrics=["accuracy", "nll", "confusion_matrix"],
+        weights=w,
+    )
+    values = state.compute()
+    wf = w.astype(float)
+    np.testing.assert_allclose(values["loss"], (wf.T @ nll) / wf.sum(0) / math.log(2), rtol=1e-12)
+    np.testing.assert_allclose(values["nll"], values["loss"], rtol=1e-12)
+    with pytest.raises(InputValidationError):
+        replicate_statistics(
+            "cross_entropy",
+            np,
+            z,
+            y,
+            Layout.of(z.shape, -1),
+            opts,
+            None,
+            None,
+            per_sample=nll,
+            valid_weight=np.ones(30),
+            metrics=[],
+            weights=w[:10],
+        )
 
 
 def test_metrics_without_intervals_are_left_out() -> None:
