@@ -42,6 +42,13 @@ from ce_engine.layout import Array, Layout
 from ce_engine.losses._common import first_true, reject_first
 from ce_engine.losses.linear_cross_entropy import linear_inputs
 from ce_engine.metrics import MetricState, evaluate_metrics
+from ce_engine.metrics.bootstrap import (
+    ExampleStatistics,
+    ReplicateState,
+    check_weights,
+    example_statistics,
+    shared_positions,
+)
 from ce_engine.options import CommonOptions
 from ce_engine.reduction import LN2, derivative_scale, reduction_denominator
 from ce_engine.registry import ALL_OUTPUTS, PARAMETER_GRADS, LossInputs, LossTerms, get_loss
@@ -76,6 +83,12 @@ class EvaluationResult:
     #: ``{"count": k, "positions": [[i, …], …]}`` (the first ``MAX_REPORTED_POSITIONS``); empty
     #: when there were none
     non_finite: dict[str, Any] = field(default_factory=dict)
+    #: with ``replicate_weights``: the batch's bootstrap replicates of the loss and of the
+    #: metrics that have intervals (``ce_engine.metrics.bootstrap.replicate_statistics``)
+    replicate_state: ReplicateState | None = None
+    #: with ``replicate_weights``: the per-example sums behind it, for the replicates of a
+    #: subset of the examples (a slice): ``example_statistics.replicates(weights, rows)``
+    example_statistics: ExampleStatistics | None = None
 
 
 def to_backend(xp: Any, array: Any, *, loc: str) -> Array:
@@ -420,6 +433,7 @@ def evaluate(
     weight: Any = None,
     bias: Any = None,
     metric_values: Iterable[str] | None = None,
+    replicate_weights: Any = None,
 ) -> EvaluationResult:
     """Evaluate ``loss`` on a batch.
 
@@ -432,6 +446,10 @@ def evaluate(
     ``non_finite`` under ``propagate`` and ``omit``. ``metric_values``: the metrics whose values
     go in ``metrics`` (default all); ``metric_state`` holds every requested one either way (a
     run keeps the state and answers scalars, so it skips e.g. the C × C list).
+    ``replicate_weights`` (N, B): the bootstrap weights of the batch's N examples
+    (``ce_engine.metrics.bootstrap.poisson_weights``); then ``replicate_state`` holds the
+    batch's B replicates of the loss and of the metrics with intervals, and
+    ``example_statistics`` the per-example sums behind them (for slices).
     """
     outputs, metric_names = tuple(outputs), list(metrics)
     if (
@@ -443,6 +461,7 @@ def evaluate(
         and features is None
         and weight is None
         and bias is None
+        and replicate_weights is None
     ):  # no generator: this test runs on every call
         small = _small_cross_entropy(logits, targets, outputs, backend)
         if small is not None:
@@ -527,11 +546,16 @@ def evaluate(
         result.non_finite = _positions(xp, non_finite, layout)
     result.backend = backend_name
     result.compute_dtype = cdt.type.__name__
+    positions = None
     if metric_names:
         if terms.metric_state is not None:  # reduced by the loss (linear: chunk by chunk)
             result.metric_state = terms.metric_state
             result.metrics = terms.metric_state.compute(metric_values)
         else:
+            if replicate_weights is not None:
+                positions = shared_positions(
+                    spec.name, metric_names, xp, rows, t, layout, opts, s, exclude
+                )
             result.metric_state, result.metrics = evaluate_metrics(
                 metric_names,
                 xp,
@@ -543,7 +567,25 @@ def evaluate(
                 exclude,
                 loss=spec.name,
                 only=metric_values,
+                positions=positions,
             )
+    if replicate_weights is not None:
+        check_weights(replicate_weights, layout.batch_size)
+        result.example_statistics = example_statistics(
+            spec.name,
+            xp,
+            rows,
+            t,
+            layout,
+            opts,
+            s,
+            exclude,
+            per_sample=terms.per_sample,
+            valid_weight=terms.valid_weight,
+            metrics=metric_names,
+            positions=positions,
+        )
+        result.replicate_state = result.example_statistics.replicates(replicate_weights)
     return result
 
 

@@ -23,6 +23,8 @@ from ce_engine.metrics.binary import binary_metric_state
 from ce_engine.metrics.catalog import (
     ALL_METRICS,
     BINARY_METRICS,
+    CI_METRICS,
+    HIGHER_IS_BETTER,
     LABEL_FREE_METRICS,
     LINEAR_METRICS,
     METRIC_NAMES,
@@ -35,7 +37,7 @@ from ce_engine.metrics.catalog import (
     scalar_metrics,
     supported_metrics,
 )
-from ce_engine.metrics.softmax import softmax_metric_state
+from ce_engine.metrics.softmax import PositionStats, softmax_metric_state
 from ce_engine.metrics.state import PACKED_STAT_SIZE, MetricState
 from ce_engine.options import CommonOptions
 
@@ -53,16 +55,30 @@ def evaluate_metrics(
     *,
     exact: bool = True,
     only: Iterable[str] | None = None,
+    positions: PositionStats | None = None,
 ) -> tuple[MetricState, dict[str, Any]]:
     """(the batch's mergeable state, its metric values: those in ``only`` when given); with
     ``exact`` the ranking values are exact (the batch's distinct scores), else binned like a
-    run's. Arguments as :func:`ce_engine.metrics.softmax.softmax_metric_state`."""
-    batch = (
-        binary_metric_state if metric_family(loss, options) == "binary" else softmax_metric_state
-    )
-    state, exact_values = batch(
-        names, xp, rows, targets, layout, options, sample_weight, exclude, loss, exact=exact
-    )
+    run's. Arguments as :func:`ce_engine.metrics.softmax.softmax_metric_state` (``positions``
+    softmax only)."""
+    if metric_family(loss, options) == "binary":
+        state, exact_values = binary_metric_state(
+            names, xp, rows, targets, layout, options, sample_weight, exclude, loss, exact=exact
+        )
+    else:
+        state, exact_values = softmax_metric_state(
+            names,
+            xp,
+            rows,
+            targets,
+            layout,
+            options,
+            sample_weight,
+            exclude,
+            loss,
+            exact=exact,
+            positions=positions,
+        )
     metrics = state.compute(only)
     if exact_values:
         metrics.pop("warnings", None)
@@ -91,6 +107,8 @@ def metric_state(
 __all__ = [
     "ALL_METRICS",
     "BINARY_METRICS",
+    "CI_METRICS",
+    "HIGHER_IS_BETTER",
     "LABEL_FREE_METRICS",
     "LINEAR_METRICS",
     "METRIC_NAMES",

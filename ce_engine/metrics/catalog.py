@@ -43,6 +43,32 @@ RANKING_METRICS: tuple[str, ...] = ("auroc", "average_precision", "roc_curve", "
 #: Metrics of the softmax losses (one-vs-rest ranking per class).
 SOFTMAX_METRICS: tuple[str, ...] = METRIC_NAMES + RANKING_METRICS
 
+#: Softmax metrics with a bootstrap confidence interval in runs (per replicate a few scalars
+#: or ``n_bins`` bins: :mod:`ce_engine.metrics.bootstrap`); the others have none.
+CI_METRICS: tuple[str, ...] = (
+    "accuracy",
+    "top_k_accuracy",
+    "nll",
+    "perplexity",
+    "entropy",
+    "ece",
+    "mce",
+    "brier",
+)
+
+#: Direction of each metric with an interval, and of ``loss``, for the gate: True when higher
+#: is better; ``entropy`` has none (a check on it takes ``min`` / ``max`` only).
+HIGHER_IS_BETTER: Mapping[str, bool] = {
+    "loss": False,
+    "accuracy": True,
+    "top_k_accuracy": True,
+    "nll": False,
+    "perplexity": False,
+    "ece": False,
+    "mce": False,
+    "brier": False,
+}
+
 #: Metrics of the binary / multi-label losses (each label a task).
 BINARY_METRICS: tuple[str, ...] = (
     "accuracy",

@@ -48,6 +48,7 @@ no positive label) are not counted here either. Means over zero weight are None.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -185,6 +186,105 @@ def _ranking_inputs(
     return score, p, xp.where(hit, w[:, None], 0.0), xp.where(hit, 0.0, w[:, None])
 
 
+@dataclass(frozen=True)
+class PositionStats:
+    """The counted positions of a softmax batch and their per-position metric quantities.
+
+    ``kept`` (M',) are the row indices of the counted positions (None when every row counts);
+    ``rows``, ``labels`` and ``q`` are restricted to them; ``weight`` (M',) float64 is s_i
+    (1 without ``sample_weight``); ``per_row`` holds the statistics of
+    :func:`~ce_engine.kernels.cpu.softmax_row_stats` the requested metrics need (``prediction``,
+    ``rank``, ``nll``, ``entropy``, ``brier``, ``confidence``); ``correct`` (M',) float64 is
+    [ŷ_i = y_i] (None without a prediction).
+    """
+
+    kept: Array | None
+    rows: Array
+    labels: Array
+    q: Array | None
+    weight: Array
+    per_row: dict[str, Array]
+    correct: Array | None
+
+
+def top_k_hit(xp: ModuleType, rank: Array, top_k: tuple[int, ...]) -> Array:
+    """(M, K) float64: [rank_i(y_i) < k] for each k of ``top_k``."""
+    ks = xp.asarray(top_k, dtype=xp.int64)
+    return (rank[:, None] < ks[None, :]).astype(xp.float64)
+
+
+def calibration_bin(xp: ModuleType, confidence: Array, n_bins: int) -> Array:
+    """(M,) int64 bin of each confidence κ_i: b with b/n < κ_i ≤ (b+1)/n, 0 for κ_i = 0."""
+    edges = xp.linspace(0.0, 1.0, n_bins + 1)
+    # bins (lo, hi]: searchsorted 'left' gives i with edges[i-1] < κ ≤ edges[i]
+    return xp.clip(uniform_searchsorted(xp, edges, confidence, "left") - 1, 0, n_bins - 1)
+
+
+def softmax_position_stats(
+    shapes: dict[str, tuple[int, ...]],
+    xp: ModuleType,
+    rows: Array,
+    targets: Array,
+    layout: Layout,
+    options: CommonOptions,
+    sample_weight: Array | None,
+    exclude: Array | None,
+    fmt: str,
+) -> PositionStats:
+    """The counted positions and the per-position quantities behind the statistics ``shapes``
+    (:func:`~ce_engine.metrics.state.stat_shapes`) of a validated request; ``fmt`` the
+    resolved target format. Arguments otherwise as :func:`softmax_metric_state`."""
+    labels, q, counted = _labels_and_mask(xp, targets, layout, options, fmt)
+    if exclude is not None:
+        counted &= ~exclude
+    keep = None
+    if not bool(counted.all()):
+        keep = xp.nonzero(counted)[0]
+        rows = rows[keep]
+        labels = labels[keep]
+        q = q[keep] if q is not None else None
+        sample_weight = sample_weight[keep] if sample_weight is not None else None
+    m = int(rows.shape[0])
+    w = (
+        sample_weight.astype(xp.float64)
+        if sample_weight is not None
+        else xp.ones(m, dtype=xp.float64)
+    )
+    # NumPy, logits, class-id targets: one chunked pass, no (M, C) temporaries
+    want = frozenset(stat for key, stat in _ROW_STAT_OF.items() if key in shapes)
+    if _fused_row_stats(xp, options, q, rows):
+        per_row = softmax_row_stats(rows, labels, temperature=options.temperature, want=want)
+    else:
+        per_row = _row_stats(xp, rows, labels, q, options, want, fmt != "multi_hot")
+    predicted: Array = per_row.get("prediction")
+    correct: Array = None if predicted is None else (predicted == labels).astype(xp.float64)
+    return PositionStats(keep, rows, labels, q, w, per_row, correct)
+
+
+def batch_positions(
+    names: Iterable[str],
+    xp: ModuleType,
+    rows: Array,
+    targets: Array,
+    layout: Layout,
+    options: CommonOptions,
+    sample_weight: Array | None,
+    exclude: Array | None,
+    loss: str = "cross_entropy",
+) -> PositionStats:
+    """:func:`softmax_position_stats` for the metric request ``names`` (validated as in
+    :func:`softmax_metric_state`)."""
+    c = layout.num_classes
+    fmt = resolve_target_format(_option(options, "target_format") or "auto", targets, layout)
+    request = check_request(list(names), loss, options, fmt, c)
+    shapes = stat_shapes(
+        "softmax", request.names, c, request.top_k, options.n_bins, options.n_thresholds
+    )
+    return softmax_position_stats(
+        shapes, xp, rows, targets, layout, options, sample_weight, exclude, fmt
+    )
+
+
 def softmax_metric_state(
     names: Iterable[str],
     xp: ModuleType,
@@ -197,10 +297,12 @@ def softmax_metric_state(
     loss: str = "cross_entropy",
     *,
     exact: bool = False,
+    positions: PositionStats | None = None,
 ) -> tuple[MetricState, dict[str, Any]]:
     """Reduce one batch to a softmax :class:`MetricState` (one vectorised pass over the rows);
     with ``exact``, also the batch's exact ranking values (``ranking.ranking_values`` of its
-    distinct scores), else {}.
+    distinct scores), else {}. ``positions``: the batch's :func:`batch_positions` for these
+    ``names`` when already computed (a run with bootstrap replicates shares them).
 
     ``rows`` (M, C) are the loss inputs with the class axis last (logits, probabilities or
     log-probabilities per ``options.input_kind``); ``targets`` as sent; ``sample_weight`` (M,);
@@ -216,48 +318,28 @@ def softmax_metric_state(
     names_t, top_k = request.names, request.top_k
     n_thr = options.n_thresholds
     shapes = stat_shapes("softmax", names_t, c, top_k, options.n_bins, n_thr)
-    labels, q, counted = _labels_and_mask(xp, targets, layout, options, fmt)
-    if exclude is not None:
-        counted &= ~exclude
-    if not bool(counted.all()):
-        keep = xp.nonzero(counted)[0]
-        rows = rows[keep]
-        labels = labels[keep]
-        q = q[keep] if q is not None else None
-        sample_weight = sample_weight[keep] if sample_weight is not None else None
-    m = int(rows.shape[0])
-    w = (
-        sample_weight.astype(xp.float64)
-        if sample_weight is not None
-        else xp.ones(m, dtype=xp.float64)
+    counted = positions or softmax_position_stats(
+        shapes, xp, rows, targets, layout, options, sample_weight, exclude, fmt
     )
-    sums: dict[str, Any] = {"weight": w.sum(), "count": m}
+    rows, labels, w = counted.rows, counted.labels, counted.weight
+    per_row, correct = counted.per_row, counted.correct
+    predicted: Array = per_row.get("prediction")
+    sums: dict[str, Any] = {"weight": w.sum(), "count": int(rows.shape[0])}
 
     def wsum(per_row: Array) -> Array:
         return (w * per_row.astype(xp.float64, copy=False)).sum()
 
-    # NumPy, logits, class-id targets: one chunked pass, no (M, C) temporaries
-    want = frozenset(stat for key, stat in _ROW_STAT_OF.items() if key in shapes)
-    if _fused_row_stats(xp, options, q, rows):
-        per_row = softmax_row_stats(rows, labels, temperature=options.temperature, want=want)
-    else:
-        per_row = _row_stats(xp, rows, labels, q, options, want, fmt != "multi_hot")
-    predicted: Array = per_row.get("prediction")
-    correct: Array = None if predicted is None else (predicted == labels).astype(xp.float64)
     if "correct" in shapes:
         sums["correct"] = wsum(correct)
     if "top_k_hits" in shapes:
-        ks = xp.asarray(top_k, dtype=xp.int64)
-        sums["top_k_hits"] = ((per_row["rank"][:, None] < ks[None, :]) * w[:, None]).sum(axis=0)
+        sums["top_k_hits"] = (top_k_hit(xp, per_row["rank"], top_k) * w[:, None]).sum(axis=0)
     for key in ("nll", "entropy", "brier"):
         if key in shapes:
             sums[key] = wsum(per_row[key])
     if "bin_count" in shapes:
         n_bins = options.n_bins
         confidence = per_row["confidence"].astype(xp.float64)
-        edges = xp.linspace(0.0, 1.0, n_bins + 1)
-        # bins (lo, hi]: searchsorted 'left' gives i with edges[i-1] < κ ≤ edges[i]
-        b = xp.clip(uniform_searchsorted(xp, edges, confidence, "left") - 1, 0, n_bins - 1)
+        b = calibration_bin(xp, confidence, n_bins)
         sums["bin_count"] = xp.bincount(b, weights=w, minlength=n_bins)
         sums["bin_confidence"] = xp.bincount(b, weights=w * confidence, minlength=n_bins)
         sums["bin_correct"] = xp.bincount(b, weights=w * correct, minlength=n_bins)
