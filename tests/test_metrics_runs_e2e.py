@@ -2,7 +2,10 @@
 by two client processes, to one `ce-eval serve` on a SQLite file or to two replicas on one
 PostgreSQL database, equal one stateless evaluation of the whole data set. Metrics binned in
 runs (AUROC, average precision, curves) are compared with the same binning: the state of that
-one evaluation."""
+one evaluation. Losses: the sigmoid ones (``binary_cross_entropy``, sigmoid ``focal`` on
+(N, d, L) logits with soft labels and one threshold per label), ``cross_entropy``, and
+``linear_cross_entropy``, whose batches carry rows of features and the same weight and bias
+(the longer batches span several row chunks)."""
 
 from __future__ import annotations
 
@@ -18,25 +21,54 @@ import numpy as np
 import pytest
 
 import ce_engine
-from ce_engine.metrics import BINARY_METRICS, RANKING_METRICS, SOFTMAX_METRICS
+from ce_engine.metrics import (
+    BINARY_METRICS,
+    LINEAR_METRICS,
+    RANKING_METRICS,
+    SOFTMAX_METRICS,
+)
 from tests.servers import PostgresCluster, ServerProcess
 from tests.test_metrics_binary import assert_nested_close
 
-CASES = {
+CASES: dict[str, tuple[list[str], dict[str, Any]]] = {
     "binary_cross_entropy": (list(BINARY_METRICS), {"n_thresholds": 50, "threshold": 0.4}),
+    "focal": (
+        list(BINARY_METRICS),
+        {"variant": "sigmoid", "gamma": 1.5, "n_thresholds": 50, "threshold": [0.3, 0.5, 0.7]},
+    ),
     "cross_entropy": (list(SOFTMAX_METRICS), {"n_thresholds": 50, "top_k": [1, 2]}),
+    # 65536 // C = 32 rows per chunk: the longer batches and the whole set span several chunks
+    "linear_cross_entropy": (list(LINEAR_METRICS), {"top_k": [1, 5], "chunk_elements": 1}),
 }
 
 
-def data_set(loss: str, n: int = 300) -> dict[str, np.ndarray]:
+def data_set(loss: str, n: int = 300) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(tensors with one row per example, split into batches; tensors every batch carries)."""
     rng = np.random.default_rng(len(loss))
+    sample_weight = rng.uniform(0.5, 2.0, size=n)
+    if loss == "linear_cross_entropy":
+        features = rng.standard_normal((n, 8))
+        shared = {"weight": rng.standard_normal((2048, 8)), "bias": rng.standard_normal(2048)}
+        logits = features @ shared["weight"].T + shared["bias"]
+        # the class ranked 0..7 by the logits, so top-1 and top-5 accuracy are far from 0 and 1
+        ranked = np.argsort(-logits, axis=1)
+        targets = ranked[np.arange(n), rng.integers(0, 8, size=n)]
+        rows = {"features": features, "targets": targets, "sample_weight": sample_weight}
+        return rows, shared
+    if loss == "focal":
+        logits = rng.standard_normal((n, 2, 3)) * 2
+        targets = (rng.random((n, 2, 3)) < 1 / (1 + np.exp(-logits))).astype(np.float64)
+        soft = rng.random((n, 2, 3)) < 0.2
+        targets[soft] = rng.uniform(0.1, 0.9, size=int(soft.sum()))
+        targets[..., 2] = 0.0  # a label without positives
+        return {"logits": logits, "targets": targets, "sample_weight": sample_weight}, {}
     logits = rng.standard_normal((n, 4)) * 2
     if loss == "binary_cross_entropy":
-        targets: np.ndarray = (rng.random((n, 4)) < 1 / (1 + np.exp(-logits))).astype(np.float64)
+        targets = (rng.random((n, 4)) < 1 / (1 + np.exp(-logits))).astype(np.float64)
         targets[:, 3] = 0.0  # a label without positives
     else:
         targets = rng.integers(0, 4, size=n)
-    return {"logits": logits, "targets": targets, "sample_weight": rng.uniform(0.5, 2.0, size=n)}
+    return {"logits": logits, "targets": targets, "sample_weight": sample_weight}, {}
 
 
 def _tensor(array: np.ndarray) -> dict[str, Any]:
@@ -74,7 +106,7 @@ def test_two_processes_pushing_random_splits_equal_one_evaluation(
     servers: list[ServerProcess], loss: str
 ) -> None:
     names, options = CASES[loss]
-    whole = data_set(loss)
+    whole, shared = data_set(loss)
     n = len(whole["sample_weight"])
     run = httpx.post(
         f"{servers[0].url}/v1/runs",
@@ -86,7 +118,7 @@ def test_two_processes_pushing_random_splits_equal_one_evaluation(
     order = rng.permutation(n)  # random rows per batch, random batch sizes
     cuts = sorted(rng.choice(np.arange(1, n), size=11, replace=False).tolist())
     batches = [
-        (f"b{i:02d}", {k: v[order[a:b]] for k, v in whole.items()})
+        (f"b{i:02d}", {**{k: v[order[a:b]] for k, v in whole.items()}, **shared})
         for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, n], strict=True))
     ]
     halves = [batches[0::2], batches[1::2]]
@@ -98,12 +130,14 @@ def test_two_processes_pushing_random_splits_equal_one_evaluation(
     got = httpx.get(f"{servers[-1].url}/v1/runs/{run_id}").json()
     one = ce_engine.evaluate(
         loss,
-        whole["logits"],
+        whole.get("logits"),
         whole["targets"],
         options=options,
         metrics=names,
         sample_weight=whole["sample_weight"],
         backend="numpy",
+        features=whole.get("features"),
+        **shared,
     )
     assert one.metric_state is not None
     assert got["batches"] == len(batches) and got["count"] == one.count
