@@ -277,6 +277,17 @@ def run_from_proto(message: pb.Run) -> dict[str, Any]:
         "num_classes": message.num_classes if message.HasField("num_classes") else None,
         "metrics": struct_to_dict(message.metrics),
         "details": list(message.details),
+        **{
+            name: struct_to_dict(getattr(message, name)) if message.HasField(name) else None
+            for name in ("confidence", "intervals")
+        },
+        "no_interval": list(message.no_interval),
+        "paired_ids": message.paired_ids if message.HasField("paired_ids") else None,
+        **{
+            name: struct_to_dict(getattr(message, name)) if message.HasField(name) else None
+            for name in ("fingerprint", "gate")
+        },
+        "slice_keys": list(message.slice_keys),
     }
 
 

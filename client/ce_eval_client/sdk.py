@@ -386,6 +386,7 @@ def _create_run_call(
     metrics: Iterable[str],
     class_names: Iterable[str] | None,
     tags: Mapping[str, str] | None,
+    decision: RunDecision | None = None,
 ) -> _JsonCall:
     body: dict[str, Any] = {
         "name": name,
@@ -396,18 +397,64 @@ def _create_run_call(
     }
     if class_names is not None:
         body["class_names"] = list(class_names)
+    if decision is not None:
+        body.update(decision.body())
     return _JsonCall("POST", "/v1/runs", body)
 
 
+@dataclass(frozen=True)
+class RunDecision:
+    """What a run keeps to decide with (``create_run`` keywords): ``confidence`` =
+    ``{replicates, level, seed}`` for bootstrap intervals, ``slice_keys`` and
+    ``max_slice_values`` for slices."""
+
+    confidence: Mapping[str, Any] | None = None
+    slice_keys: Iterable[str] = ()
+    max_slice_values: int | None = None
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.confidence is not None:
+            out["confidence"] = dict(self.confidence)
+        if self.slice_keys:
+            out["slice_keys"] = list(self.slice_keys)
+        if self.max_slice_values is not None:
+            out["max_slice_values"] = self.max_slice_values
+        return out
+
+
+def _labels(example_ids: Any, slices: Mapping[str, Iterable[str]] | None) -> dict[str, Any]:
+    """A batch's ``example_ids`` (strings or integers) and ``slices`` as JSON fields."""
+    out: dict[str, Any] = {}
+    if example_ids is not None:
+        ids = example_ids.tolist() if isinstance(example_ids, np.ndarray) else list(example_ids)
+        out["example_ids"] = ids
+    if slices is not None:
+        out["slices"] = {k: [str(v) for v in values] for k, values in slices.items()}
+    return out
+
+
 def _add_batch_call(
-    run_id: str, batch_id: str, logits: Any, targets: Any, sample_weight: Any, **linear: Any
+    run_id: str,
+    batch_id: str,
+    logits: Any,
+    targets: Any,
+    sample_weight: Any,
+    labels: Mapping[str, Any] | None = None,
+    **linear: Any,
 ) -> _JsonCall:
     named = {"logits": logits, "targets": targets, "sample_weight": sample_weight, **linear}
     body: dict[str, Any] = {"batch_id": batch_id}
     body.update(
         {k: encode_tensor(wire_array(v), "base64") for k, v in named.items() if v is not None}
     )
+    body.update(labels or {})
     return _JsonCall("POST", run_path(run_id, "batches"), body)
+
+
+def _slices_call(run_id: str, key: str, query: Mapping[str, Any]) -> _JsonCall:
+    params = {"key": key, **{k: v for k, v in query.items() if v is not None}}
+    return _JsonCall("GET", run_path(run_id, "slices"), params=params)
 
 
 def _list_runs_call(
@@ -514,9 +561,14 @@ class Client:
         metrics: Iterable[str] = (),
         class_names: Iterable[str] | None = None,
         tags: Mapping[str, str] | None = None,
+        confidence: Mapping[str, Any] | None = None,
+        slice_keys: Iterable[str] = (),
+        max_slice_values: int | None = None,
     ) -> dict[str, Any]:
-        """``POST /v1/runs`` → the new run."""
-        return self._json(_create_run_call(name, loss, options, metrics, class_names, tags))
+        """``POST /v1/runs`` → the new run (``RunDecision`` for the last three)."""
+        decision = RunDecision(confidence, tuple(slice_keys), max_slice_values)
+        call = _create_run_call(name, loss, options, metrics, class_names, tags, decision)
+        return self._json(call)
 
     def add_batch(
         self,
@@ -529,15 +581,25 @@ class Client:
         features: Any = None,
         weight: Any = None,
         bias: Any = None,
+        example_ids: Any = None,
+        slices: Mapping[str, Iterable[str]] | None = None,
     ) -> dict[str, Any]:
         """``POST /v1/runs/{id}/batches`` (base64 tensors) → ``{run_id, batch_id, seq,
         duplicate, batch, run}``; the same ``batch_id`` again counts nothing. A
-        linear_cross_entropy run takes ``features``, ``weight``, ``bias`` (``logits`` None)."""
+        linear_cross_entropy run takes ``features``, ``weight``, ``bias`` (``logits`` None);
+        ``example_ids`` (N strings or integers) pair runs by example, ``slices`` gives each of
+        the run's slice keys one value per example."""
         call = _add_batch_call(
-            run_id, batch_id, logits, targets, sample_weight,
+            run_id, batch_id, logits, targets, sample_weight, _labels(example_ids, slices),
             features=features, weight=weight, bias=bias,
         )  # fmt: skip
         return self._json(call)
+
+    def run_slices(self, run_id: str, key: str, **query: Any) -> dict[str, Any]:
+        """``GET /v1/runs/{id}/slices?key=…``: each value of slice key ``key`` with count,
+        loss value, scalar metrics and intervals (``sort``, ``order``, ``limit``, ``offset``,
+        ``min_slice_size``)."""
+        return self._json(_slices_call(run_id, key, query))
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         """``GET /v1/runs/{id}`` → the run with its aggregates."""
@@ -643,9 +705,14 @@ class AsyncClient:
         metrics: Iterable[str] = (),
         class_names: Iterable[str] | None = None,
         tags: Mapping[str, str] | None = None,
+        confidence: Mapping[str, Any] | None = None,
+        slice_keys: Iterable[str] = (),
+        max_slice_values: int | None = None,
     ) -> dict[str, Any]:
-        """``POST /v1/runs`` → the new run."""
-        return await self._json(_create_run_call(name, loss, options, metrics, class_names, tags))
+        """``POST /v1/runs`` → the new run (``RunDecision`` for the last three)."""
+        decision = RunDecision(confidence, tuple(slice_keys), max_slice_values)
+        call = _create_run_call(name, loss, options, metrics, class_names, tags, decision)
+        return await self._json(call)
 
     async def add_batch(
         self,
@@ -658,14 +725,20 @@ class AsyncClient:
         features: Any = None,
         weight: Any = None,
         bias: Any = None,
+        example_ids: Any = None,
+        slices: Mapping[str, Iterable[str]] | None = None,
     ) -> dict[str, Any]:
         """``POST /v1/runs/{id}/batches`` → the batch's result and the run's totals (see
         :meth:`Client.add_batch`)."""
         call = _add_batch_call(
-            run_id, batch_id, logits, targets, sample_weight,
+            run_id, batch_id, logits, targets, sample_weight, _labels(example_ids, slices),
             features=features, weight=weight, bias=bias,
         )  # fmt: skip
         return await self._json(call)
+
+    async def run_slices(self, run_id: str, key: str, **query: Any) -> dict[str, Any]:
+        """``GET /v1/runs/{id}/slices?key=…`` (see :meth:`Client.run_slices`)."""
+        return await self._json(_slices_call(run_id, key, query))
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
         """``GET /v1/runs/{id}`` → the run with its aggregates."""

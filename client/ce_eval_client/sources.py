@@ -291,7 +291,7 @@ class Batch:
 
     source: str
     index: int
-    parts: dict[str, np.ndarray]
+    parts: dict[str, Any]  # tensor name → (rows, …) array
 
     @property
     def rows(self) -> int:

@@ -322,6 +322,12 @@ def create_run_from_proto(message: pb.CreateRunRequest) -> dict[str, Any]:
         payload["options"] = options_from_struct(message.options)
     if message.class_names:
         payload["class_names"] = list(message.class_names)
+    if message.HasField("confidence"):
+        payload["confidence"] = struct_to_dict(message.confidence)
+    if message.slice_keys:
+        payload["slice_keys"] = list(message.slice_keys)
+    if message.HasField("max_slice_values"):
+        payload["max_slice_values"] = message.max_slice_values
     return payload
 
 
@@ -337,6 +343,15 @@ def batch_from_proto(message: pb.AddBatchRequest, max_elements: int) -> dict[str
             payload[name] = tensor_to_array(getattr(message, name), (name,), max_elements)
         elif name in ("logits", "targets", "sample_weight"):
             payload[name] = None
+    if message.example_ids and message.example_int_ids:
+        raise ValidationFailed(
+            "send example_ids or example_int_ids, not both",
+            [{"loc": ["example_ids"], "msg": "both id kinds given", "type": "extra"}],
+        )
+    if message.example_ids or message.example_int_ids:
+        payload["example_ids"] = list(message.example_ids or message.example_int_ids)
+    if message.slices:
+        payload["slices"] = {key: list(v.values) for key, v in message.slices.items()}
     return payload
 
 
@@ -368,6 +383,13 @@ def run_to_proto(run: Mapping[str, Any], out: pb.Run | None = None) -> pb.Run:
     message.unit = run["unit"]
     dict_to_struct(run["options"], message.options)
     dict_to_struct(run["metrics"], message.metrics)
+    for name in ("confidence", "intervals", "fingerprint", "gate"):
+        if run[name] is not None:
+            dict_to_struct(run[name], getattr(message, name))
+    message.no_interval[:] = run["no_interval"]
+    if run["paired_ids"] is not None:
+        message.paired_ids = run["paired_ids"]
+    message.slice_keys[:] = run["slice_keys"]
     return message
 
 

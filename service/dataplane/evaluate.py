@@ -116,11 +116,18 @@ class DataPlane:
             return await self.in_thread(fn, *args)
 
     def check_work(
-        self, logits: Any, linear: Mapping[str, Any], outputs: Sequence[str] = ("loss",)
+        self,
+        logits: Any,
+        linear: Mapping[str, Any],
+        outputs: Sequence[str] = ("loss",),
+        *,
+        repeat: int = 1,
     ) -> None:
-        """413 before any work when the estimated multiply-adds (``estimated_work``) exceed
-        ``max_work``."""
-        work = estimated_work(logits, linear.get("features"), linear.get("weight"), list(outputs))
+        """413 before any work when the estimated multiply-adds (``estimated_work``, times
+        ``repeat`` for work done that many times over the same rows) exceed ``max_work``."""
+        work = repeat * estimated_work(
+            logits, linear.get("features"), linear.get("weight"), list(outputs)
+        )
         if work > self.settings.max_work:
             raise PayloadTooLarge(
                 f"the request needs about {work:.3g} multiply-adds, over the per-request "

@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
+import orjson
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Select, delete, exists, func, select
@@ -43,10 +44,17 @@ from sqlalchemy.orm import Session, lazyload
 import ce_engine
 from ce_engine.errors import quoted
 from ce_engine.metrics import MetricState, scalar_metrics, supported_metrics
+from ce_engine.metrics.bootstrap import (
+    Fingerprint,
+    ReplicateState,
+    default_example_hashes,
+    example_id_hashes,
+    poisson_weights,
+)
 from ce_engine.metrics.cells import Cells
 from ce_eval_client.wire import wire_array, wire_name
 from service.config import Settings
-from service.dataplane import run_details
+from service.dataplane import run_details, slices
 from service.dataplane.evaluate import (
     DataPlane,
     decode_limit_error,
@@ -62,7 +70,7 @@ from service.errors import (
     ValidationFailed,
 )
 from service.schemas import BATCH_TENSORS, MAX_METRIC_NAMES, MAX_OPTION_KEYS
-from service.store import Batch, ConfusionCell, Run, RunTag, Store, pushes
+from service.store import Batch, ConfusionCell, Run, RunSlice, RunTag, Store, pushes
 from service.store.models import utcnow
 
 RunStatus = Literal["open", "closed"]
@@ -96,6 +104,20 @@ class CreateRunRequest(BaseModel):
     tags: dict[str, str] = Field(
         default_factory=dict, max_length=64, description="Labels, filterable as `tag=k:v`."
     )
+    confidence: slices.Confidence | None = Field(
+        None, description="Bootstrap intervals: {replicates ≤ 1000, level, seed}."
+    )
+    slice_keys: list[str] = Field(
+        default_factory=list,
+        max_length=slices.MAX_SLICE_KEYS,
+        description="Keys each batch slices its examples by (`slices`); at most 8.",
+    )
+    max_slice_values: int = Field(
+        slices.DEFAULT_SLICE_VALUES,
+        ge=1,
+        le=slices.MAX_SLICE_VALUES,
+        description="Distinct values a slice key may take in the run (the state's bound).",
+    )
 
     @field_validator("tags")
     @classmethod
@@ -124,6 +146,14 @@ class AddBatchRequest(BaseModel):
     features: Any = Field(None, description="linear_cross_entropy: features X (N, D).")
     weight: Any = Field(None, description="linear_cross_entropy: weight W (C, D).")
     bias: Any = Field(None, description="linear_cross_entropy: bias b (C,).")
+    example_ids: list[Annotated[str, Field(max_length=128)] | int] | None = Field(
+        None, description="(N,) stable ids of the examples (strings ≤ 128 chars or integers)."
+    )
+    slices: dict[str, list[Any]] | None = Field(
+        None,
+        max_length=slices.MAX_SLICE_KEYS,
+        description="Each declared slice key → one string per example.",
+    )
 
 
 def _parse(model: type[BaseModel], payload: Any, settings: Settings) -> Any:
@@ -291,6 +321,9 @@ class RunConfig:
     options: Mapping[str, Any]
     metrics: Sequence[str]
     tags: Mapping[str, str]
+    confidence: Mapping[str, Any] | None
+    slice_keys: Sequence[str]
+    max_slice_values: int
 
     @classmethod
     def of(cls, run: Run) -> RunConfig:
@@ -301,6 +334,9 @@ class RunConfig:
             options=dict(run.options),
             metrics=list(run.metrics_requested),
             tags={t.key: t.value for t in run.tags},
+            confidence=run.confidence,
+            slice_keys=list(run.slice_keys or ()),
+            max_slice_values=run.max_slice_values or slices.DEFAULT_SLICE_VALUES,
         )
 
 
@@ -398,6 +434,7 @@ class RunsDataPlane:
                 f"unsupported metrics; {spec.name} offers: {', '.join(available) or 'none'}",
                 unknown,
             )
+        keys = slices.check_slice_keys(request.slice_keys)
         now = utcnow()
         run = Run(
             id="run_" + uuid.uuid4().hex[:20],
@@ -417,6 +454,9 @@ class RunsDataPlane:
             metric_state=None,
             tags=[RunTag(key=k, value=v) for k, v in request.tags.items()],
             owner=principal,
+            confidence=None if request.confidence is None else request.confidence.model_dump(),
+            slice_keys=keys or None,
+            max_slice_values=request.max_slice_values if keys else None,
         )
         with _store_guard(), self.store.write() as session:
             session.add(run)
@@ -483,6 +523,67 @@ class RunsDataPlane:
                     )
                 return run_details.curves(state, name, query.classes, limit)
             return {"name": name, "value": state.compute(only=(name,))[name]}
+
+    def run_slices(
+        self,
+        run_id: str,
+        key: str,
+        query: slices.SliceQuery | None = None,
+        *,
+        principal: str | None = None,
+    ) -> dict[str, Any]:
+        """``GET /v1/runs/{id}/slices?key=…``: each value of slice key ``key`` with its count,
+        loss ``value``, scalar metrics and intervals, sorted, paged; values with fewer than
+        ``min_slice_size`` examples are left out and counted in ``hidden``."""
+        query = query or slices.SliceQuery()
+        with _store_guard(), self.store.read() as session:
+            run = self._load(session, run_id, principal)
+            declared = run.slice_keys or []
+            if key not in declared:
+                raise ValidationFailed(
+                    f"run {quoted(run_id)} has no slice key {quoted(key)}; its keys: "
+                    f"{', '.join(declared) or 'none'}",
+                    [
+                        {
+                            "loc": ["query", "key"],
+                            "msg": "not a slice key of the run",
+                            "type": "enum",
+                        }
+                    ],
+                )
+            rows = pushes.slice_rows(session, run.pk, key)
+            reduction = self._reduction(run)
+            table = []
+            for row in rows:
+                state = (
+                    None if row.metric_state is None else MetricState.from_dict(row.metric_state)
+                )
+                metrics = {} if state is None else _scalar_metrics(state.compute(state.names))
+                table.append(
+                    {
+                        "slice": row.value,
+                        "count": row.count,
+                        "ignored": row.ignored,
+                        "value": _run_value(reduction, row.sum, row.denominator, 1),
+                        "metrics": metrics,
+                    }
+                )
+            shown = [r for r in table if r["count"] >= query.min_slice_size]
+            page = slices.sort_page(shown, query)
+            replicates = pushes.slice_replicates(session, run.pk, key, [r["slice"] for r in page])
+        for row in page:
+            stored = replicates.get(row["slice"])
+            parsed = None if stored is None else ReplicateState.from_dict(stored)
+            row["intervals"] = slices.intervals(
+                parsed, {"value": row["value"], **row["metrics"]}, run.confidence
+            )
+        return {
+            "run_id": run.id,
+            "key": key,
+            "values": len(table),
+            "hidden": len(table) - len(shown),
+            "slices": page,
+        }
 
     def list_runs(
         self,
@@ -557,6 +658,7 @@ class RunsDataPlane:
             run = self._load(session, run_id, principal, lock=True)
             session.execute(delete(Batch).where(Batch.run_pk == run.pk))
             session.execute(delete(ConfusionCell).where(ConfusionCell.run_pk == run.pk))
+            session.execute(delete(RunSlice).where(RunSlice.run_pk == run.pk))
             session.delete(run)
 
     def compare(self, run_ids: Sequence[str], *, principal: str | None = None) -> dict[str, Any]:
@@ -625,11 +727,13 @@ class RunsDataPlane:
                 "send logits, or features and weight (linear_cross_entropy), not both",
                 [{"loc": ["body", "logits"], "msg": "logits beside features", "type": "extra"}],
             )
-        self.dataplane.check_work(logits, linear)
         # the digest of a logits batch is as before linear batches existed (stored batches replay)
         digest = content_hash(
             {"logits": logits, "targets": targets, "sample_weight": sample_weight, **linear}
         )
+        if request.example_ids is not None or request.slices is not None:
+            labels = orjson.dumps({"example_ids": request.example_ids, "slices": request.slices})
+            digest = hashlib.sha256(digest.encode() + labels).hexdigest()
 
         config = self.configs.get(run_id)
         if config is not None and principal is not None and config.owner != principal:
@@ -645,26 +749,32 @@ class RunsDataPlane:
                 config = RunConfig.of(run)
             self.configs.put(run_id, config)
 
-        started = time.perf_counter()
-        try:
-            result = ce_engine.evaluate(
-                config.loss,
-                logits,
-                targets,
-                options=config.options,
-                outputs=("loss",),
-                metrics=config.metrics,
-                sample_weight=sample_weight,
-                backend=self.settings.backend,
-                metric_values=run_details.summary_names(config.metrics),
-                **linear,
+        rows = logits if logits is not None else linear.get("features")
+        examples = 0 if rows is None or rows.ndim == 0 else int(rows.shape[0])
+        by_key = slices.check_batch_fields(
+            request.example_ids, request.slices, config.slice_keys, examples
+        )
+        # each slice key evaluates the batch's rows once more
+        self.dataplane.check_work(logits, linear, repeat=1 + len(by_key))
+        identity = _identity(request.example_ids, request.batch_id, examples)
+        weights = None
+        if config.confidence is not None:
+            weights = poisson_weights(
+                identity.h1, int(config.confidence["replicates"]), int(config.confidence["seed"])
             )
-        except ce_engine.EngineError as exc:
-            raise engine_error(exc) from None
+        started = time.perf_counter()
+        result = self._evaluate(config, arrays, weights)
         if self.on_evaluate is not None:
             self.on_evaluate(config.loss, result.backend, time.perf_counter() - started)
         _refuse_non_finite(result, 0.0, 0.0, sample_weight is not None)
         state, cells = _split_cells(result.metric_state)
+        batch_slices = {
+            key: {
+                value: self._slice_totals(config, arrays, weights, result, where)
+                for value, where in slices.slice_rows(values).items()
+            }
+            for key, values in by_key.items()
+        }
         batch_result = {
             "value": result.value,
             "sum": result.sum,
@@ -689,6 +799,9 @@ class RunsDataPlane:
                     raise _closed(run_id)
                 _refuse_non_finite(result, run.sum, run.denominator, sample_weight is not None)
                 merged = self._merge_state(run.metric_state, state)
+                replicates = _merge_replicates(run.replicate_state, result.replicate_state)
+                if batch_slices:
+                    self._add_slices(session, run, config, batch_slices)
                 if cells is not None:
                     pushes.add_cells(
                         session,
@@ -717,11 +830,23 @@ class RunsDataPlane:
                     "denominator": run.denominator + result.denominator,
                     "metric_state": None if merged is None else merged.to_dict(),
                     "updated_at": row["created_at"],
+                    "replicate_state": None if replicates is None else replicates.to_dict(),
+                    "fingerprint": identity.fingerprint.merge(
+                        Fingerprint.from_dict(run.fingerprint)
+                        if run.fingerprint is not None
+                        else Fingerprint(0, 0, 0)
+                    ).to_dict(),
+                    "paired_ids": identity.paired and (run.paired_ids or run.batches == 0),
                 }
                 pushes.update_totals(session, run, totals)
                 batch = Batch(**row)
                 answer = self._batch_answer(
-                    run, batch, duplicate=False, state=merged, tags=config.tags
+                    run,
+                    batch,
+                    duplicate=False,
+                    state=merged,
+                    tags=config.tags,
+                    replicates=replicates,
                 )
         except IntegrityError:
             # Another writer inserted this (run, batch_id) first (only possible where the run
@@ -735,6 +860,91 @@ class RunsDataPlane:
         if self.on_batch is not None:
             self.on_batch("accepted")
         return answer
+
+    def _evaluate(
+        self, config: RunConfig, arrays: Mapping[str, Any], weights: np.ndarray | None
+    ) -> ce_engine.EvaluationResult:
+        """The run's loss and metrics of these tensors (with ``weights``: the replicates)."""
+        linear = {k: arrays[k] for k in ("features", "weight", "bias") if arrays[k] is not None}
+        try:
+            return ce_engine.evaluate(
+                config.loss,
+                arrays["logits"],
+                arrays["targets"],
+                options=config.options,
+                outputs=("loss",),
+                metrics=config.metrics,
+                sample_weight=arrays["sample_weight"],
+                backend=self.settings.backend,
+                metric_values=run_details.summary_names(config.metrics),
+                replicate_weights=weights,
+                **linear,
+            )
+        except ce_engine.EngineError as exc:
+            raise engine_error(exc) from None
+
+    def _slice_totals(
+        self,
+        config: RunConfig,
+        arrays: Mapping[str, Any],
+        weights: np.ndarray | None,
+        result: ce_engine.EvaluationResult,
+        rows: np.ndarray,
+    ) -> slices.SliceTotals:
+        """One slice value of the batch: its examples ``rows`` evaluated alone, and their
+        replicates from the batch's per-example sums."""
+        sub = self._evaluate(config, slices.take_rows(arrays, rows), None)
+        state, _ = _split_cells(sub.metric_state)
+        replicates = None
+        if weights is not None and result.example_statistics is not None:
+            replicates = result.example_statistics.replicates(weights, rows).to_dict()
+        return slices.SliceTotals(
+            count=sub.count,
+            ignored=sub.ignored,
+            sum=sub.sum,
+            denominator=sub.denominator,
+            metric_state=None if state is None else state.to_dict(),
+            replicate_state=replicates,
+        )
+
+    @staticmethod
+    def _add_slices(
+        session: Session,
+        run: Run,
+        config: RunConfig,
+        batch: Mapping[str, Mapping[str, slices.SliceTotals]],
+    ) -> None:
+        """Add the batch's slice totals to the run's (under the run's lock); 422 naming the
+        first value beyond ``max_slice_values`` of its key, before anything is written."""
+        wanted = [(key, value) for key, values in batch.items() for value in values]
+        stored = pushes.load_slices(session, run.pk, wanted)
+        known = pushes.slice_value_counts(session, run.pk)
+        for key, values in batch.items():
+            new = [v for v in values if (key, v) not in stored]
+            room = config.max_slice_values - known.get(key, 0)
+            if len(new) > room:
+                raise ValidationFailed(
+                    f"slice key {quoted(key)} would get more than {config.max_slice_values} "
+                    f"values (max_slice_values); {quoted(new[room])} is one too many",
+                    [
+                        {
+                            "loc": ["body", "slices", key],
+                            "msg": f"value {quoted(new[room])} is beyond max_slice_values",
+                            "type": "too_many_slice_values",
+                        }
+                    ],
+                )
+        for key, values in batch.items():
+            for value, add in values.items():
+                old = stored.get((key, value))
+                pushes.put_slice(
+                    session,
+                    run.pk,
+                    key,
+                    value,
+                    add if old is None else _add_totals(old, add),
+                    new=old is None,
+                )
 
     def add_batches(
         self,
@@ -871,15 +1081,17 @@ class RunsDataPlane:
         duplicate: bool,
         state: MetricState | None = None,
         tags: Mapping[str, str] | None = None,
+        replicates: ReplicateState | None = None,
     ) -> dict[str, Any]:
-        """``state``: the run's parsed state when the caller has it; ``tags``: likewise."""
+        """``state``, ``replicates``: the run's parsed states when the caller has them;
+        ``tags``: likewise."""
         return {
             "run_id": run.id,
             "batch_id": batch.batch_id,
             "seq": batch.seq,
             "duplicate": duplicate,
             "batch": dict(batch.result),
-            "run": self._run_dict(run, state, tags),
+            "run": self._run_dict(run, state, tags, replicates),
         }
 
     @staticmethod
@@ -947,15 +1159,16 @@ class RunsDataPlane:
         run: Run,
         state: MetricState | None = None,
         tags: Mapping[str, str] | None = None,
+        replicates: ReplicateState | None = None,
     ) -> dict[str, Any]:
-        """The run's summary: totals and scalar metrics, whatever its class count (``state``:
-        the run's parsed state when the caller has it)."""
+        """The run's summary: totals and scalar metrics, whatever its class count (``state``,
+        ``replicates``: the run's parsed states when the caller has them)."""
         if state is None:
             state = self._state(run)
         metrics: dict[str, Any] = {}
         if state is not None:
             metrics = _scalar_metrics(state.compute(run_details.summary_names(state.names)))
-        return self._summary(run, state, metrics, tags)
+        return self._summary(run, state, metrics, tags, replicates)
 
     def _summary(
         self,
@@ -963,11 +1176,15 @@ class RunsDataPlane:
         state: MetricState | None,
         metrics: dict[str, Any],
         tags: Mapping[str, str] | None = None,
+        replicates: ReplicateState | None = None,
     ) -> dict[str, Any]:
         """The run's fields with ``metrics`` (computed once by the caller from ``state``);
-        ``tags`` given spares loading them."""
+        ``tags`` given spares loading them, ``replicates`` parsing them."""
         reduction, normalization, unit = self._reduction(run)
         names, limit = run.class_names, self.settings.run_detail_max_classes
+        value = _run_value((reduction, normalization, unit), run.sum, run.denominator, run.batches)
+        if replicates is None and run.replicate_state is not None:
+            replicates = ReplicateState.from_dict(run.replicate_state)
         return {
             "id": run.id,
             "name": run.name,
@@ -985,15 +1202,22 @@ class RunsDataPlane:
             "ignored": run.ignored,
             "sum": run.sum,
             "denominator": run.denominator,
-            "value": _run_value(
-                (reduction, normalization, unit), run.sum, run.denominator, run.batches
-            ),
+            "value": value,
             "reduction": reduction,
             "normalization": normalization,
             "unit": unit,
             "num_classes": None if state is None else state.num_classes,
             "metrics": metrics,
             "details": run_details.details(run.metrics_requested),
+            "confidence": run.confidence,
+            "intervals": slices.intervals(replicates, {"value": value, **metrics}, run.confidence),
+            "no_interval": (
+                slices.without_interval(run.metrics_requested) if run.confidence else []
+            ),
+            "paired_ids": run.paired_ids,
+            "fingerprint": run.fingerprint,
+            "slice_keys": run.slice_keys or [],
+            "gate": run.gate,
         }
 
 
@@ -1004,6 +1228,57 @@ def _split_cells(state: MetricState | None) -> tuple[MetricState | None, Cells |
         return state, None
     empty = Cells(table.size, table.index[:0], table.weight[:0])
     return replace(state, stats={**state.stats, "confusion": empty}), table
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """A batch's example identity: h1 (the bootstrap key), the id set's fingerprint, and
+    whether the ids were the client's (else (batch_id, position))."""
+
+    h1: np.ndarray
+    fingerprint: Fingerprint
+    paired: bool
+
+
+def _identity(example_ids: Sequence[Any] | None, batch_id: str, examples: int) -> _Identity:
+    if example_ids is None:
+        h1, h2 = default_example_hashes(batch_id, examples)
+        return _Identity(h1, Fingerprint.of(h1, h2), False)
+    try:
+        h1, h2 = example_id_hashes(example_ids)
+    except ce_engine.EngineError as exc:
+        raise engine_error(exc) from None
+    return _Identity(h1, Fingerprint.of(h1, h2), True)
+
+
+def _merge_replicates(
+    stored: dict[str, Any] | None, batch: ReplicateState | None
+) -> ReplicateState | None:
+    if batch is None:
+        return None if stored is None else ReplicateState.from_dict(stored)
+    return batch if stored is None else ReplicateState.from_dict(stored).merge(batch)
+
+
+def _merge_dicts(
+    kind: type[MetricState] | type[ReplicateState],
+    a: dict[str, Any] | None,
+    b: dict[str, Any] | None,
+) -> dict[str, Any] | None:
+    if a is None or b is None:
+        return a if b is None else b
+    merged: dict[str, Any] = kind.from_dict(a).merge(kind.from_dict(b)).to_dict()  # type: ignore[arg-type]
+    return merged
+
+
+def _add_totals(a: slices.SliceTotals, b: slices.SliceTotals) -> slices.SliceTotals:
+    return slices.SliceTotals(
+        count=a.count + b.count,
+        ignored=a.ignored + b.ignored,
+        sum=a.sum + b.sum,
+        denominator=a.denominator + b.denominator,
+        metric_state=_merge_dicts(MetricState, a.metric_state, b.metric_state),
+        replicate_state=_merge_dicts(ReplicateState, a.replicate_state, b.replicate_state),
+    )
 
 
 def _cells_of(run_pk: int) -> Select[int, int, float]:

@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from service.dataplane.run_details import DetailQuery
 from service.dataplane.runs import AddBatchRequest, CreateRunRequest, RunsDataPlane
+from service.dataplane.slices import SliceQuery
 from service.errors import ValidationFailed
 from service.http.responses import FastJSONResponse, problems
 from service.http.routes import read_json
@@ -105,6 +106,31 @@ async def compare_runs(
 async def get_run(request: Request, run_id: str) -> Response:
     get = partial(_runs(request).get_run, run_id, principal=_principal(request))
     return FastJSONResponse(await to_thread.run_sync(get))
+
+
+@router.get(
+    "/{run_id}/slices",
+    summary="A run's slices of one key: count, loss value, scalar metrics and intervals",
+    description=(
+        "`sort`: count (default), value, slice or a scalar metric (`top_k_accuracy.5`); "
+        "`order`: desc (default) | asc; `limit` 1-1000 (100), `offset`; values with fewer than "
+        "`min_slice_size` examples are left out and counted in `hidden`."
+    ),
+    responses=problems(404, 422, 503),
+)
+async def run_slices(
+    request: Request,
+    run_id: str,
+    key: Annotated[str, Query(max_length=64, description="A slice key of the run")],
+    sort: Annotated[str, Query(max_length=80, description="Sort field")] = "count",
+    order: Annotated[str, Query(max_length=4, description="asc | desc")] = "desc",
+    limit: Annotated[int, Query(description="Rows, 1-1000")] = 100,
+    offset: Annotated[int, Query(description="Rows to skip")] = 0,
+    min_slice_size: Annotated[int, Query(description="Hide smaller slices")] = 0,
+) -> Response:
+    query = SliceQuery(sort, order, limit, offset, min_slice_size)
+    page = partial(_runs(request).run_slices, run_id, key, query, principal=_principal(request))
+    return FastJSONResponse(await to_thread.run_sync(page))
 
 
 @router.get(

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Double,
     ForeignKey,
@@ -80,6 +81,18 @@ class Run(Base):
     #: Principal (API key id) that created the run; None when auth was off. When auth is on,
     #: only this principal sees the run.
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    #: Revision 0004 (bootstrap intervals, slices, the gate; all None for runs without them):
+    #: ``confidence`` = {replicates, level, seed}; ``replicate_state`` the merged
+    #: ``ReplicateState``; ``fingerprint`` the example-id set's ``Fingerprint``; ``paired_ids``
+    #: whether every batch carried ``example_ids``; ``slice_keys`` / ``max_slice_values`` the
+    #: declared slices (states in ``run_slices``); ``gate`` the last gate answer.
+    confidence: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    replicate_state: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    fingerprint: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    paired_ids: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    slice_keys: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    max_slice_values: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    gate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     __table_args__ = (UniqueConstraint("id", name="uq_runs_id"),)
 
@@ -143,3 +156,21 @@ class ConfusionCell(Base):
     weight: Mapped[float] = mapped_column(Double)
 
     __table_args__ = (Index("ix_confusion_cells_run_weight", "run_pk", "weight"),)
+
+
+class RunSlice(Base):
+    """The aggregates of one slice (``key`` = ``value``) of a run, as a run's own: loss sums,
+    the merged metric state (without the confusion cells) and, with ``confidence``, the merged
+    replicate state. A batch updates only the slice values it carries."""
+
+    __tablename__ = "run_slices"
+
+    run_pk: Mapped[int] = mapped_column(ForeignKey("runs.pk", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    ignored: Mapped[int] = mapped_column(BigInteger, default=0)
+    sum: Mapped[float] = mapped_column(Double, default=0.0)
+    denominator: Mapped[float] = mapped_column(Double, default=0.0)
+    metric_state: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    replicate_state: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

@@ -8,16 +8,28 @@ from __future__ import annotations
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import Table, bindparam, insert, select, text, update
+from sqlalchemy import Table, bindparam, func, insert, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
-from service.store.models import Batch, Run
+from service.store.models import Batch, Run, RunSlice
 
 RUNS = cast(Table, Run.__table__)
 BATCHES = cast(Table, Batch.__table__)
 
 #: Columns a push changes on the run's row.
-TOTALS = ("batches", "count", "ignored", "sum", "denominator", "metric_state", "updated_at")
+TOTALS = (
+    "batches",
+    "count",
+    "ignored",
+    "sum",
+    "denominator",
+    "metric_state",
+    "updated_at",
+    "replicate_state",
+    "fingerprint",
+    "paired_ids",
+)
+SLICES = cast(Table, RunSlice.__table__)
 
 # Built once (these run on every push): statements with bound parameters.
 _LOCK_RUN = select(RUNS).where(RUNS.c.id == bindparam("run_id")).with_for_update()
@@ -87,3 +99,81 @@ def add_cells(session: Session, run_pk: int, rows: Any, cols: Any, weights: Any)
         return
     cells = orjson.dumps(list(zip(rows, cols, weights, strict=True))).decode()
     connection.execute(_JSON_EACH_UPSERT, {"run_pk": run_pk, "cells": cells})
+
+
+def slice_value_counts(session: Session, run_pk: int) -> dict[str, int]:
+    """Slice key → the number of values the run has for it."""
+    query = (
+        select(SLICES.c.key, func.count()).where(SLICES.c.run_pk == run_pk).group_by(SLICES.c.key)
+    )
+    return {str(k): int(n) for k, n in session.connection().execute(query)}
+
+
+def load_slices(
+    session: Session, run_pk: int, wanted: list[tuple[str, str]]
+) -> dict[tuple[str, str], Any]:
+    """The stored totals (``SliceTotals``) of these (key, value) pairs of the run, if any."""
+    from service.dataplane.slices import SliceTotals
+
+    if not wanted:
+        return {}
+    query = select(SLICES).where(
+        SLICES.c.run_pk == run_pk, tuple_(SLICES.c.key, SLICES.c.value).in_(wanted)
+    )
+    return {
+        (row["key"], row["value"]): SliceTotals(
+            count=row["count"],
+            ignored=row["ignored"],
+            sum=row["sum"],
+            denominator=row["denominator"],
+            metric_state=row["metric_state"],
+            replicate_state=row["replicate_state"],
+        )
+        for row in session.connection().execute(query).mappings()
+    }
+
+
+def put_slice(
+    session: Session, run_pk: int, key: str, value: str, totals: Any, *, new: bool
+) -> None:
+    """Insert (``new``) or overwrite the run's totals of slice ``key`` = ``value``."""
+    fields = {
+        "count": totals.count,
+        "ignored": totals.ignored,
+        "sum": totals.sum,
+        "denominator": totals.denominator,
+        "metric_state": totals.metric_state,
+        "replicate_state": totals.replicate_state,
+    }
+    connection = session.connection()
+    if new:
+        connection.execute(insert(SLICES), {"run_pk": run_pk, "key": key, "value": value, **fields})
+    else:
+        connection.execute(
+            update(SLICES)
+            .where(SLICES.c.run_pk == run_pk, SLICES.c.key == key, SLICES.c.value == value)
+            .values(**fields)
+        )
+
+
+def slice_rows(session: Session, run_pk: int, key: str) -> list[Any]:
+    """The run's slice rows of ``key`` without their replicate states (name order)."""
+    columns = [c for c in SLICES.c if c.name != "replicate_state"]
+    query = (
+        select(*columns)
+        .where(SLICES.c.run_pk == run_pk, SLICES.c.key == key)
+        .order_by(SLICES.c.value)
+    )
+    return list(session.connection().execute(query))
+
+
+def slice_replicates(
+    session: Session, run_pk: int, key: str, values: list[str]
+) -> dict[str, dict[str, Any] | None]:
+    """Slice value → its stored replicate state, for these values of ``key``."""
+    if not values:
+        return {}
+    query = select(SLICES.c.value, SLICES.c.replicate_state).where(
+        SLICES.c.run_pk == run_pk, SLICES.c.key == key, SLICES.c.value.in_(values)
+    )
+    return {str(v): state for v, state in session.connection().execute(query)}

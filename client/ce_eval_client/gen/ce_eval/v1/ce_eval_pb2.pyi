@@ -155,7 +155,7 @@ class Problem(_message.Message):
     def __init__(self, type: _Optional[str] = ..., title: _Optional[str] = ..., status: _Optional[int] = ..., detail: _Optional[str] = ..., errors: _Optional[_Iterable[_Union[ErrorItem, _Mapping]]] = ...) -> None: ...
 
 class CreateRunRequest(_message.Message):
-    __slots__ = ("name", "loss", "options", "metrics", "class_names", "tags")
+    __slots__ = ("name", "loss", "options", "metrics", "class_names", "tags", "confidence", "slice_keys", "max_slice_values")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -169,16 +169,22 @@ class CreateRunRequest(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    SLICE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SLICE_VALUES_FIELD_NUMBER: _ClassVar[int]
     name: str
     loss: str
     options: _struct_pb2.Struct
     metrics: _containers.RepeatedScalarFieldContainer[str]
     class_names: _containers.RepeatedScalarFieldContainer[str]
     tags: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., loss: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Iterable[str]] = ..., class_names: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    confidence: _struct_pb2.Struct
+    slice_keys: _containers.RepeatedScalarFieldContainer[str]
+    max_slice_values: int
+    def __init__(self, name: _Optional[str] = ..., loss: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Iterable[str]] = ..., class_names: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., confidence: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., slice_keys: _Optional[_Iterable[str]] = ..., max_slice_values: _Optional[int] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "name", "status", "loss", "options", "metrics_requested", "class_names", "tags", "created_at", "updated_at", "closed_at", "batches", "count", "ignored", "sum", "denominator", "value", "reduction", "normalization", "unit", "metrics", "num_classes", "details")
+    __slots__ = ("id", "name", "status", "loss", "options", "metrics_requested", "class_names", "tags", "created_at", "updated_at", "closed_at", "batches", "count", "ignored", "sum", "denominator", "value", "reduction", "normalization", "unit", "metrics", "num_classes", "details", "confidence", "intervals", "no_interval", "paired_ids", "fingerprint", "slice_keys", "gate")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +215,13 @@ class Run(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    INTERVALS_FIELD_NUMBER: _ClassVar[int]
+    NO_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    PAIRED_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SLICE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     status: str
@@ -232,10 +245,24 @@ class Run(_message.Message):
     metrics: _struct_pb2.Struct
     num_classes: int
     details: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[str] = ..., loss: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics_requested: _Optional[_Iterable[str]] = ..., class_names: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., closed_at: _Optional[str] = ..., batches: _Optional[int] = ..., count: _Optional[int] = ..., ignored: _Optional[int] = ..., sum: _Optional[float] = ..., denominator: _Optional[float] = ..., value: _Optional[float] = ..., reduction: _Optional[str] = ..., normalization: _Optional[str] = ..., unit: _Optional[str] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., num_classes: _Optional[int] = ..., details: _Optional[_Iterable[str]] = ...) -> None: ...
+    confidence: _struct_pb2.Struct
+    intervals: _struct_pb2.Struct
+    no_interval: _containers.RepeatedScalarFieldContainer[str]
+    paired_ids: bool
+    fingerprint: _struct_pb2.Struct
+    slice_keys: _containers.RepeatedScalarFieldContainer[str]
+    gate: _struct_pb2.Struct
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[str] = ..., loss: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics_requested: _Optional[_Iterable[str]] = ..., class_names: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., closed_at: _Optional[str] = ..., batches: _Optional[int] = ..., count: _Optional[int] = ..., ignored: _Optional[int] = ..., sum: _Optional[float] = ..., denominator: _Optional[float] = ..., value: _Optional[float] = ..., reduction: _Optional[str] = ..., normalization: _Optional[str] = ..., unit: _Optional[str] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., num_classes: _Optional[int] = ..., details: _Optional[_Iterable[str]] = ..., confidence: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., intervals: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., no_interval: _Optional[_Iterable[str]] = ..., paired_ids: _Optional[bool] = ..., fingerprint: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., slice_keys: _Optional[_Iterable[str]] = ..., gate: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class AddBatchRequest(_message.Message):
-    __slots__ = ("run_id", "batch_id", "logits", "targets", "sample_weight", "features", "weight", "bias")
+    __slots__ = ("run_id", "batch_id", "logits", "targets", "sample_weight", "features", "weight", "bias", "example_ids", "example_int_ids", "slices")
+    class SlicesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SliceValues
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SliceValues, _Mapping]] = ...) -> None: ...
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +271,9 @@ class AddBatchRequest(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_INT_IDS_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     batch_id: str
     logits: Tensor
@@ -252,7 +282,16 @@ class AddBatchRequest(_message.Message):
     features: Tensor
     weight: Tensor
     bias: Tensor
-    def __init__(self, run_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    example_ids: _containers.RepeatedScalarFieldContainer[str]
+    example_int_ids: _containers.RepeatedScalarFieldContainer[int]
+    slices: _containers.MessageMap[str, SliceValues]
+    def __init__(self, run_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., example_ids: _Optional[_Iterable[str]] = ..., example_int_ids: _Optional[_Iterable[int]] = ..., slices: _Optional[_Mapping[str, SliceValues]] = ...) -> None: ...
+
+class SliceValues(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("value", "sum", "denominator", "count", "ignored", "metrics")

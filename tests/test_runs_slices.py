@@ -1,0 +1,272 @@
+"""Runs with example ids, bootstrap intervals and slices (issue 18), over the real app on SQLite
+and PostgreSQL.
+
+References are written plainly here: the percentile interval of the replicate values
+m_b = Σ_i w_ib x_i / Σ_i w_ib computed with NumPy from the examples' own correctness and
+negative log-likelihood, with the weights w_ib of ``poisson_weights`` (their definition is
+tested against a pure-Python generator in ``tests/test_bootstrap.py``); slice aggregates are
+compared with a stateless evaluation of the slice's examples alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from ce_engine.metrics.bootstrap import example_id_hashes, poisson_weights
+from tests import test_runs
+from tests.test_runs import assert_close
+
+api = test_runs.api  # the fixtures: the app on SQLite and on PostgreSQL
+database_url = test_runs.database_url
+
+C, B, SEED, LEVEL = 4, 64, 7, 0.9
+LANGS = ["en", "de", "fr"]
+
+
+def data(seed: int, n: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((n, C)) * 1.5
+    targets = rng.integers(0, C, n)
+    return {
+        "logits": logits,
+        "targets": targets,
+        "ids": [f"ex-{seed}-{i}" for i in range(n)],
+        "lang": [LANGS[i] for i in rng.integers(0, 3, n)],
+    }
+
+
+def batch_body(d: dict[str, Any], rows: slice | np.ndarray, batch_id: str) -> dict[str, Any]:
+    idx = np.arange(len(d["ids"]))[rows]
+    return {
+        "batch_id": batch_id,
+        "logits": d["logits"][idx].tolist(),
+        "targets": d["targets"][idx].tolist(),
+        "example_ids": [d["ids"][i] for i in idx],
+        "slices": {"lang": [d["lang"][i] for i in idx]},
+    }
+
+
+def locs(response: httpx.Response) -> list[list[Any]]:
+    """The error locations, without the ``body`` prefix some carry."""
+    return [e["loc"][1:] if e["loc"][0] == "body" else e["loc"] for e in response.json()["errors"]]
+
+
+async def new_run(api: httpx.AsyncClient, **fields: Any) -> str:
+    body = {
+        "name": "ci",
+        "loss": "cross_entropy",
+        "metrics": ["accuracy", "nll", "f1"],
+        "confidence": {"replicates": B, "level": LEVEL, "seed": SEED},
+        "slice_keys": ["lang"],
+        **fields,
+    }
+    response = await api.post("/v1/runs", json=body)
+    assert response.status_code == 201, response.text
+    run_id: str = response.json()["id"]
+    return run_id
+
+
+async def push(api: httpx.AsyncClient, run_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = await api.post(f"/v1/runs/{run_id}/batches", json=body)
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def reference(d: dict[str, Any], rows: np.ndarray | None = None) -> dict[str, list[float]]:
+    """Plain Poisson bootstrap of accuracy and mean NLL over the examples ``rows``."""
+    z, y = d["logits"], d["targets"]
+    ids = np.asarray(d["ids"])
+    if rows is not None:
+        z, y, ids = z[rows], y[rows], ids[rows]
+    shifted = z - z.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    nll = -log_p[np.arange(len(y)), y]
+    correct = (z.argmax(axis=1) == y).astype(np.float64)
+    w = poisson_weights(example_id_hashes(list(ids))[0], B, SEED).astype(np.float64)
+    out = {}
+    for name, x in (("accuracy", correct), ("nll", nll)):
+        reps = (w * x[:, None]).sum(axis=0) / w.sum(axis=0)
+        lo, hi = np.percentile(reps, [50 * (1 - LEVEL), 100 - 50 * (1 - LEVEL)])
+        out[name] = [float(lo), float(hi)]
+    return out
+
+
+async def test_intervals_equal_a_plain_bootstrap_whatever_the_split_and_order(api):
+    d = data(1, 90)
+    first = await new_run(api)
+    for i, rows in enumerate((slice(0, 40), slice(40, 70), slice(70, 90))):
+        answer = await push(api, first, batch_body(d, rows, f"b{i}"))
+    run = answer["run"]
+    expected = reference(d)
+    for name in ("accuracy", "nll"):
+        assert_close(run["intervals"][name]["ci"], expected[name], name)
+        assert run["intervals"][name]["level"] == LEVEL
+        assert run["intervals"][name]["replicates"] == B
+    assert_close(run["intervals"]["value"]["ci"], expected["nll"], "value")  # mean CE = NLL
+    assert run["no_interval"] == ["f1"] and run["paired_ids"] is True
+    assert run["fingerprint"]["count"] == 90
+
+    # another split, in another order, into another run: the same intervals and fingerprint
+    second = await new_run(api)
+    order = np.random.default_rng(5).permutation(90)
+    for i, part in enumerate(np.array_split(order, 4)[::-1]):
+        other = await push(api, second, batch_body(d, part, f"p{i}"))
+    assert other["run"]["fingerprint"] == run["fingerprint"]
+    for name in ("accuracy", "nll", "value"):
+        assert_close(other["run"]["intervals"][name]["ci"], run["intervals"][name]["ci"], name)
+
+    # exactly once: a duplicate batch changes no replicate
+    again = await push(api, first, batch_body(d, slice(0, 40), "b0"))
+    assert again["duplicate"] is True
+    fetched = (await api.get(f"/v1/runs/{first}")).json()
+    assert fetched["intervals"] == run["intervals"] and fetched["batches"] == 3
+
+
+async def test_slices_equal_a_stateless_evaluation_of_their_examples(api):
+    d = data(2, 120)
+    run_id = await new_run(api)
+    for i, rows in enumerate((slice(0, 50), slice(50, 120))):
+        await push(api, run_id, batch_body(d, rows, f"b{i}"))
+    response = await api.get(f"/v1/runs/{run_id}/slices", params={"key": "lang"})
+    assert response.status_code == 200, response.text
+    page = response.json()
+    assert page["key"] == "lang" and page["values"] == 3 and page["hidden"] == 0
+    lang = np.asarray(d["lang"])
+    counts = [row["count"] for row in page["slices"]]
+    assert counts == sorted(counts, reverse=True)
+    for row in page["slices"]:
+        rows = np.flatnonzero(lang == row["slice"])
+        alone = await api.post(
+            "/v1/evaluate",
+            json={
+                "loss": "cross_entropy",
+                "metrics": ["accuracy", "nll"],
+                "logits": d["logits"][rows].tolist(),
+                "targets": d["targets"][rows].tolist(),
+            },
+        )
+        expected = alone.json()
+        assert row["count"] == len(rows)
+        assert_close(row["value"], expected["value"], row["slice"])
+        for name in ("accuracy", "nll"):
+            assert_close(row["metrics"][name], expected["metrics"][name], name)
+        want = reference(d, rows)
+        for name in ("accuracy", "nll"):
+            assert_close(row["intervals"][name]["ci"], want[name], f"{row['slice']}.{name}")
+
+    worst = await api.get(
+        f"/v1/runs/{run_id}/slices",
+        params={"key": "lang", "sort": "accuracy", "order": "asc", "limit": 2},
+    )
+    accuracies = [r["metrics"]["accuracy"] for r in worst.json()["slices"]]
+    assert len(accuracies) == 2 and accuracies == sorted(accuracies)
+    smallest = min(counts)
+    hidden = await api.get(
+        f"/v1/runs/{run_id}/slices", params={"key": "lang", "min_slice_size": smallest + 1}
+    )
+    assert hidden.json()["hidden"] == counts.count(smallest)
+
+
+async def test_a_value_beyond_max_slice_values_is_a_422_and_nothing_is_counted(api):
+    d = data(3, 30)
+    run_id = await new_run(api, max_slice_values=2)
+    body = batch_body(d, slice(0, 10), "b0")
+    body["slices"]["lang"] = ["en"] * 5 + ["de"] * 5
+    await push(api, run_id, body)
+    late = batch_body(d, slice(10, 20), "b1")
+    late["slices"]["lang"] = ["en"] * 5 + ["xx"] * 5
+    response = await api.post(f"/v1/runs/{run_id}/batches", json=late)
+    assert response.status_code == 422
+    problem = response.json()
+    assert "xx" in problem["detail"]
+    assert locs(response) == [["slices", "lang"]]
+    run = (await api.get(f"/v1/runs/{run_id}")).json()
+    assert run["batches"] == 1 and run["count"] == 10
+    page = (await api.get(f"/v1/runs/{run_id}/slices", params={"key": "lang"})).json()
+    assert sorted(r["slice"] for r in page["slices"]) == ["de", "en"]
+    assert sum(r["count"] for r in page["slices"]) == 10
+
+
+async def test_without_ids_the_run_is_not_paired_and_without_confidence_has_no_intervals(api):
+    d = data(4, 20)
+    run_id = await new_run(api, confidence=None, slice_keys=[])
+    body = batch_body(d, slice(0, 20), "b0")
+    del body["example_ids"], body["slices"]
+    run = (await push(api, run_id, body))["run"]
+    assert run["paired_ids"] is False and run["intervals"] is None and run["confidence"] is None
+    assert run["fingerprint"]["count"] == 20
+    with_ids = batch_body(d, slice(0, 20), "b1")
+    del with_ids["slices"]
+    assert (await push(api, run_id, with_ids))["run"]["paired_ids"] is False  # stays unpaired
+
+
+@pytest.mark.parametrize(
+    ("fields", "loc"),
+    [
+        ({"slice_keys": ["a/b"]}, ["slice_keys", 0]),
+        ({"slice_keys": ["a", "a"]}, ["slice_keys", 1]),
+        ({"slice_keys": [f"k{i}" for i in range(9)]}, ["slice_keys"]),
+        ({"confidence": {"replicates": 0}}, ["confidence", "replicates"]),
+        ({"confidence": {"replicates": 1001}}, ["confidence", "replicates"]),
+        ({"confidence": {"level": 1.0}}, ["confidence", "level"]),
+        ({"confidence": {"seed": -1}}, ["confidence", "seed"]),
+        ({"confidence": {"samples": 3}}, ["confidence", "samples"]),
+        ({"max_slice_values": 0}, ["max_slice_values"]),
+    ],
+)
+async def test_create_rejects_bad_confidence_and_slice_keys(api, fields, loc):
+    body = {"name": "x", "loss": "cross_entropy", "metrics": ["accuracy"], **fields}
+    response = await api.post("/v1/runs", json=body)
+    assert response.status_code == 422, response.text
+    assert loc in locs(response)
+
+
+@pytest.mark.parametrize(
+    ("change", "loc"),
+    [
+        (lambda b: b["slices"].pop("lang"), ["slices", "lang"]),
+        (lambda b: b["slices"].update(lang=b["slices"]["lang"][:-1]), ["slices", "lang"]),
+        (lambda b: b["slices"].update(team=["a"] * 10), ["slices", "team"]),
+        (lambda b: b["slices"]["lang"].__setitem__(3, 7), ["slices", "lang", 3]),
+        (lambda b: b["slices"]["lang"].__setitem__(2, "x" * 201), ["slices", "lang", 2]),
+        (lambda b: b.update(example_ids=b["example_ids"][:-1]), ["example_ids"]),
+        (lambda b: b["example_ids"].__setitem__(0, "x" * 129), ["example_ids", 0]),
+        (lambda b: b["example_ids"].__setitem__(0, 5), ["example_ids"]),
+    ],
+)
+async def test_batches_with_bad_ids_or_slices_are_422_naming_the_field(api, change, loc):
+    d = data(5, 10)
+    run_id = await new_run(api)
+    body = batch_body(d, slice(0, 10), "b0")
+    change(body)
+    response = await api.post(f"/v1/runs/{run_id}/batches", json=body)
+    assert response.status_code == 422, response.text
+    assert any(at[: len(loc)] == loc for at in locs(response)), response.text
+    assert (await api.get(f"/v1/runs/{run_id}")).json()["batches"] == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "loc"),
+    [
+        ({"key": "team"}, ["query", "key"]),
+        ({"key": "lang", "sort": "f2"}, ["query", "sort"]),
+        ({"key": "lang", "order": "up"}, ["query", "order"]),
+        ({"key": "lang", "limit": 0}, ["query", "limit"]),
+        ({"key": "lang", "offset": 10**20}, ["query", "offset"]),
+        ({"key": "lang", "min_slice_size": -1}, ["query", "min_slice_size"]),
+    ],
+)
+async def test_slices_endpoint_rejects_bad_queries(api, params, loc):
+    d = data(6, 10)
+    run_id = await new_run(api)
+    await push(api, run_id, batch_body(d, slice(0, 10), "b0"))
+    response = await api.get(f"/v1/runs/{run_id}/slices", params=params)
+    assert response.status_code == 422, response.text
+    assert loc in locs(response)
+    missing = await api.get("/v1/runs/run_nope/slices", params={"key": "lang"})
+    assert missing.status_code == 404
