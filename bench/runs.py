@@ -10,7 +10,10 @@ sending the same 256-row float32 batches (tensors base64 in JSON, NumPy backend)
 - **stateless**: ``POST /v1/evaluate`` of cross-entropy with metrics accuracy + nll + ece (req/s);
 - **scalar**: ``POST /v1/runs/{id}/batches`` into one run with accuracy + nll + ece (batches/s);
 - **confusion**: the same into one run with accuracy + nll + ece + confusion_matrix
-  (``options.max_confusion_classes = C``).
+  (``options.max_confusion_classes = C``);
+- **intervals**: the scalar run's batches with 256 string ``example_ids`` into a run with
+  ``confidence = {replicates: 200}`` (bootstrap intervals; goal, issue 18: ≤ 30% more time per
+  batch than the scalar run, i.e. ≥ 1/1.3 = 0.77× its rate).
 
 A batch's logits come from a pool of 8 random (256, C) arrays; its int64 targets are drawn fresh
 for every request, so that a run's confusion counts keep gaining cells (about 256 per batch) as
@@ -52,9 +55,10 @@ from bench._results import write_results
 
 SCALAR = ["accuracy", "nll", "ece"]
 CONFUSION = [*SCALAR, "confusion_matrix"]
-MODES = ("stateless", "scalar", "confusion")
+MODES = ("stateless", "scalar", "confusion", "intervals")
 POOL = 8
-GOALS = {"confusion": 0.8, "scalar": 0.9}
+GOALS = {"confusion": 0.8, "scalar": 0.9, "intervals": 1 / 1.3}
+REPLICATES = 200
 PUSH_ANSWER_GOAL = 10_000
 LIST_GOAL = 100_000
 TOP_GOAL_MS = 100.0
@@ -232,18 +236,27 @@ def measure(
         fields, targets = work.fields(index, rng)
         return stateless_head + b"," + fields + b"}", targets, index % POOL
 
-    def pusher(tag: str) -> BodyMaker:
+    def pusher(tag: str, ids: bool) -> BodyMaker:
         def push(worker: int, k: int, rng: np.random.Generator) -> tuple[bytes, np.ndarray, int]:
             index = worker + k
             fields, targets = work.fields(index, rng)
-            head = b'{"batch_id":"' + f"{tag}-{worker}-{k}".encode() + b'",'
+            batch_id = f"{tag}-{worker}-{k}"
+            head = b'{"batch_id":"' + batch_id.encode() + b'",'
+            if ids:
+                names = [f"{batch_id}/{i}" for i in range(work.rows)]
+                head += b'"example_ids":' + orjson.dumps(names) + b","
             return head + fields + b"}", targets, index % POOL
 
         return push
 
+    confidence = {"confidence": {"replicates": REPLICATES}}
     runs = {
-        mode: create_run(url, f"bench {mode} C={work.classes}", metrics, work.classes)
-        for mode, metrics in (("scalar", SCALAR), ("confusion", CONFUSION))
+        mode: create_run(url, f"bench {mode} C={work.classes}", metrics, work.classes, **extra)
+        for mode, metrics, extra in (
+            ("scalar", SCALAR, {}),
+            ("confusion", CONFUSION, {}),
+            ("intervals", SCALAR, confidence),
+        )
     }
     loads: dict[str, list[Load]] = {mode: [] for mode in MODES}
     warmup = min(1.0, seconds / 4)
@@ -256,7 +269,7 @@ def measure(
                 )
             else:
                 path = f"/v1/runs/{runs[mode]}/batches"
-                push = pusher(f"r{round_}")
+                push = pusher(f"r{round_}", ids=mode == "intervals")
                 load = run_load(setup.urls, path, push, clients, seconds, warmup, work.predicted)
             loads[mode].append(load)
             print(
@@ -274,10 +287,10 @@ def measure(
             "done": sum(load.done for load in loads[mode]),
             "errors": sum(load.errors for load in loads[mode]),
         }
-    for mode in ("scalar", "confusion"):
+    for mode in ("scalar", "confusion", "intervals"):
+        versus = "scalar" if mode == "intervals" else "stateless"
         ratios = [
-            push.rate / base.rate
-            for push, base in zip(loads[mode], loads["stateless"], strict=True)
+            push.rate / base.rate for push, base in zip(loads[mode], loads[versus], strict=True)
         ]
         row[mode]["ratio"] = statistics.median(ratios)
         row[mode]["goal"] = GOALS[mode]
@@ -381,17 +394,19 @@ def servers(store: str, replicas: int, workdir: Path) -> Iterator[list[str]]:
 def table(rows: list[dict[str, Any]]) -> list[str]:
     head = [
         "| store | C | stateless req/s | scalar push b/s (×) | confusion push b/s (×) "
+        "| intervals push b/s (× scalar) "
         "| push answer B (confusion) | list 50 runs KB | GET run KB | top=20 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines = []
     for row in rows:
         size = row.get("sizes")
-        scalar, confusion = row["scalar"], row["confusion"]
+        scalar, confusion, ci = row["scalar"], row["confusion"], row["intervals"]
         lines.append(
             f"| {row['setup']} | {row['classes']} | {row['stateless']['rate']:.1f} "
             f"| {scalar['rate']:.1f} ({scalar['ratio']:.2f}×) "
             f"| {confusion['rate']:.1f} ({confusion['ratio']:.2f}×) "
+            f"| {ci['rate']:.1f} ({ci['ratio']:.2f}×) "
             f"| {confusion['push_answer_bytes']:,} "
             + (
                 f"| {size['list_50_bytes'] / 1000:.1f} | {size['get_run_bytes'] / 1000:.1f} "
@@ -407,10 +422,11 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["", "goals:"]
     for row in rows:
         where = f"{row['setup']}, C={row['classes']}"
-        for mode in ("scalar", "confusion"):
+        for mode in ("scalar", "confusion", "intervals"):
             r = row[mode]
+            versus = "the scalar push" if mode == "intervals" else "stateless"
             lines.append(
-                f"  {where}: {mode} push {r['ratio']:.2f}× stateless (goal ≥ {r['goal']}): "
+                f"  {where}: {mode} push {r['ratio']:.2f}× {versus} (goal ≥ {r['goal']:.2f}): "
                 f"{'met' if r['met'] else 'MISSED'}"
                 + ("" if r["run_count_ok"] else "; RUN COUNT WRONG")
             )
