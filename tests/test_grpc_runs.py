@@ -558,3 +558,48 @@ async def test_a_linear_cross_entropy_run_takes_features_over_rest_and_grpc(stac
     both = {**first, "batch_id": "c", "logits": as_base64(z[:2])}
     refused = await stack.rest.post(f"/v1/runs/{run_id}/batches", json=both)
     assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == ["body", "logits"]
+
+
+async def test_intervals_and_slices_over_grpc_equal_rest(stack: Stack) -> None:
+    """A run with confidence and a slice key fed over gRPC (string ids, then integer ids)
+    answers what a REST-fed twin answers: same intervals, fingerprints differ only by ids."""
+    rng = np.random.default_rng(21)
+    config = {
+        "metrics": ["accuracy", "nll"],
+        "confidence": {"replicates": 32, "level": 0.9, "seed": 3},
+        "slice_keys": ["lang"],
+    }
+    via_grpc = run_from_proto(
+        await stack.stub.CreateRun(create_run_to_proto("g", "cross_entropy", **config))
+    )
+    rest_body = {"name": "r", "loss": "cross_entropy", **config}
+    via_rest = (await stack.rest.post("/v1/runs", json=rest_body)).json()
+    assert via_grpc["confidence"] == via_rest["confidence"] == config["confidence"]
+    assert via_grpc["slice_keys"] == ["lang"]
+    for i, ids in enumerate(([f"s{j}" for j in range(12)], list(range(100, 112)))):
+        logits, targets = rng.standard_normal((12, 3)), rng.integers(0, 3, 12)
+        lang = [["en", "de"][j % 2] for j in range(12)]
+        message = batch_to_proto(
+            via_grpc["id"], f"b{i}", logits, targets, example_ids=ids, slices={"lang": lang}
+        )
+        answer = await stack.stub.AddBatch(message)
+        body = {
+            "batch_id": f"b{i}",
+            "logits": logits.tolist(),
+            "targets": targets.tolist(),
+            "example_ids": ids,
+            "slices": {"lang": lang},
+        }
+        assert (await stack.rest.post(f"/v1/runs/{via_rest['id']}/batches", json=body)).is_success
+    got = run_from_proto(answer.run)
+    rest = (await stack.rest.get(f"/v1/runs/{via_rest['id']}")).json()
+    assert got["paired_ids"] is True and got["fingerprint"] == rest["fingerprint"]
+    for name in ("value", "accuracy", "nll"):
+        assert_close(got["intervals"][name]["ci"], rest["intervals"][name]["ci"], name)
+    slices = (await stack.rest.get(f"/v1/runs/{via_grpc['id']}/slices?key=lang")).json()
+    assert sorted(r["slice"] for r in slices["slices"]) == ["de", "en"]
+    both = batch_to_proto(via_grpc["id"], "x", logits, targets, slices={"lang": lang})
+    both.example_ids[:] = ["a"] * 12
+    both.example_int_ids[:] = list(range(12))
+    error = await rpc_error(stack.stub.AddBatch(both))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

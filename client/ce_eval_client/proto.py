@@ -219,6 +219,9 @@ def create_run_to_proto(
     metrics: Iterable[str] = (),
     class_names: Iterable[str] | None = None,
     tags: Mapping[str, str] | None = None,
+    confidence: Mapping[str, Any] | None = None,
+    slice_keys: Iterable[str] = (),
+    max_slice_values: int | None = None,
 ) -> pb.CreateRunRequest:
     """Client side: a run's configuration → ``CreateRunRequest``."""
     message = pb.CreateRunRequest(
@@ -227,9 +230,14 @@ def create_run_to_proto(
         metrics=list(metrics),
         class_names=list(class_names or ()),
         tags=dict(tags or {}),
+        slice_keys=list(slice_keys),
     )
     if options:
         dict_to_struct(options, message.options)
+    if confidence is not None:
+        dict_to_struct(confidence, message.confidence)
+    if max_slice_values is not None:
+        message.max_slice_values = max_slice_values
     return message
 
 
@@ -239,15 +247,27 @@ def batch_to_proto(
     logits: Any,
     targets: Any,
     sample_weight: Any = None,
+    *,
+    example_ids: Any = None,
+    slices: Mapping[str, Iterable[str]] | None = None,
     **linear: Any,
 ) -> pb.AddBatchRequest:
     """Client side: one batch's arrays → ``AddBatchRequest``; ``linear``: ``features``,
-    ``weight``, ``bias`` of a linear_cross_entropy run (``logits`` None)."""
+    ``weight``, ``bias`` of a linear_cross_entropy run (``logits`` None); ``example_ids``
+    all strings or all integers."""
     message = pb.AddBatchRequest(run_id=run_id, batch_id=batch_id)
     named = {"logits": logits, "targets": targets, "sample_weight": sample_weight, **linear}
     for name, value in named.items():
         if value is not None:
             array_to_tensor(value, getattr(message, name))
+    if example_ids is not None:
+        ids = example_ids.tolist() if hasattr(example_ids, "tolist") else list(example_ids)
+        if all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            message.example_int_ids[:] = ids
+        else:
+            message.example_ids[:] = [str(i) for i in ids]
+    for key, values in (slices or {}).items():
+        message.slices[key].values[:] = [str(v) for v in values]
     return message
 
 

@@ -896,11 +896,15 @@ class GrpcClient:
         metrics: Iterable[str] = (),
         class_names: Iterable[str] | None = None,
         tags: Mapping[str, str] | None = None,
+        confidence: Mapping[str, Any] | None = None,
+        slice_keys: Iterable[str] = (),
+        max_slice_values: int | None = None,
     ) -> dict[str, Any]:
-        """``CreateRun`` → the new run."""
+        """``CreateRun`` → the new run (keywords as :meth:`Client.create_run`)."""
         request = create_run_to_proto(
-            name, loss, options=options, metrics=metrics, class_names=class_names, tags=tags
-        )
+            name, loss, options=options, metrics=metrics, class_names=class_names, tags=tags,
+            confidence=confidence, slice_keys=slice_keys, max_slice_values=max_slice_values,
+        )  # fmt: skip
         return run_from_proto(self._call(self._create_run, request))
 
     def add_batch(
@@ -914,11 +918,15 @@ class GrpcClient:
         features: Any = None,
         weight: Any = None,
         bias: Any = None,
+        example_ids: Any = None,
+        slices: Mapping[str, Iterable[str]] | None = None,
     ) -> dict[str, Any]:
         """``AddBatch`` → ``{run_id, batch_id, seq, duplicate, batch, run}`` (linear runs:
-        ``features``, ``weight``, ``bias``)."""
+        ``features``, ``weight``, ``bias``; ``example_ids``, ``slices`` as
+        :meth:`Client.add_batch`)."""
         request = batch_to_proto(
             run_id, batch_id, logits, targets, sample_weight,
+            example_ids=example_ids, slices=slices,
             features=features, weight=weight, bias=bias,
         )  # fmt: skip
         return batch_answer_from_proto(self._call(self._add_batch, request))
