@@ -155,3 +155,66 @@ def test_two_processes_pushing_random_splits_equal_one_evaluation(
         if name == "warnings":  # GET run warns about what it answers: not the curves
             want = [w for w in want if w["metric"] not in curves]
         assert_nested_close(value, want, rtol=1e-9, where=name)
+
+
+def push_labelled(url: str, run_id: str, batches: list[dict[str, Any]]) -> list[int]:
+    """Runs in a client process: POST each JSON batch body; returns the status codes."""
+    with httpx.Client(base_url=url, timeout=60) as client:
+        return [client.post(f"/v1/runs/{run_id}/batches", json=b).status_code for b in batches]
+
+
+def test_intervals_and_slices_are_the_same_from_two_processes_as_from_one_batch(
+    servers: list[ServerProcess],
+) -> None:
+    """Random splits pushed by two processes (two replicas on PostgreSQL) give the intervals
+    and slices of the whole set pushed as one batch (float sums to 1e-12: addition order)."""
+    rng = np.random.default_rng(23)
+    n = 240
+    logits, targets = rng.standard_normal((n, 6)) * 2, rng.integers(0, 6, n)
+    ids = [f"row-{i}" for i in range(n)]
+    lang = [["en", "de", "fr", "ja"][i] for i in rng.integers(0, 4, n)]
+    config = {
+        "loss": "cross_entropy",
+        "metrics": ["accuracy", "top_k_accuracy", "nll", "brier", "ece"],
+        "options": {"top_k": [1, 3]},
+        "confidence": {"replicates": 100, "seed": 11},
+        "slice_keys": ["lang"],
+    }
+
+    def body(batch_id: str, rows: Any) -> dict[str, Any]:
+        return {
+            "batch_id": batch_id,
+            "logits": logits[rows].tolist(),
+            "targets": targets[rows].tolist(),
+            "example_ids": [ids[i] for i in rows],
+            "slices": {"lang": [lang[i] for i in rows]},
+        }
+
+    run_ids = []
+    for name in ("split", "whole"):
+        created = httpx.post(f"{servers[0].url}/v1/runs", json={"name": name, **config})
+        assert created.status_code == 201, created.text
+        run_ids.append(created.json()["id"])
+    order = rng.permutation(n)
+    cuts = sorted(rng.choice(np.arange(1, n), size=9, replace=False).tolist())
+    parts = [order[a:b] for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
+    batches = [body(f"b{i}", part) for i, part in enumerate(parts)]
+    urls = [servers[i % len(servers)].url for i in range(2)]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        statuses = list(
+            pool.map(push_labelled, urls, [run_ids[0]] * 2, [batches[0::2], batches[1::2]])
+        )
+    assert all(s == 200 for part in statuses for s in part), statuses
+    assert push_labelled(servers[0].url, run_ids[1], [body("all", np.arange(n))]) == [200]
+
+    split, whole = (httpx.get(f"{servers[-1].url}/v1/runs/{r}").json() for r in run_ids)
+    assert split["fingerprint"] == whole["fingerprint"] and split["paired_ids"] is True
+    assert set(split["intervals"]) >= {"value", "accuracy", "top_k_accuracy.3", "ece", "brier"}
+    assert_nested_close(split["intervals"], whole["intervals"], rtol=1e-12, where="intervals")
+    pages = [
+        httpx.get(f"{servers[0].url}/v1/runs/{r}/slices", params={"key": "lang", "sort": "slice"})
+        for r in run_ids
+    ]
+    split_page, whole_page = (page.json() for page in pages)
+    assert [r["slice"] for r in split_page["slices"]] == ["ja", "fr", "en", "de"]
+    assert_nested_close(split_page["slices"], whole_page["slices"], rtol=1e-12, where="slices")
