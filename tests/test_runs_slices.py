@@ -270,3 +270,45 @@ async def test_slices_endpoint_rejects_bad_queries(api, params, loc):
     assert loc in locs(response)
     missing = await api.get("/v1/runs/run_nope/slices", params={"key": "lang"})
     assert missing.status_code == 404
+
+
+def test_replicate_weights_and_slice_work_are_bounded_before_any_work(tmp_path):
+    """N × B weights over CE_EVAL_MAX_ELEMENTS, and work × (1 + slice keys) plus the replicates'
+    over CE_EVAL_MAX_WORK, are 413 before the engine runs; nothing is counted."""
+    from service.config import Settings
+    from service.dataplane.runs import RunsDataPlane
+    from service.errors import ServiceError
+    from service.store import Store
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    store = Store(url)
+    store.upgrade()
+    calls = []
+    settings = Settings(database_url=url, backend="numpy", max_elements=5_000, max_work=10_000)
+    runs = RunsDataPlane(settings, store, on_evaluate=lambda *a: calls.append(a))
+    d = data(7, 60)
+    heavy = runs.create_run(
+        {"name": "w", "loss": "cross_entropy", "confidence": {"replicates": 100}}
+    )
+    body = batch_body(d, slice(0, 60), "b0")
+    del body["slices"]
+    with pytest.raises(ServiceError) as weights:
+        runs.add_batch(heavy["id"], body)  # 60 × 100 = 6000 weights > 5000
+    assert weights.value.status_code == 413 and "replicates" in weights.value.detail
+    sliced = runs.create_run(
+        {
+            "name": "s",
+            "loss": "cross_entropy",
+            "confidence": {"replicates": 2},
+            "slice_keys": ["lang"],
+        }
+    )
+    # 60 × 4 of work × 2 (one slice key) + 60 × 2 replicates × 64 × 2 = 15840 > 10000; 20 rows: 5280
+    with pytest.raises(ServiceError) as work:
+        runs.add_batch(sliced["id"], batch_body(d, slice(0, 60), "b0"))
+    assert work.value.status_code == 413
+    assert calls == [] and runs.get_run(sliced["id"])["batches"] == 0
+    small = batch_body(d, slice(0, 20), "b1")
+    assert runs.add_batch(sliced["id"], small)["run"]["batches"] == 1
+    assert len(calls) == 1  # the engine ran for the accepted batch only
+    store.dispose()

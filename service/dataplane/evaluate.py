@@ -122,10 +122,12 @@ class DataPlane:
         outputs: Sequence[str] = ("loss",),
         *,
         repeat: int = 1,
+        extra: float = 0.0,
     ) -> None:
         """413 before any work when the estimated multiply-adds (``estimated_work``, times
-        ``repeat`` for work done that many times over the same rows) exceed ``max_work``."""
-        work = repeat * estimated_work(
+        ``repeat`` for work done that many times over the same rows, plus ``extra``) exceed
+        ``max_work``."""
+        work = extra + repeat * estimated_work(
             logits, linear.get("features"), linear.get("weight"), list(outputs)
         )
         if work > self.settings.max_work:

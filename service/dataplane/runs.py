@@ -66,6 +66,7 @@ from service.errors import (
     MalformedBody,
     NonFiniteResult,
     NotFound,
+    PayloadTooLarge,
     Unavailable,
     ValidationFailed,
 )
@@ -754,8 +755,28 @@ class RunsDataPlane:
         by_key = slices.check_batch_fields(
             request.example_ids, request.slices, config.slice_keys, examples
         )
-        # each slice key evaluates the batch's rows once more
-        self.dataplane.check_work(logits, linear, repeat=1 + len(by_key))
+        draws = 0 if config.confidence is None else int(config.confidence["replicates"])
+        if examples * draws > self.settings.max_elements:
+            raise PayloadTooLarge(
+                f"{examples} examples × {draws} replicates is over the limit of "
+                f"{self.settings.max_elements} weights (CE_EVAL_MAX_ELEMENTS): send smaller "
+                "batches",
+                [
+                    {
+                        "loc": ["body", "logits"],
+                        "msg": "too many weights",
+                        "type": "too_many_weights",
+                    }
+                ],
+            )
+        # each slice key evaluates the batch's rows once more; the replicates are (N, B) weights
+        # times the statistics
+        self.dataplane.check_work(
+            logits,
+            linear,
+            repeat=1 + len(by_key),
+            extra=examples * draws * slices.REPLICATE_WORK * (1 + len(by_key)),
+        )
         identity = _identity(request.example_ids, request.batch_id, examples)
         weights = None
         if config.confidence is not None:

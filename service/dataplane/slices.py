@@ -36,6 +36,9 @@ MAX_SLICE_VALUES = 4096  # the largest max_slice_values a run may declare
 DEFAULT_SLICE_VALUES = 256
 MAX_SLICE_VALUE_CHARS = 200
 SLICE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: Multiply-adds per (example, replicate) counted against ``CE_EVAL_MAX_WORK``: the scalar
+#: statistics and calibration bins of one weight (``ExampleStatistics.replicates``).
+REPLICATE_WORK = 64
 #: Batch tensors with one row per example (sliced along axis 0); the others go whole.
 ROW_TENSORS = ("logits", "targets", "sample_weight", "features")
 
