@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,6 +34,12 @@ def normalize_url(url: str | URL) -> URL:
     if parsed.drivername in ("postgres", "postgresql"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed
+
+
+def _json_dumps(value: Any) -> str:
+    """JSON columns (run states of thousands of numbers) through orjson: several times faster
+    than the standard library, same text for the finite numbers and strings stored."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def _sqlite_file(url: URL) -> Path | None:
@@ -62,6 +69,8 @@ def make_engine(
             connect_args["connect_timeout"] = max(2, math.ceil(connect_timeout))
         engine = create_engine(
             parsed,
+            json_serializer=_json_dumps,
+            json_deserializer=orjson.loads,
             pool_pre_ping=True,
             pool_size=10,
             max_overflow=20,
@@ -88,7 +97,12 @@ def make_engine(
 
         return engine
     path = _sqlite_file(parsed)
-    engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30.0})
+    engine = create_engine(
+        parsed,
+        json_serializer=_json_dumps,
+        json_deserializer=orjson.loads,
+        connect_args={"check_same_thread": False, "timeout": 30.0},
+    )
 
     @event.listens_for(engine, "do_connect")
     def _make_directory(*_args: Any) -> None:
