@@ -49,6 +49,10 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("run_slices")
-    with op.batch_alter_table("runs") as batch:
-        for name, _ in reversed(COLUMNS):
-            batch.drop_column(name)
+    for name, _ in reversed(COLUMNS):
+        if op.get_bind().dialect.name == "sqlite":
+            # In place (SQLite ≥ 3.35), not the batch mode's copy of the table: dropping the
+            # old ``runs`` would cascade to its confusion cells.
+            op.execute(f"ALTER TABLE runs DROP COLUMN {name}")
+        else:
+            op.drop_column("runs", name)
