@@ -966,3 +966,46 @@ def test_dashboard_compares_runs_with_intervals_deltas_and_gate_verdicts(tmp_pat
 
 def signed_text(value: float) -> str:
     return f"+{metric_text(value)}" if value > 0 else metric_text(value)
+
+
+def test_dashboard_pages_a_slice_key_with_many_values_and_says_when_there_are_none(
+    tmp_path, serve, browser
+):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    create = {"loss": "cross_entropy", "metrics": ["accuracy"], "slice_keys": ["shard"]}
+    empty = httpx.post(f"{server.url}/v1/runs", json={"name": "empty", **create}).json()
+    run = httpx.post(f"{server.url}/v1/runs", json={"name": "shards", **create}).json()
+    rng = np.random.default_rng(26)
+    shards = [f"s{i:02d}" for i in range(60)] * 2
+    body = {"batch_id": "0", "logits": as_base64(rng.standard_normal((120, 3))),
+            "targets": as_base64(rng.integers(0, 3, 120)), "slices": {"shard": shards}}  # fmt: skip
+    assert httpx.post(f"{server.url}/v1/runs/{run['id']}/batches", json=body).status_code == 200
+    every = httpx.get(
+        f"{server.url}/v1/runs/{run['id']}/slices", params={"key": "shard", "limit": 1000}
+    ).json()["slices"]
+    assert len({r["value"] for r in every}) == 60  # no ties: one worst-first order
+    worst_first = [r["slice"] for r in sorted(every, key=lambda r: -r["value"])]
+
+    def shown() -> list[str]:
+        names: list[str] = browser.execute_script(
+            "return [...document.querySelectorAll('.slice-table[data-key=shard] tbody tr')]"
+            ".map(tr => tr.dataset.slice)"
+        )
+        return names
+
+    browser.get(f"{server.url}/dashboard#run={run['id']}")
+    wait_ready(browser, "run")
+    assert shown() == worst_first[:50]
+    pager = browser.find_element("css selector", ".slice-block[data-key=shard] .slice-pager")
+    assert pager.is_displayed() and "1–50 of 60" in pager.text
+    pager.find_element("css selector", ".slice-next").click()
+    WebDriverWait(browser, 10).until(lambda _: shown() == worst_first[50:])
+    assert "51–60 of 60" in pager.text
+
+    browser.get(f"{server.url}/dashboard#run={empty['id']}")
+    wait_ready(browser, "run")
+    note = browser.find_element("css selector", ".slice-block[data-key=shard] .slice-pager")
+    assert note.is_displayed() and "No slices yet." in note.text
+    assert severe_console_messages(browser) == []
