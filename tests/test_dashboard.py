@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Iterator
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import httpx
@@ -272,7 +273,9 @@ def metric_text(value: float) -> str:
     if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4):
         mantissa, exponent = f"{value:.3e}".split("e")
         return f"{mantissa}e{int(exponent):+d}"
-    return f"{value:.4f}"
+    # Number.prototype.toFixed rounds the exact binary value half away from zero (0.90625 →
+    # 0.9063), where Python's format rounds half to even.
+    return str(Decimal(value).quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP))
 
 
 def test_dashboard_formats_every_metric_value_alike(tmp_path, serve, browser):
@@ -755,4 +758,254 @@ def test_dashboard_lists_50_large_runs_from_summaries_within_the_time_goal(
     assert cells[headers.index("Classes")] == "1,000"
     assert cells[headers.index("Accuracy")] == metric_text(runs[-1]["metrics"]["accuracy"])
     assert dom_nodes(browser) < 5000
+    assert severe_console_messages(browser) == []
+
+
+LANGS = ["en", "de", "fr", "ja"]
+LANG_SHARE = [0.4, 0.3, 0.2, 0.1]
+LANG_MARGIN = {"en": 3.0, "de": 1.5, "fr": 0.3, "ja": 2.2}  # fr worst, en best
+
+
+def push_interval_run(
+    server: ServerProcess, name: str, seed: int, batches: int = 4
+) -> dict[str, Any]:
+    """A run with 95% intervals (100 replicates) and one slice key ``lang``: batches of 60
+    rows whose logit margin on the target depends on the row's language."""
+    rng = np.random.default_rng(seed)
+    run = httpx.post(
+        f"{server.url}/v1/runs",
+        json={"name": name, "loss": "cross_entropy", "metrics": ["accuracy", "nll", "f1"],
+              "confidence": {"replicates": 100, "level": 0.95, "seed": 0},
+              "slice_keys": ["lang"]},
+    ).json()  # fmt: skip
+    for i in range(batches):
+        n = 60
+        lang = rng.choice(LANGS, size=n, p=LANG_SHARE)
+        targets = rng.integers(0, 4, size=n)
+        margin = np.array([LANG_MARGIN[x] for x in lang])[:, None]
+        logits = rng.standard_normal((n, 4)) + margin * np.eye(4)[targets]
+        body = {"batch_id": f"{i}", "logits": as_base64(logits), "targets": as_base64(targets),
+                "example_ids": [f"ex-{i}-{j}" for j in range(n)],
+                "slices": {"lang": lang.tolist()}}  # fmt: skip
+        answer = httpx.post(f"{server.url}/v1/runs/{run['id']}/batches", json=body)
+        assert answer.status_code == 200, answer.text
+    final: dict[str, Any] = httpx.get(f"{server.url}/v1/runs/{run['id']}").json()
+    return final
+
+
+def ci_text(ci: list[float]) -> str:
+    return f"[{metric_text(ci[0])}, {metric_text(ci[1])}]"
+
+
+def shown_slices(driver: Any) -> list[str]:
+    """The slice values of the ``lang`` table, read in one script (pages replace the rows)."""
+    names: list[str] = driver.execute_script(
+        "return [...document.querySelectorAll('.slice-table[data-key=lang] tbody tr')]"
+        ".map(tr => tr.dataset.slice)"
+    )
+    return names
+
+
+def test_dashboard_shows_intervals_and_a_slice_table_sorted_worst_first(tmp_path, serve, browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    run = push_interval_run(server, "with-ci", 21)
+    accuracy = run["intervals"]["accuracy"]
+    assert accuracy["level"] == 0.95 and run["no_interval"] == ["f1"]
+    every = httpx.get(f"{server.url}/v1/runs/{run['id']}/slices", params={"key": "lang"}).json()
+    by_slice = {row["slice"]: row for row in every["slices"]}
+    assert sorted(by_slice) == sorted(LANGS)
+    # Independent orders: worst (highest loss) first; accuracy ascending.
+    worst_first = sorted(by_slice, key=lambda s: -by_slice[s]["value"])
+    by_accuracy = sorted(by_slice, key=lambda s: by_slice[s]["metrics"]["accuracy"])
+
+    browser.get(f"{server.url}/dashboard#run={run['id']}")
+    wait_ready(browser, "run")
+    row = browser.find_element("css selector", "#metrics-table tr[data-metric=accuracy]")
+    assert row.find_element("css selector", "td.num").text == metric_text(accuracy["value"])
+    assert row.find_element("css selector", "td.ci").text == f"{ci_text(accuracy['ci'])} 95%"
+    assert "f1" in browser.find_element("id", "metrics-note").text
+    summary = browser.find_element("id", "run-summary").text
+    assert ci_text(run["intervals"]["value"]["ci"]) in summary
+
+    assert browser.find_element("id", "slices-section").is_displayed()
+    assert shown_slices(browser) == worst_first
+    for tr in browser.find_elements("css selector", ".slice-table[data-key=lang] tbody tr"):
+        expected = by_slice[tr.get_attribute("data-slice")]
+        cells = tr.find_elements("tag name", "td")
+        assert cells[0].text == fmt_count(expected["count"])
+        value = tr.find_element("css selector", "td[data-metric=value]")
+        assert metric_text(expected["value"]) in value.text
+        assert ci_text(expected["intervals"]["value"]["ci"]) in value.text
+        cell = tr.find_element("css selector", "td[data-metric=accuracy]")
+        assert cell.text.startswith(metric_text(expected["metrics"]["accuracy"]))
+        assert ci_text(expected["intervals"]["accuracy"]["ci"]) in cell.text
+        # The bar draws the interval as a whisker of some width within the bar.
+        left, width = browser.execute_script(
+            "const w = arguments[0].querySelector('.ci-whisker');"
+            "return [parseFloat(w.style.left), parseFloat(w.style.width)];",
+            value,
+        )
+        assert 0 <= left <= 100 and 0 < width <= 100
+    assert not browser.find_element("css selector", ".slice-block .slice-pager").is_displayed()
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.execute_script("document.getElementById('metrics-table').scrollIntoView()")
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-slices.png"))
+
+    header = ".slice-table[data-key=lang] th[data-sort=accuracy]"
+
+    def sorted_as(arrow: str, order: list[str]) -> bool:
+        text: str = browser.execute_script(
+            "const th = document.querySelector(arguments[0]); return th ? th.textContent : ''",
+            header,
+        )
+        return text.endswith(arrow) and shown_slices(browser) == order
+
+    browser.find_element("css selector", header).click()  # accuracy: worst (lowest) first
+    WebDriverWait(browser, 10).until(lambda _: sorted_as("▲", by_accuracy))
+    browser.find_element("css selector", header).click()
+    WebDriverWait(browser, 10).until(lambda _: sorted_as("▼", by_accuracy[::-1]))
+
+    smallest = min(row["count"] for row in every["slices"])
+    size = browser.find_element("id", "slice-min-size")
+    size.clear()
+    size.send_keys(str(smallest + 1))
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", size)
+    kept = [s for s in by_accuracy[::-1] if by_slice[s]["count"] > smallest]
+    WebDriverWait(browser, 10).until(lambda _: shown_slices(browser) == kept)
+    note = browser.find_element("css selector", ".slice-block .slice-hidden")
+    assert note.is_displayed() and f"fewer than {smallest + 1} examples" in note.text
+    assert severe_console_messages(browser) == []
+
+
+def fmt_count(value: int) -> str:
+    return f"{value:,}"
+
+
+def test_dashboard_renders_a_run_without_intervals_or_slices(tmp_path, serve, browser):
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    run = push_run(server, "plain", 22, batches=2)
+    assert run["intervals"] is None and run["slice_keys"] in ([], None)
+    browser.get(f"{server.url}/dashboard#run={run['id']}")
+    wait_ready(browser, "run")
+    assert not browser.find_element("id", "slices-section").is_displayed()
+    assert not browser.find_element("id", "gate-section").is_displayed()
+    assert browser.find_elements("css selector", "#metrics-table td.ci") == []
+    assert "accuracy" in browser.find_element("id", "metrics-table").text
+    assert severe_console_messages(browser) == []
+
+
+def test_dashboard_compares_runs_with_intervals_deltas_and_gate_verdicts(tmp_path, serve, browser):
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    base = push_interval_run(server, "baseline", 23)
+    new = push_interval_run(server, "candidate", 24)
+    plain = push_run(server, "plain", 25, batches=1)
+    browser.get(f"{server.url}/dashboard#compare={base['id']},{new['id']},{plain['id']}")
+    wait_ready(browser, "compare")
+    for run in (base, new):
+        cell = browser.find_element(
+            "css selector", f"#compare-table tr[data-metric=accuracy] td[data-run-id={run['id']}]"
+        )
+        assert cell.text.startswith(metric_text(run["metrics"]["accuracy"]))
+        assert ci_text(run["intervals"]["accuracy"]["ci"]) in cell.text
+        assert cell.find_elements("css selector", ".ci-whisker")
+    other = browser.find_element(
+        "css selector", f"#compare-table tr[data-metric=accuracy] td[data-run-id={plain['id']}]"
+    )
+    assert other.text == metric_text(plain["metrics"]["accuracy"])  # no interval, no bar
+
+    # Deltas and gates as the comparison gives them: delta ± its interval, verdict badges.
+    answer = httpx.get(
+        f"{server.url}/v1/runs/compare", params={"ids": f"{base['id']},{new['id']}"}
+    ).json()
+    value, baseline = new["metrics"]["accuracy"], base["metrics"]["accuracy"]
+    delta = value - baseline
+    answer["deltas"] = {
+        new["id"]: {
+            "accuracy": {"value": value, "baseline": baseline, "delta": delta,
+                         "ci": [delta - 0.03, delta + 0.02], "paired": True},
+            "value@lang=fr": {"value": 1.25, "baseline": 1.5, "delta": -0.25,
+                              "ci": [-0.4, -0.1], "paired": False},
+        }
+    }  # fmt: skip
+    checks = [
+        {"metric": "accuracy", "slice": None, "value": 0.8, "baseline": 0.79, "delta": 0.01,
+         "ci": [-0.002, 0.02], "margin": 0.005, "verdict": "pass"},
+        {"metric": "value", "slice": "lang=fr", "value": 1.25, "baseline": 1.5, "delta": -0.25,
+         "ci": [-0.4, -0.1], "margin": 0.02, "verdict": "fail"},
+        {"metric": "ece", "slice": None, "value": 0.05, "baseline": 0.04, "delta": 0.01,
+         "ci": [-0.01, 0.03], "margin": 0.01, "verdict": "inconclusive"},
+    ]  # fmt: skip
+    answer["runs"][1]["gate"] = {"passed": False, "checks": checks}
+    browser.execute_script(
+        "window.ceDashboard.renderCompareTable(arguments[0], arguments[1])", answer, base["id"]
+    )
+    head = browser.find_element("css selector", f"#compare-table th[data-run-id={base['id']}]")
+    assert head.text == "baseline (baseline)"
+    shown = browser.find_element(
+        "css selector",
+        f"#compare-table tr[data-metric=accuracy] td[data-run-id={new['id']}] .delta",
+    ).text
+    assert shown == f"Δ {signed_text(delta)} {ci_text([delta - 0.03, delta + 0.02])} paired"
+    sliced = browser.find_element("css selector", "#compare-table tr[data-metric='value@lang=fr']")
+    assert "Δ -0.2500 [-0.4000, -0.1000] unpaired" in sliced.text
+    assert browser.find_element("id", "compare-gates").is_displayed()
+    verdicts = [
+        b.get_attribute("data-verdict")
+        for b in browser.find_elements("css selector", "#compare-gate-list .gate-table .verdict")
+    ]
+    assert verdicts == ["pass", "fail", "inconclusive"]
+    overall = browser.find_element("css selector", "#compare-gate-list .gate-head .verdict")
+    assert overall.get_attribute("data-verdict") == "fail"
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.execute_script("document.getElementById('compare-table').scrollIntoView()")
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-compare-gate.png"))
+    assert severe_console_messages(browser) == []
+
+
+def signed_text(value: float) -> str:
+    return f"+{metric_text(value)}" if value > 0 else metric_text(value)
+
+
+def test_dashboard_pages_a_slice_key_with_many_values_and_says_when_there_are_none(
+    tmp_path, serve, browser
+):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server: ServerProcess = serve(f"sqlite:///{tmp_path / 'runs.db'}").start()
+    create = {"loss": "cross_entropy", "metrics": ["accuracy"], "slice_keys": ["shard"]}
+    empty = httpx.post(f"{server.url}/v1/runs", json={"name": "empty", **create}).json()
+    run = httpx.post(f"{server.url}/v1/runs", json={"name": "shards", **create}).json()
+    rng = np.random.default_rng(26)
+    shards = [f"s{i:02d}" for i in range(60)] * 2
+    body = {"batch_id": "0", "logits": as_base64(rng.standard_normal((120, 3))),
+            "targets": as_base64(rng.integers(0, 3, 120)), "slices": {"shard": shards}}  # fmt: skip
+    assert httpx.post(f"{server.url}/v1/runs/{run['id']}/batches", json=body).status_code == 200
+    every = httpx.get(
+        f"{server.url}/v1/runs/{run['id']}/slices", params={"key": "shard", "limit": 1000}
+    ).json()["slices"]
+    assert len({r["value"] for r in every}) == 60  # no ties: one worst-first order
+    worst_first = [r["slice"] for r in sorted(every, key=lambda r: -r["value"])]
+
+    def shown() -> list[str]:
+        names: list[str] = browser.execute_script(
+            "return [...document.querySelectorAll('.slice-table[data-key=shard] tbody tr')]"
+            ".map(tr => tr.dataset.slice)"
+        )
+        return names
+
+    browser.get(f"{server.url}/dashboard#run={run['id']}")
+    wait_ready(browser, "run")
+    assert shown() == worst_first[:50]
+    pager = browser.find_element("css selector", ".slice-block[data-key=shard] .slice-pager")
+    assert pager.is_displayed() and "1–50 of 60" in pager.text
+    pager.find_element("css selector", ".slice-next").click()
+    WebDriverWait(browser, 10).until(lambda _: shown() == worst_first[50:])
+    assert "51–60 of 60" in pager.text
+
+    browser.get(f"{server.url}/dashboard#run={empty['id']}")
+    wait_ready(browser, "run")
+    note = browser.find_element("css selector", ".slice-block[data-key=shard] .slice-pager")
+    assert note.is_displayed() and "No slices yet." in note.text
     assert severe_console_messages(browser) == []

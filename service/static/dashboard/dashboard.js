@@ -76,6 +76,91 @@ function fmtMetric(value) {
   return value !== 0 && (size < 1e-3 || size >= 1e4) ? value.toExponential(3) : value.toFixed(4);
 }
 
+/** The interval of metric `name` in a run's (or slice's) `intervals`
+ * ({value, ci: [lo, hi], level, replicates}), or null where it has none. */
+function intervalOf(intervals, name) {
+  const found = intervals ? intervals[name] : null;
+  return found && Array.isArray(found.ci) && found.ci.length === 2 ? found : null;
+}
+
+/** "[lo, hi]", each bound formatted as a metric. */
+function ciText(ci) {
+  return `[${fmtMetric(ci[0])}, ${fmtMetric(ci[1])}]`;
+}
+
+/** A confidence level as a percentage: 0.95 → "95%". */
+function levelText(level) {
+  return typeof level === "number" ? `${Number((100 * level).toFixed(1))}%` : "";
+}
+
+function intervalTitle(interval) {
+  return `${levelText(interval.level)} percentile bootstrap interval, ${interval.replicates} replicates`;
+}
+
+/** A signed difference: "+0.0123", "-0.0040". */
+function signed(value) {
+  return typeof value === "number" && value > 0 ? `+${fmtMetric(value)}` : fmtMetric(value);
+}
+
+/** A small inline bar of `value` on [0, scale] with the interval `ci` drawn as a whisker over
+ * it (CSS: three nodes per cell). Bounds outside [0, scale] are clipped to it. */
+function ciBar(value, ci, scale) {
+  const bar = el("span", { class: "ci-bar", "aria-hidden": "true" });
+  if (typeof value !== "number" || !(scale > 0)) return bar;
+  const at = (x) => Math.max(0, Math.min(100, (100 * x) / scale));
+  const fill = el("span", { class: "ci-fill" });
+  fill.style.width = `${at(value).toFixed(2)}%`;
+  bar.append(fill);
+  if (ci && typeof ci[0] === "number" && typeof ci[1] === "number") {
+    const whisker = el("span", { class: "ci-whisker" });
+    whisker.style.left = `${at(ci[0]).toFixed(2)}%`;
+    whisker.style.width = `${Math.max(0, at(ci[1]) - at(ci[0])).toFixed(2)}%`;
+    bar.append(whisker);
+  }
+  return bar;
+}
+
+/** Metrics bounded by 1 share the scale [0, 1] in the bars; the others scale to the largest
+ * bound shown. */
+const UNIT_METRICS = /^(accuracy|top_k_accuracy|ece|mce|auroc|average_precision|macro_|micro_|weighted_)/;
+
+function barScale(name, points) {
+  if (UNIT_METRICS.test(name)) return 1;
+  let top = 0;
+  for (const [value, ci] of points) {
+    const high = ci && typeof ci[1] === "number" ? ci[1] : value;
+    if (typeof high === "number" && Number.isFinite(high)) top = Math.max(top, high);
+  }
+  return top;
+}
+
+/** A gate answer ({passed, checks: [{metric, slice, value, baseline, delta, ci, margin,
+ * verdict}]}) as a badge and a table. */
+function verdictBadge(verdict) {
+  const word = String(verdict ?? "inconclusive").toLowerCase();
+  const kind = word.startsWith("pass") ? "pass" : word.startsWith("fail") ? "fail" : "inconclusive";
+  return el("span", { class: `verdict verdict-${kind}`, "data-verdict": kind, text: word });
+}
+
+function gateView(gate) {
+  const checks = Array.isArray(gate.checks) ? gate.checks : [];
+  const head = el("p", { class: "gate-head" }, verdictBadge(gate.passed ? "passed" : "failed"),
+    ` ${checks.length} check${checks.length === 1 ? "" : "s"}${gate.baseline ? ` against ${gate.baseline}` : ""}`);
+  const columns = ["metric", "slice", "value", "baseline", "delta", "ci", "margin", "verdict"];
+  const table = el("table", { class: "gate-table" },
+    el("thead", {}, el("tr", {}, ...columns.map((c) => el("th", { class: c === "metric" || c === "slice" ? "" : "num", text: c })))),
+    el("tbody", {}, ...checks.map((check) => el("tr", { "data-metric": check.metric ?? "" },
+      el("th", { text: check.metric ?? "–" }),
+      el("td", { text: check.slice ?? "all" }),
+      el("td", { class: "num", text: fmtMetric(check.value) }),
+      el("td", { class: "num", text: fmtMetric(check.baseline) }),
+      el("td", { class: "num", text: signed(check.delta) }),
+      el("td", { class: "num", text: Array.isArray(check.ci) ? ciText(check.ci) : "–" }),
+      el("td", { class: "num", text: fmtMetric(check.margin) }),
+      el("td", { class: "num" }, verdictBadge(check.verdict))))));
+  return el("div", { class: "gate" }, head, table);
+}
+
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
@@ -193,20 +278,39 @@ function summary(run) {
   const items = [["Status", run.status], ["Loss", run.loss], ["Batches", run.batches],
     ["Count", run.count], ["Ignored", run.ignored], [`Value (${run.unit})`, fmtMetric(run.value)],
     ["Reduction", `${run.reduction} / ${run.normalization}`], ["Created", run.created_at]];
+  const value = intervalOf(run.intervals, "value");
+  if (value) items.splice(6, 0, [`Value ${levelText(value.level)} CI`, ciText(value.ci)]);
+  if (typeof run.paired_ids === "boolean") {
+    items.push(["Example ids", run.paired_ids ? "given (comparisons pair by example)" : "positions (unpaired)"]);
+  }
   $("run-summary").replaceChildren(...items.map(([k, v]) => el("div", {}, el("dt", { text: k }), el("dd", { text: fmt(v) }))));
+}
+
+/** One row of the metrics table: the value, then "[lo, hi] level" where the run has an interval. */
+function metricRow(label, value, interval) {
+  const row = el("tr", { "data-metric": label }, el("th", { text: label }), el("td", { class: "num", text: fmtMetric(value) }));
+  if (interval) {
+    row.append(el("td", { class: "ci", title: intervalTitle(interval),
+      text: `${ciText(interval.ci)} ${levelText(interval.level)}` }));
+  }
+  return row;
 }
 
 function metricsTable(run) {
   const rows = [];
+  const intervals = run.intervals || null;
   for (const [key, value] of Object.entries(run.metrics || {})) {
-    if (typeof value === "number" || value === null) rows.push(el("tr", {}, el("th", { text: key }), el("td", { class: "num", text: fmtMetric(value) })));
+    if (typeof value === "number" || value === null) rows.push(metricRow(key, value, intervalOf(intervals, key)));
     else if (value && typeof value === "object" && "macro" in value) {
-      rows.push(el("tr", {}, el("th", { text: `${key} (macro)` }), el("td", { class: "num", text: fmtMetric(value.macro) })));
+      rows.push(metricRow(`${key} (macro)`, value.macro, intervalOf(intervals, `${key}.macro`)));
     } else if (key === "top_k_accuracy") {
-      for (const [k, v] of Object.entries(value)) rows.push(el("tr", {}, el("th", { text: `top-${k} accuracy` }), el("td", { class: "num", text: fmtMetric(v) })));
+      for (const [k, v] of Object.entries(value)) rows.push(metricRow(`top-${k} accuracy`, v, intervalOf(intervals, `${key}.${k}`)));
     }
   }
   $("metrics-table").tBodies[0].replaceChildren(...rows);
+  const without = run.no_interval || [];
+  $("metrics-note").textContent = intervals && without.length ? `No interval for: ${without.join(", ")}.` : "";
+  $("metrics-note").hidden = !(intervals && without.length);
 }
 
 /* Large statistics come from GET /v1/runs/{id}/metrics/{name} (the run's `details`), never
@@ -275,6 +379,150 @@ function perClassPage(step) {
   });
 }
 
+/* Slices: one table per slice key of the run, a page (SLICE_ROWS) at a time from
+ * GET /v1/runs/{id}/slices, worst first (the highest loss value) until a header asks for
+ * another order; each cell shows the slice's value, its interval and a bar with the whisker. */
+const SLICE_ROWS = 50;
+/** Metrics where higher is better: a first click on their header sorts them ascending (worst
+ * first); every other column (loss value, nll, ece, brier…) sorts descending first. */
+const HIGHER_IS_BETTER = /^(accuracy|top_k_accuracy|auroc|average_precision|macro_|micro_|weighted_)/;
+let sliceView = { runId: null, keys: new Map() };
+
+function sliceState(run, key) {
+  if (sliceView.runId !== run.id) {
+    sliceView = { runId: run.id, keys: new Map() };
+    $("slice-min-size").value = "0";
+  }
+  let state = sliceView.keys.get(key);
+  if (!state) {
+    const prev = el("button", { type: "button", class: "slice-prev", text: "◀ previous" });
+    const next = el("button", { type: "button", class: "slice-next", text: "next ▶" });
+    const note = el("span", { class: "empty slice-page-note" });
+    const block = el("div", { class: "slice-block", "data-key": key },
+      el("h4", { text: `by ${key}` }),
+      el("table", { class: "slice-table", "data-key": key }, el("thead"), el("tbody")),
+      el("p", { class: "slice-hidden flag", hidden: "" }),
+      el("p", { class: "controls slice-pager", hidden: "" }, prev, note, next));
+    state = { sort: "value", order: "desc", offset: 0, block };
+    prev.addEventListener("click", guarded(() => { state.offset = Math.max(0, state.offset - SLICE_ROWS); return sliceTable(shownRun, key); }));
+    next.addEventListener("click", guarded(() => { state.offset += SLICE_ROWS; return sliceTable(shownRun, key); }));
+    sliceView.keys.set(key, state);
+  }
+  return state;
+}
+
+/** The minimum slice size asked for (a count ≥ 0; 0 shows every slice). */
+function minSliceSize() {
+  return Math.max(0, Math.floor(Number($("slice-min-size").value) || 0));
+}
+
+/** A slice row's metrics flattened to the names of the slices endpoint and the intervals:
+ * `accuracy`, `top_k_accuracy.5`, `auroc.macro`. */
+function flatMetrics(metrics) {
+  const flat = [];
+  for (const [name, value] of Object.entries(metrics || {})) {
+    if (value !== null && typeof value === "object") {
+      for (const [k, v] of Object.entries(value)) flat.push([`${name}.${k}`, v]);
+    } else flat.push([name, value]);
+  }
+  return flat;
+}
+
+function metricLabel(name) {
+  const [base, k] = name.split(".");
+  if (base === "top_k_accuracy" && k) return `top-${k} accuracy`;
+  return k ? `${base} (${k})` : base;
+}
+
+async function sliceTables(run) {
+  const keys = run.slice_keys || [];
+  $("slices-section").hidden = keys.length === 0;
+  $("slices-note").hidden = true;
+  if (!keys.length) { $("slice-tables").replaceChildren(); return; }
+  const states = keys.map((key) => sliceState(run, key));
+  $("slice-tables").replaceChildren(...states.map((state) => state.block));
+  await Promise.all(keys.map((key) => sliceTable(run, key)));
+}
+
+async function sliceTable(run, key) {
+  const state = sliceState(run, key);
+  const minSize = minSliceSize();
+  const params = new URLSearchParams({ key, sort: state.sort, order: state.order, limit: String(SLICE_ROWS),
+    offset: String(state.offset), min_slice_size: String(minSize) });
+  const page = await api(`/v1/runs/${encodeURIComponent(run.id)}/slices?${params}`);
+  if (shownRun && shownRun.id !== run.id) return;  // the page moved on meanwhile
+  const table = state.block.querySelector("table");
+  const rows = page.slices || [];
+  const names = [];
+  for (const row of rows) for (const [name] of flatMetrics(row.metrics)) if (!names.includes(name)) names.push(name);
+  const header = (sortKey, text, num) => {
+    const sorted = state.sort === sortKey;
+    const th = el("th", { class: `sortable${num ? " num" : ""}${sorted ? " sorted" : ""}`, "data-sort": sortKey,
+      title: `sort by ${text}`, text: `${text}${sorted ? (state.order === "asc" ? " ▲" : " ▼") : ""}` });
+    th.addEventListener("click", guarded(() => {
+      if (state.sort === sortKey) state.order = state.order === "asc" ? "desc" : "asc";
+      else {
+        state.sort = sortKey;
+        state.order = sortKey === "slice" || HIGHER_IS_BETTER.test(sortKey) ? "asc" : "desc";
+      }
+      state.offset = 0;
+      return sliceTable(shownRun, key);
+    }));
+    return th;
+  };
+  table.tHead.replaceChildren(el("tr", {}, header("slice", key, false), header("count", "count", true),
+    header("value", `value (${run.unit})`, true), ...names.map((name) => header(name, metricLabel(name), true))));
+  const column = (name, of) => rows.map((row) => {
+    const value = of(row);
+    const interval = intervalOf(row.intervals, name);
+    return [value, interval ? interval.ci : null];
+  });
+  const valueOf = (name) => (row) => {
+    const found = flatMetrics(row.metrics).find(([n]) => n === name);
+    return found ? found[1] : null;
+  };
+  const scales = { value: barScale("value", column("value", (row) => row.value)) };
+  for (const name of names) scales[name] = barScale(name, column(name, valueOf(name)));
+  const cell = (row, name, value) => {
+    const interval = intervalOf(row.intervals, name);
+    const td = el("td", { class: "num slice-metric", "data-metric": name }, el("span", { class: "v", text: fmtMetric(value) }));
+    if (interval) td.append(" ", el("span", { class: "ci", title: intervalTitle(interval), text: ciText(interval.ci) }));
+    td.append(ciBar(value, interval ? interval.ci : null, scales[name]));
+    return td;
+  };
+  table.tBodies[0].replaceChildren(...rows.map((row) => el("tr", { "data-slice": row.slice, "data-count": row.count },
+    el("th", { text: row.slice }),
+    el("td", { class: "num", title: row.ignored ? `${fmt(row.ignored)} ignored` : "", text: fmt(row.count) }),
+    cell(row, "value", row.value),
+    ...names.map((name) => cell(row, name, valueOf(name)(row))))));
+  const hiddenNote = state.block.querySelector(".slice-hidden");
+  hiddenNote.textContent = page.hidden
+    ? `${fmt(page.hidden)} of ${fmt(page.values)} ${key} values have fewer than ${fmt(minSize)} examples and are not shown.`
+    : "";
+  hiddenNote.hidden = !page.hidden;
+  const shown = page.values - page.hidden;
+  const pager = state.block.querySelector(".slice-pager");
+  const note = state.block.querySelector(".slice-page-note");
+  if (!rows.length) {
+    note.textContent = page.values ? "No slice this large." : "No slices yet.";
+    pager.querySelector(".slice-prev").hidden = pager.querySelector(".slice-next").hidden = true;
+    pager.hidden = false;
+  } else if (shown > rows.length || state.offset > 0) {
+    const last = state.offset + rows.length;
+    note.textContent = `Showing ${state.offset + 1}–${last} of ${fmt(shown)} values.`;
+    const [prev, next] = [pager.querySelector(".slice-prev"), pager.querySelector(".slice-next")];
+    prev.hidden = next.hidden = false;
+    prev.disabled = state.offset === 0;
+    next.disabled = last >= shown;
+    pager.hidden = false;
+  } else pager.hidden = true;
+}
+
+function gateSection(run) {
+  $("gate-section").hidden = !run.gate;
+  $("run-gate").replaceChildren(...(run.gate ? [gateView(run.gate)] : []));
+}
+
 function reliability(run) {
   const bins = (run.metrics || {}).reliability;
   $("reliability-empty").hidden = Boolean(bins);
@@ -323,7 +571,7 @@ const HEAT_MARGIN = 46;
  * columns predicted, Float64Array n×n) and the zoomed `view` [r0, r1) × [c0, c1) into it. */
 const heat = { runId: null, numClasses: 0, start: 0, classes: [], names: [], matrix: null, n: 0,
   normalize: false, view: null, drag: null, highlight: null };
-window.ceDashboard = { heat };
+window.ceDashboard = { heat, renderCompareTable: (result, baseline) => renderCompareTable(result, baseline) };
 
 function className(i) {
   const name = heat.nameOf && heat.nameOf.get(i);
@@ -630,7 +878,8 @@ async function curves(run) {
 }
 
 async function loadDetails(run) {
-  const sections = [["confusion", confusion], ["per-class", perClassTable], ["curves", curves]];
+  const sections = [["confusion", confusion], ["per-class", perClassTable], ["curves", curves],
+    ["slices", sliceTables]];
   await Promise.all(sections.map(([id, section]) => section(run).catch((error) => {
     if (error instanceof AuthError) throw error;
     const note = $(`${id}-note`);
@@ -714,6 +963,7 @@ function renderRun(run, points) {
   $("run-tags").replaceChildren(...Object.entries(run.tags || {}).map(([k, v]) => el("span", { class: "tag", text: `${k}:${v}` })));
   summary(run);
   metricsTable(run);
+  gateSection(run);
   const seq = points.map((p) => p.seq);
   // A line needs two points: a lone batch gets visible markers instead of a 1-pixel dot.
   const lone = points.length === 1;
@@ -748,9 +998,12 @@ function renderRun(run, points) {
 
 /* ------------------------------------------------------------------- comparison */
 
-async function openCompare(ids) {
+async function openCompare(ids, baseline) {
   show("compare-view");
-  const result = await api(`/v1/runs/compare?ids=${ids.map(encodeURIComponent).join(",")}`);
+  // `baseline` asks for deltas against that run (where the service gives them); the first
+  // run is the baseline unless the page's hash names another (#compare=A,B&baseline=B).
+  const base = baseline && ids.includes(baseline) ? baseline : ids[0];
+  const result = await api(`/v1/runs/compare?ids=${ids.map(encodeURIComponent).join(",")}&baseline=${encodeURIComponent(base)}`);
   const series = await Promise.all(result.runs.map((run) => allBatches(run.id)));
   const longest = Math.max(1, ...series.map((s) => s.length));
   drawChart("compare-chart", {
@@ -762,20 +1015,73 @@ async function openCompare(ids) {
     },
     options: { scales: { x: { title: { display: true, text: "batch" } } } },
   });
-  const head = el("tr", {}, el("th", { text: "metric" }), ...result.runs.map((r) => el("th", { class: "num", text: r.name })));
+  renderCompareTable(result, base);
+  document.body.dataset.ready = "compare";
+}
+
+/** The comparison's rows: [label, metric name (as in `intervals` and `deltas`), run id →
+ * value]. Metrics that only `deltas` names (per-slice ones, say) get rows of their own. */
+function compareRows(result) {
   const rows = [];
-  for (const [key, values] of Object.entries(result.table)) {
-    const first = Object.values(values)[0];
-    if (first !== null && typeof first === "object") {
-      for (const k of Object.keys(first)) rows.push(el("tr", {}, el("th", { text: `${key} @${k}` }),
-        ...result.runs.map((r) => el("td", { class: "num", text: fmtMetric(values[r.id] ? values[r.id][k] : null) }))));
-    } else {
-      rows.push(el("tr", {}, el("th", { text: key }), ...result.runs.map((r) => el("td", { class: "num", text: fmtMetric(values[r.id]) }))));
+  for (const [key, values] of Object.entries(result.table || {})) {
+    const first = Object.values(values).find((v) => v !== null && v !== undefined);
+    if (first !== undefined && typeof first === "object") {
+      for (const k of Object.keys(first)) rows.push([`${key} @${k}`, `${key}.${k}`, (id) => (values[id] ? values[id][k] : null)]);
+    } else rows.push([key, key, (id) => values[id]]);
+  }
+  const known = new Set(rows.map((row) => row[1]));
+  const deltas = result.deltas || {};
+  for (const perMetric of Object.values(deltas)) {
+    for (const [name, delta] of Object.entries(perMetric || {})) {
+      if (known.has(name)) continue;
+      known.add(name);
+      rows.push([name, name, (id) => {
+        const own = deltas[id] && deltas[id][name];
+        return own ? own.value : (delta ? delta.baseline : null);
+      }]);
     }
   }
+  return rows;
+}
+
+/** The comparison table: each run's value with its interval and a bar with the whisker;
+ * with `deltas`, each other run's delta to the baseline ± its interval (paired or not); with
+ * gates on the runs, their verdicts. Without intervals, deltas or gates, plain values. */
+function renderCompareTable(result, baseline) {
+  const deltas = result.deltas || null;
+  const head = el("tr", {}, el("th", { text: "metric" }), ...result.runs.map((r) => el("th", { class: "num",
+    "data-run-id": r.id, text: deltas && r.id === baseline ? `${r.name} (baseline)` : r.name })));
+  const rows = compareRows(result).map(([label, name, valueOf]) => {
+    const points = result.runs.map((run) => {
+      const interval = intervalOf(run.intervals, name);
+      return [valueOf(run.id), interval ? interval.ci : null];
+    });
+    const scale = barScale(name, points);
+    return el("tr", { "data-metric": name }, el("th", { text: label }), ...result.runs.map((run, i) => {
+      const [value, ci] = points[i];
+      const interval = intervalOf(run.intervals, name);
+      const td = el("td", { class: "num", "data-run-id": run.id }, el("span", { class: "v", text: fmtMetric(value) }));
+      if (interval) td.append(" ", el("span", { class: "ci", title: intervalTitle(interval), text: ciText(ci) }));
+      if (interval) td.append(ciBar(value, ci, scale));
+      const delta = deltas && run.id !== baseline && deltas[run.id] ? deltas[run.id][name] : null;
+      if (delta) {
+        const ciPart = Array.isArray(delta.ci) ? ` ${ciText(delta.ci)}` : "";
+        const kind = delta.paired === true ? "paired" : delta.paired === false ? "unpaired" : "";
+        td.append(el("div", { class: "delta", title: kind ? `${kind} bootstrap interval of the delta` : "",
+          text: `Δ ${signed(delta.delta)}${ciPart}${kind ? ` ${kind}` : ""}` }));
+      }
+      return td;
+    }));
+  });
   $("compare-table").tHead.replaceChildren(head);
   $("compare-table").tBodies[0].replaceChildren(...rows);
-  document.body.dataset.ready = "compare";
+  const level = result.runs.map((run) => intervalOf(run.intervals, "value")).find(Boolean);
+  $("compare-note").textContent = level ? `Intervals: ${intervalTitle(level)}.` : "";
+  $("compare-note").hidden = !level;
+  const gated = result.runs.filter((run) => run.gate);
+  $("compare-gates").hidden = gated.length === 0;
+  $("compare-gate-list").replaceChildren(...gated.map((run) => el("div", { class: "gate-run", "data-run-id": run.id },
+    el("h4", { text: run.name }), gateView(run.gate))));
 }
 
 /* ------------------------------------------------------------------------ routing */
@@ -786,7 +1092,7 @@ async function route() {
   const hash = new URLSearchParams(location.hash.slice(1));
   try {
     if (hash.get("run")) await openRun(hash.get("run"));
-    else if (hash.get("compare")) await openCompare(hash.get("compare").split(",").filter(Boolean));
+    else if (hash.get("compare")) await openCompare(hash.get("compare").split(",").filter(Boolean), hash.get("baseline"));
     else { show("runs-view"); await loadRuns(); document.body.dataset.ready = "runs"; }
   } catch (error) {
     if (error instanceof AuthError) { showKeyForm(error); return; }
@@ -832,6 +1138,12 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("per-class-prev").addEventListener("click", perClassPage(-1));
   $("per-class-next").addEventListener("click", perClassPage(1));
+  $("slices-form").addEventListener("submit", (event) => event.preventDefault());
+  $("slice-min-size").addEventListener("change", guarded(async () => {
+    if (!shownRun) return;
+    for (const state of sliceView.keys.values()) state.offset = 0;
+    await sliceTables(shownRun);
+  }));
   const canvas = $("confusion-canvas");
   canvas.addEventListener("mousemove", heatTip);
   canvas.addEventListener("mouseleave", () => { $("confusion-tip").hidden = true; });
