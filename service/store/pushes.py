@@ -177,3 +177,14 @@ def slice_replicates(
         SLICES.c.run_pk == run_pk, SLICES.c.key == key, SLICES.c.value.in_(values)
     )
     return {str(v): state for v, state in session.connection().execute(query)}
+
+
+def slice_totals(
+    session: Session, run_pk: int, *, pairs: list[tuple[str, str]] | None = None, key: str = ""
+) -> dict[tuple[str, str], Any]:
+    """The run's slice totals with their replicate states: of the (key, value) ``pairs``, or
+    of every value of ``key``."""
+    if pairs is not None:
+        return load_slices(session, run_pk, pairs)
+    values = [(key, str(row.value)) for row in slice_rows(session, run_pk, key)]
+    return load_slices(session, run_pk, values)
