@@ -521,3 +521,21 @@ def test_compare_baseline_must_be_one_of_the_runs() -> None:
     with pytest.raises(ValidationFailed) as caught:
         compare_deltas([make_run("A", x, x, None)], "Z")
     assert _locs(caught) == [["query", "baseline"]]
+
+
+def test_a_typo_with_a_delta_kind_is_an_unknown_metric_not_a_direction(pair: Any) -> None:
+    cand, base, _ = pair
+    gate = checks({"metric": "acuracy", "max_decrease": 0.1})  # not in the catalog: parses
+    with pytest.raises(ValidationFailed) as caught:
+        run_gate(cand, base, gate)
+    assert _locs(caught) == [["body", "checks", 0, "metric"]]
+
+
+def test_a_run_metric_outside_the_catalog_takes_bounds_only() -> None:
+    odd = RunReplicates("odd", {"custom": 1.0}, {}, LEVEL, 0, 0, None, False)
+    gate = checks({"metric": "custom", "max_decrease": 0.1})
+    with pytest.raises(ValidationFailed) as caught:
+        run_gate(odd, odd, gate)
+    assert _locs(caught) == [["body", "checks", 0, "max_decrease"]]
+    assert "use min or max" in caught.value.errors[0]["msg"]
+    assert run_gate(odd, odd, checks({"metric": "custom", "min": 0}))["passed"] is False

@@ -16,7 +16,8 @@ outputs come back as float64/int64 arrays since lists carry no dtype) and
 ...     client.get_run(run["id"])["value"]
 
 :class:`Client` and :class:`AsyncClient` offer the same runs calls over REST (``create_run``,
-``add_batch``, ``get_run``, ``list_runs``, ``close_run``, ``delete_run``, ``run_metric``), with
+``add_batch``, ``get_run``, ``list_runs``, ``close_run``, ``delete_run``, ``run_metric``, and
+``gate``: a run against a baseline run on non-inferiority checks), with
 run ids sent as one percent-encoded path segment:
 
 >>> with Client("http://127.0.0.1:8000") as client:
@@ -467,6 +468,17 @@ def _list_runs_call(
     return _JsonCall("GET", "/v1/runs", params=params)
 
 
+def _gate_call(
+    run_id: str, baseline: str, checks: Iterable[Mapping[str, Any]], allow_inconclusive: bool
+) -> _JsonCall:
+    body = {
+        "baseline": baseline,
+        "checks": [dict(check) for check in checks],
+        "allow_inconclusive": allow_inconclusive,
+    }
+    return _JsonCall("POST", run_path(run_id, "gate"), body)
+
+
 def _metric_query(query: Mapping[str, Any]) -> dict[str, str]:
     """``run_metric`` keywords → query strings: booleans as ``true``/``false``, sequences of
     class ids joined by commas (``classes=[3, 17]`` → ``3,17``); None is left out."""
@@ -632,6 +644,20 @@ class Client:
         path = run_path(run_id, "metrics", quote(name, safe=""))
         return self._json(_JsonCall("GET", path, params=_metric_query(query)))
 
+    def gate(
+        self,
+        run_id: str,
+        baseline: str,
+        checks: Iterable[Mapping[str, Any]],
+        allow_inconclusive: bool = False,
+    ) -> dict[str, Any]:
+        """``POST /v1/runs/{id}/gate``: the run against ``baseline`` on ``checks`` such as
+        ``{"metric": "accuracy", "max_decrease": 0.005}``, ``{"metric": "value", "slice":
+        "lang=de", "max_increase": 0.02}``, ``{"metric": "ece", "max": 0.1}`` → ``{passed,
+        paired, level, replicates, checks: [{…, ci, verdict, reason}]}`` (the server stores
+        it on the run). A failed gate is an answer (``passed`` false), not an error."""
+        return self._json(_gate_call(run_id, baseline, checks, allow_inconclusive))
+
     def close(self) -> None:
         if self.region is not None:
             self.region.release()
@@ -768,6 +794,16 @@ class AsyncClient:
         """``GET /v1/runs/{id}/metrics/{name}`` (see :meth:`Client.run_metric`)."""
         path = run_path(run_id, "metrics", quote(name, safe=""))
         return await self._json(_JsonCall("GET", path, params=_metric_query(query)))
+
+    async def gate(
+        self,
+        run_id: str,
+        baseline: str,
+        checks: Iterable[Mapping[str, Any]],
+        allow_inconclusive: bool = False,
+    ) -> dict[str, Any]:
+        """``POST /v1/runs/{id}/gate`` (see :meth:`Client.gate`)."""
+        return await self._json(_gate_call(run_id, baseline, checks, allow_inconclusive))
 
     async def aclose(self) -> None:
         await self._http.aclose()

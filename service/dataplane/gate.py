@@ -33,7 +33,7 @@ import numpy as np
 
 from ce_engine.errors import quoted
 from ce_engine.metrics.bootstrap import Fingerprint
-from ce_engine.metrics.catalog import HIGHER_IS_BETTER
+from ce_engine.metrics.catalog import ALL_METRICS, HIGHER_IS_BETTER
 from ce_engine.metrics.intervals import (
     Verdict,
     bound_verdict,
@@ -123,14 +123,23 @@ def paired(a: RunReplicates, b: RunReplicates) -> bool:
     )
 
 
+def _base_name(metric: str) -> str:
+    """``top_k_accuracy.K`` → ``top_k_accuracy``; ``value`` (the run's loss) → ``loss``."""
+    if metric == "value":
+        return "loss"
+    return metric.split(".", 1)[0] if metric.startswith("top_k_accuracy.") else metric
+
+
+def known_metric(metric: str) -> bool:
+    """Whether ``metric`` names the loss (``value``) or a metric of the catalog."""
+    return _base_name(metric) in ("loss", *ALL_METRICS)
+
+
 def direction(metric: str) -> bool | None:
     """True when higher is better, False when lower is, None when the metric has no
     direction (``entropy``, metrics without an interval): ``value`` is the loss,
     ``top_k_accuracy.K`` is ``top_k_accuracy``."""
-    if metric == "value":
-        return HIGHER_IS_BETTER["loss"]
-    base = metric.split(".", 1)[0] if metric.startswith("top_k_accuracy.") else metric
-    return HIGHER_IS_BETTER.get(base)
+    return HIGHER_IS_BETTER.get(_base_name(metric))
 
 
 def parse_slice(text: str) -> SliceKey:
@@ -209,7 +218,7 @@ def _parse_check(raw: Any, i: int, items: list[dict[str, Any]]) -> Check | None:
         elif kind in DELTA_KINDS and threshold < 0:
             msg = f"{kind} is a margin and must be >= 0, got {threshold!r}"
             items.append(_item([*loc, kind], msg, "number"))
-        elif isinstance(metric, str):
+        elif isinstance(metric, str) and known_metric(metric):  # else: run_gate names it
             _check_direction(metric, kind, [*loc, kind], items)
     if len(items) > before or not isinstance(metric, str):
         return None
@@ -234,9 +243,9 @@ def _check_direction(metric: str, kind: str, loc: Loc, items: list[dict[str, Any
 def parse_checks(payload: Any) -> list[Check]:
     """The ``checks`` list of a gate request: 1 to :data:`MAX_CHECKS` objects
     ``{metric, slice?, max_decrease | max_increase | min | max}`` with exactly one threshold,
-    finite, margins ≥ 0, the delta kind matching the metric's direction (:func:`direction`).
-    :class:`ValidationFailed` naming every bad ``checks[i].field`` otherwise (that the metric
-    and slice exist is for :func:`run_gate`, which knows the runs)."""
+    finite, margins ≥ 0, the delta kind matching the direction (:func:`direction`) of a known
+    metric. :class:`ValidationFailed` naming every bad ``checks[i].field`` otherwise (that the
+    metric and slice exist in the runs is for :func:`run_gate`, which knows them)."""
     loc: Loc = ["body", "checks"]
     if not isinstance(payload, list) or not payload:
         raise _failed([_item(loc, "checks must be a non-empty list", "type_error")])
@@ -279,9 +288,9 @@ def _scope(run: RunReplicates, check: Check) -> RunReplicates | None:
 
 
 def _validate(candidate: RunReplicates, baseline: RunReplicates, checks: Sequence[Check]) -> None:
-    """Each check's metric and slice exist in the candidate (and, for a delta, the baseline);
-    :class:`ValidationFailed` naming every ``checks[i].metric`` / ``checks[i].slice`` that
-    does not."""
+    """Each check's metric and slice exist in the candidate (and, for a delta, the baseline),
+    and a delta kind matches the metric's direction; :class:`ValidationFailed` naming every
+    ``checks[i].metric`` / ``checks[i].slice`` / ``checks[i].<kind>`` that does not."""
     items: list[dict[str, Any]] = []
     for i, check in enumerate(checks):
         loc: Loc = ["body", "checks", i]
@@ -300,6 +309,8 @@ def _validate(candidate: RunReplicates, baseline: RunReplicates, checks: Sequenc
                 msg += f"; it has {names}"
                 items.append(_item([*loc, "metric"], msg, "unknown_metric"))
                 break
+        else:
+            _check_direction(check.metric, check.kind, [*loc, check.kind], items)
     if items:
         raise _failed(items)
 
