@@ -359,3 +359,30 @@ async def test_async_client_gate() -> None:
         )
     assert answer["passed"] is True and answer["checks"][0]["verdict"] == "inconclusive"
     assert orjson.loads(server.requests[0].content)["allow_inconclusive"] is True
+
+
+def _recorder() -> tuple[httpx.MockTransport, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"runs": [], "table": {}})
+
+    return httpx.MockTransport(answer), seen
+
+
+def test_compare_sends_ids_and_baseline() -> None:
+    transport, seen = _recorder()
+    with Client(http=httpx.Client(base_url=URL, transport=transport)) as client:
+        assert client.compare(["run_a", "run_b"], baseline="run_a") == {"runs": [], "table": {}}
+        client.compare(["run_a", "run_b"])
+    assert seen[0].method == "GET" and seen[0].url.path == "/v1/runs/compare"
+    assert dict(seen[0].url.params) == {"ids": "run_a,run_b", "baseline": "run_a"}
+    assert dict(seen[1].url.params) == {"ids": "run_a,run_b"}
+
+
+async def test_async_compare() -> None:
+    transport, seen = _recorder()
+    async with AsyncClient(http=httpx.AsyncClient(base_url=URL, transport=transport)) as client:
+        await client.compare(["run_a", "run_b"], baseline="run_b")
+    assert dict(seen[0].url.params) == {"ids": "run_a,run_b", "baseline": "run_b"}

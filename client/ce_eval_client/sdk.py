@@ -16,8 +16,9 @@ outputs come back as float64/int64 arrays since lists carry no dtype) and
 ...     client.get_run(run["id"])["value"]
 
 :class:`Client` and :class:`AsyncClient` offer the same runs calls over REST (``create_run``,
-``add_batch``, ``get_run``, ``list_runs``, ``close_run``, ``delete_run``, ``run_metric``, and
-``gate``: a run against a baseline run on non-inferiority checks), with
+``add_batch``, ``get_run``, ``list_runs``, ``close_run``, ``delete_run``, ``run_metric``,
+``run_slices``, ``compare``, and ``gate``: a run against a baseline run on non-inferiority
+checks), with
 run ids sent as one percent-encoded path segment:
 
 >>> with Client("http://127.0.0.1:8000") as client:
@@ -458,6 +459,11 @@ def _slices_call(run_id: str, key: str, query: Mapping[str, Any]) -> _JsonCall:
     return _JsonCall("GET", run_path(run_id, "slices"), params=params)
 
 
+def _compare_call(run_ids: Iterable[str], baseline: str | None) -> _JsonCall:
+    params = {"ids": ",".join(run_ids), **({"baseline": baseline} if baseline else {})}
+    return _JsonCall("GET", "/v1/runs/compare", params=params)
+
+
 def _list_runs_call(
     name: str | None, tags: Iterable[str], status: str | None, limit: int, cursor: str | None
 ) -> _JsonCall:
@@ -644,6 +650,12 @@ class Client:
         path = run_path(run_id, "metrics", quote(name, safe=""))
         return self._json(_JsonCall("GET", path, params=_metric_query(query)))
 
+    def compare(self, run_ids: Iterable[str], baseline: str | None = None) -> dict[str, Any]:
+        """``GET /v1/runs/compare?ids=…[&baseline=…]`` → ``{runs, table}``, and with a
+        ``baseline`` ``deltas``: per other run and metric (and slice) ``{value, baseline,
+        delta, ci, paired}``."""
+        return self._json(_compare_call(run_ids, baseline))
+
     def gate(
         self,
         run_id: str,
@@ -794,6 +806,10 @@ class AsyncClient:
         """``GET /v1/runs/{id}/metrics/{name}`` (see :meth:`Client.run_metric`)."""
         path = run_path(run_id, "metrics", quote(name, safe=""))
         return await self._json(_JsonCall("GET", path, params=_metric_query(query)))
+
+    async def compare(self, run_ids: Iterable[str], baseline: str | None = None) -> dict[str, Any]:
+        """``GET /v1/runs/compare`` (see :meth:`Client.compare`)."""
+        return await self._json(_compare_call(run_ids, baseline))
 
     async def gate(
         self,
