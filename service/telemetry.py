@@ -12,6 +12,13 @@ Names (a contract for dashboards and alerts):
 - ``ce_eval_inflight``: HTTP requests in progress.
 - ``ce_eval_batches_total{outcome}``: run batches, ``accepted`` or ``duplicate`` (replayed).
 - ``ce_eval_build_info{version,python}``: always 1.
+- ``ce_eval_run_value{run_id,metric}``: point value of a run's loss (``metric="value"``) or
+  scalar metric (top-k as ``top_k_accuracy.5``); ``ce_eval_run_ci_low{run_id,metric}`` /
+  ``ce_eval_run_ci_high{run_id,metric}``: the bounds of its bootstrap interval;
+  ``ce_eval_run_open{run_id,baseline}``: 1 while the run is open, 0 once closed, ``baseline``
+  the run it is compared against (its ``baseline`` tag, or ""). Set by
+  :func:`export_run` / :func:`export_run_state`, dropped by :func:`forget_run`; the alert
+  rules of ``deploy/prometheus/alerts.yml`` read them.
 
 Several worker processes: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory before start;
 each process then writes its samples there and ``/metrics`` aggregates all of them.
@@ -20,9 +27,11 @@ each process then writes its samples there and ``/metrics`` aggregates all of th
 from __future__ import annotations
 
 import functools
+import math
 import os
 import platform
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -65,6 +74,33 @@ BUILD_INFO = Gauge(
     "ce_eval_build_info", "Build information.", ["version", "python"], multiprocess_mode="max"
 )
 BUILD_INFO.labels(__version__, platform.python_version()).set(1)
+# Run gauges: the sample of the process that last wrote it is the run's (multiprocess mode).
+RUN_VALUE = Gauge(
+    "ce_eval_run_value",
+    "Point value of a run's loss (metric=value) or scalar metric.",
+    ["run_id", "metric"],
+    multiprocess_mode="mostrecent",
+)
+RUN_CI_LOW = Gauge(
+    "ce_eval_run_ci_low",
+    "Lower bound of the bootstrap interval of a run's metric.",
+    ["run_id", "metric"],
+    multiprocess_mode="mostrecent",
+)
+RUN_CI_HIGH = Gauge(
+    "ce_eval_run_ci_high",
+    "Upper bound of the bootstrap interval of a run's metric.",
+    ["run_id", "metric"],
+    multiprocess_mode="mostrecent",
+)
+RUN_OPEN = Gauge(
+    "ce_eval_run_open",
+    "1 while a run is open, 0 once closed; baseline: the run it is compared against.",
+    ["run_id", "baseline"],
+    multiprocess_mode="mostrecent",
+)
+#: run id → the (gauge, labels) it set, so that :func:`forget_run` can drop them.
+_RUN_SERIES: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
 
 #: HTTP status → ``ce_eval_rejected_total`` reason (the problem types of service.errors).
 REJECTION_REASONS = {
@@ -99,6 +135,50 @@ def count_request(transport: str, route: str, method: str, status: str) -> None:
 
 def count_batch(outcome: str) -> None:
     BATCHES.labels(outcome).inc()
+
+
+def _set(run_id: str, gauge: Any, labels: tuple[str, ...], value: float | None) -> None:
+    series = _RUN_SERIES.setdefault(run_id, set())
+    if value is None or not math.isfinite(value):
+        if (gauge, labels) in series:
+            gauge.remove(*labels)
+            series.discard((gauge, labels))
+        return
+    gauge.labels(*labels).set(value)
+    series.add((gauge, labels))
+
+
+def export_run(
+    run_id: str,
+    values: Mapping[str, float | None],
+    intervals: Mapping[str, Sequence[float | None] | None] | None = None,
+) -> None:
+    """Set ``ce_eval_run_value`` of each of ``values`` (``value`` the loss, the scalar
+    metrics) and ``ce_eval_run_ci_low`` / ``_high`` of each of ``intervals`` ([lo, hi]); a
+    None or non-finite number drops that series instead."""
+    for metric, value in values.items():
+        _set(run_id, RUN_VALUE, (run_id, metric), value)
+    for metric, ci in (intervals or {}).items():
+        lo, hi = (None, None) if ci is None else ci
+        _set(run_id, RUN_CI_LOW, (run_id, metric), lo)
+        _set(run_id, RUN_CI_HIGH, (run_id, metric), hi)
+
+
+def export_run_state(run_id: str, is_open: bool, baseline: str | None = None) -> None:
+    """Set ``ce_eval_run_open{run_id, baseline}`` to 1 (open) or 0 (closed)."""
+    labels = (run_id, baseline or "")
+    for gauge, old in list(_RUN_SERIES.get(run_id, ())):
+        if gauge is RUN_OPEN and old != labels:  # the baseline changed
+            _set(run_id, RUN_OPEN, old, None)
+    _set(run_id, RUN_OPEN, labels, 1.0 if is_open else 0.0)
+
+
+def forget_run(run_id: str) -> None:
+    """Drop every series of ``run_id`` (a deleted run). In multiprocess mode the files of
+    other processes keep theirs until they restart: ``ce_eval_run_open`` 0 is what tells a
+    closed run everywhere."""
+    for gauge, labels in _RUN_SERIES.pop(run_id, set()):
+        gauge.remove(*labels)
 
 
 def rejection_reason(status: int) -> str:

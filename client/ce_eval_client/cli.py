@@ -10,6 +10,7 @@ from typing import Any
 
 from ce_eval_client import __version__
 from ce_eval_client.cli_errors import CommandError, UsageError, unknown_name
+from ce_eval_client.gate_cli import add_command as add_gate_command
 from ce_eval_client.run_cli import add_commands as add_run_commands
 from ce_eval_client.run_cli import add_connection_flags, check_url, server_modules
 
@@ -225,12 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the summary as JSON")
     evaluate.set_defaults(func=_evaluate)
     add_run_commands(sub)
+    add_gate_command(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; failures are one line on stderr: exit 2 for usage errors (argparse's
-    too), 1 for the server's errors, 130 on Ctrl-C, 141 when stdout closes early."""
+    too), 1 for the server's errors (2 for ``gate``, whose 1 means a failed gate), 130 on
+    Ctrl-C, 141 when stdout closes early."""
     try:
         try:
             args = build_parser().parse_args(argv)

@@ -16,7 +16,9 @@ outputs come back as float64/int64 arrays since lists carry no dtype) and
 ...     client.get_run(run["id"])["value"]
 
 :class:`Client` and :class:`AsyncClient` offer the same runs calls over REST (``create_run``,
-``add_batch``, ``get_run``, ``list_runs``, ``close_run``, ``delete_run``, ``run_metric``), with
+``add_batch``, ``get_run``, ``list_runs``, ``close_run``, ``delete_run``, ``run_metric``,
+``run_slices``, ``compare``, and ``gate``: a run against a baseline run on non-inferiority
+checks), with
 run ids sent as one percent-encoded path segment:
 
 >>> with Client("http://127.0.0.1:8000") as client:
@@ -457,6 +459,11 @@ def _slices_call(run_id: str, key: str, query: Mapping[str, Any]) -> _JsonCall:
     return _JsonCall("GET", run_path(run_id, "slices"), params=params)
 
 
+def _compare_call(run_ids: Iterable[str], baseline: str | None) -> _JsonCall:
+    params = {"ids": ",".join(run_ids), **({"baseline": baseline} if baseline else {})}
+    return _JsonCall("GET", "/v1/runs/compare", params=params)
+
+
 def _list_runs_call(
     name: str | None, tags: Iterable[str], status: str | None, limit: int, cursor: str | None
 ) -> _JsonCall:
@@ -465,6 +472,17 @@ def _list_runs_call(
         {k: v for k, v in {"name": name, "status": status, "cursor": cursor}.items() if v}
     )
     return _JsonCall("GET", "/v1/runs", params=params)
+
+
+def _gate_call(
+    run_id: str, baseline: str, checks: Iterable[Mapping[str, Any]], allow_inconclusive: bool
+) -> _JsonCall:
+    body = {
+        "baseline": baseline,
+        "checks": [dict(check) for check in checks],
+        "allow_inconclusive": allow_inconclusive,
+    }
+    return _JsonCall("POST", run_path(run_id, "gate"), body)
 
 
 def _metric_query(query: Mapping[str, Any]) -> dict[str, str]:
@@ -632,6 +650,26 @@ class Client:
         path = run_path(run_id, "metrics", quote(name, safe=""))
         return self._json(_JsonCall("GET", path, params=_metric_query(query)))
 
+    def compare(self, run_ids: Iterable[str], baseline: str | None = None) -> dict[str, Any]:
+        """``GET /v1/runs/compare?ids=…[&baseline=…]`` → ``{runs, table}``, and with a
+        ``baseline`` ``deltas``: per other run and metric (and slice) ``{value, baseline,
+        delta, ci, paired}``."""
+        return self._json(_compare_call(run_ids, baseline))
+
+    def gate(
+        self,
+        run_id: str,
+        baseline: str,
+        checks: Iterable[Mapping[str, Any]],
+        allow_inconclusive: bool = False,
+    ) -> dict[str, Any]:
+        """``POST /v1/runs/{id}/gate``: the run against ``baseline`` on ``checks`` such as
+        ``{"metric": "accuracy", "max_decrease": 0.005}``, ``{"metric": "value", "slice":
+        "lang=de", "max_increase": 0.02}``, ``{"metric": "ece", "max": 0.1}`` → ``{passed,
+        paired, level, replicates, checks: [{…, ci, verdict, reason}]}`` (the server stores
+        it on the run). A failed gate is an answer (``passed`` false), not an error."""
+        return self._json(_gate_call(run_id, baseline, checks, allow_inconclusive))
+
     def close(self) -> None:
         if self.region is not None:
             self.region.release()
@@ -768,6 +806,20 @@ class AsyncClient:
         """``GET /v1/runs/{id}/metrics/{name}`` (see :meth:`Client.run_metric`)."""
         path = run_path(run_id, "metrics", quote(name, safe=""))
         return await self._json(_JsonCall("GET", path, params=_metric_query(query)))
+
+    async def compare(self, run_ids: Iterable[str], baseline: str | None = None) -> dict[str, Any]:
+        """``GET /v1/runs/compare`` (see :meth:`Client.compare`)."""
+        return await self._json(_compare_call(run_ids, baseline))
+
+    async def gate(
+        self,
+        run_id: str,
+        baseline: str,
+        checks: Iterable[Mapping[str, Any]],
+        allow_inconclusive: bool = False,
+    ) -> dict[str, Any]:
+        """``POST /v1/runs/{id}/gate`` (see :meth:`Client.gate`)."""
+        return await self._json(_gate_call(run_id, baseline, checks, allow_inconclusive))
 
     async def aclose(self) -> None:
         await self._http.aclose()
