@@ -181,6 +181,24 @@ def forget_run(run_id: str) -> None:
         gauge.remove(*labels)
 
 
+def observe_run(run: Mapping[str, Any] | None, run_id: str) -> None:
+    """Export a run summary's point values, intervals and open state (the runs data plane
+    calls it for runs tagged ``baseline`` and for their baselines, so the series stay as few
+    as the monitored runs); None: the run ``run_id`` was deleted."""
+    if run is None:
+        forget_run(run_id)
+        return
+    values = {"value": run.get("value")}
+    values.update(
+        {k: v for k, v in (run.get("metrics") or {}).items() if isinstance(v, int | float)}
+    )
+    intervals = {k: entry["ci"] for k, entry in (run.get("intervals") or {}).items()}
+    export_run(run["id"], values, intervals)
+    export_run_state(
+        run["id"], run.get("status") == "open", (run.get("tags") or {}).get("baseline")
+    )
+
+
 def rejection_reason(status: int) -> str:
     return REJECTION_REASONS.get(status, "server_error" if status >= 500 else "client_error")
 

@@ -312,3 +312,168 @@ def test_replicate_weights_and_slice_work_are_bounded_before_any_work(tmp_path):
     assert runs.add_batch(sliced["id"], small)["run"]["batches"] == 1
     assert len(calls) == 1  # the engine ran for the accepted batch only
     store.dispose()
+
+
+async def gate_pair(api: httpx.AsyncClient) -> tuple[str, str, dict[str, Any]]:
+    """A baseline and a correlated candidate (the baseline's logits plus noise) over the same
+    examples, in runs with the same confidence."""
+    base = data(8, 200)
+    rng = np.random.default_rng(9)
+    candidate = {**base, "logits": base["logits"] + rng.standard_normal(base["logits"].shape)}
+    ids = []
+    for d, name in ((base, "baseline"), (candidate, "candidate")):
+        run_id = await new_run(api, name=name)
+        for i, rows in enumerate((slice(0, 120), slice(120, 200))):
+            await push(api, run_id, batch_body(d, rows, f"b{i}"))
+        ids.append(run_id)
+    return ids[0], ids[1], {"baseline": base, "candidate": candidate}
+
+
+def paired_delta_ci(
+    a: dict[str, Any], b: dict[str, Any], rows: np.ndarray | None = None
+) -> list[float]:
+    """Plain paired bootstrap of the accuracy difference b − a (same weights for both)."""
+    ids = np.asarray(a["ids"])
+    ca = (a["logits"].argmax(axis=1) == a["targets"]).astype(float)
+    cb = (b["logits"].argmax(axis=1) == b["targets"]).astype(float)
+    if rows is not None:
+        ids, ca, cb = ids[rows], ca[rows], cb[rows]
+    w = poisson_weights(example_id_hashes(list(ids))[0], B, SEED).astype(np.float64)
+    deltas = (w * (cb - ca)[:, None]).sum(axis=0) / w.sum(axis=0)
+    lo, hi = np.percentile(deltas, [50 * (1 - LEVEL), 100 - 50 * (1 - LEVEL)])
+    return [float(lo), float(hi)]
+
+
+async def test_gate_and_compare_give_the_paired_delta_interval(api):
+    base_id, cand_id, sets = await gate_pair(api)
+    want = paired_delta_ci(sets["baseline"], sets["candidate"])
+    compared = await api.get(
+        "/v1/runs/compare", params={"ids": f"{base_id},{cand_id}", "baseline": base_id}
+    )
+    assert compared.status_code == 200, compared.text
+    accuracy = compared.json()["deltas"][cand_id]["accuracy"]
+    assert accuracy["paired"] is True
+    assert_close(accuracy["ci"], want, "compare")
+    assert_close(accuracy["delta"], accuracy["value"] - accuracy["baseline"], "delta")
+
+    lo, hi = want
+    checks = [
+        {"metric": "accuracy", "max_decrease": max(0.0, -lo) + 0.01},  # lo > −m: pass
+        {"metric": "accuracy", "max_decrease": 0.0}
+        if hi < 0
+        else {"metric": "accuracy", "min": 0.0},
+        {"metric": "nll", "max_increase": 10.0},
+        {"metric": "accuracy", "slice": "lang=de", "max_decrease": 1.0},
+    ]
+    response = await api.post(
+        f"/v1/runs/{cand_id}/gate", json={"baseline": base_id, "checks": checks}
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["paired"] is True and answer["replicates"] == B and answer["level"] == LEVEL
+    verdicts = [c["verdict"] for c in answer["checks"]]
+    assert verdicts[0] == "pass" and verdicts[2] == "pass" and verdicts[3] == "pass"
+    assert_close(answer["checks"][0]["ci"], want, "gate")
+    de = np.flatnonzero(np.asarray(sets["baseline"]["lang"]) == "de")
+    assert_close(
+        answer["checks"][3]["ci"], paired_delta_ci(sets["baseline"], sets["candidate"], de), "de"
+    )
+    assert answer["passed"] is all(v == "pass" for v in verdicts)
+    stored = (await api.get(f"/v1/runs/{cand_id}")).json()["gate"]
+    assert stored == answer
+
+    failing = await api.post(
+        f"/v1/runs/{cand_id}/gate",
+        json={"baseline": base_id, "checks": [{"metric": "accuracy", "min": 0.99}]},
+    )
+    assert failing.json()["passed"] is False
+    assert failing.json()["checks"][0]["verdict"] == "fail"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "loc"),
+    [
+        ({"checks": [{"metric": "accuracy", "min": 0.5}]}, 422, ["baseline"]),
+        (
+            {"baseline": "run_nope", "checks": [{"metric": "accuracy", "min": 0.5}]},
+            404,
+            ["baseline"],
+        ),
+        (
+            {"baseline": "BASE", "checks": [{"metric": "acuracy", "min": 0.5}]},
+            422,
+            ["checks", 0, "metric"],
+        ),
+        ({"baseline": "BASE", "checks": [{"metric": "accuracy"}]}, 422, ["checks", 0]),
+        (
+            {"baseline": "BASE", "checks": [{"metric": "ece", "max_decrease": 0.1}]},
+            422,
+            ["checks", 0],
+        ),
+        (
+            {
+                "baseline": "BASE",
+                "checks": [{"metric": "accuracy", "slice": "lang=xx", "min": 0.1}],
+            },
+            422,
+            ["checks", 0, "slice"],
+        ),
+        (
+            {"baseline": "BASE", "checks": [{"metric": "accuracy", "min": 0.1}] * 65},
+            422,
+            ["checks"],
+        ),
+    ],
+)
+async def test_gate_rejects_bad_bodies_naming_the_field(api, body, status, loc):
+    base_id, cand_id, _ = await gate_pair(api)
+    if body.get("baseline") == "BASE":
+        body = {**body, "baseline": base_id}
+    response = await api.post(f"/v1/runs/{cand_id}/gate", json=body)
+    assert response.status_code == status, response.text
+    assert any(at[: len(loc)] == loc for at in locs(response)), response.text
+    assert (await api.get(f"/v1/runs/{cand_id}")).json()["gate"] is None
+    compared = await api.get(
+        "/v1/runs/compare", params={"ids": f"{base_id},{cand_id}", "baseline": "run_other"}
+    )
+    assert compared.status_code == 422 and ["query", "baseline"] in locs(compared)
+
+
+async def test_a_monitored_run_and_its_baseline_are_exported_to_prometheus(api):
+    """Runs tagged ``baseline`` (and their baselines) get run gauges; others get none."""
+    d = data(10, 40)
+    base = await new_run(api, name="base")
+    await push(api, base, batch_body(d, slice(0, 40), "b0"))
+    quiet = await new_run(api, name="quiet")
+    await push(api, quiet, batch_body(d, slice(0, 40), "b0"))
+    watched = await new_run(api, name="watch", tags={"baseline": base})
+    answer = await push(api, watched, batch_body(d, slice(0, 20), "b0"))
+    text = (await api.get("/metrics")).text
+
+    def sample(name: str, **labels: str) -> float | None:
+        for line in text.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    run = answer["run"]
+    assert (
+        sample("ce_eval_run_value", run_id=watched, metric="accuracy") == run["metrics"]["accuracy"]
+    )
+    assert (
+        sample("ce_eval_run_ci_low", run_id=watched, metric="accuracy")
+        == run["intervals"]["accuracy"]["ci"][0]
+    )
+    assert sample("ce_eval_run_open", run_id=watched, baseline=base) == 1.0
+    based = (await api.get(f"/v1/runs/{base}")).json()
+    assert (
+        sample("ce_eval_run_ci_high", run_id=base, metric="value")
+        == based["intervals"]["value"]["ci"][1]
+    )
+    assert sample("ce_eval_run_value", run_id=quiet, metric="accuracy") is None
+    await api.post(f"/v1/runs/{watched}/close")
+    text = (await api.get("/metrics")).text
+    assert sample("ce_eval_run_open", run_id=watched, baseline=base) == 0.0
+    await api.delete(f"/v1/runs/{watched}")
+    text = (await api.get("/metrics")).text
+    assert sample("ce_eval_run_value", run_id=watched, metric="accuracy") is None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import math
 import threading
@@ -54,6 +55,7 @@ from ce_engine.metrics.bootstrap import (
 from ce_engine.metrics.cells import Cells
 from ce_eval_client.wire import wire_array, wire_name
 from service.config import Settings
+from service.dataplane import gate as gating
 from service.dataplane import run_details, slices
 from service.dataplane.evaluate import (
     DataPlane,
@@ -377,7 +379,9 @@ class RunsDataPlane:
     """Create runs, add batches exactly once, read aggregates, series and comparisons.
 
     ``on_evaluate(loss, backend, seconds)`` and ``on_batch(outcome)`` are optional telemetry
-    hooks (``outcome`` is ``accepted`` or ``duplicate``).
+    hooks (``outcome`` is ``accepted`` or ``duplicate``); ``on_run(summary, run_id)`` gets the
+    summary of a monitored run (tagged ``baseline``) after each batch and its close, that of
+    its baseline once per replica, and None when one is deleted.
     """
 
     def __init__(
@@ -388,13 +392,16 @@ class RunsDataPlane:
         *,
         on_evaluate: Callable[[str, str, float], None] | None = None,
         on_batch: Callable[[str], None] | None = None,
+        on_run: Callable[[dict[str, Any] | None, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.dataplane = dataplane or DataPlane(settings)
         self.on_evaluate = on_evaluate
         self.on_batch = on_batch
+        self.on_run = on_run
         self.configs = RunConfigCache()
+        self._baselines_seen: set[str] = set()
 
     # ------------------------------------------------------------------ runs
 
@@ -650,7 +657,9 @@ class RunsDataPlane:
             if run.status != "closed":
                 run.status = "closed"
                 run.closed_at = run.updated_at = utcnow()
-            return self._run_dict(run)
+            summary = self._run_dict(run)
+        self._monitor(summary, principal)
+        return summary
 
     def delete_run(self, run_id: str, *, principal: str | None = None) -> None:
         """Delete the run, its tags and its batches."""
@@ -661,10 +670,21 @@ class RunsDataPlane:
             session.execute(delete(ConfusionCell).where(ConfusionCell.run_pk == run.pk))
             session.execute(delete(RunSlice).where(RunSlice.run_pk == run.pk))
             session.delete(run)
+        if self.on_run is not None:
+            self.on_run(None, run_id)
 
-    def compare(self, run_ids: Sequence[str], *, principal: str | None = None) -> dict[str, Any]:
+    def compare(
+        self,
+        run_ids: Sequence[str],
+        *,
+        principal: str | None = None,
+        baseline: str | None = None,
+        slice_key: str | None = None,
+    ) -> dict[str, Any]:
         """Several runs side by side: ``runs`` in the order asked and ``table`` = scalar metric
-        (and ``value``) → {run id: number}."""
+        (and ``value``) → {run id: number}; with ``baseline`` (one of the ids) also ``deltas``
+        of the others against it (:func:`service.dataplane.gate.compare_deltas`, on the slices
+        of ``slice_key`` too)."""
         ids = [i for i in dict.fromkeys(run_ids) if i]
         if not 1 <= len(ids) <= MAX_COMPARE:
             raise ValidationFailed(
@@ -688,11 +708,71 @@ class RunsDataPlane:
                     ],
                 )
             runs = [self._run_dict(found[i]) for i in ids]
+            views = None
+            if baseline is not None:
+                if baseline not in found:
+                    raise ValidationFailed(
+                        f"baseline {quoted(baseline)} must be one of ids",
+                        [{"loc": ["query", "baseline"], "msg": "not in ids", "type": "baseline"}],
+                    )
+                views = [self._view(session, found[i], key=slice_key or "") for i in ids]
         table: dict[str, dict[str, Any]] = {"value": {r["id"]: r["value"] for r in runs}}
         for run in runs:
             for key, value in _scalar_metrics(run["metrics"]).items():
                 table.setdefault(key, {})[run["id"]] = value
-        return {"runs": runs, "table": table}
+        answer: dict[str, Any] = {"runs": runs, "table": table}
+        if views is not None and baseline is not None:
+            answer["baseline"] = baseline
+            answer["deltas"] = gating.compare_deltas(views, baseline)
+        return answer
+
+    def gate(self, run_id: str, payload: Any, *, principal: str | None = None) -> dict[str, Any]:
+        """``POST /v1/runs/{id}/gate``: non-inferiority checks of this run against
+        ``baseline`` (:func:`service.dataplane.gate.run_gate`); the answer is stored on the run
+        (its summary's ``gate``)."""
+        request = gating.parse_gate_request(payload)
+        pairs = sorted({c.slice for c in request.checks if c.slice is not None})
+        with _store_guard(), self.store.read() as session:
+            candidate = self._view(session, self._load(session, run_id, principal), pairs=pairs)
+            try:
+                base = self._load(session, request.baseline, principal)
+            except NotFound:
+                raise NotFound(
+                    f"baseline run {quoted(request.baseline)} not found",
+                    [{"loc": ["body", "baseline"], "msg": "no run", "type": "not_found"}],
+                ) from None
+            baseline = self._view(session, base, pairs=pairs)
+        answer = gating.run_gate(candidate, baseline, request.checks, request.allow_inconclusive)
+        with _store_guard(), self.store.write() as session:
+            run = self._load(session, run_id, principal, lock=True)
+            run.gate = answer
+        return answer
+
+    def _view(
+        self,
+        session: Session,
+        run: Run,
+        *,
+        pairs: Sequence[tuple[str, str]] | None = None,
+        key: str = "",
+    ) -> gating.RunReplicates:
+        """The run's point values and replicates for the gate and the comparison, with those
+        of its slices ``pairs`` (or of every value of slice ``key``)."""
+        reduction = self._reduction(run)
+        value = _run_value(reduction, run.sum, run.denominator, run.batches)
+        totals = pushes.slice_totals(session, run.pk, pairs=list(pairs) if pairs else None, key=key)
+        parts = {
+            where: _replicates_of(
+                run,
+                f"{run.id}@{where[0]}={where[1]}",
+                _run_value(reduction, t.sum, t.denominator, 1),
+                t.metric_state,
+                t.replicate_state,
+            )
+            for where, t in totals.items()
+            if pairs or key
+        }
+        return _replicates_of(run, run.id, value, run.metric_state, run.replicate_state, parts)
 
     # --------------------------------------------------------------- batches
 
@@ -880,7 +960,20 @@ class RunsDataPlane:
             return replay
         if self.on_batch is not None:
             self.on_batch("accepted")
+        self._monitor(answer["run"], principal)
         return answer
+
+    def _monitor(self, run: dict[str, Any], principal: str | None) -> None:
+        """``on_run`` of a monitored run, and of its baseline the first time (a missing
+        baseline is left out)."""
+        baseline = run["tags"].get("baseline")
+        if self.on_run is None or baseline is None:
+            return
+        self.on_run(run, run["id"])
+        if baseline not in self._baselines_seen:
+            self._baselines_seen.add(baseline)
+            with contextlib.suppress(NotFound):
+                self.on_run(self.get_run(baseline, principal=principal), baseline)
 
     def _evaluate(
         self, config: RunConfig, arrays: Mapping[str, Any], weights: np.ndarray | None
@@ -1278,6 +1371,52 @@ def _merge_replicates(
     if batch is None:
         return None if stored is None else ReplicateState.from_dict(stored)
     return batch if stored is None else ReplicateState.from_dict(stored).merge(batch)
+
+
+def _flat(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Scalar values by name, a top-k map as ``top_k_accuracy.k``; other maps left out."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, Mapping):
+            if name == "top_k_accuracy":
+                out.update({f"{name}.{k}": v for k, v in value.items()})
+        else:
+            out[name] = value
+    return out
+
+
+def _replicates_of(
+    run: Run,
+    label: str,
+    value: float | None,
+    metric_state: dict[str, Any] | None,
+    replicate_state: dict[str, Any] | None,
+    slices_of: Mapping[tuple[str, str], gating.RunReplicates] | None = None,
+) -> gating.RunReplicates:
+    """A run's (or a slice's) :class:`gating.RunReplicates` from its stored states."""
+    state = None if metric_state is None else MetricState.from_dict(metric_state)
+    metrics = {} if state is None else _scalar_metrics(state.compute(state.names))
+    points = {k: v for k, v in _flat({"value": value, **metrics}).items() if _number(v)}
+    replicates: dict[str, np.ndarray] = {}
+    if replicate_state is not None:
+        computed = ReplicateState.from_dict(replicate_state).compute()
+        replicates = _flat({("value" if k == "loss" else k): v for k, v in computed.items()})
+    confidence = run.confidence or {}
+    return gating.RunReplicates(
+        run_id=label,
+        values=points,
+        replicates=replicates,
+        level=float(confidence.get("level", 0.95)),
+        seed=int(confidence.get("seed", 0)),
+        count=int(confidence.get("replicates", 0)) if replicates else 0,
+        fingerprint=None if run.fingerprint is None else Fingerprint.from_dict(run.fingerprint),
+        paired_ids=bool(run.paired_ids),
+        slices=dict(slices_of or {}),
+    )
+
+
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
 def _merge_dicts(

@@ -31,7 +31,7 @@ from service.http.shared_memory import router as shared_memory_router
 from service.logs import get_logger
 from service.schemas import EvaluateRequest
 from service.store import Store
-from service.telemetry import PrometheusMiddleware, count_batch, observe_evaluate
+from service.telemetry import PrometheusMiddleware, count_batch, observe_evaluate, observe_run
 
 log = get_logger("app")
 
@@ -103,7 +103,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = DataPlane.catalog().model_dump()
     app.state.store = store
     app.state.runs = RunsDataPlane(
-        settings, store, dataplane, on_evaluate=observe_evaluate, on_batch=count_batch
+        settings,
+        store,
+        dataplane,
+        on_evaluate=observe_evaluate,
+        on_batch=count_batch,
+        on_run=observe_run,
     )
     app.include_router(router)
     app.include_router(runs_router)

@@ -92,9 +92,21 @@ async def list_runs(
 async def compare_runs(
     request: Request,
     ids: Annotated[str, Query(max_length=2000, description="Comma-separated run ids")],
+    baseline: Annotated[
+        str | None, Query(max_length=40, description="One of ids: adds `deltas` against it")
+    ] = None,
+    slice_key: Annotated[
+        str | None, Query(max_length=64, description="With baseline: deltas per slice value")
+    ] = None,
 ) -> Response:
     wanted = [part.strip() for part in ids.split(",")]
-    compare = partial(_runs(request).compare, wanted, principal=_principal(request))
+    compare = partial(
+        _runs(request).compare,
+        wanted,
+        principal=_principal(request),
+        baseline=baseline,
+        slice_key=slice_key,
+    )
     return FastJSONResponse(await to_thread.run_sync(compare))
 
 
@@ -106,6 +118,22 @@ async def compare_runs(
 async def get_run(request: Request, run_id: str) -> Response:
     get = partial(_runs(request).get_run, run_id, principal=_principal(request))
     return FastJSONResponse(await to_thread.run_sync(get))
+
+
+@router.post(
+    "/{run_id}/gate",
+    summary="Regression gate: non-inferiority checks against a baseline run",
+    description=(
+        "`{baseline, checks: [{metric, slice?, max_decrease | max_increase | min | max}], "
+        "allow_inconclusive}` → `{passed, paired, checks: [{…, delta, ci, verdict}]}`, stored "
+        "on the run as its `gate`."
+    ),
+    responses=problems(400, 404, 415, 422, 503),
+)
+async def gate_run(request: Request, run_id: str) -> Response:
+    payload = await read_json(request)
+    gate = partial(_runs(request).gate, run_id, payload, principal=_principal(request))
+    return FastJSONResponse(await to_thread.run_sync(gate))
 
 
 @router.get(
