@@ -29,6 +29,7 @@ from ce_eval_client.proto import (
     batch_to_proto,
     batches_summary_from_proto,
     create_run_to_proto,
+    dict_to_struct,
     response_from_proto,
     run_from_proto,
     runs_page_from_proto,
@@ -602,4 +603,45 @@ async def test_intervals_and_slices_over_grpc_equal_rest(stack: Stack) -> None:
     both.example_ids[:] = ["a"] * 12
     both.example_int_ids[:] = list(range(12))
     error = await rpc_error(stack.stub.AddBatch(both))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_gate_and_slices_over_grpc_answer_what_rest_answers(stack: Stack) -> None:
+    rng = np.random.default_rng(22)
+    config = {
+        "metrics": ["accuracy"],
+        "confidence": {"replicates": 16, "seed": 1},
+        "slice_keys": ["lang"],
+    }
+    ids = [f"e{j}" for j in range(30)]
+    lang = [["en", "de"][j % 2] for j in range(30)]
+    logits, targets = rng.standard_normal((30, 3)), rng.integers(0, 3, 30)
+    runs = []
+    for name, noise in (("base", 0.0), ("cand", 0.5)):
+        run = run_from_proto(
+            await stack.stub.CreateRun(create_run_to_proto(name, "cross_entropy", **config))
+        )
+        z = logits + noise * rng.standard_normal(logits.shape)
+        batch = batch_to_proto(run["id"], "b0", z, targets, example_ids=ids, slices={"lang": lang})
+        await stack.stub.AddBatch(batch)
+        runs.append(run["id"])
+    body = {
+        "baseline": runs[0],
+        "checks": [{"metric": "accuracy", "slice": "lang=de", "max_decrease": 0.5}],
+    }
+    message = pb.GateRunRequest(run_id=runs[1])
+    dict_to_struct(body, message.gate)
+    answer = struct_to_dict((await stack.stub.GateRun(message)).answer)
+    rest = (await stack.rest.post(f"/v1/runs/{runs[1]}/gate", json=body)).json()
+    assert answer["checks"] == rest["checks"] and answer["paired"] is True
+    page = await stack.stub.GetRunSlices(pb.GetRunSlicesRequest(run_id=runs[1], key="lang"))
+    rest_page = (await stack.rest.get(f"/v1/runs/{runs[1]}/slices?key=lang")).json()
+    assert struct_to_dict(page.answer) == rest_page
+    bad = pb.GateRunRequest(run_id=runs[1])
+    dict_to_struct({"baseline": runs[0], "checks": [{"metric": "nope", "min": 0.1}]}, bad.gate)
+    error = await rpc_error(stack.stub.GateRun(bad))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = await rpc_error(
+        stack.stub.GetRunSlices(pb.GetRunSlicesRequest(run_id=runs[1], key="x"))
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

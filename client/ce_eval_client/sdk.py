@@ -50,6 +50,7 @@ from ce_eval_client.proto import (
     batch_to_proto,
     batches_summary_from_proto,
     create_run_to_proto,
+    dict_to_struct,
     problem_from_proto,
     request_chunks,
     response_from_proto,
@@ -886,6 +887,8 @@ class GrpcClient:
         self._get_run = self._unary("GetRun", pb.Run)
         self._list_runs = self._unary("ListRuns", pb.ListRunsResponse)
         self._run_metric = self._unary("GetRunMetric", pb.RunMetric)
+        self._gate = self._unary("GateRun", pb.RunAnswer)
+        self._slices = self._unary("GetRunSlices", pb.RunAnswer)
         self._add_batches = self._channel.stream_unary(
             f"/{SERVICE_NAME}/AddBatches",
             request_serializer=pb.AddBatchRequest.SerializeToString,
@@ -1029,6 +1032,42 @@ class GrpcClient:
             offset=offset,
         )
         return struct_to_dict(self._call(self._run_metric, request).detail)
+
+    def gate(
+        self,
+        run_id: str,
+        baseline: str,
+        checks: Iterable[Mapping[str, Any]],
+        allow_inconclusive: bool = False,
+    ) -> dict[str, Any]:
+        """``GateRun``: the regression gate of ``run_id`` against ``baseline``, as
+        :meth:`Client.gate` answers it."""
+        request = pb.GateRunRequest(run_id=run_id)
+        body = {
+            "baseline": baseline,
+            "checks": [dict(c) for c in checks],
+            "allow_inconclusive": allow_inconclusive,
+        }
+        dict_to_struct(body, request.gate)
+        return struct_to_dict(self._call(self._gate, request).answer)
+
+    def run_slices(
+        self,
+        run_id: str,
+        key: str,
+        *,
+        sort: str = "count",
+        order: str = "desc",
+        limit: int = 100,
+        offset: int = 0,
+        min_slice_size: int = 0,
+    ) -> dict[str, Any]:
+        """``GetRunSlices``: as :meth:`Client.run_slices` answers it."""
+        request = pb.GetRunSlicesRequest(
+            run_id=run_id, key=key, sort=sort, order=order, limit=limit, offset=offset,
+            min_slice_size=min_slice_size,
+        )  # fmt: skip
+        return struct_to_dict(self._call(self._slices, request).answer)
 
     def list_runs(
         self,

@@ -1,7 +1,7 @@
 """gRPC server (grpc.aio): ``ce_eval.v1.LossEvaluation`` over the data planes, health, reflection.
 
 ``Evaluate`` runs on :class:`service.dataplane.evaluate.DataPlane`; ``CreateRun``, ``AddBatch``,
-``AddBatches``, ``GetRun``, ``ListRuns`` and ``GetRunMetric`` on
+``AddBatches``, ``GetRun``, ``ListRuns``, ``GetRunMetric``, ``GateRun`` and ``GetRunSlices`` on
 :class:`service.dataplane.runs.RunsDataPlane`, the same one the REST runs API uses. Batches are
 admitted one by one (``AddBatches`` too), so a full queue or a draining server answers
 UNAVAILABLE as HTTP answers 503.
@@ -38,7 +38,7 @@ from grpc_reflection.v1alpha import reflection
 
 import ce_engine
 from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
-from ce_eval_client.proto import dict_to_struct
+from ce_eval_client.proto import dict_to_struct, struct_to_dict
 from service.auth import Authenticator, presented_key
 from service.codecs.proto import (
     batch_answer_to_proto,
@@ -58,6 +58,7 @@ from service.dataplane.admission import current_principal
 from service.dataplane.evaluate import INLINE_BODY_BYTES, DataPlane, engine_error
 from service.dataplane.run_details import DetailQuery
 from service.dataplane.runs import BatchesSummary, RunsDataPlane
+from service.dataplane.slices import SliceQuery
 from service.errors import MalformedBody, ServiceError, ValidationFailed
 from service.logs import get_logger
 from service.schemas import EvaluateRequest
@@ -165,6 +166,8 @@ class LossEvaluationServicer:
                 "GetRun": (self.GetRun, pb.Run),
                 "ListRuns": (self.ListRuns, pb.ListRunsResponse),
                 "GetRunMetric": (self.GetRunMetric, pb.RunMetric),
+                "GateRun": (self.GateRun, pb.RunAnswer),
+                "GetRunSlices": (self.GetRunSlices, pb.RunAnswer),
             }
             for name, (method, response) in unary.items():
                 methods[name] = grpc.unary_unary_rpc_method_handler(
@@ -341,6 +344,40 @@ class LossEvaluationServicer:
             )
             answer = pb.RunMetric()
             dict_to_struct(await anyio.to_thread.run_sync(detail), answer.detail)
+            return answer
+
+        return await self._answer(context, work)
+
+    async def GateRun(
+        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RunAnswer:
+        async def work(principal: str | None) -> pb.RunAnswer:
+            message = _parse(pb.GateRunRequest, request)
+            run_id = _required_run_id(message.run_id)
+            body = struct_to_dict(message.gate)
+            gate = partial(self._runs().gate, run_id, body, principal=principal)
+            answer = pb.RunAnswer()
+            dict_to_struct(await anyio.to_thread.run_sync(gate), answer.answer)
+            return answer
+
+        return await self._answer(context, work)
+
+    async def GetRunSlices(
+        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RunAnswer:
+        async def work(principal: str | None) -> pb.RunAnswer:
+            message = _parse(pb.GetRunSlicesRequest, request)
+            run_id = _required_run_id(message.run_id)
+            query = SliceQuery(
+                sort=message.sort or "count",
+                order=message.order or "desc",
+                limit=message.limit or 100,
+                offset=message.offset,
+                min_slice_size=message.min_slice_size,
+            )
+            page = partial(self._runs().run_slices, run_id, message.key, query, principal=principal)
+            answer = pb.RunAnswer()
+            dict_to_struct(await anyio.to_thread.run_sync(page), answer.answer)
             return answer
 
         return await self._answer(context, work)

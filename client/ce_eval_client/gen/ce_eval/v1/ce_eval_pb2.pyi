@@ -373,6 +373,38 @@ class RunMetric(_message.Message):
     detail: _struct_pb2.Struct
     def __init__(self, detail: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
+class GateRunRequest(_message.Message):
+    __slots__ = ("run_id", "gate")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    gate: _struct_pb2.Struct
+    def __init__(self, run_id: _Optional[str] = ..., gate: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class GetRunSlicesRequest(_message.Message):
+    __slots__ = ("run_id", "key", "sort", "order", "limit", "offset", "min_slice_size")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SORT_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MIN_SLICE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    key: str
+    sort: str
+    order: str
+    limit: int
+    offset: int
+    min_slice_size: int
+    def __init__(self, run_id: _Optional[str] = ..., key: _Optional[str] = ..., sort: _Optional[str] = ..., order: _Optional[str] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., min_slice_size: _Optional[int] = ...) -> None: ...
+
+class RunAnswer(_message.Message):
+    __slots__ = ("answer",)
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    answer: _struct_pb2.Struct
+    def __init__(self, answer: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
 class ListRunsRequest(_message.Message):
     __slots__ = ("name", "tags", "status", "limit", "cursor")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -72,6 +72,16 @@ class LossEvaluationStub:
                 request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.GetRunMetricRequest.SerializeToString,
                 response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.RunMetric.FromString,
                 _registered_method=True)
+        self.GateRun = channel.unary_unary(
+                '/ce_eval.v1.LossEvaluation/GateRun',
+                request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.GateRunRequest.SerializeToString,
+                response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.RunAnswer.FromString,
+                _registered_method=True)
+        self.GetRunSlices = channel.unary_unary(
+                '/ce_eval.v1.LossEvaluation/GetRunSlices',
+                request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.GetRunSlicesRequest.SerializeToString,
+                response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.RunAnswer.FromString,
+                _registered_method=True)
 
 
 class LossEvaluationServicer:
@@ -129,6 +139,20 @@ class LossEvaluationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GateRun(self, request, context):
+        """POST /v1/runs/{id}/gate
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRunSlices(self, request, context):
+        """GET /v1/runs/{id}/slices
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossEvaluationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +190,16 @@ def add_LossEvaluationServicer_to_server(servicer, server):
                     servicer.GetRunMetric,
                     request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.GetRunMetricRequest.FromString,
                     response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.RunMetric.SerializeToString,
+            ),
+            'GateRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GateRun,
+                    request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.GateRunRequest.FromString,
+                    response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.RunAnswer.SerializeToString,
+            ),
+            'GetRunSlices': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunSlices,
+                    request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.GetRunSlicesRequest.FromString,
+                    response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.RunAnswer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -360,6 +394,60 @@ class LossEvaluation:
             '/ce_eval.v1.LossEvaluation/GetRunMetric',
             ce__eval_dot_v1_dot_ce__eval__pb2.GetRunMetricRequest.SerializeToString,
             ce__eval_dot_v1_dot_ce__eval__pb2.RunMetric.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GateRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ce_eval.v1.LossEvaluation/GateRun',
+            ce__eval_dot_v1_dot_ce__eval__pb2.GateRunRequest.SerializeToString,
+            ce__eval_dot_v1_dot_ce__eval__pb2.RunAnswer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunSlices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ce_eval.v1.LossEvaluation/GetRunSlices',
+            ce__eval_dot_v1_dot_ce__eval__pb2.GetRunSlicesRequest.SerializeToString,
+            ce__eval_dot_v1_dot_ce__eval__pb2.RunAnswer.FromString,
             options,
             channel_credentials,
             insecure,
