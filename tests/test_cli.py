@@ -620,3 +620,45 @@ def test_a_hostile_run_id_is_a_404_from_the_server(server: ServerProcess, tmp_pa
     assert done.returncode == 1
     line = one_line(done.stderr)
     assert "/v1/runs/%2E%2E%2F%2E%2E%2Fv1%2Fevaluate%3Fx%3D/batches: 404" in line
+
+
+def test_create_with_intervals_and_slices_then_gate_with_junit(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """`run create --replicates --slice-key`, batches with ids and slices (SDK), then `ce-eval
+    gate` against the real server: exit 0 on a pass, 1 on a fail, JUnit written either way."""
+    import xml.etree.ElementTree as ET
+
+    from ce_eval_client import Client
+
+    rng = np.random.default_rng(3)
+    logits, targets = rng.standard_normal((80, 4)), rng.integers(0, 4, 80)
+    ids = [f"x{i}" for i in range(80)]
+    lang = [["en", "de"][i % 2] for i in range(80)]
+    runs = []
+    for name, noise in (("base", 0.0), ("cand", 0.3)):
+        created = cli("run", "create", "--url", server.url, "--name", name, "--metric",
+                      "accuracy", "--replicates", "50", "--seed", "4", "--slice-key", "lang",
+                      "--id-only")  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        run_id = created.stdout.strip()
+        with Client(server.url) as client:
+            z = logits + noise * rng.standard_normal(logits.shape)
+            client.add_batch(run_id, "b0", z, targets, example_ids=ids, slices={"lang": lang})
+            run = client.get_run(run_id)
+        assert run["confidence"] == {"replicates": 50, "level": 0.95, "seed": 4}
+        assert run["slice_keys"] == ["lang"] and run["paired_ids"] is True
+        runs.append(run_id)
+    report = tmp_path / "report.xml"
+    checks = ["--check", "accuracy:-1", "--check", "value@lang=de:+10"]
+    passed = cli("gate", "--url", server.url, runs[1], "--baseline", runs[0], *checks,
+                 "--junit", str(report))  # fmt: skip
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    cases = ET.parse(report).getroot().iter("testcase")
+    assert [c.find("failure") for c in cases] == [None, None]
+    failed = cli("gate", "--url", server.url, runs[1], "--baseline", runs[0],
+                 "--check", "accuracy:>=0.999", "--junit", str(report))  # fmt: skip
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert ET.parse(report).getroot().find(".//failure") is not None
+    bad = cli("gate", "--url", server.url, runs[1], "--baseline", runs[0], "--check", "oops")
+    assert bad.returncode == 2

@@ -243,6 +243,16 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _confidence(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--replicates`` / ``--level`` / ``--seed`` → the run's ``confidence`` (None: none)."""
+    if args.replicates is None:
+        return None
+    confidence: dict[str, Any] = {"replicates": args.replicates, "seed": args.seed}
+    if args.level is not None:
+        confidence["level"] = args.level
+    return confidence
+
+
 def cmd_create(args: argparse.Namespace, session: Session) -> int:
     class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
     run = session.call(
@@ -255,6 +265,9 @@ def cmd_create(args: argparse.Namespace, session: Session) -> int:
             metrics=args.metric or [],
             class_names=class_names,
             tags=_key_values(args.tag or [], "--tag"),
+            confidence=_confidence(args),
+            slice_keys=args.slice_key or (),
+            max_slice_values=args.max_slice_values,
         ),
     )
     if args.id_only:
@@ -504,6 +517,15 @@ def add_commands(sub: Any) -> None:
     create.add_argument("--metric", action="append", help="a metric to aggregate (repeatable)")
     create.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a tag (repeatable)")
     create.add_argument("--class-names", help="comma-separated class names")
+    create.add_argument(
+        "--replicates", type=int, help="bootstrap replicates for confidence intervals (e.g. 200)"
+    )
+    create.add_argument("--level", type=float, help="interval level (0.95)")
+    create.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    create.add_argument(
+        "--slice-key", action="append", help="a key batches slice their examples by (repeatable)"
+    )
+    create.add_argument("--max-slice-values", type=int, help="values a slice key may take (256)")
     create.add_argument("--id-only", action="store_true", help="print only the new run's id")
     create.set_defaults(func=_with_session(cmd_create))
 
