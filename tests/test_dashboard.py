@@ -913,7 +913,11 @@ def test_dashboard_compares_runs_with_intervals_deltas_and_gate_verdicts(tmp_pat
     other = browser.find_element(
         "css selector", f"#compare-table tr[data-metric=accuracy] td[data-run-id={plain['id']}]"
     )
-    assert other.text == metric_text(plain["metrics"]["accuracy"])  # no interval, no bar
+    # no interval, no bar; its delta to the baseline has no interval either (no replicates)
+    value_line, *delta_lines = other.text.split("\n")
+    assert value_line == metric_text(plain["metrics"]["accuracy"])
+    assert not other.find_elements("css selector", ".ci-whisker")
+    assert all("[" not in line for line in delta_lines)
 
     # Deltas and gates as the comparison gives them: delta ± its interval, verdict badges.
     answer = httpx.get(

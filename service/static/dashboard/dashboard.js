@@ -1021,6 +1021,22 @@ async function openCompare(ids, baseline) {
 
 /** The comparison's rows: [label, metric name (as in `intervals` and `deltas`), run id →
  * value]. Metrics that only `deltas` names (per-slice ones, say) get rows of their own. */
+function flatDeltas(deltas) {
+  // {run: {metric: d, slices: {"key=value": {metric: d}}}} → {run: {metric | "metric@key=value": d}}
+  const flat = {};
+  for (const [id, perMetric] of Object.entries(deltas || {})) {
+    const own = {};
+    for (const [name, delta] of Object.entries(perMetric || {})) {
+      if (name !== "slices") own[name] = delta;
+    }
+    for (const [where, perSlice] of Object.entries((perMetric || {}).slices || {})) {
+      for (const [name, delta] of Object.entries(perSlice || {})) own[`${name}@${where}`] = delta;
+    }
+    flat[id] = own;
+  }
+  return flat;
+}
+
 function compareRows(result) {
   const rows = [];
   for (const [key, values] of Object.entries(result.table || {})) {
@@ -1030,7 +1046,7 @@ function compareRows(result) {
     } else rows.push([key, key, (id) => values[id]]);
   }
   const known = new Set(rows.map((row) => row[1]));
-  const deltas = result.deltas || {};
+  const deltas = flatDeltas(result.deltas);
   for (const perMetric of Object.values(deltas)) {
     for (const [name, delta] of Object.entries(perMetric || {})) {
       if (known.has(name)) continue;
@@ -1048,7 +1064,7 @@ function compareRows(result) {
  * with `deltas`, each other run's delta to the baseline ± its interval (paired or not); with
  * gates on the runs, their verdicts. Without intervals, deltas or gates, plain values. */
 function renderCompareTable(result, baseline) {
-  const deltas = result.deltas || null;
+  const deltas = result.deltas ? flatDeltas(result.deltas) : null;
   const head = el("tr", {}, el("th", { text: "metric" }), ...result.runs.map((r) => el("th", { class: "num",
     "data-run-id": r.id, text: deltas && r.id === baseline ? `${r.name} (baseline)` : r.name })));
   const rows = compareRows(result).map(([label, name, valueOf]) => {
