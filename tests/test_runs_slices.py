@@ -284,7 +284,7 @@ def test_replicate_weights_and_slice_work_are_bounded_before_any_work(tmp_path):
     store = Store(url)
     store.upgrade()
     calls = []
-    settings = Settings(database_url=url, backend="numpy", max_elements=5_000, max_work=10_000)
+    settings = Settings(database_url=url, backend="numpy", max_elements=5_000, max_work=4_000_000)
     runs = RunsDataPlane(settings, store, on_evaluate=lambda *a: calls.append(a))
     d = data(7, 60)
     heavy = runs.create_run(
@@ -303,9 +303,12 @@ def test_replicate_weights_and_slice_work_are_bounded_before_any_work(tmp_path):
             "slice_keys": ["lang"],
         }
     )
-    # 60 × 4 of work × 2 (one slice key) + 60 × 2 replicates × 64 × 2 = 15840 > 10000; 20 rows: 5280
+    # 60 rows × 4 classes × 2 (one slice key) + 60 × 2 replicates × 64 × 2 + 10⁶ per distinct
+    # slice value (one evaluation each): 60 values → over 4·10⁶; 3 values → under
+    many = batch_body(d, slice(0, 60), "b0")
+    many["slices"]["lang"] = [f"v{i}" for i in range(60)]
     with pytest.raises(ServiceError) as work:
-        runs.add_batch(sliced["id"], batch_body(d, slice(0, 60), "b0"))
+        runs.add_batch(sliced["id"], many)
     assert work.value.status_code == 413
     assert calls == [] and runs.get_run(sliced["id"])["batches"] == 0
     small = batch_body(d, slice(0, 20), "b1")
@@ -477,3 +480,40 @@ async def test_a_monitored_run_and_its_baseline_are_exported_to_prometheus(api):
     await api.delete(f"/v1/runs/{watched}")
     text = (await api.get("/metrics")).text
     assert sample("ce_eval_run_value", run_id=watched, metric="accuracy") is None
+
+
+async def test_review_cases_non_finite_replicates_retries_and_slice_value_checks(api):
+    """A weight whose replicates leave float64 is a 422 and the run stays readable; a retry
+    with its slice keys in another order is the same batch; a batch with more distinct values
+    than max_slice_values, or a control character in one, is a 422 before any work."""
+    run_id = await new_run(api, slice_keys=["lang", "team"], max_slice_values=3)
+    huge = {
+        "batch_id": "w",
+        "logits": [[0.0, 0.0]],
+        "targets": [0],
+        "sample_weight": [1.7e308],
+        "example_ids": ["a"],
+        "slices": {"lang": ["en"], "team": ["x"]},
+    }
+    response = await api.post(f"/v1/runs/{run_id}/batches", json=huge)
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["type"] == "non_finite_result"
+    assert (await api.get(f"/v1/runs/{run_id}")).json()["batches"] == 0
+
+    d = data(11, 6)
+    body = batch_body(d, slice(0, 6), "b0")
+    body["slices"] = {"lang": ["en", "de"] * 3, "team": ["x"] * 6}
+    await push(api, run_id, body)
+    again = {**body, "slices": {"team": ["x"] * 6, "lang": ["en", "de"] * 3}}
+    retried = await push(api, run_id, again)
+    assert retried["duplicate"] is True
+
+    wide = batch_body(d, slice(0, 6), "b1")
+    wide["slices"] = {"lang": ["a", "b", "c", "d", "e", "f"], "team": ["x"] * 6}
+    response = await api.post(f"/v1/runs/{run_id}/batches", json=wide)
+    assert response.status_code == 422 and ["slices", "lang"] in locs(response)
+    control = batch_body(d, slice(0, 6), "b2")
+    control["slices"] = {"lang": ["en"] * 5 + ["d\u0000e"], "team": ["x"] * 6}
+    response = await api.post(f"/v1/runs/{run_id}/batches", json=control)
+    assert response.status_code == 422 and ["slices", "lang", 5] in locs(response)
+    assert (await api.get(f"/v1/runs/{run_id}")).json()["batches"] == 1

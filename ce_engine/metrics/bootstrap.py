@@ -638,7 +638,8 @@ class ExampleStatistics:
             order = np.argsort(bins[:, 0], kind="stable")
             w, x, bins = w[order], x[order], bins[order]
         w = w.astype(np.float64)
-        with _one_blas_thread():
+        # sums beyond float64 become inf, which the caller refuses (a run stores finite states)
+        with _one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
             sums = w.T @ x  # (B, S)
             if bins is not None:
                 sums = np.concatenate([sums, self._binned(w, bins)], axis=1)

@@ -277,6 +277,19 @@ def _refuse_non_finite(
         raise NonFiniteResult(msg, [{"loc": ["logits"], "msg": msg, "type": "non_finite_result"}])
 
 
+def _refuse_non_finite_state(state: ReplicateState | None, where: str, weighted: bool) -> None:
+    """A replicate (weights up to 18 × the sample weights) that left float64 is a 422: the run
+    keeps finite states only, the batch was not counted."""
+    if state is None or all(np.isfinite(v).all() for v in state.stats.values()):
+        return
+    msg = (
+        f"a bootstrap replicate of {where} is not finite (example weights up to 18 × the "
+        "sample weights): the batch was not counted"
+    )
+    loc = ["body", "sample_weight" if weighted else "logits"]
+    raise NonFiniteResult(msg, [{"loc": loc, "msg": msg, "type": "non_finite_result"}])
+
+
 def _store_unavailable(exc: Exception) -> Unavailable:
     return Unavailable(
         f"the run store is unavailable ({type(exc).__name__}); retry later",
@@ -813,7 +826,10 @@ class RunsDataPlane:
             {"logits": logits, "targets": targets, "sample_weight": sample_weight, **linear}
         )
         if request.example_ids is not None or request.slices is not None:
-            labels = orjson.dumps({"example_ids": request.example_ids, "slices": request.slices})
+            labels = orjson.dumps(
+                {"example_ids": request.example_ids, "slices": request.slices},
+                option=orjson.OPT_SORT_KEYS,
+            )
             digest = hashlib.sha256(digest.encode() + labels).hexdigest()
 
         config = self.configs.get(run_id)
@@ -833,8 +849,10 @@ class RunsDataPlane:
         rows = logits if logits is not None else linear.get("features")
         examples = 0 if rows is None or rows.ndim == 0 else int(rows.shape[0])
         by_key = slices.check_batch_fields(
-            request.example_ids, request.slices, config.slice_keys, examples
-        )
+            request.example_ids, request.slices, config.slice_keys, examples,
+            config.max_slice_values,
+        )  # fmt: skip
+        groups = {key: slices.slice_rows(values) for key, values in by_key.items()}
         draws = 0 if config.confidence is None else int(config.confidence["replicates"])
         if examples * draws > self.settings.max_elements:
             raise PayloadTooLarge(
@@ -855,7 +873,8 @@ class RunsDataPlane:
             logits,
             linear,
             repeat=1 + len(by_key),
-            extra=examples * draws * slices.REPLICATE_WORK * (1 + len(by_key)),
+            extra=examples * draws * slices.REPLICATE_WORK * (1 + len(by_key))
+            + slices.SLICE_VALUE_WORK * sum(len(g) for g in groups.values()),
         )
         identity = _identity(request.example_ids, request.batch_id, examples)
         weights = None
@@ -872,9 +891,9 @@ class RunsDataPlane:
         batch_slices = {
             key: {
                 value: self._slice_totals(config, arrays, weights, result, where)
-                for value, where in slices.slice_rows(values).items()
+                for value, where in rows.items()
             }
-            for key, values in by_key.items()
+            for key, rows in groups.items()
         }
         batch_result = {
             "value": result.value,
@@ -901,6 +920,7 @@ class RunsDataPlane:
                 _refuse_non_finite(result, run.sum, run.denominator, sample_weight is not None)
                 merged = self._merge_state(run.metric_state, state)
                 replicates = _merge_replicates(run.replicate_state, result.replicate_state)
+                _refuse_non_finite_state(replicates, "the run", sample_weight is not None)
                 if batch_slices:
                     self._add_slices(session, run, config, batch_slices)
                 if cells is not None:
@@ -1011,7 +1031,9 @@ class RunsDataPlane:
         state, _ = _split_cells(sub.metric_state)
         replicates = None
         if weights is not None and result.example_statistics is not None:
-            replicates = result.example_statistics.replicates(weights, rows).to_dict()
+            drawn = result.example_statistics.replicates(weights, rows)
+            _refuse_non_finite_state(drawn, "a slice", arrays["sample_weight"] is not None)
+            replicates = drawn.to_dict()
         return slices.SliceTotals(
             count=sub.count,
             ignored=sub.ignored,
@@ -1048,17 +1070,28 @@ class RunsDataPlane:
                         }
                     ],
                 )
-        for key, values in batch.items():
-            for value, add in values.items():
-                old = stored.get((key, value))
-                pushes.put_slice(
-                    session,
-                    run.pk,
-                    key,
-                    value,
-                    add if old is None else _add_totals(old, add),
-                    new=old is None,
+        merged = {
+            (key, value): add
+            if stored.get((key, value)) is None
+            else _add_totals(stored[key, value], add)
+            for key, values in batch.items()
+            for value, add in values.items()
+        }
+        for (key, value), totals in merged.items():
+            if not (math.isfinite(totals.sum) and math.isfinite(totals.denominator)):
+                raise NonFiniteResult(
+                    f"slice {key}={value}: its loss sums would leave float64; the batch was not "
+                    "counted",
+                    [
+                        {
+                            "loc": ["body", "slices", key],
+                            "msg": "non-finite slice",
+                            "type": "non_finite_result",
+                        }
+                    ],
                 )
+        for (key, value), totals in merged.items():
+            pushes.put_slice(session, run.pk, key, value, totals, new=(key, value) not in stored)
 
     def add_batches(
         self,
@@ -1370,7 +1403,10 @@ def _merge_replicates(
 ) -> ReplicateState | None:
     if batch is None:
         return None if stored is None else ReplicateState.from_dict(stored)
-    return batch if stored is None else ReplicateState.from_dict(stored).merge(batch)
+    if stored is None:
+        return batch
+    with np.errstate(over="ignore", invalid="ignore"):  # refused when not finite
+        return ReplicateState.from_dict(stored).merge(batch)
 
 
 def _flat(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -1426,7 +1462,11 @@ def _merge_dicts(
 ) -> dict[str, Any] | None:
     if a is None or b is None:
         return a if b is None else b
-    merged: dict[str, Any] = kind.from_dict(a).merge(kind.from_dict(b)).to_dict()  # type: ignore[arg-type]
+    with np.errstate(over="ignore", invalid="ignore"):  # refused when not finite
+        state = kind.from_dict(a).merge(kind.from_dict(b))  # type: ignore[arg-type]
+    if isinstance(state, ReplicateState):
+        _refuse_non_finite_state(state, "a slice", weighted=True)
+    merged: dict[str, Any] = state.to_dict()
     return merged
 
 

@@ -39,6 +39,8 @@ SLICE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: Multiply-adds per (example, replicate) counted against ``CE_EVAL_MAX_WORK``: the scalar
 #: statistics and calibration bins of one weight (``ExampleStatistics.replicates``).
 REPLICATE_WORK = 64
+#: Multiply-adds counted per distinct slice value of a batch (one evaluation call each).
+SLICE_VALUE_WORK = 1_000_000
 #: Batch tensors with one row per example (sliced along axis 0); the others go whole.
 ROW_TENSORS = ("logits", "targets", "sample_weight", "features")
 
@@ -74,9 +76,12 @@ def check_batch_fields(
     slices: Mapping[str, Sequence[Any]] | None,
     slice_keys: Sequence[str],
     examples: int,
+    max_values: int = MAX_SLICE_VALUES,
 ) -> dict[str, list[str]]:
     """422 unless ``example_ids`` has one entry per example and ``slices`` gives exactly the
-    run's keys, each one string (≤ 200 characters) per example. Returns the slices."""
+    run's keys, each one string (≤ 200 characters, no control characters) per example and at
+    most ``max_values`` distinct values a key (the run's ``max_slice_values``; the values the
+    run already has are counted under its lock). Returns the slices."""
     errors: list[dict[str, Any]] = []
     if example_ids is not None and len(example_ids) != examples:
         errors.append(
@@ -116,21 +121,24 @@ def check_batch_fields(
                 }
             )
         else:
-            bad = next(
-                (
-                    i
-                    for i, v in enumerate(values)
-                    if not isinstance(v, str) or len(v) > MAX_SLICE_VALUE_CHARS
-                ),
-                None,
-            )
+            bad = next((i for i, v in enumerate(values) if not _good_value(v)), None)
+            distinct = len(set(values)) if bad is None else 0
             if bad is not None:
                 errors.append(
                     {
                         "loc": ["body", "slices", key, bad],
                         "msg": f"slice values are strings of at most {MAX_SLICE_VALUE_CHARS} "
-                        "characters",
+                        "characters, without control characters",
                         "type": "slice_value",
+                    }
+                )
+            elif distinct > max_values:
+                errors.append(
+                    {
+                        "loc": ["body", "slices", key],
+                        "msg": f"{distinct} distinct values, over the run's max_slice_values "
+                        f"({max_values})",
+                        "type": "too_many_slice_values",
                     }
                 )
     if errors:
@@ -138,11 +146,21 @@ def check_batch_fields(
     return {key: [str(v) for v in given[key]] for key in slice_keys}
 
 
+def _good_value(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) <= MAX_SLICE_VALUE_CHARS
+        and not any(ord(c) < 32 or ord(c) == 127 for c in value)
+    )
+
+
 def slice_rows(values: Sequence[str]) -> dict[str, np.ndarray]:
-    """value → the indices of its examples, values in first-seen order."""
-    unique, first, inverse = np.unique(np.asarray(values), return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    return {str(unique[j]): np.flatnonzero(inverse == j) for j in order}
+    """value → the indices of its examples (ascending), values in first-seen order; one sort,
+    O(N log N) whatever the number of values."""
+    groups: dict[str, list[int]] = {}
+    for i, value in enumerate(values):
+        groups.setdefault(value, []).append(i)
+    return {value: np.asarray(rows, dtype=np.intp) for value, rows in groups.items()}
 
 
 def take_rows(arrays: Mapping[str, Any], rows: np.ndarray) -> dict[str, Any]:
