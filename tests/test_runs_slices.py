@@ -517,3 +517,24 @@ async def test_review_cases_non_finite_replicates_retries_and_slice_value_checks
     response = await api.post(f"/v1/runs/{run_id}/batches", json=control)
     assert response.status_code == 422 and ["slices", "lang", 5] in locs(response)
     assert (await api.get(f"/v1/runs/{run_id}")).json()["batches"] == 1
+
+
+async def test_a_run_whose_replicate_states_could_exceed_the_budget_is_refused(api):
+    """B × statistics × (1 + keys × max_slice_values) over MAX_REPLICATE_NUMBERS: 422 at
+    creation, naming confidence.replicates."""
+    from service.dataplane.slices import MAX_REPLICATE_NUMBERS, replicate_numbers
+
+    body = {
+        "name": "big",
+        "loss": "cross_entropy",
+        "metrics": ["accuracy", "ece"],
+        "options": {"n_bins": 1000},
+        "confidence": {"replicates": 1000},
+        "slice_keys": ["lang"],
+        "max_slice_values": 4096,
+    }
+    assert replicate_numbers(1000, 1000, 1) * 4097 > MAX_REPLICATE_NUMBERS
+    response = await api.post("/v1/runs", json=body)
+    assert response.status_code == 422 and ["confidence", "replicates"] in locs(response)
+    small = {**body, "options": {}, "confidence": {"replicates": 200}, "max_slice_values": 256}
+    assert (await api.post("/v1/runs", json=small)).status_code == 201

@@ -340,9 +340,18 @@ class RunConfig:
     confidence: Mapping[str, Any] | None
     slice_keys: Sequence[str]
     max_slice_values: int
+    replicate_numbers: int  # an upper bound of one replicate state's numbers (0: none)
 
     @classmethod
     def of(cls, run: Run) -> RunConfig:
+        options = ce_engine.get_loss(run.loss).parse_options(run.options)
+        numbers = 0
+        if run.confidence is not None:
+            numbers = slices.replicate_numbers(
+                int(run.confidence["replicates"]),
+                getattr(options, "n_bins", 15),
+                len(getattr(options, "top_k", ())),
+            )
         return cls(
             pk=run.pk,
             owner=run.owner,
@@ -353,6 +362,7 @@ class RunConfig:
             confidence=run.confidence,
             slice_keys=list(run.slice_keys or ()),
             max_slice_values=run.max_slice_values or slices.DEFAULT_SLICE_VALUES,
+            replicate_numbers=numbers,
         )
 
 
@@ -456,6 +466,13 @@ class RunsDataPlane:
                 unknown,
             )
         keys = slices.check_slice_keys(request.slice_keys)
+        slices.check_state_budget(
+            request.confidence,
+            getattr(options, "n_bins", 15),
+            len(getattr(options, "top_k", ())),
+            len(keys),
+            request.max_slice_values,
+        )
         now = utcnow()
         run = Run(
             id="run_" + uuid.uuid4().hex[:20],
@@ -853,6 +870,7 @@ class RunsDataPlane:
             config.max_slice_values,
         )  # fmt: skip
         groups = {key: slices.slice_rows(values) for key, values in by_key.items()}
+        touched = sum(len(g) for g in groups.values())  # slice states read, merged, written
         draws = 0 if config.confidence is None else int(config.confidence["replicates"])
         if examples * draws > self.settings.max_elements:
             raise PayloadTooLarge(
@@ -874,7 +892,7 @@ class RunsDataPlane:
             linear,
             repeat=1 + len(by_key),
             extra=examples * draws * slices.REPLICATE_WORK * (1 + len(by_key))
-            + slices.SLICE_VALUE_WORK * sum(len(g) for g in groups.values()),
+            + touched * (slices.SLICE_VALUE_WORK + 20 * config.replicate_numbers),
         )
         identity = _identity(request.example_ids, request.batch_id, examples)
         weights = None

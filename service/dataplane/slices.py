@@ -55,6 +55,36 @@ class Confidence(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63, description="Same seed + ids → same weights.")
 
 
+#: Most replicate numbers a run may keep in all (its own and every possible slice's):
+#: B × the statistics of one replicate × (1 + Σ max_slice_values), about 256 MB as float64.
+MAX_REPLICATE_NUMBERS = 2**25
+
+
+def replicate_numbers(replicates: int, n_bins: int, top_k: int) -> int:
+    """An upper bound of the numbers of one replicate state: B × (8 scalar sums + top-k hits
+    + 3 per calibration bin)."""
+    return replicates * (8 + top_k + 3 * n_bins)
+
+
+def check_state_budget(
+    confidence: Confidence | None, n_bins: int, top_k: int, keys: int, max_values: int
+) -> None:
+    """422 at creation when the run's replicate states could exceed ``MAX_REPLICATE_NUMBERS``
+    (naming ``confidence.replicates``)."""
+    if confidence is None:
+        return
+    total = replicate_numbers(confidence.replicates, n_bins, top_k) * (1 + keys * max_values)
+    if total > MAX_REPLICATE_NUMBERS:
+        msg = (
+            f"{confidence.replicates} replicates × {1 + keys * max_values} states (the run and "
+            f"up to {keys} × {max_values} slice values) could keep {total:,} numbers, over "
+            f"{MAX_REPLICATE_NUMBERS:,}: use fewer replicates, slice keys or max_slice_values"
+        )
+        raise ValidationFailed(
+            msg, [{"loc": ["body", "confidence", "replicates"], "msg": msg, "type": "too_large"}]
+        )
+
+
 def check_slice_keys(keys: Sequence[str]) -> list[str]:
     """The declared keys (422 for a bad or repeated name)."""
     errors = [
