@@ -538,3 +538,21 @@ async def test_a_run_whose_replicate_states_could_exceed_the_budget_is_refused(a
     assert response.status_code == 422 and ["confidence", "replicates"] in locs(response)
     small = {**body, "options": {}, "confidence": {"replicates": 200}, "max_slice_values": 256}
     assert (await api.post("/v1/runs", json=small)).status_code == 201
+
+
+async def test_compare_per_slice_needs_a_baseline_and_a_shared_key(api):
+    base_id, cand_id, sets = await gate_pair(api)
+    ids = f"{base_id},{cand_id}"
+    ok = await api.get(
+        "/v1/runs/compare", params={"ids": ids, "baseline": base_id, "slice_key": "lang"}
+    )
+    assert ok.status_code == 200, ok.text
+    de = ok.json()["deltas"][cand_id]["slices"]["lang=de"]["accuracy"]
+    rows = np.flatnonzero(np.asarray(sets["baseline"]["lang"]) == "de")
+    assert_close(de["ci"], paired_delta_ci(sets["baseline"], sets["candidate"], rows), "de")
+    for params in (
+        {"ids": ids, "slice_key": "lang"},
+        {"ids": ids, "baseline": base_id, "slice_key": "team"},
+    ):
+        response = await api.get("/v1/runs/compare", params=params)
+        assert response.status_code == 422 and ["query", "slice_key"] in locs(response)

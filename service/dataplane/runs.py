@@ -81,6 +81,7 @@ MAX_LIST_LIMIT = 500
 MAX_TAG_FILTERS = 32  # tag=k:v filters one listing may AND together (each is a subquery)
 MAX_SERIES_LIMIT = 10_000
 MAX_COMPARE = 20
+MAX_COMPARE_SLICE_RUNS = 5  # runs a compare with slice_key may name
 RUN_CONFIG_CACHE = 4096  # open runs whose configuration a replica keeps (pushes skip a read)
 
 
@@ -739,6 +740,8 @@ class RunsDataPlane:
                 )
             runs = [self._run_dict(found[i]) for i in ids]
             views = None
+            if slice_key is not None:
+                _check_compare_slices(slice_key, baseline, [found[i] for i in ids])
             if baseline is not None:
                 if baseline not in found:
                     raise ValidationFailed(
@@ -1042,7 +1045,7 @@ class RunsDataPlane:
         weights: np.ndarray | None,
         result: ce_engine.EvaluationResult,
         rows: np.ndarray,
-    ) -> slices.SliceTotals:
+    ) -> pushes.SliceTotals:
         """One slice value of the batch: its examples ``rows`` evaluated alone, and their
         replicates from the batch's per-example sums."""
         sub = self._evaluate(config, slices.take_rows(arrays, rows), None)
@@ -1052,7 +1055,7 @@ class RunsDataPlane:
             drawn = result.example_statistics.replicates(weights, rows)
             _refuse_non_finite_state(drawn, "a slice", arrays["sample_weight"] is not None)
             replicates = drawn.to_dict()
-        return slices.SliceTotals(
+        return pushes.SliceTotals(
             count=sub.count,
             ignored=sub.ignored,
             sum=sub.sum,
@@ -1066,7 +1069,7 @@ class RunsDataPlane:
         session: Session,
         run: Run,
         config: RunConfig,
-        batch: Mapping[str, Mapping[str, slices.SliceTotals]],
+        batch: Mapping[str, Mapping[str, pushes.SliceTotals]],
     ) -> None:
         """Add the batch's slice totals to the run's (under the run's lock); 422 naming the
         first value beyond ``max_slice_values`` of its key, before anything is written."""
@@ -1427,6 +1430,24 @@ def _merge_replicates(
         return ReplicateState.from_dict(stored).merge(batch)
 
 
+def _check_compare_slices(key: str, baseline: str | None, runs: Sequence[Run]) -> None:
+    """``slice_key`` needs a ``baseline``, at most ``MAX_COMPARE_SLICE_RUNS`` runs, and to be a
+    slice key of every run (422 naming it)."""
+    problem = None
+    if baseline is None:
+        problem = "slice_key needs baseline (the deltas are per slice value)"
+    elif len(runs) > MAX_COMPARE_SLICE_RUNS:
+        problem = f"slice_key compares at most {MAX_COMPARE_SLICE_RUNS} runs"
+    else:
+        lacking = [r.id for r in runs if key not in (r.slice_keys or [])]
+        if lacking:
+            problem = f"runs without slice key {quoted(key)}: {', '.join(lacking)}"
+    if problem is not None:
+        raise ValidationFailed(
+            problem, [{"loc": ["query", "slice_key"], "msg": problem, "type": "slice_key"}]
+        )
+
+
 def _flat(values: Mapping[str, Any]) -> dict[str, Any]:
     """Scalar values by name, a top-k map as ``top_k_accuracy.k``; other maps left out."""
     out: dict[str, Any] = {}
@@ -1488,8 +1509,8 @@ def _merge_dicts(
     return merged
 
 
-def _add_totals(a: slices.SliceTotals, b: slices.SliceTotals) -> slices.SliceTotals:
-    return slices.SliceTotals(
+def _add_totals(a: pushes.SliceTotals, b: pushes.SliceTotals) -> pushes.SliceTotals:
+    return pushes.SliceTotals(
         count=a.count + b.count,
         ignored=a.ignored + b.ignored,
         sum=a.sum + b.sum,

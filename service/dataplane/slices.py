@@ -201,18 +201,6 @@ def take_rows(arrays: Mapping[str, Any], rows: np.ndarray) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class SliceTotals:
-    """One (key, value) of a batch or of a run: loss sums and merged states."""
-
-    count: int
-    ignored: int
-    sum: float
-    denominator: float
-    metric_state: dict[str, Any] | None
-    replicate_state: dict[str, Any] | None
-
-
 def intervals(
     state: ReplicateState | None,
     point: Mapping[str, Any],

@@ -5,6 +5,7 @@ nothing is written unless these functions write it).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
@@ -12,6 +13,19 @@ from sqlalchemy import Table, bindparam, func, insert, select, text, tuple_, upd
 from sqlalchemy.orm import Session
 
 from service.store.models import Batch, Run, RunSlice
+
+
+@dataclass(frozen=True)
+class SliceTotals:
+    """One (key, value) of a batch or of a run: loss sums and merged states."""
+
+    count: int
+    ignored: int
+    sum: float
+    denominator: float
+    metric_state: dict[str, Any] | None
+    replicate_state: dict[str, Any] | None
+
 
 RUNS = cast(Table, Run.__table__)
 BATCHES = cast(Table, Batch.__table__)
@@ -30,6 +44,10 @@ TOTALS = (
     "paired_ids",
 )
 SLICES = cast(Table, RunSlice.__table__)
+#: Slice values of one key a comparison loads (the largest by count): bounds its time.
+MAX_SLICE_VALUES_LOADED = 20
+#: (key, value) pairs per query (PostgreSQL takes at most 65535 parameters).
+SLICE_QUERY_CHUNK = 1000
 
 # Built once (these run on every push): statements with bound parameters.
 _LOCK_RUN = select(RUNS).where(RUNS.c.id == bindparam("run_id")).with_for_update()
@@ -111,30 +129,28 @@ def slice_value_counts(session: Session, run_pk: int) -> dict[str, int]:
 
 def load_slices(
     session: Session, run_pk: int, wanted: list[tuple[str, str]]
-) -> dict[tuple[str, str], Any]:
-    """The stored totals (``SliceTotals``) of these (key, value) pairs of the run, if any."""
-    from service.dataplane.slices import SliceTotals
-
-    if not wanted:
-        return {}
-    query = select(SLICES).where(
-        SLICES.c.run_pk == run_pk, tuple_(SLICES.c.key, SLICES.c.value).in_(wanted)
-    )
-    return {
-        (row["key"], row["value"]): SliceTotals(
-            count=row["count"],
-            ignored=row["ignored"],
-            sum=row["sum"],
-            denominator=row["denominator"],
-            metric_state=row["metric_state"],
-            replicate_state=row["replicate_state"],
+) -> dict[tuple[str, str], SliceTotals]:
+    """The stored totals of these (key, value) pairs of the run, if any."""
+    found = {}
+    for start in range(0, len(wanted), SLICE_QUERY_CHUNK):
+        chunk = wanted[start : start + SLICE_QUERY_CHUNK]
+        query = select(SLICES).where(
+            SLICES.c.run_pk == run_pk, tuple_(SLICES.c.key, SLICES.c.value).in_(chunk)
         )
-        for row in session.connection().execute(query).mappings()
-    }
+        for row in session.connection().execute(query).mappings():
+            found[row["key"], row["value"]] = SliceTotals(
+                count=row["count"],
+                ignored=row["ignored"],
+                sum=row["sum"],
+                denominator=row["denominator"],
+                metric_state=row["metric_state"],
+                replicate_state=row["replicate_state"],
+            )
+    return found
 
 
 def put_slice(
-    session: Session, run_pk: int, key: str, value: str, totals: Any, *, new: bool
+    session: Session, run_pk: int, key: str, value: str, totals: SliceTotals, *, new: bool
 ) -> None:
     """Insert (``new``) or overwrite the run's totals of slice ``key`` = ``value``."""
     fields = {
@@ -183,8 +199,9 @@ def slice_totals(
     session: Session, run_pk: int, *, pairs: list[tuple[str, str]] | None = None, key: str = ""
 ) -> dict[tuple[str, str], Any]:
     """The run's slice totals with their replicate states: of the (key, value) ``pairs``, or
-    of every value of ``key``."""
+    of the ``MAX_SLICE_VALUES_LOADED`` largest values of ``key``."""
     if pairs is not None:
         return load_slices(session, run_pk, pairs)
-    values = [(key, str(row.value)) for row in slice_rows(session, run_pk, key)]
+    rows = sorted(slice_rows(session, run_pk, key), key=lambda r: (-r.count, r.value))
+    values = [(key, str(row.value)) for row in rows[:MAX_SLICE_VALUES_LOADED]]
     return load_slices(session, run_pk, values)
