@@ -30,6 +30,7 @@ import functools
 import math
 import os
 import platform
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -101,6 +102,10 @@ RUN_OPEN = Gauge(
 )
 #: run id → the (gauge, labels) it set, so that :func:`forget_run` can drop them.
 _RUN_SERIES: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+_RUN_SERIES_LOCK = threading.Lock()  # worker threads export
+#: Most runs with series in one process (monitored runs and their baselines): a run beyond it
+#: is not exported, so clients' tags cannot grow the exposition without bound.
+MAX_EXPORTED_RUNS = 1000
 
 #: HTTP status → ``ce_eval_rejected_total`` reason (the problem types of service.errors).
 REJECTION_REASONS = {
@@ -182,21 +187,26 @@ def forget_run(run_id: str) -> None:
 
 
 def observe_run(run: Mapping[str, Any] | None, run_id: str) -> None:
-    """Export a run summary's point values, intervals and open state (the runs data plane
-    calls it for runs tagged ``baseline`` and for their baselines, so the series stay as few
-    as the monitored runs); None: the run ``run_id`` was deleted."""
-    if run is None:
-        forget_run(run_id)
-        return
-    values = {"value": run.get("value")}
-    values.update(
-        {k: v for k, v in (run.get("metrics") or {}).items() if isinstance(v, int | float)}
-    )
-    intervals = {k: entry["ci"] for k, entry in (run.get("intervals") or {}).items()}
-    export_run(run["id"], values, intervals)
-    export_run_state(
-        run["id"], run.get("status") == "open", (run.get("tags") or {}).get("baseline")
-    )
+    """Export a run summary's point values (top-k as ``top_k_accuracy.k``), intervals and open
+    state (the runs data plane calls it for runs tagged ``baseline`` and for their baselines,
+    so the series stay as few as the monitored runs, at most ``MAX_EXPORTED_RUNS``); None:
+    the run ``run_id`` was deleted."""
+    with _RUN_SERIES_LOCK:
+        if run is None:
+            forget_run(run_id)
+            return
+        if run_id not in _RUN_SERIES and len(_RUN_SERIES) >= MAX_EXPORTED_RUNS:
+            return
+        values: dict[str, Any] = {"value": run.get("value")}
+        for name, value in (run.get("metrics") or {}).items():
+            if isinstance(value, Mapping) and name == "top_k_accuracy":
+                values.update({f"{name}.{k}": v for k, v in value.items()})
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                values[name] = value
+        intervals = {k: entry["ci"] for k, entry in (run.get("intervals") or {}).items()}
+        export_run(run["id"], values, intervals)
+        baseline = (run.get("tags") or {}).get("baseline")
+        export_run_state(run["id"], run.get("status") == "open", baseline)
 
 
 def rejection_reason(status: int) -> str:

@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import numpy as np
 import orjson
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 from sqlalchemy import Select, delete, exists, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -72,10 +72,12 @@ from service.errors import (
     Unavailable,
     ValidationFailed,
 )
+from service.logs import get_logger
 from service.schemas import BATCH_TENSORS, MAX_METRIC_NAMES, MAX_OPTION_KEYS
 from service.store import Batch, ConfusionCell, Run, RunSlice, RunTag, Store, pushes
 from service.store.models import utcnow
 
+log = get_logger("ce_eval.runs")
 RunStatus = Literal["open", "closed"]
 MAX_LIST_LIMIT = 500
 MAX_TAG_FILTERS = 32  # tag=k:v filters one listing may AND together (each is a subquery)
@@ -150,7 +152,7 @@ class AddBatchRequest(BaseModel):
     features: Any = Field(None, description="linear_cross_entropy: features X (N, D).")
     weight: Any = Field(None, description="linear_cross_entropy: weight W (C, D).")
     bias: Any = Field(None, description="linear_cross_entropy: bias b (C,).")
-    example_ids: list[Annotated[str, Field(max_length=128)] | int] | None = Field(
+    example_ids: list[Annotated[StrictStr, Field(max_length=128)] | StrictInt] | None = Field(
         None, description="(N,) stable ids of the examples (strings ≤ 128 chars or integers)."
     )
     slices: dict[str, list[Any]] | None = Field(
@@ -597,7 +599,7 @@ class RunsDataPlane:
                 state = (
                     None if row.metric_state is None else MetricState.from_dict(row.metric_state)
                 )
-                metrics = {} if state is None else _scalar_metrics(state.compute(state.names))
+                metrics = {} if state is None else _scalar_metrics(_summary_values(state))
                 table.append(
                     {
                         "slice": row.value,
@@ -766,7 +768,8 @@ class RunsDataPlane:
         request = gating.parse_gate_request(payload)
         pairs = sorted({c.slice for c in request.checks if c.slice is not None})
         with _store_guard(), self.store.read() as session:
-            candidate = self._view(session, self._load(session, run_id, principal), pairs=pairs)
+            run = self._load(session, run_id, principal)
+            candidate = self._view(session, run, pairs=pairs)
             try:
                 base = self._load(session, request.baseline, principal)
             except NotFound:
@@ -775,10 +778,16 @@ class RunsDataPlane:
                     [{"loc": ["body", "baseline"], "msg": "no run", "type": "not_found"}],
                 ) from None
             baseline = self._view(session, base, pairs=pairs)
+            at = (run.batches, run.count, base.batches, base.count)
         answer = gating.run_gate(candidate, baseline, request.checks, request.allow_inconclusive)
+        answer["at"] = {  # what the verdict saw: a later batch makes it stale
+            "batches": at[0],
+            "count": at[1],
+            "baseline_batches": at[2],
+            "baseline_count": at[3],
+        }
         with _store_guard(), self.store.write() as session:
-            run = self._load(session, run_id, principal, lock=True)
-            run.gate = answer
+            self._load(session, run_id, principal, lock=True).gate = answer
         return answer
 
     def _view(
@@ -883,7 +892,7 @@ class RunsDataPlane:
                 [
                     {
                         "loc": ["body", "logits"],
-                        "msg": "too many weights",
+                        "msg": f"rows × the run's confidence.replicates ({draws}) over the limit",
                         "type": "too_many_weights",
                     }
                 ],
@@ -964,7 +973,7 @@ class RunsDataPlane:
                     "created_at": utcnow(),
                 }
                 pushes.insert_batch(session, row)
-                totals = {
+                totals: dict[str, Any] = {
                     "batches": row["seq"],
                     "count": run.count + result.count,
                     "ignored": run.ignored + result.ignored,
@@ -973,6 +982,7 @@ class RunsDataPlane:
                     "metric_state": None if merged is None else merged.to_dict(),
                     "updated_at": row["created_at"],
                     "replicate_state": None if replicates is None else replicates.to_dict(),
+                    "intervals": None,  # the answer's, below
                     "fingerprint": identity.fingerprint.merge(
                         Fingerprint.from_dict(run.fingerprint)
                         if run.fingerprint is not None
@@ -980,16 +990,18 @@ class RunsDataPlane:
                     ).to_dict(),
                     "paired_ids": identity.paired and (run.paired_ids or run.batches == 0),
                 }
-                pushes.update_totals(session, run, totals)
-                batch = Batch(**row)
+                for name, total in totals.items():  # the answer is made from the new totals
+                    setattr(run, name, total)
                 answer = self._batch_answer(
                     run,
-                    batch,
+                    Batch(**row),
                     duplicate=False,
                     state=merged,
                     tags=config.tags,
                     replicates=replicates,
                 )
+                totals["intervals"] = answer["run"]["intervals"]
+                pushes.update_totals(session, run, totals)
         except IntegrityError:
             # Another writer inserted this (run, batch_id) first (only possible where the run
             # lock is not exclusive): answer as for any retry of that batch.
@@ -1005,16 +1017,19 @@ class RunsDataPlane:
         return answer
 
     def _monitor(self, run: dict[str, Any], principal: str | None) -> None:
-        """``on_run`` of a monitored run, and of its baseline the first time (a missing
-        baseline is left out)."""
+        """``on_run`` of a monitored run, and of its baseline until found once. Telemetry never
+        fails a request: its errors are logged."""
         baseline = run["tags"].get("baseline")
         if self.on_run is None or baseline is None:
             return
-        self.on_run(run, run["id"])
-        if baseline not in self._baselines_seen:
-            self._baselines_seen.add(baseline)
-            with contextlib.suppress(NotFound):
-                self.on_run(self.get_run(baseline, principal=principal), baseline)
+        try:
+            self.on_run(run, run["id"])
+            if baseline not in self._baselines_seen:
+                with contextlib.suppress(NotFound):
+                    self.on_run(self.get_run(baseline, principal=principal), baseline)
+                    self._baselines_seen.add(baseline)
+        except Exception:
+            log.exception("exporting run gauges failed", extra={"run_id": run["id"]})
 
     def _evaluate(
         self, config: RunConfig, arrays: Mapping[str, Any], weights: np.ndarray | None
@@ -1351,8 +1366,9 @@ class RunsDataPlane:
         reduction, normalization, unit = self._reduction(run)
         names, limit = run.class_names, self.settings.run_detail_max_classes
         value = _run_value((reduction, normalization, unit), run.sum, run.denominator, run.batches)
-        if replicates is None and run.replicate_state is not None:
-            replicates = ReplicateState.from_dict(run.replicate_state)
+        intervals = run.intervals  # as of the last push
+        if replicates is not None or (intervals is None and run.confidence is not None):
+            intervals = slices.intervals(replicates, {"value": value, **metrics}, run.confidence)
         return {
             "id": run.id,
             "name": run.name,
@@ -1378,7 +1394,7 @@ class RunsDataPlane:
             "metrics": metrics,
             "details": run_details.details(run.metrics_requested),
             "confidence": run.confidence,
-            "intervals": slices.intervals(replicates, {"value": value, **metrics}, run.confidence),
+            "intervals": intervals,
             "no_interval": (
                 slices.without_interval(run.metrics_requested) if run.confidence else []
             ),
@@ -1470,7 +1486,7 @@ def _replicates_of(
 ) -> gating.RunReplicates:
     """A run's (or a slice's) :class:`gating.RunReplicates` from its stored states."""
     state = None if metric_state is None else MetricState.from_dict(metric_state)
-    metrics = {} if state is None else _scalar_metrics(state.compute(state.names))
+    metrics = {} if state is None else _scalar_metrics(_summary_values(state))
     points = {k: v for k, v in _flat({"value": value, **metrics}).items() if _number(v)}
     replicates: dict[str, np.ndarray] = {}
     if replicate_state is not None:
@@ -1488,6 +1504,12 @@ def _replicates_of(
         paired_ids=bool(run.paired_ids),
         slices=dict(slices_of or {}),
     )
+
+
+def _summary_values(state: MetricState) -> dict[str, Any]:
+    """The state's summary metrics only (no per-class tables or curves)."""
+    values: dict[str, Any] = state.compute(run_details.summary_names(state.names))
+    return values
 
 
 def _number(value: Any) -> bool:

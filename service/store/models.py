@@ -87,7 +87,11 @@ class Run(Base):
     #: whether every batch carried ``example_ids``; ``slice_keys`` / ``max_slice_values`` the
     #: declared slices (states in ``run_slices``); ``gate`` the last gate answer.
     confidence: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    replicate_state: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    replicate_state: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON, nullable=True, deferred=True
+    )
+    #: The intervals of the last push (from ``replicate_state``), so summaries need not parse it.
+    intervals: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     fingerprint: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     paired_ids: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     slice_keys: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)

@@ -40,6 +40,7 @@ TOTALS = (
     "metric_state",
     "updated_at",
     "replicate_state",
+    "intervals",
     "fingerprint",
     "paired_ids",
 )

@@ -22,6 +22,7 @@ BIGINT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # as runs.pk
 COLUMNS = (
     ("confidence", sa.JSON),
     ("replicate_state", sa.JSON),
+    ("intervals", sa.JSON),
     ("fingerprint", sa.JSON),
     ("paired_ids", sa.Boolean),
     ("slice_keys", sa.JSON),
