@@ -217,6 +217,7 @@ async def test_without_ids_the_run_is_not_paired_and_without_confidence_has_no_i
         ({"confidence": {"seed": -1}}, ["confidence", "seed"]),
         ({"confidence": {"samples": 3}}, ["confidence", "samples"]),
         ({"max_slice_values": 0}, ["max_slice_values"]),
+        ({"max_slice_values": 10, "slice_keys": []}, ["max_slice_values"]),
     ],
 )
 async def test_create_rejects_bad_confidence_and_slice_keys(api, fields, loc):
@@ -556,3 +557,21 @@ async def test_compare_per_slice_needs_a_baseline_and_a_shared_key(api):
     ):
         response = await api.get("/v1/runs/compare", params=params)
         assert response.status_code == 422 and ["query", "slice_key"] in locs(response)
+
+
+async def test_a_slice_whose_examples_differ_between_runs_is_compared_unpaired(api):
+    """Same ids overall, but the `de` slice holds other examples in the candidate: that
+    slice's delta is unpaired while the whole run's is paired."""
+    d = data(12, 60)
+    base = await new_run(api, name="a")
+    await push(api, base, batch_body(d, slice(0, 60), "b0"))
+    moved = batch_body(d, slice(0, 60), "b0")
+    moved["slices"]["lang"] = moved["slices"]["lang"][1:] + moved["slices"]["lang"][:1]
+    cand = await new_run(api, name="b")
+    await push(api, cand, moved)
+    compared = await api.get(
+        "/v1/runs/compare", params={"ids": f"{base},{cand}", "baseline": base, "slice_key": "lang"}
+    )
+    deltas = compared.json()["deltas"][cand]
+    assert deltas["accuracy"]["paired"] is True
+    assert {entry["accuracy"]["paired"] for entry in deltas["slices"].values()} == {False}

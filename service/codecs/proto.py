@@ -346,7 +346,7 @@ def batch_from_proto(message: pb.AddBatchRequest, max_elements: int) -> dict[str
     if message.example_ids and message.example_int_ids:
         raise ValidationFailed(
             "send example_ids or example_int_ids, not both",
-            [{"loc": ["example_ids"], "msg": "both id kinds given", "type": "extra"}],
+            [{"loc": ["body", "example_ids"], "msg": "both id kinds given", "type": "extra"}],
         )
     if message.example_ids or message.example_int_ids:
         payload["example_ids"] = list(message.example_ids or message.example_int_ids)

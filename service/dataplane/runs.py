@@ -469,6 +469,17 @@ class RunsDataPlane:
                 unknown,
             )
         keys = slices.check_slice_keys(request.slice_keys)
+        if "max_slice_values" in request.model_fields_set and not keys:
+            raise ValidationFailed(
+                "max_slice_values bounds slice_keys' values: declare slice_keys too",
+                [
+                    {
+                        "loc": ["body", "max_slice_values"],
+                        "msg": "given without slice_keys",
+                        "type": "extra",
+                    }
+                ],
+            )
         slices.check_state_budget(
             request.confidence,
             getattr(options, "n_bins", 15),
@@ -810,11 +821,14 @@ class RunsDataPlane:
                 _run_value(reduction, t.sum, t.denominator, 1),
                 t.metric_state,
                 t.replicate_state,
+                t.fingerprint,
             )
             for where, t in totals.items()
             if pairs or key
         }
-        return _replicates_of(run, run.id, value, run.metric_state, run.replicate_state, parts)
+        return _replicates_of(
+            run, run.id, value, run.metric_state, run.replicate_state, run.fingerprint, parts
+        )
 
     # --------------------------------------------------------------- batches
 
@@ -920,7 +934,7 @@ class RunsDataPlane:
         state, cells = _split_cells(result.metric_state)
         batch_slices = {
             key: {
-                value: self._slice_totals(config, arrays, weights, result, where)
+                value: self._slice_totals(config, arrays, weights, result, where, identity)
                 for value, where in rows.items()
             }
             for key, rows in groups.items()
@@ -1060,6 +1074,7 @@ class RunsDataPlane:
         weights: np.ndarray | None,
         result: ce_engine.EvaluationResult,
         rows: np.ndarray,
+        identity: _Identity,
     ) -> pushes.SliceTotals:
         """One slice value of the batch: its examples ``rows`` evaluated alone, and their
         replicates from the batch's per-example sums."""
@@ -1077,6 +1092,7 @@ class RunsDataPlane:
             denominator=sub.denominator,
             metric_state=None if state is None else state.to_dict(),
             replicate_state=replicates,
+            fingerprint=Fingerprint.of(identity.h1[rows], identity.h2[rows]).to_dict(),
         )
 
     @staticmethod
@@ -1420,6 +1436,7 @@ class _Identity:
     whether the ids were the client's (else (batch_id, position))."""
 
     h1: np.ndarray
+    h2: np.ndarray
     fingerprint: Fingerprint
     paired: bool
 
@@ -1427,12 +1444,12 @@ class _Identity:
 def _identity(example_ids: Sequence[Any] | None, batch_id: str, examples: int) -> _Identity:
     if example_ids is None:
         h1, h2 = default_example_hashes(batch_id, examples)
-        return _Identity(h1, Fingerprint.of(h1, h2), False)
+        return _Identity(h1, h2, Fingerprint.of(h1, h2), False)
     try:
         h1, h2 = example_id_hashes(example_ids)
     except ce_engine.EngineError as exc:
         raise engine_error(exc) from None
-    return _Identity(h1, Fingerprint.of(h1, h2), True)
+    return _Identity(h1, h2, Fingerprint.of(h1, h2), True)
 
 
 def _merge_replicates(
@@ -1482,9 +1499,11 @@ def _replicates_of(
     value: float | None,
     metric_state: dict[str, Any] | None,
     replicate_state: dict[str, Any] | None,
+    fingerprint: dict[str, Any] | None,
     slices_of: Mapping[tuple[str, str], gating.RunReplicates] | None = None,
 ) -> gating.RunReplicates:
-    """A run's (or a slice's) :class:`gating.RunReplicates` from its stored states."""
+    """A run's (or a slice's) :class:`gating.RunReplicates` from its stored states; pairing is
+    judged on ``fingerprint``, the id set of those examples."""
     state = None if metric_state is None else MetricState.from_dict(metric_state)
     metrics = {} if state is None else _scalar_metrics(_summary_values(state))
     points = {k: v for k, v in _flat({"value": value, **metrics}).items() if _number(v)}
@@ -1500,7 +1519,7 @@ def _replicates_of(
         level=float(confidence.get("level", 0.95)),
         seed=int(confidence.get("seed", 0)),
         count=int(confidence.get("replicates", 0)) if replicates else 0,
-        fingerprint=None if run.fingerprint is None else Fingerprint.from_dict(run.fingerprint),
+        fingerprint=None if fingerprint is None else Fingerprint.from_dict(fingerprint),
         paired_ids=bool(run.paired_ids),
         slices=dict(slices_of or {}),
     )
@@ -1539,7 +1558,14 @@ def _add_totals(a: pushes.SliceTotals, b: pushes.SliceTotals) -> pushes.SliceTot
         denominator=a.denominator + b.denominator,
         metric_state=_merge_dicts(MetricState, a.metric_state, b.metric_state),
         replicate_state=_merge_dicts(ReplicateState, a.replicate_state, b.replicate_state),
+        fingerprint=_fingerprint_sum(a.fingerprint, b.fingerprint),
     )
+
+
+def _fingerprint_sum(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return Fingerprint.from_dict(a).merge(Fingerprint.from_dict(b)).to_dict()
 
 
 def _cells_of(run_pk: int) -> Select[int, int, float]:

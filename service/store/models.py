@@ -178,3 +178,5 @@ class RunSlice(Base):
     denominator: Mapped[float] = mapped_column(Double, default=0.0)
     metric_state: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     replicate_state: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: The slice's own example-id set (pairing is judged per slice).
+    fingerprint: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

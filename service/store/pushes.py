@@ -25,6 +25,7 @@ class SliceTotals:
     denominator: float
     metric_state: dict[str, Any] | None
     replicate_state: dict[str, Any] | None
+    fingerprint: dict[str, Any] | None = None  # of the slice's example ids
 
 
 RUNS = cast(Table, Run.__table__)
@@ -146,6 +147,7 @@ def load_slices(
                 denominator=row["denominator"],
                 metric_state=row["metric_state"],
                 replicate_state=row["replicate_state"],
+                fingerprint=row["fingerprint"],
             )
     return found
 
@@ -161,6 +163,7 @@ def put_slice(
         "denominator": totals.denominator,
         "metric_state": totals.metric_state,
         "replicate_state": totals.replicate_state,
+        "fingerprint": totals.fingerprint,
     }
     connection = session.connection()
     if new:

@@ -45,6 +45,7 @@ def upgrade() -> None:
         sa.Column("denominator", sa.Double, nullable=False),
         sa.Column("metric_state", sa.JSON, nullable=True),
         sa.Column("replicate_state", sa.JSON, nullable=True),
+        sa.Column("fingerprint", sa.JSON, nullable=True),
     )
 
 
