@@ -331,7 +331,7 @@ def test_an_unknown_array_is_refused_before_sending(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert one_line(done.stderr).startswith(
         f"ce-eval: {tmp_path / 'w.npz'}: unknown array 'weights'; did you mean 'sample_weight'? "
-        "accepted: logits, targets, sample_weight (hint: "
+        "accepted: logits, targets, sample_weight, example_ids, slice.<key> (hint: "
     )
 
 
@@ -343,9 +343,8 @@ def test_an_unknown_column_is_refused_before_sending(tmp_path: Path) -> None:
     pa.parquet.write_table(table, tmp_path / "t.parquet")
     done = cli("run", "push", "--url", UNREACHABLE, "run_x", str(tmp_path / "t.parquet"))
     assert done.returncode == 2
-    assert "unknown column 'label_name'; accepted: logits, targets, sample_weight" in one_line(
-        done.stderr
-    )
+    accepted = "accepted: logits, targets, sample_weight, example_ids, slice.<key>"
+    assert f"unknown column 'label_name'; {accepted}" in one_line(done.stderr)
 
 
 def test_ragged_list_column_says_which_lengths(tmp_path: Path) -> None:
@@ -662,3 +661,52 @@ def test_create_with_intervals_and_slices_then_gate_with_junit(
     assert ET.parse(report).getroot().find(".//failure") is not None
     bad = cli("gate", "--url", server.url, runs[1], "--baseline", runs[0], "--check", "oops")
     assert bad.returncode == 2
+
+
+def test_push_sends_example_ids_and_slices_from_files(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """`example_ids` and `slice.<key>` arrays / columns of .npz and Parquet files become the
+    batches' ids and slices: a re-push counts nothing twice, and the runs of both formats have
+    the same fingerprint and slices."""
+    import pyarrow as pa
+    import pyarrow.parquet
+
+    from ce_eval_client import Client
+
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((30, 3)).astype(np.float32)
+    y = rng.integers(0, 3, 30)
+    ids = np.array([f"row{i}" for i in range(30)])
+    lang = np.array([["en", "de", "fr"][i % 3] for i in range(30)])
+    np.savez(tmp_path / "a.npz", logits=z, targets=y, example_ids=ids, **{"slice.lang": lang})
+    table = pa.table({
+        "logits": pa.array(z.tolist(), pa.list_(pa.float32(), 3)), "targets": y,
+        "example_ids": ids.tolist(), "slice.lang": lang.tolist(),
+    })  # fmt: skip
+    pa.parquet.write_table(table, tmp_path / "a.parquet")
+    runs = []
+    for name in ("a.npz", "a.parquet"):
+        flags = ["--replicates", "20", "--slice-key", "lang", "--id-only"]
+        created = cli("run", "create", "--url", server.url, "--name", name, "--metric",
+                      "accuracy", *flags)  # fmt: skip
+        run_id = created.stdout.strip()
+        for _ in range(2):
+            pushed = cli("run", "push", "--url", server.url, run_id, str(tmp_path / name),
+                         "--batch-size", "8", "--quiet")  # fmt: skip
+            assert pushed.returncode == 0, pushed.stderr
+        runs.append(run_id)
+    with Client(server.url) as client:
+        got = [client.get_run(r) for r in runs]
+        pages = [client.run_slices(r, "lang", sort="slice") for r in runs]
+    assert got[0]["batches"] == 4 and got[0]["count"] == 30 and got[0]["paired_ids"] is True
+    assert got[0]["fingerprint"] == got[1]["fingerprint"]
+    assert [(r["slice"], r["count"]) for r in pages[0]["slices"]] == [
+        ("fr", 10),
+        ("en", 10),
+        ("de", 10),
+    ]
+    for mine, other in zip(pages[0]["slices"], pages[1]["slices"], strict=True):
+        assert (mine["slice"], mine["count"]) == (other["slice"], other["count"])
+        assert mine["value"] == pytest.approx(other["value"], rel=1e-12)
+        assert mine["metrics"] == other["metrics"]

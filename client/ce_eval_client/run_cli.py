@@ -310,13 +310,13 @@ def cmd_push(args: argparse.Namespace, session: Session) -> int:
         grpc = session.grpc
         if grpc is not None:  # tensors as raw bytes: no base64 on either side
             answer = session.call_grpc(
-                "AddBatch", lambda: grpc.add_batch(args.run_id, batch_id, **batch.parts)
+                "AddBatch", lambda: grpc.add_batch(args.run_id, batch_id, **batch.request())
             )
         else:
             answer = session.call(
                 "POST",
                 path,
-                lambda: session.client.add_batch(args.run_id, batch_id, **batch.parts),
+                lambda: session.client.add_batch(args.run_id, batch_id, **batch.request()),
             )
         return batch.rows, answer
 

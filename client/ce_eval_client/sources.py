@@ -4,9 +4,11 @@ Accepted: ``.npz`` files; directories holding ``logits.npy`` and ``targets.npy``
 ``sample_weight.npy``; memory-mapped); ``.safetensors`` files; Parquet files (``.parquet``,
 ``.pq``); Arrow IPC files (``.arrow``, ``.feather``, ``.ipc``) and streams (``.arrows``). Each
 holds the arrays (or columns) ``logits``, ``targets`` and optionally ``sample_weight`` with one
-row per example; in Parquet / Arrow, ``logits`` (and probability targets) are list columns of
-one length (``fixed_size_list`` as written by ``pa.list_(pa.float32(), C)``). Any other array
-name is an error, never dropped. safetensors and pyarrow come with the ``files`` extra.
+row per example, ``example_ids`` (strings or integers) and ``slice.<key>`` (one string per
+example, for a run's slice key); in Parquet / Arrow, ``logits`` (and probability targets) are
+list columns of one length (``fixed_size_list`` as written by ``pa.list_(pa.float32(), C)``).
+Any other array name is an error, never dropped. safetensors and pyarrow come with the
+``files`` extra.
 
 Sources are listed (names and row counts read from headers and metadata) before any request,
 and each is loaded when its turn comes.
@@ -27,6 +29,19 @@ from ce_eval_client.cli_errors import UsageError, unknown_name
 
 TENSOR_NAMES = ("logits", "targets", "sample_weight")
 REQUIRED = ("logits", "targets")
+SLICE_PREFIX = "slice."
+#: What a batch may carry beside its tensors (sent as ``example_ids`` and ``slices``).
+LABEL_NAMES = ("example_ids", f"{SLICE_PREFIX}<key>")
+
+
+def _known(name: str) -> bool:
+    return (
+        name in TENSOR_NAMES
+        or name == "example_ids"
+        or (name.startswith(SLICE_PREFIX) and len(name) > len(SLICE_PREFIX))
+    )
+
+
 FILES_EXTRA = "pip install 'ce-eval-client[files]' (in the repository: pip install '.[files]')"
 ARROW_FILE_SUFFIXES = frozenset({".arrow", ".feather", ".ipc"})
 ARROW_STREAM_SUFFIXES = frozenset({".arrows"})
@@ -65,10 +80,11 @@ class Source:
 
 def _check_names(path: Path, names: Sequence[str] | Mapping[str, Any], kind: str = "array") -> None:
     for name in names:
-        if name not in TENSOR_NAMES:
+        if not _known(name):
+            accepted = (*TENSOR_NAMES, *LABEL_NAMES)
             raise UsageError(
-                f"{path}: {unknown_name(kind, name, TENSOR_NAMES)}",
-                f"rename or drop it: run push sends only {', '.join(TENSOR_NAMES)}",
+                f"{path}: {unknown_name(kind, name, accepted)}",
+                f"rename or drop it: run push sends only {', '.join(accepted)}",
             )
     for required in REQUIRED:
         if required not in names:
@@ -306,7 +322,24 @@ class Batch:
                 part = self.parts[key]
                 digest.update(f"{key}:{part.dtype.str}:{part.shape};".encode())
                 digest.update(part.reshape(-1).view(np.uint8).data)
+        for key in sorted(k for k in self.parts if k not in TENSOR_NAMES):  # ids and slices
+            digest.update(f"{key}:".encode() + "\x00".join(map(str, self.parts[key])).encode())
         return f"{self.source[:120]}#{self.index}:{digest.hexdigest()[:16]}"
+
+    def request(self) -> dict[str, Any]:
+        """``add_batch`` keywords: the tensors, ``example_ids`` and ``slices`` {key: values}."""
+        out: dict[str, Any] = {k: self.parts[k] for k in TENSOR_NAMES if k in self.parts}
+        if "example_ids" in self.parts:
+            ids = self.parts["example_ids"]
+            out["example_ids"] = [x if isinstance(x, str) else int(x) for x in ids.tolist()]
+        slices = {
+            k.removeprefix(SLICE_PREFIX): [str(v) for v in self.parts[k].tolist()]
+            for k in self.parts
+            if k.startswith(SLICE_PREFIX)
+        }
+        if slices:
+            out["slices"] = slices
+        return out
 
 
 def batches_of(
@@ -318,7 +351,7 @@ def batches_of(
     for index, start in enumerate(range(0, source.rows, batch_size)):
         parts = {
             key: np.ascontiguousarray(arrays[key][start : start + batch_size])
-            for key in TENSOR_NAMES
-            if key in arrays
+            for key in arrays
+            if _known(key)
         }
         yield Batch(source.name, index, parts)
