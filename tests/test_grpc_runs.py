@@ -645,3 +645,11 @@ async def test_gate_and_slices_over_grpc_answer_what_rest_answers(stack: Stack) 
         stack.stub.GetRunSlices(pb.GetRunSlicesRequest(run_id=runs[1], key="x"))
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    wanted = pb.CompareRunsRequest(ids=runs, baseline=runs[0], slice_key="lang")
+    compared = struct_to_dict((await stack.stub.CompareRuns(wanted)).answer)
+    params = {"ids": ",".join(runs), "baseline": runs[0], "slice_key": "lang"}
+    rest_compare = (await stack.rest.get("/v1/runs/compare", params=params)).json()
+    assert compared["deltas"] == rest_compare["deltas"]
+    no_baseline = pb.CompareRunsRequest(ids=runs, slice_key="lang")
+    error = await rpc_error(stack.stub.CompareRuns(no_baseline))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

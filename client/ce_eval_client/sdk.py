@@ -460,8 +460,11 @@ def _slices_call(run_id: str, key: str, query: Mapping[str, Any]) -> _JsonCall:
     return _JsonCall("GET", run_path(run_id, "slices"), params=params)
 
 
-def _compare_call(run_ids: Iterable[str], baseline: str | None) -> _JsonCall:
-    params = {"ids": ",".join(run_ids), **({"baseline": baseline} if baseline else {})}
+def _compare_call(
+    run_ids: Iterable[str], baseline: str | None, slice_key: str | None = None
+) -> _JsonCall:
+    named = {"baseline": baseline, "slice_key": slice_key}
+    params = {"ids": ",".join(run_ids), **{k: v for k, v in named.items() if v}}
     return _JsonCall("GET", "/v1/runs/compare", params=params)
 
 
@@ -651,11 +654,13 @@ class Client:
         path = run_path(run_id, "metrics", quote(name, safe=""))
         return self._json(_JsonCall("GET", path, params=_metric_query(query)))
 
-    def compare(self, run_ids: Iterable[str], baseline: str | None = None) -> dict[str, Any]:
+    def compare(
+        self, run_ids: Iterable[str], baseline: str | None = None, slice_key: str | None = None
+    ) -> dict[str, Any]:
         """``GET /v1/runs/compare?ids=…[&baseline=…]`` → ``{runs, table}``, and with a
         ``baseline`` ``deltas``: per other run and metric (and slice) ``{value, baseline,
         delta, ci, paired}``."""
-        return self._json(_compare_call(run_ids, baseline))
+        return self._json(_compare_call(run_ids, baseline, slice_key))
 
     def gate(
         self,
@@ -808,9 +813,11 @@ class AsyncClient:
         path = run_path(run_id, "metrics", quote(name, safe=""))
         return await self._json(_JsonCall("GET", path, params=_metric_query(query)))
 
-    async def compare(self, run_ids: Iterable[str], baseline: str | None = None) -> dict[str, Any]:
+    async def compare(
+        self, run_ids: Iterable[str], baseline: str | None = None, slice_key: str | None = None
+    ) -> dict[str, Any]:
         """``GET /v1/runs/compare`` (see :meth:`Client.compare`)."""
-        return await self._json(_compare_call(run_ids, baseline))
+        return await self._json(_compare_call(run_ids, baseline, slice_key))
 
     async def gate(
         self,
@@ -889,6 +896,7 @@ class GrpcClient:
         self._run_metric = self._unary("GetRunMetric", pb.RunMetric)
         self._gate = self._unary("GateRun", pb.RunAnswer)
         self._slices = self._unary("GetRunSlices", pb.RunAnswer)
+        self._compare = self._unary("CompareRuns", pb.RunAnswer)
         self._add_batches = self._channel.stream_unary(
             f"/{SERVICE_NAME}/AddBatches",
             request_serializer=pb.AddBatchRequest.SerializeToString,
@@ -1068,6 +1076,16 @@ class GrpcClient:
             min_slice_size=min_slice_size,
         )  # fmt: skip
         return struct_to_dict(self._call(self._slices, request).answer)
+
+    def compare(
+        self, run_ids: Iterable[str], baseline: str | None = None, slice_key: str | None = None
+    ) -> dict[str, Any]:
+        """``CompareRuns``: as :meth:`Client.compare` answers it (``deltas`` with a
+        ``baseline``, per slice of ``slice_key``)."""
+        request = pb.CompareRunsRequest(
+            ids=list(run_ids), baseline=baseline or "", slice_key=slice_key or ""
+        )
+        return struct_to_dict(self._call(self._compare, request).answer)
 
     def list_runs(
         self,

@@ -1,8 +1,9 @@
 """gRPC server (grpc.aio): ``ce_eval.v1.LossEvaluation`` over the data planes, health, reflection.
 
 ``Evaluate`` runs on :class:`service.dataplane.evaluate.DataPlane`; ``CreateRun``, ``AddBatch``,
-``AddBatches``, ``GetRun``, ``ListRuns``, ``GetRunMetric``, ``GateRun`` and ``GetRunSlices`` on
-:class:`service.dataplane.runs.RunsDataPlane`, the same one the REST runs API uses. Batches are
+``AddBatches``, ``GetRun``, ``ListRuns``, ``GetRunMetric``, ``GateRun``, ``GetRunSlices`` and
+``CompareRuns`` on :class:`service.dataplane.runs.RunsDataPlane`, the same one the REST runs API
+uses. Batches are
 admitted one by one (``AddBatches`` too), so a full queue or a draining server answers
 UNAVAILABLE as HTTP answers 503.
 
@@ -168,6 +169,7 @@ class LossEvaluationServicer:
                 "GetRunMetric": (self.GetRunMetric, pb.RunMetric),
                 "GateRun": (self.GateRun, pb.RunAnswer),
                 "GetRunSlices": (self.GetRunSlices, pb.RunAnswer),
+                "CompareRuns": (self.CompareRuns, pb.RunAnswer),
             }
             for name, (method, response) in unary.items():
                 methods[name] = grpc.unary_unary_rpc_method_handler(
@@ -378,6 +380,24 @@ class LossEvaluationServicer:
             page = partial(self._runs().run_slices, run_id, message.key, query, principal=principal)
             answer = pb.RunAnswer()
             dict_to_struct(await anyio.to_thread.run_sync(page), answer.answer)
+            return answer
+
+        return await self._answer(context, work)
+
+    async def CompareRuns(
+        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RunAnswer:
+        async def work(principal: str | None) -> pb.RunAnswer:
+            message = _parse(pb.CompareRunsRequest, request)
+            compare = partial(
+                self._runs().compare,
+                list(message.ids),
+                principal=principal,
+                baseline=message.baseline or None,
+                slice_key=message.slice_key or None,
+            )
+            answer = pb.RunAnswer()
+            dict_to_struct(await anyio.to_thread.run_sync(compare), answer.answer)
             return answer
 
         return await self._answer(context, work)

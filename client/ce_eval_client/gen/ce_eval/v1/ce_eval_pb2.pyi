@@ -399,6 +399,16 @@ class GetRunSlicesRequest(_message.Message):
     min_slice_size: int
     def __init__(self, run_id: _Optional[str] = ..., key: _Optional[str] = ..., sort: _Optional[str] = ..., order: _Optional[str] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., min_slice_size: _Optional[int] = ...) -> None: ...
 
+class CompareRunsRequest(_message.Message):
+    __slots__ = ("ids", "baseline", "slice_key")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    SLICE_KEY_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    baseline: str
+    slice_key: str
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., baseline: _Optional[str] = ..., slice_key: _Optional[str] = ...) -> None: ...
+
 class RunAnswer(_message.Message):
     __slots__ = ("answer",)
     ANSWER_FIELD_NUMBER: _ClassVar[int]

@@ -82,6 +82,11 @@ class LossEvaluationStub:
                 request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.GetRunSlicesRequest.SerializeToString,
                 response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.RunAnswer.FromString,
                 _registered_method=True)
+        self.CompareRuns = channel.unary_unary(
+                '/ce_eval.v1.LossEvaluation/CompareRuns',
+                request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.CompareRunsRequest.SerializeToString,
+                response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.RunAnswer.FromString,
+                _registered_method=True)
 
 
 class LossEvaluationServicer:
@@ -153,6 +158,13 @@ class LossEvaluationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompareRuns(self, request, context):
+        """GET /v1/runs/compare
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossEvaluationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +211,11 @@ def add_LossEvaluationServicer_to_server(servicer, server):
             'GetRunSlices': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRunSlices,
                     request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.GetRunSlicesRequest.FromString,
+                    response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.RunAnswer.SerializeToString,
+            ),
+            'CompareRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareRuns,
+                    request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.CompareRunsRequest.FromString,
                     response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.RunAnswer.SerializeToString,
             ),
     }
@@ -447,6 +464,33 @@ class LossEvaluation:
             target,
             '/ce_eval.v1.LossEvaluation/GetRunSlices',
             ce__eval_dot_v1_dot_ce__eval__pb2.GetRunSlicesRequest.SerializeToString,
+            ce__eval_dot_v1_dot_ce__eval__pb2.RunAnswer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ce_eval.v1.LossEvaluation/CompareRuns',
+            ce__eval_dot_v1_dot_ce__eval__pb2.CompareRunsRequest.SerializeToString,
             ce__eval_dot_v1_dot_ce__eval__pb2.RunAnswer.FromString,
             options,
             channel_credentials,
