@@ -828,6 +828,11 @@ def test_dashboard_shows_intervals_and_a_slice_table_sorted_worst_first(tmp_path
     assert "f1" in browser.find_element("id", "metrics-note").text
     summary = browser.find_element("id", "run-summary").text
     assert ci_text(run["intervals"]["value"]["ci"]) in summary
+    # the per-batch charts draw the run's interval as a band
+    labels = browser.execute_script("return window.ceDashboard.chartLabels('loss-chart')")
+    assert "run value 95% CI (low)" in labels and "run value 95% CI (high)" in labels
+    labels = browser.execute_script("return window.ceDashboard.chartLabels('accuracy-chart')")
+    assert "run accuracy 95% CI (high)" in labels
 
     assert browser.find_element("id", "slices-section").is_displayed()
     assert shown_slices(browser) == worst_first

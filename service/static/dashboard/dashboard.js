@@ -571,7 +571,11 @@ const HEAT_MARGIN = 46;
  * columns predicted, Float64Array n×n) and the zoomed `view` [r0, r1) × [c0, c1) into it. */
 const heat = { runId: null, numClasses: 0, start: 0, classes: [], names: [], matrix: null, n: 0,
   normalize: false, view: null, drag: null, highlight: null };
-window.ceDashboard = { heat, renderCompareTable: (result, baseline) => renderCompareTable(result, baseline) };
+window.ceDashboard = {
+  heat,
+  renderCompareTable: (result, baseline) => renderCompareTable(result, baseline),
+  chartLabels: (id) => (charts[id] ? charts[id].data.datasets.map((d) => d.label) : null),
+};
 
 function className(i) {
   const name = heat.nameOf && heat.nameOf.get(i);
@@ -978,6 +982,7 @@ function renderRun(run, points) {
         pointRadius: lone ? 5 : 1 },
       { label: "running value", data: points.map((p) => p.cumulative_value), borderColor: COLORS[1],
         backgroundColor: COLORS[1], pointRadius: lone ? 4 : 0, pointStyle: lone ? "rectRot" : "circle" },
+      ...ciBand(run.intervals && run.intervals.value, points.length, COLORS[1], "run value"),
     ] },
     options: { scales: { x: { title: { display: true, text: "batch" } } } },
   });
@@ -989,11 +994,26 @@ function renderRun(run, points) {
     drawChart("accuracy-chart", {
       type: "line",
       data: { labels: seq, datasets: [{ label: "accuracy", data: points.map((p) => p.metrics.accuracy ?? null),
-        borderColor: COLORS[2], backgroundColor: COLORS[2], pointRadius: lone ? 5 : 1 }] },
+        borderColor: COLORS[2], backgroundColor: COLORS[2], pointRadius: lone ? 5 : 1 },
+        ...ciBand(run.intervals && run.intervals.accuracy, points.length, COLORS[2], "run accuracy")] },
       options: { scales: { y: { min: 0, max: 1 }, x: { title: { display: true, text: "batch" } } } },
     });
   }
   reliability(run);
+}
+
+/** The run's interval [lo, hi] of a metric as a shaded band across a per-batch chart (the
+ * running value ends inside it); none without an interval. */
+function ciBand(interval, n, color, label) {
+  if (!interval || !Array.isArray(interval.ci) || interval.ci.some((x) => x === null)) return [];
+  const [lo, hi] = interval.ci;
+  const common = { borderColor: color, borderDash: [4, 4], borderWidth: 1, pointRadius: 0 };
+  const level = `${Math.round(100 * interval.level)}%`;
+  return [
+    { ...common, label: `${label} ${level} CI (low)`, data: Array(n).fill(lo), fill: false },
+    { ...common, label: `${label} ${level} CI (high)`, data: Array(n).fill(hi), fill: "-1",
+      backgroundColor: "rgba(120, 120, 120, 0.15)" },
+  ];
 }
 
 /* ------------------------------------------------------------------- comparison */
