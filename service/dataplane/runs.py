@@ -851,29 +851,9 @@ class RunsDataPlane:
         before any evaluation.
         """
         request: AddBatchRequest = _parse(AddBatchRequest, payload, self.settings)
-        arrays = {
-            name: self.dataplane.decode(getattr(request, name), name) for name in BATCH_TENSORS
-        }
-        logits, targets, sample_weight = (arrays[k] for k in ("logits", "targets", "sample_weight"))
+        arrays, digest = self._decode_batch(request)
+        logits, sample_weight = arrays["logits"], arrays["sample_weight"]
         linear = {k: arrays[k] for k in ("features", "weight", "bias") if arrays[k] is not None}
-        total = sum(a.size for a in arrays.values() if a is not None)
-        if total > self.settings.max_elements:
-            raise decode_limit_error(total, self.settings.max_elements)
-        if linear and logits is not None:
-            raise ValidationFailed(
-                "send logits, or features and weight (linear_cross_entropy), not both",
-                [{"loc": ["body", "logits"], "msg": "logits beside features", "type": "extra"}],
-            )
-        # the digest of a logits batch is as before linear batches existed (stored batches replay)
-        digest = content_hash(
-            {"logits": logits, "targets": targets, "sample_weight": sample_weight, **linear}
-        )
-        if request.example_ids is not None or request.slices is not None:
-            labels = orjson.dumps(
-                {"example_ids": request.example_ids, "slices": request.slices},
-                option=orjson.OPT_SORT_KEYS,
-            )
-            digest = hashlib.sha256(digest.encode() + labels).hexdigest()
 
         config = self.configs.get(run_id)
         if config is not None and principal is not None and config.owner != principal:
@@ -891,35 +871,7 @@ class RunsDataPlane:
 
         rows = logits if logits is not None else linear.get("features")
         examples = 0 if rows is None or rows.ndim == 0 else int(rows.shape[0])
-        by_key = slices.check_batch_fields(
-            request.example_ids, request.slices, config.slice_keys, examples,
-            config.max_slice_values,
-        )  # fmt: skip
-        groups = {key: slices.slice_rows(values) for key, values in by_key.items()}
-        touched = sum(len(g) for g in groups.values())  # slice states read, merged, written
-        draws = 0 if config.confidence is None else int(config.confidence["replicates"])
-        if examples * draws > self.settings.max_elements:
-            raise PayloadTooLarge(
-                f"{examples} examples × {draws} replicates is over the limit of "
-                f"{self.settings.max_elements} weights (CE_EVAL_MAX_ELEMENTS): send smaller "
-                "batches",
-                [
-                    {
-                        "loc": ["body", "logits"],
-                        "msg": f"rows × the run's confidence.replicates ({draws}) over the limit",
-                        "type": "too_many_weights",
-                    }
-                ],
-            )
-        # each slice key evaluates the batch's rows once more; the replicates are (N, B) weights
-        # times the statistics
-        self.dataplane.check_work(
-            logits,
-            linear,
-            repeat=1 + len(by_key),
-            extra=examples * draws * slices.REPLICATE_WORK * (1 + len(by_key))
-            + touched * (slices.SLICE_VALUE_WORK + 20 * config.replicate_numbers),
-        )
+        groups = self._check_batch_cost(config, request, arrays, examples)
         identity = _identity(request.example_ids, request.batch_id, examples)
         weights = None
         if config.confidence is not None:
@@ -1029,6 +981,75 @@ class RunsDataPlane:
             self.on_batch("accepted")
         self._monitor(answer["run"], principal)
         return answer
+
+    def _decode_batch(self, request: AddBatchRequest) -> tuple[dict[str, Any], str]:
+        """The batch's tensors (413 over ``max_elements``) and its content digest: SHA-256 of
+        the tensors, then of ``example_ids`` and ``slices`` with them when given."""
+        arrays = {
+            name: self.dataplane.decode(getattr(request, name), name) for name in BATCH_TENSORS
+        }
+        total = sum(a.size for a in arrays.values() if a is not None)
+        if total > self.settings.max_elements:
+            raise decode_limit_error(total, self.settings.max_elements)
+        linear = {k: arrays[k] for k in ("features", "weight", "bias") if arrays[k] is not None}
+        if linear and arrays["logits"] is not None:
+            raise ValidationFailed(
+                "send logits, or features and weight (linear_cross_entropy), not both",
+                [{"loc": ["body", "logits"], "msg": "logits beside features", "type": "extra"}],
+            )
+        # the digest of a logits batch is as before linear batches existed (stored batches replay)
+        digest = content_hash(
+            {k: arrays[k] for k in ("logits", "targets", "sample_weight")} | linear
+        )
+        if request.example_ids is not None or request.slices is not None:
+            labels = orjson.dumps(
+                {"example_ids": request.example_ids, "slices": request.slices},
+                option=orjson.OPT_SORT_KEYS,
+            )
+            digest = hashlib.sha256(digest.encode() + labels).hexdigest()
+        return arrays, digest
+
+    def _check_batch_cost(
+        self,
+        config: RunConfig,
+        request: AddBatchRequest,
+        arrays: Mapping[str, Any],
+        examples: int,
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Before any work: the batch's ids and slices against the run (422), its N × B
+        weights against ``max_elements`` and its work against ``max_work`` (413). Returns the
+        slice key → value → rows groups."""
+        by_key = slices.check_batch_fields(
+            request.example_ids, request.slices, config.slice_keys, examples,
+            config.max_slice_values,
+        )  # fmt: skip
+        groups = {key: slices.slice_rows(values) for key, values in by_key.items()}
+        touched = sum(len(g) for g in groups.values())  # slice states read, merged, written
+        draws = 0 if config.confidence is None else int(config.confidence["replicates"])
+        if examples * draws > self.settings.max_elements:
+            raise PayloadTooLarge(
+                f"{examples} examples × {draws} replicates is over the limit of "
+                f"{self.settings.max_elements} weights (CE_EVAL_MAX_ELEMENTS): send smaller "
+                "batches",
+                [
+                    {
+                        "loc": ["body", "logits"],
+                        "msg": f"rows × the run's confidence.replicates ({draws}) over the limit",
+                        "type": "too_many_weights",
+                    }
+                ],
+            )
+        # each slice key evaluates the batch's rows once more; the replicates are (N, B) weights
+        # times the statistics
+        linear = {k: arrays[k] for k in ("features", "weight", "bias") if arrays[k] is not None}
+        self.dataplane.check_work(
+            arrays["logits"],
+            linear,
+            repeat=1 + len(by_key),
+            extra=examples * draws * slices.REPLICATE_WORK * (1 + len(by_key))
+            + touched * (slices.SLICE_VALUE_WORK + 20 * config.replicate_numbers),
+        )
+        return groups
 
     def _monitor(self, run: dict[str, Any], principal: str | None) -> None:
         """``on_run`` of a monitored run, and of its baseline until found once. Telemetry never
