@@ -529,7 +529,7 @@ def test_migrations_match_the_models(database_url):
     store = Store(database_url)
     store.upgrade()
     store.upgrade()  # idempotent
-    assert store.current_revision() == "0004"
+    assert store.current_revision() == "0005"
     with store.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     store.dispose()

@@ -181,7 +181,7 @@ def test_migration_0002_keeps_existing_runs_without_an_owner(database_url):
             )
         )
     store.upgrade()
-    assert store.current_revision() == "0004"
+    assert store.current_revision() == "0005"
     with store.engine.connect() as connection:
         assert connection.execute(text("SELECT id, owner FROM runs")).all() == [("run_old", None)]
     from alembic import command

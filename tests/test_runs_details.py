@@ -225,14 +225,7 @@ async def test_detail_of_a_missing_run_or_an_empty_one_is_404(api: httpx.AsyncCl
     assert r.status_code == 404 and r.json()["errors"][0]["type"] == "no_batches"
 
 
-def test_a_push_upserts_only_the_cells_it_touches(database_url: str, tmp_path: Path) -> None:
-    """4096 classes, two 256-row batches: at most 512 rows in confusion_cells, and the JSON
-    state holds no C² numbers."""
-    c = 4096
-    settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
-    store = Store(database_url)
-    store.upgrade()
-    runs = RunsDataPlane(settings, store)
+def confusion_run(runs: RunsDataPlane, c: int) -> str:
     run = runs.create_run(
         {
             "name": "wide",
@@ -241,19 +234,142 @@ def test_a_push_upserts_only_the_cells_it_touches(database_url: str, tmp_path: P
             "metrics": ["confusion_matrix"],
         }
     )
+    return str(run["id"])
+
+
+def batch_by_batch_confusion(parts: list[dict[str, np.ndarray]], c: int) -> np.ndarray:
+    """Σ over batches, in order, of each batch's own cell sums (how a run adds them)."""
+    total = np.zeros((c, c))
+    for part in parts:
+        own = np.zeros((c, c))
+        pred = part["logits"].astype(np.float64).argmax(axis=1)
+        np.add.at(own, (part["targets"], pred), part["sample_weight"].astype(np.float32))
+        total = total + own
+    return total
+
+
+def block_rows(store: Store) -> list[tuple[int, int, int]]:
+    with store.engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT seq, batches, cells FROM confusion_blocks ORDER BY seq")
+        ).all()
+    return [(int(s), int(b), int(n)) for s, b, n in rows]
+
+
+def test_a_push_appends_one_block_of_the_cells_it_touches(database_url: str) -> None:
+    """4096 classes, two 256-row batches: one confusion row per batch holding at most its
+    256 cells, and the JSON state holds no C² numbers."""
+    c = 4096
+    settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
+    store = Store(database_url)
+    store.upgrade()
+    runs = RunsDataPlane(settings, store)
+    run_id = confusion_run(runs, c)
     parts = batches(4, c, 2)
     for i, part in enumerate(parts):
-        runs.add_batch(run["id"], {"batch_id": f"b{i}", **part})
-    with store.engine.connect() as connection:
-        stored = connection.execute(text("SELECT COUNT(*) FROM confusion_cells")).scalar_one()
-        state = connection.execute(text("SELECT metric_state FROM runs")).scalar_one()
-    assert stored <= 2 * 256
-    assert len(state if isinstance(state, str) else json.dumps(state)) < 4096
+        runs.add_batch(run_id, {"batch_id": f"b{i}", **part})
+    runs.add_batch(run_id, {"batch_id": "b1", **parts[1]})  # a retry adds no block
     cells = reference_confusion(parts, c)
-    assert stored == np.count_nonzero(cells)
-    top = runs.run_metric(run["id"], "confusion_matrix", DetailQuery(top=5))
+    per_batch = [np.count_nonzero(reference_confusion([part], c)) for part in parts]
+    assert block_rows(store) == [(1, 1, per_batch[0]), (2, 1, per_batch[1])]
+    with store.engine.connect() as connection:
+        state = connection.execute(text("SELECT metric_state FROM runs")).scalar_one()
+    assert len(state if isinstance(state, str) else json.dumps(state)) < 4096
+    top = runs.run_metric(run_id, "confusion_matrix", DetailQuery(top=5))
     want = top_reference(cells, 5)
     assert [(t["true"], t["pred"]) for t in top["top"]] == [(t, p) for t, p, _ in want]
+    store.dispose()
+
+
+def test_blocks_are_merged_when_due_and_every_read_is_the_exact_sum(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With merges due every ≥ 300 cells, two replicas push 12 batches alternately and read
+    between pushes: each answer is the batch-by-batch float64 sum of the batches so far (the
+    same bits), whatever was merged, and a replica's cached table never hides a push made
+    through the other."""
+    from service.store import pushes
+
+    monkeypatch.setattr(pushes, "COMPACT_MIN_CELLS", 300)
+    c = 40
+    settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
+    store = Store(database_url)
+    store.upgrade()
+    replicas = [RunsDataPlane(settings, store), RunsDataPlane(settings, store)]
+    run_id = confusion_run(replicas[0], c)
+    parts = batches(9, c, 12, rows=200)
+    merged_once = False
+    for i, part in enumerate(parts):
+        replicas[i % 2].add_batch(run_id, {"batch_id": f"b{i}", **part})
+        want = batch_by_batch_confusion(parts[: i + 1], c)
+        for replica in replicas:
+            got = replica.run_metric(run_id, "confusion_matrix")
+            np.testing.assert_array_equal(np.asarray(got["matrix"]), want)
+        rows = block_rows(store)
+        assert sum(b for _, b, _ in rows) == i + 1 and rows[-1][0] == i + 1
+        merged_once = merged_once or rows[0][1] > 1
+    assert merged_once and len(block_rows(store)) < len(parts)
+    block = replicas[1].run_metric(run_id, "confusion_matrix", DetailQuery(classes=(3, 0)))
+    np.testing.assert_array_equal(np.asarray(block["matrix"]), want[np.ix_([3, 0], [3, 0])])
+    rates = replicas[0].run_metric(run_id, "confusion_matrix", DetailQuery(normalize=True))
+    np.testing.assert_allclose(
+        np.asarray(rates["matrix"]), want / want.sum(axis=1, keepdims=True), rtol=1e-12
+    )
+    store.dispose()
+
+
+def test_migration_0005_moves_cells_into_one_block_and_back(database_url: str) -> None:
+    from alembic import command
+
+    from ce_engine.metrics.cells import Cells
+    from ce_engine.metrics.state import _pack
+    from service.store import alembic_config
+
+    store = Store(database_url)
+    store.upgrade("0004")
+    empty = _pack(Cells(3, np.zeros(0, np.int64), np.zeros(0)))
+    state = {
+        "family": "softmax", "names": ["confusion_matrix"], "num_classes": 3, "top_k": [],
+        "n_bins": 15, "n_thresholds": 1000, "threshold": [], "log_base": "e",
+        "stats": {"weight": 12.75, "count": 9, "confusion": empty},
+    }  # fmt: skip
+    cells = {(0, 0): 3.0, (0, 1): 1.5, (1, 1): 2.0, (1, 2): 0.25, (2, 0): 4.0, (2, 2): 1.0}
+    with store.engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO runs (id, name, status, loss, options, metrics_requested, created_at,"
+                " updated_at, batches, count, ignored, sum, denominator, metric_state) VALUES"
+                " ('run_old', 'old', 'open', 'cross_entropy', '{}', '[\"confusion_matrix\"]',"
+                " '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z', 4, 9, 0, 1.0, 9.0, :state)"
+            ),
+            {"state": json.dumps(state)},
+        )
+        pk = connection.execute(text("SELECT pk FROM runs")).scalar_one()
+        for (t, p), w in cells.items():
+            connection.execute(
+                text("INSERT INTO confusion_cells VALUES (:pk, :t, :p, :w)"),
+                {"pk": pk, "t": t, "p": p, "w": w},
+            )
+    store.upgrade()
+    assert block_rows(store) == [(4, 4, 6)]
+    dense = np.zeros((3, 3))
+    for (t, p), w in cells.items():
+        dense[t, p] = w
+    runs = RunsDataPlane(Settings(database_url=database_url, log_level="warning"), store)
+    full = runs.run_metric("run_old", "confusion_matrix")
+    np.testing.assert_array_equal(np.asarray(full["matrix"]), dense)
+    runs.add_batch("run_old", {"batch_id": "new", "logits": np.eye(3)[[2]], "targets": [0]})
+    assert [s for s, _, _ in block_rows(store)] == [4, 5]
+    dense[0, 2] += 1.0
+    with store.engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0004")
+    with store.engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT true_class, pred_class, weight FROM confusion_cells")
+        ).all()
+    assert {(t, p): w for t, p, w in rows} == {
+        (t, p): float(dense[t, p]) for t, p in zip(*dense.nonzero(), strict=True)
+    }
     store.dispose()
 
 

@@ -139,7 +139,7 @@ def test_db_upgrade_command_creates_the_schema(tmp_path):
     assert cli("db", "current", "--database-url", url).stdout.strip() == "(empty)"
     upgraded = cli("db", "upgrade", "--database-url", url)
     assert upgraded.returncode == 0, upgraded.stderr
-    assert upgraded.stdout.strip() == "0004"
+    assert upgraded.stdout.strip() == "0005"
 
 
 def test_kill_server_mid_push_then_push_again_counts_every_batch_once(tmp_path, serve):

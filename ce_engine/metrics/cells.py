@@ -7,6 +7,7 @@ cost is O(M log M) whatever C, and merging two tables costs O(nnz₁ + nnz₂).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,15 +53,26 @@ class Cells:
         """Predicted class p of each stored cell."""
         return self.index % self.size
 
+    @classmethod
+    def merge(cls, size: int, tables: Sequence[Cells]) -> Cells:
+        """Cell-wise Σ of ``tables``, added in their order: cell k gets
+        ((w₁[k] + w₂[k]) + w₃[k]) + …, the same float64 sum as adding them one by one."""
+        if any(table.size != size for table in tables):
+            raise ValueError("cannot add confusion tables of different sizes")
+        if len(tables) == 1:
+            return tables[0]
+        keys = np.concatenate([np.zeros(0, np.int64), *(t.index for t in tables)])
+        index, inverse = np.unique(keys, return_inverse=True)
+        weights = np.concatenate([np.zeros(0), *(t.weight for t in tables)])
+        # bincount adds in element order: a cell's weights in table order.
+        sums = np.bincount(inverse.ravel(), weights=weights, minlength=index.size)
+        return cls(size, index, sums)
+
     def __add__(self, other: Cells) -> Cells:
         """Cell-wise sum (the merge of two batches' tables)."""
-        if not isinstance(other, Cells) or other.size != self.size:
+        if not isinstance(other, Cells):
             raise ValueError("cannot add confusion tables of different sizes")
-        keys = np.concatenate([self.index, other.index])
-        index, inverse = np.unique(keys, return_inverse=True)
-        weights = np.concatenate([self.weight, other.weight])
-        sums = np.bincount(inverse.ravel(), weights=weights, minlength=index.size)
-        return Cells(self.size, index, sums)
+        return Cells.merge(self.size, [self, other])
 
     def dense(self) -> np.ndarray:
         """The C × C float64 matrix."""

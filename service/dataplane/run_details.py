@@ -1,7 +1,7 @@
 """A run's answers by size: the summary (scalars), GET run (small arrays) and one statistic in
 full (``GET /v1/runs/{id}/metrics/{name}``). Pure functions of the merged
-:class:`ce_engine.metrics.MetricState` and the run's confusion cells; the store queries stay in
-:mod:`service.dataplane.runs`.
+:class:`ce_engine.metrics.MetricState` and the run's merged confusion :class:`Cells`; the store
+queries stay in :mod:`service.dataplane.runs`.
 
 Sizes: a summary holds O(number of metrics) numbers whatever C; GET run adds per-class arrays
 and the confusion matrix only up to ``run_detail_max_classes`` classes; a detail answer is
@@ -11,7 +11,7 @@ for a whole matrix, by ``CE_EVAL_MAX_RESPONSE_BYTES``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from ce_engine.errors import quoted
 from ce_engine.metrics import MetricState, metric_kind
+from ce_engine.metrics.cells import Cells
 from service.errors import NotFound, ValidationFailed
 
 #: Metric kinds a summary carries (``ce_engine.metrics.catalog.METRIC_SHAPES``).
@@ -150,19 +151,35 @@ def class_names_of(names: Sequence[str] | None, ids: Sequence[int]) -> list[str]
 # ------------------------------------------------------------------------------ answers
 
 
+def largest_cells(cells: Cells, k: int) -> list[tuple[int, int, float]]:
+    """The ``k`` largest off-diagonal cells of weight > 0 as (true, pred, count), ordered
+    count desc, true asc, pred asc (O(cells) to select, O(k log k) to order)."""
+    rows, cols = cells.rows, cells.cols
+    keep = np.flatnonzero((rows != cols) & (cells.weight > 0))
+    if keep.size > k:  # every cell at least as large as the k-th largest (ties included)
+        kth = np.partition(cells.weight[keep], keep.size - k)[keep.size - k]
+        keep = keep[cells.weight[keep] >= kth]
+    keep = keep[np.lexsort((cols[keep], rows[keep], -cells.weight[keep]))][:k]
+    return [
+        (int(t), int(p), float(w))
+        for t, p, w in zip(rows[keep], cols[keep], cells.weight[keep], strict=True)
+    ]
+
+
 def top_cells(
     rows: Sequence[tuple[int, int, float]],
     num_classes: int,
-    row_totals: Mapping[int, float] | None,
+    row_totals: np.ndarray | None,
     names: Sequence[str] | None,
 ) -> dict[str, Any]:
     """``?top=K``: ``rows`` are the K largest off-diagonal (true, pred, count) cells, already
-    ordered count desc, true asc, pred asc; ``row_totals`` (normalize) adds ``rate``."""
+    ordered count desc, true asc, pred asc; ``row_totals`` (C,) (normalize) adds
+    ``rate = count / row_totals[true]``."""
     top = []
     for true, pred, count in rows:
         cell: dict[str, Any] = {"true": true, "pred": pred, "count": count}
         if row_totals is not None:
-            total = row_totals.get(true, 0.0)
+            total = float(row_totals[true])
             cell["rate"] = count / total if total > 0 else 0.0
         top.append(cell)
     answer: dict[str, Any] = {"name": "confusion_matrix", "num_classes": num_classes, "top": top}
@@ -174,23 +191,31 @@ def top_cells(
 
 
 def matrix_block(
-    block: np.ndarray,
-    num_classes: int,
+    cells: Cells,
     classes: Sequence[int] | None,
     row_totals: np.ndarray | None,
     names: Sequence[str] | None,
 ) -> dict[str, Any]:
     """The whole matrix or the ``classes`` block (rows true, columns predicted); with
-    ``row_totals`` (normalize) each row is divided by its class's total over all predictions."""
+    ``row_totals`` (C,) (normalize) each row is divided by its class's total over all
+    predictions."""
+    num_classes = cells.size
+    ids = np.arange(num_classes) if classes is None else np.asarray(classes, np.int64)
+    position = np.full(num_classes, -1)
+    position[ids] = np.arange(ids.size)
+    at_rows, at_cols = position[cells.rows], position[cells.cols]
+    inside = (at_rows >= 0) & (at_cols >= 0)
+    block = np.zeros((ids.size, ids.size))
+    block[at_rows[inside], at_cols[inside]] = cells.weight[inside]
     if row_totals is not None:
-        safe = np.where(row_totals > 0, row_totals, 1.0)
-        block = np.where(row_totals[:, None] > 0, block / safe[:, None], 0.0)
+        totals = row_totals[ids]
+        safe = np.where(totals > 0, totals, 1.0)
+        block = np.where(totals[:, None] > 0, block / safe[:, None], 0.0)
     answer: dict[str, Any] = {"name": "confusion_matrix", "num_classes": num_classes}
-    ids = list(range(num_classes)) if classes is None else list(classes)
     if classes is not None:
-        answer["classes"] = ids
+        answer["classes"] = ids.tolist()
     answer["matrix"] = block.tolist()
-    labels = class_names_of(names, ids)
+    labels = class_names_of(names, ids.tolist())
     if labels is not None:
         answer["class_names"] = labels
     return answer

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import numpy as np
 import orjson
@@ -74,7 +74,7 @@ from service.errors import (
 )
 from service.logs import get_logger
 from service.schemas import BATCH_TENSORS, MAX_METRIC_NAMES, MAX_OPTION_KEYS
-from service.store import Batch, ConfusionCell, Run, RunSlice, RunTag, Store, pushes
+from service.store import Batch, ConfusionBlock, Run, RunSlice, RunTag, Store, pushes
 from service.store.models import utcnow
 
 log = get_logger("ce_eval.runs")
@@ -85,6 +85,10 @@ MAX_SERIES_LIMIT = 10_000
 MAX_COMPARE = 20
 MAX_COMPARE_SLICE_RUNS = 5  # runs a compare with slice_key may name
 RUN_CONFIG_CACHE = 4096  # open runs whose configuration a replica keeps (pushes skip a read)
+#: Merged confusion tables a replica keeps, keyed by (run id, batches): a run read again
+#: without a push in between is not merged again. Tables of more cells are not kept.
+CELLS_CACHE = 8
+CELLS_CACHE_MAX_CELLS = 1 << 22  # 64 MiB
 
 
 class CreateRunRequest(BaseModel):
@@ -369,36 +373,44 @@ class RunConfig:
         )
 
 
-class RunConfigCache:
-    """Least-recently-used ``run id → RunConfig`` of open runs, at most ``size`` entries.
+_Key = TypeVar("_Key")
+_Value = TypeVar("_Value")
 
-    Safe because a run's configuration never changes and its id is never reused: a run closed or
-    deleted elsewhere (another replica) is still found out under the run's lock, before anything
-    is written.
-    """
 
-    def __init__(self, size: int = RUN_CONFIG_CACHE) -> None:
+class LruCache(Generic[_Key, _Value]):
+    """A thread-safe least-recently-used map of at most ``size`` entries."""
+
+    def __init__(self, size: int) -> None:
         self.size = size
-        self._entries: OrderedDict[str, RunConfig] = OrderedDict()
+        self._entries: OrderedDict[_Key, _Value] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, run_id: str) -> RunConfig | None:
+    def get(self, key: _Key) -> _Value | None:
         with self._lock:
-            config = self._entries.get(run_id)
-            if config is not None:
-                self._entries.move_to_end(run_id)
-            return config
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
 
-    def put(self, run_id: str, config: RunConfig) -> None:
+    def put(self, key: _Key, value: _Value) -> None:
         with self._lock:
-            self._entries[run_id] = config
-            self._entries.move_to_end(run_id)
+            self._entries[key] = value
+            self._entries.move_to_end(key)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
 
-    def discard(self, run_id: str) -> None:
+    def discard(self, key: _Key) -> None:
         with self._lock:
-            self._entries.pop(run_id, None)
+            self._entries.pop(key, None)
+
+
+class RunConfigCache(LruCache[str, "RunConfig"]):
+    """``run id → RunConfig`` of open runs. Safe because a run's configuration never changes
+    and its id is never reused: a run closed or deleted elsewhere (another replica) is still
+    found out under the run's lock, before anything is written."""
+
+    def __init__(self, size: int = RUN_CONFIG_CACHE) -> None:
+        super().__init__(size)
 
 
 class RunsDataPlane:
@@ -427,6 +439,7 @@ class RunsDataPlane:
         self.on_batch = on_batch
         self.on_run = on_run
         self.configs = RunConfigCache()
+        self.cells: LruCache[tuple[str, int], Cells] = LruCache(CELLS_CACHE)
         self._baselines_seen: set[str] = set()
 
     # ------------------------------------------------------------------ runs
@@ -711,7 +724,7 @@ class RunsDataPlane:
         with _store_guard(), self.store.write() as session:
             run = self._load(session, run_id, principal, lock=True)
             session.execute(delete(Batch).where(Batch.run_pk == run.pk))
-            session.execute(delete(ConfusionCell).where(ConfusionCell.run_pk == run.pk))
+            session.execute(delete(ConfusionBlock).where(ConfusionBlock.run_pk == run.pk))
             session.execute(delete(RunSlice).where(RunSlice.run_pk == run.pk))
             session.delete(run)
         if self.on_run is not None:
@@ -920,13 +933,8 @@ class RunsDataPlane:
                 if batch_slices:
                     self._add_slices(session, run, config, batch_slices)
                 if cells is not None:
-                    pushes.add_cells(
-                        session,
-                        run.pk,
-                        cells.rows.tolist(),
-                        cells.cols.tolist(),
-                        cells.weight.tolist(),
-                    )
+                    pushes.add_block(session, run.pk, run.batches + 1, cells)
+                    pushes.compact_when_due(session, run.pk, cells.size)
                 row = {
                     "run_pk": run.pk,
                     "batch_id": request.batch_id,
@@ -1329,50 +1337,27 @@ class RunsDataPlane:
         self, session: Session, run: Run, state: MetricState, query: run_details.DetailQuery
     ) -> dict[str, Any]:
         c, names = state.num_classes, run.class_names
-        cell = ConfusionCell
-        if query.top is not None:
-            rows = session.execute(
-                _cells_of(run.pk)
-                .where(cell.true_class != cell.pred_class, cell.weight > 0)
-                .order_by(cell.weight.desc(), cell.true_class, cell.pred_class)
-                .limit(query.top)
-            ).all()
-            top = [(int(t), int(p), float(w)) for t, p, w in rows]
-            top_totals = None
-            if query.normalize:
-                top_totals = self._row_totals(session, run.pk, sorted({t for t, _, _ in top}))
-            return run_details.top_cells(top, c, top_totals, names)
-        ids = list(range(c)) if query.classes is None else list(query.classes)
-        if query.classes is None:
+        if query.top is None and query.classes is None:
             self.dataplane.check_response_size(
                 {"confusion_matrix": run_details.NUMBER_BYTES * c * c},
                 "the whole matrix (ask for top=K or classes=…)",
             )
-        position = {k: i for i, k in enumerate(ids)}
-        block = np.zeros((len(ids), len(ids)))
-        select_cells = _cells_of(run.pk)
-        if query.classes is not None:
-            select_cells = select_cells.where(cell.true_class.in_(ids), cell.pred_class.in_(ids))
-        for true, pred, weight in session.execute(select_cells):
-            block[position[true], position[pred]] = weight
-        totals = None
-        if query.normalize:
-            sums = self._row_totals(session, run.pk, ids if query.classes is not None else None)
-            totals = np.array([sums.get(k, 0.0) for k in ids])
-        return run_details.matrix_block(block, c, query.classes, totals, names)
+        cells = self._cells(session, run, c)
+        totals = cells.row_totals() if query.normalize else None
+        if query.top is not None:
+            top = run_details.largest_cells(cells, query.top)
+            return run_details.top_cells(top, c, totals, names)
+        return run_details.matrix_block(cells, query.classes, totals, names)
 
-    @staticmethod
-    def _row_totals(session: Session, run_pk: int, classes: list[int] | None) -> dict[int, float]:
-        """Σ over predictions of each true class's cells (of ``classes``, or all)."""
-        cell = ConfusionCell
-        query = (
-            select(cell.true_class, func.sum(cell.weight))
-            .where(cell.run_pk == run_pk)
-            .group_by(cell.true_class)
-        )
-        if classes is not None:
-            query = query.where(cell.true_class.in_(classes))
-        return {int(t): float(w) for t, w in session.execute(query)}
+    def _cells(self, session: Session, run: Run, size: int) -> Cells:
+        """The run's merged confusion table (cached per (run, batches) on this replica)."""
+        key = (run.id, run.batches)
+        cells = self.cells.get(key)
+        if cells is None:
+            cells = pushes.load_cells(session, run.pk, size)
+            if cells.index.size <= CELLS_CACHE_MAX_CELLS:
+                self.cells.put(key, cells)
+        return cells
 
     def _run_dict(
         self,
@@ -1444,7 +1429,7 @@ class RunsDataPlane:
 
 def _split_cells(state: MetricState | None) -> tuple[MetricState | None, Cells | None]:
     """(the state with an empty confusion table, the batch's cells): the run keeps its
-    confusion matrix as rows of ``confusion_cells``, not in the JSON state."""
+    confusion matrix as ``confusion_blocks``, not in the JSON state."""
     if state is None or not isinstance(table := state.stats.get("confusion"), Cells):
         return state, None
     empty = Cells(table.size, table.index[:0], table.weight[:0])
@@ -1587,11 +1572,6 @@ def _fingerprint_sum(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict
     if a is None or b is None:
         return a if b is None else b
     return Fingerprint.from_dict(a).merge(Fingerprint.from_dict(b)).to_dict()
-
-
-def _cells_of(run_pk: int) -> Select[int, int, float]:
-    cell = ConfusionCell
-    return select(cell.true_class, cell.pred_class, cell.weight).where(cell.run_pk == run_pk)
 
 
 def _run_value(

@@ -19,9 +19,9 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.store.models import Base, Batch, ConfusionCell, Run, RunSlice, RunTag
+from service.store.models import Base, Batch, ConfusionBlock, Run, RunSlice, RunTag
 
-__all__ = ["Base", "Batch", "ConfusionCell", "Run", "RunSlice", "RunTag", "Store", "normalize_url"]
+__all__ = ["Base", "Batch", "ConfusionBlock", "Run", "RunSlice", "RunTag", "Store", "normalize_url"]
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 #: Key of the PostgreSQL advisory lock held while migrating (replicas start at once).

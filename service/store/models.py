@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models of the run store: runs, their tags, batches and confusion cells.
+"""SQLAlchemy 2 models of the run store: runs, their tags, batches, confusion blocks and slices.
 
 The schema changes only through the Alembic migrations in ``service/store/migrations``.
 """
@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     UniqueConstraint,
 )
@@ -147,19 +148,23 @@ class Batch(Base):
     )
 
 
-class ConfusionCell(Base):
-    """One non-zero cell of a run's softmax confusion matrix: Σ weights of the positions with
-    true class ``true_class`` predicted as ``pred_class``. A batch upserts only the cells it
-    touches (at most its row count), so ingestion never rewrites the C² matrix."""
+class ConfusionBlock(Base):
+    """Confusion cells of a run's softmax confusion matrix, appended as one row per batch: the
+    run's matrix is the cell-wise sum of its blocks in ``seq`` order. A push writes one row
+    (O(its cells), never a B-tree upsert per cell); the blocks are merged into one from time to
+    time (``service.store.pushes.compact_when_due``), so a read merges O(the run's cells).
 
-    __tablename__ = "confusion_cells"
+    ``data``: the ``cells`` distinct flat cell ids ``t·C + p`` (int64, ascending) then their
+    weight sums (float64), little-endian."""
+
+    __tablename__ = "confusion_blocks"
 
     run_pk: Mapped[int] = mapped_column(ForeignKey("runs.pk", ondelete="CASCADE"), primary_key=True)
-    true_class: Mapped[int] = mapped_column(Integer, primary_key=True)
-    pred_class: Mapped[int] = mapped_column(Integer, primary_key=True)
-    weight: Mapped[float] = mapped_column(Double)
-
-    __table_args__ = (Index("ix_confusion_cells_run_weight", "run_pk", "weight"),)
+    #: The last batch the block sums (a merged block: the last of its ``batches``).
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batches: Mapped[int] = mapped_column(Integer)
+    cells: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class RunSlice(Base):

@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
-import orjson
-from sqlalchemy import Table, bindparam, func, insert, select, text, tuple_, update
+import numpy as np
+from sqlalchemy import Table, bindparam, delete, func, insert, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
-from service.store.models import Batch, Run, RunSlice
+from ce_engine.metrics.cells import Cells
+from service.store.models import Batch, ConfusionBlock, Run, RunSlice
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class SliceTotals:
 
 RUNS = cast(Table, Run.__table__)
 BATCHES = cast(Table, Batch.__table__)
+BLOCKS = cast(Table, ConfusionBlock.__table__)
 
 #: Columns a push changes on the run's row.
 TOTALS = (
@@ -58,22 +60,14 @@ _FIND_BATCH = select(BATCHES).where(
     BATCHES.c.run_pk == bindparam("run_pk"), BATCHES.c.batch_id == bindparam("batch_id")
 )
 _UPDATE_TOTALS = update(RUNS).where(RUNS.c.pk == bindparam("run_pk"))
-_UNNEST_UPSERT = text(
-    "INSERT INTO confusion_cells (run_pk, true_class, pred_class, weight) "
-    "SELECT :run_pk, u.t, u.p, u.w FROM unnest(CAST(:t AS integer[]), CAST(:p AS integer[]), "
-    "CAST(:w AS double precision[])) AS u(t, p, w) "
-    "ON CONFLICT (run_pk, true_class, pred_class) "
-    "DO UPDATE SET weight = confusion_cells.weight + excluded.weight"
+_BLOCK_SIZES = text(
+    "SELECT coalesce(sum(cells), 0), coalesce((SELECT cells FROM confusion_blocks "
+    "WHERE run_pk = :run_pk ORDER BY seq LIMIT 1), 0) FROM confusion_blocks WHERE run_pk = :run_pk"
 )
-# SQLite: the cells as one JSON array of [true, pred, weight] (``WHERE true``: SQLite's parser
-# needs it between a SELECT and ON CONFLICT). Floats round-trip exactly through JSON text.
-_JSON_EACH_UPSERT = text(
-    "INSERT INTO confusion_cells (run_pk, true_class, pred_class, weight) "
-    "SELECT :run_pk, json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), "
-    "json_extract(j.value, '$[2]') FROM json_each(:cells) AS j WHERE true "
-    "ON CONFLICT (run_pk, true_class, pred_class) "
-    "DO UPDATE SET weight = confusion_cells.weight + excluded.weight"
-)
+#: A run's blocks are merged into one once the blocks after its first hold at least this many
+#: cells and at least as many as the first: each cell is rewritten O(1) times on average, and
+#: a read merges at most about twice the run's cells plus this many.
+COMPACT_MIN_CELLS = 65536
 
 
 def lock_run(session: Session, run_id: str, principal: str | None) -> Run | None:
@@ -105,20 +99,65 @@ def update_totals(session: Session, run: Run, totals: dict[str, Any]) -> None:
         setattr(run, name, value)
 
 
-def add_cells(session: Session, run_pk: int, rows: Any, cols: Any, weights: Any) -> None:
-    """Upsert confusion cells: weight += the batch's sum (O(cells), not O(C²)). The caller
-    holds the run's lock, so cells are added in batch order, as a dense sum would be.
-    One statement: PostgreSQL ``INSERT … SELECT unnest(arrays)``, SQLite ``… json_each(array)``."""
-    if len(rows) == 0:
-        return
+def pack_cells(cells: Cells) -> bytes:
+    """A block's ``data``: the cell ids (int64) then their weights (float64), little-endian."""
+    return cells.index.astype("<i8").tobytes() + cells.weight.astype("<f8").tobytes()
+
+
+def unpack_cells(size: int, count: int, data: bytes) -> Cells:
+    """The table a block's ``data`` holds (``ValueError`` when it is not ``count`` cells)."""
+    if len(data) != 16 * count:
+        raise ValueError(f"a confusion block of {count} cells holds {len(data)} bytes")
+    index = np.frombuffer(data, "<i8", count).astype(np.int64)
+    weight = np.frombuffer(data, "<f8", count, offset=8 * count).astype(np.float64)
+    return Cells(size, index, weight)
+
+
+def add_block(session: Session, run_pk: int, seq: int, cells: Cells) -> None:
+    """Append batch ``seq``'s confusion cells to the run (one row, whatever the run holds).
+    The caller holds the run's lock, so blocks are written in batch order."""
+    row = {
+        "run_pk": run_pk,
+        "seq": seq,
+        "batches": 1,
+        "cells": int(cells.index.size),
+        "data": pack_cells(cells),
+    }
+    session.connection().execute(insert(BLOCKS), row)
+
+
+def load_cells(session: Session, run_pk: int, size: int) -> Cells:
+    """The run's confusion cells: Σ of its blocks in ``seq`` order (one statement, so one
+    snapshot; each cell's sum adds the batches in order, as a running dense sum would)."""
+    rows = session.connection().execute(
+        select(BLOCKS.c.cells, BLOCKS.c.data)
+        .where(BLOCKS.c.run_pk == run_pk)
+        .order_by(BLOCKS.c.seq)
+    )
+    return Cells.merge(size, [unpack_cells(size, n, data) for n, data in rows])
+
+
+def compact_when_due(session: Session, run_pk: int, size: int) -> bool:
+    """Merge the run's blocks into one (under the run's lock) once those after the first hold
+    ≥ max(``COMPACT_MIN_CELLS``, the first's cells) cells; True when it did."""
     connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        connection.execute(
-            _UNNEST_UPSERT, {"run_pk": run_pk, "t": list(rows), "p": list(cols), "w": list(weights)}
-        )
-        return
-    cells = orjson.dumps(list(zip(rows, cols, weights, strict=True))).decode()
-    connection.execute(_JSON_EACH_UPSERT, {"run_pk": run_pk, "cells": cells})
+    total, first = connection.execute(_BLOCK_SIZES, {"run_pk": run_pk}).one()
+    if total - first < max(COMPACT_MIN_CELLS, first):
+        return False
+    blocks = connection.execute(
+        select(BLOCKS.c.seq, BLOCKS.c.batches).where(BLOCKS.c.run_pk == run_pk)
+    ).all()
+    merged = load_cells(session, run_pk, size)
+    connection.execute(delete(BLOCKS).where(BLOCKS.c.run_pk == run_pk))
+    row = {
+        "run_pk": run_pk,
+        "seq": max(seq for seq, _ in blocks),
+        "batches": sum(batches for _, batches in blocks),
+        "cells": int(merged.index.size),
+        "data": pack_cells(merged),
+    }
+    connection.execute(insert(BLOCKS), row)
+    return True
 
 
 def slice_value_counts(session: Session, run_pk: int) -> dict[str, int]:
