@@ -193,3 +193,77 @@ def test_run_metric_against_the_server(server: ServerProcess) -> None:
         with pytest.raises(EvaluationError) as missing:
             client.run_metric(run["id"], "reliability")
         assert missing.value.status == 404
+
+
+def test_add_batch_goes_as_protobuf_with_raw_tensor_bytes() -> None:
+    """The default transport pushes ``ce_eval.v1.AddBatchRequest`` (no base64): the body
+    parses to the batch's own arrays, ids and slices."""
+    from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+
+    client, seen = _recording_client()
+    z = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with client:
+        client.add_batch(
+            "run_a", "b7", z, np.array([2, 0]), np.array([1.0, 0.5], np.float32),
+            example_ids=["x", "y"], slices={"lang": ["de", "en"]},
+        )  # fmt: skip
+    (request,) = seen
+    assert request.headers["content-type"] == "application/x-protobuf"
+    message = pb.AddBatchRequest.FromString(request.content)
+    assert (message.run_id, message.batch_id) == ("run_a", "b7")
+    assert (message.logits.dtype, list(message.logits.shape)) == ("float32", [2, 3])
+    assert message.logits.data == z.tobytes()
+    assert message.targets.data == np.array([2, 0], "<i8").tobytes()
+    assert list(message.example_ids) == ["x", "y"]
+    assert list(message.slices["lang"].values) == ["de", "en"]
+
+
+def test_protobuf_and_json_pushes_are_one_batch(server: ServerProcess) -> None:
+    """A batch sent in protobuf and retried in JSON (base64) is the same batch (one count);
+    other content under its id is a 409 in either encoding."""
+    (z, y, w), (z2, y2, w2) = _batches(11, [6, 6])
+    with Client(server.url) as binary, Client(server.url, transport="base64") as text:
+        run = binary.create_run("mixed", "cross_entropy")
+        first = binary.add_batch(run["id"], "b0", z, y, w)
+        again = text.add_batch(run["id"], "b0", z, y, w)
+        assert (first["duplicate"], again["duplicate"]) == (False, True)
+        assert again["run"]["count"] == first["run"]["count"] == 6
+        total, denominator = _reference([(z, y, w)])
+        assert first["run"]["sum"] == pytest.approx(total, rel=1e-6)
+        assert first["run"]["denominator"] == pytest.approx(denominator, rel=1e-6)
+        for client in (binary, text):
+            with pytest.raises(EvaluationError) as conflict:
+                client.add_batch(run["id"], "b0", z2, y2, w2)
+            assert conflict.value.status == 409
+
+
+def test_bad_protobuf_batches_are_structured_errors(server: ServerProcess) -> None:
+    from ce_eval_client.proto import batch_to_proto
+
+    with Client(server.url) as client:
+        run_id = client.create_run("bad", "cross_entropy")["id"]
+    url = f"{server.url}{run_path(run_id, 'batches')}"
+    headers = {"content-type": "application/x-protobuf"}
+    z, y = np.zeros((2, 3), np.float32), np.array([0, 1])
+
+    def post(body: bytes) -> httpx.Response:
+        return httpx.post(url, content=body, headers=headers, timeout=30)
+
+    garbage = post(b"\xff\xff\xff")
+    assert garbage.status_code == 400
+    assert "AddBatchRequest" in garbage.json()["detail"]
+    assert garbage.json()["errors"][0]["loc"] == ["body"]
+    assert post(b"").status_code == 400
+    other = post(batch_to_proto("run_other", "b0", z, y).SerializeToString())
+    assert other.status_code == 422
+    assert other.json()["errors"][0]["loc"] == ["body", "run_id"]
+    short = batch_to_proto("", "b0", z, y)
+    short.logits.data = b"\x00" * 5  # 2 × 3 float32 need 24 bytes
+    answer = post(short.SerializeToString())
+    assert answer.status_code == 422 and answer.json()["errors"][0]["loc"][:2] == ["logits", "data"]
+    missing = post(batch_to_proto("", "", z, y).SerializeToString())
+    assert missing.status_code == 422
+    wrong_type = httpx.post(url, content=b"x", headers={"content-type": "text/plain"}, timeout=30)
+    assert wrong_type.status_code == 415
+    with Client(server.url) as client:
+        assert client.get_run(run_id)["batches"] == 0

@@ -96,3 +96,27 @@ def test_split_never_fails_other_than_malformed(body: bytes) -> None:
         return
     assert isinstance(message, pb.EvaluateRequest)
     assert all(isinstance(v, memoryview) for v in data.values())
+
+
+def test_a_batch_split_keeps_its_tensors_in_place_and_equals_the_parse() -> None:
+    from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+    from ce_eval_client.proto import batch_chunks, batch_to_proto
+    from service.codecs.proto import batch_from_proto, split_message_bytes
+
+    logits = RNG.standard_normal((5, 7)).astype(np.float32)
+    targets, weights = np.arange(5) % 7, RNG.uniform(0.5, 2.0, 5).astype(np.float32)
+    labels = {"example_ids": [10, 11, 12, 13, 14], "slices": {"k": list("aabba")}}
+    body = b"".join(batch_chunks("run_x", "b1", logits, targets, weights, **labels))
+    full = pb.AddBatchRequest.FromString(body)
+    assert full == batch_to_proto("run_x", "b1", logits, targets, weights, **labels)
+    message, data = split_message_bytes(pb.AddBatchRequest, body, min_bytes=0)
+    assert set(data) == {"logits", "targets", "sample_weight"}
+    assert data["logits"].obj is body  # a view, not a copy
+    payload = batch_from_proto(message, 10**6, data)
+    np.testing.assert_array_equal(payload["logits"], logits)
+    np.testing.assert_array_equal(payload["targets"], targets)
+    np.testing.assert_array_equal(payload["sample_weight"], weights)
+    assert payload["example_ids"] == labels["example_ids"]
+    assert payload["slices"] == labels["slices"]
+    with pytest.raises(MalformedBody, match="AddBatchRequest"):
+        split_message_bytes(pb.AddBatchRequest, b"\x12\xff", min_bytes=0)

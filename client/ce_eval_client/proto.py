@@ -23,6 +23,7 @@ PROTOBUF_MEDIA_TYPE = "application/x-protobuf"
 TENSOR_FIELDS = ("logits", "targets", "sample_weight", "vector", "features", "weight", "bias")
 TENSOR_DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
 REQUEST_FIELD_NUMBERS = {f.name: f.number for f in pb.EvaluateRequest.DESCRIPTOR.fields}
+BATCH_FIELD_NUMBERS = {f.name: f.number for f in pb.AddBatchRequest.DESCRIPTOR.fields}
 
 
 def array_from_tensor(tensor: pb.Tensor) -> np.ndarray:
@@ -160,11 +161,19 @@ def request_chunks(
         tensor.shape[:] = array.shape
     if options:
         dict_to_struct(options, message.options)
-    chunks: list[bytes | memoryview] = [message.SerializeToString()]
+    return [message.SerializeToString(), *_data_chunks(arrays, REQUEST_FIELD_NUMBERS)]
+
+
+def _data_chunks(
+    arrays: Mapping[str, np.ndarray], numbers: Mapping[str, int]
+) -> list[bytes | memoryview]:
+    """Each array's bytes as a second occurrence of its ``Tensor`` field (field ``numbers``)
+    holding only ``data``, which parsers merge into the first (views of the arrays, no copy)."""
+    chunks: list[bytes | memoryview] = []
     for name, array in arrays.items():
         data = array.reshape(-1).view(np.uint8).data
         inner = length_delimited(TENSOR_DATA_FIELD, data.nbytes)
-        chunks.append(length_delimited(REQUEST_FIELD_NUMBERS[name], len(inner) + data.nbytes))
+        chunks.append(length_delimited(numbers[name], len(inner) + data.nbytes))
         chunks.append(inner)
         chunks.append(data)
     return chunks
@@ -239,6 +248,29 @@ def create_run_to_proto(
     if max_slice_values is not None:
         message.max_slice_values = max_slice_values
     return message
+
+
+def batch_chunks(
+    run_id: str,
+    batch_id: str,
+    logits: Any,
+    targets: Any,
+    sample_weight: Any = None,
+    *,
+    example_ids: Any = None,
+    slices: Mapping[str, Iterable[str]] | None = None,
+    **linear: Any,
+) -> list[bytes | memoryview]:
+    """A serialized ``AddBatchRequest`` as chunks that reference the arrays' memory (no copy),
+    as :func:`request_chunks` does; ``b"".join(chunks)`` parses to :func:`batch_to_proto`'s."""
+    named = {"logits": logits, "targets": targets, "sample_weight": sample_weight, **linear}
+    arrays = {name: wire_array(v) for name, v in named.items() if v is not None}
+    message = batch_to_proto(run_id, batch_id, None, None, example_ids=example_ids, slices=slices)
+    for name, array in arrays.items():
+        tensor = getattr(message, name)
+        tensor.dtype = wire_name(array.dtype)
+        tensor.shape[:] = array.shape
+    return [message.SerializeToString(), *_data_chunks(arrays, BATCH_FIELD_NUMBERS)]
 
 
 def batch_to_proto(

@@ -545,8 +545,8 @@ def add_commands(sub: Any) -> None:
         "--transport",
         choices=["rest", "grpc"],
         default="rest",
-        help="rest: JSON with base64 tensors to --url (default); grpc: raw tensor bytes to "
-        "--grpc-target, several times less work per byte on both sides",
+        help="rest: protobuf with raw tensor bytes to --url (default); grpc: the same bytes "
+        "to --grpc-target",
     )
     push.add_argument(
         "--grpc-target",

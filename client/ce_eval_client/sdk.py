@@ -47,6 +47,7 @@ from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from ce_eval_client.proto import (
     PROTOBUF_MEDIA_TYPE,
     batch_answer_from_proto,
+    batch_chunks,
     batch_to_proto,
     batches_summary_from_proto,
     create_run_to_proto,
@@ -455,6 +456,25 @@ def _add_batch_call(
     return _JsonCall("POST", run_path(run_id, "batches"), body)
 
 
+def _batch_body(
+    run_id: str,
+    batch_id: str,
+    logits: Any,
+    targets: Any,
+    sample_weight: Any,
+    example_ids: Any,
+    slices: Mapping[str, Iterable[str]] | None,
+    **linear: Any,
+) -> tuple[str, Chunks, dict[str, str]]:
+    """→ (path, body pieces, headers) of ``POST /v1/runs/{id}/batches`` in protobuf."""
+    chunks = batch_chunks(
+        run_id, batch_id, logits, targets, sample_weight,
+        example_ids=example_ids, slices=slices, **linear,
+    )  # fmt: skip
+    headers = _with_length({"content-type": PROTOBUF_MEDIA_TYPE}, chunks)
+    return run_path(run_id, "batches"), _pieces(chunks), headers
+
+
 def _slices_call(run_id: str, key: str, query: Mapping[str, Any]) -> _JsonCall:
     params = {"key": key, **{k: v for k, v in query.items() if v is not None}}
     return _JsonCall("GET", run_path(run_id, "slices"), params=params)
@@ -611,9 +631,16 @@ class Client:
         linear_cross_entropy run takes ``features``, ``weight``, ``bias`` (``logits`` None);
         ``example_ids`` (N strings or integers) pair runs by example, ``slices`` gives each of
         the run's slice keys one value per example."""
+        linear = {"features": features, "weight": weight, "bias": bias}
+        if self.transport == "protobuf":
+            path, pieces, headers = _batch_body(
+                run_id, batch_id, logits, targets, sample_weight, example_ids, slices, **linear
+            )
+            response = self._http.post(path, content=pieces, headers=headers)  # type: ignore[arg-type]
+            return _json_answer(response)
         call = _add_batch_call(
             run_id, batch_id, logits, targets, sample_weight, _labels(example_ids, slices),
-            features=features, weight=weight, bias=bias,
+            **linear,
         )  # fmt: skip
         return self._json(call)
 
@@ -774,9 +801,16 @@ class AsyncClient:
     ) -> dict[str, Any]:
         """``POST /v1/runs/{id}/batches`` → the batch's result and the run's totals (see
         :meth:`Client.add_batch`)."""
+        linear = {"features": features, "weight": weight, "bias": bias}
+        if self.transport == "protobuf":
+            path, pieces, headers = _batch_body(
+                run_id, batch_id, logits, targets, sample_weight, example_ids, slices, **linear
+            )
+            response = await self._http.post(path, content=_async_chunks(pieces), headers=headers)
+            return _json_answer(response)
         call = _add_batch_call(
             run_id, batch_id, logits, targets, sample_weight, _labels(example_ids, slices),
-            features=features, weight=weight, bias=bias,
+            **linear,
         )  # fmt: skip
         return await self._json(call)
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from google.protobuf import struct_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from ce_eval_client.proto import (
-    REQUEST_FIELD_NUMBERS,
     TENSOR_DATA_FIELD,
     TENSOR_FIELDS,
     array_to_tensor,
@@ -33,6 +32,8 @@ from service.dataplane.evaluate import parse_evaluate_request
 from service.errors import MalformedBody, ServiceError, ValidationFailed
 from service.schemas import BATCH_TENSORS, EvaluateRequest
 from service.shared_memory import RegionAccess, TensorRef, check_region_name
+
+M = TypeVar("M", bound=Message)
 
 
 def options_from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -61,28 +62,33 @@ def tensor_to_array(tensor: pb.Tensor, loc: Sequence[str | int], max_elements: i
     return from_bytes(tensor.data, tensor.dtype, list(tensor.shape), loc, max_elements)
 
 
-def _malformed(reason: str) -> MalformedBody:
+def _malformed(reason: str, name: str = "EvaluateRequest") -> MalformedBody:
     return MalformedBody(
-        f"malformed protobuf EvaluateRequest: {reason}",
-        [{"loc": ["body"], "msg": "not a valid EvaluateRequest message", "type": "protobuf"}],
+        f"malformed protobuf {name}: {reason}",
+        [{"loc": ["body"], "msg": f"not a valid {name} message", "type": "protobuf"}],
     )
+
+
+def parse_message(message_type: type[M], body: bytes | memoryview) -> M:
+    """Serialized message → message; 400 / INVALID_ARGUMENT when it does not parse."""
+    message = message_type()
+    try:
+        message.ParseFromString(body)
+    except DecodeError as exc:
+        raise _malformed(str(exc), message_type.DESCRIPTOR.name) from None
+    return message
 
 
 def parse_request_bytes(body: bytes | memoryview) -> pb.EvaluateRequest:
     """Serialized ``EvaluateRequest`` → message; 400 when it does not parse."""
-    message = pb.EvaluateRequest()
-    try:
-        message.ParseFromString(body)
-    except DecodeError as exc:
-        raise _malformed(str(exc)) from None
-    return message
+    return parse_message(pb.EvaluateRequest, body)
 
 
-def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+def _read_varint(view: memoryview, pos: int, name: str) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= len(view) or shift > 63:
-            raise _malformed("truncated or oversized varint")
+            raise _malformed("truncated or oversized varint", name)
         byte = view[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -91,37 +97,47 @@ def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(view: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
-    """Wire-format fields of one message level: (number, wire type, start, value start, end)."""
+def _fields(view: memoryview, name: str) -> Iterator[tuple[int, int, int, int, int]]:
+    """Wire-format fields of one message level: (number, wire type, start, value start, end)
+    (``name``: the message's, for errors)."""
     pos = 0
     while pos < len(view):
         start = pos
-        key, pos = _read_varint(view, pos)
+        key, pos = _read_varint(view, pos, name)
         number, wire_type = key >> 3, key & 7
         if wire_type == 0:
-            _, end = _read_varint(view, pos)
+            _, end = _read_varint(view, pos, name)
         elif wire_type == 1:
             end = pos + 8
         elif wire_type == 5:
             end = pos + 4
         elif wire_type == 2:
-            length, pos = _read_varint(view, pos)
+            length, pos = _read_varint(view, pos, name)
             end = pos + length
         else:
-            raise _malformed(f"unsupported wire type {wire_type}")
+            raise _malformed(f"unsupported wire type {wire_type}", name)
         if end > len(view) or number == 0:
-            raise _malformed("truncated field")
+            raise _malformed("truncated field", name)
         yield number, wire_type, start, pos, end
         pos = end
 
 
-_TENSOR_NUMBERS = {REQUEST_FIELD_NUMBERS[name]: name for name in TENSOR_FIELDS}
+def _tensor_numbers(message_type: type[Message], names: Sequence[str]) -> dict[int, str]:
+    fields = message_type.DESCRIPTOR.fields_by_name
+    return {fields[name].number: name for name in names}
 
 
-def split_request_bytes(
-    body: bytes | memoryview, min_bytes: int = 64 * 1024
-) -> tuple[pb.EvaluateRequest, dict[str, memoryview]]:
-    """Like :func:`parse_request_bytes`, but each tensor's ``data`` stays in ``body``.
+_TENSOR_NUMBERS = {
+    pb.EvaluateRequest: _tensor_numbers(pb.EvaluateRequest, TENSOR_FIELDS),
+    pb.AddBatchRequest: _tensor_numbers(pb.AddBatchRequest, BATCH_TENSORS),
+}
+
+
+def split_message_bytes(
+    message_type: type[M], body: bytes | memoryview, min_bytes: int = 64 * 1024
+) -> tuple[M, dict[str, memoryview]]:
+    """Like :func:`parse_message` (``EvaluateRequest`` or ``AddBatchRequest``), but each
+    tensor's ``data`` stays in ``body``.
 
     Returns the message with empty tensor ``data`` and, per tensor field, a view of its data
     bytes (the last occurrence wins, as in protobuf). Saves the two copies a protobuf parser
@@ -129,24 +145,34 @@ def split_request_bytes(
     parsed whole (the split walks fields in Python, ~20 µs).
     """
     if len(body) < min_bytes:
-        return parse_request_bytes(body), {}
+        return parse_message(message_type, body), {}
+    numbers = _TENSOR_NUMBERS[message_type]
+    name_of_type = message_type.DESCRIPTOR.name
     view = memoryview(body)
     rest = bytearray()
     data: dict[str, memoryview] = {}
-    for number, wire_type, start, value_start, end in _fields(view):
-        name = _TENSOR_NUMBERS.get(number)
+    for number, wire_type, start, value_start, end in _fields(view, name_of_type):
+        name = numbers.get(number)
         if name is None or wire_type != 2:
             rest += view[start:end]
             continue
         inner = bytearray()
-        for inner_number, inner_type, i_start, i_value, i_end in _fields(view[value_start:end]):
+        tensor = view[value_start:end]
+        for inner_number, inner_type, i_start, i_value, i_end in _fields(tensor, name_of_type):
             if inner_number == TENSOR_DATA_FIELD and inner_type == 2:
                 data[name] = view[value_start + i_value : value_start + i_end]
             else:
                 inner += view[value_start + i_start : value_start + i_end]
         rest += length_delimited(number, len(inner))
         rest += inner
-    return parse_request_bytes(bytes(rest)), data
+    return parse_message(message_type, bytes(rest)), data
+
+
+def split_request_bytes(
+    body: bytes | memoryview, min_bytes: int = 64 * 1024
+) -> tuple[pb.EvaluateRequest, dict[str, memoryview]]:
+    """:func:`split_message_bytes` of an ``EvaluateRequest``."""
+    return split_message_bytes(pb.EvaluateRequest, body, min_bytes)
 
 
 def _no_shared_memory(loc: Sequence[str | int]) -> ValidationFailed:
@@ -331,8 +357,11 @@ def create_run_from_proto(message: pb.CreateRunRequest) -> dict[str, Any]:
     return payload
 
 
-def batch_from_proto(message: pb.AddBatchRequest, max_elements: int) -> dict[str, Any]:
-    """``AddBatchRequest`` → the ``POST /v1/runs/{id}/batches`` body with NumPy tensors.
+def batch_from_proto(
+    message: pb.AddBatchRequest, max_elements: int, data: Mapping[str, memoryview] | None = None
+) -> dict[str, Any]:
+    """``AddBatchRequest`` → the ``POST /v1/runs/{id}/batches`` body with NumPy tensors
+    (``data``: tensor bytes kept out of the message by :func:`split_message_bytes`).
 
     An absent ``logits``/``targets`` becomes None, which the engine answers with a 422
     "field required" at that location, as over REST.
@@ -340,7 +369,9 @@ def batch_from_proto(message: pb.AddBatchRequest, max_elements: int) -> dict[str
     payload: dict[str, Any] = {"batch_id": message.batch_id}
     for name in BATCH_TENSORS:
         if message.HasField(name):
-            payload[name] = tensor_to_array(getattr(message, name), (name,), max_elements)
+            tensor = getattr(message, name)
+            raw = data[name] if data and name in data else tensor.data
+            payload[name] = from_bytes(raw, tensor.dtype, list(tensor.shape), (name,), max_elements)
         elif name in ("logits", "targets", "sample_weight"):
             payload[name] = None
     if message.example_ids and message.example_int_ids:

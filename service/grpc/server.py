@@ -24,7 +24,7 @@ with ``Retry-After`` (503, 429) also carries a ``google.rpc.RetryInfo`` detail a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any, TypeVar
 
@@ -32,7 +32,7 @@ import anyio
 import grpc
 import orjson
 from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -46,12 +46,14 @@ from service.codecs.proto import (
     batch_from_proto,
     batches_summary_to_proto,
     create_run_from_proto,
+    parse_message,
     problem_to_proto,
     request_from_proto,
     response_to_proto,
     run_to_proto,
     runs_page_to_proto,
     shared_outputs_from_proto,
+    split_message_bytes,
     split_request_bytes,
 )
 from service.config import Settings
@@ -60,7 +62,7 @@ from service.dataplane.evaluate import INLINE_BODY_BYTES, DataPlane, engine_erro
 from service.dataplane.run_details import DetailQuery
 from service.dataplane.runs import BatchesSummary, RunsDataPlane
 from service.dataplane.slices import SliceQuery
-from service.errors import MalformedBody, ServiceError, ValidationFailed
+from service.errors import ServiceError, ValidationFailed
 from service.logs import get_logger
 from service.schemas import EvaluateRequest
 from service.shared_memory import RegionAccess, TensorRef
@@ -113,14 +115,7 @@ def error_trailers(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
 
 def _parse(message_type: type[M], raw: bytes) -> M:
     """Serialized request → message; INVALID_ARGUMENT (not INTERNAL) when it does not parse."""
-    try:
-        return message_type.FromString(raw)
-    except DecodeError as exc:
-        name = message_type.DESCRIPTOR.name
-        raise MalformedBody(
-            f"malformed protobuf {name}: {exc}",
-            [{"loc": ["body"], "msg": f"not a valid {name} message", "type": "protobuf"}],
-        ) from None
+    return parse_message(message_type, raw)
 
 
 def _required_run_id(run_id: str) -> str:
@@ -226,10 +221,14 @@ class LossEvaluationServicer:
         return self.runs
 
     async def _add_batch(
-        self, run_id: str, message: pb.AddBatchRequest, principal: str | None
+        self,
+        run_id: str,
+        message: pb.AddBatchRequest,
+        principal: str | None,
+        data: Mapping[str, memoryview] | None = None,
     ) -> dict[str, Any]:
         """One batch through the admission bound (UNAVAILABLE when full or draining)."""
-        payload = batch_from_proto(message, self.dataplane.settings.max_elements)
+        payload = batch_from_proto(message, self.dataplane.settings.max_elements, data)
         add = partial(self._runs().add_batch, principal=principal)
         return await self.dataplane.run_admitted(add, run_id, payload)
 
@@ -267,9 +266,11 @@ class LossEvaluationServicer:
         self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AddBatchResponse:
         async def work(principal: str | None) -> pb.AddBatchResponse:
-            message = _parse(pb.AddBatchRequest, request)
+            message, data = await self.dataplane.parse_off_loop(
+                len(request), partial(split_message_bytes, pb.AddBatchRequest, request)
+            )
             run_id = _required_run_id(message.run_id)
-            return batch_answer_to_proto(await self._add_batch(run_id, message, principal))
+            return batch_answer_to_proto(await self._add_batch(run_id, message, principal, data))
 
         return await self._answer(context, work)
 
@@ -280,7 +281,9 @@ class LossEvaluationServicer:
             summary: BatchesSummary | None = None
             index = 0
             async for request in requests:
-                message = _parse(pb.AddBatchRequest, request)
+                message, data = await self.dataplane.parse_off_loop(
+                    len(request), partial(split_message_bytes, pb.AddBatchRequest, request)
+                )
                 if summary is None:
                     summary = BatchesSummary(_required_run_id(message.run_id))
                 elif message.run_id and message.run_id != summary.run_id:
@@ -289,7 +292,7 @@ class LossEvaluationServicer:
                         f"{summary.run_id!r}",
                         [{"loc": [index, "run_id"], "msg": "another run", "type": "run_id"}],
                     )
-                summary.add(await self._add_batch(summary.run_id, message, principal))
+                summary.add(await self._add_batch(summary.run_id, message, principal, data))
                 index += 1
             if summary is None:
                 raise ValidationFailed(

@@ -24,6 +24,15 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def protobuf_content(message: str) -> dict[str, Any]:
+    """OpenAPI ``content`` entry of a ``ce_eval.v1.<message>`` request body."""
+    return {
+        PROTOBUF_MEDIA_TYPE: {
+            "schema": {"type": "string", "format": "binary", "description": f"ce_eval.v1.{message}"}
+        }
+    }
+
+
 def wants_protobuf(request: Request, content_type: str) -> bool:
     """Answer in protobuf? ``content_type``: the request's media type (:func:`media_type`)."""
     accept = request.headers.get("accept", "").lower()

@@ -22,6 +22,7 @@ from service.http.protobuf import (
     ProtobufResponse,
     media_type,
     parse_protobuf_request,
+    protobuf_content,
     wants_protobuf,
 )
 from service.http.responses import FastJSONResponse, problems
@@ -37,9 +38,7 @@ def _json_body_schema(name: str, protobuf: bool = False) -> dict[str, Any]:
         "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}
     }
     if protobuf:
-        content[PROTOBUF_MEDIA_TYPE] = {
-            "schema": {"type": "string", "format": "binary", "description": f"ce_eval.v1.{name}"}
-        }
+        content.update(protobuf_content(name))
     return {"requestBody": {"required": True, "content": content}}
 
 

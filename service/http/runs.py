@@ -14,23 +14,42 @@ from anyio import to_thread
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
+from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+from ce_eval_client.proto import PROTOBUF_MEDIA_TYPE
+from service.codecs.proto import batch_from_proto, split_message_bytes
 from service.dataplane.run_details import DetailQuery
 from service.dataplane.runs import AddBatchRequest, CreateRunRequest, RunsDataPlane
 from service.dataplane.slices import SliceQuery
-from service.errors import ValidationFailed
+from service.errors import MalformedBody, ValidationFailed
+from service.http.bodies import read_body
+from service.http.protobuf import media_type
 from service.http.responses import FastJSONResponse, problems
 from service.http.routes import read_json
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 
-def _body(model: type[Any]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
+def _body(model: type[Any], protobuf: str | None = None) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": model.model_json_schema()}}
+    if protobuf is not None:
+        content[PROTOBUF_MEDIA_TYPE] = {
+            "schema": {
+                "type": "string",
+                "format": "binary",
+                "description": f"ce_eval.v1.{protobuf}",
+            }
         }
-    }
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _batch_from_protobuf(body: bytes | memoryview, run_id: str, max_elements: int) -> Any:
+    if not body:
+        raise MalformedBody("the request body is empty")
+    message, data = split_message_bytes(pb.AddBatchRequest, body)
+    if message.run_id and message.run_id != run_id:
+        msg = f"the message names run {message.run_id!r}, the path {run_id!r}"
+        raise ValidationFailed(msg, [{"loc": ["body", "run_id"], "msg": msg, "type": "run_id"}])
+    return batch_from_proto(message, max_elements, data)
 
 
 def _runs(request: Request) -> RunsDataPlane:
@@ -209,11 +228,19 @@ def _class_ids(text: str | None) -> list[int] | None:
     "/{run_id}/batches",
     summary="Add a batch (idempotent on batch_id)",
     responses=problems(400, 404, 409, 413, 415, 422, 503),
-    openapi_extra=_body(AddBatchRequest),
+    openapi_extra=_body(AddBatchRequest, protobuf="AddBatchRequest"),
 )
 async def add_batch(request: Request, run_id: str) -> Response:
-    payload = await read_json(request)
+    """JSON (base64 tensors) or ``application/x-protobuf`` (``ce_eval.v1.AddBatchRequest``,
+    tensors as raw bytes; its ``run_id`` empty or this run's) in; the answer is JSON."""
     dataplane = request.app.state.dataplane
+    content_type = media_type(request)
+    if content_type == PROTOBUF_MEDIA_TYPE:
+        body = await read_body(request)
+        parse = partial(_batch_from_protobuf, body, run_id, dataplane.settings.max_elements)
+        payload = await dataplane.parse_off_loop(len(body), parse)
+    else:
+        payload = await read_json(request, content_type)
     add = partial(_runs(request).add_batch, principal=_principal(request))
     answer = await dataplane.run_admitted(add, run_id, payload)
     return FastJSONResponse(answer)
