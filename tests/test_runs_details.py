@@ -21,6 +21,7 @@ from sqlalchemy import text
 from service.config import Settings
 from service.dataplane.run_details import DetailQuery
 from service.dataplane.runs import RunsDataPlane
+from service.errors import Conflict
 from service.http.app import create_app
 from service.store import Store
 from tests.servers import PostgresCluster
@@ -437,3 +438,44 @@ async def test_curves_over_the_response_limit_are_413(tmp_path: Path) -> None:
         assert big.status_code == 413 and "fewer classes" in big.json()["detail"]
         one = await api.get(f"/v1/runs/{fine}/metrics/pr_curve", params={"classes": "0"})
         assert one.status_code == 413  # 100,001 points × 3 ≈ 7 MB, still over 1 MiB
+
+
+def _plain_digest(algorithm: Any, parts: dict[str, np.ndarray | None]) -> str:
+    digest = algorithm()
+    for name in sorted(parts):
+        array = parts[name]
+        if array is None:
+            digest.update(f"{name}:none;".encode())
+            continue
+        wire = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"))
+        digest.update(f"{name}:{wire.dtype.name}:{list(wire.shape)};".encode())
+        digest.update(wire.tobytes())
+    return str(digest.hexdigest())
+
+
+def test_batch_digests_are_blake3_and_sha256_digests_of_older_batches_still_match(
+    tmp_path: Path,
+) -> None:
+    import hashlib
+
+    import blake3
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    store = Store(url)
+    store.upgrade()
+    runs = RunsDataPlane(Settings(database_url=url, backend="numpy", log_level="warning"), store)
+    run_id = runs.create_run({"name": "d", "loss": "cross_entropy"})["id"]
+    (part, other) = batches(3, 5, 2, rows=8)
+    runs.add_batch(run_id, {"batch_id": "b0", **part})
+    parts = {"logits": part["logits"], "targets": part["targets"],
+             "sample_weight": part["sample_weight"]}  # fmt: skip
+    with store.engine.begin() as connection:
+        stored = connection.execute(text("SELECT content_hash FROM batches")).scalar_one()
+        assert stored == _plain_digest(blake3.blake3, parts)
+        legacy = _plain_digest(hashlib.sha256, parts)  # as stored by earlier releases
+        connection.execute(text("UPDATE batches SET content_hash = :h"), {"h": legacy})
+    again = runs.add_batch(run_id, {"batch_id": "b0", **part})
+    assert again["duplicate"] and again["run"]["batches"] == 1
+    with pytest.raises(Conflict, match="different content"):
+        runs.add_batch(run_id, {"batch_id": "b0", **other})
+    store.dispose()

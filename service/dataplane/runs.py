@@ -31,8 +31,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
 
+import blake3
 import numpy as np
 import orjson
 import pydantic
@@ -177,9 +178,21 @@ def _parse(model: type[BaseModel], payload: Any, settings: Settings) -> Any:
         raise validation_error_from_pydantic(exc, settings.echo_max_chars) from None
 
 
-def content_hash(arrays: Mapping[str, np.ndarray | None]) -> str:
-    """SHA-256 over each tensor's name, wire dtype, shape and little-endian C-order bytes."""
-    digest = hashlib.sha256()
+class _Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> Any: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def content_hash(
+    arrays: Mapping[str, np.ndarray | None],
+    labels: bytes | None = None,
+    algorithm: Callable[[], _Hasher] = blake3.blake3,
+) -> str:
+    """Hex digest (``algorithm``: BLAKE3, 32 bytes) over each tensor's name, wire dtype, shape
+    and little-endian C-order bytes; with ``labels`` (the batch's ids and slices as sorted
+    JSON), the digest of that hex digest followed by them."""
+    digest = algorithm()
     for name in sorted(arrays):
         array = arrays[name]
         if array is None:
@@ -187,8 +200,28 @@ def content_hash(arrays: Mapping[str, np.ndarray | None]) -> str:
             continue
         contiguous = wire_array(array)
         digest.update(f"{name}:{wire_name(contiguous.dtype)}:{list(contiguous.shape)};".encode())
-        digest.update(contiguous.tobytes())
-    return digest.hexdigest()
+        digest.update(contiguous.reshape(-1).view(np.uint8).data)
+    value = digest.hexdigest()
+    if labels is None:
+        return value
+    outer = algorithm()
+    outer.update(value.encode() + labels)
+    return outer.hexdigest()
+
+
+@dataclass(frozen=True)
+class BatchDigest:
+    """A batch's content digest (BLAKE3, :func:`content_hash`); batches stored before it carry
+    the SHA-256 of the same bytes, computed only when a stored digest is not this one."""
+
+    value: str
+    arrays: Mapping[str, np.ndarray | None]
+    labels: bytes | None
+
+    def matches(self, stored: str) -> bool:
+        if stored == self.value:
+            return True
+        return stored == content_hash(self.arrays, self.labels, hashlib.sha256)
 
 
 def _isoformat(moment: datetime | None) -> str | None:
@@ -854,7 +887,7 @@ class RunsDataPlane:
     ) -> dict[str, Any]:
         """Evaluate one batch with the run's loss and metrics and add it to the aggregates.
 
-        The same ``batch_id`` with the same content (SHA-256 of the decoded tensors) answers the
+        The same ``batch_id`` with the same content (BLAKE3 of the decoded tensors) answers the
         stored batch result again with ``duplicate: true`` and changes nothing; with different
         content it is a 409, as is any batch for a closed run.
 
@@ -939,7 +972,7 @@ class RunsDataPlane:
                     "run_pk": run.pk,
                     "batch_id": request.batch_id,
                     "seq": run.batches + 1,
-                    "content_hash": digest,
+                    "content_hash": digest.value,
                     "count": result.count,
                     "sum": result.sum,
                     "denominator": result.denominator,
@@ -990,9 +1023,9 @@ class RunsDataPlane:
         self._monitor(answer["run"], principal)
         return answer
 
-    def _decode_batch(self, request: AddBatchRequest) -> tuple[dict[str, Any], str]:
-        """The batch's tensors (413 over ``max_elements``) and its content digest: SHA-256 of
-        the tensors, then of ``example_ids`` and ``slices`` with them when given."""
+    def _decode_batch(self, request: AddBatchRequest) -> tuple[dict[str, Any], BatchDigest]:
+        """The batch's tensors (413 over ``max_elements``) and its content digest: of the
+        tensors, then of ``example_ids`` and ``slices`` with it when given."""
         arrays = {
             name: self.dataplane.decode(getattr(request, name), name) for name in BATCH_TENSORS
         }
@@ -1006,16 +1039,14 @@ class RunsDataPlane:
                 [{"loc": ["body", "logits"], "msg": "logits beside features", "type": "extra"}],
             )
         # the digest of a logits batch is as before linear batches existed (stored batches replay)
-        digest = content_hash(
-            {k: arrays[k] for k in ("logits", "targets", "sample_weight")} | linear
-        )
+        hashed = {k: arrays[k] for k in ("logits", "targets", "sample_weight")} | linear
+        labels = None
         if request.example_ids is not None or request.slices is not None:
             labels = orjson.dumps(
                 {"example_ids": request.example_ids, "slices": request.slices},
                 option=orjson.OPT_SORT_KEYS,
             )
-            digest = hashlib.sha256(digest.encode() + labels).hexdigest()
-        return arrays, digest
+        return arrays, BatchDigest(content_hash(hashed, labels), hashed, labels)
 
     def _check_batch_cost(
         self,
@@ -1269,7 +1300,7 @@ class RunsDataPlane:
         session: Session,
         run: Run,
         batch_id: str,
-        digest: str,
+        digest: BatchDigest,
         tags: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | None:
         """The stored answer again when ``batch_id`` is stored with this content, 409 when with
@@ -1277,7 +1308,7 @@ class RunsDataPlane:
         existing = pushes.find_batch(session, run.pk, batch_id)
         if existing is None:
             return None
-        if existing.content_hash != digest:
+        if not digest.matches(existing.content_hash):
             raise _content_conflict(batch_id)
         if self.on_batch is not None:
             self.on_batch("duplicate")

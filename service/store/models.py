@@ -123,8 +123,9 @@ class RunTag(Base):
 class Batch(Base):
     """One accepted batch of a run; ``(run_pk, batch_id)`` is unique (the idempotency key).
 
-    ``content_hash`` is the SHA-256 of the decoded tensors (dtype, shape, bytes); ``result`` is
-    the batch's own answer (loss sums and scalar metrics), replayed for a duplicate.
+    ``content_hash`` is the BLAKE3 (batches stored by earlier releases: SHA-256) of the decoded
+    tensors (dtype, shape, bytes); ``result`` is the batch's own answer (loss sums and scalar
+    metrics), replayed for a duplicate.
     """
 
     __tablename__ = "batches"
