@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 from sqlalchemy import Select, delete, exists, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session, lazyload
+from sqlalchemy.orm import Session
 
 import ce_engine
 from ce_engine.errors import quoted
@@ -899,7 +899,7 @@ class RunsDataPlane:
         request: AddBatchRequest = _parse(AddBatchRequest, payload, self.settings)
         arrays, digest = self._decode_batch(request)
         logits, sample_weight = arrays["logits"], arrays["sample_weight"]
-        linear = {k: arrays[k] for k in ("features", "weight", "bias") if arrays[k] is not None}
+        linear = _linear(arrays)
 
         config = self.configs.get(run_id)
         if config is not None and principal is not None and config.owner != principal:
@@ -1032,7 +1032,7 @@ class RunsDataPlane:
         total = sum(a.size for a in arrays.values() if a is not None)
         if total > self.settings.max_elements:
             raise decode_limit_error(total, self.settings.max_elements)
-        linear = {k: arrays[k] for k in ("features", "weight", "bias") if arrays[k] is not None}
+        linear = _linear(arrays)
         if linear and arrays["logits"] is not None:
             raise ValidationFailed(
                 "send logits, or features and weight (linear_cross_entropy), not both",
@@ -1080,7 +1080,7 @@ class RunsDataPlane:
             )
         # each slice key evaluates the batch's rows once more; the replicates are (N, B) weights
         # times the statistics
-        linear = {k: arrays[k] for k in ("features", "weight", "bias") if arrays[k] is not None}
+        linear = _linear(arrays)
         self.dataplane.check_work(
             arrays["logits"],
             linear,
@@ -1109,7 +1109,7 @@ class RunsDataPlane:
         self, config: RunConfig, arrays: Mapping[str, Any], weights: np.ndarray | None
     ) -> ce_engine.EvaluationResult:
         """The run's loss and metrics of these tensors (with ``weights``: the replicates)."""
-        linear = {k: arrays[k] for k in ("features", "weight", "bias") if arrays[k] is not None}
+        linear = _linear(arrays)
         try:
             return ce_engine.evaluate(
                 config.loss,
@@ -1281,15 +1281,11 @@ class RunsDataPlane:
         principal: str | None,
         *,
         lock: bool = False,
-        tags: bool = True,
     ) -> Run:
-        """The run (404 if missing or not ``principal``'s), row-locked with ``lock``; with
-        ``tags`` False its tags are loaded only if touched."""
+        """The run (404 if missing or not ``principal``'s), row-locked with ``lock``."""
         query = _owned(select(Run), principal).where(Run.id == run_id)
         if lock:
             query = query.with_for_update()
-        if not tags:
-            query = query.options(lazyload(Run.tags))
         run = session.scalars(query).one_or_none()
         if run is None:
             raise _not_found(run_id)
@@ -1456,6 +1452,11 @@ class RunsDataPlane:
             "slice_keys": run.slice_keys or [],
             "gate": run.gate,
         }
+
+
+def _linear(arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """A linear_cross_entropy batch's ``features``, ``weight``, ``bias`` (those given)."""
+    return {k: arrays[k] for k in ("features", "weight", "bias") if arrays.get(k) is not None}
 
 
 def _split_cells(state: MetricState | None) -> tuple[MetricState | None, Cells | None]:
