@@ -14,8 +14,8 @@ then measures from this process:
    sum with the engine time is the best any transport could reach on the machine;
 2. req/s with 32 concurrent keep-alive connections for a 16×10 ``/v1/evaluate`` (JSON lists,
    then protobuf) vs ``POST /noop`` with the same body, in paired rounds (a minimal raw-socket
-   load generator, so the client leaves the CPU to the server); the verdict is the median of
-   the per-round ratios.
+   load generator, or with ``--load wrk`` wrk itself: 1 thread, 3 rounds by default); the
+   verdict is the median of the per-round ratios.
 
 Targets (issue 6): binary transports ≥ 70% of engine-only throughput at 512×32000; tiny-batch
 evaluate ≥ 70% of the no-op's req/s; issue 19: shared memory ≥ 70% of engine-only at
@@ -256,15 +256,65 @@ def _http_request(path: str, body: bytes, content_type: str) -> bytes:
     ).encode() + body
 
 
+def _lua_string(data: bytes) -> str:
+    """``data`` as a Lua string literal (every byte a decimal escape: binary-safe)."""
+    return '"' + "".join(f"\\{b}" for b in data) + '"'
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """wrk's report → {requests, errors (non-2xx/3xx + socket errors), seconds, req_per_s}."""
+    requests = errors = 0
+    seconds = req_per_s = None
+    for line in output.splitlines():
+        words = line.split()
+        if "requests in" in line:  # "  12345 requests in 4.00s, 1.23MB read"
+            requests, seconds = int(words[0]), float(words[3].rstrip("s,"))
+        elif line.startswith("Requests/sec:"):
+            req_per_s = float(words[1])
+        elif line.strip().startswith("Non-2xx or 3xx responses:"):
+            errors += int(words[-1])
+        elif line.strip().startswith("Socket errors:"):  # connect 0, read 0, write 0, timeout 0
+            errors += sum(int(w.rstrip(",")) for w in words[3::2])
+    if seconds is None or req_per_s is None:
+        raise ValueError(f"not a wrk report: {output[:200]!r}")
+    return {"requests": requests, "errors": errors, "seconds": seconds, "req_per_s": req_per_s}
+
+
+def wrk_load(
+    port: int, path: str, body: bytes, content_type: str, connections: int, seconds: float
+) -> dict[str, Any]:
+    """``wrk -t1 -c{connections}`` POSTing ``body`` to ``path`` for ``seconds``."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("wrk not found: apt-get install wrk (or make test-deps)")
+    script = (
+        f'wrk.method = "POST"\nwrk.body = {_lua_string(body)}\n'
+        f'wrk.headers["Content-Type"] = "{content_type}"\n'
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
+        lua.write(script)
+        lua.flush()
+        argv = [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s", lua.name,
+                f"http://127.0.0.1:{port}{path}"]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    if done.returncode:
+        raise SystemExit(f"wrk failed ({done.returncode}): {done.stderr.strip()[:500]}")
+    return parse_wrk(done.stdout)
+
+
 def tiny_batch(
-    port: int, seconds: float, connections: int = 32, rounds: int = 7
+    port: int, seconds: float, connections: int = 32, rounds: int = 7, load: str = "python"
 ) -> list[dict[str, Any]]:
     """req/s of ``/v1/evaluate`` and of the no-op, per body kind, in paired rounds.
 
     Each round loads the no-op and ``/v1/evaluate`` with the same body back to back (which goes
     first alternates) and keeps their ratio: a pair shares the machine's load of the moment, so
     the median of the per-round ratios moves much less than the ratio of two medians on a
-    shared host.
+    shared host. ``load``: ``python`` (this process's raw-socket client) or ``wrk`` (1 thread).
     """
     from ce_eval_client.proto import PROTOBUF_MEDIA_TYPE, request_to_proto
 
@@ -284,17 +334,20 @@ def tiny_batch(
     ]
     rows = []
     for kind, noop_kind, body, content_type in kinds:
-        pair = {
-            "noop": _http_request("/noop", body, content_type),
-            "evaluate": _http_request("/v1/evaluate", body, content_type),
-        }
-        for request in pair.values():
-            asyncio.run(_load(port, request, connections, 0.5))  # warm-up
+
+        def run(path: str, secs: float, body: bytes = body, ctype: str = content_type) -> Any:
+            if load == "wrk":
+                return wrk_load(port, path, body, ctype, connections, secs)
+            return asyncio.run(_load(port, _http_request(path, body, ctype), connections, secs))
+
+        pair = {"noop": "/noop", "evaluate": "/v1/evaluate"}
+        for path in pair.values():
+            run(path, 1.0)  # warm-up
         runs: dict[str, list[dict[str, Any]]] = {"noop": [], "evaluate": []}
         for round_ in range(rounds):
             order = list(pair.items())
-            for name, request in order if round_ % 2 == 0 else order[::-1]:  # no first-run bias
-                runs[name].append(asyncio.run(_load(port, request, connections, seconds)))
+            for name, path in order if round_ % 2 == 0 else order[::-1]:  # no first-run bias
+                runs[name].append(run(path, seconds))
         ratios = [
             e["req_per_s"] / n["req_per_s"]
             for n, e in zip(runs["noop"], runs["evaluate"], strict=True)
@@ -334,6 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         "--no-json-big", action="store_true", help="skip JSON lists at 512×32000 (~10 s a call)"
     )
     parser.add_argument("--only", choices=["throughput", "tiny"], help="run one of the two parts")
+    parser.add_argument(
+        "--load",
+        choices=["python", "wrk"],
+        default="python",
+        help="tiny-batch load generator: this process's raw-socket client (default) or wrk "
+        "(-t1 -c32; apt-get install wrk)",
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="tiny-batch rounds (7; wrk: 3)")
     args = parser.parse_args(argv)
     if args.serve:
         _serve(args)
@@ -350,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = throughput(server.url, server.grpc_target, args.budget, not args.no_json_big)
             print()
         if args.only != "throughput":
-            tiny = tiny_batch(server.http_port, args.load_seconds)
+            rounds = args.rounds or (3 if args.load == "wrk" else 7)
+            tiny = tiny_batch(server.http_port, args.load_seconds, rounds=rounds, load=args.load)
     finally:
         server.stop()
     verdicts = _verdicts(rows, tiny)

@@ -25,13 +25,14 @@ done
 postgres_lib="${POSTGRES_LIB:-/usr/lib/postgresql}"
 
 # package | what the suite checks with it
-packages=(postgresql chromium chromium-driver prometheus nginx-light)
+packages=(postgresql chromium chromium-driver prometheus nginx-light wrk)
 declare -A checks=(
     [postgresql]="PostgreSQL store, replica and dashboard-SQL tests (initdb, pg_ctl)"
     [chromium]="headless dashboard tests, tests/test_dashboard.py (chromium)"
     [chromium-driver]="headless dashboard tests, tests/test_dashboard.py (chromedriver)"
     [prometheus]="promtool check of deploy/prometheus, tests/test_deploy.py (promtool)"
     [nginx-light]="nginx -t of the scale profile's load balancer, tests/test_deploy.py (nginx)"
+    [wrk]="bench.serving's wrk load driver, tests/test_bench_serving.py (wrk)"
 )
 
 present() {
@@ -41,6 +42,7 @@ present() {
         chromium-driver) command -v chromedriver >/dev/null ;;
         prometheus) command -v promtool >/dev/null ;;
         nginx-light) command -v nginx >/dev/null ;;
+        wrk) command -v wrk >/dev/null ;;
     esac
 }
 
