@@ -382,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("--port", "--grpc-port"):
         parser.add_argument(flag, type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per measurement")
-    parser.add_argument("--load-seconds", type=float, default=3.0, help="seconds per load run")
+    parser.add_argument(
+        "--load-seconds", type=float, default=None, help="seconds per load run (3; wrk: 4)"
+    )
     parser.add_argument(
         "--no-json-big", action="store_true", help="skip JSON lists at 512×32000 (~10 s a call)"
     )
@@ -411,8 +413,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = throughput(server.url, server.grpc_target, args.budget, not args.no_json_big)
             print()
         if args.only != "throughput":
-            rounds = args.rounds or (3 if args.load == "wrk" else 7)
-            tiny = tiny_batch(server.http_port, args.load_seconds, rounds=rounds, load=args.load)
+            wrk = args.load == "wrk"  # issue 19's protocol: 3 alternating rounds of 4 s
+            rounds = args.rounds or (3 if wrk else 7)
+            seconds = args.load_seconds or (4.0 if wrk else 3.0)
+            tiny = tiny_batch(server.http_port, seconds, rounds=rounds, load=args.load)
     finally:
         server.stop()
     verdicts = _verdicts(rows, tiny)
