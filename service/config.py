@@ -41,7 +41,10 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="HTTP: seconds a request body may go without a byte arriving (→ 408).",
+        description=(
+            "Seconds a request body may go without a byte arriving (HTTP → 408), or a gRPC "
+            "EvaluateStream without a chunk (→ DEADLINE_EXCEEDED)."
+        ),
     )
     max_connections: int = Field(
         4096,

@@ -89,6 +89,15 @@ class Conflict(ServiceError):
     status_code, grpc_code, type, title = 409, "ALREADY_EXISTS", "conflict", "Conflict"
 
 
+class RequestTimeout(ServiceError):
+    status_code, grpc_code, type, title = (
+        408,
+        "DEADLINE_EXCEEDED",
+        "request-timeout",
+        "Request Timeout",
+    )
+
+
 class PayloadTooLarge(ServiceError):
     status_code, grpc_code, type, title = (
         413,

@@ -9,7 +9,7 @@ bytes (``Tensor{dtype, shape, data}``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -162,6 +162,28 @@ def request_chunks(
     if options:
         dict_to_struct(options, message.options)
     return [message.SerializeToString(), *_data_chunks(arrays, REQUEST_FIELD_NUMBERS)]
+
+
+def stream_chunks(
+    chunks: Iterable[bytes | memoryview], piece_bytes: int = 1 << 20
+) -> Iterator[bytes]:
+    """Serialized ``EvaluateChunk`` messages carrying ``b"".join(chunks)`` in pieces of
+    ``piece_bytes`` (the last one shorter; ``EvaluateStream``); the first also carries
+    ``total_bytes``. Each byte is copied once, into its message."""
+    views = [memoryview(c).cast("B") for c in chunks]
+    header = _varint(2 << 3) + _varint(sum(v.nbytes for v in views))  # total_bytes
+    pending: list[memoryview] = []
+    size = 0
+    for view in views:
+        while view.nbytes:
+            piece, view = view[: piece_bytes - size], view[piece_bytes - size :]
+            pending.append(piece)
+            size += piece.nbytes
+            if size == piece_bytes:
+                yield b"".join((header, length_delimited(1, size), *pending))
+                header, pending, size = b"", [], 0
+    if pending or header:  # the rest, or an empty request's total
+        yield b"".join((header, length_delimited(1, size), *pending))
 
 
 def _data_chunks(

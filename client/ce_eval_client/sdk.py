@@ -57,6 +57,7 @@ from ce_eval_client.proto import (
     response_from_proto,
     run_from_proto,
     runs_page_from_proto,
+    stream_chunks,
     struct_to_dict,
 )
 from ce_eval_client.shm import Layout, SharedRegion, plan
@@ -69,6 +70,10 @@ from ce_eval_client.wire import (
 )
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossEvaluation"].full_name
+#: gRPC requests over this many bytes go as ``EvaluateStream`` pieces of ``PIECE_BYTES``:
+#: grpc moves 65 MB in 1 MiB messages about 4x faster than in one message.
+STREAM_BYTES = 4 * 1024 * 1024
+PIECE_BYTES = 1 << 20
 
 Transport = Literal["protobuf", "base64", "json", "oip"]
 TRANSPORTS: tuple[Transport, ...] = ("protobuf", "base64", "json", "oip")
@@ -895,7 +900,8 @@ class GrpcClient:
 
     ``api_key`` travels as ``authorization: Bearer <key>`` metadata on every call. Run methods
     answer the dicts of the REST runs API; failures raise :class:`EvaluationError` with the gRPC
-    code name as ``status``.
+    code name as ``status``. ``evaluate`` sends requests over ``stream_bytes`` through
+    ``EvaluateStream`` in pieces of ``piece_bytes`` (the same answer as ``Evaluate``).
     """
 
     def __init__(
@@ -905,8 +911,14 @@ class GrpcClient:
         timeout: float = 120.0,
         max_message_bytes: int = 256 * 1024 * 1024,
         api_key: str | None = None,
+        stream_bytes: int = STREAM_BYTES,
+        piece_bytes: int = PIECE_BYTES,
     ) -> None:
+        if piece_bytes < 1:
+            raise ValueError(f"piece_bytes must be at least 1, not {piece_bytes}")
         self.timeout = timeout
+        self.stream_bytes = stream_bytes
+        self.piece_bytes = piece_bytes
         self.metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {api_key}"),) if api_key else ()
         )
@@ -921,6 +933,11 @@ class GrpcClient:
         self._evaluate = self._channel.unary_unary(
             f"/{SERVICE_NAME}/Evaluate",
             request_serializer=b"".join,
+            response_deserializer=pb.EvaluateResponse.FromString,
+        )
+        self._evaluate_stream = self._channel.stream_unary(
+            f"/{SERVICE_NAME}/EvaluateStream",
+            request_serializer=None,  # stream_chunks serializes
             response_deserializer=pb.EvaluateResponse.FromString,
         )
         self._create_run = self._unary("CreateRun", pb.Run)
@@ -981,7 +998,10 @@ class GrpcClient:
             weight=weight,
             bias=bias,
         )
-        response = self._call(self._evaluate, chunks)
+        if sum(memoryview(c).nbytes for c in chunks) > self.stream_bytes:
+            response = self._call(self._evaluate_stream, stream_chunks(chunks, self.piece_bytes))
+        else:
+            response = self._call(self._evaluate, chunks)
         return Evaluation.from_dict(response_from_proto(response))
 
     def create_run(

@@ -122,6 +122,20 @@ def _fields(view: memoryview, name: str) -> Iterator[tuple[int, int, int, int, i
         pos = end
 
 
+def chunk_parts(raw: bytes | memoryview) -> tuple[memoryview, int | None]:
+    """Serialized ``EvaluateChunk`` → (a view of its ``data``, its ``total_bytes`` or None),
+    as protobuf reads them (last occurrence wins, unknown fields skipped), without copying
+    ``data``; 400 / INVALID_ARGUMENT when it does not parse."""
+    view = memoryview(raw)
+    data, total = view[:0], None
+    for number, wire_type, _, value_start, end in _fields(view, "EvaluateChunk"):
+        if number == 1 and wire_type == 2:
+            data = view[value_start:end]
+        elif number == 2 and wire_type == 0:
+            total = _read_varint(view, value_start, "EvaluateChunk")[0]
+    return data, total
+
+
 def _tensor_numbers(message_type: type[Message], names: Sequence[str]) -> dict[int, str]:
     fields = message_type.DESCRIPTOR.fields_by_name
     return {fields[name].number: name for name in names}

@@ -1,6 +1,7 @@
 """gRPC server (grpc.aio): ``ce_eval.v1.LossEvaluation`` over the data planes, health, reflection.
 
-``Evaluate`` runs on :class:`service.dataplane.evaluate.DataPlane`; ``CreateRun``, ``AddBatch``,
+``Evaluate`` and ``EvaluateStream`` (the same request in ``EvaluateChunk`` pieces, joined by
+:func:`read_chunks`) run on :class:`service.dataplane.evaluate.DataPlane`; ``CreateRun``, ``AddBatch``,
 ``AddBatches``, ``GetRun``, ``ListRuns``, ``GetRunMetric``, ``GateRun``, ``GetRunSlices`` and
 ``CompareRuns`` on :class:`service.dataplane.runs.RunsDataPlane`, the same one the REST runs API
 uses. Batches are
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 
 import anyio
 import grpc
+import numpy as np
 import orjson
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
@@ -45,6 +47,7 @@ from service.codecs.proto import (
     batch_answer_to_proto,
     batch_from_proto,
     batches_summary_to_proto,
+    chunk_parts,
     create_run_from_proto,
     parse_message,
     problem_to_proto,
@@ -62,7 +65,13 @@ from service.dataplane.evaluate import INLINE_BODY_BYTES, DataPlane, engine_erro
 from service.dataplane.run_details import DetailQuery
 from service.dataplane.runs import BatchesSummary, RunsDataPlane
 from service.dataplane.slices import SliceQuery
-from service.errors import ServiceError, ValidationFailed
+from service.errors import (
+    MalformedBody,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    ValidationFailed,
+)
 from service.logs import get_logger
 from service.schemas import EvaluateRequest
 from service.shared_memory import RegionAccess, TensorRef
@@ -153,7 +162,12 @@ class LossEvaluationServicer:
                 self.Evaluate,
                 request_deserializer=None,
                 response_serializer=pb.EvaluateResponse.SerializeToString,
-            )
+            ),
+            "EvaluateStream": grpc.stream_unary_rpc_method_handler(
+                self.EvaluateStream,
+                request_deserializer=None,
+                response_serializer=pb.EvaluateResponse.SerializeToString,
+            ),
         }
         if self.runs is not None:
             unary: dict[str, tuple[Callable[..., Awaitable[Message]], type[Message]]] = {
@@ -234,21 +248,33 @@ class LossEvaluationServicer:
 
     # ------------------------------------------------------------- methods
 
+    async def _evaluate(
+        self, request: bytes | memoryview, principal: str | None
+    ) -> pb.EvaluateResponse:
+        dataplane = self.dataplane
+        regions = RegionAccess(dataplane.shared_memory, principal)
+        # A small request naming shared memory costs what its tensors' bytes cost.
+        size = len(request) if not regions.any() else max(len(request), INLINE_BODY_BYTES + 1)
+        parsed, shared = await dataplane.parse_off_loop(
+            size, partial(_parse_evaluate, request, dataplane.settings, regions)
+        )
+        answer = await dataplane.evaluate_async(parsed, "raw", len(request))
+        if shared:
+            return await dataplane.in_thread(response_to_proto, answer, shared, regions)
+        return response_to_proto(answer)
+
     async def Evaluate(
         self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.EvaluateResponse:
+        return await self._answer(context, partial(self._evaluate, request))
+
+    async def EvaluateStream(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.EvaluateResponse:
         async def work(principal: str | None) -> pb.EvaluateResponse:
-            dataplane = self.dataplane
-            regions = RegionAccess(dataplane.shared_memory, principal)
-            # A small request naming shared memory costs what its tensors' bytes cost.
-            size = len(request) if not regions.any() else max(len(request), INLINE_BODY_BYTES + 1)
-            parsed, shared = await dataplane.parse_off_loop(
-                size, partial(_parse_evaluate, request, dataplane.settings, regions)
-            )
-            answer = await dataplane.evaluate_async(parsed, "raw", len(request))
-            if shared:
-                return await dataplane.in_thread(response_to_proto, answer, shared, regions)
-            return response_to_proto(answer)
+            settings = self.dataplane.settings
+            body = await read_chunks(requests, settings.max_body_bytes, settings.body_timeout_s)
+            return await self._evaluate(body, principal)
 
         return await self._answer(context, work)
 
@@ -468,8 +494,68 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
+async def read_chunks(messages: AsyncIterator[bytes], max_bytes: int, idle_s: float) -> memoryview:
+    """An ``EvaluateStream``'s request: its chunks' ``data`` joined into one NumPy buffer of
+    the first chunk's ``total_bytes`` (refused over ``max_bytes`` before reading on; NumPy
+    backs large buffers with huge pages, as HTTP's ``read_body`` does). Each chunk must arrive
+    within ``idle_s`` (else DEADLINE_EXCEEDED); a stream that does not add up to
+    ``total_bytes`` is INVALID_ARGUMENT."""
+    iterator = aiter(messages)
+    view: memoryview | None = None
+    filled = index = 0
+    while True:
+        try:
+            with anyio.fail_after(idle_s):
+                raw = await anext(iterator)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no chunk arrived for {idle_s:g} s (CE_EVAL_BODY_TIMEOUT_S) after {index} chunks"
+            ) from None
+        data, total = chunk_parts(raw)
+        if view is None:
+            view = _stream_buffer(total, max_bytes)
+        elif total is not None and total != len(view):
+            raise _stream_error(
+                f"chunk {index} declares total_bytes {total}, the first {len(view)}",
+                [index, "total_bytes"],
+            )
+        end = filled + len(data)
+        if end > len(view):
+            raise _stream_error(
+                f"the chunks hold more than total_bytes ({len(view)})", [index, "data"]
+            )
+        view[filled:end] = data
+        filled, index = end, index + 1
+    if view is None:
+        raise _stream_error("the stream holds no chunk", [])
+    if filled != len(view):
+        raise _stream_error(
+            f"the stream ended after {filled} of its total_bytes ({len(view)})", [index]
+        )
+    return view.toreadonly()
+
+
+def _stream_buffer(total: int | None, max_bytes: int) -> memoryview:
+    """The first chunk's buffer: ``total`` bytes, uninitialised."""
+    if total is None:
+        raise _stream_error("the first chunk must carry total_bytes", [0, "total_bytes"])
+    if total > max_bytes:
+        raise PayloadTooLarge(
+            f"total_bytes {total} is over the body limit of {max_bytes} bytes "
+            "(CE_EVAL_MAX_BODY_BYTES)",
+            [{"loc": [0, "total_bytes"], "msg": "over the body limit", "type": "too_large"}],
+        )
+    return np.empty(total, np.uint8).data
+
+
+def _stream_error(detail: str, loc: list[str | int]) -> MalformedBody:
+    return MalformedBody(detail, [{"loc": loc, "msg": detail, "type": "stream"}])
+
+
 def _parse_evaluate(
-    request: bytes, settings: Settings, regions: RegionAccess
+    request: bytes | memoryview, settings: Settings, regions: RegionAccess
 ) -> tuple[EvaluateRequest, dict[str, TensorRef]]:
     """Request bytes → (the request, its outputs bound for shared memory)."""
     message, data = split_request_bytes(request)

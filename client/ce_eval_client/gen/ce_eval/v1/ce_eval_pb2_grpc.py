@@ -42,6 +42,11 @@ class LossEvaluationStub:
                 request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateResponse.FromString,
                 _registered_method=True)
+        self.EvaluateStream = channel.stream_unary(
+                '/ce_eval.v1.LossEvaluation/EvaluateStream',
+                request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateChunk.SerializeToString,
+                response_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateResponse.FromString,
+                _registered_method=True)
         self.CreateRun = channel.unary_unary(
                 '/ce_eval.v1.LossEvaluation/CreateRun',
                 request_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.CreateRunRequest.SerializeToString,
@@ -97,6 +102,14 @@ class LossEvaluationServicer:
 
     def Evaluate(self, request, context):
         """Stateless evaluation of one batch (POST /v1/evaluate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateStream(self, request_iterator, context):
+        """Evaluate with the request sent in pieces (EvaluateChunk): same answer and
+        errors; a stream that stalls for CE_EVAL_BODY_TIMEOUT_S is DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,6 +184,11 @@ def add_LossEvaluationServicer_to_server(servicer, server):
             'Evaluate': grpc.unary_unary_rpc_method_handler(
                     servicer.Evaluate,
                     request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateRequest.FromString,
+                    response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateResponse.SerializeToString,
+            ),
+            'EvaluateStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.EvaluateStream,
+                    request_deserializer=ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateChunk.FromString,
                     response_serializer=ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateResponse.SerializeToString,
             ),
             'CreateRun': grpc.unary_unary_rpc_method_handler(
@@ -248,6 +266,33 @@ class LossEvaluation:
             target,
             '/ce_eval.v1.LossEvaluation/Evaluate',
             ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateRequest.SerializeToString,
+            ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/ce_eval.v1.LossEvaluation/EvaluateStream',
+            ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateChunk.SerializeToString,
             ce__eval_dot_v1_dot_ce__eval__pb2.EvaluateResponse.FromString,
             options,
             channel_credentials,
