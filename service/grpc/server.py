@@ -1,12 +1,11 @@
 """gRPC server (grpc.aio): ``ce_eval.v1.LossEvaluation`` over the data planes, health, reflection.
 
 ``Evaluate`` and ``EvaluateStream`` (the same request in ``EvaluateChunk`` pieces, joined by
-:func:`read_chunks`) run on :class:`service.dataplane.evaluate.DataPlane`; ``CreateRun``, ``AddBatch``,
-``AddBatches``, ``GetRun``, ``ListRuns``, ``GetRunMetric``, ``GateRun``, ``GetRunSlices`` and
-``CompareRuns`` on :class:`service.dataplane.runs.RunsDataPlane`, the same one the REST runs API
-uses. Batches are
-admitted one by one (``AddBatches`` too), so a full queue or a draining server answers
-UNAVAILABLE as HTTP answers 503.
+:func:`read_chunks`) run on :class:`service.dataplane.evaluate.DataPlane`; ``CreateRun``,
+``AddBatch``, ``AddBatches``, ``GetRun``, ``ListRuns``, ``GetRunMetric``, ``GateRun``,
+``GetRunSlices`` and ``CompareRuns`` on :class:`service.dataplane.runs.RunsDataPlane`, the same
+one the REST runs API uses. Batches are admitted one by one (``AddBatches`` too), so a full
+queue or a draining server answers UNAVAILABLE as HTTP answers 503.
 
 API keys (when configured) come from the call metadata, ``authorization: Bearer <key>`` or
 ``x-api-key``, through the same :class:`service.auth.Authenticator` as HTTP: UNAUTHENTICATED,

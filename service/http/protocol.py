@@ -17,19 +17,12 @@ from typing import Any, ClassVar
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.errors import ServiceError
+from service.errors import RequestTimeout
 
 _REFUSED = (
     b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\n"
     b"content-length: 0\r\n\r\n"
 )
-
-
-class RequestTimeout(ServiceError):
-    status_code = 408
-    grpc_code = "DEADLINE_EXCEEDED"
-    type = "request-timeout"
-    title = "Request Timeout"
 
 
 def _timeout_response(what: str, seconds: float) -> bytes:
