@@ -32,7 +32,8 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,12 @@ DISABLED_DETAIL = (
 )
 #: Bytes per read/write syscall: 4 MiB pieces read tmpfs about 10% faster than one 64 MiB call.
 _IO_PIECE = 1 << 22
+#: Copies of at least this many bytes are split into ``_IO_THREADS`` spans copied at once: the
+#: kernel copies tmpfs pages at about 1.8 GB/s a thread (65 MB: 36 ms on one, 19 ms on two).
+_PARALLEL_BYTES = 8 << 20
+_IO_THREADS = max(1, min(4, os.cpu_count() or 1))
+_io_pool: ThreadPoolExecutor | None = None
+_io_pool_lock = threading.Lock()
 
 
 class SharedMemoryDisabled(Forbidden):
@@ -157,21 +164,51 @@ def _inside(region: Region, ref: TensorRef) -> Region:
     return region
 
 
+def _spans(size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` spans covering ``size`` bytes: one, or ``_IO_THREADS`` from
+    ``_PARALLEL_BYTES`` on (4 KiB-aligned, the pages the kernel copies)."""
+    if size < _PARALLEL_BYTES or _IO_THREADS == 1:
+        return [(0, size)]
+    step = -(-size // _IO_THREADS // 4096) * 4096
+    return [(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def _in_spans(copy: Callable[[int, int], int], size: int) -> int:
+    """Σ ``copy(start, end)`` over :func:`_spans`, the spans on the I/O threads at once."""
+    spans = _spans(size)
+    if len(spans) == 1:
+        return copy(*spans[0])
+    global _io_pool
+    with _io_pool_lock:
+        if _io_pool is None:
+            _io_pool = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="ce-shm")
+    return sum(_io_pool.map(lambda span: copy(*span), spans))
+
+
 def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
-    """Fill ``buffer`` from ``fd`` at ``offset``; returns the bytes read (short at end of file)."""
-    done = 0
-    while done < len(buffer):
-        count = os.preadv(fd, [buffer[done : done + _IO_PIECE]], offset + done)
-        if count == 0:
-            break
-        done += count
-    return done
+    """Fill ``buffer`` from ``fd`` at ``offset``; returns the bytes read (fewer when the file
+    ends, or ended while it was read, before ``offset + len(buffer)``)."""
+
+    def span(start: int, end: int) -> int:
+        done = start
+        while done < end:
+            count = os.preadv(fd, [buffer[done : min(done + _IO_PIECE, end)]], offset + done)
+            if count == 0:
+                break
+            done += count
+        return done - start
+
+    return _in_spans(span, len(buffer))
 
 
 def _pwrite_from(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwritev(fd, [data[done : done + _IO_PIECE]], offset + done)
+    def span(start: int, end: int) -> int:
+        done = start
+        while done < end:
+            done += os.pwritev(fd, [data[done : min(done + _IO_PIECE, end)]], offset + done)
+        return end - start
+
+    _in_spans(span, len(data))
 
 
 class SharedMemoryRegistry:

@@ -15,6 +15,7 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
+from service import shared_memory as shm_module
 from service.config import Settings
 from service.http.app import create_app
 from service.shared_memory import SharedMemoryRegistry, TensorRef
@@ -411,6 +412,29 @@ def test_registry_reads_and_writes_only_inside_the_region(
         assert bytes(_buf(segment)[1098:1101]) == b"\xff\xff\x00"
     finally:
         registry.close()
+
+
+@pytest.mark.parametrize("size", [1, 4096 * 3 + 17, 100_000])
+def test_large_copies_in_parallel_spans_equal_one_sequential_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    monkeypatch.setattr(shm_module, "_PARALLEL_BYTES", 1)
+    monkeypatch.setattr(shm_module, "_IO_THREADS", 3)
+    monkeypatch.setattr(shm_module, "_IO_PIECE", 5000)  # several syscalls per span
+    content = np.random.default_rng(size).bytes(size)
+    path = tmp_path / "object"
+    path.write_bytes(b"\0" * 7 + content)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        out = np.empty(size, np.uint8)
+        assert shm_module._pread_into(fd, out.data, 7) == size
+        assert out.tobytes() == content
+        shm_module._pwrite_from(fd, memoryview(content[::-1]), 7)
+        assert path.read_bytes() == b"\0" * 7 + content[::-1]
+        os.ftruncate(fd, 7 + size // 2)  # the object ends inside the copy: a short count
+        assert shm_module._pread_into(fd, out.data, 7) == size // 2
+    finally:
+        os.close(fd)
 
 
 # --- a client truncates its object after registering ----------------------------------------
