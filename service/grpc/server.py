@@ -126,6 +126,13 @@ def _parse(message_type: type[M], raw: bytes) -> M:
     return parse_message(message_type, raw)
 
 
+async def _run_answer(call: Callable[[], dict[str, Any]]) -> pb.RunAnswer:
+    """``call()`` in a worker thread, its dict as a ``RunAnswer``'s Struct."""
+    answer = pb.RunAnswer()
+    dict_to_struct(await anyio.to_thread.run_sync(call), answer.answer)
+    return answer
+
+
 def _required_run_id(run_id: str) -> str:
     if not run_id:
         raise ValidationFailed(
@@ -386,9 +393,7 @@ class LossEvaluationServicer:
             run_id = _required_run_id(message.run_id)
             body = struct_to_dict(message.gate)
             gate = partial(self._runs().gate, run_id, body, principal=principal)
-            answer = pb.RunAnswer()
-            dict_to_struct(await anyio.to_thread.run_sync(gate), answer.answer)
-            return answer
+            return await _run_answer(gate)
 
         return await self._answer(context, work)
 
@@ -406,9 +411,7 @@ class LossEvaluationServicer:
                 min_slice_size=message.min_slice_size,
             )
             page = partial(self._runs().run_slices, run_id, message.key, query, principal=principal)
-            answer = pb.RunAnswer()
-            dict_to_struct(await anyio.to_thread.run_sync(page), answer.answer)
-            return answer
+            return await _run_answer(page)
 
         return await self._answer(context, work)
 
@@ -424,9 +427,7 @@ class LossEvaluationServicer:
                 baseline=message.baseline or None,
                 slice_key=message.slice_key or None,
             )
-            answer = pb.RunAnswer()
-            dict_to_struct(await anyio.to_thread.run_sync(compare), answer.answer)
-            return answer
+            return await _run_answer(compare)
 
         return await self._answer(context, work)
 
