@@ -84,7 +84,7 @@ class EvaluationResult:
     #: when there were none
     non_finite: dict[str, Any] = field(default_factory=dict)
     #: with ``replicate_weights``: the batch's bootstrap replicates of the loss and of the
-    #: metrics that have intervals (``ce_engine.metrics.bootstrap.replicate_statistics``)
+    #: metrics that have intervals (``ce_engine.metrics.bootstrap.example_statistics``)
     replicate_state: ReplicateState | None = None
     #: with ``replicate_weights``: the per-example sums behind it, for the replicates of a
     #: subset of the examples (a slice): ``example_statistics.replicates(weights, rows)``

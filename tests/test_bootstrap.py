@@ -26,9 +26,9 @@ from ce_engine.metrics.bootstrap import (
     ReplicateState,
     default_example_hashes,
     example_id_hashes,
+    example_statistics,
     poisson_thresholds,
     poisson_weights,
-    replicate_statistics,
     splitmix64,
 )
 from ce_engine.metrics.catalog import CI_METRICS
@@ -515,13 +515,13 @@ def test_state_round_trips_through_json_and_rejects_what_is_not_one() -> None:
         state.merge(replicates_of(z, y, list(range(50)), 200))
 
 
-def test_replicate_statistics_takes_the_loss_terms_directly() -> None:
-    """The data-plane entry point: per-position loss terms and the weights, no evaluate."""
+def test_example_statistics_take_the_loss_terms_directly() -> None:
+    """Per-position loss terms and the weights, no evaluate."""
     z, y = data(30)
     w = poisson_weights(example_id_hashes(list(range(30)))[0], 20, 0)
     opts = get_loss("cross_entropy").parse_options({"log_base": "2"})
     nll = ref_rows(z, y)["nll"]
-    state = replicate_statistics(
+    state = example_statistics(
         "cross_entropy",
         np,
         z,
@@ -533,14 +533,13 @@ def test_replicate_statistics_takes_the_loss_terms_directly() -> None:
         per_sample=nll,
         valid_weight=np.ones(30),
         metrics=["accuracy", "nll", "confusion_matrix"],
-        weights=w,
-    )
+    ).replicates(w)
     values = state.compute()
     wf = w.astype(float)
     np.testing.assert_allclose(values["loss"], (wf.T @ nll) / wf.sum(0) / math.log(2), rtol=1e-12)
     np.testing.assert_allclose(values["nll"], values["loss"], rtol=1e-12)
     with pytest.raises(InputValidationError):
-        replicate_statistics(
+        example_statistics(
             "cross_entropy",
             np,
             z,
@@ -552,8 +551,7 @@ def test_replicate_statistics_takes_the_loss_terms_directly() -> None:
             per_sample=nll,
             valid_weight=np.ones(30),
             metrics=[],
-            weights=w[:10],
-        )
+        ).replicates(w[:10])
 
 
 def test_metrics_without_intervals_are_left_out() -> None:
