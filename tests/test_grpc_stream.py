@@ -83,6 +83,7 @@ def test_stream_chunks_carry_the_request_bytes_in_order_with_the_total_first() -
         _chunk(b"data"),
         _chunk(b"first") + _chunk(b"second", 9),  # a repeated field: the last one wins
         _chunk(b"a", 1) + b"\x18\x07" + b"\x22\x02hi",  # unknown fields are skipped
+        b"\x18\x00" * 200_000 + _chunk(b"z", 1),  # many unknown fields: the C parser's work
     ],
 )
 def test_chunk_parts_read_what_protobuf_reads(raw: bytes) -> None:
@@ -185,8 +186,18 @@ def test_a_declared_size_over_the_body_limit_is_refused_before_reading_on(
         (lambda b: [_chunk(b[:5], len(b)), _chunk(b[5:], len(b) + 1)], "total_bytes"),
         (lambda b: [_chunk(b[:5], len(b)), b"\xff"], "EvaluateChunk"),
         (lambda b: [_chunk(b"\xff" * len(b), len(b))], "EvaluateRequest"),
+        (lambda b: [_chunk(b[:5], len(b)), _chunk(b"", len(b)), _chunk(b[5:])], "no data"),
+        (lambda b: [_chunk(b"", len(b)), _chunk(b)], "no data"),
     ],
-    ids=["too-long", "too-short", "another-total", "malformed-chunk", "malformed-request"],
+    ids=[
+        "too-long",
+        "too-short",
+        "another-total",
+        "malformed-chunk",
+        "malformed-request",
+        "empty-chunk",
+        "empty-first-chunk",
+    ],
 )
 def test_a_stream_that_does_not_add_up_is_invalid_argument(
     channel: grpc.Channel, pieces: object, words: str

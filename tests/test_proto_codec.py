@@ -120,3 +120,18 @@ def test_a_batch_split_keeps_its_tensors_in_place_and_equals_the_parse() -> None
     assert payload["slices"] == labels["slices"]
     with pytest.raises(MalformedBody, match="AddBatchRequest"):
         split_message_bytes(pb.AddBatchRequest, b"\x12\xff", min_bytes=0)
+
+
+def test_a_body_of_many_fields_is_left_to_the_c_parser_and_equals_the_parse() -> None:
+    from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+    from ce_eval_client.proto import batch_chunks
+    from service.codecs.proto import MAX_SPLIT_FIELDS, split_message_bytes
+
+    logits = RNG.standard_normal((300, 4)).astype(np.float32)
+    ids = [f"id-{i}" for i in range(300)]  # a field each
+    body = b"".join(batch_chunks("run_x", "b1", logits, np.arange(300) % 4, example_ids=ids))
+    message, data = split_message_bytes(pb.AddBatchRequest, body, min_bytes=0)
+    assert data == {} and message == pb.AddBatchRequest.FromString(body)
+    packed = b"\x18\x00" * (MAX_SPLIT_FIELDS + 1) + b"\x0a\x01x"  # unknown varints, then loss
+    parsed, data = split_request_bytes(packed, min_bytes=0)
+    assert data == {} and parsed == pb.EvaluateRequest.FromString(packed)

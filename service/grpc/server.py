@@ -85,7 +85,6 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 DEFAULT_LIST_LIMIT = 50
 
 T = TypeVar("T")
-M = TypeVar("M", bound=Message)
 
 
 def error_trailers(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
@@ -119,11 +118,6 @@ def error_trailers(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
         (ERRORS_TOTAL_METADATA_KEY, str(error.errors_total)),
         *((name.lower(), value) for name, value in error.headers.items()),
     )
-
-
-def _parse(message_type: type[M], raw: bytes) -> M:
-    """Serialized request → message; INVALID_ARGUMENT (not INTERNAL) when it does not parse."""
-    return parse_message(message_type, raw)
 
 
 async def _run_answer(call: Callable[[], dict[str, Any]]) -> pb.RunAnswer:
@@ -288,7 +282,7 @@ class LossEvaluationServicer:
         self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Run:
         async def work(principal: str | None) -> pb.Run:
-            payload = create_run_from_proto(_parse(pb.CreateRunRequest, request))
+            payload = create_run_from_proto(parse_message(pb.CreateRunRequest, request))
             create = partial(self._runs().create_run, payload, principal=principal)
             return run_to_proto(await anyio.to_thread.run_sync(create))
 
@@ -337,7 +331,7 @@ class LossEvaluationServicer:
 
     async def GetRun(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Run:
         async def work(principal: str | None) -> pb.Run:
-            run_id = _required_run_id(_parse(pb.GetRunRequest, request).run_id)
+            run_id = _required_run_id(parse_message(pb.GetRunRequest, request).run_id)
             get = partial(self._runs().get_run, run_id, principal=principal)
             return run_to_proto(await anyio.to_thread.run_sync(get))
 
@@ -347,7 +341,7 @@ class LossEvaluationServicer:
         self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListRunsResponse:
         async def work(principal: str | None) -> pb.ListRunsResponse:
-            message = _parse(pb.ListRunsRequest, request)
+            message = parse_message(pb.ListRunsRequest, request)
             page = partial(
                 self._runs().list_runs,
                 name=message.name or None,
@@ -365,7 +359,7 @@ class LossEvaluationServicer:
         self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RunMetric:
         async def work(principal: str | None) -> pb.RunMetric:
-            message = _parse(pb.GetRunMetricRequest, request)
+            message = parse_message(pb.GetRunMetricRequest, request)
             query = DetailQuery(
                 normalize=message.normalize,
                 top=message.top or None,
@@ -389,7 +383,7 @@ class LossEvaluationServicer:
         self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RunAnswer:
         async def work(principal: str | None) -> pb.RunAnswer:
-            message = _parse(pb.GateRunRequest, request)
+            message = parse_message(pb.GateRunRequest, request)
             run_id = _required_run_id(message.run_id)
             body = struct_to_dict(message.gate)
             gate = partial(self._runs().gate, run_id, body, principal=principal)
@@ -401,7 +395,7 @@ class LossEvaluationServicer:
         self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RunAnswer:
         async def work(principal: str | None) -> pb.RunAnswer:
-            message = _parse(pb.GetRunSlicesRequest, request)
+            message = parse_message(pb.GetRunSlicesRequest, request)
             run_id = _required_run_id(message.run_id)
             query = SliceQuery(
                 sort=message.sort or "count",
@@ -419,7 +413,7 @@ class LossEvaluationServicer:
         self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RunAnswer:
         async def work(principal: str | None) -> pb.RunAnswer:
-            message = _parse(pb.CompareRunsRequest, request)
+            message = parse_message(pb.CompareRunsRequest, request)
             compare = partial(
                 self._runs().compare,
                 list(message.ids),
@@ -498,8 +492,8 @@ async def read_chunks(messages: AsyncIterator[bytes], max_bytes: int, idle_s: fl
     """An ``EvaluateStream``'s request: its chunks' ``data`` joined into one NumPy buffer of
     the first chunk's ``total_bytes`` (refused over ``max_bytes`` before reading on; NumPy
     backs large buffers with huge pages, as HTTP's ``read_body`` does). Each chunk must arrive
-    within ``idle_s`` (else DEADLINE_EXCEEDED); a stream that does not add up to
-    ``total_bytes`` is INVALID_ARGUMENT."""
+    within ``idle_s`` (else DEADLINE_EXCEEDED) and hold data; a stream that does not add up
+    to ``total_bytes`` is INVALID_ARGUMENT."""
     iterator = aiter(messages)
     view: memoryview | None = None
     filled = index = 0
@@ -514,6 +508,8 @@ async def read_chunks(messages: AsyncIterator[bytes], max_bytes: int, idle_s: fl
                 f"no chunk arrived for {idle_s:g} s (CE_EVAL_BODY_TIMEOUT_S) after {index} chunks"
             ) from None
         data, total = chunk_parts(raw)
+        if not data:  # every chunk moves the request on, so the idle timeout means progress
+            raise _stream_error(f"chunk {index} holds no data", [index, "data"])
         if view is None:
             view = _stream_buffer(total, max_bytes)
         elif total is not None and total != len(view):
