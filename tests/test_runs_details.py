@@ -319,6 +319,30 @@ def test_blocks_are_merged_when_due_and_every_read_is_the_exact_sum(
     store.dispose()
 
 
+def test_many_small_batches_are_merged_by_block_count(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 2 rows never reach the cell threshold: past ``COMPACT_MAX_BLOCKS`` blocks
+    they are merged all the same, and the matrix stays the batch-by-batch sum."""
+    from service.store import pushes
+
+    monkeypatch.setattr(pushes, "COMPACT_MAX_BLOCKS", 3)
+    c = 10
+    settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
+    store = Store(database_url)
+    store.upgrade()
+    runs = RunsDataPlane(settings, store)
+    run_id = confusion_run(runs, c)
+    parts = batches(5, c, 10, rows=2)
+    for i, part in enumerate(parts):
+        runs.add_batch(run_id, {"batch_id": f"b{i}", **part})
+        assert len(block_rows(store)) <= 4
+    assert sum(b for _, b, _ in block_rows(store)) == len(parts)
+    got = runs.run_metric(run_id, "confusion_matrix")
+    np.testing.assert_array_equal(np.asarray(got["matrix"]), batch_by_batch_confusion(parts, c))
+    store.dispose()
+
+
 def test_migration_0005_moves_cells_into_one_block_and_back(database_url: str) -> None:
     from alembic import command
 

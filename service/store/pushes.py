@@ -62,12 +62,16 @@ _FIND_BATCH = select(BATCHES).where(
 _UPDATE_TOTALS = update(RUNS).where(RUNS.c.pk == bindparam("run_pk"))
 _BLOCK_SIZES = text(
     "SELECT coalesce(sum(cells), 0), coalesce((SELECT cells FROM confusion_blocks "
-    "WHERE run_pk = :run_pk ORDER BY seq LIMIT 1), 0) FROM confusion_blocks WHERE run_pk = :run_pk"
+    "WHERE run_pk = :run_pk ORDER BY seq LIMIT 1), 0), count(*) FROM confusion_blocks "
+    "WHERE run_pk = :run_pk"
 )
 #: A run's blocks are merged into one once the blocks after its first hold at least this many
 #: cells and at least as many as the first: each cell is rewritten O(1) times on average, and
 #: a read merges at most about twice the run's cells plus this many.
 COMPACT_MIN_CELLS = 65536
+#: ... or once it has more blocks than this (small batches): a push's block count and a read's
+#: rows stay bounded whatever the batches' sizes.
+COMPACT_MAX_BLOCKS = 256
 
 
 def lock_run(session: Session, run_id: str, principal: str | None) -> Run | None:
@@ -139,10 +143,11 @@ def load_cells(session: Session, run_pk: int, size: int) -> Cells:
 
 def compact_when_due(session: Session, run_pk: int, size: int) -> bool:
     """Merge the run's blocks into one (under the run's lock) once those after the first hold
-    ≥ max(``COMPACT_MIN_CELLS``, the first's cells) cells; True when it did."""
+    ≥ max(``COMPACT_MIN_CELLS``, the first's cells) cells, or there are more than
+    ``COMPACT_MAX_BLOCKS``; True when it did."""
     connection = session.connection()
-    total, first = connection.execute(_BLOCK_SIZES, {"run_pk": run_pk}).one()
-    if total - first < max(COMPACT_MIN_CELLS, first):
+    total, first, count = connection.execute(_BLOCK_SIZES, {"run_pk": run_pk}).one()
+    if total - first < max(COMPACT_MIN_CELLS, first) and count <= COMPACT_MAX_BLOCKS:
         return False
     blocks = connection.execute(
         select(BLOCKS.c.seq, BLOCKS.c.batches).where(BLOCKS.c.run_pk == run_pk)
