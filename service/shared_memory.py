@@ -33,7 +33,7 @@ import re
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -174,7 +174,9 @@ def _spans(size: int) -> list[tuple[int, int]]:
 
 
 def _in_spans(copy: Callable[[int, int], int], size: int) -> int:
-    """Σ ``copy(start, end)`` over :func:`_spans`, the spans on the I/O threads at once."""
+    """Σ ``copy(start, end)`` over :func:`_spans`, the spans on the I/O threads at once. Returns
+    (or raises the first error) only once every span has ended: the caller's descriptor stays
+    open for all of them."""
     spans = _spans(size)
     if len(spans) == 1:
         return copy(*spans[0])
@@ -182,7 +184,9 @@ def _in_spans(copy: Callable[[int, int], int], size: int) -> int:
     with _io_pool_lock:
         if _io_pool is None:
             _io_pool = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="ce-shm")
-    return sum(_io_pool.map(lambda span: copy(*span), spans))
+    futures = [_io_pool.submit(copy, start, end) for start, end in spans]
+    wait(futures)
+    return sum(future.result() for future in futures)
 
 
 def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:

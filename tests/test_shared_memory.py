@@ -739,3 +739,27 @@ async def test_grpc_sees_the_regions_its_key_registered_over_http(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Evaluate(request, metadata=(("x-api-key", KEY_B),), timeout=10)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_failing_span_returns_only_after_every_span_has_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    monkeypatch.setattr(shm_module, "_PARALLEL_BYTES", 1)
+    monkeypatch.setattr(shm_module, "_IO_THREADS", 3)
+    ended: list[int] = []
+    slow_started = threading.Event()
+
+    def copy(start: int, end: int) -> int:
+        if start == 0:
+            slow_started.wait(5)
+            raise OSError(28, "No space left on device")
+        slow_started.set()
+        threading.Event().wait(0.2)  # still copying when the first span fails
+        ended.append(start)
+        return end - start
+
+    with pytest.raises(OSError, match="No space"):
+        shm_module._in_spans(copy, 3 * 4096)
+    assert sorted(ended) == [4096, 8192]
