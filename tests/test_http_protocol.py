@@ -63,3 +63,62 @@ def test_a_body_in_many_small_writes_answers_as_one_sent_at_once(server: ServerP
     log_p = z - z.max(1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
     assert whole["value"] == pytest.approx(-log_p[np.arange(300), targets].mean(), rel=1e-6)
+
+
+def _request(body: bytes, extra: str = "") -> bytes:
+    return (
+        "POST /v1/evaluate HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-protobuf\r\n"
+        f"Accept: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode()
+
+
+def _answers(sock: socket.socket, count: int) -> list[dict[str, object]]:
+    """``count`` keep-alive answers read off ``sock`` (each with a Content-Length)."""
+    data, answers = b"", []
+    while len(answers) < count:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if sep:
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            if len(rest) >= length:
+                assert head.startswith(b"HTTP/1.1 200"), head
+                answers.append(dict(orjson.loads(rest[:length])))
+                data = rest[length:]
+                continue
+        chunk = sock.recv(1 << 16)
+        assert chunk, "connection closed early"
+        data += chunk
+    return answers
+
+
+def test_pipelined_bodies_each_reach_their_own_request(server: ServerProcess) -> None:
+    rng = np.random.default_rng(5)
+    bodies = []
+    for rows in (70, 90):  # each body over uvicorn's 64 KiB read pause
+        logits = rng.standard_normal((rows, 300)).astype(np.float32)
+        chunks = request_chunks("cross_entropy", logits, np.zeros(rows, np.int64))
+        bodies.append((b"".join(bytes(c) for c in chunks), logits))
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
+        sock.sendall(b"".join(_request(body) + body for body, _ in bodies))
+        answers = _answers(sock, 2)
+    for answer, (_, logits) in zip(answers, bodies, strict=True):
+        z = logits.astype(np.float64)
+        reference = np.mean(np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1) - z[:, 0])
+        assert answer["value"] == pytest.approx(reference, rel=1e-6)
+
+
+def test_expect_100_continue_then_the_body(server: ServerProcess) -> None:
+    logits = np.zeros((200, 100), np.float32)
+    body = b"".join(
+        bytes(c) for c in request_chunks("cross_entropy", logits, np.zeros(200, np.int64))
+    )
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
+        sock.sendall(_request(body, "Expect: 100-continue\r\n"))
+        interim = sock.recv(1 << 16)
+        assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+        sock.sendall(body)
+        (answer,) = _answers(sock, 1)
+    assert answer["value"] == pytest.approx(np.log(100), rel=1e-6)

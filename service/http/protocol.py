@@ -104,7 +104,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
-        if type(cycle.body) is bytearray and not cycle.body:  # uvicorn's fresh buffer
+        fresh = cycle is not None and type(cycle.body) is bytearray and not cycle.body
+        if fresh:  # uvicorn's empty buffer (new, or just handed out): ours takes the chunks
             cycle.body = PendingBody()  # type: ignore[assignment]
         super().on_body(body)
         self._arm_body_timer()
