@@ -22,7 +22,7 @@ from service.dataplane.runs import AddBatchRequest, CreateRunRequest, RunsDataPl
 from service.dataplane.slices import SliceQuery
 from service.errors import MalformedBody, ValidationFailed
 from service.http.bodies import read_body
-from service.http.protobuf import media_type
+from service.http.protobuf import media_type, protobuf_content
 from service.http.responses import FastJSONResponse, problems
 from service.http.routes import read_json
 
@@ -32,13 +32,7 @@ router = APIRouter(prefix="/v1/runs", tags=["runs"])
 def _body(model: type[Any], protobuf: str | None = None) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": model.model_json_schema()}}
     if protobuf is not None:
-        content[PROTOBUF_MEDIA_TYPE] = {
-            "schema": {
-                "type": "string",
-                "format": "binary",
-                "description": f"ce_eval.v1.{protobuf}",
-            }
-        }
+        content |= protobuf_content(protobuf)
     return {"requestBody": {"required": True, "content": content}}
 
 
