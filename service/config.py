@@ -73,6 +73,15 @@ class Settings(BaseSettings):
         100, ge=1, description="gRPC: concurrent RPCs per connection."
     )
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body.")
+    max_buffered_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=1,
+        description=(
+            "Bytes of large request bodies (HTTP of 4 MiB or more, gRPC EvaluateStream) held "
+            "at once over all connections; a body that would pass it gets 503 + Retry-After "
+            "(gRPC UNAVAILABLE) before it is read. A body is always let in when none is held."
+        ),
+    )
     max_response_bytes: int = Field(
         64 * 1024 * 1024,
         ge=1024,

@@ -28,6 +28,7 @@ ENV = {
     "CE_EVAL_API_KEYS": KEY,
     "CE_EVAL_MAX_BODY_BYTES": str(MAX_BODY),
     "CE_EVAL_BODY_TIMEOUT_S": "1",
+    "CE_EVAL_MAX_BUFFERED_BYTES": str(3 * 1024 * 1024),
 }
 AUTH = (("authorization", f"Bearer {KEY}"),)
 METHOD = "/ce_eval.v1.LossEvaluation/EvaluateStream"
@@ -181,7 +182,7 @@ def test_a_declared_size_over_the_body_limit_is_refused_before_reading_on(
 @pytest.mark.parametrize(
     ("pieces", "words"),
     [
-        (lambda b: [_chunk(b[:5], len(b)), _chunk(b[5:] + b"!")], "more than"),
+        (lambda b: [_chunk(b[:5], len(b)), _chunk(b[5:] + b"!")], "longer than"),
         (lambda b: [_chunk(b[:5], len(b))], "ended after 5"),
         (lambda b: [_chunk(b[:5], len(b)), _chunk(b[5:], len(b) + 1)], "total_bytes"),
         (lambda b: [_chunk(b[:5], len(b)), b"\xff"], "EvaluateChunk"),
@@ -240,3 +241,35 @@ def test_sdk_stream_errors_carry_the_problem(server: ServeProcess) -> None:
         client.evaluate("cross_entropy", np.zeros((2, 3), np.float32), np.array([0, 5]))
     assert info.value.status == "INVALID_ARGUMENT"
     assert info.value.problem["status"] == 422
+
+
+def test_streams_past_the_buffer_budget_are_unavailable_until_the_holder_ends(
+    server: ServeProcess, channel: grpc.Channel
+) -> None:
+    release = threading.Event()
+
+    def holding() -> Iterator[bytes]:
+        yield _chunk(b"x" * 10, MAX_BODY)  # 2 MiB of the 3 MiB budget, held
+        release.wait(10)
+
+    stream = channel.stream_unary(METHOD, request_serializer=None, response_deserializer=None)
+    holder = stream.future(holding(), timeout=30, metadata=AUTH)
+    try:
+        for _ in range(100):  # until the server holds the first stream's buffer
+            error = _call(channel, iter([_chunk(b"y", MAX_BODY)]))
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                break
+            time.sleep(0.05)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "CE_EVAL_MAX_BUFFERED_BYTES" in (error.details() or "")
+        assert ("retry-after", "1") in (error.trailing_metadata() or ())
+    finally:
+        release.set()
+    with pytest.raises(grpc.RpcError) as info:
+        holder.result(timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # ended after 10 bytes
+    logits = np.zeros((500, 1000), np.float32)  # 2 MB: the budget is free again
+    with GrpcClient(server.grpc_target, api_key=KEY, stream_bytes=0) as client:
+        assert client.evaluate("cross_entropy", logits, np.zeros(500, np.int64)).value == (
+            pytest.approx(np.log(1000))
+        )

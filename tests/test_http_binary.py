@@ -16,7 +16,8 @@ from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
 from ce_eval_client.proto import PROTOBUF_MEDIA_TYPE, request_to_proto
 from ce_eval_client.sdk import AsyncClient, EvaluationError
 from service.config import Settings
-from service.errors import MalformedBody
+from service.dataplane.buffers import BufferBudget
+from service.errors import MalformedBody, Unavailable
 from service.http.app import create_app
 from service.http.bodies import LARGE_BODY_BYTES, read_body
 from tests.reference import softmax_ce
@@ -244,7 +245,10 @@ LIMIT = 8 * 1024 * 1024
 
 
 async def _read(
-    declared: int | bytes, parts: list[bytes], *more_headers: tuple[bytes, bytes]
+    declared: int | bytes,
+    parts: list[bytes],
+    *more_headers: tuple[bytes, bytes],
+    budget: BufferBudget | None = None,
 ) -> bytes | memoryview:
     messages = [
         {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
@@ -260,7 +264,12 @@ async def _read(
         "method": "POST",
         "path": "/",
         "headers": [(b"content-length", length), *more_headers],
-        "app": SimpleNamespace(state=SimpleNamespace(settings=Settings(max_body_bytes=LIMIT))),
+        "app": SimpleNamespace(
+            state=SimpleNamespace(
+                settings=Settings(max_body_bytes=LIMIT),
+                dataplane=SimpleNamespace(buffers=budget or BufferBudget(LIMIT)),
+            )
+        ),
     }
     return await read_body(Request(scope, receive))
 
@@ -299,6 +308,18 @@ async def test_read_body_rejects_a_body_unlike_its_content_length(extra: int, me
     parts = [b"x" * LARGE_BODY_BYTES, b"y" * 10]
     with pytest.raises(MalformedBody, match=message):
         await _read(LARGE_BODY_BYTES + 10 - extra, parts)
+
+
+async def test_read_body_is_503_when_the_buffer_budget_is_spent() -> None:
+    budget = BufferBudget(LARGE_BODY_BYTES + 5)
+    held = await _read(LARGE_BODY_BYTES, [b"x" * LARGE_BODY_BYTES], budget=budget)
+    assert budget.held == LARGE_BODY_BYTES
+    with pytest.raises(Unavailable, match="CE_EVAL_MAX_BUFFERED_BYTES") as info:
+        await _read(LARGE_BODY_BYTES, [b"y" * LARGE_BODY_BYTES], budget=budget)
+    assert info.value.status_code == 503 and info.value.headers["Retry-After"] == "1"
+    del held  # the last view of the first body: its bytes go back
+    assert budget.held == 0
+    assert len(await _read(LARGE_BODY_BYTES, [b"z" * LARGE_BODY_BYTES], budget=budget)) > 0
 
 
 @pytest.mark.parametrize("transport", ["protobuf", "oip", "base64", "json"])

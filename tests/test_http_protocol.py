@@ -72,8 +72,9 @@ def _request(body: bytes, extra: str = "") -> bytes:
     ).encode()
 
 
-def _answers(sock: socket.socket, count: int) -> list[dict[str, object]]:
-    """``count`` keep-alive answers read off ``sock`` (each with a Content-Length)."""
+def _responses(sock: socket.socket, count: int) -> list[tuple[bytes, bytes]]:
+    """``count`` keep-alive answers read off ``sock``, as (head, body) (each with a
+    Content-Length)."""
     data, answers = b"", []
     while len(answers) < count:
         head, sep, rest = data.partition(b"\r\n\r\n")
@@ -84,13 +85,21 @@ def _answers(sock: socket.socket, count: int) -> list[dict[str, object]]:
                 if line.lower().startswith(b"content-length:")
             )
             if len(rest) >= length:
-                assert head.startswith(b"HTTP/1.1 200"), head
-                answers.append(dict(orjson.loads(rest[:length])))
+                answers.append((head, rest[:length]))
                 data = rest[length:]
                 continue
         chunk = sock.recv(1 << 16)
         assert chunk, "connection closed early"
         data += chunk
+    return answers
+
+
+def _answers(sock: socket.socket, count: int) -> list[dict[str, object]]:
+    """``count`` 200 answers' JSON."""
+    answers = []
+    for head, body in _responses(sock, count):
+        assert head.startswith(b"HTTP/1.1 200"), head
+        answers.append(dict(orjson.loads(body)))
     return answers
 
 
@@ -122,3 +131,29 @@ def test_expect_100_continue_then_the_body(server: ServerProcess) -> None:
         sock.sendall(body)
         (answer,) = _answers(sock, 1)
     assert answer["value"] == pytest.approx(np.log(100), rel=1e-6)
+
+
+def test_large_bodies_past_the_buffer_budget_are_503_until_the_holder_ends() -> None:
+    size = 5 * 1024 * 1024  # over LARGE_BODY_BYTES: read into a budgeted buffer
+    server = start_serve({"CE_EVAL_MAX_BUFFERED_BYTES": str(6 * 1024 * 1024)})
+    try:
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as holder:
+            holder.sendall(_request(b"x" * size) + b"x" * 1000)  # declared, then held
+            for _ in range(100):  # until the server holds the first body's buffer
+                with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as s:
+                    s.sendall(_request(b"y" * size))  # no body sent: refused before reading
+                    ((head, problem),) = _responses(s, 1)
+                if head.startswith(b"HTTP/1.1 503"):
+                    break
+                time.sleep(0.05)
+            assert head.startswith(b"HTTP/1.1 503"), head
+            assert b"retry-after: 1" in head.lower() and b"CE_EVAL_MAX_BUFFERED_BYTES" in problem
+            holder.sendall(b"x" * (size - 1000))  # the rest: no evaluation request, a 4xx
+            assert _responses(holder, 1)[0][0].startswith(b"HTTP/1.1 4")
+        logits = np.zeros((1400, 1000), np.float32)  # 5.6 MB: the budget is free again
+        body = b"".join(
+            bytes(c) for c in request_chunks("cross_entropy", logits, np.zeros(1400, np.int64))
+        )
+        assert _post(server.http_port, body, len(body))["value"] == pytest.approx(np.log(1000))
+    finally:
+        server.stop()

@@ -28,6 +28,7 @@ from ce_eval_client.wire import encode_tensor
 from service.codecs.tensors import decode_tensor
 from service.config import Settings
 from service.dataplane.admission import Admission, current_principal
+from service.dataplane.buffers import BufferBudget
 from service.errors import (
     MalformedBody,
     NonFiniteResult,
@@ -88,6 +89,7 @@ class DataPlane:
         self.settings = settings
         set_echo_max_chars(settings.echo_max_chars)
         self.admission = Admission(settings.max_inflight)
+        self.buffers = BufferBudget(settings.max_buffered_bytes)
         self.compute_limiter = anyio.CapacityLimiter(settings.compute_threads)
         self.key_share = settings.max_inflight_per_key or max(1, settings.compute_threads - 1)
         self._key_limiters: dict[str, anyio.CapacityLimiter] = {}

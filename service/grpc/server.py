@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 
 import anyio
 import grpc
-import numpy as np
 import orjson
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
@@ -60,6 +59,7 @@ from service.codecs.proto import (
 )
 from service.config import Settings
 from service.dataplane.admission import current_principal
+from service.dataplane.buffers import BodyBuffer, BufferBudget
 from service.dataplane.evaluate import INLINE_BODY_BYTES, DataPlane, engine_error
 from service.dataplane.run_details import DetailQuery
 from service.dataplane.runs import BatchesSummary, RunsDataPlane
@@ -225,6 +225,10 @@ class LossEvaluationServicer:
             error = exc
         except ce_engine.EngineError as exc:
             error = engine_error(exc)
+        # Without its traceback the error holds no frame of the work (this frame's ``error``
+        # would close a cycle through it): request buffers are freed as the call ends, not at
+        # the next garbage collection.
+        error = error.with_traceback(None)
         await context.abort(
             grpc.StatusCode[error.grpc_code], error.detail, trailing_metadata=error_trailers(error)
         )
@@ -273,7 +277,9 @@ class LossEvaluationServicer:
     ) -> pb.EvaluateResponse:
         async def work(principal: str | None) -> pb.EvaluateResponse:
             settings = self.dataplane.settings
-            body = await read_chunks(requests, settings.max_body_bytes, settings.body_timeout_s)
+            body = await read_chunks(
+                requests, settings.max_body_bytes, settings.body_timeout_s, self.dataplane.buffers
+            )
             return await self._evaluate(body, principal)
 
         return await self._answer(context, work)
@@ -488,15 +494,16 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
-async def read_chunks(messages: AsyncIterator[bytes], max_bytes: int, idle_s: float) -> memoryview:
-    """An ``EvaluateStream``'s request: its chunks' ``data`` joined into one NumPy buffer of
-    the first chunk's ``total_bytes`` (refused over ``max_bytes`` before reading on; NumPy
-    backs large buffers with huge pages, as HTTP's ``read_body`` does). Each chunk must arrive
-    within ``idle_s`` (else DEADLINE_EXCEEDED) and hold data; a stream that does not add up
-    to ``total_bytes`` is INVALID_ARGUMENT."""
+async def read_chunks(
+    messages: AsyncIterator[bytes], max_bytes: int, idle_s: float, budget: BufferBudget
+) -> memoryview:
+    """An ``EvaluateStream``'s request: its chunks' ``data`` in one :class:`BodyBuffer` of the
+    first chunk's ``total_bytes`` (refused over ``max_bytes``, or when ``budget`` is spent,
+    before reading on). Each chunk must arrive within ``idle_s`` (else DEADLINE_EXCEEDED) and
+    hold data; a stream that does not add up to ``total_bytes`` is INVALID_ARGUMENT."""
     iterator = aiter(messages)
-    view: memoryview | None = None
-    filled = index = 0
+    body: BodyBuffer | None = None
+    index = 0
     while True:
         try:
             with anyio.fail_after(idle_s):
@@ -510,31 +517,22 @@ async def read_chunks(messages: AsyncIterator[bytes], max_bytes: int, idle_s: fl
         data, total = chunk_parts(raw)
         if not data:  # every chunk moves the request on, so the idle timeout means progress
             raise _stream_error(f"chunk {index} holds no data", [index, "data"])
-        if view is None:
-            view = _stream_buffer(total, max_bytes)
-        elif total is not None and total != len(view):
+        if body is None:
+            body = BodyBuffer(_declared_size(total, max_bytes), "total_bytes", budget)
+        elif total is not None and total != len(body.view):
             raise _stream_error(
-                f"chunk {index} declares total_bytes {total}, the first {len(view)}",
+                f"chunk {index} declares total_bytes {total}, the first {len(body.view)}",
                 [index, "total_bytes"],
             )
-        end = filled + len(data)
-        if end > len(view):
-            raise _stream_error(
-                f"the chunks hold more than total_bytes ({len(view)})", [index, "data"]
-            )
-        view[filled:end] = data
-        filled, index = end, index + 1
-    if view is None:
+        body.add(data)
+        index += 1
+    if body is None:
         raise _stream_error("the stream holds no chunk", [])
-    if filled != len(view):
-        raise _stream_error(
-            f"the stream ended after {filled} of its total_bytes ({len(view)})", [index]
-        )
-    return view.toreadonly()
+    return body.done()
 
 
-def _stream_buffer(total: int | None, max_bytes: int) -> memoryview:
-    """The first chunk's buffer: ``total`` bytes, uninitialised."""
+def _declared_size(total: int | None, max_bytes: int) -> int:
+    """The first chunk's ``total_bytes``, within the body limit."""
     if total is None:
         raise _stream_error("the first chunk must carry total_bytes", [0, "total_bytes"])
     if total > max_bytes:
@@ -543,7 +541,7 @@ def _stream_buffer(total: int | None, max_bytes: int) -> memoryview:
             "(CE_EVAL_MAX_BODY_BYTES)",
             [{"loc": [0, "total_bytes"], "msg": "over the body limit", "type": "too_large"}],
         )
-    return np.empty(total, np.uint8).data
+    return total
 
 
 def _stream_error(detail: str, loc: list[str | int]) -> MalformedBody:

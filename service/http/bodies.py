@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 from fastapi import Request
 
-from service.errors import MalformedBody
+from service.dataplane.buffers import BodyBuffer
 
 #: Bodies declaring at least this many bytes are read into one preallocated NumPy buffer.
 LARGE_BODY_BYTES = 4 * 1024 * 1024
@@ -15,24 +14,17 @@ _LARGE_DIGITS = len(str(LARGE_BODY_BYTES))  # a Content-Length with fewer digits
 async def read_body(request: Request) -> bytes | memoryview:
     """The whole request body, read-only (413 beyond the limit: the body-limit middleware).
 
-    A large body with one plain ``Content-Length`` is copied chunk by chunk into one NumPy
-    buffer instead of joining the chunks into ``bytes``. NumPy asks the kernel for huge pages on
-    large allocations, so filling 65 MB costs about 17 ms here against 35 ms for the join.
+    A large body with one plain ``Content-Length`` is copied chunk by chunk into one
+    :class:`BodyBuffer` (503 when the buffer budget is spent) instead of joining the chunks
+    into ``bytes``.
     """
     size = _large_length(request)
     if size is None:
         return await request.body()
-    view = np.empty(size, np.uint8).data
-    filled = 0
+    body = BodyBuffer(size, "its Content-Length", request.app.state.dataplane.buffers)
     async for chunk in request.stream():
-        end = filled + len(chunk)
-        if end > size:
-            raise MalformedBody(f"the body is longer than its Content-Length of {size} bytes")
-        view[filled:end] = chunk
-        filled = end
-    if filled != size:
-        raise MalformedBody(f"the body ended after {filled} of its {size} declared bytes")
-    return view.toreadonly()
+        body.add(chunk)
+    return body.done()
 
 
 def _large_length(request: Request) -> int | None:
