@@ -343,6 +343,63 @@ def test_many_small_batches_are_merged_by_block_count(
     store.dispose()
 
 
+def test_the_cells_cache_keeps_at_most_its_weight_in_cells() -> None:
+    from service.dataplane.runs import LruCache
+
+    cache: LruCache[str, list[int]] = LruCache(8, 10, len)
+    cache.put("a", [0] * 4)
+    cache.put("b", [0] * 4)
+    assert cache.get("a") is not None  # "b" is now the least recently used
+    cache.put("c", [0] * 4)  # 12 > 10: "b" goes
+    assert (cache.get("b"), cache.weight) == (None, 8)
+    cache.put("huge", [0] * 11)  # heavier than the whole cache: not kept
+    assert (cache.get("huge"), cache.weight) == (None, 8)
+    cache.put("a", [0] * 1)  # replaced: its old weight goes
+    cache.discard("c")
+    assert cache.weight == 1
+
+
+def test_concurrent_reads_of_a_run_merge_its_blocks_once(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from service.store import pushes
+
+    c = 30
+    settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
+    store = Store(database_url)
+    store.upgrade()
+    runs = RunsDataPlane(settings, store)
+    run_id = confusion_run(runs, c)
+    parts = batches(6, c, 3, rows=50)
+    for i, part in enumerate(parts):
+        runs.add_batch(run_id, {"batch_id": f"b{i}", **part})
+    loads = []
+    load_cells = pushes.load_cells
+
+    def counted(*args: object) -> object:
+        loads.append(args)
+        threading.Event().wait(0.1)  # the other readers arrive meanwhile
+        return load_cells(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pushes, "load_cells", counted)
+    answers: list[dict[str, object]] = []
+    readers = [
+        threading.Thread(target=lambda: answers.append(runs.run_metric(run_id, "confusion_matrix")))
+        for _ in range(4)
+    ]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(30)
+    assert len(answers) == 4 and len(loads) == 1
+    want = batch_by_batch_confusion(parts, c)
+    for answer in answers:
+        np.testing.assert_array_equal(np.asarray(answer["matrix"]), want)
+    store.dispose()
+
+
 def test_migration_0005_moves_cells_into_one_block_and_back(database_url: str) -> None:
     from alembic import command
 

@@ -6,7 +6,9 @@ queries stay in :mod:`service.dataplane.runs`.
 Sizes: a summary holds O(number of metrics) numbers whatever C; GET run adds per-class arrays
 and the confusion matrix only up to ``run_detail_max_classes`` classes; a detail answer is
 bounded by its query (``top`` ≤ 1000 cells, ``classes`` ≤ 1000 ids, ``limit`` ≤ 1000 rows) or,
-for a whole matrix, by ``CE_EVAL_MAX_RESPONSE_BYTES``.
+for a whole matrix, by ``CE_EVAL_MAX_RESPONSE_BYTES``. Its time is the merge of the run's
+confusion cells (at most C², C ≤ the run's ``max_confusion_classes``), done once per
+(run, batches) and replica, one merge at a time (``RunsDataPlane._cells``).
 """
 
 from __future__ import annotations

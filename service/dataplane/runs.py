@@ -87,9 +87,10 @@ MAX_COMPARE = 20
 MAX_COMPARE_SLICE_RUNS = 5  # runs a compare with slice_key may name
 RUN_CONFIG_CACHE = 4096  # open runs whose configuration a replica keeps (pushes skip a read)
 #: Merged confusion tables a replica keeps, keyed by (run id, batches): a run read again
-#: without a push in between is not merged again. Tables of more cells are not kept.
+#: without a push in between is not merged again. At most this many, of this many cells in
+#: all (16 bytes a cell: 64 MiB); a larger table is merged for each read.
 CELLS_CACHE = 8
-CELLS_CACHE_MAX_CELLS = 1 << 22  # 64 MiB
+CELLS_CACHE_MAX_CELLS = 1 << 22
 
 
 class CreateRunRequest(BaseModel):
@@ -411,30 +412,51 @@ _Value = TypeVar("_Value")
 
 
 class LruCache(Generic[_Key, _Value]):
-    """A thread-safe least-recently-used map of at most ``size`` entries."""
+    """A thread-safe least-recently-used map of at most ``size`` entries, and with ``weigh``
+    of at most ``max_weight`` Σ weigh(value) (a value heavier than that is not kept)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(
+        self,
+        size: int,
+        max_weight: int | None = None,
+        weigh: Callable[[_Value], int] | None = None,
+    ) -> None:
         self.size = size
-        self._entries: OrderedDict[_Key, _Value] = OrderedDict()
+        self.max_weight = max_weight
+        self.weigh = weigh
+        self.weight = 0
+        self._entries: OrderedDict[_Key, tuple[_Value, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: _Key) -> _Value | None:
         with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-            return value
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
 
     def put(self, key: _Key, value: _Value) -> None:
+        weight = 0 if self.weigh is None else self.weigh(value)
+        if self.max_weight is not None and weight > self.max_weight:
+            return
         with self._lock:
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+            self._pop(key)
+            self._entries[key] = (value, weight)
+            self.weight += weight
+            while len(self._entries) > self.size or (
+                self.max_weight is not None and self.weight > self.max_weight
+            ):
+                self._pop(next(iter(self._entries)))
 
     def discard(self, key: _Key) -> None:
         with self._lock:
-            self._entries.pop(key, None)
+            self._pop(key)
+
+    def _pop(self, key: _Key) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.weight -= entry[1]
 
 
 class RunConfigCache(LruCache[str, "RunConfig"]):
@@ -472,7 +494,10 @@ class RunsDataPlane:
         self.on_batch = on_batch
         self.on_run = on_run
         self.configs = RunConfigCache()
-        self.cells: LruCache[tuple[str, int], Cells] = LruCache(CELLS_CACHE)
+        self.cells: LruCache[tuple[str, int], Cells] = LruCache(
+            CELLS_CACHE, CELLS_CACHE_MAX_CELLS, lambda cells: int(cells.index.size)
+        )
+        self._merging = threading.Lock()  # one confusion merge at a time on this replica
         self._baselines_seen: set[str] = set()
 
     # ------------------------------------------------------------------ runs
@@ -1377,12 +1402,17 @@ class RunsDataPlane:
         return run_details.matrix_block(cells, query.classes, totals, names)
 
     def _cells(self, session: Session, run: Run, size: int) -> Cells:
-        """The run's merged confusion table (cached per (run, batches) on this replica)."""
+        """The run's merged confusion table (cached per (run, batches) on this replica). One
+        merge at a time: concurrent reads of a run wait for its first merge and find it
+        cached, and the merges' memory is one run's at most."""
         key = (run.id, run.batches)
         cells = self.cells.get(key)
-        if cells is None:
-            cells = pushes.load_cells(session, run.pk, size)
-            if cells.index.size <= CELLS_CACHE_MAX_CELLS:
+        if cells is not None:
+            return cells
+        with self._merging:
+            cells = self.cells.get(key)
+            if cells is None:
+                cells = pushes.load_cells(session, run.pk, size)
                 self.cells.put(key, cells)
         return cells
 
