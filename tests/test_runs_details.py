@@ -322,24 +322,45 @@ def test_blocks_are_merged_when_due_and_every_read_is_the_exact_sum(
 def test_many_small_batches_are_merged_by_block_count(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Batches of 2 rows never reach the cell threshold: past ``COMPACT_MAX_BLOCKS`` blocks
-    they are merged all the same, and the matrix stays the batch-by-batch sum."""
+    """Batches of 1 row never reach the cell threshold: past max(``COMPACT_MAX_BLOCKS``, the
+    first block's cells / ``COMPACT_MAX_BLOCKS``) blocks they are merged all the same (a large
+    first block waits for proportionally more), and the matrix stays the batch-by-batch sum."""
     from service.store import pushes
 
     monkeypatch.setattr(pushes, "COMPACT_MAX_BLOCKS", 3)
-    c = 10
+    c = 40
     settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
     store = Store(database_url)
     store.upgrade()
     runs = RunsDataPlane(settings, store)
     run_id = confusion_run(runs, c)
-    parts = batches(5, c, 10, rows=2)
+    parts = batches(5, c, 12, rows=1)
+    parts[0] = batches(6, c, 1, rows=2000)[0]  # a first block of ~1000 cells or more
+    most = 0
     for i, part in enumerate(parts):
         runs.add_batch(run_id, {"batch_id": f"b{i}", **part})
-        assert len(block_rows(store)) <= 4
-    assert sum(b for _, b, _ in block_rows(store)) == len(parts)
-    got = runs.run_metric(run_id, "confusion_matrix")
-    np.testing.assert_array_equal(np.asarray(got["matrix"]), batch_by_batch_confusion(parts, c))
+        rows = block_rows(store)
+        assert len(rows) <= max(3, rows[0][2] // 3) + 1
+        most = max(most, len(rows))
+    assert most == len(parts)  # the large first block: 12 blocks are not yet "many"
+    small = batches(7, c, 10, rows=1)
+    store2 = Store(database_url)
+    run2 = confusion_run(runs, c)
+    for i, part in enumerate(small):
+        runs.add_batch(run2, {"batch_id": f"s{i}", **part})
+    with store2.engine.connect() as connection:
+        count = connection.execute(
+            text(
+                "SELECT count(*) FROM confusion_blocks JOIN runs ON runs.pk = run_pk "
+                "WHERE runs.id = :id"
+            ),
+            {"id": run2},
+        ).scalar_one()
+    assert count <= 4  # small blocks only: merged past 3
+    for run, sent in ((run_id, parts), (run2, small)):
+        got = runs.run_metric(run, "confusion_matrix")
+        np.testing.assert_array_equal(np.asarray(got["matrix"]), batch_by_batch_confusion(sent, c))
+    store2.dispose()
     store.dispose()
 
 

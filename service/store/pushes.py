@@ -69,8 +69,10 @@ _BLOCK_SIZES = text(
 #: cells and at least as many as the first: each cell is rewritten O(1) times on average, and
 #: a read merges at most about twice the run's cells plus this many.
 COMPACT_MIN_CELLS = 65536
-#: ... or once it has more blocks than this (small batches): a push's block count and a read's
-#: rows stay bounded whatever the batches' sizes.
+#: ... or once it has more blocks than this and than 1/``COMPACT_MAX_BLOCKS`` of the first's
+#: cells (small batches): a read's rows stay O(the run's cells / 256 + 256), and a merge of the
+#: first block's F cells comes after at least F / 256 batches (≤ 256 cells rewritten a batch).
+#: Only whole prefixes are merged: each cell stays the in-order sum of its batches.
 COMPACT_MAX_BLOCKS = 256
 
 
@@ -144,10 +146,12 @@ def load_cells(session: Session, run_pk: int, size: int) -> Cells:
 def compact_when_due(session: Session, run_pk: int, size: int) -> bool:
     """Merge the run's blocks into one (under the run's lock) once those after the first hold
     ≥ max(``COMPACT_MIN_CELLS``, the first's cells) cells, or there are more than
-    ``COMPACT_MAX_BLOCKS``; True when it did."""
+    max(``COMPACT_MAX_BLOCKS``, the first's cells / ``COMPACT_MAX_BLOCKS``); True when it
+    did."""
     connection = session.connection()
     total, first, count = connection.execute(_BLOCK_SIZES, {"run_pk": run_pk}).one()
-    if total - first < max(COMPACT_MIN_CELLS, first) and count <= COMPACT_MAX_BLOCKS:
+    many = count > max(COMPACT_MAX_BLOCKS, first // COMPACT_MAX_BLOCKS)
+    if total - first < max(COMPACT_MIN_CELLS, first) and not many:
         return False
     blocks = connection.execute(
         select(BLOCKS.c.seq, BLOCKS.c.batches).where(BLOCKS.c.run_pk == run_pk)
