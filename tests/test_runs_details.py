@@ -226,6 +226,14 @@ async def test_detail_of_a_missing_run_or_an_empty_one_is_404(api: httpx.AsyncCl
     assert r.status_code == 404 and r.json()["errors"][0]["type"] == "no_batches"
 
 
+def runs_plane(database_url: str) -> tuple[Store, RunsDataPlane]:
+    """A migrated store and a runs data plane on it (NumPy backend)."""
+    settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
+    store = Store(database_url)
+    store.upgrade()
+    return store, RunsDataPlane(settings, store)
+
+
 def confusion_run(runs: RunsDataPlane, c: int) -> str:
     run = runs.create_run(
         {
@@ -261,10 +269,7 @@ def test_a_push_appends_one_block_of_the_cells_it_touches(database_url: str) -> 
     """4096 classes, two 256-row batches: one confusion row per batch holding at most its
     256 cells, and the JSON state holds no C² numbers."""
     c = 4096
-    settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
-    store = Store(database_url)
-    store.upgrade()
-    runs = RunsDataPlane(settings, store)
+    store, runs = runs_plane(database_url)
     run_id = confusion_run(runs, c)
     parts = batches(4, c, 2)
     for i, part in enumerate(parts):
@@ -293,10 +298,8 @@ def test_blocks_are_merged_when_due_and_every_read_is_the_exact_sum(
 
     monkeypatch.setattr(pushes, "COMPACT_MIN_CELLS", 300)
     c = 40
-    settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
-    store = Store(database_url)
-    store.upgrade()
-    replicas = [RunsDataPlane(settings, store), RunsDataPlane(settings, store)]
+    store, first = runs_plane(database_url)
+    replicas = [first, RunsDataPlane(first.settings, store)]
     run_id = confusion_run(replicas[0], c)
     parts = batches(9, c, 12, rows=200)
     merged_once = False
@@ -329,10 +332,7 @@ def test_many_small_batches_are_merged_by_block_count(
 
     monkeypatch.setattr(pushes, "COMPACT_MAX_BLOCKS", 3)
     c = 40
-    settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
-    store = Store(database_url)
-    store.upgrade()
-    runs = RunsDataPlane(settings, store)
+    store, runs = runs_plane(database_url)
     run_id = confusion_run(runs, c)
     parts = batches(5, c, 12, rows=1)
     parts[0] = batches(6, c, 1, rows=2000)[0]  # a first block of ~1000 cells or more
@@ -388,10 +388,7 @@ def test_concurrent_reads_of_a_run_merge_its_blocks_once(
     from service.store import pushes
 
     c = 30
-    settings = Settings(database_url=database_url, backend="numpy", log_level="warning")
-    store = Store(database_url)
-    store.upgrade()
-    runs = RunsDataPlane(settings, store)
+    store, runs = runs_plane(database_url)
     run_id = confusion_run(runs, c)
     parts = batches(6, c, 3, rows=50)
     for i, part in enumerate(parts):
