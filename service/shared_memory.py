@@ -189,14 +189,15 @@ def _in_spans(copy: Callable[[int, int], int], size: int) -> int:
     return sum(future.result() for future in futures)
 
 
-def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
-    """Fill ``buffer`` from ``fd`` at ``offset``; returns the bytes read (fewer when the file
-    ends, or ended while it was read, before ``offset + len(buffer)``)."""
+def _move(move: Callable[..., int], fd: int, buffer: memoryview, offset: int) -> int:
+    """``os.preadv`` / ``os.pwritev`` of ``buffer`` at ``offset`` in ``_IO_PIECE`` calls, the
+    spans at once (:func:`_in_spans`); returns the bytes moved (fewer when a call moves none:
+    the file ends, or ended meanwhile, before ``offset + len(buffer)``)."""
 
     def span(start: int, end: int) -> int:
         done = start
         while done < end:
-            count = os.preadv(fd, [buffer[done : min(done + _IO_PIECE, end)]], offset + done)
+            count = move(fd, [buffer[done : min(done + _IO_PIECE, end)]], offset + done)
             if count == 0:
                 break
             done += count
@@ -205,14 +206,14 @@ def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
     return _in_spans(span, len(buffer))
 
 
-def _pwrite_from(fd: int, data: memoryview, offset: int) -> None:
-    def span(start: int, end: int) -> int:
-        done = start
-        while done < end:
-            done += os.pwritev(fd, [data[done : min(done + _IO_PIECE, end)]], offset + done)
-        return end - start
+def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
+    """Fill ``buffer`` from ``fd`` at ``offset``; returns the bytes read (fewer when the file
+    ends, or ended while it was read, before ``offset + len(buffer)``)."""
+    return _move(os.preadv, fd, buffer, offset)
 
-    _in_spans(span, len(data))
+
+def _pwrite_from(fd: int, data: memoryview, offset: int) -> None:
+    _move(os.pwritev, fd, data, offset)
 
 
 class SharedMemoryRegistry:
