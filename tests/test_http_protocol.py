@@ -1,17 +1,23 @@
 """The HTTP protocol's body buffer: uvicorn's parsed chunks are handed to the app without its two
-copies, byte for byte, whether a body arrives in one piece or in many small writes."""
+copies, byte for byte, whether a body arrives in one piece or in many small writes; a large body
+is received straight into its buffer, with the same answers, timeouts and budget."""
 
 from __future__ import annotations
 
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import numpy as np
 import orjson
 import pytest
 
 from ce_eval_client.proto import request_chunks
+from service.config import Settings
+from service.http.app import create_app
+from service.http.bodies import LARGE_BODY_BYTES
 from service.http.protocol import PendingBody
 from tests.servers import ServerProcess, start_serve
 
@@ -157,3 +163,101 @@ def test_large_bodies_past_the_buffer_budget_are_503_until_the_holder_ends() -> 
         assert _post(server.http_port, body, len(body))["value"] == pytest.approx(np.log(1000))
     finally:
         server.stop()
+
+
+# Bodies from LARGE_BODY_BYTES (4 MiB) on are received straight into their buffer (_BodySink)
+LARGE_ENV = {"CE_EVAL_BODY_TIMEOUT_S": "1", "CE_EVAL_MAX_BUFFERED_BYTES": str(6 * 1024 * 1024)}
+
+
+@pytest.fixture(scope="module")
+def large_server() -> Iterator[ServerProcess]:
+    process = start_serve(LARGE_ENV)
+    yield process
+    code, stderr = process.stop(timeout=20)
+    assert code == 0 and "Traceback" not in stderr, stderr
+
+
+def _large_case(seed: int, rows: int = 1100) -> tuple[bytes, float]:
+    """A ``rows``×1000 float32 protobuf body (1100 rows: 4.4 MB) and its float64 mean loss."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((rows, 1000)).astype(np.float32)
+    targets = rng.integers(0, 1000, rows)
+    body = b"".join(bytes(c) for c in request_chunks("cross_entropy", logits, targets))
+    z = logits.astype(np.float64)
+    m = z.max(1)
+    reference = np.mean(np.log(np.exp(z - m[:, None]).sum(1)) + m - z[np.arange(rows), targets])
+    return body, float(reference)
+
+
+async def test_a_large_body_received_in_place_answers_as_the_chunked_path(
+    large_server: ServerProcess, tmp_path: Path
+) -> None:
+    body, reference = _large_case(7)
+    assert len(body) >= LARGE_BODY_BYTES
+    whole = _post(large_server.http_port, body, len(body))
+    trickled = _post(large_server.http_port, body, 65536, pause_every=4)
+    app = create_app(Settings(log_level="warning", database_url=f"sqlite:///{tmp_path / 'db'}"))
+    async with (  # in process: no BODY_INTO, the body comes chunk by chunk (the general path)
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        answer = await c.post(
+            "/v1/evaluate",
+            content=body,
+            headers={"content-type": "application/x-protobuf", "accept": "application/json"},
+        )
+    assert answer.status_code == 200, answer.text
+    assert whole["value"] == trickled["value"] == answer.json()["value"]
+    assert whole["value"] == pytest.approx(reference, rel=1e-6)
+
+
+def test_a_request_pipelined_after_a_large_body_is_parsed_from_its_first_byte(
+    large_server: ServerProcess,
+) -> None:
+    large, large_reference = _large_case(8)
+    small, small_reference = _large_case(9, rows=20)
+    with socket.create_connection(("127.0.0.1", large_server.http_port), timeout=30) as sock:
+        sock.sendall(_request(large) + large + _request(small) + small)
+        first, second = _answers(sock, 2)
+    assert first["value"] == pytest.approx(large_reference, rel=1e-6)
+    assert second["value"] == pytest.approx(small_reference, rel=1e-6)
+
+
+def test_a_large_body_after_100_continue(large_server: ServerProcess) -> None:
+    body, reference = _large_case(10)
+    with socket.create_connection(("127.0.0.1", large_server.http_port), timeout=30) as sock:
+        sock.sendall(_request(body, "Expect: 100-continue\r\n"))
+        interim = sock.recv(1 << 16)
+        assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+        sock.sendall(body)
+        (answer,) = _answers(sock, 1)
+    assert answer["value"] == pytest.approx(reference, rel=1e-6)
+
+
+def test_a_large_body_that_stalls_gets_408_and_a_closed_socket(large_server: ServerProcess) -> None:
+    body, _ = _large_case(11)
+    with socket.create_connection(("127.0.0.1", large_server.http_port), timeout=30) as sock:
+        sock.sendall(_request(body) + body[: 1 << 20])  # then nothing: CE_EVAL_BODY_TIMEOUT_S=1
+        started = time.monotonic()
+        data = b""
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408"), data[:300]
+    assert b"body not received within 1 s" in data and time.monotonic() - started < 5
+
+
+def test_a_large_body_cut_off_gives_its_buffer_back(large_server: ServerProcess) -> None:
+    """Two 4.4 MB buffers pass the 6 MiB budget: a leaked first buffer would 503 the next."""
+    body, reference = _large_case(12)
+    with socket.create_connection(("127.0.0.1", large_server.http_port), timeout=30) as sock:
+        sock.sendall(_request(body) + body[: 1 << 20])
+        time.sleep(0.2)  # the server is receiving it into its buffer
+    for _ in range(50):  # until the server has seen the close (bounded)
+        with socket.create_connection(("127.0.0.1", large_server.http_port), timeout=30) as sock:
+            sock.sendall(_request(body) + body)
+            ((head, answer),) = _responses(sock, 1)
+        if not head.startswith(b"HTTP/1.1 503"):
+            break
+        time.sleep(0.1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert orjson.loads(answer)["value"] == pytest.approx(reference, rel=1e-6)

@@ -80,6 +80,14 @@ class BodyBuffer:
         self.view[self.filled : end] = piece
         self.filled = end
 
+    def unfilled(self) -> memoryview:
+        """The bytes still to fill, to receive into in place (then :meth:`advance`)."""
+        return self.view[self.filled :]
+
+    def advance(self, count: int) -> None:
+        """``count`` more bytes were written into :meth:`unfilled`."""
+        self.filled += count
+
     def done(self) -> memoryview:
         if self.filled != len(self.view):
             raise MalformedBody(

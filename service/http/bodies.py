@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from service.dataplane.buffers import BodyBuffer
+from service.http.protocol import BODY_INTO
 
 #: Bodies declaring at least this many bytes are read into one preallocated NumPy buffer.
 LARGE_BODY_BYTES = 4 * 1024 * 1024
@@ -14,16 +15,21 @@ _LARGE_DIGITS = len(str(LARGE_BODY_BYTES))  # a Content-Length with fewer digits
 async def read_body(request: Request) -> bytes | memoryview:
     """The whole request body, read-only (413 beyond the limit: the body-limit middleware).
 
-    A large body with one plain ``Content-Length`` is copied chunk by chunk into one
-    :class:`BodyBuffer` (503 when the buffer budget is spent) instead of joining the chunks
+    A large body with one plain ``Content-Length`` goes into one :class:`BodyBuffer` (503 when
+    the buffer budget is spent): received straight into it where the server offers
+    ``BODY_INTO`` (:mod:`service.http.protocol`), else copied chunk by chunk, never joined
     into ``bytes``.
     """
     size = _large_length(request)
     if size is None:
         return await request.body()
     body = BodyBuffer(size, "its Content-Length", request.app.state.dataplane.buffers)
-    async for chunk in request.stream():
-        body.add(chunk)
+    receive_into = request.scope.get("extensions", {}).get(BODY_INTO, {}).get("receive_into")
+    if receive_into is not None:
+        await receive_into(body)
+    else:
+        async for chunk in request.stream():
+            body.add(chunk)
     return body.done()
 
 

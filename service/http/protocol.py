@@ -10,17 +10,30 @@ buffer without its copies.
   descriptors.
 - Body chunks wait for the app in a :class:`PendingBody` instead of uvicorn's ``bytearray``: a
   65 MB protobuf body costs about 25 ms less (two copies fewer).
+- A large body the app reads into a :class:`BodyBuffer` (``scope["extensions"][BODY_INTO]``:
+  :meth:`BoundedHttpToolsProtocol.receive_into`) skips the parser: the socket is read straight
+  into the buffer (``recv_into``) by a :class:`_BodySink` until the body's declared length, so
+  its bytes are copied once, by the kernel: a 65 MB protobuf evaluation takes 53 ms instead of
+  65 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any, ClassVar
 
+import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from service.dataplane.buffers import BodyBuffer
 from service.errors import RequestTimeout
+
+#: The scope extension (``{"receive_into": receive_into}``) whose ``await receive_into(buffer)``
+#: fills a :class:`BodyBuffer` with the rest of the request's body.
+BODY_INTO = "ce_eval.body_into"
 
 _REFUSED = (
     b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\n"
@@ -64,6 +77,45 @@ class PendingBody:
         return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
 
 
+class _BodySink(asyncio.BufferedProtocol):
+    """The connection's protocol while the rest of one body is received: the transport reads
+    into ``buffer`` (never past its end, so never into the next request), then the connection
+    goes back to ``owner``. Everything else is the owner's."""
+
+    def __init__(self, owner: BoundedHttpToolsProtocol, buffer: BodyBuffer) -> None:
+        self.owner = owner
+        self.buffer = buffer
+        self.received = owner.loop.create_future()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffer.unfilled()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.buffer.advance(nbytes)
+        if len(self.buffer.unfilled()):
+            self.owner._arm_body_timer()
+        else:
+            self.owner._body_complete()
+            self._settle()
+
+    def eof_received(self) -> None:
+        self.owner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.connection_lost(exc)
+        self._settle()
+
+    def pause_writing(self) -> None:
+        self.owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.owner.resume_writing()
+
+    def _settle(self) -> None:
+        if not self.received.done():
+            self.received.set_result(None)
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """Set the three class attributes with :func:`bounded_protocol`."""
 
@@ -100,7 +152,38 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer.cancel()
             self._header_timer = None
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:  # not a refused upgrade
+            receive_into = functools.partial(self.receive_into, cycle)
+            self.scope["extensions"] = {BODY_INTO: {"receive_into": receive_into}}
         self._arm_body_timer()
+
+    async def receive_into(self, cycle: RequestResponseCycle, buffer: BodyBuffer) -> None:
+        """Fill ``buffer`` with the rest of ``cycle``'s body: the chunks already parsed, then
+        (a :class:`_BodySink`) the socket's bytes up to the declared length. The parser
+        skips that body: a fresh one takes the next request. ClientDisconnect when the
+        client goes first; MalformedBody (from ``buffer``) when the body is longer."""
+        if cycle.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
+        pending, cycle.body = cycle.body, bytearray()
+        if len(pending):
+            buffer.add(bytes(pending))
+        if cycle.more_body and not cycle.disconnected and len(buffer.unfilled()):
+            sink = _BodySink(self, buffer)
+            self.transport.set_protocol(sink)
+            self.flow.resume_reading()  # uvicorn pauses past 64 KiB until the app reads
+            await sink.received
+        if cycle.disconnected:
+            raise ClientDisconnect()
+
+    def _body_complete(self) -> None:
+        """The sink has the whole body: the connection, and a parser at a message's start,
+        come back to this protocol."""
+        self.transport.set_protocol(self)
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn's
+        self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
