@@ -261,3 +261,39 @@ def test_a_large_body_cut_off_gives_its_buffer_back(large_server: ServerProcess)
         time.sleep(0.1)
     assert head.startswith(b"HTTP/1.1 200"), head
     assert orjson.loads(answer)["value"] == pytest.approx(reference, rel=1e-6)
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    """What the server sends until it closes (a reset counts as closing: a server that closes
+    with bytes it never read, as after a ``Connection: close`` body, resets)."""
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_bytes_after_a_large_body_with_connection_close_are_never_parsed(
+    large_server: ServerProcess,
+) -> None:
+    body, reference = _large_case(13)
+    with socket.create_connection(("127.0.0.1", large_server.http_port), timeout=30) as sock:
+        sock.sendall(_request(body, "Connection: close\r\n") + body + b"JUNK JUNK\r\n\r\n")
+        data = _until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 200"), data[:300]  # one answer, no 400 for the junk
+    value = orjson.loads(data.partition(b"\r\n\r\n")[2])["value"]
+    assert value == pytest.approx(reference, rel=1e-6)
+
+
+def test_a_client_that_half_closes_after_a_large_body_gets_its_answer(
+    large_server: ServerProcess,
+) -> None:
+    body, reference = _large_case(14)
+    with socket.create_connection(("127.0.0.1", large_server.http_port), timeout=30) as sock:
+        sock.sendall(_request(body, "Connection: close\r\n") + body)
+        sock.shutdown(socket.SHUT_WR)  # EOF while the request is being served
+        data = _until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 200"), data[:300]
+    assert orjson.loads(data.partition(b"\r\n\r\n")[2])["value"] == pytest.approx(reference, 1e-6)

@@ -73,7 +73,7 @@ class BodyBuffer:
         self.declared = declared
         self.filled = 0
 
-    def add(self, piece: bytes | memoryview) -> None:
+    def add(self, piece: bytes | bytearray | memoryview) -> None:
         end = self.filled + len(piece)
         if end > len(self.view):
             raise MalformedBody(f"the body is longer than {self.declared} ({len(self.view)} bytes)")

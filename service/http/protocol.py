@@ -154,33 +154,44 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # not a refused upgrade
-            receive_into = functools.partial(self.receive_into, cycle)
-            self.scope["extensions"] = {BODY_INTO: {"receive_into": receive_into}}
+            extensions = self.scope.get("extensions") or {}
+            extensions[BODY_INTO] = {"receive_into": functools.partial(self.receive_into, cycle)}
+            self.scope["extensions"] = extensions
         self._arm_body_timer()
 
     async def receive_into(self, cycle: RequestResponseCycle, buffer: BodyBuffer) -> None:
         """Fill ``buffer`` with the rest of ``cycle``'s body: the chunks already parsed, then
         (a :class:`_BodySink`) the socket's bytes up to the declared length. The parser
         skips that body: a fresh one takes the next request. ClientDisconnect when the
-        client goes first; MalformedBody (from ``buffer``) when the body is longer."""
+        client goes first. Needs asyncio's own socket transport, whose ``set_protocol``
+        switches it to ``recv_into`` (``ce-eval serve`` runs on ``asyncio.run``)."""
         if cycle.waiting_for_100_continue and not self.transport.is_closing():
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             cycle.waiting_for_100_continue = False
         pending, cycle.body = cycle.body, bytearray()
-        if len(pending):
-            buffer.add(bytes(pending))
+        for chunk in pending.chunks if isinstance(pending, PendingBody) else [pending]:
+            if len(chunk):
+                buffer.add(chunk)
         if cycle.more_body and not cycle.disconnected and len(buffer.unfilled()):
             sink = _BodySink(self, buffer)
             self.transport.set_protocol(sink)
             self.flow.resume_reading()  # uvicorn pauses past 64 KiB until the app reads
-            await sink.received
+            try:
+                await sink.received
+            except BaseException:  # cancelled: the rest of the body has no reader
+                if self.transport.get_protocol() is sink:
+                    self.transport.close()
+                raise
         if cycle.disconnected:
             raise ClientDisconnect()
 
     def _body_complete(self) -> None:
         """The sink has the whole body: the connection, and a parser at a message's start,
-        come back to this protocol."""
+        come back to this protocol, paused as uvicorn leaves a large body's connection until
+        the response is complete (so what follows a ``Connection: close`` body, or an EOF,
+        is never read while the request is served)."""
         self.transport.set_protocol(self)
+        self.flow.pause_reading()
         self.parser = httptools.HttpRequestParser(self)
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn's
         self.on_message_complete()
