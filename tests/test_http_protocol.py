@@ -125,17 +125,23 @@ def test_pipelined_bodies_each_reach_their_own_request(server: ServerProcess) ->
         assert answer["value"] == pytest.approx(reference, rel=1e-6)
 
 
-def test_expect_100_continue_then_the_body(server: ServerProcess) -> None:
-    logits = np.zeros((200, 100), np.float32)
-    body = b"".join(
-        bytes(c) for c in request_chunks("cross_entropy", logits, np.zeros(200, np.int64))
-    )
-    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
+def _after_100_continue(port: int, body: bytes) -> dict[str, object]:
+    """The answer to ``body`` sent only once the server has asked for it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(_request(body, "Expect: 100-continue\r\n"))
         interim = sock.recv(1 << 16)
         assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
         sock.sendall(body)
         (answer,) = _answers(sock, 1)
+    return answer
+
+
+def test_expect_100_continue_then_the_body(server: ServerProcess) -> None:
+    logits = np.zeros((200, 100), np.float32)
+    body = b"".join(
+        bytes(c) for c in request_chunks("cross_entropy", logits, np.zeros(200, np.int64))
+    )
+    answer = _after_100_continue(server.http_port, body)
     assert answer["value"] == pytest.approx(np.log(100), rel=1e-6)
 
 
@@ -225,12 +231,7 @@ def test_a_request_pipelined_after_a_large_body_is_parsed_from_its_first_byte(
 
 def test_a_large_body_after_100_continue(large_server: ServerProcess) -> None:
     body, reference = _large_case(10)
-    with socket.create_connection(("127.0.0.1", large_server.http_port), timeout=30) as sock:
-        sock.sendall(_request(body, "Expect: 100-continue\r\n"))
-        interim = sock.recv(1 << 16)
-        assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
-        sock.sendall(body)
-        (answer,) = _answers(sock, 1)
+    answer = _after_100_continue(large_server.http_port, body)
     assert answer["value"] == pytest.approx(reference, rel=1e-6)
 
 
