@@ -714,3 +714,34 @@ def test_accuracy_interval_covers_the_truth_about_95_percent_of_the_time() -> No
         lo, hi = percentile_ci(values["accuracy"], 0.95)
         covered += lo <= truth <= hi
     assert 465 <= covered <= 485, covered
+
+
+@pytest.mark.parametrize("level", [0.95, 0.5, 0.9])
+def test_replicate_intervals_equal_each_entry_s_own_percentile_interval(level: float) -> None:
+    """Entries stacked into one percentile call give each entry's own interval bit for bit;
+    entries with undefined replicates, none, or another count are taken one by one."""
+    rng = np.random.default_rng(17)
+    with_nan = rng.random(200)
+    with_nan[[3, 50]] = np.nan
+    values = {
+        "loss": rng.standard_normal(200) * 3.0,
+        "accuracy": rng.random(200),
+        "top_k_accuracy": {"1": rng.random(200), "5": with_nan},
+        "mce": np.full(200, np.nan),
+        "nll": rng.random(199),
+        "ece": rng.random(200),
+    }
+    got = replicate_intervals(values, level)
+
+    def own(reps: np.ndarray) -> list[float | None]:
+        kept = reps[~np.isnan(reps)]
+        if kept.size == 0:
+            return [None, None]
+        alpha = 1.0 - level
+        lo, hi = np.percentile(kept, [50 * alpha, 100 - 50 * alpha], method="linear")
+        return [float(lo), float(hi)]
+
+    assert list(got) == list(values)
+    assert got["top_k_accuracy"] == {k: own(v) for k, v in values["top_k_accuracy"].items()}
+    for name in ("loss", "accuracy", "mce", "nll", "ece"):
+        assert got[name] == own(values[name]), name
