@@ -11,7 +11,9 @@ example ids, draw the (N, B) Poisson weights and ``evaluate(..., replicate_weigh
 repetition, in one process; the report gives the median and the minimum of each (the minimum
 is the least disturbed by other work on a shared host), their ratios, and the minimum time of
 each part of the extra work: hashing the ids, drawing the weights, the replicate state inside
-``evaluate``. A run's ingestion adds decoding and the store's transaction to both sides.
+``evaluate``, and the percentile intervals of that state that a run's answer carries
+(``replicate_intervals``). A run's ingestion adds decoding and the store's transaction to both
+sides.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import ce_engine
 from bench._results import write_results
 from ce_engine.metrics.bootstrap import example_id_hashes, poisson_weights
+from ce_engine.metrics.intervals import replicate_intervals
 
 METRICS = ["accuracy", "top_k_accuracy", "nll", "brier", "ece"]
 
@@ -79,6 +82,11 @@ def bench(rows: int, classes: int, replicates: int, repeat: int) -> dict[str, An
         ),
         repeat,
     )
+    state = ce_engine.evaluate(
+        "cross_entropy", z, y, metrics=METRICS, backend="numpy", replicate_weights=weights
+    ).replicate_state
+    assert state is not None
+    replicated = state.compute()
     return {
         "rows": rows,
         "classes": classes,
@@ -94,6 +102,7 @@ def bench(rows: int, classes: int, replicates: int, repeat: int) -> dict[str, An
             "hash_ids": _min_ms(lambda: example_id_hashes(ids), repeat),
             "weights": _min_ms(lambda: poisson_weights(h1, replicates, seed=0), repeat),
             "replicate_state": with_weights - p_min,
+            "intervals": _min_ms(lambda: replicate_intervals(replicated, 0.95), repeat),
         },
     }
 
