@@ -277,6 +277,14 @@ def start_serve(
     return server.start(timeout)
 
 
+@pytest.fixture(scope="module")
+def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
+    """A gRPC channel to the ``server`` fixture of the module that asks for it (each module
+    starts its own ``ce-eval serve``, with its own settings)."""
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        yield ch
+
+
 @contextlib.contextmanager
 def serving(env: dict[str, str] | None = None, timeout: float = 30.0) -> Iterator[ServerProcess]:
     """``ce-eval serve`` (HTTP + gRPC on free ports) for the duration of a ``with`` block."""

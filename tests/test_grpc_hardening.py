@@ -45,12 +45,6 @@ def server() -> Iterator[ServeProcess]:
     process.stop()
 
 
-@pytest.fixture(scope="module")
-def channel(server: ServeProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.grpc_target) as ch:
-        yield ch
-
-
 def test_sdk_runs_over_grpc_match_rest(server: ServeProcess) -> None:
     batches = make_batches(21, [6, 3, 8])
     with GrpcClient(server.grpc_target, api_key=KEY) as client:

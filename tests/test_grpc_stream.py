@@ -41,12 +41,6 @@ def server() -> Iterator[ServeProcess]:
     process.stop()
 
 
-@pytest.fixture(scope="module")
-def channel(server: ServeProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.grpc_target) as ch:
-        yield ch
-
-
 def _chunk(data: bytes = b"", total: int | None = None) -> bytes:
     message = pb.EvaluateChunk(data=data)
     if total is not None:

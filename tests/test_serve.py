@@ -37,12 +37,6 @@ def server() -> Iterator[ServeProcess]:
     process.stop()
 
 
-@pytest.fixture(scope="module")
-def channel(server: ServeProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.grpc_target) as ch:
-        yield ch
-
-
 def reference(
     logits: np.ndarray, targets: np.ndarray, smoothing: float
 ) -> tuple[float, np.ndarray]:
