@@ -55,6 +55,27 @@ def _call(channel: grpc.Channel, messages: Iterator[bytes], auth: bool = True) -
     return info.value
 
 
+def _call_holding(
+    channel: grpc.Channel, first: bytes, rest: bytes | None = None
+) -> tuple[grpc.RpcError, float]:
+    """The error of a stream that sends ``first``, then holds (up to 10 s, until the call has
+    ended) before ``rest``; and the seconds the call took."""
+    release = threading.Event()
+
+    def messages() -> Iterator[bytes]:
+        yield first
+        release.wait(10)
+        if rest is not None:
+            yield rest
+
+    started = time.monotonic()
+    try:
+        error = _call(channel, messages())
+    finally:
+        release.set()
+    return error, time.monotonic() - started
+
+
 def _request_bytes() -> bytes:
     logits = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
     chunks = request_chunks("cross_entropy", logits, np.array([0, 3, 1]))
@@ -157,20 +178,11 @@ def test_the_first_chunk_must_declare_total_bytes(channel: grpc.Channel) -> None
 def test_a_declared_size_over_the_body_limit_is_refused_before_reading_on(
     channel: grpc.Channel,
 ) -> None:
-    release = threading.Event()
-
-    def messages() -> Iterator[bytes]:
-        yield _chunk(b"x" * 10, MAX_BODY + 1)
-        release.wait(10)  # the server answers without waiting for more
-
-    started = time.monotonic()
-    try:
-        error = _call(channel, messages())
-    finally:
-        release.set()
+    # the server answers without waiting for more
+    error, seconds = _call_holding(channel, _chunk(b"x" * 10, MAX_BODY + 1))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert str(MAX_BODY) in (error.details() or "")
-    assert time.monotonic() - started < 8
+    assert seconds < 8
 
 
 @pytest.mark.parametrize(
@@ -204,21 +216,10 @@ def test_a_stream_that_does_not_add_up_is_invalid_argument(
 
 
 def test_a_stalled_stream_ends_in_deadline_exceeded(channel: grpc.Channel) -> None:
-    release = threading.Event()
-    body = _request_bytes()
-
-    def messages() -> Iterator[bytes]:
-        yield _chunk(body[:5], len(body))
-        release.wait(10)  # CE_EVAL_BODY_TIMEOUT_S = 1
-        yield _chunk(body[5:])
-
-    started = time.monotonic()
-    try:
-        error = _call(channel, messages())
-    finally:
-        release.set()
+    body = _request_bytes()  # held past CE_EVAL_BODY_TIMEOUT_S = 1
+    error, seconds = _call_holding(channel, _chunk(body[:5], len(body)), _chunk(body[5:]))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 8
+    assert seconds < 8
 
 
 def test_a_stream_without_a_key_is_unauthenticated(channel: grpc.Channel) -> None:
