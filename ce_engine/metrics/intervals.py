@@ -49,14 +49,20 @@ def _finite(values: Any) -> np.ndarray:
     return arr[~np.isnan(arr)]
 
 
+def _quantiles(level: float) -> list[float]:
+    """[100·α/2, 100·(1 − α/2)], α = 1 − level: the percentiles bounding the interval."""
+    alpha = 1.0 - check_level(level)
+    return [50.0 * alpha, 100.0 - 50.0 * alpha]
+
+
 def percentile_ci(values: Any, level: float = 0.95) -> tuple[float, float]:
     """(lo, hi): the percentile interval at ``level`` of the replicate ``values`` (module
     docstring); (nan, nan) when no replicate value is defined."""
-    alpha = 1.0 - check_level(level)
+    quantiles = _quantiles(level)
     kept = _finite(values)
     if kept.size == 0:
         return math.nan, math.nan
-    lo, hi = np.percentile(kept, [50.0 * alpha, 100.0 - 50.0 * alpha], method="linear")
+    lo, hi = np.percentile(kept, quantiles, method="linear")
     return float(lo), float(hi)
 
 
@@ -126,7 +132,7 @@ def replicate_intervals(values: dict[str, Any], level: float = 0.95) -> dict[str
     Entries with every replicate defined and the same count are one ``numpy.percentile`` along
     axis 1 (its per-row result is the 1-D one's, bit for bit); the others go through
     :func:`percentile_ci` one by one."""
-    alpha = 1.0 - check_level(level)
+    quantiles = _quantiles(level)
     entries = {
         (name, k): np.asarray(v, dtype=np.float64).reshape(-1)
         for name, reps in values.items()
@@ -137,7 +143,7 @@ def replicate_intervals(values: dict[str, Any], level: float = 0.95) -> dict[str
     sizes = {entries[key].size for key in whole}
     if len(sizes) == 1:
         stacked = np.stack([entries[key] for key in whole])
-        q = np.percentile(stacked, [50.0 * alpha, 100.0 - 50.0 * alpha], axis=1, method="linear")
+        q = np.percentile(stacked, quantiles, axis=1, method="linear")
         bounds = {key: [float(lo), float(hi)] for key, lo, hi in zip(whole, *q, strict=True)}
     for key, v in entries.items():
         if key not in bounds:
