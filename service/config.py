@@ -181,6 +181,16 @@ class Settings(BaseSettings):
             "named by region over OIP and gRPC) to clients on this host; see SECURITY.md."
         ),
     )
+    shared_memory_workers: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Shared memory: worker processes that evaluate logits of 8 MiB or more from a "
+            "mapping of their region, no copy (a truncation kills a worker, never the server); "
+            "0 copies them into the server with pread instead."
+        ),
+        json_schema_extra={"env_default": "`CE_EVAL_COMPUTE_THREADS`"},
+    )
     shared_memory_max_regions: int = Field(
         16, ge=1, description="Shared memory: regions one API key may have registered at once."
     )

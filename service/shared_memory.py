@@ -18,7 +18,10 @@ Safety, because the server opens files a client names:
 - the server never maps a region. It keeps the object's descriptor and reads and writes it with
   ``pread``/``pwrite``, after an ``fstat`` that the object still holds the bytes asked for: a
   client that truncates its object after registering gets a 409, and a truncation racing a
-  read only shortens the read (the same 409), where a mapping would raise SIGBUS in the server;
+  read only shortens the read (the same 409), where a mapping would raise SIGBUS in the server.
+  Logits of ``MAPPED_MIN_BYTES`` or more are not copied but left in place
+  (:class:`MappedTensor`) for a worker process that maps them (:mod:`service.dataplane.mapped`):
+  a truncation racing it kills that worker only, and its request gets the same 409;
 - reads and writes stay within the region (offset + byte_size ≤ the region's byte_size);
 - descriptors are closed on unregister and at shutdown (:meth:`SharedMemoryRegistry.close`);
   a read or write in flight holds its own duplicate, so unregistering never pulls the
@@ -28,6 +31,7 @@ Safety, because the server opens files a client names:
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 import stat
@@ -35,7 +39,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -64,7 +68,12 @@ _IO_PIECE = 1 << 22
 #: kernel copies tmpfs pages at about 1.8 GB/s a thread (65 MB: 36 ms on one, 19 ms on two).
 _PARALLEL_BYTES = 8 << 20
 _IO_THREADS = max(1, min(4, os.cpu_count() or 1))
+#: Shared logits of at least this many bytes are evaluated from a mapping by a worker process
+#: (:mod:`service.dataplane.mapped`) when the registry ``maps_logits``; smaller ones cost less
+#: to copy than the hand-over.
+MAPPED_MIN_BYTES = 8 << 20
 _io_pool: ThreadPoolExecutor | None = None
+_serials = itertools.count()
 _io_pool_lock = threading.Lock()
 
 
@@ -88,6 +97,8 @@ class Region:
     byte_size: int
     fd: int
     identity: tuple[int, int]  # (st_dev, st_ino) of the object
+    #: this registration's number, unique in the process (what mapping workers key on)
+    serial: int = field(default_factory=lambda: next(_serials))
 
     def status(self) -> dict[str, Any]:
         """Triton's status entry: ``{name, key, offset, byte_size}``."""
@@ -225,8 +236,12 @@ class SharedMemoryRegistry:
         max_regions: int,
         max_bytes: int,
         directory: str = SHM_DIRECTORY,
+        maps_logits: bool = False,
     ) -> None:
         self.enabled = enabled
+        self.maps_logits = maps_logits
+        #: called with the serials of the regions unregistered (workers unmap them)
+        self.on_drop: Callable[[list[int]], None] | None = None
         self.max_regions = max_regions
         self.max_bytes = max_bytes
         self.directory = directory
@@ -332,8 +347,13 @@ class SharedMemoryRegistry:
                 dropped = [r] if (r := regions.pop(name, None)) is not None else []
             if not regions:
                 self._regions.pop(principal, None)
-        for region in dropped:
+        self._dropped(dropped)
+
+    def _dropped(self, regions: list[Region]) -> None:
+        for region in regions:
             os.close(region.fd)
+        if regions and self.on_drop is not None:
+            self.on_drop([region.serial for region in regions])
 
     def status(self, principal: str | None, name: str | None = None) -> list[dict[str, Any]]:
         """Triton's status list: every region of ``principal``, or the one named (404)."""
@@ -348,8 +368,7 @@ class SharedMemoryRegistry:
         with self._lock:
             dropped = [r for regions in self._regions.values() for r in regions.values()]
             self._regions.clear()
-        for region in dropped:
-            os.close(region.fd)
+        self._dropped(dropped)
 
     def count(self) -> int:
         """Regions registered, all principals together."""
@@ -436,6 +455,23 @@ class SharedMemoryRegistry:
 
 
 @dataclass(frozen=True)
+class Held:
+    """A checked duplicate descriptor of a tensor's object, whose bytes start at ``start``."""
+
+    fd: int
+    start: int
+    region: Region
+    ref: TensorRef
+
+    def truncated(self) -> ServiceError | None:
+        """The 409 to answer when the object no longer holds the tensor's bytes, else None."""
+        size, needed = os.fstat(self.fd).st_size, self.start + self.ref.byte_size
+        if size >= needed:
+            return None
+        return SharedMemoryRegistry._truncated(self.region, size, needed, self.ref.loc)
+
+
+@dataclass(frozen=True)
 class RegionAccess:
     """The registry as one principal sees it (what codecs hold for one request)."""
 
@@ -451,6 +487,38 @@ class RegionAccess:
     def locate(self, ref: TensorRef) -> Region:
         return self.registry.locate(self.principal, ref)
 
+    @contextmanager
+    def hold(self, ref: TensorRef) -> Iterator[Held]:
+        """``ref``'s object, checked as for a read (404, 422, 409), held open meanwhile."""
+        with self.registry._checked(self.principal, ref) as (fd, start, region):
+            yield Held(fd, start, region, ref)
+
     def any(self) -> bool:
         """Whether this principal has a region (its requests may name one)."""
         return self.registry.enabled and self.registry.count_of(self.principal) > 0
+
+
+@dataclass(frozen=True)
+class MappedTensor:
+    """Logits left in shared memory: ``shape`` × ``dtype`` (little-endian, C order) at ``ref``.
+
+    What the codecs hand out instead of a copy for logits of at least ``MAPPED_MIN_BYTES``
+    when the registry ``maps_logits``; :class:`service.dataplane.mapped.MappedEvaluator`
+    evaluates them from a mapping in a worker process."""
+
+    access: RegionAccess
+    ref: TensorRef
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize

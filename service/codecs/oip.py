@@ -43,7 +43,13 @@ from service.config import Settings
 from service.dataplane.evaluate import parse_evaluate_request
 from service.errors import MalformedBody, ValidationFailed
 from service.schemas import EvaluateRequest
-from service.shared_memory import RegionAccess, TensorRef, check_region_name, non_negative_int
+from service.shared_memory import (
+    MappedTensor,
+    RegionAccess,
+    TensorRef,
+    check_region_name,
+    non_negative_int,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 #: The BYTES outputs holding JSON text: the metrics, and (nan_policy propagate / omit) which
@@ -139,8 +145,10 @@ def _decode_shared_input(
     loc: tuple[str | int, ...],
     regions: RegionAccess | None,
     max_elements: int,
-) -> np.ndarray:
-    """An input held in shared memory: its declared byte size must be its shape's, exactly."""
+    mappable: bool,
+) -> np.ndarray | MappedTensor:
+    """An input held in shared memory: its declared byte size must be its shape's, exactly
+    (``mappable``: see :func:`~service.codecs.tensors.shared_array`)."""
     also = "data" if "data" in item else "binary_data_size"
     if also in item or also in item["parameters"]:
         raise _invalid(
@@ -152,7 +160,7 @@ def _decode_shared_input(
     if regions is None:
         raise _invalid(ref.loc, "shared memory tensors are not served on this endpoint")
     wire = _WIRE_NAMES.get(item["datatype"], item["datatype"].lower())
-    return shared_array(regions, ref, wire, item["shape"], loc, max_elements)
+    return shared_array(regions, ref, wire, item["shape"], loc, max_elements, mappable)
 
 
 def _decode_input(
@@ -162,7 +170,7 @@ def _decode_input(
     offset: int,
     max_elements: int,
     regions: RegionAccess | None = None,
-) -> tuple[str, np.ndarray, int]:
+) -> tuple[str, np.ndarray | MappedTensor, int]:
     loc: tuple[str | int, ...] = ("inputs", index)
     if not isinstance(item, dict):
         raise _invalid(loc, "an input must be an object {name, shape, datatype, data}")
@@ -185,7 +193,8 @@ def _decode_input(
     parameters = item.get("parameters") or {}
     ref = shared_memory_ref(parameters, (*loc, "parameters"))
     if ref is not None:
-        return name, _decode_shared_input(item, ref, loc, regions, max_elements), offset
+        array = _decode_shared_input(item, ref, loc, regions, max_elements, name == "logits")
+        return name, array, offset
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:

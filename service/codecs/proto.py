@@ -31,7 +31,7 @@ from service.config import Settings
 from service.dataplane.evaluate import parse_evaluate_request
 from service.errors import MalformedBody, ServiceError, ValidationFailed
 from service.schemas import BATCH_TENSORS, EvaluateRequest
-from service.shared_memory import RegionAccess, TensorRef, check_region_name
+from service.shared_memory import MappedTensor, RegionAccess, TensorRef, check_region_name
 
 M = TypeVar("M", bound=Message)
 
@@ -224,7 +224,7 @@ def _tensor_array(
     raw: bytes | memoryview,
     regions: RegionAccess | None,
     max_elements: int,
-) -> np.ndarray:
+) -> np.ndarray | MappedTensor:
     if not tensor.HasField("shared_memory"):
         return from_bytes(raw, tensor.dtype, list(tensor.shape), (name,), max_elements)
     loc = (name, "shared_memory")
@@ -234,7 +234,10 @@ def _tensor_array(
         msg = "a tensor holds data or shared_memory, not both"
         raise ValidationFailed(msg, [{"loc": [name, "data"], "msg": msg, "type": "conflict"}])
     ref = shared_ref(tensor.shared_memory, loc)
-    return shared_array(regions, ref, tensor.dtype, list(tensor.shape), (name,), max_elements)
+    shape = list(tensor.shape)
+    return shared_array(
+        regions, ref, tensor.dtype, shape, (name,), max_elements, mappable=name == "logits"
+    )
 
 
 def shared_outputs_from_proto(

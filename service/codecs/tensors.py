@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from ce_eval_client.wire import WIRE_DTYPES
 from service.errors import PayloadTooLarge, ValidationFailed, truncate
-from service.shared_memory import RegionAccess, TensorRef
+from service.shared_memory import MAPPED_MIN_BYTES, MappedTensor, RegionAccess, TensorRef
 
 
 def _invalid(loc: Sequence[str | int], msg: str, type_: str = "tensor") -> ValidationFailed:
@@ -79,8 +79,11 @@ def shared_array(
     shape: Sequence[Any],
     loc: Sequence[str | int],
     max_elements: int,
-) -> np.ndarray:
-    """A tensor held in shared memory → array (its bytes copied out of the region).
+    mappable: bool = False,
+) -> np.ndarray | MappedTensor:
+    """A tensor held in shared memory → array (its bytes copied out of the region), or, when
+    ``mappable`` (logits), the registry ``maps_logits`` and it holds ``MAPPED_MIN_BYTES`` or
+    more, a :class:`MappedTensor` left in place (its region located now: 404 / 422).
 
     Dtype and shape are checked first, and ``ref.byte_size`` must be exactly their bytes."""
     dtype = WIRE_DTYPES.get(dtype_name)
@@ -97,6 +100,9 @@ def shared_array(
             f"{ref.byte_size} bytes declared; shape {list(shape)} of {dtype_name} holds {expected}",
             "byte_length",
         )
+    if mappable and regions.registry.maps_logits and ref.byte_size >= MAPPED_MIN_BYTES:
+        regions.locate(ref)
+        return MappedTensor(regions, ref, tuple(shape), dtype)
     return from_bytes(regions.read(ref).data, dtype_name, shape, loc, max_elements)
 
 

@@ -29,6 +29,7 @@ from service.codecs.tensors import decode_tensor
 from service.config import Settings
 from service.dataplane.admission import Admission, current_principal
 from service.dataplane.buffers import BufferBudget
+from service.dataplane.mapped import MappedEvaluator
 from service.errors import (
     MalformedBody,
     NonFiniteResult,
@@ -38,7 +39,7 @@ from service.errors import (
     truncate,
 )
 from service.schemas import EvaluateRequest, LossCatalog, LossInfo
-from service.shared_memory import SharedMemoryRegistry
+from service.shared_memory import MappedTensor, SharedMemoryRegistry
 from service.telemetry import observe_evaluate
 
 T = TypeVar("T")
@@ -93,11 +94,22 @@ class DataPlane:
         self.compute_limiter = anyio.CapacityLimiter(settings.compute_threads)
         self.key_share = settings.max_inflight_per_key or max(1, settings.compute_threads - 1)
         self._key_limiters: dict[str, anyio.CapacityLimiter] = {}
+        workers = settings.shared_memory_workers
+        if workers is None:
+            workers = settings.compute_threads
+        self.mapped = (
+            MappedEvaluator(workers, settings.cpu_threads)
+            if settings.shared_memory and workers
+            else None
+        )
         self.shared_memory = SharedMemoryRegistry(
             settings.shared_memory,
             settings.shared_memory_max_regions,
             settings.shared_memory_max_bytes,
+            maps_logits=self.mapped is not None,
         )
+        if self.mapped is not None:
+            self.shared_memory.on_drop = self.mapped.forget
 
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a compute thread. With auth on, one key holds at most ``key_share``
@@ -170,10 +182,17 @@ class DataPlane:
             return None
         return decode_tensor(value, (loc,), self.settings.max_elements)
 
+    def close(self) -> None:
+        """Shutdown: unregister every shared-memory region, stop the mapping workers."""
+        self.shared_memory.close()
+        if self.mapped is not None:
+            self.mapped.close()
+
     def evaluate(self, request: EvaluateRequest, encoding: str | None = None) -> dict[str, Any]:
         """Run one evaluation; ``encoding`` overrides ``request.tensor_encoding`` (e.g. ``raw``)."""
         started = time.perf_counter()
-        logits = self.decode(request.logits, "logits")
+        mapped = request.logits if isinstance(request.logits, MappedTensor) else None
+        logits: np.ndarray | MappedTensor | None = mapped or self.decode(request.logits, "logits")
         targets = self.decode(request.targets, "targets")
         linear: dict[str, np.ndarray] = {}
         total = (0 if logits is None else logits.size) + (0 if targets is None else targets.size)
@@ -192,21 +211,24 @@ class DataPlane:
             )
         )
         self.check_response_size(sizes)
-        try:
-            result = ce_engine.evaluate(
-                request.loss,
-                logits,
-                targets,
-                options=request.options,
-                outputs=request.outputs,
-                metrics=request.metrics,
-                sample_weight=self.decode(request.sample_weight, "sample_weight"),
-                vector=self.decode(request.vector, "vector"),
-                backend=request.backend or self.settings.backend,
-                **linear,
-            )
-        except ce_engine.EngineError as exc:
-            raise engine_error(exc) from None
+        arguments: dict[str, Any] = dict(
+            targets=targets,
+            options=request.options,
+            outputs=request.outputs,
+            metrics=request.metrics,
+            sample_weight=self.decode(request.sample_weight, "sample_weight"),
+            vector=self.decode(request.vector, "vector"),
+            backend=request.backend or self.settings.backend,
+            **linear,
+        )
+        if mapped is not None:
+            assert self.mapped is not None  # the registry maps logits only with workers
+            result = self.mapped.evaluate(mapped, request.loss, arguments)
+        else:
+            try:
+                result = ce_engine.evaluate(request.loss, logits, **arguments)
+            except ce_engine.EngineError as exc:
+                raise engine_error(exc) from None
         observe_evaluate(result.loss, result.backend, time.perf_counter() - started)
         answer: dict[str, Any] = {
             "loss": result.loss,
@@ -320,7 +342,7 @@ _RESPONSE_HINTS = {
 _METRIC_CELL_BYTES = {"confusion_matrix": 25}
 
 
-def num_classes(logits: np.ndarray | None) -> int:
+def num_classes(logits: np.ndarray | MappedTensor | None) -> int:
     """C of (N, C, d…) logits; 1 for 1-D ones."""
     return int(logits.shape[1]) if logits is not None and logits.ndim >= 2 else 1
 
@@ -338,7 +360,7 @@ def estimated_metric_bytes(
 
 
 def estimated_response_bytes(
-    logits: np.ndarray | None,
+    logits: np.ndarray | MappedTensor | None,
     linear: Mapping[str, np.ndarray],
     outputs: Sequence[str],
     encoding: str,

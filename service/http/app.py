@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         yield
         dataplane.admission.draining = True
-        dataplane.shared_memory.close()
+        dataplane.close()
         store.dispose()
         log.info("stopped")
 

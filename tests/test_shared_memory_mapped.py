@@ -1,0 +1,279 @@
+"""Logits in shared memory evaluated from a mapping by worker processes
+(``service.dataplane.mapped``): the same answers as the copying path, a worker killed by a
+truncation (409, the next request served by a new worker), a worker dying otherwise (503),
+mappings dropped on unregister, workers stopped at shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from multiprocessing import shared_memory
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service import shared_memory as shm_module
+from service.dataplane import mapped as mapped_module
+from service.dataplane.mapped import MappedEvaluator, WorkerDied
+from service.errors import Unavailable, ValidationFailed
+from service.http.app import create_app
+from service.shared_memory import (
+    MAPPED_MIN_BYTES,
+    MappedTensor,
+    RegionAccess,
+    RegionTruncated,
+    SharedMemoryRegistry,
+    TensorRef,
+)
+from tests.servers import ServerProcess, start_serve
+from tests.test_shared_memory import A, _register, _settings, _shm_input, reference_ce
+
+RNG = np.random.default_rng(1919)
+N, C = 64, MAPPED_MIN_BYTES // 4 // 64  # float32 logits of exactly MAPPED_MIN_BYTES
+LOGITS = RNG.standard_normal((N, C)).astype(np.float32)
+TARGETS = RNG.integers(0, C, size=N)
+GRAD_AT = LOGITS.nbytes + 4096  # the targets lie at LOGITS.nbytes, the gradient from here
+SIZE = GRAD_AT + LOGITS.nbytes
+
+
+@pytest.fixture
+def segment() -> Iterator[shared_memory.SharedMemory]:
+    """An object holding LOGITS then TARGETS, with room for the gradient; unlinked at the end."""
+    shm = shared_memory.SharedMemory(create=True, size=SIZE)
+    assert shm.buf is not None
+    shm.buf[: LOGITS.nbytes] = LOGITS.tobytes()
+    shm.buf[LOGITS.nbytes : LOGITS.nbytes + TARGETS.nbytes] = TARGETS.tobytes()
+    try:
+        yield shm
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def _body(targets: np.ndarray = TARGETS, grad: bool = True) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "inputs": [
+            _shm_input("logits", LOGITS, "r"),
+            _shm_input("targets", targets, "r", LOGITS.nbytes),
+        ],
+        "parameters": {"metrics": "accuracy,nll"},
+    }
+    if grad:
+        parameters = {
+            "shared_memory_region": "r",
+            "shared_memory_offset": GRAD_AT,
+            "shared_memory_byte_size": LOGITS.nbytes,
+        }
+        body["outputs"] = [{"name": "loss"}, {"name": "grad", "parameters": parameters}]
+    return body
+
+
+def _answer(tmp_path: Path, segment: shared_memory.SharedMemory, workers: int, body: Any) -> Any:
+    """(status, answer without its timing, the gradient's bytes) from one server's infer."""
+    settings = _settings(tmp_path, shared_memory_workers=workers)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert _register(client, "r", "/" + segment.name, SIZE).status_code == 200
+        r = client.post("/v2/models/cross_entropy/infer", json=body, headers=A)
+    answer = r.json()
+    answer.get("parameters", {}).pop("elapsed_ms", None)
+    assert segment.buf is not None
+    grad = bytes(segment.buf[GRAD_AT:SIZE])
+    segment.buf[GRAD_AT:SIZE] = bytes(SIZE - GRAD_AT)
+    return r.status_code, answer, grad
+
+
+@pytest.mark.parametrize("case", ["valid", "engine_error"])
+def test_mapped_logits_answer_as_the_copying_path(
+    tmp_path: Path,
+    segment: shared_memory.SharedMemory,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    """Same status, answer and written gradient, byte for byte, as logits copied with pread;
+    the mapped path reads no logits' bytes in the server."""
+    targets = TARGETS if case == "valid" else TARGETS + C  # out of range: the engine's 422
+    if case == "engine_error":
+        assert segment.buf is not None
+        segment.buf[LOGITS.nbytes : LOGITS.nbytes + targets.nbytes] = targets.tobytes()
+    read: list[int] = []
+    pread_into = shm_module._pread_into
+
+    def counting(fd: int, buffer: memoryview, offset: int) -> int:
+        read.append(len(buffer))
+        return pread_into(fd, buffer, offset)
+
+    monkeypatch.setattr(shm_module, "_pread_into", counting)
+    mapped = _answer(tmp_path / "mapped", segment, 1, _body(targets))
+    assert max(read) < LOGITS.nbytes  # only the targets were copied
+    read.clear()
+    copied = _answer(tmp_path / "copied", segment, 0, _body(targets))
+    assert LOGITS.nbytes in read
+    assert mapped == copied
+    status, answer, grad_bytes = mapped
+    if case == "engine_error":
+        assert status == 422 and answer["errors"][0]["loc"][0] == "targets"
+        return
+    assert status == 200, answer
+    value, grad = reference_ce(LOGITS, TARGETS)
+    assert answer["parameters"]["value"] == pytest.approx(value, rel=1e-6)
+    written = np.frombuffer(grad_bytes, np.float32).reshape(N, C)
+    np.testing.assert_allclose(written, grad, rtol=1e-5, atol=1e-9)
+
+
+# --- the evaluator itself -------------------------------------------------------------------
+
+
+@pytest.fixture
+def evaluator(segment: shared_memory.SharedMemory) -> Iterator[tuple[MappedEvaluator, Any]]:
+    """A one-worker evaluator and the MappedTensor of LOGITS in ``segment``'s region."""
+    registry = SharedMemoryRegistry(True, 4, 1 << 30, maps_logits=True)
+    evaluator = MappedEvaluator(1)
+    registry.on_drop = evaluator.forget
+    registry.register(None, "r", "/" + segment.name, 0, SIZE)
+    ref = TensorRef("r", 0, LOGITS.nbytes, ("inputs", 0))
+    tensor = MappedTensor(RegionAccess(registry, None), ref, (N, C), np.dtype("<f4"))
+    try:
+        yield evaluator, tensor
+    finally:
+        registry.close()
+        evaluator.close()
+
+
+ARGUMENTS = {"targets": TARGETS, "backend": "numpy"}
+
+
+def _worker_pids(evaluator: MappedEvaluator) -> list[int]:
+    return [worker.process.pid for worker in evaluator._running]
+
+
+def test_a_worker_killed_by_a_truncation_is_409_and_the_next_request_gets_a_new_one(
+    evaluator: tuple[MappedEvaluator, Any],
+    segment: shared_memory.SharedMemory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The object shrinks after the server's size check, while the worker holds its mapping
+    from an earlier request: the worker dies of SIGBUS, the request is 409, the server lives."""
+    mapped, tensor = evaluator
+    value, _ = reference_ce(LOGITS, TARGETS)
+    assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).value == pytest.approx(value)
+    first = _worker_pids(mapped)
+    path = f"/dev/shm/{segment.name}"
+    call, codes = mapped_module._Worker.call, []
+    exit_code = mapped_module._Worker.exit_code
+
+    def truncating(self: Any, fd: int, job: Any) -> Any:
+        os.truncate(path, 4096)
+        return call(self, fd, job)
+
+    def recorded(self: Any) -> int | None:
+        codes.append(exit_code(self))
+        return codes[-1]
+
+    monkeypatch.setattr(mapped_module._Worker, "call", truncating)
+    monkeypatch.setattr(mapped_module._Worker, "exit_code", recorded)
+    segment.close()  # our own mapping goes first: touching it after truncation would fault
+    with pytest.raises(RegionTruncated, match="truncated after registering") as info:
+        mapped.evaluate(tensor, "cross_entropy", ARGUMENTS)
+    assert info.value.status_code == 409
+    assert codes == [-signal.SIGBUS]
+    monkeypatch.setattr(mapped_module._Worker, "call", call)
+    os.truncate(path, SIZE)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, LOGITS.tobytes(), 0)
+    finally:
+        os.close(fd)
+    assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).value == pytest.approx(value)
+    assert _worker_pids(mapped) and _worker_pids(mapped) != first
+
+
+def test_a_worker_that_dies_otherwise_is_503(
+    evaluator: tuple[MappedEvaluator, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mapped, tensor = evaluator
+    call = mapped_module._Worker.call
+
+    def killing(self: Any, fd: int, job: Any) -> Any:
+        os.kill(self.process.pid, signal.SIGKILL)
+        return call(self, fd, job)
+
+    monkeypatch.setattr(mapped_module._Worker, "call", killing)
+    with pytest.raises(WorkerDied, match="signal 9") as info:
+        mapped.evaluate(tensor, "cross_entropy", ARGUMENTS)
+    assert info.value.status_code == 503
+    monkeypatch.setattr(mapped_module._Worker, "call", call)
+    assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).count == N
+
+
+def test_engine_errors_come_back_as_the_services(evaluator: tuple[MappedEvaluator, Any]) -> None:
+    mapped, tensor = evaluator
+    with pytest.raises(ValidationFailed) as info:
+        mapped.evaluate(tensor, "cross_entropy", {"targets": TARGETS[:3], "backend": "numpy"})
+    assert info.value.status_code == 422 and info.value.errors
+
+
+def _maps(pid: int, name: str) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        return any(name in line for line in maps)
+
+
+def test_unregister_unmaps_the_region_in_every_worker_and_close_stops_them(
+    segment: shared_memory.SharedMemory,
+) -> None:
+    registry = SharedMemoryRegistry(True, 4, 1 << 30, maps_logits=True)
+    mapped = MappedEvaluator(1)
+    registry.on_drop = mapped.forget
+    registry.register(None, "r", "/" + segment.name, 0, SIZE)
+    ref = TensorRef("r", 0, LOGITS.nbytes, ("inputs", 0))
+    tensor = MappedTensor(RegionAccess(registry, None), ref, (N, C), np.dtype("<f4"))
+    try:
+        mapped.evaluate(tensor, "cross_entropy", ARGUMENTS)
+        (pid,) = _worker_pids(mapped)
+        assert _maps(pid, segment.name)  # kept for the region's next request
+        registry.unregister(None, "r")
+        deadline = time.monotonic() + 10
+        while _maps(pid, segment.name) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _maps(pid, segment.name)
+        process = mapped._running[0].process
+        mapped.close()
+        assert process.poll() == 0
+        registry.register(None, "r", "/" + segment.name, 0, SIZE)
+        with pytest.raises(Unavailable, match="shutting down"):
+            mapped.evaluate(tensor, "cross_entropy", ARGUMENTS)
+    finally:
+        registry.close()
+        mapped.close()
+
+
+# --- through ce-eval serve ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    process = start_serve({"CE_EVAL_SHARED_MEMORY": "true", "CE_EVAL_SHARED_MEMORY_WORKERS": "1"})
+    yield process
+    process.stop()
+
+
+def test_served_mapped_evaluation_and_a_truncated_object(
+    server: ServerProcess, segment: shared_memory.SharedMemory
+) -> None:
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        assert _register(http, "r", "/" + segment.name, SIZE).status_code == 200
+        r = http.post("/v2/models/cross_entropy/infer", json=_body(grad=False))
+        assert r.status_code == 200, r.text
+        value, _ = reference_ce(LOGITS, TARGETS)
+        assert r.json()["parameters"]["value"] == pytest.approx(value, rel=1e-6)
+        segment.close()
+        os.truncate(f"/dev/shm/{segment.name}", 4096)
+        r = http.post("/v2/models/cross_entropy/infer", json=_body(grad=False))
+        assert r.status_code == 409, r.text
+        assert server.process is not None and server.process.poll() is None
+        assert http.post("/v2/systemsharedmemory/unregister").status_code == 200
