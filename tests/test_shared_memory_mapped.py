@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 
@@ -277,3 +278,45 @@ def test_served_mapped_evaluation_and_a_truncated_object(
         assert r.status_code == 409, r.text
         assert server.process is not None and server.process.poll() is None
         assert http.post("/v2/systemsharedmemory/unregister").status_code == 200
+
+
+def test_sdk_shared_array_is_evaluated_in_place(server: ServerProcess) -> None:
+    """Logits written into ``Client.shared_array`` go by region, not copied: the request names
+    the array's own region, a change made in place shows in the next answer, and ``close``
+    unregisters and unlinks the region even while the array is still referenced."""
+    from ce_eval_client.sdk import Client
+
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        with Client(server.url, shared_memory=True) as client:
+            logits = client.shared_array((N, C))
+            assert logits.dtype == np.float32 and not logits.any()
+            logits[:] = LOGITS
+            sent: list[bytes] = []
+            client._http.event_hooks["request"] = [lambda request: sent.append(request.read())]
+            answer = client.evaluate("cross_entropy", logits, TARGETS, outputs=["loss", "grad"])
+            value, grad = reference_ce(LOGITS, TARGETS)
+            assert answer.value == pytest.approx(value, rel=1e-6)
+            np.testing.assert_allclose(answer.outputs["grad"], grad, rtol=1e-5, atol=1e-9)
+            (inputs,) = [orjson.loads(body)["inputs"] for body in sent if b"inputs" in body]
+            named = {item["name"]: item["parameters"] for item in inputs}
+            regions = http.get("/v2/systemsharedmemory/status").json()
+            staged = [r["name"] for r in regions if r["byte_size"] == LOGITS.nbytes]
+            assert named["logits"]["shared_memory_region"] == staged[0]
+            assert named["logits"]["shared_memory_offset"] == 0
+            assert named["targets"]["shared_memory_region"] != staged[0]
+            logits[:, 0] += 100.0  # every row's class 0 now wins by far
+            shifted = client.evaluate("cross_entropy", logits, TARGETS, metrics=["accuracy"])
+            assert shifted.metrics["accuracy"] == pytest.approx(float(np.mean(TARGETS == 0)))
+            part = client.evaluate("cross_entropy", logits[8:16], TARGETS[8:16])
+            expected, _ = reference_ce(np.asarray(logits[8:16]), TARGETS[8:16])
+            assert part.value == pytest.approx(expected, rel=1e-6)
+        assert http.get("/v2/systemsharedmemory/status").json() == []
+        assert not os.path.exists(f"/dev/shm/{staged[0]}")
+        del logits
+
+
+def test_sdk_shared_array_needs_shared_memory() -> None:
+    from ce_eval_client.sdk import Client
+
+    with Client("http://127.0.0.1:9") as client, pytest.raises(ValueError, match="shared_memory"):
+        client.shared_array((2, 3))

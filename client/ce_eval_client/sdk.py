@@ -60,7 +60,7 @@ from ce_eval_client.proto import (
     stream_chunks,
     struct_to_dict,
 )
-from ce_eval_client.shm import Layout, SharedRegion, plan
+from ce_eval_client.shm import Layout, SharedArrays, SharedRegion, plan
 from ce_eval_client.wire import (
     DATATYPES,
     datatype_of,
@@ -250,13 +250,29 @@ def _encode_oip(call: _Call) -> tuple[str, Chunks, dict[str, str]]:
     return f"/v2/models/{call.loss}/infer", chunks, _with_length(headers, chunks)
 
 
-def _encode_oip_shared(call: _Call, region: SharedRegion) -> tuple[str, bytes, Layout]:
+def _encode_oip_shared(
+    call: _Call, region: SharedRegion, arrays: SharedArrays
+) -> tuple[str, bytes, Layout]:
     """OIP infer JSON naming ``region`` for the inputs and the logits-shaped outputs (written
-    there first); other outputs are asked for as binary data."""
+    there first; logits that lie in one of ``arrays`` are named where they are, not copied);
+    other outputs are asked for as binary data."""
     tensors = call.tensors()
-    layout = plan(tensors, list(call.outputs))
-    region.ensure(layout.size)
     inputs = []
+    logits = tensors.get("logits")
+    in_place = arrays.locate(logits)
+    if in_place is not None:
+        assert logits is not None
+        del tensors["logits"]
+        inputs.append(
+            {
+                "name": "logits",
+                "shape": list(logits.shape),
+                "datatype": datatype_of(logits.dtype),
+                "parameters": _shared_parameters(*in_place, logits.nbytes),
+            }
+        )
+    layout = plan(tensors, list(call.outputs), logits)
+    region.ensure(layout.size)
     for name, array in tensors.items():
         offset, size = layout.inputs[name]
         region.write(offset, array)
@@ -559,6 +575,16 @@ class Client:
             base_url=url, timeout=timeout, headers=_auth_headers(headers, api_key)
         )
         self.region = SharedRegion(self._http, _raise_for_problem) if shared_memory else None
+        self._arrays = SharedArrays(self._http, _raise_for_problem)
+
+    def shared_array(self, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+        """With ``shared_memory=True``: a zero-filled array in shared memory (its own region).
+        Logits written into it (``np.matmul(h, w, out=a)``, ``a[:] = model(x)``) and passed
+        to :meth:`evaluate` are read by the server where they are: neither side copies them.
+        Freed by :meth:`close`; each one counts against the server's regions per API key."""
+        if self.region is None:
+            raise ValueError("shared_array needs Client(shared_memory=True)")
+        return self._arrays.new(tuple(shape), dtype)
 
     def evaluate(
         self,
@@ -583,7 +609,7 @@ class Client:
             features, weight, bias,
         )  # fmt: skip
         if self.region is not None:
-            path, body, layout = _encode_oip_shared(call, self.region)
+            path, body, layout = _encode_oip_shared(call, self.region, self._arrays)
             response = self._http.post(
                 path, content=body, headers={"content-type": "application/json"}
             )
@@ -711,6 +737,7 @@ class Client:
     def close(self) -> None:
         if self.region is not None:
             self.region.release()
+            self._arrays.release()
         self._http.close()
 
     def __enter__(self) -> Client:

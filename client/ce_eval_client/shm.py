@@ -7,11 +7,16 @@ and its logits-shaped outputs (``grad``, ``probabilities``, ``log_probabilities`
 grows (a new object, registered again) when a call needs more room, and is unregistered and
 unlinked by ``close()``. The server must run on the same host with ``CE_EVAL_SHARED_MEMORY=true``
 and see the same ``/dev/shm``.
+
+``Client.shared_array(shape, dtype)`` (:class:`SharedArrays`) hands out an array in a region
+of its own: logits written there are named where they lie, so neither the client nor the
+server copies them (the server evaluates logits of 8 MiB or more from a mapping).
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import secrets
 from collections.abc import Callable, Mapping
@@ -43,16 +48,19 @@ class Layout:
     size: int
 
 
-def plan(tensors: Mapping[str, np.ndarray], outputs: list[str]) -> Layout:
+def plan(
+    tensors: Mapping[str, np.ndarray], outputs: list[str], logits: np.ndarray | None = None
+) -> Layout:
     """Inputs one after the other (64-byte aligned), then room for each logits-shaped output:
-    the logits' elements at the compute dtype's size (float64 logits: 8 bytes, else 4)."""
+    the logits' elements at the compute dtype's size (float64 logits: 8 bytes, else 4).
+    ``logits``: when they are not among ``tensors`` (they lie in a :class:`SharedArrays`)."""
     offset = 0
     inputs: dict[str, tuple[int, int]] = {}
     for name, array in tensors.items():
         inputs[name] = (offset, array.nbytes)
         offset = _aligned(offset + array.nbytes)
     room: dict[str, tuple[int, int]] = {}
-    logits = tensors.get("logits")
+    logits = tensors.get("logits", logits)
     if logits is not None:
         per_element = 8 if logits.dtype == np.float64 else 4
         for name in outputs:
@@ -67,9 +75,12 @@ class SharedRegion:
     ``http`` (an ``httpx.Client`` on the server, with its API key); ``check`` raises for an
     error answer."""
 
-    def __init__(self, http: httpx.Client, check: Callable[[httpx.Response], None]) -> None:
+    def __init__(
+        self, http: httpx.Client, check: Callable[[httpx.Response], None], slack: bool = True
+    ) -> None:
         self.http = http
         self.check = check
+        self.slack = slack
         self.name = f"ce_eval_sdk_{os.getpid()}_{secrets.token_hex(6)}"
         self._shm: shared_memory.SharedMemory | None = None
 
@@ -87,9 +98,8 @@ class SharedRegion:
         if self._shm is not None and self._shm.size >= size:
             return
         self.release()
-        self._shm = shared_memory.SharedMemory(
-            self.name, create=True, size=max(_MIN_BYTES, size + size // 2)
-        )
+        room = max(_MIN_BYTES, size + size // 2) if self.slack else max(1, size)
+        self._shm = shared_memory.SharedMemory(self.name, create=True, size=room)
         body = {"key": "/" + self.name, "offset": 0, "byte_size": self._shm.size}
         response = self.http.post(f"/v2/systemsharedmemory/region/{self.name}/register", json=body)
         if response.status_code >= 400:
@@ -116,3 +126,46 @@ class SharedRegion:
         self._shm.close()
         self._shm.unlink()
         self._shm = None
+
+
+class SharedArrays:
+    """Arrays that live in shared memory, each in its own registered region
+    (``Client.shared_array``): logits written into one are evaluated in place, with no copy
+    by the client or the server."""
+
+    def __init__(self, http: httpx.Client, check: Callable[[httpx.Response], None]) -> None:
+        self.http = http
+        self.check = check
+        self._regions: list[tuple[SharedRegion, int]] = []  # (region, address of its byte 0)
+
+    def new(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """A zero-filled C-order array of ``shape`` × ``dtype`` in a new registered region."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        region = SharedRegion(self.http, self.check, slack=False)
+        region.ensure(count * dtype.itemsize)
+        # The array holds a mapping of its own: it outlives close() harmlessly (the object is
+        # unlinked, its pages freed with the array), where the region's would refuse to close.
+        fd = os.open(os.path.join("/dev/shm", region.name), os.O_RDWR)
+        try:
+            raw = np.frombuffer(mmap.mmap(fd, region.size), np.uint8)
+        finally:
+            os.close(fd)
+        self._regions.append((region, raw.ctypes.data))
+        return np.frombuffer(raw, dtype, count).reshape(shape)
+
+    def locate(self, array: Any) -> tuple[str, int] | None:
+        """(region name, offset) of a C-contiguous ``array`` lying in one of these arrays'
+        regions, else None."""
+        if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
+            return None
+        address = array.ctypes.data
+        for region, start in self._regions:
+            if start <= address and address + array.nbytes <= start + region.size:
+                return region.name, address - start
+        return None
+
+    def release(self) -> None:
+        for region, _ in self._regions:
+            region.release()
+        self._regions.clear()
