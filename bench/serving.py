@@ -7,7 +7,9 @@ then measures from this process:
 1. throughput (MB/s of fp32 logits and req/s, sequential requests, median latency) for JSON
    lists, JSON base64, protobuf REST, gRPC, OIP binary and OIP with the tensors in shared
    memory (``Client(shared_memory=True)``: the SDK copies the logits into its region on every
-   call, the server reads them from it) at 8×32000 and 512×32000, next to
+   call, the server reads them from it), and in shared memory in place (the logits already lie
+   in a ``Client.shared_array``, where a co-located producer writes its output; nothing copies
+   them) at 8×32000 and 512×32000, next to
    ``ce_engine.evaluate`` alone on the same arrays (re-timed right after each transport, so a
    ratio compares runs under the same machine load) and to the bare localhost TCP transfer
    of the logits' bytes (a socket into a preallocated buffer: no HTTP, no parsing), whose
@@ -17,7 +19,7 @@ then measures from this process:
    load generator, or with ``--load wrk`` wrk itself: 1 thread, 3 rounds by default); the
    verdict is the median of the per-round ratios.
 
-Targets (issue 19, ``GOALS_512``): at 512×32000, shared memory ≥ 70% of engine-only
+Targets (issue 19, ``GOALS_512``): at 512×32000, shared memory (both rows) ≥ 70% of engine-only
 throughput, REST protobuf and OIP binary ≥ 70% of engine + bare TCP, gRPC ≥ 50% of it; tiny-batch
 evaluate ≥ 70% of the no-op's req/s. Prints a table and writes ``bench/results/serving-*.json``.
 """
@@ -43,7 +45,7 @@ from starlette.responses import Response
 from bench._results import write_results
 
 SIZES = ((8, 32000), (512, 32000))
-TRANSPORTS = ("json", "base64", "protobuf", "grpc", "oip", "shm")
+TRANSPORTS = ("json", "base64", "protobuf", "grpc", "oip", "shm", "shm_inplace")
 LABELS = {
     "json": "REST JSON lists",
     "base64": "REST JSON base64",
@@ -51,10 +53,12 @@ LABELS = {
     "grpc": "gRPC",
     "oip": "OIP v2 binary",
     "shm": "OIP shared memory",
+    "shm_inplace": "OIP shm in place",
 }
 #: transport → (the row's ratio, its goal, what it is a share of) at 512×32000
 GOALS_512 = {
     "shm": ("vs_engine", 0.7, "engine-only"),
+    "shm_inplace": ("vs_engine", 0.7, "engine-only"),
     "protobuf": ("vs_floor", 0.7, "engine + bare TCP"),
     "oip": ("vs_floor", 0.7, "engine + bare TCP"),
     "grpc": ("vs_floor", 0.5, "engine + bare TCP"),
@@ -164,14 +168,18 @@ def throughput(url: str, grpc_target: str, budget_s: float, json_big: bool) -> l
             client: Any
             if transport == "grpc":
                 client = GrpcClient(grpc_target)
-            elif transport == "shm":  # the SDK's own region: inputs copied in on every call
+            elif transport.startswith("shm"):  # the SDK's own region: inputs copied in
                 client = Client(url, transport="oip", shared_memory=True)
             else:
                 client = Client(url, transport=transport)  # type: ignore[arg-type]
             with client:
+                sent = logits
+                if transport == "shm_inplace":  # logits produced into Client.shared_array
+                    sent = client.shared_array(logits.shape, logits.dtype)
+                    sent[:] = logits
 
                 def call(
-                    client: Any = client, logits: np.ndarray = logits, targets: np.ndarray = targets
+                    client: Any = client, logits: np.ndarray = sent, targets: np.ndarray = targets
                 ) -> Any:
                     return client.evaluate("cross_entropy", logits, targets, backend="numpy")
 

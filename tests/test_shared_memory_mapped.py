@@ -320,3 +320,14 @@ def test_sdk_shared_array_needs_shared_memory() -> None:
 
     with Client("http://127.0.0.1:9") as client, pytest.raises(ValueError, match="shared_memory"):
         client.shared_array((2, 3))
+
+
+def test_readme_shared_array_example_runs(server: ServerProcess) -> None:
+    from tests.test_serve_readme import readme_block
+
+    code = readme_block("readme-example:shared-array").replace("http://127.0.0.1:8000", server.url)
+    logits = RNG.standard_normal((512, 32000)).astype(np.float32)
+    targets = RNG.integers(0, 32000, size=512)
+    scope: dict[str, Any] = {"logits": logits, "targets": targets}
+    exec(code, scope)
+    assert scope["value"] == pytest.approx(reference_ce(logits, targets)[0], rel=1e-6)
