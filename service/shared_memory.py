@@ -522,3 +522,7 @@ class MappedTensor:
     @property
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize
+
+    def copy(self) -> np.ndarray:
+        """The logits copied out of the region (:meth:`RegionAccess.read`)."""
+        return self.access.read(self.ref).view(self.dtype).reshape(self.shape)

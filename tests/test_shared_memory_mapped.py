@@ -89,16 +89,17 @@ def _answer(tmp_path: Path, segment: shared_memory.SharedMemory, workers: int, b
     return r.status_code, answer, grad
 
 
-@pytest.mark.parametrize("case", ["valid", "engine_error"])
+@pytest.mark.parametrize("case", ["metrics", "grad", "engine_error"])
 def test_mapped_logits_answer_as_the_copying_path(
     tmp_path: Path,
     segment: shared_memory.SharedMemory,
     monkeypatch: pytest.MonkeyPatch,
     case: str,
 ) -> None:
-    """Same status, answer and written gradient, byte for byte, as logits copied with pread;
-    the mapped path reads no logits' bytes in the server."""
-    targets = TARGETS if case == "valid" else TARGETS + C  # out of range: the engine's 422
+    """Same status, answer and written gradient, byte for byte, as logits copied with pread.
+    The mapped path reads no logits' bytes in the server, except for a request whose answer
+    holds a logits-sized output (``grad``): that one copies them and runs in the server."""
+    targets = TARGETS if case != "engine_error" else TARGETS + C  # out of range: the engine's 422
     if case == "engine_error":
         assert segment.buf is not None
         segment.buf[LOGITS.nbytes : LOGITS.nbytes + targets.nbytes] = targets.tobytes()
@@ -110,10 +111,11 @@ def test_mapped_logits_answer_as_the_copying_path(
         return pread_into(fd, buffer, offset)
 
     monkeypatch.setattr(shm_module, "_pread_into", counting)
-    mapped = _answer(tmp_path / "mapped", segment, 1, _body(targets))
-    assert max(read) < LOGITS.nbytes  # only the targets were copied
+    body = _body(targets, grad=case == "grad")
+    mapped = _answer(tmp_path / "mapped", segment, 1, body)
+    assert (max(read) >= LOGITS.nbytes) == (case == "grad")
     read.clear()
-    copied = _answer(tmp_path / "copied", segment, 0, _body(targets))
+    copied = _answer(tmp_path / "copied", segment, 0, body)
     assert LOGITS.nbytes in read
     assert mapped == copied
     status, answer, grad_bytes = mapped
@@ -123,8 +125,12 @@ def test_mapped_logits_answer_as_the_copying_path(
     assert status == 200, answer
     value, grad = reference_ce(LOGITS, TARGETS)
     assert answer["parameters"]["value"] == pytest.approx(value, rel=1e-6)
-    written = np.frombuffer(grad_bytes, np.float32).reshape(N, C)
-    np.testing.assert_allclose(written, grad, rtol=1e-5, atol=1e-9)
+    if case == "metrics":
+        accuracy = float(np.mean(LOGITS.argmax(1) == TARGETS))
+        assert orjson.loads(answer["outputs"][-1]["data"][0])["accuracy"] == pytest.approx(accuracy)
+    else:
+        written = np.frombuffer(grad_bytes, np.float32).reshape(N, C)
+        np.testing.assert_allclose(written, grad, rtol=1e-5, atol=1e-9)
 
 
 # --- the evaluator itself -------------------------------------------------------------------
@@ -331,3 +337,46 @@ def test_readme_shared_array_example_runs(server: ServerProcess) -> None:
     scope: dict[str, Any] = {"logits": logits, "targets": targets}
     exec(code, scope)
     assert scope["value"] == pytest.approx(reference_ce(logits, targets)[0], rel=1e-6)
+
+
+def test_grpc_evaluate_maps_shared_logits(
+    server: ServerProcess, segment: shared_memory.SharedMemory
+) -> None:
+    """gRPC ``Evaluate`` with ``SharedTensor`` logits of MAPPED_MIN_BYTES: the answer of the
+    same logits sent inline; a truncated object is FAILED_PRECONDITION."""
+    import grpc
+
+    from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
+    from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2_grpc as pb_grpc
+
+    def request(logits: pb.Tensor) -> pb.EvaluateRequest:
+        targets = pb.Tensor(dtype="int64", shape=[N], data=TARGETS.tobytes())
+        return pb.EvaluateRequest(
+            loss="cross_entropy", logits=logits, targets=targets, metrics=["accuracy"]
+        )
+
+    shape = list(LOGITS.shape)
+    shared = pb.SharedTensor(region="r", byte_size=LOGITS.nbytes)
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    with (
+        httpx.Client(base_url=server.url, timeout=60) as http,
+        grpc.insecure_channel(server.grpc_target, options=options) as channel,
+    ):
+        assert _register(http, "r", "/" + segment.name, SIZE).status_code == 200
+        stub = pb_grpc.LossEvaluationStub(channel)
+        answer = stub.Evaluate(
+            request(pb.Tensor(dtype="float32", shape=shape, shared_memory=shared)), timeout=60
+        )
+        inline = stub.Evaluate(
+            request(pb.Tensor(dtype="float32", shape=shape, data=LOGITS.tobytes())), timeout=60
+        )
+        assert answer.value == inline.value == pytest.approx(reference_ce(LOGITS, TARGETS)[0])
+        assert answer.metrics == inline.metrics
+        segment.close()
+        os.truncate(f"/dev/shm/{segment.name}", 4096)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Evaluate(
+                request(pb.Tensor(dtype="float32", shape=shape, shared_memory=shared)), timeout=60
+            )
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert http.post("/v2/systemsharedmemory/unregister").status_code == 200

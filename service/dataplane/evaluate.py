@@ -29,7 +29,7 @@ from service.codecs.tensors import decode_tensor
 from service.config import Settings
 from service.dataplane.admission import Admission, current_principal
 from service.dataplane.buffers import BufferBudget
-from service.dataplane.mapped import MappedEvaluator
+from service.dataplane.mapped import MAPPED_MAX_ANSWER_BYTES, MappedEvaluator
 from service.errors import (
     MalformedBody,
     NonFiniteResult,
@@ -211,6 +211,8 @@ class DataPlane:
             )
         )
         self.check_response_size(sizes)
+        if mapped is not None and sum(sizes.values()) > MAPPED_MAX_ANSWER_BYTES:
+            logits, mapped = mapped.copy(), None  # cheaper than the answer's way back
         arguments: dict[str, Any] = dict(
             targets=targets,
             options=request.options,
