@@ -33,6 +33,7 @@ import contextlib
 import mmap
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -47,8 +48,10 @@ import numpy as np
 import ce_engine
 from ce_engine.backend import to_numpy
 from service.errors import ServiceError, Unavailable
+from service.logs import get_logger
 from service.shared_memory import MappedTensor
 
+log = get_logger("shared_memory")
 #: Mappings one worker keeps (its most recently used regions).
 KEPT_MAPPINGS = 4
 #: Requests whose answer (outputs and metrics, as estimated before the work) may hold more
@@ -143,7 +146,7 @@ def _serve(conn: Connection) -> None:
 
 class _Worker:
     """One worker process and the server's end of its socket pair; ``lock`` held while the
-    socket is in use, ``unmap``: region serials to send it a ``forget`` for."""
+    socket is in use; the region serials to send it a ``forget`` for wait in ``_unmap``."""
 
     def __init__(self, cpu_threads: int | None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -158,7 +161,17 @@ class _Worker:
             theirs.close()
         self.conn = Connection(ours.detach())
         self.lock = threading.Lock()
-        self.unmap: set[int] = set()
+        self._unmap: set[int] = set()
+        self._unmap_lock = threading.Lock()
+        log.info("shared-memory worker started", extra={"fields": {"pid": self.process.pid}})
+
+    def add_unmap(self, serials: list[int]) -> None:
+        with self._unmap_lock:
+            self._unmap.update(serials)
+
+    def has_unmap(self) -> bool:
+        with self._unmap_lock:
+            return bool(self._unmap)
 
     def call(self, fd: int, job: _Job) -> tuple[Any, ...]:
         self.conn.send(("job", job))
@@ -168,7 +181,8 @@ class _Worker:
 
     def send_unmap(self) -> None:
         """Send the pending ``forget`` (the caller holds ``lock``)."""
-        serials, self.unmap = list(self.unmap), set()
+        with self._unmap_lock:
+            serials, self._unmap = list(self._unmap), set()
         if serials:
             with contextlib.suppress(OSError):  # a dead worker unmaps everything
                 self.conn.send(("forget", serials))
@@ -240,7 +254,7 @@ class MappedEvaluator:
     def _flush(worker: _Worker) -> None:
         """Send ``worker`` its pending ``forget`` unless its socket is in use (then whoever
         uses it sends it when done)."""
-        while worker.unmap and worker.lock.acquire(blocking=False):
+        while worker.has_unmap() and worker.lock.acquire(blocking=False):
             try:
                 worker.send_unmap()
             finally:
@@ -251,7 +265,7 @@ class MappedEvaluator:
         with self._lock:
             running = list(self._running)
         for worker in running:
-            worker.unmap.update(serials)
+            worker.add_unmap(serials)
             self._flush(worker)
 
     def evaluate(
@@ -283,9 +297,11 @@ class MappedEvaluator:
                 code = worker.exit_code()
                 self._drop(worker)
                 truncated = held.truncated()
+                died = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                fields = {"pid": worker.process.pid, "died": died, "truncated": bool(truncated)}
+                log.warning("shared-memory worker died", extra={"fields": fields})
                 if truncated is not None:
                     raise truncated from None
-                died = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                 raise WorkerDied(
                     f"the worker evaluating the shared-memory logits died ({died})",
                     [{"loc": ["logits"], "msg": died, "type": "worker_died"}],
@@ -310,6 +326,7 @@ class MappedEvaluator:
 
 
 if __name__ == "__main__":  # a worker: python -m service.dataplane.mapped FD [CPU_THREADS]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's: it stops workers
     if len(sys.argv) > 2:
         from ce_engine.kernels.cpu import set_threads
 
