@@ -41,6 +41,8 @@ LOGITS = RNG.standard_normal((N, C)).astype(np.float32)
 TARGETS = RNG.integers(0, C, size=N)
 GRAD_AT = LOGITS.nbytes + 4096  # the targets lie at LOGITS.nbytes, the gradient from here
 SIZE = GRAD_AT + LOGITS.nbytes
+#: the ``evaluator`` fixture: the evaluator, the MappedTensor of LOGITS, their registry
+Evaluator = tuple[MappedEvaluator, Any, SharedMemoryRegistry]
 
 
 @pytest.fixture
@@ -137,8 +139,11 @@ def test_mapped_logits_answer_as_the_copying_path(
 
 
 @pytest.fixture
-def evaluator(segment: shared_memory.SharedMemory) -> Iterator[tuple[MappedEvaluator, Any]]:
-    """A one-worker evaluator and the MappedTensor of LOGITS in ``segment``'s region."""
+def evaluator(
+    segment: shared_memory.SharedMemory,
+) -> Iterator[Evaluator]:
+    """A one-worker evaluator, the MappedTensor of LOGITS in ``segment``'s region "r", and the
+    registry that holds it."""
     registry = SharedMemoryRegistry(True, 4, 1 << 30, maps_logits=True)
     evaluator = MappedEvaluator(1)
     registry.on_drop = evaluator.forget
@@ -146,7 +151,7 @@ def evaluator(segment: shared_memory.SharedMemory) -> Iterator[tuple[MappedEvalu
     ref = TensorRef("r", 0, LOGITS.nbytes, ("inputs", 0))
     tensor = MappedTensor(RegionAccess(registry, None), ref, (N, C), np.dtype("<f4"))
     try:
-        yield evaluator, tensor
+        yield evaluator, tensor, registry
     finally:
         registry.close()
         evaluator.close()
@@ -160,13 +165,13 @@ def _worker_pids(evaluator: MappedEvaluator) -> list[int]:
 
 
 def test_a_worker_killed_by_a_truncation_is_409_and_the_next_request_gets_a_new_one(
-    evaluator: tuple[MappedEvaluator, Any],
+    evaluator: Evaluator,
     segment: shared_memory.SharedMemory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The object shrinks after the server's size check, while the worker holds its mapping
     from an earlier request: the worker dies of SIGBUS, the request is 409, the server lives."""
-    mapped, tensor = evaluator
+    mapped, tensor, _ = evaluator
     value, _ = reference_ce(LOGITS, TARGETS)
     assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).value == pytest.approx(value)
     first = _worker_pids(mapped)
@@ -201,9 +206,9 @@ def test_a_worker_killed_by_a_truncation_is_409_and_the_next_request_gets_a_new_
 
 
 def test_a_worker_that_dies_otherwise_is_503(
-    evaluator: tuple[MappedEvaluator, Any], monkeypatch: pytest.MonkeyPatch
+    evaluator: Evaluator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mapped, tensor = evaluator
+    mapped, tensor, _ = evaluator
     call = mapped_module._Worker.call
 
     def killing(self: Any, fd: int, job: Any) -> Any:
@@ -218,8 +223,10 @@ def test_a_worker_that_dies_otherwise_is_503(
     assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).count == N
 
 
-def test_engine_errors_come_back_as_the_services(evaluator: tuple[MappedEvaluator, Any]) -> None:
-    mapped, tensor = evaluator
+def test_engine_errors_come_back_as_the_services(
+    evaluator: Evaluator,
+) -> None:
+    mapped, tensor, _ = evaluator
     with pytest.raises(ValidationFailed) as info:
         mapped.evaluate(tensor, "cross_entropy", {"targets": TARGETS[:3], "backend": "numpy"})
     assert info.value.status_code == 422 and info.value.errors
@@ -231,32 +238,24 @@ def _maps(pid: int, name: str) -> bool:
 
 
 def test_unregister_unmaps_the_region_in_every_worker_and_close_stops_them(
+    evaluator: Evaluator,
     segment: shared_memory.SharedMemory,
 ) -> None:
-    registry = SharedMemoryRegistry(True, 4, 1 << 30, maps_logits=True)
-    mapped = MappedEvaluator(1)
-    registry.on_drop = mapped.forget
+    mapped, tensor, registry = evaluator
+    mapped.evaluate(tensor, "cross_entropy", ARGUMENTS)
+    (pid,) = _worker_pids(mapped)
+    assert _maps(pid, segment.name)  # kept for the region's next request
+    registry.unregister(None, "r")
+    deadline = time.monotonic() + 10
+    while _maps(pid, segment.name) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _maps(pid, segment.name)
+    process = mapped._running[0].process
+    mapped.close()
+    assert process.poll() == 0
     registry.register(None, "r", "/" + segment.name, 0, SIZE)
-    ref = TensorRef("r", 0, LOGITS.nbytes, ("inputs", 0))
-    tensor = MappedTensor(RegionAccess(registry, None), ref, (N, C), np.dtype("<f4"))
-    try:
+    with pytest.raises(Unavailable, match="shutting down"):
         mapped.evaluate(tensor, "cross_entropy", ARGUMENTS)
-        (pid,) = _worker_pids(mapped)
-        assert _maps(pid, segment.name)  # kept for the region's next request
-        registry.unregister(None, "r")
-        deadline = time.monotonic() + 10
-        while _maps(pid, segment.name) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not _maps(pid, segment.name)
-        process = mapped._running[0].process
-        mapped.close()
-        assert process.poll() == 0
-        registry.register(None, "r", "/" + segment.name, 0, SIZE)
-        with pytest.raises(Unavailable, match="shutting down"):
-            mapped.evaluate(tensor, "cross_entropy", ARGUMENTS)
-    finally:
-        registry.close()
-        mapped.close()
 
 
 # --- through ce-eval serve ------------------------------------------------------------------
