@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from multiprocessing import shared_memory
@@ -221,6 +222,41 @@ def test_a_worker_that_dies_otherwise_is_503(
     assert info.value.status_code == 503
     monkeypatch.setattr(mapped_module._Worker, "call", call)
     assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).count == N
+
+
+def test_a_request_waiting_for_the_only_worker_gets_a_new_one_when_it_dies(
+    evaluator: Evaluator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One worker, two requests: the first one's worker dies while the second waits for it;
+    the second is served by a new worker instead of waiting for ever."""
+    mapped, tensor, _ = evaluator
+    call, calls = mapped_module._Worker.call, []
+
+    def first_dies(self: Any, fd: int, job: Any) -> Any:
+        calls.append(self.process.pid)
+        if len(calls) == 1:
+            time.sleep(0.5)  # the second request is waiting for a worker by now
+            os.kill(self.process.pid, signal.SIGKILL)
+        return call(self, fd, job)
+
+    monkeypatch.setattr(mapped_module._Worker, "call", first_dies)
+    answers: dict[str, Any] = {}
+
+    def run(name: str) -> None:
+        try:
+            answers[name] = mapped.evaluate(tensor, "cross_entropy", ARGUMENTS)
+        except Exception as exc:
+            answers[name] = exc
+
+    threads = [threading.Thread(target=run, args=(name,), daemon=True) for name in "ab"]
+    threads[0].start()
+    time.sleep(0.1)
+    threads[1].start()
+    for thread in threads:  # daemon threads: a regression fails here instead of hanging
+        thread.join(30)
+    assert isinstance(answers["a"], WorkerDied)
+    assert answers["b"].count == N
+    assert len(calls) == 2 and calls[0] != calls[1]
 
 
 def test_engine_errors_come_back_as_the_services(

@@ -214,41 +214,49 @@ class MappedEvaluator:
         self.workers = workers
         self.cpu_threads = cpu_threads
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        #: a slot per worker: held from taking a worker to releasing it (or its death)
+        self._slots = threading.Semaphore(workers)
         self._lock = threading.Lock()
         self._running: list[_Worker] = []
         self._closed = False
 
     def _take(self) -> _Worker:
-        """An idle worker (one that died meanwhile is dropped), a new one while fewer than
-        ``workers`` run, else the next freed."""
-        while not self._closed:
-            try:
-                worker = self._idle.get_nowait()
-            except queue.Empty:
-                break
-            if worker.process.poll() is None:
-                return worker
-            self._drop(worker)
-        with self._lock:
-            if self._closed:
-                raise Unavailable("the server is shutting down")
-            if len(self._running) < self.workers:
+        """One of the ``workers`` slots (waiting for one while all are in use), then an idle
+        worker (one that died meanwhile is dropped) or, with none idle, a new one."""
+        self._slots.acquire()
+        try:
+            while not self._closed:
+                try:
+                    worker = self._idle.get_nowait()
+                except queue.Empty:
+                    break
+                if worker.process.poll() is None:
+                    return worker
+                self._drop(worker)
+            with self._lock:
+                if self._closed:
+                    raise Unavailable("the server is shutting down")
                 worker = _Worker(self.cpu_threads)
                 self._running.append(worker)
                 return worker
-        return self._idle.get()
+        except BaseException:
+            self._slots.release()
+            raise
 
     def _drop(self, worker: _Worker) -> None:
         with self._lock:
             if worker in self._running:
                 self._running.remove(worker)
 
-    def _release(self, worker: _Worker) -> None:
-        """Back to idle, once any ``forget`` that came meanwhile is sent."""
-        with worker.lock:
-            worker.send_unmap()
-        self._idle.put(worker)
-        self._flush(worker)
+    def _release(self, worker: _Worker | None) -> None:
+        """``worker`` back to idle, once any ``forget`` that came meanwhile is sent (None: it
+        died), and its slot free."""
+        if worker is not None:
+            with worker.lock:
+                worker.send_unmap()
+            self._idle.put(worker)
+            self._flush(worker)
+        self._slots.release()
 
     @staticmethod
     def _flush(worker: _Worker) -> None:
@@ -290,10 +298,12 @@ class MappedEvaluator:
                 arguments,
             )
             worker = self._take()
+            alive = True
             try:
                 with worker.lock:
                     reply = worker.call(held.fd, job)
             except (EOFError, OSError):
+                alive = False
                 code = worker.exit_code()
                 self._drop(worker)
                 truncated = held.truncated()
@@ -306,7 +316,13 @@ class MappedEvaluator:
                     f"the worker evaluating the shared-memory logits died ({died})",
                     [{"loc": ["logits"], "msg": died, "type": "worker_died"}],
                 ) from None
-        self._release(worker)
+            except BaseException:  # e.g. an argument that does not pickle: start afresh
+                alive = False
+                worker.stop()
+                self._drop(worker)
+                raise
+            finally:
+                self._release(worker if alive else None)
         if reply[0] == "ok":
             result: ce_engine.EvaluationResult = reply[1]
             return result
