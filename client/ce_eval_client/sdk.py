@@ -263,27 +263,13 @@ def _encode_oip_shared(
     if in_place is not None:
         assert logits is not None
         del tensors["logits"]
-        inputs.append(
-            {
-                "name": "logits",
-                "shape": list(logits.shape),
-                "datatype": datatype_of(logits.dtype),
-                "parameters": _shared_parameters(*in_place, logits.nbytes),
-            }
-        )
+        inputs.append(_shared_input("logits", logits, *in_place, logits.nbytes))
     layout = plan(tensors, list(call.outputs), logits)
     region.ensure(layout.size)
     for name, array in tensors.items():
         offset, size = layout.inputs[name]
         region.write(offset, array)
-        inputs.append(
-            {
-                "name": name,
-                "shape": list(array.shape),
-                "datatype": datatype_of(array.dtype),
-                "parameters": _shared_parameters(region.name, offset, size),
-            }
-        )
+        inputs.append(_shared_input(name, array, region.name, offset, size))
     outputs = []
     for name in call.outputs:
         if name in layout.outputs:
@@ -300,6 +286,18 @@ def _encode_oip_shared(
         parameters["backend"] = call.backend
     body = orjson.dumps({"inputs": inputs, "outputs": outputs, "parameters": parameters})
     return f"/v2/models/{call.loss}/infer", body, layout
+
+
+def _shared_input(
+    name: str, array: np.ndarray, region: str, offset: int, size: int
+) -> dict[str, Any]:
+    """An OIP input naming ``size`` bytes at ``offset`` of ``region``."""
+    return {
+        "name": name,
+        "shape": list(array.shape),
+        "datatype": datatype_of(array.dtype),
+        "parameters": _shared_parameters(region, offset, size),
+    }
 
 
 def _shared_parameters(region: str, offset: int, size: int) -> dict[str, Any]:

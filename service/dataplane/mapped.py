@@ -189,22 +189,21 @@ class _Worker:
 
     def exit_code(self) -> int | None:
         """Reap the (dead) worker: its exit code, ``-signum`` when a signal killed it."""
-        self.conn.close()
-        try:
-            return self.process.wait(5.0)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return self._reap(5.0)
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             self.conn.send(None)
+        self._reap(2.0)
+
+    def _reap(self, timeout: float) -> int | None:
+        """Close our end, wait ``timeout`` s for the process to end (then kill it): its code."""
         self.conn.close()
         try:
-            self.process.wait(2.0)
+            return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.wait()
+            return self.process.wait()
 
 
 class MappedEvaluator:
