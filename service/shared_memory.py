@@ -370,6 +370,11 @@ class SharedMemoryRegistry:
             self._regions.clear()
         self._dropped(dropped)
 
+    def registered(self, principal: str | None, region: Region) -> bool:
+        """Whether ``region`` is still registered (not unregistered since it was looked up)."""
+        with self._lock:
+            return self._regions.get(principal, {}).get(region.name) is region
+
     def count(self) -> int:
         """Regions registered, all principals together."""
         with self._lock:
@@ -463,9 +468,11 @@ class Held:
     region: Region
     ref: TensorRef
 
-    def truncated(self) -> ServiceError | None:
-        """The 409 to answer when the object no longer holds the tensor's bytes, else None."""
-        size, needed = os.fstat(self.fd).st_size, self.start + self.ref.byte_size
+    def truncated(self, size: int | None = None) -> ServiceError | None:
+        """The 409 to answer when the object (``size`` bytes, by default its size now) does
+        not hold the tensor's bytes, else None."""
+        size = os.fstat(self.fd).st_size if size is None else size
+        needed = self.start + self.ref.byte_size
         if size >= needed:
             return None
         return SharedMemoryRegistry._truncated(self.region, size, needed, self.ref.loc)
@@ -492,6 +499,9 @@ class RegionAccess:
         """``ref``'s object, checked as for a read (404, 422, 409), held open meanwhile."""
         with self.registry._checked(self.principal, ref) as (fd, start, region):
             yield Held(fd, start, region, ref)
+
+    def registered(self, region: Region) -> bool:
+        return self.registry.registered(self.principal, region)
 
     def any(self) -> bool:
         """Whether this principal has a region (its requests may name one)."""

@@ -71,6 +71,12 @@ EVALUATE_DURATION = Histogram(
 REJECTED = Counter("ce_eval_rejected_total", "Requests answered with an error.", ["reason"])
 INFLIGHT = Gauge("ce_eval_inflight", "HTTP requests in progress.", multiprocess_mode="livesum")
 BATCHES = Counter("ce_eval_batches_total", "Run batches by outcome.", ["outcome"])
+IN_PLACE = Counter(
+    "ce_eval_shared_memory_in_place_total",
+    "Shared-memory logits evaluated in place by a worker process, by outcome "
+    "(ok, error, truncated, died).",
+    ["outcome"],
+)
 BUILD_INFO = Gauge(
     "ce_eval_build_info", "Build information.", ["version", "python"], multiprocess_mode="max"
 )
@@ -140,6 +146,10 @@ def count_request(transport: str, route: str, method: str, status: str) -> None:
 
 def count_batch(outcome: str) -> None:
     BATCHES.labels(outcome).inc()
+
+
+def count_in_place(outcome: str) -> None:
+    IN_PLACE.labels(outcome).inc()
 
 
 def _set(run_id: str, gauge: Any, labels: tuple[str, ...], value: float | None) -> None:

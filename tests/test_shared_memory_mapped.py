@@ -268,6 +268,178 @@ def test_engine_errors_come_back_as_the_services(
     assert info.value.status_code == 422 and info.value.errors
 
 
+def _rewrite(path: str, size: int, at: int = 0) -> None:
+    """Resize the object at ``path`` to ``size`` bytes and write LOGITS at ``at``."""
+    os.truncate(path, size)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, LOGITS.tobytes(), at)
+    finally:
+        os.close(fd)
+
+
+def test_a_truncation_before_the_workers_first_mapping_is_409_and_the_worker_lives(
+    evaluator: Evaluator,
+    segment: shared_memory.SharedMemory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The object shrinks after the server's size check and before the worker maps it (no
+    earlier request): the worker finds it too short, the request is 409 and the same worker
+    serves the next one."""
+    mapped, tensor, _ = evaluator
+    path = f"/dev/shm/{segment.name}"
+    call = mapped_module._Worker.call
+
+    def truncating(self: Any, fd: int, job: Any) -> Any:
+        os.truncate(path, 4096)
+        return call(self, fd, job)
+
+    monkeypatch.setattr(mapped_module._Worker, "call", truncating)
+    segment.close()
+    with pytest.raises(RegionTruncated, match="now holds 4096 bytes") as info:
+        mapped.evaluate(tensor, "cross_entropy", ARGUMENTS)
+    assert info.value.status_code == 409
+    (pid,) = _worker_pids(mapped)
+    monkeypatch.setattr(mapped_module._Worker, "call", call)
+    _rewrite(path, SIZE)
+    value, _ = reference_ce(LOGITS, TARGETS)
+    assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).value == pytest.approx(value)
+    assert _worker_pids(mapped) == [pid]
+
+
+def test_an_object_shrunk_below_its_regions_end_still_serves_the_tensors_it_holds(
+    evaluator: Evaluator, segment: shared_memory.SharedMemory
+) -> None:
+    """The region spans SIZE bytes, the object only the logits (as a read allows); once the
+    object grows again, logits further in the same region are mapped anew."""
+    mapped, tensor, _ = evaluator
+    path = f"/dev/shm/{segment.name}"
+    segment.close()
+    os.truncate(path, LOGITS.nbytes)
+    value, _ = reference_ce(LOGITS, TARGETS)
+    assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).value == pytest.approx(value)
+    at = SIZE - LOGITS.nbytes  # GRAD_AT: page-aligned, past the first mapping's end
+    _rewrite(path, SIZE, at)
+    further = MappedTensor(
+        tensor.access, TensorRef("r", at, LOGITS.nbytes, ("inputs", 0)), (N, C), tensor.dtype
+    )
+    assert mapped.evaluate(further, "cross_entropy", ARGUMENTS).value == pytest.approx(value)
+
+
+def test_a_region_unregistered_while_its_request_waits_is_not_kept_mapped(
+    evaluator: Evaluator,
+    segment: shared_memory.SharedMemory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request located its region, then the region is unregistered before a worker takes
+    the job (which still maps it, through the request's own descriptor): the worker unmaps it
+    once the request is answered."""
+    mapped, tensor, registry = evaluator
+    take = MappedEvaluator._take
+
+    def unregistering(self: MappedEvaluator) -> Any:
+        registry.unregister(None, "r")
+        return take(self)
+
+    monkeypatch.setattr(MappedEvaluator, "_take", unregistering)
+    assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).count == N
+    (pid,) = _worker_pids(mapped)
+    deadline = time.monotonic() + 10
+    while _maps(pid, segment.name) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _maps(pid, segment.name)
+
+
+def test_worker_errors_echo_as_configured_and_count_every_error(
+    segment: shared_memory.SharedMemory,
+) -> None:
+    """``CE_EVAL_ECHO_MAX_CHARS`` holds in the worker too, and ``errors_total`` counts all 30
+    errors, not the 20 kept."""
+    registry = SharedMemoryRegistry(True, 4, 1 << 30, maps_logits=True)
+    mapped = MappedEvaluator(1, echo_max_chars=8)
+    try:
+        registry.register(None, "r", "/" + segment.name, 0, SIZE)
+        ref = TensorRef("r", 0, LOGITS.nbytes, ("inputs", 0))
+        tensor = MappedTensor(RegionAccess(registry, None), ref, (N, C), np.dtype("<f4"))
+        options = {"k" * 100 + str(i): 1 for i in range(30)}
+        with pytest.raises(ValidationFailed) as info:
+            mapped.evaluate(tensor, "cross_entropy", {**ARGUMENTS, "options": options})
+    finally:
+        registry.close()
+        mapped.close()
+    assert info.value.errors_total == 30 and len(info.value.errors) == 20
+    assert info.value.errors[0]["loc"] == ["options", "k" * 8 + "…"]
+
+
+def test_workers_ignore_sigterm_write_no_core_and_skip_the_working_directory(
+    evaluator: Evaluator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker started from a directory holding a ``numpy.py`` imports the real NumPy; a
+    SIGTERM (systemd stopping the unit) leaves it to the server; it has no core dumps."""
+    (tmp_path / "numpy.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    mapped, tensor, _ = evaluator
+    assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).count == N
+    (pid,) = _worker_pids(mapped)
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    assert [line.split()[4:6] for line in limits if line.startswith("Max core file size")] == [
+        ["0", "0"]
+    ]
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.3)
+    assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).count == N
+    assert _worker_pids(mapped) == [pid]
+
+
+def test_a_dead_idle_worker_is_reaped_and_the_last_released_is_taken_first() -> None:
+    mapped = MappedEvaluator(2)
+    try:
+        first, second = mapped._take(), mapped._take()
+        mapped._release(first)
+        mapped._release(second)
+        assert mapped._take() is second
+        mapped._release(second)
+        os.kill(second.process.pid, signal.SIGKILL)
+        second.process.wait(10)
+        assert mapped._take() is first
+        assert second.conn.closed and second not in mapped._running
+        mapped._release(first)
+    finally:
+        mapped.close()
+
+
+def test_close_kills_a_worker_whose_evaluation_outlasts_the_wait(
+    evaluator: Evaluator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mapped, tensor, _ = evaluator
+    call, started = mapped_module._Worker.call, threading.Event()
+
+    def slow(self: Any, fd: int, job: Any) -> Any:
+        started.set()
+        time.sleep(1.0)
+        return call(self, fd, job)
+
+    monkeypatch.setattr(mapped_module._Worker, "call", slow)
+    answers: list[Any] = []
+
+    def run() -> None:
+        try:
+            answers.append(mapped.evaluate(tensor, "cross_entropy", ARGUMENTS))
+        except Exception as exc:
+            answers.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(30)
+    began = time.monotonic()
+    mapped.close(wait=0.1)
+    assert time.monotonic() - began < 0.9  # it did not wait for the evaluation
+    thread.join(30)
+    assert len(answers) == 1 and isinstance(answers[0], WorkerDied)
+
+
 def _maps(pid: int, name: str) -> bool:
     with open(f"/proc/{pid}/maps") as maps:
         return any(name in line for line in maps)
@@ -304,13 +476,24 @@ def server() -> Iterator[ServerProcess]:
     process.stop()
 
 
+def _in_place(http: httpx.Client, outcome: str = "ok") -> float:
+    """The server's ``ce_eval_shared_memory_in_place_total`` for ``outcome``."""
+    series = f'ce_eval_shared_memory_in_place_total{{outcome="{outcome}"}} '
+    lines = http.get("/metrics").text.splitlines()
+    return sum(float(line[len(series) :]) for line in lines if line.startswith(series))
+
+
 def test_served_mapped_evaluation_and_a_truncated_object(
     server: ServerProcess, segment: shared_memory.SharedMemory
 ) -> None:
+    """Served in place by a worker; an object truncated before the request is 409 from the
+    server's own size check (the worker-side truncations are tested above)."""
     with httpx.Client(base_url=server.url, timeout=60) as http:
         assert _register(http, "r", "/" + segment.name, SIZE).status_code == 200
+        before = _in_place(http)
         r = http.post("/v2/models/cross_entropy/infer", json=_body(grad=False))
         assert r.status_code == 200, r.text
+        assert _in_place(http) == before + 1
         value, _ = reference_ce(LOGITS, TARGETS)
         assert r.json()["parameters"]["value"] == pytest.approx(value, rel=1e-6)
         segment.close()
@@ -328,6 +511,7 @@ def test_sdk_shared_array_is_evaluated_in_place(server: ServerProcess) -> None:
     from ce_eval_client.sdk import Client
 
     with httpx.Client(base_url=server.url, timeout=60) as http:
+        before = _in_place(http)
         with Client(server.url, shared_memory=True) as client:
             logits = client.shared_array((N, C))
             assert logits.dtype == np.float32 and not logits.any()
@@ -351,6 +535,8 @@ def test_sdk_shared_array_is_evaluated_in_place(server: ServerProcess) -> None:
             part = client.evaluate("cross_entropy", logits[8:16], TARGETS[8:16])
             expected, _ = reference_ce(np.asarray(logits[8:16]), TARGETS[8:16])
             assert part.value == pytest.approx(expected, rel=1e-6)
+        # in place: the metrics call only (the gradient is logits-sized, the part < 8 MiB)
+        assert _in_place(http) == before + 1
         assert http.get("/v2/systemsharedmemory/status").json() == []
         assert not os.path.exists(f"/dev/shm/{staged[0]}")
         del logits
@@ -370,7 +556,10 @@ def test_readme_shared_array_example_runs(server: ServerProcess) -> None:
     logits = RNG.standard_normal((512, 32000)).astype(np.float32)
     targets = RNG.integers(0, 32000, size=512)
     scope: dict[str, Any] = {"logits": logits, "targets": targets}
-    exec(code, scope)
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        before = _in_place(http)
+        exec(code, scope)
+        assert _in_place(http) == before + 1
     assert scope["value"] == pytest.approx(reference_ce(logits, targets)[0], rel=1e-6)
 
 
@@ -378,7 +567,8 @@ def test_grpc_evaluate_maps_shared_logits(
     server: ServerProcess, segment: shared_memory.SharedMemory
 ) -> None:
     """gRPC ``Evaluate`` with ``SharedTensor`` logits of MAPPED_MIN_BYTES: the answer of the
-    same logits sent inline; a truncated object is FAILED_PRECONDITION."""
+    same logits sent inline, evaluated in place; an object truncated before the request is
+    FAILED_PRECONDITION."""
     import grpc
 
     from ce_eval_client.gen.ce_eval.v1 import ce_eval_pb2 as pb
@@ -399,9 +589,11 @@ def test_grpc_evaluate_maps_shared_logits(
     ):
         assert _register(http, "r", "/" + segment.name, SIZE).status_code == 200
         stub = pb_grpc.LossEvaluationStub(channel)
+        before = _in_place(http)
         answer = stub.Evaluate(
             request(pb.Tensor(dtype="float32", shape=shape, shared_memory=shared)), timeout=60
         )
+        assert _in_place(http) == before + 1
         inline = stub.Evaluate(
             request(pb.Tensor(dtype="float32", shape=shape, data=LOGITS.tobytes())), timeout=60
         )

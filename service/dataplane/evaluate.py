@@ -40,7 +40,7 @@ from service.errors import (
 )
 from service.schemas import EvaluateRequest, LossCatalog, LossInfo
 from service.shared_memory import MappedTensor, SharedMemoryRegistry
-from service.telemetry import observe_evaluate
+from service.telemetry import count_in_place, observe_evaluate
 
 T = TypeVar("T")
 
@@ -98,7 +98,7 @@ class DataPlane:
         if workers is None:
             workers = settings.compute_threads
         self.mapped = (
-            MappedEvaluator(workers, settings.cpu_threads)
+            MappedEvaluator(workers, settings.cpu_threads, settings.echo_max_chars, count_in_place)
             if settings.shared_memory and workers
             else None
         )

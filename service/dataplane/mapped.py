@@ -11,9 +11,11 @@ kills the process. Copying the logits out with ``pread`` is safe, but tmpfs page
 - it keeps the mapping for the region's next requests (mapping 65 MB costs about 5 ms of page
   faults) until the region is unregistered, which unmaps it in every worker as soon as that
   worker is idle (:meth:`MappedEvaluator.forget`);
-- a truncation kills only the worker touching the lost pages (SIGBUS). Its request answers 409
-  (:class:`~service.shared_memory.RegionTruncated`), the next request starts a fresh worker,
-  and the server and every other request carry on;
+- a worker maps only the bytes the object still holds, and answers 409
+  (:class:`~service.shared_memory.RegionTruncated`) when those end before the logits; a
+  truncation during the evaluation kills only the worker touching the lost pages (SIGBUS):
+  its request answers 409 too, the next request starts a fresh worker, and the server and
+  every other request carry on;
 - only small answers come back from a worker (``MAPPED_MAX_ANSWER_BYTES``): a request asking
   for a logits-sized output (a gradient, probabilities) copies its logits into the server and
   is evaluated there, as without workers;
@@ -32,24 +34,27 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import queue
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import ce_engine
 from ce_engine.backend import to_numpy
+from ce_engine.errors import ECHO_MAX_CHARS, set_echo_max_chars
 from service.errors import ServiceError, Unavailable
 from service.logs import get_logger
-from service.shared_memory import MappedTensor
+from service.shared_memory import Held, MappedTensor
 
 log = get_logger("shared_memory")
 #: Mappings one worker keeps (its most recently used regions).
@@ -58,6 +63,10 @@ KEPT_MAPPINGS = 4
 #: than this copy their logits and run in the server instead: a 65 MB gradient takes about
 #: 250 ms back through the worker's socket, the copy in about 20.
 MAPPED_MAX_ANSWER_BYTES = 1 << 20
+#: How long shutdown waits for a worker's evaluation before killing the worker.
+CLOSE_WAIT_SECONDS = 10.0
+#: The directory holding the ``service`` package: a worker's only addition to ``sys.path``.
+_PACKAGES = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
@@ -80,30 +89,59 @@ class WorkerDied(Unavailable):
     type = "evaluation-worker-died"
 
 
+class _Short(Exception):
+    """The object (``args[0]`` bytes) no longer holds the logits: nothing to map."""
+
+
 class _Mappings:
-    """A worker's kept mappings: region serial → (first byte mapped, mapping), most recent last."""
+    """A worker's kept mappings: region serial → (first byte mapped, mapping), most recent last.
+
+    A mapping spans the region's bytes that the object still holds (``min(end, size)``), so an
+    object shrunk below its region's end still serves the tensors it holds, as a read does."""
 
     def __init__(self) -> None:
         self._kept: dict[int, tuple[int, mmap.mmap]] = {}
 
     def view(self, fd: int, job: _Job) -> np.ndarray:
+        count = int(np.prod(job.shape, dtype=np.int64))
+        needed = job.start + count * job.dtype.itemsize
         kept = self._kept.pop(job.serial, None)
+        if kept is not None and kept[0] + len(kept[1]) < needed:  # mapped while shorter
+            self._close(kept[1])
+            kept = None
         if kept is None:
-            first = job.first - job.first % mmap.ALLOCATIONGRANULARITY
-            kept = first, mmap.mmap(fd, job.end - first, prot=mmap.PROT_READ, offset=first)
+            kept = self._map(fd, job, needed)
             while len(self._kept) >= KEPT_MAPPINGS:
                 self.forget([next(iter(self._kept))])
         self._kept[job.serial] = kept
         first, mapping = kept
-        count = int(np.prod(job.shape, dtype=np.int64))
         return np.frombuffer(mapping, job.dtype, count, job.start - first).reshape(job.shape)
+
+    @staticmethod
+    def _map(fd: int, job: _Job, needed: int) -> tuple[int, mmap.mmap]:
+        """Map ``job.first``..``min(job.end, size)`` read-only (the start page-aligned); raises
+        :class:`_Short` when the object ends before ``needed``, now or while mapping."""
+        first = job.first - job.first % mmap.ALLOCATIONGRANULARITY
+        size = os.fstat(fd).st_size
+        if size < needed:
+            raise _Short(size)
+        try:
+            return first, mmap.mmap(
+                fd, min(job.end, size) - first, prot=mmap.PROT_READ, offset=first
+            )
+        except (ValueError, OSError):  # truncated since the fstat
+            raise _Short(os.fstat(fd).st_size) from None
 
     def forget(self, serials: list[int]) -> None:
         for serial in serials:
             kept = self._kept.pop(serial, None)
             if kept is not None:
-                with contextlib.suppress(BufferError):  # a view still alive: it unmaps with it
-                    kept[1].close()
+                self._close(kept[1])
+
+    @staticmethod
+    def _close(mapping: mmap.mmap) -> None:
+        with contextlib.suppress(BufferError):  # a view still alive: it unmaps with it
+            mapping.close()
 
 
 def _evaluate(mappings: _Mappings, fd: int, job: _Job) -> ce_engine.EvaluationResult:
@@ -115,8 +153,9 @@ def _evaluate(mappings: _Mappings, fd: int, job: _Job) -> ce_engine.EvaluationRe
 
 def _serve(conn: Connection) -> None:
     """A worker's loop. In: ``("job", job)`` then a descriptor, answered ``("ok", result)``,
-    ``("error", kind, detail, errors)`` or ``("crash", text)``; ``("forget", serials)``
-    (unmap those regions, no answer); ``None`` or the end of the socket: exit."""
+    ``("short", size)`` (the object no longer holds the logits), ``("error", kind, detail,
+    errors, errors_total)`` or ``("crash", text)``; ``("forget", serials)`` (unmap those
+    regions, no answer); ``None`` or the end of the socket: exit."""
     mappings = _Mappings()
     while True:
         try:
@@ -131,11 +170,13 @@ def _serve(conn: Connection) -> None:
         fd = reduction.recv_handle(conn)
         try:
             reply: tuple[Any, ...] = ("ok", _evaluate(mappings, fd, message[1]))
+        except _Short as exc:
+            reply = ("short", exc.args[0])
         except ce_engine.EngineError as exc:
             from service.dataplane.evaluate import engine_error
 
             error = engine_error(exc)
-            reply = ("error", type(error), error.detail, error.errors)
+            reply = ("error", type(error), error.detail, error.errors, error.errors_total)
         except Exception as exc:  # a bug: the server answers 500, as in its own threads
             reply = ("crash", f"{type(exc).__name__}: {exc}")
         finally:
@@ -146,16 +187,22 @@ def _serve(conn: Connection) -> None:
 
 class _Worker:
     """One worker process and the server's end of its socket pair; ``lock`` held while the
-    socket is in use; the region serials to send it a ``forget`` for wait in ``_unmap``."""
+    socket is in use (closing it included); the region serials to send it a ``forget`` for
+    wait in ``_unmap``."""
 
-    def __init__(self, cpu_threads: int | None) -> None:
+    def __init__(self, echo_max_chars: int, cpu_threads: int | None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [sys.executable, "-m", __name__, str(theirs.fileno())]
+        # -P: the server's working directory is not searched for modules; this package is
+        command = [sys.executable, "-P", "-m", __name__, str(theirs.fileno()), str(echo_max_chars)]
         if cpu_threads is not None:
             command.append(str(cpu_threads))
+        path = os.pathsep.join(filter(None, [_PACKAGES, os.environ.get("PYTHONPATH")]))
         try:
             self.process = subprocess.Popen(
-                command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL
+                command,
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": path},
             )
         finally:
             theirs.close()
@@ -183,15 +230,17 @@ class _Worker:
         """Send the pending ``forget`` (the caller holds ``lock``)."""
         with self._unmap_lock:
             serials, self._unmap = list(self._unmap), set()
-        if serials:
+        if serials and not self.conn.closed:
             with contextlib.suppress(OSError):  # a dead worker unmaps everything
                 self.conn.send(("forget", serials))
 
     def exit_code(self) -> int | None:
-        """Reap the (dead) worker: its exit code, ``-signum`` when a signal killed it."""
+        """Reap the (dead) worker: its exit code, ``-signum`` when a signal killed it (the
+        caller holds ``lock``)."""
         return self._reap(5.0)
 
     def stop(self) -> None:
+        """Ask the worker to exit, and reap it (the caller holds ``lock``)."""
         with contextlib.suppress(OSError):
             self.conn.send(None)
         self._reap(2.0)
@@ -207,37 +256,47 @@ class _Worker:
 
 
 class MappedEvaluator:
-    """At most ``workers`` worker processes, each running one evaluation at a time."""
+    """At most ``workers`` worker processes, each running one evaluation at a time, with
+    ``cpu_threads`` kernel threads and errors echoing ``echo_max_chars`` characters of input;
+    ``observe`` is called with each evaluation's outcome (ok, error, truncated, died)."""
 
-    def __init__(self, workers: int, cpu_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        cpu_threads: int | None = None,
+        echo_max_chars: int = ECHO_MAX_CHARS,
+        observe: Callable[[str], None] = lambda outcome: None,
+    ) -> None:
         self.workers = workers
         self.cpu_threads = cpu_threads
-        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self.echo_max_chars = echo_max_chars
+        self.observe = observe
         #: a slot per worker: held from taking a worker to releasing it (or its death)
         self._slots = threading.Semaphore(workers)
         self._lock = threading.Lock()
+        self._idle: list[_Worker] = []  # the last one released first: its mappings are warm
         self._running: list[_Worker] = []
         self._closed = False
 
     def _take(self) -> _Worker:
         """One of the ``workers`` slots (waiting for one while all are in use), then an idle
-        worker (one that died meanwhile is dropped) or, with none idle, a new one."""
+        worker (one that died meanwhile is reaped) or, with none idle, a new one."""
         self._slots.acquire()
         try:
-            while not self._closed:
-                try:
-                    worker = self._idle.get_nowait()
-                except queue.Empty:
-                    break
+            while True:
+                with self._lock:
+                    if self._closed:
+                        raise Unavailable("the server is shutting down")
+                    if not self._idle:
+                        worker = _Worker(self.echo_max_chars, self.cpu_threads)
+                        self._running.append(worker)
+                        return worker
+                    worker = self._idle.pop()
                 if worker.process.poll() is None:
                     return worker
+                with worker.lock:
+                    worker.exit_code()
                 self._drop(worker)
-            with self._lock:
-                if self._closed:
-                    raise Unavailable("the server is shutting down")
-                worker = _Worker(self.cpu_threads)
-                self._running.append(worker)
-                return worker
         except BaseException:
             self._slots.release()
             raise
@@ -248,12 +307,11 @@ class MappedEvaluator:
                 self._running.remove(worker)
 
     def _release(self, worker: _Worker | None) -> None:
-        """``worker`` back to idle, once any ``forget`` that came meanwhile is sent (None: it
-        died), and its slot free."""
+        """``worker`` back to idle and its pending ``forget`` sent (None: it is gone), and its
+        slot free."""
         if worker is not None:
-            with worker.lock:
-                worker.send_unmap()
-            self._idle.put(worker)
+            with self._lock:
+                self._idle.append(worker)
             self._flush(worker)
         self._slots.release()
 
@@ -282,8 +340,9 @@ class MappedEvaluator:
 
         The tensor's region is looked up and its object's size checked first (404, 409), as for
         a read. Raises the engine's errors as the service's, as the server's own threads do; a
-        worker's death as 409 when the object no longer holds the logits (it was truncated),
-        else as :class:`WorkerDied` (503)."""
+        worker finding the object too short, or dying, as 409 when the object no longer holds
+        the logits (it was truncated), a worker's death otherwise as :class:`WorkerDied`
+        (503)."""
         with tensor.access.hold(tensor.ref) as held:
             region = held.region
             job = _Job(
@@ -297,53 +356,85 @@ class MappedEvaluator:
                 arguments,
             )
             worker = self._take()
-            alive = True
+            alive = False
             try:
                 with worker.lock:
-                    reply = worker.call(held.fd, job)
-            except (EOFError, OSError):
-                alive = False
-                code = worker.exit_code()
-                self._drop(worker)
-                truncated = held.truncated()
-                died = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-                fields = {"pid": worker.process.pid, "died": died, "truncated": bool(truncated)}
-                log.warning("shared-memory worker died", extra={"fields": fields})
-                if truncated is not None:
-                    raise truncated from None
-                raise WorkerDied(
-                    f"the worker evaluating the shared-memory logits died ({died})",
-                    [{"loc": ["logits"], "msg": died, "type": "worker_died"}],
-                ) from None
-            except BaseException:  # e.g. an argument that does not pickle: start afresh
-                alive = False
-                worker.stop()
-                self._drop(worker)
-                raise
+                    try:
+                        reply = worker.call(held.fd, job)
+                    except (EOFError, OSError):
+                        died = self._died(worker, held)
+                        self.observe("died" if isinstance(died, WorkerDied) else "truncated")
+                        raise died from None
+                    except BaseException:  # e.g. an argument that does not pickle: start afresh
+                        worker.stop()
+                        raise
+                    alive = True
+                    if not tensor.access.registered(region):  # unregistered while it ran
+                        worker.add_unmap([region.serial])
+                    worker.send_unmap()
             finally:
+                if not alive:
+                    self._drop(worker)
                 self._release(worker if alive else None)
+            if reply[0] == "short":
+                self.observe("truncated")
+                truncated = held.truncated() or held.truncated(reply[1])
+                assert truncated is not None  # the worker saw fewer than the logits' bytes
+                raise truncated
+        self.observe("ok" if reply[0] == "ok" else "error")
         if reply[0] == "ok":
             result: ce_engine.EvaluationResult = reply[1]
             return result
         if reply[0] == "error":
-            kind: type[ServiceError] = reply[1]
-            raise kind(reply[2], reply[3])
+            kind, detail, errors, total = reply[1:]
+            error: ServiceError = kind(detail, errors)
+            error.errors_total = total
+            raise error
         raise RuntimeError(f"shared-memory evaluation worker: {reply[1]}")
 
-    def close(self) -> None:
-        """Stop every worker (shutdown); later evaluations answer 503."""
+    @staticmethod
+    def _died(worker: _Worker, held: Held) -> ServiceError:
+        """The error for a request whose worker died (the caller holds ``worker.lock``): 409
+        when the object was truncated (SIGBUS), else :class:`WorkerDied`."""
+        code = worker.exit_code()
+        truncated = held.truncated()
+        died = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        fields = {"pid": worker.process.pid, "died": died, "truncated": bool(truncated)}
+        log.warning("shared-memory worker died", extra={"fields": fields})
+        return truncated or WorkerDied(
+            f"the worker evaluating the shared-memory logits died ({died})",
+            [{"loc": ["logits"], "msg": died, "type": "worker_died"}],
+        )
+
+    def close(self, wait: float = CLOSE_WAIT_SECONDS) -> None:
+        """Stop every worker (shutdown); an evaluation still running after ``wait`` seconds has
+        its worker killed (it answers 503). Later evaluations answer 503."""
         with self._lock:
             self._closed = True
-            running, self._running = self._running, []
+            running, self._running, self._idle = self._running, [], []
         for worker in running:
-            with worker.lock:  # an evaluation in flight ends first
-                worker.stop()
+            if worker.lock.acquire(timeout=wait):
+                try:
+                    worker.stop()
+                finally:
+                    worker.lock.release()
+            else:  # its evaluation reaps it
+                worker.process.kill()
 
 
-if __name__ == "__main__":  # a worker: python -m service.dataplane.mapped FD [CPU_THREADS]
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's: it stops workers
-    if len(sys.argv) > 2:
+def _worker_main(argv: list[str]) -> None:
+    """``python -m service.dataplane.mapped FD ECHO_MAX_CHARS [CPU_THREADS]``: a worker."""
+    # SIGINT and SIGTERM are the server's, which stops its workers once its requests are done
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a SIGBUS writes no core dump
+    set_echo_max_chars(int(argv[1]))
+    if len(argv) > 2:
         from ce_engine.kernels.cpu import set_threads
 
-        set_threads(int(sys.argv[2]))
-    _serve(Connection(int(sys.argv[1])))
+        set_threads(int(argv[2]))
+    _serve(Connection(int(argv[0])))
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])
