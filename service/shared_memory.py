@@ -468,13 +468,14 @@ class Held:
     region: Region
     ref: TensorRef
 
-    def truncated(self, size: int | None = None) -> ServiceError | None:
-        """The 409 to answer when the object (``size`` bytes, by default its size now) does
-        not hold the tensor's bytes, else None."""
-        size = os.fstat(self.fd).st_size if size is None else size
+    def truncated(self) -> ServiceError | None:
+        """The 409 to answer when the object no longer holds the tensor's bytes, else None."""
+        size = os.fstat(self.fd).st_size
+        return None if size >= self.start + self.ref.byte_size else self.short(size)
+
+    def short(self, size: int) -> ServiceError:
+        """The 409 of an object found holding only ``size`` bytes."""
         needed = self.start + self.ref.byte_size
-        if size >= needed:
-            return None
         return SharedMemoryRegistry._truncated(self.region, size, needed, self.ref.loc)
 
 

@@ -165,45 +165,123 @@ def _worker_pids(evaluator: MappedEvaluator) -> list[int]:
     return [worker.process.pid for worker in evaluator._running]
 
 
-def test_a_worker_killed_by_a_truncation_is_409_and_the_next_request_gets_a_new_one(
-    evaluator: Evaluator,
-    segment: shared_memory.SharedMemory,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The object shrinks after the server's size check, while the worker holds its mapping
-    from an earlier request: the worker dies of SIGBUS, the request is 409, the server lives."""
-    mapped, tensor, _ = evaluator
-    value, _ = reference_ce(LOGITS, TARGETS)
-    assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).value == pytest.approx(value)
-    first = _worker_pids(mapped)
-    path = f"/dev/shm/{segment.name}"
-    call, codes = mapped_module._Worker.call, []
-    exit_code = mapped_module._Worker.exit_code
+#: A ``sitecustomize`` the workers import (their PYTHONPATH comes first): faults injected in
+#: the worker process alone, by ``CE_EVAL_TEST_FAULT``.
+SITECUSTOMIZE = """\
+import errno, mmap, os
+fault = os.environ.get("CE_EVAL_TEST_FAULT")
+if fault == "stale_fstat":  # the worker's size check sees the object as it was
+    real_fstat = os.fstat
+    def fstat(fd):
+        values = list(real_fstat(fd)[:10])
+        values[6] = max(values[6], 1 << 40)
+        return os.stat_result(values)
+    os.fstat = fstat
+elif fault == "mmap_enomem":
+    class NoMemory(mmap.mmap):
+        def __new__(cls, *args, **kwargs):
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+    mmap.mmap = NoMemory
+"""
+
+
+@pytest.fixture
+def worker_fault(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``worker_fault(name)``: workers started from now on run with that fault."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+
+    def inject(name: str) -> None:
+        monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        monkeypatch.setenv("CE_EVAL_TEST_FAULT", name)
+
+    return inject
+
+
+def _truncating_calls(
+    monkeypatch: pytest.MonkeyPatch, path: str, regrow: bool = False
+) -> list[Any]:
+    """Every worker call truncates the object at ``path`` to 4096 bytes first (after the
+    server's size check); with ``regrow``, a dead worker is reaped only once the object has
+    its size back. Returns the reaped workers' exit codes."""
+    call, exit_code, codes = mapped_module._Worker.call, mapped_module._Worker.exit_code, []
 
     def truncating(self: Any, fd: int, job: Any) -> Any:
         os.truncate(path, 4096)
         return call(self, fd, job)
 
     def recorded(self: Any) -> int | None:
+        if regrow:
+            _rewrite(path, SIZE)
         codes.append(exit_code(self))
         return codes[-1]
 
     monkeypatch.setattr(mapped_module._Worker, "call", truncating)
     monkeypatch.setattr(mapped_module._Worker, "exit_code", recorded)
+    return codes
+
+
+def test_a_truncation_after_the_servers_check_is_409_from_a_warm_worker_which_lives(
+    evaluator: Evaluator,
+    segment: shared_memory.SharedMemory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker holds the region's mapping from an earlier request; the object shrinks
+    after the server's size check: the worker's own check answers 409, before any touch."""
+    mapped, tensor, _ = evaluator
+    value, _ = reference_ce(LOGITS, TARGETS)
+    assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).value == pytest.approx(value)
+    first = _worker_pids(mapped)
+    path = f"/dev/shm/{segment.name}"
     segment.close()  # our own mapping goes first: touching it after truncation would fault
-    with pytest.raises(RegionTruncated, match="truncated after registering") as info:
+    codes = _truncating_calls(monkeypatch, path)
+    with pytest.raises(RegionTruncated, match="now holds 4096 bytes") as info:
+        mapped.evaluate(tensor, "cross_entropy", ARGUMENTS)
+    assert info.value.status_code == 409 and codes == []
+    monkeypatch.undo()
+    _rewrite(path, SIZE)
+    assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).value == pytest.approx(value)
+    assert _worker_pids(mapped) == first
+
+
+@pytest.mark.parametrize("regrow", [False, True], ids=["truncated", "truncated-then-regrown"])
+def test_a_worker_killed_by_a_truncation_is_409_and_the_next_request_gets_a_new_one(
+    evaluator: Evaluator,
+    segment: shared_memory.SharedMemory,
+    monkeypatch: pytest.MonkeyPatch,
+    worker_fault: Any,
+    regrow: bool,
+) -> None:
+    """A truncation the worker's size check misses (injected: its ``fstat`` is stale) faults
+    on the kept mapping: the worker dies of SIGBUS, the request is 409 (also when the object
+    has grown back by then), the server lives and the next request gets a new worker."""
+    worker_fault("stale_fstat")
+    mapped, tensor, _ = evaluator
+    value, _ = reference_ce(LOGITS, TARGETS)
+    assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).value == pytest.approx(value)
+    first = _worker_pids(mapped)
+    path = f"/dev/shm/{segment.name}"
+    segment.close()
+    codes = _truncating_calls(monkeypatch, path, regrow)
+    with pytest.raises(RegionTruncated, match="truncated") as info:
         mapped.evaluate(tensor, "cross_entropy", ARGUMENTS)
     assert info.value.status_code == 409
     assert codes == [-signal.SIGBUS]
-    monkeypatch.setattr(mapped_module._Worker, "call", call)
-    os.truncate(path, SIZE)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.pwrite(fd, LOGITS.tobytes(), 0)
-    finally:
-        os.close(fd)
+    monkeypatch.undo()
+    _rewrite(path, SIZE)
     assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).value == pytest.approx(value)
     assert _worker_pids(mapped) and _worker_pids(mapped) != first
+
+
+def test_a_mapping_that_fails_otherwise_is_503_not_a_truncation(
+    evaluator: Evaluator, worker_fault: Any
+) -> None:
+    worker_fault("mmap_enomem")
+    mapped, tensor, _ = evaluator
+    with pytest.raises(Unavailable, match="could not map") as info:
+        mapped.evaluate(tensor, "cross_entropy", ARGUMENTS)
+    assert info.value.status_code == 503 and info.value.errors[0]["type"] == "unmappable"
 
 
 def test_a_worker_that_dies_otherwise_is_503(
@@ -376,10 +454,13 @@ def test_workers_ignore_sigterm_write_no_core_and_skip_the_working_directory(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A worker started from a directory holding a ``numpy.py`` imports the real NumPy; a
-    SIGTERM (systemd stopping the unit) leaves it to the server; it has no core dumps."""
+    """A worker started from a directory holding a ``numpy.py`` imports the real NumPy (also
+    with an empty entry in PYTHONPATH); a SIGTERM (systemd stopping the unit) leaves it to
+    the server; it has no core dumps."""
     (tmp_path / "numpy.py").write_text("raise SystemExit(3)\n")
     monkeypatch.chdir(tmp_path)
+    # an empty entry (the working directory), as `export PYTHONPATH=$PYTHONPATH:/x` leaves
+    monkeypatch.setenv("PYTHONPATH", os.pathsep + os.environ.get("PYTHONPATH", ""))
     mapped, tensor, _ = evaluator
     assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).count == N
     (pid,) = _worker_pids(mapped)
@@ -393,7 +474,8 @@ def test_workers_ignore_sigterm_write_no_core_and_skip_the_working_directory(
     assert _worker_pids(mapped) == [pid]
 
 
-def test_a_dead_idle_worker_is_reaped_and_the_last_released_is_taken_first() -> None:
+def test_dead_idle_workers_are_reaped_and_the_last_released_is_taken_first() -> None:
+    """Any idle worker that died is reaped at the next take, also one below a live one."""
     mapped = MappedEvaluator(2)
     try:
         first, second = mapped._take(), mapped._take()
@@ -401,24 +483,30 @@ def test_a_dead_idle_worker_is_reaped_and_the_last_released_is_taken_first() -> 
         mapped._release(second)
         assert mapped._take() is second
         mapped._release(second)
-        os.kill(second.process.pid, signal.SIGKILL)
-        second.process.wait(10)
-        assert mapped._take() is first
-        assert second.conn.closed and second not in mapped._running
-        mapped._release(first)
+        os.kill(first.process.pid, signal.SIGKILL)  # below `second` in the idle stack
+        first.process.wait(10)
+        assert mapped._take() is second
+        assert first.conn.closed and mapped._running == [second]
+        mapped._release(second)
     finally:
         mapped.close()
 
 
-def test_close_kills_a_worker_whose_evaluation_outlasts_the_wait(
-    evaluator: Evaluator, monkeypatch: pytest.MonkeyPatch
+def test_close_waits_once_for_all_busy_workers_then_kills_them(
+    segment: shared_memory.SharedMemory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mapped, tensor, _ = evaluator
-    call, started = mapped_module._Worker.call, threading.Event()
+    """Two workers busy past ``wait``: close returns after about ``wait`` in all (not one
+    ``wait`` per worker) and both evaluations answer 503."""
+    registry = SharedMemoryRegistry(True, 4, 1 << 30, maps_logits=True)
+    registry.register(None, "r", "/" + segment.name, 0, SIZE)
+    ref = TensorRef("r", 0, LOGITS.nbytes, ("inputs", 0))
+    tensor = MappedTensor(RegionAccess(registry, None), ref, (N, C), np.dtype("<f4"))
+    mapped = MappedEvaluator(2)
+    call, started = mapped_module._Worker.call, threading.Semaphore(0)
 
     def slow(self: Any, fd: int, job: Any) -> Any:
-        started.set()
-        time.sleep(1.0)
+        started.release()
+        time.sleep(4.0)
         return call(self, fd, job)
 
     monkeypatch.setattr(mapped_module._Worker, "call", slow)
@@ -430,14 +518,17 @@ def test_close_kills_a_worker_whose_evaluation_outlasts_the_wait(
         except Exception as exc:
             answers.append(exc)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(30)
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    assert started.acquire(timeout=30) and started.acquire(timeout=30)
     began = time.monotonic()
-    mapped.close(wait=0.1)
-    assert time.monotonic() - began < 0.9  # it did not wait for the evaluation
-    thread.join(30)
-    assert len(answers) == 1 and isinstance(answers[0], WorkerDied)
+    mapped.close(wait=1.0)
+    assert time.monotonic() - began < 1.6  # one wait, not one a worker
+    for thread in threads:
+        thread.join(30)
+    registry.close()
+    assert len(answers) == 2 and all(isinstance(a, WorkerDied) for a in answers)
 
 
 def _maps(pid: int, name: str) -> bool:

@@ -19,7 +19,7 @@ kills the process. Copying the logits out with ``pread`` is safe, but tmpfs page
 - only small answers come back from a worker (``MAPPED_MAX_ANSWER_BYTES``): a request asking
   for a logits-sized output (a gradient, probabilities) copies its logits into the server and
   is evaluated there, as without workers;
-- workers are fresh interpreters (``python -m service.dataplane.mapped``, about 0.5 s to
+- workers are fresh interpreters (``python -P -c _BOOTSTRAP``, about 0.5 s to
   start: nothing of the server's main module or threads), at most
   ``CE_EVAL_SHARED_MEMORY_WORKERS`` of them, started on first use and after a death;
   :meth:`MappedEvaluator.close` stops them at shutdown.
@@ -34,12 +34,12 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import resource
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import reduction
@@ -54,7 +54,7 @@ from ce_engine.backend import to_numpy
 from ce_engine.errors import ECHO_MAX_CHARS, set_echo_max_chars
 from service.errors import ServiceError, Unavailable
 from service.logs import get_logger
-from service.shared_memory import Held, MappedTensor
+from service.shared_memory import Held, MappedTensor, RegionTruncated
 
 log = get_logger("shared_memory")
 #: Mappings one worker keeps (its most recently used regions).
@@ -103,14 +103,19 @@ class _Mappings:
         self._kept: dict[int, tuple[int, mmap.mmap]] = {}
 
     def view(self, fd: int, job: _Job) -> np.ndarray:
+        """The logits' view; raises :class:`_Short` when the object (``fstat``, before every
+        job: a kept mapping too) ends before them."""
         count = int(np.prod(job.shape, dtype=np.int64))
         needed = job.start + count * job.dtype.itemsize
+        size = os.fstat(fd).st_size
+        if size < needed:
+            raise _Short(size)
         kept = self._kept.pop(job.serial, None)
         if kept is not None and kept[0] + len(kept[1]) < needed:  # mapped while shorter
             self._close(kept[1])
             kept = None
         if kept is None:
-            kept = self._map(fd, job, needed)
+            kept = self._map(fd, job, size, needed)
             while len(self._kept) >= KEPT_MAPPINGS:
                 self.forget([next(iter(self._kept))])
         self._kept[job.serial] = kept
@@ -118,19 +123,19 @@ class _Mappings:
         return np.frombuffer(mapping, job.dtype, count, job.start - first).reshape(job.shape)
 
     @staticmethod
-    def _map(fd: int, job: _Job, needed: int) -> tuple[int, mmap.mmap]:
-        """Map ``job.first``..``min(job.end, size)`` read-only (the start page-aligned); raises
-        :class:`_Short` when the object ends before ``needed``, now or while mapping."""
+    def _map(fd: int, job: _Job, size: int, needed: int) -> tuple[int, mmap.mmap]:
+        """Map ``job.first``..``min(job.end, size)`` read-only (the start page-aligned); a
+        truncation to below ``needed`` meanwhile raises :class:`_Short`, any other failure
+        (ENOMEM, say) its own error."""
         first = job.first - job.first % mmap.ALLOCATIONGRANULARITY
-        size = os.fstat(fd).st_size
-        if size < needed:
-            raise _Short(size)
         try:
             return first, mmap.mmap(
                 fd, min(job.end, size) - first, prot=mmap.PROT_READ, offset=first
             )
-        except (ValueError, OSError):  # truncated since the fstat
-            raise _Short(os.fstat(fd).st_size) from None
+        except (ValueError, OSError):
+            if (now := os.fstat(fd).st_size) < needed:
+                raise _Short(now) from None
+            raise
 
     def forget(self, serials: list[int]) -> None:
         for serial in serials:
@@ -177,6 +182,10 @@ def _serve(conn: Connection) -> None:
 
             error = engine_error(exc)
             reply = ("error", type(error), error.detail, error.errors, error.errors_total)
+        except OSError as exc:  # mmap: out of memory or mappings
+            detail = f"the worker could not map the shared-memory region: {exc}"
+            errors = [{"loc": ["logits"], "msg": str(exc), "type": "unmappable"}]
+            reply = ("error", Unavailable, detail, errors, 1)
         except Exception as exc:  # a bug: the server answers 500, as in its own threads
             reply = ("crash", f"{type(exc).__name__}: {exc}")
         finally:
@@ -192,17 +201,16 @@ class _Worker:
 
     def __init__(self, echo_max_chars: int, cpu_threads: int | None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # -P: the server's working directory is not searched for modules; this package is
-        command = [sys.executable, "-P", "-m", __name__, str(theirs.fileno()), str(echo_max_chars)]
+        command = [sys.executable, "-P", "-c", _BOOTSTRAP, _PACKAGES, str(theirs.fileno())]
+        command.append(str(echo_max_chars))
         if cpu_threads is not None:
             command.append(str(cpu_threads))
-        path = os.pathsep.join(filter(None, [_PACKAGES, os.environ.get("PYTHONPATH")]))
         try:
             self.process = subprocess.Popen(
                 command,
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": path},
+                env=_worker_environment(),
             )
         finally:
             theirs.close()
@@ -279,24 +287,27 @@ class MappedEvaluator:
         self._closed = False
 
     def _take(self) -> _Worker:
-        """One of the ``workers`` slots (waiting for one while all are in use), then an idle
-        worker (one that died meanwhile is reaped) or, with none idle, a new one."""
+        """One of the ``workers`` slots (waiting for one while all are in use), then the idle
+        worker released last or, with none idle, a new one. Idle workers that died meanwhile
+        are reaped."""
         self._slots.acquire()
         try:
-            while True:
-                with self._lock:
-                    if self._closed:
-                        raise Unavailable("the server is shutting down")
-                    if not self._idle:
-                        worker = _Worker(self.echo_max_chars, self.cpu_threads)
-                        self._running.append(worker)
-                        return worker
+            with self._lock:
+                if self._closed:
+                    raise Unavailable("the server is shutting down")
+                dead = [w for w in self._idle if w.process.poll() is not None]
+                for worker in dead:
+                    self._idle.remove(worker)
+                    self._running.remove(worker)
+                if self._idle:
                     worker = self._idle.pop()
-                if worker.process.poll() is None:
-                    return worker
-                with worker.lock:
-                    worker.exit_code()
-                self._drop(worker)
+                else:
+                    worker = _Worker(self.echo_max_chars, self.cpu_threads)
+                    self._running.append(worker)
+            for gone in dead:
+                with gone.lock:
+                    gone.exit_code()
+            return worker
         except BaseException:
             self._slots.release()
             raise
@@ -360,6 +371,7 @@ class MappedEvaluator:
             try:
                 with worker.lock:
                     try:
+                        worker.send_unmap()  # a forget that came as it was released
                         reply = worker.call(held.fd, job)
                     except (EOFError, OSError):
                         died = self._died(worker, held)
@@ -378,9 +390,7 @@ class MappedEvaluator:
                 self._release(worker if alive else None)
             if reply[0] == "short":
                 self.observe("truncated")
-                truncated = held.truncated() or held.truncated(reply[1])
-                assert truncated is not None  # the worker saw fewer than the logits' bytes
-                raise truncated
+                raise held.truncated() or held.short(reply[1])
         self.observe("ok" if reply[0] == "ok" else "error")
         if reply[0] == "ok":
             result: ce_engine.EvaluationResult = reply[1]
@@ -398,6 +408,13 @@ class MappedEvaluator:
         when the object was truncated (SIGBUS), else :class:`WorkerDied`."""
         code = worker.exit_code()
         truncated = held.truncated()
+        if truncated is None and code == -signal.SIGBUS:  # truncated, then grown again
+            truncated = RegionTruncated(
+                f"shared memory object {held.region.key!r} of region {held.region.name!r} was "
+                "truncated during the evaluation; register it again",
+                [{"loc": [*held.ref.loc, "shared_memory_region"], "msg": "truncated during the "
+                  "evaluation", "type": "truncated"}],
+            )  # fmt: skip
         died = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         fields = {"pid": worker.process.pid, "died": died, "truncated": bool(truncated)}
         log.warning("shared-memory worker died", extra={"fields": fields})
@@ -412,22 +429,20 @@ class MappedEvaluator:
         with self._lock:
             self._closed = True
             running, self._running, self._idle = self._running, [], []
+        deadline = time.monotonic() + wait
         for worker in running:
-            if worker.lock.acquire(timeout=wait):
+            if worker.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 try:
                     worker.stop()
                 finally:
                     worker.lock.release()
-            else:  # its evaluation reaps it
+            else:  # its evaluation answers 503 and closes its socket
                 worker.process.kill()
+                worker.process.wait()
 
 
 def _worker_main(argv: list[str]) -> None:
-    """``python -m service.dataplane.mapped FD ECHO_MAX_CHARS [CPU_THREADS]``: a worker."""
-    # SIGINT and SIGTERM are the server's, which stops its workers once its requests are done
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a SIGBUS writes no core dump
+    """A worker, once :data:`_BOOTSTRAP` has run: ``FD ECHO_MAX_CHARS [CPU_THREADS]``."""
     set_echo_max_chars(int(argv[1]))
     if len(argv) > 2:
         from ce_engine.kernels.cpu import set_threads
@@ -436,5 +451,25 @@ def _worker_main(argv: list[str]) -> None:
     _serve(Connection(int(argv[0])))
 
 
-if __name__ == "__main__":
-    _worker_main(sys.argv[1:])
+#: ``python -P -c _BOOTSTRAP PACKAGES FD ...``: before any import of ours, SIGINT and SIGTERM
+#: are left to the server (which stops its workers once its requests are done), SIGBUS writes
+#: no core; then the directory holding the server's ``service`` package is searched first
+#: unless already on the path (a wheel's site-packages stays behind the standard library).
+_BOOTSTRAP = """\
+import resource, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+if sys.argv[1] not in sys.path:
+    sys.path.insert(0, sys.argv[1])
+from service.dataplane.mapped import _worker_main
+_worker_main(sys.argv[2:])
+"""
+
+
+def _worker_environment() -> dict[str, str]:
+    """The server's environment, with ``PYTHONPATH``'s empty entries (the working directory)
+    dropped and relative ones made absolute, as the server resolved them."""
+    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    path = os.pathsep.join(os.path.abspath(entry) for entry in entries if entry)
+    return {**os.environ, "PYTHONPATH": path}
