@@ -917,9 +917,10 @@ class RunsDataPlane:
         content it is a 409, as is any batch for a closed run.
 
         One write transaction per batch when the run's configuration is cached (``configs``):
-        the batch is evaluated first, then the run is locked, the batch id checked and the
-        aggregates updated. Otherwise a read first finds the run (404), a replay or a closed run
-        before any evaluation.
+        the batch is evaluated first, then the run is locked, the batch row inserted (a stored
+        ``batch_id`` fails the insert: the transaction is rolled back and the retry answered
+        from the store) and the aggregates updated. Otherwise a read first finds the run (404),
+        a replay or a closed run before any evaluation.
         """
         request: AddBatchRequest = _parse(AddBatchRequest, payload, self.settings)
         arrays, digest = self._decode_batch(request)
@@ -978,22 +979,13 @@ class RunsDataPlane:
                     self.configs.discard(run_id)
                     raise _not_found(run_id)
                 run = locked
-                replay = self._replay(session, run, request.batch_id, digest, config.tags)
-                if replay is not None:
-                    return replay
                 if run.status == "closed":
+                    replay = self._replay(session, run, request.batch_id, digest, config.tags)
+                    if replay is not None:
+                        return replay
                     self.configs.discard(run_id)
                     raise _closed(run_id)
-                _refuse_non_finite(result, run.sum, run.denominator, sample_weight is not None)
-                merged = self._merge_state(run.metric_state, state)
-                replicates = _merge_replicates(run.replicate_state, result.replicate_state)
-                _refuse_non_finite_state(replicates, "the run", sample_weight is not None)
-                if batch_slices:
-                    self._add_slices(session, run, config, batch_slices)
-                if cells is not None:
-                    pushes.add_block(session, run.pk, run.batches + 1, cells)
-                    pushes.compact_when_due(session, run.pk, cells.size)
-                row = {
+                row: dict[str, Any] = {
                     "run_pk": run.pk,
                     "batch_id": request.batch_id,
                     "seq": run.batches + 1,
@@ -1004,7 +996,18 @@ class RunsDataPlane:
                     "result": batch_result,
                     "created_at": utcnow(),
                 }
+                # first, so that a retry (this batch_id stored) fails here, before any check
+                # of the merge, and is answered from the store below
                 pushes.insert_batch(session, row)
+                _refuse_non_finite(result, run.sum, run.denominator, sample_weight is not None)
+                merged = self._merge_state(run.metric_state, state)
+                replicates = _merge_replicates(run.replicate_state, result.replicate_state)
+                _refuse_non_finite_state(replicates, "the run", sample_weight is not None)
+                if batch_slices:
+                    self._add_slices(session, run, config, batch_slices)
+                if cells is not None:
+                    pushes.add_block(session, run.pk, row["seq"], cells)
+                    pushes.compact_when_due(session, run.pk, cells.size)
                 totals: dict[str, Any] = {
                     "batches": row["seq"],
                     "count": run.count + result.count,
@@ -1026,7 +1029,7 @@ class RunsDataPlane:
                     setattr(run, name, total)
                 answer = self._batch_answer(
                     run,
-                    Batch(**row),
+                    row,
                     duplicate=False,
                     state=merged,
                     tags=config.tags,
@@ -1035,8 +1038,9 @@ class RunsDataPlane:
                 totals["intervals"] = answer["run"]["intervals"]
                 pushes.update_totals(session, run, totals)
         except IntegrityError:
-            # Another writer inserted this (run, batch_id) first (only possible where the run
-            # lock is not exclusive): answer as for any retry of that batch.
+            # This (run, batch_id) is stored: a retry, or a concurrent push of the same batch
+            # through another replica. Nothing of this transaction was written; answer as for
+            # any retry of that batch (the stored answer, or 409 for other content).
             with _store_guard(), self.store.read() as session:
                 run = self._load(session, run_id, principal)
                 replay = self._replay(session, run, request.batch_id, digest)
@@ -1329,7 +1333,7 @@ class RunsDataPlane:
         existing = pushes.find_batch(session, run.pk, batch_id)
         if existing is None:
             return None
-        if not digest.matches(existing.content_hash):
+        if not digest.matches(existing["content_hash"]):
             raise _content_conflict(batch_id)
         if self.on_batch is not None:
             self.on_batch("duplicate")
@@ -1356,7 +1360,7 @@ class RunsDataPlane:
     def _batch_answer(
         self,
         run: Run,
-        batch: Batch,
+        batch: Mapping[str, Any],
         *,
         duplicate: bool,
         state: MetricState | None = None,
@@ -1367,10 +1371,10 @@ class RunsDataPlane:
         ``tags``: likewise."""
         return {
             "run_id": run.id,
-            "batch_id": batch.batch_id,
-            "seq": batch.seq,
+            "batch_id": batch["batch_id"],
+            "seq": batch["seq"],
             "duplicate": duplicate,
-            "batch": dict(batch.result),
+            "batch": dict(batch["result"]),
             "run": self._run_dict(run, state, tags, replicates),
         }
 

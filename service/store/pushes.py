@@ -1,6 +1,6 @@
 """The statements of a batch push, in SQLAlchemy Core: the hot path of every run, so no unit of
-work and no identity map. Rows come back as detached ``Run`` / ``Batch`` objects (plain values;
-nothing is written unless these functions write it).
+work and no identity map. Runs come back as detached ``Run`` objects, batches as dicts (plain
+values; nothing is written unless these functions write it).
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ _LOCK_OWNED_RUN = _LOCK_RUN.where(RUNS.c.owner == bindparam("owner"))
 _FIND_BATCH = select(BATCHES).where(
     BATCHES.c.run_pk == bindparam("run_pk"), BATCHES.c.batch_id == bindparam("batch_id")
 )
+_INSERT_BATCH = insert(BATCHES)
+_INSERT_BLOCK = insert(BLOCKS)
 _UPDATE_TOTALS = update(RUNS).where(RUNS.c.pk == bindparam("run_pk"))
 _BLOCK_SIZES = text(
     "SELECT coalesce(sum(cells), 0), coalesce((SELECT cells FROM confusion_blocks "
@@ -86,16 +88,16 @@ def lock_run(session: Session, run_id: str, principal: str | None) -> Run | None
     return None if row is None else Run(**row)
 
 
-def find_batch(session: Session, run_pk: int, batch_id: str) -> Batch | None:
-    """The run's batch with this idempotency key, if stored."""
+def find_batch(session: Session, run_pk: int, batch_id: str) -> dict[str, Any] | None:
+    """The run's batch with this idempotency key (its columns), if stored."""
     params = {"run_pk": run_pk, "batch_id": batch_id}
     row = session.connection().execute(_FIND_BATCH, params).mappings().one_or_none()
-    return None if row is None else Batch(**row)
+    return None if row is None else dict(row)
 
 
 def insert_batch(session: Session, row: dict[str, Any]) -> None:
     """One batch row (``IntegrityError`` when its ``(run_pk, batch_id)`` exists)."""
-    session.connection().execute(insert(BATCHES), row)
+    session.connection().execute(_INSERT_BATCH, row)
 
 
 def update_totals(session: Session, run: Run, totals: dict[str, Any]) -> None:
@@ -129,7 +131,7 @@ def add_block(session: Session, run_pk: int, seq: int, cells: Cells) -> None:
         "cells": int(cells.index.size),
         "data": pack_cells(cells),
     }
-    session.connection().execute(insert(BLOCKS), row)
+    session.connection().execute(_INSERT_BLOCK, row)
 
 
 def load_cells(session: Session, run_pk: int, size: int) -> Cells:
