@@ -186,8 +186,9 @@ class Settings(BaseSettings):
         ge=0,
         description=(
             "Shared memory: worker processes that evaluate logits of 8 MiB or more from a "
-            "mapping of their region, no copy (a truncation kills a worker, never the server); "
-            "0 copies them into the server with pread instead."
+            "mapping of their region, no copy (a truncation kills a worker, never the server), "
+            "sharing CE_EVAL_CPU_THREADS out among those busy; 0 copies them into the server "
+            "with pread instead."
         ),
         json_schema_extra={"env_default": "`CE_EVAL_COMPUTE_THREADS`"},
     )

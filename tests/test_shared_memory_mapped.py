@@ -478,18 +478,53 @@ def test_dead_idle_workers_are_reaped_and_the_last_released_is_taken_first() -> 
     """Any idle worker that died is reaped at the next take, also one below a live one."""
     mapped = MappedEvaluator(2)
     try:
-        first, second = mapped._take(), mapped._take()
+        (first, _), (second, _) = mapped._take(), mapped._take()
         mapped._release(first)
         mapped._release(second)
-        assert mapped._take() is second
+        assert mapped._take()[0] is second
         mapped._release(second)
         os.kill(first.process.pid, signal.SIGKILL)  # below `second` in the idle stack
         first.process.wait(10)
-        assert mapped._take() is second
+        assert mapped._take()[0] is second
         assert first.conn.closed and mapped._running == [second]
         mapped._release(second)
     finally:
         mapped.close()
+
+
+def test_workers_share_the_kernel_threads_out(
+    segment: shared_memory.SharedMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cpu_threads`` 4 over 2 workers: a lone job gets 4 kernel threads, one starting while
+    another runs 2 (not 2 × 4 threads on 4 cores), a lone one afterwards 4 again."""
+    registry = SharedMemoryRegistry(True, 4, 1 << 30, maps_logits=True)
+    registry.register(None, "r", "/" + segment.name, 0, SIZE)
+    ref = TensorRef("r", 0, LOGITS.nbytes, ("inputs", 0))
+    tensor = MappedTensor(RegionAccess(registry, None), ref, (N, C), np.dtype("<f4"))
+    mapped = MappedEvaluator(2, cpu_threads=4)
+    call, threads, started = mapped_module._Worker.call, [], threading.Event()
+
+    def recording(self: Any, fd: int, job: Any) -> Any:
+        threads.append(job.threads)
+        if len(threads) == 1:
+            started.set()
+            time.sleep(1.0)  # the second job starts meanwhile
+        return call(self, fd, job)
+
+    monkeypatch.setattr(mapped_module._Worker, "call", recording)
+    try:
+        first = threading.Thread(
+            target=mapped.evaluate, args=(tensor, "cross_entropy", ARGUMENTS), daemon=True
+        )
+        first.start()
+        assert started.wait(30)
+        assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).count == N
+        first.join(30)
+        assert mapped.evaluate(tensor, "cross_entropy", ARGUMENTS).count == N
+    finally:
+        registry.close()
+        mapped.close()
+    assert threads == [4, 2, 4]
 
 
 def test_close_waits_once_for_all_busy_workers_then_kills_them(

@@ -52,6 +52,7 @@ import numpy as np
 import ce_engine
 from ce_engine.backend import to_numpy
 from ce_engine.errors import ECHO_MAX_CHARS, set_echo_max_chars
+from ce_engine.kernels.cpu import get_threads, set_threads
 from service.errors import ServiceError, Unavailable
 from service.logs import get_logger
 from service.shared_memory import Held, MappedTensor, RegionTruncated
@@ -72,8 +73,8 @@ _PACKAGES = str(Path(__file__).resolve().parents[2])
 @dataclass(frozen=True)
 class _Job:
     """A worker's request besides the descriptor: the region (``serial``: its registration; its
-    ``first``..``end`` bytes of the object are mapped), where the logits lie in the object, and
-    the engine's arguments."""
+    ``first``..``end`` bytes of the object are mapped), where the logits lie in the object, the
+    engine's arguments and its kernel threads."""
 
     serial: int
     first: int
@@ -83,6 +84,7 @@ class _Job:
     dtype: np.dtype[Any]
     loss: str
     arguments: dict[str, Any]
+    threads: int
 
 
 class WorkerDied(Unavailable):
@@ -151,6 +153,7 @@ class _Mappings:
 
 def _evaluate(mappings: _Mappings, fd: int, job: _Job) -> ce_engine.EvaluationResult:
     """Evaluate the logits in place, from the region's mapping (the worker side)."""
+    set_threads(job.threads)
     result = ce_engine.evaluate(job.loss, mappings.view(fd, job), **job.arguments)
     result.outputs = {name: to_numpy(value) for name, value in result.outputs.items()}
     return result
@@ -199,12 +202,10 @@ class _Worker:
     socket is in use (closing it included); the region serials to send it a ``forget`` for
     wait in ``_unmap``."""
 
-    def __init__(self, echo_max_chars: int, cpu_threads: int | None) -> None:
+    def __init__(self, echo_max_chars: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         command = [sys.executable, "-P", "-c", _BOOTSTRAP, _PACKAGES, str(theirs.fileno())]
         command.append(str(echo_max_chars))
-        if cpu_threads is not None:
-            command.append(str(cpu_threads))
         try:
             self.process = subprocess.Popen(
                 command,
@@ -264,9 +265,14 @@ class _Worker:
 
 
 class MappedEvaluator:
-    """At most ``workers`` worker processes, each running one evaluation at a time, with
-    ``cpu_threads`` kernel threads and errors echoing ``echo_max_chars`` characters of input;
-    ``observe`` is called with each evaluation's outcome (ok, error, truncated, died)."""
+    """At most ``workers`` worker processes, each running one evaluation at a time, with errors
+    echoing ``echo_max_chars`` characters of input; ``observe`` is called with each
+    evaluation's outcome (ok, error, truncated, died).
+
+    The ``cpu_threads`` kernel threads (default: the server's, ``CE_EVAL_CPU_THREADS`` or the
+    cores) are shared out: a job gets ``max(1, cpu_threads // busy)``, ``busy`` the workers
+    evaluating once it starts, so a lone request runs on every core and a full house on one
+    each, not ``workers`` × ``cpu_threads`` threads."""
 
     def __init__(
         self,
@@ -276,7 +282,8 @@ class MappedEvaluator:
         observe: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         self.workers = workers
-        self.cpu_threads = cpu_threads
+        self.cpu_threads = get_threads() if cpu_threads is None else cpu_threads
+        self._busy = 0
         self.echo_max_chars = echo_max_chars
         self.observe = observe
         #: a slot per worker: held from taking a worker to releasing it (or its death)
@@ -286,15 +293,17 @@ class MappedEvaluator:
         self._running: list[_Worker] = []
         self._closed = False
 
-    def _take(self) -> _Worker:
+    def _take(self) -> tuple[_Worker, int]:
         """One of the ``workers`` slots (waiting for one while all are in use), then the idle
-        worker released last or, with none idle, a new one. Idle workers that died meanwhile
-        are reaped."""
+        worker released last or, with none idle, a new one, and its share of the kernel
+        threads. Idle workers that died meanwhile are reaped."""
         self._slots.acquire()
         try:
             with self._lock:
                 if self._closed:
                     raise Unavailable("the server is shutting down")
+                self._busy += 1
+                threads = max(1, self.cpu_threads // self._busy)
                 dead = [w for w in self._idle if w.process.poll() is not None]
                 for worker in dead:
                     self._idle.remove(worker)
@@ -302,15 +311,20 @@ class MappedEvaluator:
                 if self._idle:
                     worker = self._idle.pop()
                 else:
-                    worker = _Worker(self.echo_max_chars, self.cpu_threads)
+                    worker = _Worker(self.echo_max_chars)
                     self._running.append(worker)
             for gone in dead:
                 with gone.lock:
                     gone.exit_code()
-            return worker
+            return worker, threads
         except BaseException:
-            self._slots.release()
+            self._free()
             raise
+
+    def _free(self) -> None:
+        with self._lock:
+            self._busy -= 1
+        self._slots.release()
 
     def _drop(self, worker: _Worker) -> None:
         with self._lock:
@@ -324,7 +338,7 @@ class MappedEvaluator:
             with self._lock:
                 self._idle.append(worker)
             self._flush(worker)
-        self._slots.release()
+        self._free()
 
     @staticmethod
     def _flush(worker: _Worker) -> None:
@@ -356,6 +370,7 @@ class MappedEvaluator:
         (503)."""
         with tensor.access.hold(tensor.ref) as held:
             region = held.region
+            worker, threads = self._take()
             job = _Job(
                 region.serial,
                 region.offset,
@@ -365,8 +380,8 @@ class MappedEvaluator:
                 tensor.dtype,
                 loss,
                 arguments,
+                threads,
             )
-            worker = self._take()
             alive = False
             try:
                 with worker.lock:
@@ -442,12 +457,8 @@ class MappedEvaluator:
 
 
 def _worker_main(argv: list[str]) -> None:
-    """A worker, once :data:`_BOOTSTRAP` has run: ``FD ECHO_MAX_CHARS [CPU_THREADS]``."""
+    """A worker, once :data:`_BOOTSTRAP` has run: ``FD ECHO_MAX_CHARS``."""
     set_echo_max_chars(int(argv[1]))
-    if len(argv) > 2:
-        from ce_engine.kernels.cpu import set_threads
-
-        set_threads(int(argv[2]))
     _serve(Connection(int(argv[0])))
 
 
