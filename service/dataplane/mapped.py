@@ -19,7 +19,7 @@ kills the process. Copying the logits out with ``pread`` is safe, but tmpfs page
 - only small answers come back from a worker (``MAPPED_MAX_ANSWER_BYTES``): a request asking
   for a logits-sized output (a gradient, probabilities) copies its logits into the server and
   is evaluated there, as without workers;
-- workers are fresh interpreters (``python -P -c _BOOTSTRAP``, about 0.5 s to
+- workers are fresh interpreters (:mod:`service.dataplane.workers`, about 0.5 s to
   start: nothing of the server's main module or threads), at most
   ``CE_EVAL_SHARED_MEMORY_WORKERS`` of them, started on first use and after a death;
   :meth:`MappedEvaluator.close` stops them at shutdown.
@@ -35,16 +35,12 @@ import contextlib
 import mmap
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +49,7 @@ import ce_engine
 from ce_engine.backend import to_numpy
 from ce_engine.errors import ECHO_MAX_CHARS, set_echo_max_chars
 from ce_engine.kernels.cpu import get_threads, set_threads
+from service.dataplane import workers
 from service.errors import ServiceError, Unavailable
 from service.logs import get_logger
 from service.shared_memory import Held, MappedTensor, RegionTruncated
@@ -66,8 +63,6 @@ KEPT_MAPPINGS = 4
 MAPPED_MAX_ANSWER_BYTES = 1 << 20
 #: How long shutdown waits for a worker's evaluation before killing the worker.
 CLOSE_WAIT_SECONDS = 10.0
-#: The directory holding the ``service`` package: a worker's only addition to ``sys.path``.
-_PACKAGES = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
@@ -203,19 +198,7 @@ class _Worker:
     wait in ``_unmap``."""
 
     def __init__(self, echo_max_chars: int) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [sys.executable, "-P", "-c", _BOOTSTRAP, _PACKAGES, str(theirs.fileno())]
-        command.append(str(echo_max_chars))
-        try:
-            self.process = subprocess.Popen(
-                command,
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                env=_worker_environment(),
-            )
-        finally:
-            theirs.close()
-        self.conn = Connection(ours.detach())
+        self.process, self.conn = workers.spawn(__name__, [str(echo_max_chars)])
         self.lock = threading.Lock()
         self._unmap: set[int] = set()
         self._unmap_lock = threading.Lock()
@@ -255,13 +238,7 @@ class _Worker:
         self._reap(2.0)
 
     def _reap(self, timeout: float) -> int | None:
-        """Close our end, wait ``timeout`` s for the process to end (then kill it): its code."""
-        self.conn.close()
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return workers.reap(self.process, self.conn, timeout)
 
 
 class MappedEvaluator:
@@ -456,31 +433,7 @@ class MappedEvaluator:
                 worker.process.wait()
 
 
-def _worker_main(argv: list[str]) -> None:
-    """A worker, once :data:`_BOOTSTRAP` has run: ``FD ECHO_MAX_CHARS``."""
-    set_echo_max_chars(int(argv[1]))
-    _serve(Connection(int(argv[0])))
-
-
-#: ``python -P -c _BOOTSTRAP PACKAGES FD ...``: before any import of ours, SIGINT and SIGTERM
-#: are left to the server (which stops its workers once its requests are done), SIGBUS writes
-#: no core; then the directory holding the server's ``service`` package is searched first
-#: unless already on the path (a wheel's site-packages stays behind the standard library).
-_BOOTSTRAP = """\
-import resource, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-if sys.argv[1] not in sys.path:
-    sys.path.insert(0, sys.argv[1])
-from service.dataplane.mapped import _worker_main
-_worker_main(sys.argv[2:])
-"""
-
-
-def _worker_environment() -> dict[str, str]:
-    """The server's environment, with ``PYTHONPATH``'s empty entries (the working directory)
-    dropped and relative ones made absolute, as the server resolved them."""
-    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    path = os.pathsep.join(os.path.abspath(entry) for entry in entries if entry)
-    return {**os.environ, "PYTHONPATH": path}
+def worker_main(conn: Connection, argv: list[str]) -> None:
+    """A worker (:func:`service.dataplane.workers.spawn`): ``ECHO_MAX_CHARS``."""
+    set_echo_max_chars(int(argv[0]))
+    _serve(conn)
