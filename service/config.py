@@ -32,6 +32,14 @@ class Settings(BaseSettings):
         le=3600,
         description="PostgreSQL: longest statement, lock wait or idle transaction (0 = none).",
     )
+    push_writer: bool = Field(
+        True,
+        description=(
+            "Run the write transactions of batch pushes in a worker process of their own, "
+            "beside the server's evaluations instead of in turn with them (GIL); false: in "
+            "the server's threads."
+        ),
+    )
     backend: Literal["auto", "numpy", "cupy"] = Field(
         "auto", description="Default array backend when a request does not name one."
     )

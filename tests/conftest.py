@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,6 +13,11 @@ from service.config import Settings
 from service.http.app import create_app
 
 pytest_plugins = ["tests.servers"]
+
+# Pushes write in the server's threads here: a push writer per app would start a process for
+# most tests. tests/test_push_writer.py runs them through the writer (CE_EVAL_PUSH_WRITER=true
+# runs the whole suite so).
+os.environ.setdefault("CE_EVAL_PUSH_WRITER", "false")
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import enum
 import hashlib
 import math
 import threading
@@ -64,6 +65,7 @@ from service.dataplane.evaluate import (
     engine_error,
     validation_error_from_pydantic,
 )
+from service.dataplane.push_writer import PushWriter
 from service.errors import (
     Conflict,
     MalformedBody,
@@ -289,7 +291,7 @@ def _content_conflict(batch_id: str) -> Conflict:
 
 
 def _refuse_non_finite(
-    result: ce_engine.EvaluationResult, run_sum: float, run_denominator: float, weighted: bool
+    result: _Totals, run_sum: float, run_denominator: float, weighted: bool
 ) -> None:
     """A run never stores a non-finite aggregate (DESIGN §7): a batch whose value, sum or
     denominator is not finite, or would make the run's not finite, is a 422 and counts
@@ -407,6 +409,68 @@ class RunConfig:
         )
 
 
+class _Unwritten(enum.Enum):
+    """Why a write transaction wrote nothing without an error (answered from the store)."""
+
+    CLOSED = "closed"
+    STORED = "stored"  # this batch_id
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A batch evaluated, before its write transaction (:meth:`RunsDataPlane.write_batch`):
+    plain values, which the push writer's process receives pickled. ``result``: the batch's
+    own (value, sum, denominator, count, ignored, metrics)."""
+
+    run_id: str
+    principal: str | None
+    config: RunConfig
+    batch_id: str
+    content_hash: str
+    result: dict[str, Any]
+    non_finite: dict[str, Any]
+    weighted: bool
+    state: MetricState | None
+    cells: Cells | None
+    replicates: ReplicateState | None
+    slices: dict[str, dict[str, pushes.SliceTotals]]
+    fingerprint: Fingerprint
+    paired: bool
+
+    @property
+    def value(self) -> float | None:
+        value: float | None = self.result["value"]
+        return value
+
+    @property
+    def sum(self) -> float:
+        return float(self.result["sum"])
+
+    @property
+    def denominator(self) -> float:
+        return float(self.result["denominator"])
+
+    @property
+    def count(self) -> int:
+        return int(self.result["count"])
+
+
+class _Totals(Protocol):
+    """A batch's loss totals (an engine result, a prepared batch)."""
+
+    @property
+    def value(self) -> float | None: ...
+
+    @property
+    def sum(self) -> float: ...
+
+    @property
+    def denominator(self) -> float: ...
+
+    @property
+    def non_finite(self) -> dict[str, Any]: ...
+
+
 _Key = TypeVar("_Key")
 _Value = TypeVar("_Value")
 
@@ -486,9 +550,12 @@ class RunsDataPlane:
         on_evaluate: Callable[[str, str, float], None] | None = None,
         on_batch: Callable[[str], None] | None = None,
         on_run: Callable[[dict[str, Any] | None, str], None] | None = None,
+        writer: PushWriter | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        #: runs the pushes' write transactions in a process of its own (None: in the caller's)
+        self.writer = writer
         self.dataplane = dataplane or DataPlane(settings)
         self.on_evaluate = on_evaluate
         self.on_batch = on_batch
@@ -963,67 +1030,103 @@ class RunsDataPlane:
             }
             for key, rows in groups.items()
         }
-        batch_result = {
-            "value": result.value,
-            "sum": result.sum,
-            "denominator": result.denominator,
-            "count": result.count,
-            "ignored": result.ignored,
-            "metrics": _scalar_metrics(result.metrics),
-        }
+        prepared = PreparedBatch(
+            run_id=run_id,
+            principal=principal,
+            config=config,
+            batch_id=request.batch_id,
+            content_hash=digest.value,
+            result={
+                "value": result.value,
+                "sum": result.sum,
+                "denominator": result.denominator,
+                "count": result.count,
+                "ignored": result.ignored,
+                "metrics": _scalar_metrics(result.metrics),
+            },
+            non_finite=result.non_finite,
+            weighted=sample_weight is not None,
+            state=state,
+            cells=cells,
+            replicates=result.replicate_state,
+            slices=batch_slices,
+            fingerprint=identity.fingerprint,
+            paired=identity.paired,
+        )
+        try:
+            outcome = (self.writer or self).write_batch(prepared)
+        except NotFound:
+            self.configs.discard(run_id)
+            raise
+        if not isinstance(outcome, dict):  # the run is closed, or this batch_id is stored
+            with _store_guard(), self.store.read() as session:
+                run = self._load(session, run_id, principal)
+                replay = self._replay(session, run, request.batch_id, digest)
+            if replay is not None:
+                return replay
+            if outcome is _Unwritten.CLOSED:
+                self.configs.discard(run_id)
+                raise _closed(run_id)
+            raise Conflict(  # stored meanwhile, gone again: a delete raced it
+                f"batch {quoted(request.batch_id)} could not be stored; retry",
+                [{"loc": ["body", "batch_id"], "msg": "retry", "type": "conflict"}],
+            )
+        if self.on_batch is not None:
+            self.on_batch("accepted")
+        self._monitor(outcome["run"], principal)
+        return outcome
 
+    def write_batch(self, batch: PreparedBatch) -> dict[str, Any] | _Unwritten:
+        """The write transaction of a push: lock the run, insert the batch row, add the batch
+        to the run's totals, slices and confusion blocks; the answer. Nothing is written when
+        the run is closed (``CLOSED``), its ``batch_id`` is stored already (``STORED``: the
+        insert fails on the unique key, before any check of the merge) or on an error (404,
+        422). Runs in this process or in the push writer's (``CE_EVAL_PUSH_WRITER``)."""
+        config = batch.config
         try:
             with _store_guard(), self.store.write() as session:
-                locked = pushes.lock_run(session, run_id, principal)
-                if locked is None:
-                    self.configs.discard(run_id)
-                    raise _not_found(run_id)
-                run = locked
+                run = pushes.lock_run(session, batch.run_id, batch.principal)
+                if run is None:
+                    raise _not_found(batch.run_id)
                 if run.status == "closed":
-                    replay = self._replay(session, run, request.batch_id, digest, config.tags)
-                    if replay is not None:
-                        return replay
-                    self.configs.discard(run_id)
-                    raise _closed(run_id)
+                    return _Unwritten.CLOSED
                 row: dict[str, Any] = {
                     "run_pk": run.pk,
-                    "batch_id": request.batch_id,
+                    "batch_id": batch.batch_id,
                     "seq": run.batches + 1,
-                    "content_hash": digest.value,
-                    "count": result.count,
-                    "sum": result.sum,
-                    "denominator": result.denominator,
-                    "result": batch_result,
+                    "content_hash": batch.content_hash,
+                    "count": batch.result["count"],
+                    "sum": batch.result["sum"],
+                    "denominator": batch.result["denominator"],
+                    "result": batch.result,
                     "created_at": utcnow(),
                 }
-                # first, so that a retry (this batch_id stored) fails here, before any check
-                # of the merge, and is answered from the store below
                 pushes.insert_batch(session, row)
-                _refuse_non_finite(result, run.sum, run.denominator, sample_weight is not None)
-                merged = self._merge_state(run.metric_state, state)
-                replicates = _merge_replicates(run.replicate_state, result.replicate_state)
-                _refuse_non_finite_state(replicates, "the run", sample_weight is not None)
-                if batch_slices:
-                    self._add_slices(session, run, config, batch_slices)
-                if cells is not None:
-                    pushes.add_block(session, run.pk, row["seq"], cells)
-                    pushes.compact_when_due(session, run.pk, cells.size)
+                _refuse_non_finite(batch, run.sum, run.denominator, batch.weighted)
+                merged = self._merge_state(run.metric_state, batch.state)
+                replicates = _merge_replicates(run.replicate_state, batch.replicates)
+                _refuse_non_finite_state(replicates, "the run", batch.weighted)
+                if batch.slices:
+                    self._add_slices(session, run, config, batch.slices)
+                if batch.cells is not None:
+                    pushes.add_block(session, run.pk, row["seq"], batch.cells)
+                    pushes.compact_when_due(session, run.pk, batch.cells.size)
                 totals: dict[str, Any] = {
                     "batches": row["seq"],
-                    "count": run.count + result.count,
-                    "ignored": run.ignored + result.ignored,
-                    "sum": run.sum + result.sum,
-                    "denominator": run.denominator + result.denominator,
+                    "count": run.count + batch.count,
+                    "ignored": run.ignored + batch.result["ignored"],
+                    "sum": run.sum + batch.sum,
+                    "denominator": run.denominator + batch.denominator,
                     "metric_state": None if merged is None else merged.to_dict(),
                     "updated_at": row["created_at"],
                     "replicate_state": None if replicates is None else replicates.to_dict(),
                     "intervals": None,  # the answer's, below
-                    "fingerprint": identity.fingerprint.merge(
+                    "fingerprint": batch.fingerprint.merge(
                         Fingerprint.from_dict(run.fingerprint)
                         if run.fingerprint is not None
                         else Fingerprint(0, 0, 0)
                     ).to_dict(),
-                    "paired_ids": identity.paired and (run.paired_ids or run.batches == 0),
+                    "paired_ids": batch.paired and (run.paired_ids or run.batches == 0),
                 }
                 for name, total in totals.items():  # the answer is made from the new totals
                     setattr(run, name, total)
@@ -1039,17 +1142,8 @@ class RunsDataPlane:
                 pushes.update_totals(session, run, totals)
         except IntegrityError:
             # This (run, batch_id) is stored: a retry, or a concurrent push of the same batch
-            # through another replica. Nothing of this transaction was written; answer as for
-            # any retry of that batch (the stored answer, or 409 for other content).
-            with _store_guard(), self.store.read() as session:
-                run = self._load(session, run_id, principal)
-                replay = self._replay(session, run, request.batch_id, digest)
-            if replay is None:
-                raise
-            return replay
-        if self.on_batch is not None:
-            self.on_batch("accepted")
-        self._monitor(answer["run"], principal)
+            # through another replica. Nothing of this transaction was written.
+            return _Unwritten.STORED
         return answer
 
     def _decode_batch(self, request: AddBatchRequest) -> tuple[dict[str, Any], BatchDigest]:

@@ -18,6 +18,7 @@ from service import __version__
 from service.auth import Authenticator
 from service.config import Settings
 from service.dataplane.evaluate import DataPlane
+from service.dataplane.push_writer import PushWriter
 from service.dataplane.runs import RunsDataPlane
 from service.http.auth import ApiKeyMiddleware
 from service.http.errors import install_error_handlers
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         connect_timeout=settings.database_connect_timeout_s,
         statement_timeout=settings.database_statement_timeout_s,
     )
+    writer = PushWriter(settings) if settings.push_writer else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -92,6 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         dataplane.admission.draining = True
         dataplane.close()
+        if writer is not None:
+            writer.close()
         store.dispose()
         log.info("stopped")
 
@@ -109,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         on_evaluate=observe_evaluate,
         on_batch=count_batch,
         on_run=observe_run,
+        writer=writer,
     )
     app.include_router(router)
     app.include_router(runs_router)

@@ -1,0 +1,145 @@
+"""The write transactions of batch pushes, run in a worker process of their own.
+
+A push evaluates its batch in the server, then locks the run, inserts the batch row and
+updates the run's totals in one transaction (:meth:`RunsDataPlane.write_batch`). That
+transaction is about 1.5 ms of Python (SQLAlchemy statements, state merges, the answer)
+holding the server's GIL, the same order as everything else a 256 × 1000 push costs the
+server beyond a stateless evaluation. Sent to a worker process (:mod:`service.dataplane.workers`)
+it runs beside the server's own work instead of in turn with it: the server only pickles the
+:class:`~service.dataplane.runs.PreparedBatch` (plain values, small: no tensors) and waits,
+GIL released, for the answer.
+
+The worker holds its own :class:`~service.store.Store` on the same database and a
+:class:`~service.dataplane.runs.RunsDataPlane` that only runs ``write_batch``, one transaction
+at a time (SQLite has one writer anyway; PostgreSQL pushes of one replica queue here). Nothing
+changes for exactly-once: the transaction is the same, and a worker that dies before its
+answer leaves a push that committed or did not, as a lost connection does; the client's
+retry is answered from the store (503 here, the next push starts a new worker).
+``CE_EVAL_PUSH_WRITER=false`` runs the transactions in the server's threads instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from service.dataplane import workers
+from service.errors import ServiceError, Unavailable
+from service.logs import get_logger
+
+if TYPE_CHECKING:
+    from service.config import Settings
+    from service.dataplane.runs import PreparedBatch, _Unwritten
+
+log = get_logger("runs")
+#: How long shutdown waits for a transaction in flight before killing the worker.
+CLOSE_WAIT_SECONDS = 10.0
+
+
+class PushWriter:
+    """One worker process running ``write_batch`` for the server's pushes, started on first
+    use and again after a death."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()  # held for a transaction's round trip
+        self._worker: tuple[Any, Connection] | None = None
+        self._closed = False
+
+    def write_batch(self, batch: PreparedBatch) -> dict[str, Any] | _Unwritten:
+        """:meth:`RunsDataPlane.write_batch` in the worker: its answer, or its error raised
+        here; 503 when the worker dies or the server is shutting down."""
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the server is shutting down", headers={"Retry-After": "1"})
+            if self._worker is None or self._worker[0].poll() is not None:
+                self._start()
+            assert self._worker is not None
+            process, conn = self._worker
+            try:
+                conn.send(batch)
+                reply: tuple[Any, ...] = conn.recv()
+            except (EOFError, OSError):
+                code = workers.reap(process, conn, 5.0)
+                self._worker = None
+                log.warning(
+                    "push writer died", extra={"fields": {"pid": process.pid, "code": code}}
+                )
+                raise Unavailable(
+                    f"the push writer died (exit code {code}); the batch may or may not be "
+                    "stored: retry it (a stored batch is answered again)",
+                    headers={"Retry-After": "1"},
+                ) from None
+        if reply[0] == "ok":
+            answer: dict[str, Any] | _Unwritten = reply[1]
+            return answer
+        if reply[0] == "error":
+            kind, detail, errors, total, headers = reply[1:]
+            error: ServiceError = kind(detail, errors, headers)
+            error.errors_total = total
+            raise error
+        raise RuntimeError(f"push writer: {reply[1]}")
+
+    def _start(self) -> None:
+        """A new worker (the caller holds ``_lock``), sent the server's settings."""
+        process, conn = workers.spawn(__name__, [])
+        conn.send(self.settings)
+        self._worker = process, conn
+        log.info("push writer started", extra={"fields": {"pid": process.pid}})
+
+    def close(self, wait: float = CLOSE_WAIT_SECONDS) -> None:
+        """Stop the worker (shutdown); one still in a transaction after ``wait`` s is killed
+        (its push answers 503). Later pushes answer 503."""
+        locked = self._lock.acquire(timeout=wait)
+        try:
+            self._closed = True
+            worker, self._worker = self._worker, None
+            if worker is None:
+                return
+            process, conn = worker
+            if not locked:  # its push reaps it
+                process.kill()
+                process.wait()
+                return
+            with contextlib.suppress(OSError):
+                conn.send(None)
+            workers.reap(process, conn, 5.0)
+        finally:
+            if locked:
+                self._lock.release()
+
+
+def worker_main(conn: Connection, argv: list[str]) -> None:
+    """The worker: settings first, then ``PreparedBatch`` → ``("ok", answer)``, ``("error",
+    kind, detail, errors, errors_total, headers)`` or ``("crash", text)``; ``None`` or the end
+    of the socket: exit."""
+    from service.dataplane.runs import RunsDataPlane
+    from service.store import Store
+
+    settings: Settings = conn.recv()
+    store = Store(
+        settings.database_url,
+        connect_timeout=settings.database_connect_timeout_s,
+        statement_timeout=settings.database_statement_timeout_s,
+    )
+    runs = RunsDataPlane(settings, store)
+    try:
+        while True:
+            try:
+                batch = conn.recv()
+            except EOFError:
+                return
+            if batch is None:
+                return
+            try:
+                reply: tuple[Any, ...] = ("ok", runs.write_batch(batch))
+            except ServiceError as exc:
+                reply = ("error", type(exc), exc.detail, exc.errors, exc.errors_total, exc.headers)
+            except Exception as exc:  # a bug: the server answers 500, as in its own threads
+                log.exception("push writer transaction failed")
+                reply = ("crash", f"{type(exc).__name__}: {exc}")
+            conn.send(reply)
+    finally:
+        store.dispose()
