@@ -36,8 +36,8 @@ class Settings(BaseSettings):
         True,
         description=(
             "Run the write transactions of batch pushes in a worker process of their own, "
-            "beside the server's evaluations instead of in turn with them (GIL); false: in "
-            "the server's threads."
+            "beside the server's evaluations instead of in turn with them (GIL); false, or "
+            "SQLite in memory: in the server's threads."
         ),
     )
     backend: Literal["auto", "numpy", "cupy"] = Field(

@@ -228,3 +228,24 @@ def _children(pid: int) -> list[str]:
         except (OSError, IndexError, ValueError):
             continue
     return found
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:///:memory:", "sqlite:///file:writer?mode=memory&cache=shared&uri=true"]
+)
+async def test_a_database_in_memory_keeps_its_pushes_in_the_server(url: str) -> None:
+    """Another process would open another, empty database: no writer there."""
+    from service.http.app import create_app
+
+    settings = Settings(database_url=url, backend="numpy", log_level="warning", push_writer=True)
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        run = (await c.post("/v1/runs", json={"name": "m", "loss": "cross_entropy"})).json()
+        body = {"batch_id": "a", "logits": [[0.0, 1.0], [2.0, 0.5]], "targets": [1, 0]}
+        r = await c.post(f"/v1/runs/{run['id']}/batches", json=body)
+        assert r.status_code == 200, r.text
+        assert (await c.get(f"/v1/runs/{run['id']}")).json()["count"] == 2
+    assert app.state.runs.writer is None

@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         connect_timeout=settings.database_connect_timeout_s,
         statement_timeout=settings.database_statement_timeout_s,
     )
-    writer = PushWriter(settings) if settings.push_writer else None
+    writer = PushWriter(settings) if settings.push_writer and store.shared else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -150,6 +150,9 @@ class Store:
         self.url = normalize_url(url)
         self.engine = make_engine(self.url, connect_timeout, statement_timeout)
         self.dialect = self.engine.dialect.name
+        #: whether another process opening ``url`` sees the same database (not so for SQLite
+        #: in memory)
+        self.shared = self.dialect != "sqlite" or _sqlite_file(self.url) is not None
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(
             self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False
