@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
+import anyio
 import uvicorn
 from fastapi import FastAPI
 
@@ -61,6 +62,7 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.settings.grpc_port and not self.should_exit:
             state = self.app.state
+            state.serve_closes_workers = True  # after gRPC's grace period, not before
             self.grpc = await start_grpc_server(
                 self.settings,
                 state.dataplane,
@@ -76,6 +78,7 @@ class _Server(uvicorn.Server):
             super().shutdown(sockets), self.grpc.stop(self.settings.shutdown_grace_s)
         )
         self.grpc = None
+        await anyio.to_thread.run_sync(self.app.state.close_workers)
 
 
 def _fit_descriptor_limit(connections: int) -> None:

@@ -249,3 +249,145 @@ async def test_a_database_in_memory_keeps_its_pushes_in_the_server(url: str) -> 
         assert r.status_code == 200, r.text
         assert (await c.get(f"/v1/runs/{run['id']}")).json()["count"] == 2
     assert app.state.runs.writer is None
+
+
+def _locked_database(plane: RunsDataPlane) -> Any:
+    """A connection of the test's own holding the SQLite write lock of ``plane``'s database
+    (``rollback()`` releases it)."""
+    import sqlite3
+
+    database = plane.store.url.database
+    assert database is not None
+    connection = sqlite3.connect(database, isolation_level=None, timeout=30)
+    connection.execute("BEGIN IMMEDIATE")
+    return connection
+
+
+def test_a_push_waits_for_the_writer_at_most_its_timeout(
+    planes: tuple[RunsDataPlane, RunsDataPlane],
+) -> None:
+    """The database's write lock held elsewhere past the writer's timeout: that push is a
+    503 within the timeout (the writer killed, nothing stored), the next one finds a new
+    writer, and the batch counts once."""
+    import time
+
+    _, plane = planes
+    writer = plane.writer
+    assert writer is not None
+    run_id = plane.create_run(RUN)["id"]
+    pushes = _pushes(10, 2)
+    plane.add_batch(run_id, dict(pushes[0]))
+    writer.timeout = 1.0
+    lock = _locked_database(plane)
+    began = time.monotonic()
+    try:
+        with pytest.raises(Unavailable, match="push writer died") as info:
+            plane.add_batch(run_id, dict(pushes[1]))
+    finally:
+        lock.rollback()
+        lock.close()
+    assert time.monotonic() - began < 10 and info.value.headers["Retry-After"] == "1"
+    assert plane.add_batch(run_id, dict(pushes[1]))["duplicate"] is False
+    assert plane.get_run(run_id)["batches"] == 2
+
+
+def test_close_with_a_push_in_flight_kills_the_writer_and_starts_no_other(
+    planes: tuple[RunsDataPlane, RunsDataPlane],
+) -> None:
+    import threading
+    import time
+
+    _, plane = planes
+    writer = plane.writer
+    assert writer is not None
+    run_id = plane.create_run(RUN)["id"]
+    pushes = _pushes(11, 3)
+    plane.add_batch(run_id, dict(pushes[0]))
+    assert writer._worker is not None
+    process = writer._worker[0]
+    lock = _locked_database(plane)
+    answers: list[Any] = []
+
+    def push(batch: dict[str, Any]) -> None:
+        try:
+            answers.append(plane.add_batch(run_id, dict(batch)))
+        except Exception as exc:
+            answers.append(exc)
+
+    try:
+        in_flight = threading.Thread(target=push, args=(pushes[1],), daemon=True)
+        in_flight.start()
+        time.sleep(0.5)  # waiting for the database, in the writer
+        began = time.monotonic()
+        writer.close(wait=0.5)
+        assert time.monotonic() - began < 5
+        in_flight.join(30)
+    finally:
+        lock.rollback()
+        lock.close()
+    assert len(answers) == 1 and isinstance(answers[0], Unavailable)
+    assert process.poll() is not None and writer._worker is None
+    with pytest.raises(Unavailable, match="shutting down"):
+        plane.add_batch(run_id, dict(pushes[2]))
+    assert writer._worker is None
+
+
+def test_an_integrity_error_other_than_the_batch_key_is_no_retry(
+    planes: tuple[RunsDataPlane, RunsDataPlane], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the batch row's unique key makes a push a retry; any other constraint failing in
+    the transaction is an error of its own (500), not an endless "retry" answer."""
+    from sqlalchemy.exc import IntegrityError
+
+    from service.store import pushes as store_pushes
+
+    plane, _ = planes
+    run_id = plane.create_run(RUN)["id"]
+
+    def failing(*_args: Any) -> None:
+        raise IntegrityError("INSERT INTO confusion_blocks", {}, Exception("PRIMARY KEY"))
+
+    monkeypatch.setattr(store_pushes, "add_block", failing)
+    with pytest.raises(IntegrityError, match="confusion_blocks"):
+        plane.add_batch(run_id, dict(_pushes(12, 1)[0]))
+    monkeypatch.undo()
+    assert plane.get_run(run_id)["batches"] == 0
+
+
+def test_a_run_deleted_after_its_closed_answer_drops_the_cached_config(
+    planes: tuple[RunsDataPlane, RunsDataPlane], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plane, _ = planes
+    run_id = plane.create_run(RUN)["id"]
+    first, second = _pushes(13, 2)
+    plane.add_batch(run_id, dict(first))
+    other = RunsDataPlane(plane.settings, plane.store)  # another replica closes, then deletes
+    other.close_run(run_id)
+    write = RunsDataPlane.write_batch
+
+    def then_deleted(self: RunsDataPlane, batch: Any) -> Any:
+        outcome = write(self, batch)
+        other.delete_run(run_id)
+        return outcome
+
+    monkeypatch.setattr(RunsDataPlane, "write_batch", then_deleted)
+    assert plane.configs.get(run_id) is not None
+    with pytest.raises(NotFound):
+        plane.add_batch(run_id, dict(second))
+    assert plane.configs.get(run_id) is None
+
+
+async def test_serve_closes_the_workers_after_grpc_not_the_lifespan(tmp_path: Path) -> None:
+    """With gRPC served, the lifespan's shutdown leaves the workers to ``ce-eval serve``,
+    which stops them once gRPC's grace period is over (its pushes still write)."""
+    from service.http.app import create_app
+
+    url = f"sqlite:///{tmp_path / 'lifespan.db'}"
+    app = create_app(Settings(database_url=url, log_level="warning", push_writer=True))
+    writer = app.state.runs.writer
+    app.state.serve_closes_workers = True
+    async with app.router.lifespan_context(app):
+        pass
+    assert not writer._closed
+    app.state.close_workers()
+    assert writer._closed

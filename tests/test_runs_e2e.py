@@ -179,11 +179,13 @@ def test_kill_server_mid_push_then_push_again_counts_every_batch_once(tmp_path, 
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("writer", ["true", "false"], ids=["push-writer", "threads"])
 def test_two_replicas_on_one_postgres_count_each_batch_exactly_once(
-    tmp_path, serve, postgres_cluster: PostgresCluster
+    tmp_path, serve, postgres_cluster: PostgresCluster, writer: str
 ):
     database = postgres_cluster.create_database()
-    replicas = [serve(database), serve(database)]
+    env = {"CE_EVAL_PUSH_WRITER": writer}
+    replicas = [serve(database, **env), serve(database, **env)]
     with ThreadPoolExecutor(2) as pool:  # both start (and migrate) at once
         list(pool.map(lambda s: s.start(), replicas))
     run = httpx.post(

@@ -36,14 +36,24 @@ if TYPE_CHECKING:
 log = get_logger("runs")
 #: How long shutdown waits for a transaction in flight before killing the worker.
 CLOSE_WAIT_SECONDS = 10.0
+#: A transaction's longest wait for the database, with no ``database_statement_timeout_s``
+#: (SQLite waits for its writer lock this long: ``busy_timeout``).
+DATABASE_WAIT_SECONDS = 30.0
 
 
 class PushWriter:
     """One worker process running ``write_batch`` for the server's pushes, started on first
-    use and again after a death."""
+    use and again after a death.
+
+    A push waits at most ``timeout`` seconds for its answer (``database_statement_timeout_s``
+    or ``DATABASE_WAIT_SECONDS``, × 4 for the transaction's statements, + 10 s), and as long
+    again for the pushes ahead of it; past that its worker is killed, the push answers 503 and
+    the next one starts a new worker."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        wait = settings.database_statement_timeout_s or DATABASE_WAIT_SECONDS
+        self.timeout = 4 * wait + 10.0
         self._lock = threading.Lock()  # held for a transaction's round trip
         self._worker: tuple[Any, Connection] | None = None
         self._closed = False
@@ -51,27 +61,29 @@ class PushWriter:
     def write_batch(self, batch: PreparedBatch) -> dict[str, Any] | _Unwritten:
         """:meth:`RunsDataPlane.write_batch` in the worker: its answer, or its error raised
         here; 503 when the worker dies or the server is shutting down."""
-        with self._lock:
-            if self._closed:
-                raise Unavailable("the server is shutting down", headers={"Retry-After": "1"})
+        if not self._lock.acquire(timeout=self.timeout):
+            raise self._unavailable("the pushes ahead of this one took too long")
+        try:
             if self._worker is None or self._worker[0].poll() is not None:
+                if self._closed:
+                    raise Unavailable("the server is shutting down", headers={"Retry-After": "1"})
                 self._start()
             assert self._worker is not None
             process, conn = self._worker
             try:
                 conn.send(batch)
+                if not conn.poll(self.timeout):
+                    process.kill()
+                    raise EOFError
                 reply: tuple[Any, ...] = conn.recv()
             except (EOFError, OSError):
                 code = workers.reap(process, conn, 5.0)
                 self._worker = None
-                log.warning(
-                    "push writer died", extra={"fields": {"pid": process.pid, "code": code}}
-                )
-                raise Unavailable(
-                    f"the push writer died (exit code {code}); the batch may or may not be "
-                    "stored: retry it (a stored batch is answered again)",
-                    headers={"Retry-After": "1"},
-                ) from None
+                fields = {"pid": process.pid, "code": code}
+                log.warning("push writer died", extra={"fields": fields})
+                raise self._unavailable(f"the push writer died (exit code {code})") from None
+        finally:
+            self._lock.release()
         if reply[0] == "ok":
             answer: dict[str, Any] | _Unwritten = reply[1]
             return answer
@@ -81,6 +93,14 @@ class PushWriter:
             error.errors_total = total
             raise error
         raise RuntimeError(f"push writer: {reply[1]}")
+
+    @staticmethod
+    def _unavailable(why: str) -> Unavailable:
+        return Unavailable(
+            f"{why}; the batch may or may not be stored: retry it (a stored batch is answered "
+            "again)",
+            headers={"Retry-After": "1"},
+        )
 
     def _start(self) -> None:
         """A new worker (the caller holds ``_lock``), sent the server's settings."""
@@ -92,17 +112,17 @@ class PushWriter:
     def close(self, wait: float = CLOSE_WAIT_SECONDS) -> None:
         """Stop the worker (shutdown); one still in a transaction after ``wait`` s is killed
         (its push answers 503). Later pushes answer 503."""
+        self._closed = True  # first: a push from now on starts no worker
         locked = self._lock.acquire(timeout=wait)
         try:
-            self._closed = True
-            worker, self._worker = self._worker, None
+            worker = self._worker
             if worker is None:
                 return
             process, conn = worker
-            if not locked:  # its push reaps it
+            if not locked:  # the push in flight answers 503 and reaps it
                 process.kill()
-                process.wait()
                 return
+            self._worker = None
             with contextlib.suppress(OSError):
                 conn.send(None)
             workers.reap(process, conn, 5.0)
@@ -116,9 +136,11 @@ def worker_main(conn: Connection, argv: list[str]) -> None:
     kind, detail, errors, errors_total, headers)`` or ``("crash", text)``; ``None`` or the end
     of the socket: exit."""
     from service.dataplane.runs import RunsDataPlane
+    from service.logs import configure_logging
     from service.store import Store
 
     settings: Settings = conn.recv()
+    configure_logging(settings.log_level, settings.log_format)
     store = Store(
         settings.database_url,
         connect_timeout=settings.database_connect_timeout_s,

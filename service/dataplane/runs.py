@@ -409,6 +409,10 @@ class RunConfig:
         )
 
 
+class _BatchStored(Exception):
+    """The batch row's insert hit its unique key (run, batch_id)."""
+
+
 class _Unwritten(enum.Enum):
     """Why a write transaction wrote nothing without an error (answered from the store)."""
 
@@ -1059,18 +1063,19 @@ class RunsDataPlane:
             self.configs.discard(run_id)
             raise
         if not isinstance(outcome, dict):  # the run is closed, or this batch_id is stored
-            with _store_guard(), self.store.read() as session:
-                run = self._load(session, run_id, principal)
-                replay = self._replay(session, run, request.batch_id, digest)
+            try:
+                with _store_guard(), self.store.read() as session:
+                    run = self._load(session, run_id, principal)
+                    replay = self._replay(session, run, request.batch_id, digest)
+            except NotFound:  # deleted meanwhile
+                self.configs.discard(run_id)
+                raise
             if replay is not None:
                 return replay
-            if outcome is _Unwritten.CLOSED:
-                self.configs.discard(run_id)
-                raise _closed(run_id)
-            raise Conflict(  # stored meanwhile, gone again: a delete raced it
-                f"batch {quoted(request.batch_id)} could not be stored; retry",
-                [{"loc": ["body", "batch_id"], "msg": "retry", "type": "conflict"}],
-            )
+            if outcome is _Unwritten.STORED:  # a batch row goes only with its run
+                raise RuntimeError(f"batch {request.batch_id!r} was stored, then not found")
+            self.configs.discard(run_id)
+            raise _closed(run_id)
         if self.on_batch is not None:
             self.on_batch("accepted")
         self._monitor(outcome["run"], principal)
@@ -1101,7 +1106,10 @@ class RunsDataPlane:
                     "result": batch.result,
                     "created_at": utcnow(),
                 }
-                pushes.insert_batch(session, row)
+                try:
+                    pushes.insert_batch(session, row)
+                except IntegrityError as exc:
+                    raise _BatchStored from exc  # out of the transaction: rolled back
                 _refuse_non_finite(batch, run.sum, run.denominator, batch.weighted)
                 merged = self._merge_state(run.metric_state, batch.state)
                 replicates = _merge_replicates(run.replicate_state, batch.replicates)
@@ -1140,7 +1148,7 @@ class RunsDataPlane:
                 )
                 totals["intervals"] = answer["run"]["intervals"]
                 pushes.update_totals(session, run, totals)
-        except IntegrityError:
+        except _BatchStored:
             # This (run, batch_id) is stored: a retry, or a concurrent push of the same batch
             # through another replica. Nothing of this transaction was written.
             return _Unwritten.STORED

@@ -83,6 +83,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     writer = PushWriter(settings) if settings.push_writer and store.shared else None
 
+    def close_workers() -> None:
+        """Stop the worker processes (shared-memory evaluations, the push writer): once no
+        request can need them. ``ce-eval serve`` calls it after gRPC's grace period too
+        (``serve_closes_workers``), the lifespan's shutdown otherwise."""
+        dataplane.close()
+        if writer is not None:
+            writer.close()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         dataplane.admission.draining = False
@@ -93,9 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         yield
         dataplane.admission.draining = True
-        dataplane.close()
-        if writer is not None:
-            writer.close()
+        if not app.state.serve_closes_workers:
+            await anyio.to_thread.run_sync(close_workers)
         store.dispose()
         log.info("stopped")
 
@@ -103,6 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="ce-eval", version=__version__, description=DESCRIPTION, lifespan=lifespan
     )
     app.state.settings = settings
+    app.state.close_workers = close_workers
+    app.state.serve_closes_workers = False
     app.state.dataplane = dataplane
     app.state.catalog = DataPlane.catalog().model_dump()
     app.state.store = store
