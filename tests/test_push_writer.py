@@ -4,6 +4,7 @@ errors carried back as the service's, and a writer that dies costing one 503."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Iterator
@@ -391,3 +392,33 @@ async def test_serve_closes_the_workers_after_grpc_not_the_lifespan(tmp_path: Pa
     assert not writer._closed
     app.state.close_workers()
     assert writer._closed
+
+
+def test_a_writer_that_cannot_start_leaves_pushes_to_the_servers_threads(
+    planes: tuple[RunsDataPlane, RunsDataPlane],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its interpreter exits before it is ready (injected by a ``sitecustomize`` that only
+    new processes import): pushes are stored all the same, in the server's threads, and the
+    server says why once."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import os\nos._exit(3)\n")
+    monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    _, plane = planes
+    run_id = plane.create_run(RUN)["id"]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("ce_eval.runs")
+    logger.addHandler(handler)
+    try:
+        for push in _pushes(14, 2):
+            assert plane.add_batch(run_id, dict(push))["duplicate"] is False
+    finally:
+        logger.removeHandler(handler)
+    assert plane.writer is None and plane.get_run(run_id)["batches"] == 2
+    assert [r.getMessage() for r in records] == [
+        "push writer could not start: pushes write in the server's threads"
+    ]

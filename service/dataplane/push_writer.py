@@ -36,9 +36,16 @@ if TYPE_CHECKING:
 log = get_logger("runs")
 #: How long shutdown waits for a transaction in flight before killing the worker.
 CLOSE_WAIT_SECONDS = 10.0
+#: How long a new worker may take to be ready (imports, the store) before it counts as one
+#: that cannot start.
+START_SECONDS = 60.0
 #: A transaction's longest wait for the database, with no ``database_statement_timeout_s``
 #: (SQLite waits for its writer lock this long: ``busy_timeout``).
 DATABASE_WAIT_SECONDS = 30.0
+
+
+class WriterUnstartable(Exception):
+    """The worker died or hung before it was ready: the caller writes in its own threads."""
 
 
 class PushWriter:
@@ -103,9 +110,21 @@ class PushWriter:
         )
 
     def _start(self) -> None:
-        """A new worker (the caller holds ``_lock``), sent the server's settings."""
+        """A new worker (the caller holds ``_lock``), sent the server's settings; raises
+        :class:`WriterUnstartable` unless it is ready within ``START_SECONDS``."""
         process, conn = workers.spawn(__name__, [])
-        conn.send(self.settings)
+        try:
+            conn.send(self.settings)
+            ready = conn.poll(START_SECONDS) and conn.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            code = workers.reap(process, conn, 5.0)
+            log.error(
+                "push writer could not start: pushes write in the server's threads",
+                extra={"fields": {"pid": process.pid, "code": code}},
+            )
+            raise WriterUnstartable(f"exit code {code}")
         self._worker = process, conn
         log.info("push writer started", extra={"fields": {"pid": process.pid}})
 
@@ -132,7 +151,8 @@ class PushWriter:
 
 
 def worker_main(conn: Connection, argv: list[str]) -> None:
-    """The worker: settings first, then ``PreparedBatch`` → ``("ok", answer)``, ``("error",
+    """The worker: settings first (answered ``"ready"``), then ``PreparedBatch`` →
+    ``("ok", answer)``, ``("error",
     kind, detail, errors, errors_total, headers)`` or ``("crash", text)``; ``None`` or the end
     of the socket: exit."""
     from service.dataplane.runs import RunsDataPlane
@@ -147,6 +167,7 @@ def worker_main(conn: Connection, argv: list[str]) -> None:
         statement_timeout=settings.database_statement_timeout_s,
     )
     runs = RunsDataPlane(settings, store)
+    conn.send("ready")
     try:
         while True:
             try:

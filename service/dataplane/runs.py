@@ -65,7 +65,7 @@ from service.dataplane.evaluate import (
     engine_error,
     validation_error_from_pydantic,
 )
-from service.dataplane.push_writer import PushWriter
+from service.dataplane.push_writer import PushWriter, WriterUnstartable
 from service.errors import (
     Conflict,
     MalformedBody,
@@ -1058,7 +1058,7 @@ class RunsDataPlane:
             paired=identity.paired,
         )
         try:
-            outcome = (self.writer or self).write_batch(prepared)
+            outcome = self._write(prepared)
         except NotFound:
             self.configs.discard(run_id)
             raise
@@ -1080,6 +1080,16 @@ class RunsDataPlane:
             self.on_batch("accepted")
         self._monitor(outcome["run"], principal)
         return outcome
+
+    def _write(self, batch: PreparedBatch) -> dict[str, Any] | _Unwritten:
+        """``write_batch`` in the push writer, or here: without one, or with one that cannot
+        start (then from now on; it logs why)."""
+        if self.writer is not None:
+            try:
+                return self.writer.write_batch(batch)
+            except WriterUnstartable:
+                self.writer = None
+        return self.write_batch(batch)
 
     def write_batch(self, batch: PreparedBatch) -> dict[str, Any] | _Unwritten:
         """The write transaction of a push: lock the run, insert the batch row, add the batch
