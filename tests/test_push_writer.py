@@ -64,6 +64,21 @@ def _pushes(seed: int, count: int) -> list[dict[str, Any]]:
     return out
 
 
+def _started(
+    planes: tuple[RunsDataPlane, RunsDataPlane], seed: int, count: int
+) -> tuple[RunsDataPlane, PushWriter, str, list[dict[str, Any]]]:
+    """The writer's plane, its writer, a run, and ``count`` pushes of which the first is in
+    (so the writer runs)."""
+    _, plane = planes
+    writer = plane.writer
+    assert writer is not None
+    run_id = plane.create_run(RUN)["id"]
+    pushes = _pushes(seed, count)
+    plane.add_batch(run_id, dict(pushes[0]))
+    assert writer._worker is not None
+    return plane, writer, run_id, pushes
+
+
 def _without_times(value: Any) -> Any:
     if isinstance(value, dict):
         return {
@@ -150,13 +165,7 @@ def test_a_writer_that_dies_costs_one_503_and_each_batch_counts_once(
 ) -> None:
     """Killed while idle: the next push starts a new one. Killed with a push in flight: that
     push is a 503, its retry is answered (stored once), the next push finds a new writer."""
-    _, plane = planes
-    writer = plane.writer
-    assert writer is not None
-    run_id = plane.create_run(RUN)["id"]
-    pushes = _pushes(7, 4)
-    plane.add_batch(run_id, dict(pushes[0]))
-    assert writer._worker is not None
+    plane, writer, run_id, pushes = _started(planes, 7, 4)
     os.kill(writer._worker[0].pid, signal.SIGKILL)
     writer._worker[0].wait(10)
     plane.add_batch(run_id, dict(pushes[1]))  # a new writer
@@ -181,17 +190,13 @@ def test_a_writer_that_dies_costs_one_503_and_each_batch_counts_once(
 def test_close_stops_the_writer_and_later_pushes_are_503(
     planes: tuple[RunsDataPlane, RunsDataPlane],
 ) -> None:
-    _, plane = planes
-    writer = plane.writer
-    assert writer is not None
-    run_id = plane.create_run(RUN)["id"]
-    plane.add_batch(run_id, dict(_pushes(8, 1)[0]))
+    plane, writer, run_id, pushes = _started(planes, 8, 2)
     assert writer._worker is not None
     process = writer._worker[0]
     writer.close()
     assert process.poll() == 0
     with pytest.raises(Unavailable, match="shutting down"):
-        plane.add_batch(run_id, dict(_pushes(9, 1)[0]))
+        plane.add_batch(run_id, dict(pushes[1]))
 
 
 def test_served_pushes_go_through_the_writer() -> None:
@@ -272,12 +277,7 @@ def test_a_push_waits_for_the_writer_at_most_its_timeout(
     writer, and the batch counts once."""
     import time
 
-    _, plane = planes
-    writer = plane.writer
-    assert writer is not None
-    run_id = plane.create_run(RUN)["id"]
-    pushes = _pushes(10, 2)
-    plane.add_batch(run_id, dict(pushes[0]))
+    plane, writer, run_id, pushes = _started(planes, 10, 2)
     writer.timeout = 1.0
     lock = _locked_database(plane)
     began = time.monotonic()
@@ -298,13 +298,7 @@ def test_close_with_a_push_in_flight_kills_the_writer_and_starts_no_other(
     import threading
     import time
 
-    _, plane = planes
-    writer = plane.writer
-    assert writer is not None
-    run_id = plane.create_run(RUN)["id"]
-    pushes = _pushes(11, 3)
-    plane.add_batch(run_id, dict(pushes[0]))
-    assert writer._worker is not None
+    plane, writer, run_id, pushes = _started(planes, 11, 3)
     process = writer._worker[0]
     lock = _locked_database(plane)
     answers: list[Any] = []
