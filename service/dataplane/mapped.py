@@ -156,9 +156,9 @@ def _evaluate(mappings: _Mappings, fd: int, job: _Job) -> ce_engine.EvaluationRe
 
 def _serve(conn: Connection) -> None:
     """A worker's loop. In: ``("job", job)`` then a descriptor, answered ``("ok", result)``,
-    ``("short", size)`` (the object no longer holds the logits), ``("error", kind, detail,
-    errors, errors_total)`` or ``("crash", text)``; ``("forget", serials)`` (unmap those
-    regions, no answer); ``None`` or the end of the socket: exit."""
+    ``("short", size)`` (the object no longer holds the logits), or an error or crash
+    (:func:`~service.dataplane.workers.error_reply`, ``crash_reply``); ``("forget", serials)``
+    (unmap those regions, no answer); ``None`` or the end of the socket: exit."""
     mappings = _Mappings()
     while True:
         try:
@@ -178,14 +178,13 @@ def _serve(conn: Connection) -> None:
         except ce_engine.EngineError as exc:
             from service.dataplane.evaluate import engine_error
 
-            error = engine_error(exc)
-            reply = ("error", type(error), error.detail, error.errors, error.errors_total)
+            reply = workers.error_reply(engine_error(exc))
         except OSError as exc:  # mmap: out of memory or mappings
             detail = f"the worker could not map the shared-memory region: {exc}"
             errors = [{"loc": ["logits"], "msg": str(exc), "type": "unmappable"}]
-            reply = ("error", Unavailable, detail, errors, 1)
+            reply = workers.error_reply(Unavailable(detail, errors))
         except Exception as exc:  # a bug: the server answers 500, as in its own threads
-            reply = ("crash", f"{type(exc).__name__}: {exc}")
+            reply = workers.crash_reply(exc)
         finally:
             os.close(fd)
         conn.send(reply)
@@ -387,12 +386,7 @@ class MappedEvaluator:
         if reply[0] == "ok":
             result: ce_engine.EvaluationResult = reply[1]
             return result
-        if reply[0] == "error":
-            kind, detail, errors, total = reply[1:]
-            error: ServiceError = kind(detail, errors)
-            error.errors_total = total
-            raise error
-        raise RuntimeError(f"shared-memory evaluation worker: {reply[1]}")
+        workers.raise_reply(reply, "shared-memory evaluation worker")
 
     @staticmethod
     def _died(worker: _Worker, held: Held) -> ServiceError:

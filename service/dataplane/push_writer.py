@@ -94,12 +94,7 @@ class PushWriter:
         if reply[0] == "ok":
             answer: dict[str, Any] | _Unwritten = reply[1]
             return answer
-        if reply[0] == "error":
-            kind, detail, errors, total, headers = reply[1:]
-            error: ServiceError = kind(detail, errors, headers)
-            error.errors_total = total
-            raise error
-        raise RuntimeError(f"push writer: {reply[1]}")
+        workers.raise_reply(reply, "push writer")
 
     @staticmethod
     def _unavailable(why: str) -> Unavailable:
@@ -152,9 +147,8 @@ class PushWriter:
 
 def worker_main(conn: Connection, argv: list[str]) -> None:
     """The worker: settings first (answered ``"ready"``), then ``PreparedBatch`` →
-    ``("ok", answer)``, ``("error",
-    kind, detail, errors, errors_total, headers)`` or ``("crash", text)``; ``None`` or the end
-    of the socket: exit."""
+    ``("ok", answer)``, an error or a crash (:func:`~service.dataplane.workers.error_reply`,
+    ``crash_reply``); ``None`` or the end of the socket: exit."""
     from service.dataplane.runs import RunsDataPlane
     from service.logs import configure_logging
     from service.store import Store
@@ -179,10 +173,10 @@ def worker_main(conn: Connection, argv: list[str]) -> None:
             try:
                 reply: tuple[Any, ...] = ("ok", runs.write_batch(batch))
             except ServiceError as exc:
-                reply = ("error", type(exc), exc.detail, exc.errors, exc.errors_total, exc.headers)
+                reply = workers.error_reply(exc)
             except Exception as exc:  # a bug: the server answers 500, as in its own threads
                 log.exception("push writer transaction failed")
-                reply = ("crash", f"{type(exc).__name__}: {exc}")
+                reply = workers.crash_reply(exc)
             conn.send(reply)
     finally:
         store.dispose()

@@ -17,6 +17,9 @@ import subprocess
 import sys
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any, NoReturn
+
+from service.errors import ServiceError
 
 #: The directory holding the ``service`` package.
 PACKAGES = str(Path(__file__).resolve().parents[2])
@@ -66,3 +69,24 @@ def _environment() -> dict[str, str]:
     entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     path = os.pathsep.join(os.path.abspath(entry) for entry in entries if entry)
     return {**os.environ, "PYTHONPATH": path}
+
+
+def error_reply(error: ServiceError) -> tuple[Any, ...]:
+    """A worker's answer for a service error: ``("error", kind, detail, errors,
+    errors_total, headers)``."""
+    return ("error", type(error), error.detail, error.errors, error.errors_total, error.headers)
+
+
+def crash_reply(exc: Exception) -> tuple[Any, ...]:
+    """A worker's answer for a bug: ``("crash", text)`` (the server answers 500)."""
+    return ("crash", f"{type(exc).__name__}: {exc}")
+
+
+def raise_reply(reply: tuple[Any, ...], worker: str) -> NoReturn:
+    """Raise what an ``error`` or ``crash`` reply of ``worker`` carries, here."""
+    if reply[0] == "error":
+        kind, detail, errors, total, headers = reply[1:]
+        error: ServiceError = kind(detail, errors, headers)
+        error.errors_total = total
+        raise error
+    raise RuntimeError(f"{worker}: {reply[1]}")
