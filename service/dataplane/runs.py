@@ -1110,9 +1110,9 @@ class RunsDataPlane:
                     "batch_id": batch.batch_id,
                     "seq": run.batches + 1,
                     "content_hash": batch.content_hash,
-                    "count": batch.result["count"],
-                    "sum": batch.result["sum"],
-                    "denominator": batch.result["denominator"],
+                    "count": batch.count,
+                    "sum": batch.sum,
+                    "denominator": batch.denominator,
                     "result": batch.result,
                     "created_at": utcnow(),
                 }
