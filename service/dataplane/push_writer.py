@@ -1,27 +1,31 @@
 """The write transactions of batch pushes, run in a worker process of their own.
 
 A push evaluates its batch in the server, then locks the run, inserts the batch row and
-updates the run's totals in one transaction (:meth:`RunsDataPlane.write_batch`). That
-transaction is about 1.5 ms of Python (SQLAlchemy statements, state merges, the answer)
-holding the server's GIL, the same order as everything else a 256 × 1000 push costs the
-server beyond a stateless evaluation. Sent to a worker process (:mod:`service.dataplane.workers`)
-it runs beside the server's own work instead of in turn with it: the server only pickles the
-:class:`~service.dataplane.runs.PreparedBatch` (plain values, small: no tensors) and waits,
-GIL released, for the answer.
+updates the run's totals in one transaction (:meth:`RunsDataPlane.write_batches`). That
+transaction is about 1.5 ms of Python (SQLAlchemy statements, state merges, the answer),
+and on PostgreSQL as many round trips and a commit. Sent to a worker process
+(:mod:`service.dataplane.workers`) it runs beside the server's own work instead of in turn
+with it, holding no GIL of the server's: the server only pickles the
+:class:`~service.dataplane.runs.PreparedBatch` (plain values, small: no tensors) and waits.
 
 The worker holds its own :class:`~service.store.Store` on the same database and a
-:class:`~service.dataplane.runs.RunsDataPlane` that only runs ``write_batch``, one transaction
-at a time (SQLite has one writer anyway; PostgreSQL pushes of one replica queue here). Nothing
-changes for exactly-once: the transaction is the same, and a worker that dies before its
-answer leaves a push that committed or did not, as a lost connection does; the client's
-retry is answered from the store (503 here, the next push starts a new worker).
-``CE_EVAL_PUSH_WRITER=false`` runs the transactions in the server's threads instead.
+:class:`~service.dataplane.runs.RunsDataPlane` that only runs ``write_batches``, one
+transaction at a time (SQLite has one writer anyway; PostgreSQL pushes of one replica queue
+here). Pushes that queue while a transaction runs are written by the next one together (group
+commit): each run locked and its totals written once, one commit, each batch in a savepoint
+of its own, so that each gets exactly the outcome it would get alone. Exactly-once is
+unchanged: a worker that dies before its answer leaves pushes that committed or did not, as a
+lost connection does; the client's retry is answered from the store (503 here, the next push
+starts a new worker). ``CE_EVAL_PUSH_WRITER=false`` runs the transactions in the server's
+threads instead, one push each.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -31,9 +35,11 @@ from service.logs import get_logger
 
 if TYPE_CHECKING:
     from service.config import Settings
-    from service.dataplane.runs import PreparedBatch, _Unwritten
+    from service.dataplane.runs import BatchOutcome, PreparedBatch, _Unwritten
 
 log = get_logger("runs")
+#: The most pushes one transaction writes.
+MAX_GROUP = 16
 #: How long shutdown waits for a transaction in flight before killing the worker.
 CLOSE_WAIT_SECONDS = 10.0
 #: How long a new worker may take to be ready (imports, the store) before it counts as one
@@ -48,53 +54,121 @@ class WriterUnstartable(Exception):
     """The worker died or hung before it was ready: the caller writes in its own threads."""
 
 
-class PushWriter:
-    """One worker process running ``write_batch`` for the server's pushes, started on first
-    use and again after a death.
+@dataclass
+class _Slot:
+    """One push waiting for its group's transaction: its reply once answered."""
 
-    A push waits at most ``timeout`` seconds for its answer (``database_statement_timeout_s``
-    or ``DATABASE_WAIT_SECONDS``, × 4 for the transaction's statements, + 10 s), and as long
-    again for the pushes ahead of it; past that its worker is killed, the push answers 503 and
-    the next one starts a new worker."""
+    batch: PreparedBatch
+    reply: tuple[Any, ...] | None = None
+
+
+class PushWriter:
+    """One worker process running the server's push transactions, started on first use and
+    again after a death.
+
+    Pushes that arrive while a transaction runs queue; the next transaction writes them
+    together, up to ``MAX_GROUP`` (:meth:`RunsDataPlane.write_batches`: one commit, each run
+    locked and its totals written once, each batch's outcome its own). The push that finds no
+    transaction running sends the queue's head and hands out the answers (no thread of its
+    own). A transaction of k batches may take ``k × timeout`` seconds (``timeout``:
+    ``database_statement_timeout_s`` or ``DATABASE_WAIT_SECONDS``, × 4 for a batch's
+    statements, + 10 s); past that its worker is killed, its pushes answer 503 and the next
+    one starts a new worker. A push waits at most ``timeout`` for a transaction to take it."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         wait = settings.database_statement_timeout_s or DATABASE_WAIT_SECONDS
         self.timeout = 4 * wait + 10.0
         self._lock = threading.Lock()  # held for a transaction's round trip
+        self._queue: list[_Slot] = []
+        self._answered = threading.Condition()  # guards _queue, _sending; a group answered
+        self._sending = False
         self._worker: tuple[Any, Connection] | None = None
         self._closed = False
+        #: transactions written, and the batches they held (``batches / transactions``: the
+        #: mean group)
+        self.transactions = 0
+        self.batches = 0
 
     def write_batch(self, batch: PreparedBatch) -> dict[str, Any] | _Unwritten:
-        """:meth:`RunsDataPlane.write_batch` in the worker: its answer, or its error raised
-        here; 503 when the worker dies or the server is shutting down."""
-        if not self._lock.acquire(timeout=self.timeout):
-            raise self._unavailable("the pushes ahead of this one took too long")
+        """:meth:`RunsDataPlane.write_batch` in the worker, with the pushes queued beside it:
+        its answer, or its error raised here; 503 when the worker dies or the server is
+        shutting down; :class:`WriterUnstartable` when no worker could start."""
+        slot = _Slot(batch)
+        deadline = time.monotonic() + self.timeout
+        with self._answered:
+            self._queue.append(slot)
+            while slot.reply is None:
+                if not self._sending:
+                    self._send_group()
+                    continue
+                left = deadline - time.monotonic()
+                if slot in self._queue:
+                    if left <= 0:
+                        self._queue.remove(slot)
+                        raise self._unavailable("the pushes ahead of this one took too long")
+                    self._answered.wait(left)
+                else:  # in the transaction running: answered within its own bound
+                    self._answered.wait()
+        reply = slot.reply
+        if reply[0] == "ok":
+            answer: dict[str, Any] | _Unwritten = reply[1]
+            return answer
+        if reply[0] == "unstartable":
+            raise WriterUnstartable(reply[1])
+        workers.raise_reply(reply, "push writer")
+
+    def _send_group(self) -> None:
+        """Write the queue's first ``MAX_GROUP`` pushes and give each its reply (the caller
+        holds ``_answered``; released meanwhile)."""
+        self._sending = True
+        group = self._queue[:MAX_GROUP]
+        del self._queue[:MAX_GROUP]
+        replies = [workers.crash_reply(RuntimeError("the transaction was interrupted"))] * len(
+            group
+        )
+        self._answered.release()
         try:
-            if self._worker is None or self._worker[0].poll() is not None:
-                if self._closed:
-                    raise Unavailable("the server is shutting down", headers={"Retry-After": "1"})
-                self._start()
+            replies = self._round_trip([slot.batch for slot in group])
+        finally:
+            self._answered.acquire()
+            for slot, reply in zip(group, replies, strict=True):
+                slot.reply = reply
+            self._sending = False
+            self._answered.notify_all()
+
+    def _round_trip(self, batches: list[PreparedBatch]) -> list[tuple[Any, ...]]:
+        """The worker's replies to ``batches``, one each; one failure's reply for all when the
+        worker could not be reached or died."""
+        with self._lock:
+            try:
+                if self._worker is None or self._worker[0].poll() is not None:
+                    if self._closed:
+                        shutting = Unavailable(
+                            "the server is shutting down", headers={"Retry-After": "1"}
+                        )
+                        return [workers.error_reply(shutting)] * len(batches)
+                    self._start()
+            except WriterUnstartable as exc:
+                return [("unstartable", str(exc))] * len(batches)
             assert self._worker is not None
             process, conn = self._worker
             try:
-                conn.send(batch)
-                if not conn.poll(self.timeout):
+                conn.send(batches)
+                if not conn.poll(self.timeout * len(batches)):
                     process.kill()
                     raise EOFError
-                reply: tuple[Any, ...] = conn.recv()
+                replies: list[tuple[Any, ...]] = conn.recv()
             except (EOFError, OSError):
                 code = workers.reap(process, conn, 5.0)
                 self._worker = None
                 fields = {"pid": process.pid, "code": code}
                 log.warning("push writer died", extra={"fields": fields})
-                raise self._unavailable(f"the push writer died (exit code {code})") from None
-        finally:
-            self._lock.release()
-        if reply[0] == "ok":
-            answer: dict[str, Any] | _Unwritten = reply[1]
-            return answer
-        workers.raise_reply(reply, "push writer")
+                died = self._unavailable(f"the push writer died (exit code {code})")
+                return [workers.error_reply(died)] * len(batches)
+            self.transactions += 1
+            self.batches += len(batches)
+            return replies
 
     @staticmethod
     def _unavailable(why: str) -> Unavailable:
@@ -146,9 +220,10 @@ class PushWriter:
 
 
 def worker_main(conn: Connection, argv: list[str]) -> None:
-    """The worker: settings first (answered ``"ready"``), then ``PreparedBatch`` →
-    ``("ok", answer)``, an error or a crash (:func:`~service.dataplane.workers.error_reply`,
-    ``crash_reply``); ``None`` or the end of the socket: exit."""
+    """The worker: settings first (answered ``"ready"``), then lists of ``PreparedBatch`` (one
+    transaction each) → a reply each: ``("ok", answer)``, an error or a crash
+    (:func:`~service.dataplane.workers.error_reply`, ``crash_reply``); ``None`` or the end of
+    the socket: exit."""
     from service.dataplane.runs import RunsDataPlane
     from service.logs import configure_logging
     from service.store import Store
@@ -165,18 +240,24 @@ def worker_main(conn: Connection, argv: list[str]) -> None:
     try:
         while True:
             try:
-                batch = conn.recv()
+                batches = conn.recv()
             except EOFError:
                 return
-            if batch is None:
+            if batches is None:
                 return
             try:
-                reply: tuple[Any, ...] = ("ok", runs.write_batch(batch))
-            except ServiceError as exc:
-                reply = workers.error_reply(exc)
+                replies = [_reply(outcome) for outcome in runs.write_batches(batches)]
+            except ServiceError as exc:  # the store's (503): the whole transaction
+                replies = [workers.error_reply(exc)] * len(batches)
             except Exception as exc:  # a bug: the server answers 500, as in its own threads
                 log.exception("push writer transaction failed")
-                reply = workers.crash_reply(exc)
-            conn.send(reply)
+                replies = [workers.crash_reply(exc)] * len(batches)
+            conn.send(replies)
     finally:
         store.dispose()
+
+
+def _reply(outcome: BatchOutcome) -> tuple[Any, ...]:
+    if isinstance(outcome, ServiceError):
+        return workers.error_reply(outcome)
+    return ("ok", outcome)

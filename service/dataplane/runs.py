@@ -72,6 +72,7 @@ from service.errors import (
     NonFiniteResult,
     NotFound,
     PayloadTooLarge,
+    ServiceError,
     Unavailable,
     ValidationFailed,
 )
@@ -418,6 +419,17 @@ class _Unwritten(enum.Enum):
 
     CLOSED = "closed"
     STORED = "stored"  # this batch_id
+
+
+#: What :meth:`RunsDataPlane.write_batches` says of one batch.
+BatchOutcome = dict[str, Any] | _Unwritten | ServiceError
+
+
+class _Refused(Exception):
+    """A lone batch's refusal, carried out of its transaction (rolled back)."""
+
+    def __init__(self, outcome: BatchOutcome) -> None:
+        self.outcome = outcome
 
 
 @dataclass(frozen=True)
@@ -1092,77 +1104,120 @@ class RunsDataPlane:
         return self.write_batch(batch)
 
     def write_batch(self, batch: PreparedBatch) -> dict[str, Any] | _Unwritten:
-        """The write transaction of a push: lock the run, insert the batch row, add the batch
-        to the run's totals, slices and confusion blocks; the answer. Nothing is written when
-        the run is closed (``CLOSED``), its ``batch_id`` is stored already (``STORED``: the
-        insert fails on the unique key, before any check of the merge) or on an error (404,
-        422). Runs in this process or in the push writer's (``CE_EVAL_PUSH_WRITER``)."""
-        config = batch.config
+        """:meth:`write_batches` of this batch alone, its refusal raised."""
+        outcome = self.write_batches([batch])[0]
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return outcome
+
+    def write_batches(self, batches: Sequence[PreparedBatch]) -> list[BatchOutcome]:
+        """The write transaction of pushes, in order (one, or the push writer's group: those
+        queued while its last transaction ran). Each batch locks its run (once a transaction),
+        inserts its batch row and adds itself to the run's slices, confusion blocks and totals;
+        each run's totals are written once, at the end.
+
+        A batch's outcome is the one it would get alone after those before it: its answer;
+        ``CLOSED`` (the run is closed); ``STORED`` (its insert failed on the unique key, before
+        any check of the merge); or its refusal (404, 422). A refused or stored batch writes
+        nothing: alone, its transaction is rolled back; in a group, each batch's statements
+        follow a savepoint it is rolled back to. Any other error (503: the store) rolls back
+        the whole transaction and is raised. Runs in this process or in the push writer's
+        (``CE_EVAL_PUSH_WRITER``)."""
+        outcomes: list[BatchOutcome] = []
+        grouped = len(batches) > 1
         try:
             with _store_guard(), self.store.write() as session:
-                run = pushes.lock_run(session, batch.run_id, batch.principal)
-                if run is None:
-                    raise _not_found(batch.run_id)
-                if run.status == "closed":
-                    return _Unwritten.CLOSED
-                row: dict[str, Any] = {
-                    "run_pk": run.pk,
-                    "batch_id": batch.batch_id,
-                    "seq": run.batches + 1,
-                    "content_hash": batch.content_hash,
-                    "count": batch.count,
-                    "sum": batch.sum,
-                    "denominator": batch.denominator,
-                    "result": batch.result,
-                    "created_at": utcnow(),
-                }
-                try:
-                    pushes.insert_batch(session, row)
-                except IntegrityError as exc:
-                    raise _BatchStored from exc  # out of the transaction: rolled back
-                _refuse_non_finite(batch, run.sum, run.denominator, batch.weighted)
-                merged = self._merge_state(run.metric_state, batch.state)
-                replicates = _merge_replicates(run.replicate_state, batch.replicates)
-                _refuse_non_finite_state(replicates, "the run", batch.weighted)
-                if batch.slices:
-                    self._add_slices(session, run, config, batch.slices)
-                if batch.cells is not None:
-                    pushes.add_block(session, run.pk, row["seq"], batch.cells)
-                    pushes.compact_when_due(session, run.pk, batch.cells.size)
-                totals: dict[str, Any] = {
-                    "batches": row["seq"],
-                    "count": run.count + batch.count,
-                    "ignored": run.ignored + batch.result["ignored"],
-                    "sum": run.sum + batch.sum,
-                    "denominator": run.denominator + batch.denominator,
-                    "metric_state": None if merged is None else merged.to_dict(),
-                    "updated_at": row["created_at"],
-                    "replicate_state": None if replicates is None else replicates.to_dict(),
-                    "intervals": None,  # the answer's, below
-                    "fingerprint": batch.fingerprint.merge(
-                        Fingerprint.from_dict(run.fingerprint)
-                        if run.fingerprint is not None
-                        else Fingerprint(0, 0, 0)
-                    ).to_dict(),
-                    "paired_ids": batch.paired and (run.paired_ids or run.batches == 0),
-                }
-                for name, total in totals.items():  # the answer is made from the new totals
-                    setattr(run, name, total)
-                answer = self._batch_answer(
-                    run,
-                    row,
-                    duplicate=False,
-                    state=merged,
-                    tags=config.tags,
-                    replicates=replicates,
-                )
-                totals["intervals"] = answer["run"]["intervals"]
-                pushes.update_totals(session, run, totals)
-        except _BatchStored:
-            # This (run, batch_id) is stored: a retry, or a concurrent push of the same batch
-            # through another replica. Nothing of this transaction was written.
-            return _Unwritten.STORED
-        return answer
+                runs: dict[str, Run | None] = {}
+                written: dict[str, tuple[Run, dict[str, Any]]] = {}
+                for batch in batches:
+                    if batch.run_id not in runs:
+                        runs[batch.run_id] = pushes.lock_run(session, batch.run_id, None)
+                    run = runs[batch.run_id]
+                    if run is None or batch.principal not in (None, run.owner):
+                        outcomes.append(_not_found(batch.run_id))
+                        continue
+                    if run.status == "closed":
+                        outcomes.append(_Unwritten.CLOSED)
+                        continue
+                    if grouped:
+                        session.connection().exec_driver_sql("SAVEPOINT push")
+                    before = {name: getattr(run, name) for name in pushes.TOTALS}
+                    try:
+                        answer, totals = self._add_to_run(session, run, batch)
+                    except (_BatchStored, ServiceError) as exc:
+                        refused: BatchOutcome = (
+                            _Unwritten.STORED if isinstance(exc, _BatchStored) else exc
+                        )
+                        if not grouped:
+                            raise _Refused(refused) from exc  # out of the transaction
+                        session.connection().exec_driver_sql("ROLLBACK TO SAVEPOINT push")
+                        for name, value in before.items():
+                            setattr(run, name, value)
+                        outcomes.append(refused)
+                        continue
+                    written[run.id] = run, totals
+                    outcomes.append(answer)
+                for run, totals in written.values():
+                    pushes.update_totals(session, run, totals)
+        except _Refused as exc:
+            return [exc.outcome]
+        return outcomes
+
+    def _add_to_run(
+        self, session: Session, run: Run, batch: PreparedBatch
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Insert the batch's row (``_BatchStored`` on its unique key), check and add it to
+        ``run``'s slices and confusion blocks, and set ``run``'s totals to the new ones: the
+        batch's answer and those totals (``pushes.TOTALS``, for the caller to write)."""
+        config = batch.config
+        row: dict[str, Any] = {
+            "run_pk": run.pk,
+            "batch_id": batch.batch_id,
+            "seq": run.batches + 1,
+            "content_hash": batch.content_hash,
+            "count": batch.count,
+            "sum": batch.sum,
+            "denominator": batch.denominator,
+            "result": batch.result,
+            "created_at": utcnow(),
+        }
+        try:
+            pushes.insert_batch(session, row)
+        except IntegrityError as exc:
+            raise _BatchStored from exc
+        _refuse_non_finite(batch, run.sum, run.denominator, batch.weighted)
+        merged = self._merge_state(run.metric_state, batch.state)
+        replicates = _merge_replicates(run.replicate_state, batch.replicates)
+        _refuse_non_finite_state(replicates, "the run", batch.weighted)
+        if batch.slices:
+            self._add_slices(session, run, config, batch.slices)
+        if batch.cells is not None:
+            pushes.add_block(session, run.pk, row["seq"], batch.cells)
+            pushes.compact_when_due(session, run.pk, batch.cells.size)
+        totals: dict[str, Any] = {
+            "batches": row["seq"],
+            "count": run.count + batch.count,
+            "ignored": run.ignored + batch.result["ignored"],
+            "sum": run.sum + batch.sum,
+            "denominator": run.denominator + batch.denominator,
+            "metric_state": None if merged is None else merged.to_dict(),
+            "updated_at": row["created_at"],
+            "replicate_state": None if replicates is None else replicates.to_dict(),
+            "intervals": None,  # the answer's, below
+            "fingerprint": batch.fingerprint.merge(
+                Fingerprint.from_dict(run.fingerprint)
+                if run.fingerprint is not None
+                else Fingerprint(0, 0, 0)
+            ).to_dict(),
+            "paired_ids": batch.paired and (run.paired_ids or run.batches == 0),
+        }
+        for name, total in totals.items():  # the answer is made from the new totals
+            setattr(run, name, total)
+        answer = self._batch_answer(
+            run, row, duplicate=False, state=merged, tags=config.tags, replicates=replicates
+        )
+        totals["intervals"] = run.intervals = answer["run"]["intervals"]
+        return answer, totals
 
     def _decode_batch(self, request: AddBatchRequest) -> tuple[dict[str, Any], BatchDigest]:
         """The batch's tensors (413 over ``max_elements``) and its content digest: of the
