@@ -153,8 +153,9 @@ def test_pushes_queued_behind_a_transaction_share_the_next_one(
     planes: tuple[RunsDataPlane, RunsDataPlane],  # noqa: F811
 ) -> None:
     """The database's write lock held elsewhere: the first push waits for it in the writer,
-    six more queue meanwhile; once it is released they are written in one transaction, each
-    exactly once with its own answer."""
+    seven more queue meanwhile, one of them a second copy of another (a client's retry);
+    once the lock is released they are written in one transaction, each exactly once with
+    its own answer, and the copy is answered as a duplicate."""
     _, plane = planes
     writer = plane.writer
     assert writer is not None
@@ -172,20 +173,23 @@ def test_pushes_queued_behind_a_transaction_share_the_next_one(
     try:
         threads[0].start()
         time.sleep(0.5)  # in the writer, waiting for the lock
-        threads += [threading.Thread(target=push, args=(p,)) for p in pushes[2:]]
+        threads += [threading.Thread(target=push, args=(p,)) for p in [*pushes[2:], pushes[2]]]
         for thread in threads[1:]:
             thread.start()
         deadline = time.monotonic() + 10
-        while len(writer._queue) < 6 and time.monotonic() < deadline:
+        while len(writer._queue) < 7 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(writer._queue) == 6
+        assert len(writer._queue) == 7
     finally:
         lock.rollback()
         lock.close()
     for thread in threads:
         thread.join(30)
-    assert (writer.transactions, writer.batches) == (3, 8)
-    assert sorted(a["seq"] for a in answers) == list(range(2, 9))
-    assert all(a["duplicate"] is False for a in answers)
+    assert (writer.transactions, writer.batches) == (3, 9)
+    accepted = [a for a in answers if not a["duplicate"]]
+    (again,) = [a for a in answers if a["duplicate"]]
+    assert sorted(a["seq"] for a in accepted) == list(range(2, 9))
+    (twin,) = [a for a in accepted if a["batch_id"] == again["batch_id"] == "b2"]
+    assert again["seq"] == twin["seq"] and again["batch"] == twin["batch"]
     run = plane.get_run(run_id)
     assert run["batches"] == 8 and run["count"] == 8 * 24

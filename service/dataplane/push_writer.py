@@ -54,7 +54,7 @@ class WriterUnstartable(Exception):
     """The worker died or hung before it was ready: the caller writes in its own threads."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (in the queue)
 class _Slot:
     """One push waiting for its group's transaction: its reply once answered."""
 
