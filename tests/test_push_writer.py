@@ -416,3 +416,65 @@ def test_a_writer_that_cannot_start_leaves_pushes_to_the_servers_threads(
     assert [r.getMessage() for r in records] == [
         "push writer could not start: pushes write in the server's threads"
     ]
+
+
+@pytest.mark.parametrize("writer", [False, True], ids=["threads", "writer"])
+async def test_a_push_waiting_for_the_database_holds_no_compute_thread(
+    tmp_path: Path, writer: bool
+) -> None:
+    """One compute thread, and the database's write lock held elsewhere: a push waits for
+    it, and an evaluation sent meanwhile is answered before the lock is released (the push
+    waits in a thread of its own, not in the compute thread)."""
+    import asyncio
+    import base64
+    import sqlite3
+
+    from service.http.app import create_app
+
+    def b64(array: np.ndarray) -> dict[str, Any]:
+        data = base64.b64encode(np.ascontiguousarray(array).tobytes()).decode()
+        return {"dtype": str(array.dtype), "shape": list(array.shape), "data": data}
+
+    database = tmp_path / "runs.db"
+    settings = Settings(
+        database_url=f"sqlite:///{database}",
+        backend="numpy",
+        log_level="warning",
+        compute_threads=1,
+        push_writer=writer,
+    )
+    app = create_app(settings)
+    part = batches(30, C, 2, rows=8)
+    big = batches(31, 64, 1, rows=512)[0]  # over INLINE_ELEMENTS: runs in a compute thread
+    evaluation = {
+        "loss": "cross_entropy",
+        "logits": b64(big["logits"]),
+        "targets": b64(big["targets"]),
+    }
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as api,
+    ):
+        created = await api.post("/v1/runs", json={"name": "wait", "loss": "cross_entropy"})
+        path = f"/v1/runs/{created.json()['id']}/batches"
+
+        def push(i: int) -> Any:
+            body = {"batch_id": f"b{i}", **{k: b64(v) for k, v in part[i].items()}}
+            return api.post(path, json=body)
+
+        assert (await push(0)).status_code == 200  # (the writer started)
+        lock = sqlite3.connect(database, isolation_level=None, timeout=30)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            pushing = asyncio.ensure_future(push(1))
+            await asyncio.sleep(0.5)
+            assert not pushing.done()
+            answer = await asyncio.wait_for(api.post("/v1/evaluate", json=evaluation), 10)
+            assert answer.status_code == 200, answer.text
+            assert not pushing.done()
+        finally:
+            lock.rollback()
+            lock.close()
+        pushed = await asyncio.wait_for(pushing, 30)
+        assert pushed.status_code == 200 and pushed.json()["seq"] == 2

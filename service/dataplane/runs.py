@@ -32,8 +32,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
 
+import anyio
 import blake3
 import numpy as np
 import orjson
@@ -469,6 +471,15 @@ class PreparedBatch:
     @property
     def count(self) -> int:
         return int(self.result["count"])
+
+
+@dataclass(frozen=True)
+class PendingBatch:
+    """A prepared batch and, for answering a retry from the store, its digest (which holds
+    the batch's arrays: it stays in the server)."""
+
+    batch: PreparedBatch
+    digest: BatchDigest
 
 
 class _Totals(Protocol):
@@ -993,7 +1004,8 @@ class RunsDataPlane:
         *,
         principal: str | None = None,
     ) -> dict[str, Any]:
-        """Evaluate one batch with the run's loss and metrics and add it to the aggregates.
+        """Evaluate one batch with the run's loss and metrics and add it to the aggregates:
+        :meth:`prepare_batch`, then :meth:`finish_batch`.
 
         The same ``batch_id`` with the same content (BLAKE3 of the decoded tensors) answers the
         stored batch result again with ``duplicate: true`` and changes nothing; with different
@@ -1005,6 +1017,35 @@ class RunsDataPlane:
         from the store) and the aggregates updated. Otherwise a read first finds the run (404),
         a replay or a closed run before any evaluation.
         """
+        pending = self.prepare_batch(run_id, payload, principal=principal)
+        return pending if isinstance(pending, dict) else self.finish_batch(pending)
+
+    async def add_batch_async(
+        self,
+        run_id: str,
+        payload: Mapping[str, Any] | AddBatchRequest,
+        *,
+        principal: str | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`add_batch` from an event loop, within the admission bound (503 when full):
+        the evaluation in a compute thread, the write transaction in another thread, so that
+        a push waiting for the push writer or the database holds no compute thread."""
+        with self.dataplane.admission.admit():
+            prepare = partial(self.prepare_batch, principal=principal)
+            pending = await self.dataplane.in_thread(prepare, run_id, payload)
+            if isinstance(pending, dict):
+                return pending
+            return await anyio.to_thread.run_sync(self.finish_batch, pending)
+
+    def prepare_batch(
+        self,
+        run_id: str,
+        payload: Mapping[str, Any] | AddBatchRequest,
+        *,
+        principal: str | None = None,
+    ) -> dict[str, Any] | PendingBatch:
+        """The batch validated and evaluated, ready for its write transaction; or the stored
+        answer of a retry found before any evaluation (the run's configuration not cached)."""
         request: AddBatchRequest = _parse(AddBatchRequest, payload, self.settings)
         arrays, digest = self._decode_batch(request)
         logits, sample_weight = arrays["logits"], arrays["sample_weight"]
@@ -1069,6 +1110,13 @@ class RunsDataPlane:
             fingerprint=identity.fingerprint,
             paired=identity.paired,
         )
+        return PendingBatch(prepared, digest)
+
+    def finish_batch(self, pending: PendingBatch) -> dict[str, Any]:
+        """The write transaction of a prepared batch (in the push writer, or here) and its
+        answer: a closed run's 409, or a stored ``batch_id`` answered from the store."""
+        prepared = pending.batch
+        run_id, principal = prepared.run_id, prepared.principal
         try:
             outcome = self._write(prepared)
         except NotFound:
@@ -1078,14 +1126,14 @@ class RunsDataPlane:
             try:
                 with _store_guard(), self.store.read() as session:
                     run = self._load(session, run_id, principal)
-                    replay = self._replay(session, run, request.batch_id, digest)
+                    replay = self._replay(session, run, prepared.batch_id, pending.digest)
             except NotFound:  # deleted meanwhile
                 self.configs.discard(run_id)
                 raise
             if replay is not None:
                 return replay
             if outcome is _Unwritten.STORED:  # a batch row goes only with its run
-                raise RuntimeError(f"batch {request.batch_id!r} was stored, then not found")
+                raise RuntimeError(f"batch {prepared.batch_id!r} was stored, then not found")
             self.configs.discard(run_id)
             raise _closed(run_id)
         if self.on_batch is not None:

@@ -247,8 +247,7 @@ class LossEvaluationServicer:
     ) -> dict[str, Any]:
         """One batch through the admission bound (UNAVAILABLE when full or draining)."""
         payload = batch_from_proto(message, self.dataplane.settings.max_elements, data)
-        add = partial(self._runs().add_batch, principal=principal)
-        return await self.dataplane.run_admitted(add, run_id, payload)
+        return await self._runs().add_batch_async(run_id, payload, principal=principal)
 
     # ------------------------------------------------------------- methods
 

@@ -235,8 +235,7 @@ async def add_batch(request: Request, run_id: str) -> Response:
         payload = await dataplane.parse_off_loop(len(body), parse)
     else:
         payload = await read_json(request, content_type)
-    add = partial(_runs(request).add_batch, principal=_principal(request))
-    answer = await dataplane.run_admitted(add, run_id, payload)
+    answer = await _runs(request).add_batch_async(run_id, payload, principal=_principal(request))
     return FastJSONResponse(answer)
 
 
