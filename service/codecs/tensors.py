@@ -6,12 +6,12 @@ C order. Element counts are checked before any allocation.
 
 from __future__ import annotations
 
-import base64
 import binascii
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pybase64
 from pydantic import BaseModel
 
 from ce_eval_client.wire import WIRE_DTYPES
@@ -123,7 +123,7 @@ def decode_tensor(value: Any, loc: Sequence[str | int], max_elements: int) -> np
         if not isinstance(data, (str, bytes)):
             raise _invalid((*loc, "data"), "data must be a base64 string")
         try:
-            raw = base64.b64decode(data, validate=True)
+            raw = pybase64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             raise _invalid((*loc, "data"), "data is not valid base64", "base64") from None
         return from_bytes(raw, str(fields.get("dtype")), fields.get("shape", []), loc, max_elements)
