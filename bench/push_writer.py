@@ -30,6 +30,7 @@ from service.dataplane import push_writer
 from service.dataplane.push_writer import PushWriter
 from service.dataplane.runs import PreparedBatch, RunsDataPlane
 from service.store import Store
+from tests.test_push_groups import capture_prepared
 from tests.test_runs_details import batches
 
 C = 12
@@ -47,14 +48,7 @@ def prepared(url: str) -> tuple[Store, PreparedBatch]:
     store.upgrade()
     settings = Settings(database_url=url, backend="numpy", log_level="warning")
     plane = RunsDataPlane(settings, store)
-    made: list[PreparedBatch] = []
-    write = plane._write
-
-    def capture(batch: PreparedBatch) -> Any:
-        made.append(batch)
-        return write(batch)
-
-    plane._write = capture  # type: ignore[method-assign]
+    made = capture_prepared(plane)
     run_id = plane.create_run(RUN)["id"]
     plane.add_batch(run_id, {"batch_id": "first", **batches(1, C, 1, rows=24)[0]})
     return store, made[0]

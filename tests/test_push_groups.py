@@ -61,18 +61,24 @@ def _heavy(seed: int) -> dict[str, Any]:
     return {**part, "logits": z, "sample_weight": np.full(4, 1e308 / losses.sum())}
 
 
-def _prepared(scratch: RunsDataPlane) -> list[tuple[str, PreparedBatch]]:
-    """(run role, prepared batch) pairs, made by pushing in ``scratch``: a full run's batches,
-    one of them again (a retry), a closed run's batch, two heavy batches of which the second
-    is refused (422), and an unknown run's batch."""
+def capture_prepared(plane: RunsDataPlane) -> list[PreparedBatch]:
+    """The batches ``plane`` prepares from now on, in order (each written as before)."""
     made: list[PreparedBatch] = []
-    write = scratch._write
+    write = plane._write
 
     def capture(batch: PreparedBatch) -> Any:
         made.append(batch)
         return write(batch)
 
-    scratch._write = capture  # type: ignore[method-assign]
+    plane._write = capture  # type: ignore[method-assign]
+    return made
+
+
+def _prepared(scratch: RunsDataPlane) -> list[tuple[str, PreparedBatch]]:
+    """(run role, prepared batch) pairs, made by pushing in ``scratch``: a full run's batches,
+    one of them again (a retry), a closed run's batch, two heavy batches of which the second
+    is refused (422), and an unknown run's batch."""
+    made = capture_prepared(scratch)
     full, big, closed = (scratch.create_run(r)["id"] for r in (RUN, BIG, RUN))
     roles = {full: "full", big: "big", closed: "closed"}
     pushes = _pushes(21, 4)
