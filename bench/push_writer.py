@@ -57,7 +57,7 @@ def prepared(url: str) -> tuple[Store, PreparedBatch]:
 def measure(url: str, group: int, threads: int, seconds: float) -> dict[str, float]:
     """Pushes/s through one writer with ``MAX_GROUP = group``."""
     store, batch = prepared(url)
-    push_writer.MAX_GROUP = group
+    default, push_writer.MAX_GROUP = push_writer.MAX_GROUP, group
     writer = PushWriter(Settings(database_url=url, log_level="warning"))
     try:
         writer.write_batch(replace(batch, batch_id="warm"))
@@ -80,6 +80,7 @@ def measure(url: str, group: int, threads: int, seconds: float) -> dict[str, flo
         done, transactions = writer.batches - before[0], writer.transactions - before[1]
         return {"rate": done / elapsed, "per_transaction": done / transactions}
     finally:
+        push_writer.MAX_GROUP = default
         writer.close()
         store.dispose()
 
@@ -130,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
             ratio = statistics.median(p["grouped"]["rate"] / p["one"]["rate"] for p in pairs)
             report["results"].append({"store": store, "rounds": pairs, "ratio": ratio})
             print(f"{store}: group commit ×{ratio:.2f} the writer's pushes/s (median of pairs)")
-    push_writer.MAX_GROUP = default
     write_results(report, "push_writer", args.json)
     return 0
 

@@ -199,3 +199,61 @@ def test_pushes_queued_behind_a_transaction_share_the_next_one(
     assert again["seq"] == twin["seq"] and again["batch"] == twin["batch"]
     run = plane.get_run(run_id)
     assert run["batches"] == 8 and run["count"] == 8 * 24
+
+
+def test_a_group_locks_its_runs_first_in_id_order(
+    planes: tuple[RunsDataPlane, RunsDataPlane],  # noqa: F811
+) -> None:
+    """Two replicas' groups holding the same runs lock them in the same order (no deadlock):
+    every run of a group is locked before its first batch row, by id."""
+    from sqlalchemy import event
+
+    plane, _ = planes
+    made = capture_prepared(plane)
+    ids = [plane.create_run(RUN)["id"] for _ in range(3)]
+    for run_id, body in zip(ids, _pushes(23, 3), strict=True):
+        plane.add_batch(run_id, dict(body))
+    locked: list[str] = []
+    statements: list[str] = []
+
+    @event.listens_for(plane.store.engine, "before_cursor_execute")
+    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
+        statements.append(statement.split()[0])
+        if statement.startswith("SELECT runs.pk"):
+            locked.append(parameters[0])
+
+    group = [replace(b, batch_id=f"again-{i}") for i, b in enumerate(reversed(made))]
+    outcomes = plane.write_batches(group)
+    assert [o["seq"] for o in outcomes if isinstance(o, dict)] == [2, 2, 2]
+    assert locked == sorted(ids)
+    assert statements.index("INSERT") > statements.index("SELECT") + 2
+
+
+def test_a_group_that_fails_as_a_whole_is_written_again_one_by_one(
+    planes: tuple[RunsDataPlane, RunsDataPlane],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug in one push's statements rolls its group back: the writer writes the group's
+    pushes again one at a time, so that only that push fails (500) and the others are
+    stored once."""
+    from service.dataplane import push_writer
+
+    plane, _ = planes
+    made = capture_prepared(plane)
+    run_id = plane.create_run(RUN)["id"]
+    plane.add_batch(run_id, dict(_pushes(24, 1)[0]))
+    group = [replace(made[0], batch_id=f"g{i}") for i in range(3)]
+    add = RunsDataPlane._add_to_run
+
+    def failing(self: RunsDataPlane, session: Any, run: Any, batch: PreparedBatch) -> Any:
+        if batch.batch_id == "g1":
+            raise RuntimeError("injected")
+        return add(self, session, run, batch)
+
+    monkeypatch.setattr(RunsDataPlane, "_add_to_run", failing)
+    replies = push_writer._write(plane, group)
+    assert [r[0] for r in replies] == ["ok", "crash", "ok"]
+    assert "injected" in replies[1][1]
+    assert [r[1]["seq"] for r in (replies[0], replies[2])] == [2, 3]
+    run = plane.get_run(run_id)
+    assert run["batches"] == 3 and run["count"] == 3 * 24

@@ -35,10 +35,11 @@ from service.logs import get_logger
 
 if TYPE_CHECKING:
     from service.config import Settings
-    from service.dataplane.runs import BatchOutcome, PreparedBatch, _Unwritten
+    from service.dataplane.runs import BatchOutcome, PreparedBatch, RunsDataPlane, _Unwritten
 
 log = get_logger("runs")
-#: The most pushes one transaction writes.
+#: The most pushes one transaction writes (at most 64: on PostgreSQL each batch's savepoint
+#: takes a subtransaction id, and a backend caches 64 of them).
 MAX_GROUP = 16
 #: How long shutdown waits for a transaction in flight before killing the worker.
 CLOSE_WAIT_SECONDS = 10.0
@@ -70,10 +71,11 @@ class PushWriter:
     together, up to ``MAX_GROUP`` (:meth:`RunsDataPlane.write_batches`: one commit, each run
     locked and its totals written once, each batch's outcome its own). The push that finds no
     transaction running sends the queue's head and hands out the answers (no thread of its
-    own). A transaction of k batches may take ``k × timeout`` seconds (``timeout``:
-    ``database_statement_timeout_s`` or ``DATABASE_WAIT_SECONDS``, × 4 for a batch's
-    statements, + 10 s); past that its worker is killed, its pushes answer 503 and the next
-    one starts a new worker. A push waits at most ``timeout`` for a transaction to take it."""
+    own). A lone push's transaction may take ``timeout`` seconds
+    (``database_statement_timeout_s`` or ``DATABASE_WAIT_SECONDS``, × 4 for a batch's
+    statements, + 10 s), a group's twice that; past that its worker is killed, its pushes
+    answer 503 and the next one starts a new worker. A push waits at most ``timeout`` in the
+    queue (and while it sends other pushes' group, that group's bound)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -100,7 +102,12 @@ class PushWriter:
             self._queue.append(slot)
             while slot.reply is None:
                 if not self._sending:
-                    self._send_group()
+                    try:
+                        self._send_group()
+                    except BaseException:  # its own push may be beyond the group: not sent
+                        if slot in self._queue:
+                            self._queue.remove(slot)
+                        raise
                     continue
                 left = deadline - time.monotonic()
                 if slot in self._queue:
@@ -124,18 +131,19 @@ class PushWriter:
         self._sending = True
         group = self._queue[:MAX_GROUP]
         del self._queue[:MAX_GROUP]
-        replies = [workers.crash_reply(RuntimeError("the transaction was interrupted"))] * len(
-            group
-        )
+        failed = workers.error_reply(self._unavailable("the push writer failed"))
+        replies: list[tuple[Any, ...]] = []
         self._answered.release()
         try:
             replies = self._round_trip([slot.batch for slot in group])
         finally:
             self._answered.acquire()
-            for slot, reply in zip(group, replies, strict=True):
-                slot.reply = reply
-            self._sending = False
-            self._answered.notify_all()
+            try:
+                for i, slot in enumerate(group):
+                    slot.reply = replies[i] if i < len(replies) else failed
+            finally:
+                self._sending = False
+                self._answered.notify_all()
 
     def _round_trip(self, batches: list[PreparedBatch]) -> list[tuple[Any, ...]]:
         """The worker's replies to ``batches``, one each; one failure's reply for all when the
@@ -155,11 +163,16 @@ class PushWriter:
             process, conn = self._worker
             try:
                 conn.send(batches)
-                if not conn.poll(self.timeout * len(batches)):
+                if not conn.poll(self.timeout * min(len(batches), 2)):
                     process.kill()
                     raise EOFError
                 replies: list[tuple[Any, ...]] = conn.recv()
-            except (EOFError, OSError):
+            except BaseException as exc:  # no reply read: this worker is out of step, or dead
+                if not isinstance(exc, EOFError | OSError):
+                    process.kill()
+                    workers.reap(process, conn, 5.0)
+                    self._worker = None
+                    raise
                 code = workers.reap(process, conn, 5.0)
                 self._worker = None
                 fields = {"pid": process.pid, "code": code}
@@ -245,16 +258,25 @@ def worker_main(conn: Connection, argv: list[str]) -> None:
                 return
             if batches is None:
                 return
-            try:
-                replies = [_reply(outcome) for outcome in runs.write_batches(batches)]
-            except ServiceError as exc:  # the store's (503): the whole transaction
-                replies = [workers.error_reply(exc)] * len(batches)
-            except Exception as exc:  # a bug: the server answers 500, as in its own threads
-                log.exception("push writer transaction failed")
-                replies = [workers.crash_reply(exc)] * len(batches)
-            conn.send(replies)
+            conn.send(_write(runs, batches))
     finally:
         store.dispose()
+
+
+def _write(runs: RunsDataPlane, batches: list[PreparedBatch]) -> list[tuple[Any, ...]]:
+    """The replies to one transaction of ``batches``. A group that fails as a whole (the
+    store, a bug: nothing of it committed) is written again one push at a time, so that one
+    push's failure stays its own."""
+    try:
+        return [_reply(outcome) for outcome in runs.write_batches(batches)]
+    except Exception as exc:
+        if len(batches) > 1:
+            log.warning("a group of pushes failed: writing them one by one", exc_info=True)
+            return [reply for batch in batches for reply in _write(runs, [batch])]
+        if isinstance(exc, ServiceError):  # the store's (503)
+            return [workers.error_reply(exc)]
+        log.exception("push writer transaction failed")  # a bug: 500, as in the server's threads
+        return [workers.crash_reply(exc)]
 
 
 def _reply(outcome: BatchOutcome) -> tuple[Any, ...]:

@@ -583,6 +583,9 @@ class RunsDataPlane:
         self.store = store
         #: runs the pushes' write transactions in a process of its own (None: in the caller's)
         self.writer = writer
+        #: threads of pushes waiting for their write transaction (apart from anyio's default
+        #: threads, which readiness and the run reads use); admission bounds them too
+        self.write_limiter = anyio.CapacityLimiter(settings.max_inflight)
         self.dataplane = dataplane or DataPlane(settings)
         self.on_evaluate = on_evaluate
         self.on_batch = on_batch
@@ -1011,7 +1014,8 @@ class RunsDataPlane:
         stored batch result again with ``duplicate: true`` and changes nothing; with different
         content it is a 409, as is any batch for a closed run.
 
-        One write transaction per batch when the run's configuration is cached (``configs``):
+        One write transaction when the run's configuration is cached (``configs``; the push
+        writer's may hold other pushes too, :meth:`write_batches`):
         the batch is evaluated first, then the run is locked, the batch row inserted (a stored
         ``batch_id`` fails the insert: the transaction is rolled back and the retry answered
         from the store) and the aggregates updated. Otherwise a read first finds the run (404),
@@ -1035,7 +1039,9 @@ class RunsDataPlane:
             pending = await self.dataplane.in_thread(prepare, run_id, payload)
             if isinstance(pending, dict):
                 return pending
-            return await anyio.to_thread.run_sync(self.finish_batch, pending)
+            return await anyio.to_thread.run_sync(
+                self.finish_batch, pending, limiter=self.write_limiter
+            )
 
     def prepare_batch(
         self,
@@ -1164,7 +1170,9 @@ class RunsDataPlane:
         inserts its batch row and adds itself to the run's slices, confusion blocks and totals;
         each run's totals are written once, at the end.
 
-        A batch's outcome is the one it would get alone after those before it: its answer;
+        The runs are locked first, in id order (a deadlock between two replicas' groups needs
+        two orders). A batch's outcome is the one it would get alone after those before it:
+        its answer;
         ``CLOSED`` (the run is closed); ``STORED`` (its insert failed on the unique key, before
         any check of the merge); or its refusal (404, 422). A refused or stored batch writes
         nothing: alone, its transaction is rolled back; in a group, each batch's statements
@@ -1175,11 +1183,10 @@ class RunsDataPlane:
         grouped = len(batches) > 1
         try:
             with _store_guard(), self.store.write() as session:
-                runs: dict[str, Run | None] = {}
+                # in id order: two replicas' groups lock shared runs in the same order
+                runs = {i: pushes.lock_run(session, i) for i in sorted({b.run_id for b in batches})}
                 written: dict[str, tuple[Run, dict[str, Any]]] = {}
                 for batch in batches:
-                    if batch.run_id not in runs:
-                        runs[batch.run_id] = pushes.lock_run(session, batch.run_id, None)
                     run = runs[batch.run_id]
                     if run is None or batch.principal not in (None, run.owner):
                         outcomes.append(_not_found(batch.run_id))

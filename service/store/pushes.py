@@ -55,7 +55,6 @@ SLICE_QUERY_CHUNK = 1000
 
 # Built once (these run on every push): statements with bound parameters.
 _LOCK_RUN = select(RUNS).where(RUNS.c.id == bindparam("run_id")).with_for_update()
-_LOCK_OWNED_RUN = _LOCK_RUN.where(RUNS.c.owner == bindparam("owner"))
 _FIND_BATCH = select(BATCHES).where(
     BATCHES.c.run_pk == bindparam("run_pk"), BATCHES.c.batch_id == bindparam("batch_id")
 )
@@ -78,13 +77,10 @@ COMPACT_MIN_CELLS = 65536
 COMPACT_MAX_BLOCKS = 256
 
 
-def lock_run(session: Session, run_id: str, principal: str | None) -> Run | None:
+def lock_run(session: Session, run_id: str) -> Run | None:
     """The run's row, locked for the transaction (``FOR UPDATE``; SQLite's writer lock is the
-    transaction's), or None when missing or not ``principal``'s (None: any run)."""
-    query, params = _LOCK_RUN, {"run_id": run_id}
-    if principal is not None:
-        query, params = _LOCK_OWNED_RUN, {**params, "owner": principal}
-    row = session.connection().execute(query, params).mappings().one_or_none()
+    transaction's), or None when missing."""
+    row = session.connection().execute(_LOCK_RUN, {"run_id": run_id}).mappings().one_or_none()
     return None if row is None else Run(**row)
 
 
