@@ -260,10 +260,15 @@ async def test_a_database_in_memory_keeps_its_pushes_in_the_server(url: str) -> 
 def _locked_database(plane: RunsDataPlane) -> Any:
     """A connection of the test's own holding the SQLite write lock of ``plane``'s database
     (``rollback()`` releases it)."""
-    import sqlite3
-
     database = plane.store.url.database
     assert database is not None
+    return _locked_file(database)
+
+
+def _locked_file(database: str | Path) -> Any:
+    """A connection holding the write lock of the SQLite file ``database``."""
+    import sqlite3
+
     connection = sqlite3.connect(database, isolation_level=None, timeout=30)
     connection.execute("BEGIN IMMEDIATE")
     return connection
@@ -427,7 +432,6 @@ async def test_a_push_waiting_for_the_database_holds_no_compute_thread(
     waits in a thread of its own, not in the compute thread)."""
     import asyncio
     import base64
-    import sqlite3
 
     from service.http.app import create_app
 
@@ -464,8 +468,7 @@ async def test_a_push_waiting_for_the_database_holds_no_compute_thread(
             return api.post(path, json=body)
 
         assert (await push(0)).status_code == 200  # (the writer started)
-        lock = sqlite3.connect(database, isolation_level=None, timeout=30)
-        lock.execute("BEGIN IMMEDIATE")
+        lock = _locked_file(database)
         try:
             pushing = asyncio.ensure_future(push(1))
             await asyncio.sleep(0.5)

@@ -131,7 +131,6 @@ class PushWriter:
         self._sending = True
         group = self._queue[:MAX_GROUP]
         del self._queue[:MAX_GROUP]
-        failed = workers.error_reply(self._unavailable("the push writer failed"))
         replies: list[tuple[Any, ...]] = []
         self._answered.release()
         try:
@@ -140,7 +139,11 @@ class PushWriter:
             self._answered.acquire()
             try:
                 for i, slot in enumerate(group):
-                    slot.reply = replies[i] if i < len(replies) else failed
+                    slot.reply = (
+                        replies[i]
+                        if i < len(replies)
+                        else workers.error_reply(self._unavailable("the push writer failed"))
+                    )
             finally:
                 self._sending = False
                 self._answered.notify_all()
@@ -168,13 +171,13 @@ class PushWriter:
                     raise EOFError
                 replies: list[tuple[Any, ...]] = conn.recv()
             except BaseException as exc:  # no reply read: this worker is out of step, or dead
-                if not isinstance(exc, EOFError | OSError):
+                dead = isinstance(exc, EOFError | OSError)
+                if not dead:
                     process.kill()
-                    workers.reap(process, conn, 5.0)
-                    self._worker = None
-                    raise
                 code = workers.reap(process, conn, 5.0)
                 self._worker = None
+                if not dead:
+                    raise
                 fields = {"pid": process.pid, "code": code}
                 log.warning("push writer died", extra={"fields": fields})
                 died = self._unavailable(f"the push writer died (exit code {code})")

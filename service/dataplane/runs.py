@@ -1166,13 +1166,12 @@ class RunsDataPlane:
 
     def write_batches(self, batches: Sequence[PreparedBatch]) -> list[BatchOutcome]:
         """The write transaction of pushes, in order (one, or the push writer's group: those
-        queued while its last transaction ran). Each batch locks its run (once a transaction),
-        inserts its batch row and adds itself to the run's slices, confusion blocks and totals;
-        each run's totals are written once, at the end.
+        queued while its last transaction ran). The runs are locked first, in id order (a
+        deadlock between two replicas' groups needs two orders); then each batch inserts its
+        batch row and adds itself to its run's slices, confusion blocks and totals; each run's
+        totals are written once, at the end.
 
-        The runs are locked first, in id order (a deadlock between two replicas' groups needs
-        two orders). A batch's outcome is the one it would get alone after those before it:
-        its answer;
+        A batch's outcome is the one it would get alone after those before it: its answer;
         ``CLOSED`` (the run is closed); ``STORED`` (its insert failed on the unique key, before
         any check of the merge); or its refusal (404, 422). A refused or stored batch writes
         nothing: alone, its transaction is rolled back; in a group, each batch's statements
