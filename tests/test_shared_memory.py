@@ -202,6 +202,49 @@ def test_infer_reads_inputs_and_writes_outputs_in_regions(
     assert bytes(_buf(segment)[1032 + grad_bytes : 3072]) == bytes(3072 - 1032 - grad_bytes)
 
 
+def test_shared_infer_parses_evaluates_and_encodes_in_one_thread_hop(
+    client: TestClient, segment: shared_memory.SharedMemory
+) -> None:
+    """Each compute-thread hop costs two thread wake-ups: a request naming regions (parsing
+    and encoding cost their tensors' bytes) takes one for all its work, not one per step."""
+    logits = RNG.standard_normal((4, 7)).astype(np.float32)
+    targets = RNG.integers(0, 7, size=4)
+    _write(segment, logits, 0)
+    _write(segment, targets, 256)
+    assert _register(client, "in", "/" + segment.name, 1024).status_code == 200
+    assert _register(client, "out", "/" + segment.name, 2048, offset=1024).status_code == 200
+    dataplane = client.app.state.dataplane  # type: ignore[attr-defined]
+    hops: list[str] = []
+    in_thread = dataplane.in_thread
+
+    async def counted(fn: object, *args: object) -> object:
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await in_thread(fn, *args)
+
+    dataplane.in_thread = counted
+    body = {
+        "inputs": [
+            _shm_input("logits", logits, "in"),
+            _shm_input("targets", targets, "in", offset=256),
+        ],
+        "outputs": [
+            {"name": "grad", "parameters": {"shared_memory_region": "out",
+                                             "shared_memory_byte_size": logits.nbytes}},
+        ],
+    }  # fmt: skip
+    r = client.post("/v2/models/cross_entropy/infer", json=body, headers=A)
+    assert r.status_code == 200, r.text
+    assert len(hops) == 1, hops
+    _, grad = reference_ce(logits, targets)
+    written = np.frombuffer(_buf(segment)[1024 : 1024 + logits.nbytes], np.float32)
+    np.testing.assert_allclose(written.reshape(4, 7), grad, rtol=1e-5, atol=1e-7)
+    # A bad region is still the parse's 4xx, naming the input.
+    body["inputs"][0]["parameters"]["shared_memory_region"] = "nope"  # type: ignore[index]
+    r = client.post("/v2/models/cross_entropy/infer", json=body, headers=A)
+    assert r.status_code == 404, r.text
+    assert "nope" in r.text
+
+
 def test_metrics_output_in_a_region(
     client: TestClient, segment: shared_memory.SharedMemory
 ) -> None:

@@ -7,6 +7,7 @@ for every path under ``/v2`` (:func:`service.http.responses.problem_body`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 from fastapi import APIRouter, Request
@@ -16,6 +17,7 @@ import ce_engine
 from service import __version__
 from service.codecs.oip import (
     HEADER_LENGTH,
+    InferRequest,
     encode_infer_response,
     model_metadata,
     parse_infer_request,
@@ -79,6 +81,15 @@ async def model_ready(request: Request, loss: str, version: str | None = None) -
     return FastJSONResponse({"name": loss, "ready": True})
 
 
+def _infer_shared(
+    dataplane: DataPlane, loss: str, parse: Callable[[], InferRequest]
+) -> tuple[bytes, int | None]:
+    """A request naming shared-memory regions, parsed, evaluated and encoded (a thread's)."""
+    infer_request = parse()
+    result = dataplane.evaluate(infer_request.request, "raw")
+    return encode_infer_response(loss, infer_request, result)
+
+
 @router.post("/models/{loss}/infer", summary="Evaluate the loss (JSON or binary tensors)")
 @router.post("/models/{loss}/versions/{version}/infer", summary="Evaluate the loss")
 async def infer(request: Request, loss: str, version: str | None = None) -> Response:
@@ -94,17 +105,18 @@ async def infer(request: Request, loss: str, version: str | None = None) -> Resp
         dataplane.settings,
         regions,
     )
-    # Tensors read from shared memory cost what their bytes cost, however small the body.
-    shared = len(body) <= INLINE_BODY_BYTES and SHARED_MARK in bytes(body)
-    infer_request = await dataplane.parse_off_loop(
-        INLINE_BODY_BYTES + 1 if shared else len(body), parse
-    )
-    result = await dataplane.evaluate_async(infer_request.request, "raw", len(body))
-    encode = partial(encode_infer_response, loss, infer_request, result)
-    if infer_request.shared_outputs:
-        body, header_length = await dataplane.in_thread(encode)
+    if len(body) <= INLINE_BODY_BYTES and SHARED_MARK in bytes(body):
+        # Tensors in shared memory cost what their bytes cost, however small the body: the
+        # parse, the evaluation and the encoding take one compute-thread hop together.
+        body, header_length = await dataplane.run_admitted(_infer_shared, dataplane, loss, parse)
     else:
-        body, header_length = encode()
+        infer_request = await dataplane.parse_off_loop(len(body), parse)
+        result = await dataplane.evaluate_async(infer_request.request, "raw", len(body))
+        encode = partial(encode_infer_response, loss, infer_request, result)
+        if infer_request.shared_outputs:  # a large body naming an output region
+            body, header_length = await dataplane.in_thread(encode)
+        else:
+            body, header_length = encode()
     if header_length is None:
         return Response(body, media_type="application/json")
     return Response(
