@@ -1,15 +1,18 @@
-"""``bench.serving``'s wrk driver (the benchmark itself is not a test): wrk's report is parsed
-with its error lines, and a binary body reaches the server byte for byte through the Lua script."""
+"""``bench.serving``'s wrk driver and verdicts (the benchmark itself is not a test): wrk's report is
+parsed with its error lines, a binary body reaches the server byte for byte through the Lua
+script, and each 512×32000 row is judged against its own floor."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
-from bench.serving import parse_wrk, wrk_load
+from bench.serving import _row, _verdicts, copy_floor, parse_wrk, wrk_load
 
 REPORT = """Running 4s test @ http://127.0.0.1:8000/v1/evaluate
   1 threads and 32 connections
@@ -68,3 +71,31 @@ def test_wrk_load_posts_a_binary_body_byte_for_byte() -> None:
     assert report["requests"] > 0 and seen
     assert {content_type for content_type, _ in seen} == {"application/x-test"}
     assert all(data == body for _, data in seen)
+
+
+def test_the_sdk_shared_memory_row_is_judged_against_engine_plus_its_copy() -> None:
+    """The SDK copies the logits into its region on every call: that row's goal is a share of
+    engine + that copy alone, the in-place row's a share of engine-only, the sockets' a share of
+    engine + bare TCP."""
+    engine, tcp, copy = 0.008, 0.020, 0.003
+    rows = [
+        _row(512, 32000, "OIP shared memory", 0.0150, 30, 65.5, engine, copy, "copy"),
+        _row(512, 32000, "OIP shm in place", 0.0125, 30, 65.5, engine),
+        _row(512, 32000, "OIP v2 binary", 0.0400, 30, 65.5, engine, tcp, "TCP"),
+    ]
+    targets = _verdicts(rows, [])["targets"]
+    assert targets["512x32000 OIP shared memory"] == {
+        "ratio": pytest.approx((0.008 + 0.003) / 0.015),  # 73%: met, at 53% of engine-only
+        "of": "engine + copy",
+        "met": True,
+    }
+    assert targets["512x32000 OIP shm in place"]["ratio"] == pytest.approx(0.008 / 0.0125)
+    assert targets["512x32000 OIP shm in place"]["met"] is False  # 64%
+    assert targets["512x32000 OIP v2 binary"]["ratio"] == pytest.approx(0.028 / 0.04)
+
+
+def test_copy_floor_times_a_copy_and_leaves_no_object_behind() -> None:
+    before = set(os.listdir("/dev/shm"))
+    times = copy_floor(np.ones((64, 1024), np.float32), budget_s=0.05)
+    assert len(times) >= 2 and all(t > 0 for t in times)
+    assert set(os.listdir("/dev/shm")) <= before
