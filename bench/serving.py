@@ -10,10 +10,11 @@ then measures from this process:
    call, the server reads them from it), and in shared memory in place (the logits already lie
    in a ``Client.shared_array``, where a co-located producer writes its output; nothing copies
    them) at 8×32000 and 512×32000, next to
-   ``ce_engine.evaluate`` alone on the same arrays (re-timed right after each transport, so a
-   ratio compares runs under the same machine load) and to the bare localhost TCP transfer
-   of the logits' bytes (a socket into a preallocated buffer: no HTTP, no parsing), whose
-   sum with the engine time is the best any transport could reach on the machine;
+   ``ce_engine.evaluate`` alone on the same arrays (called in turn with each transport's
+   requests, so a ratio compares the two under the same machine load) and to the bare
+   localhost TCP transfer of the logits' bytes (a socket into a preallocated buffer: no HTTP,
+   no parsing), whose sum with the engine time is the best any transport could reach on the
+   machine;
 2. req/s with 32 concurrent keep-alive connections for a 16×10 ``/v1/evaluate`` (JSON lists,
    then protobuf) vs ``POST /noop`` with the same body, in paired rounds (a minimal raw-socket
    load generator, or with ``--load wrk`` wrk itself: 1 thread, 3 rounds by default); the
@@ -104,6 +105,26 @@ def _timed(fn: Callable[[], Any], budget_s: float, max_reps: int) -> list[float]
         fn()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _paired(
+    fn: Callable[[], Any], reference: Callable[[], Any], budget_s: float, max_reps: int
+) -> tuple[list[float], list[float]]:
+    """Times of ``fn`` and of ``reference``, called in turn (``reference`` first), so that the
+    two medians see the same moments of the machine's load."""
+    fn()
+    reference()
+    times: list[float] = []
+    reference_times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 2 or time.perf_counter() - started < budget_s):
+        t0 = time.perf_counter()
+        reference()
+        t1 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t1)
+        reference_times.append(t1 - t0)
+    return times, reference_times
 
 
 def copy_floor(logits: np.ndarray, budget_s: float) -> list[float]:
@@ -214,10 +235,11 @@ def throughput(url: str, grpc_target: str, budget_s: float, json_big: bool) -> l
                 value = call().value
                 assert value is not None and abs(value - expected) <= 1e-4 * abs(expected)
                 reps = 3 if transport == "json" else 30
-                times = _timed(call, budget_s, reps)
+                # engine-only called in turn with the transport: the ratio compares the two
+                # under the same machine load
+                times, engine_times = _paired(call, engine, budget_s, reps)
             median = statistics.median(times)
-            # engine-only again right after: the ratio compares runs under the same machine load
-            adjacent = statistics.median(_timed(engine, budget_s / 2, 10))
+            adjacent = statistics.median(engine_times)
             # what the row is measured against besides engine-only: the bytes through a bare
             # socket, or copied into shared memory; nothing for the logits already there
             floor, floor_name = floors.get(transport, (floor_s, "TCP"))
