@@ -280,6 +280,21 @@ class DataPlane:
                 return self.evaluate(request, encoding)
             return await self.in_thread(self.evaluate, request, encoding)
 
+    async def parse_and_evaluate(
+        self,
+        parse: Callable[[], EvaluateRequest],
+        body_bytes: int,
+        encoding: str | None = None,
+    ) -> dict[str, Any]:
+        """``parse()`` then :meth:`evaluate`, from an event loop, within the admission bound: a
+        body of at most ``INLINE_BODY_BYTES`` is parsed on the loop (then evaluated as
+        :meth:`evaluate_async` decides); a larger one is parsed and evaluated in one
+        compute-thread hop, not one each."""
+        if body_bytes <= INLINE_BODY_BYTES:
+            return await self.evaluate_async(parse(), encoding, body_bytes)
+        with self.admission.admit():
+            return await self.in_thread(lambda: self.evaluate(parse(), encoding))
+
     @staticmethod
     def catalog() -> LossCatalog:
         return LossCatalog(

@@ -1027,21 +1027,38 @@ class RunsDataPlane:
     async def add_batch_async(
         self,
         run_id: str,
-        payload: Mapping[str, Any] | AddBatchRequest,
+        payload: Mapping[str, Any]
+        | AddBatchRequest
+        | Callable[[], Mapping[str, Any] | AddBatchRequest],
         *,
         principal: str | None = None,
     ) -> dict[str, Any]:
         """:meth:`add_batch` from an event loop, within the admission bound (503 when full):
         the evaluation in a compute thread, the write transaction in another thread, so that
-        a push waiting for the push writer or the database holds no compute thread."""
+        a push waiting for the push writer or the database holds no compute thread.
+
+        ``payload`` may be the body's parser (a callable): it then runs in the evaluation's
+        compute thread, one hop for both."""
         with self.dataplane.admission.admit():
-            prepare = partial(self.prepare_batch, principal=principal)
+            prepare = partial(self._prepare_parsed, principal=principal)
             pending = await self.dataplane.in_thread(prepare, run_id, payload)
             if isinstance(pending, dict):
                 return pending
             return await anyio.to_thread.run_sync(
                 self.finish_batch, pending, limiter=self.write_limiter
             )
+
+    def _prepare_parsed(
+        self,
+        run_id: str,
+        payload: Mapping[str, Any]
+        | AddBatchRequest
+        | Callable[[], Mapping[str, Any] | AddBatchRequest],
+        *,
+        principal: str | None = None,
+    ) -> dict[str, Any] | PendingBatch:
+        parsed = payload() if callable(payload) else payload
+        return self.prepare_batch(run_id, parsed, principal=principal)
 
     def prepare_batch(
         self,

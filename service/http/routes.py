@@ -108,9 +108,9 @@ async def evaluate(request: Request) -> Response:
         require_json(content_type)
         parse = _parse_json_request
     body = await read_body(request)
-    req = await dataplane.parse_off_loop(len(body), partial(parse, body, dataplane.settings))
     binary = wants_protobuf(request, content_type)
-    result = await dataplane.evaluate_async(req, "raw" if binary else None, len(body))
+    parsed = partial(parse, body, dataplane.settings)
+    result = await dataplane.parse_and_evaluate(parsed, len(body), "raw" if binary else None)
     return ProtobufResponse(result) if binary else FastJSONResponse(result)
 
 

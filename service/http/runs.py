@@ -7,6 +7,7 @@ so a run is visible only to the API key that created it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Annotated, Any
 
@@ -24,7 +25,7 @@ from service.errors import MalformedBody, ValidationFailed
 from service.http.bodies import read_body
 from service.http.protobuf import media_type, protobuf_content
 from service.http.responses import FastJSONResponse, problems
-from service.http.routes import read_json
+from service.http.routes import loads_json, read_json, require_json
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
@@ -229,13 +230,15 @@ async def add_batch(request: Request, run_id: str) -> Response:
     tensors as raw bytes; its ``run_id`` empty or this run's) in; the answer is JSON."""
     dataplane = request.app.state.dataplane
     content_type = media_type(request)
+    # the body is parsed in the evaluation's compute thread: one hop for both
+    parse: Callable[[], Any]
     if content_type == PROTOBUF_MEDIA_TYPE:
         body = await read_body(request)
         parse = partial(_batch_from_protobuf, body, run_id, dataplane.settings.max_elements)
-        payload = await dataplane.parse_off_loop(len(body), parse)
     else:
-        payload = await read_json(request, content_type)
-    answer = await _runs(request).add_batch_async(run_id, payload, principal=_principal(request))
+        require_json(content_type)
+        parse = partial(loads_json, await read_body(request))
+    answer = await _runs(request).add_batch_async(run_id, parse, principal=_principal(request))
     return FastJSONResponse(answer)
 
 
