@@ -27,7 +27,12 @@ PostgreSQL figures): the bytes of a push answer (goal ≤ 10 KB), of ``GET /v1/r
 /v1/runs/{id}`` of the confusion run, and the median time of 20 ``GET
 /v1/runs/{id}/metrics/confusion_matrix?top=20`` on the confusion run (goal ≤ 100 ms at C = 4096).
 
-Servers and clients share this machine's CPUs (the output says how many). Prints a Markdown table
+CPU per request (Linux): the server processes with their children (the push writer), this
+process (the client threads) and the whole machine (PostgreSQL included), from the start of each
+load to its last answer, ÷ the requests done. When the CPUs are the limit, stateless machine CPU ÷
+a push's is the ratio the machine allows ("ceiling"); a ratio below it is lost elsewhere.
+
+Servers and clients share this machine's CPUs (the output says how many). Prints Markdown tables
 and the JSON results, and writes ``bench/results/runs-*.json``.
 """
 
@@ -43,7 +48,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +104,8 @@ class Workload:
 
 @dataclass
 class Load:
-    """Outcome of one closed-loop load: requests done, their rate, the last answer's bytes."""
+    """Outcome of one closed-loop load: requests done, their rate, the last answer's bytes, and
+    the CPU milliseconds spent per request done (``cpu``: see :class:`CpuClock`)."""
 
     done: int
     errors: int
@@ -108,6 +114,58 @@ class Load:
     answer_bytes: int
     cells: set[tuple[int, int]]
     first_error: str | None = None
+    cpu: dict[str, float] | None = None
+
+
+def _ticks(stat: str) -> int:
+    """utime + stime of a ``/proc/<pid>/stat`` line (the fields after the command's ``)``)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class CpuClock:
+    """CPU time used so far (Linux ``/proc``; None elsewhere): by the server processes and their
+    descendants (the push writer, shared-memory workers), by this process (the client
+    threads), and by the whole machine (every CPU: PostgreSQL and everything else too)."""
+
+    def __init__(self, server_pids: list[int]) -> None:
+        self.server_pids = server_pids
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _server_ticks(self) -> int:
+        parents: dict[int, int] = {}
+        ticks: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:  # gone meanwhile
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            ticks[int(entry)] = _ticks(stat)
+        total = 0
+        for pid, tick in ticks.items():
+            walk = pid
+            while walk > 1 and walk not in self.server_pids:
+                walk = parents.get(walk, 0)
+            if walk in self.server_pids:
+                total += tick
+        return total
+
+    def read(self) -> dict[str, float] | None:
+        """Seconds of CPU: ``server``, ``client``, ``machine``."""
+        if not os.path.exists("/proc/stat"):
+            return None
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        busy = sum(values) - values[3] - (values[4] if len(values) > 4 else 0)  # not idle, iowait
+        return {
+            "server": self._server_ticks() / self.tick,
+            "client": time.process_time(),
+            "machine": busy / self.tick,
+        }
 
 
 #: A request maker: (worker, k, rng) → (body, targets, pool index).
@@ -122,17 +180,22 @@ def run_load(
     seconds: float,
     warmup: float,
     predicted: list[np.ndarray],
+    clock: CpuClock | None = None,
 ) -> Load:
     """``clients`` threads, each with its own keep-alive connection to ``urls[i % len(urls)]``,
     one request in flight each, for ``warmup`` (not counted) then ``seconds``.
 
     ``body(worker, k, rng)`` gives the k-th request's body of a worker, its targets and its pool
     index into ``predicted`` (the pool's arg-max classes: to track the confusion cells a run
-    gains). Rate = requests done ÷ the time from the start to the last answer.
+    gains). Rate = requests done ÷ the time from the start to the last answer. With ``clock``,
+    the CPU used from the start to the last answer, in ms per request done.
     """
     window: dict[str, float] = {}
+    cpu_start: dict[str, float] = {}
 
     def open_window() -> None:  # run by one thread as all pass the barrier
+        if clock is not None:
+            cpu_start.update(clock.read() or {})
         window["start"] = time.perf_counter()
         window["stop"] = window["start"] + seconds
 
@@ -189,7 +252,11 @@ def run_load(
     barrier.wait()
     for thread in threads:
         thread.join()
+    cpu_end = clock.read() if clock is not None else None
     elapsed = state["end"] - window["start"]
+    cpu = None
+    if cpu_end is not None and cpu_start and state["done"]:
+        cpu = {k: 1000 * (cpu_end[k] - cpu_start[k]) / state["done"] for k in cpu_end}
     return Load(
         state["done"],
         state["errors"],
@@ -198,6 +265,7 @@ def run_load(
         state["bytes"],
         cells,
         state["first_error"],
+        cpu,
     )
 
 
@@ -208,6 +276,7 @@ class Setup:
     label: str
     urls: list[str]
     sizes: bool
+    pids: list[int] = field(default_factory=list)
 
 
 def _post(url: str, path: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -259,18 +328,28 @@ def measure(
         )
     }
     loads: dict[str, list[Load]] = {mode: [] for mode in MODES}
+    clock = CpuClock(setup.pids)
     warmup = min(1.0, seconds / 4)
     for round_ in range(rounds):
         order = MODES if round_ % 2 == 0 else MODES[::-1]
         for mode in order:
             if mode == "stateless":
                 load = run_load(
-                    setup.urls, "/v1/evaluate", stateless, clients, seconds, warmup, work.predicted
+                    setup.urls,
+                    "/v1/evaluate",
+                    stateless,
+                    clients,
+                    seconds,
+                    warmup,
+                    work.predicted,
+                    clock,
                 )
             else:
                 path = f"/v1/runs/{runs[mode]}/batches"
                 push = pusher(f"r{round_}", ids=mode == "intervals")
-                load = run_load(setup.urls, path, push, clients, seconds, warmup, work.predicted)
+                load = run_load(
+                    setup.urls, path, push, clients, seconds, warmup, work.predicted, clock
+                )
             loads[mode].append(load)
             print(
                 f"  {setup.label:<22} C={work.classes:<5} {mode:<9} {load.rate:8.2f}/s "
@@ -287,6 +366,9 @@ def measure(
             "done": sum(load.done for load in loads[mode]),
             "errors": sum(load.errors for load in loads[mode]),
         }
+        cpus = [load.cpu for load in loads[mode] if load.cpu is not None]
+        if cpus:  # ms per request, median over rounds
+            row[mode]["cpu_ms"] = {k: statistics.median(c[k] for c in cpus) for k in cpus[0]}
     for mode in ("scalar", "confusion", "intervals"):
         versus = "scalar" if mode == "intervals" else "stateless"
         ratios = [
@@ -364,7 +446,7 @@ def sizes(url: str, work: Workload, confusion_run: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def servers(store: str, replicas: int, workdir: Path) -> Iterator[list[str]]:
+def servers(store: str, replicas: int, workdir: Path) -> Iterator[list[Any]]:
     """``replicas`` ``ce-eval serve`` processes on one fresh database of ``store``."""
     from tests.servers import ServerProcess, _postgres_bindir, running_cluster
 
@@ -382,7 +464,7 @@ def servers(store: str, replicas: int, workdir: Path) -> Iterator[list[str]]:
                 server = ServerProcess(database, workdir / f"{store}-{replicas}-{i}.log")
                 started.append(server)
                 server.start()
-            yield [server.url for server in started]
+            yield started
         finally:
             for server in started:
                 server.stop()
@@ -414,6 +496,34 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
                 if size
                 else "| — | — | — |"
             )
+        )
+    return head + lines
+
+
+def cpu_table(rows: list[dict[str, Any]]) -> list[str]:
+    """CPU ms per request (server processes / client threads / whole machine) per mode, and the
+    ratio a machine whose CPUs are the limit allows: stateless machine CPU ÷ the push's."""
+    if not all("cpu_ms" in row[mode] for row in rows for mode in MODES):
+        return []
+    head = [
+        "",
+        "CPU per request, ms (server processes / client threads / whole machine), and the "
+        "push ÷ stateless ratio the machine's CPUs allow (stateless ÷ push machine CPU):",
+        "",
+        "| store | C | stateless | scalar | confusion | intervals | scalar ceiling | "
+        "confusion ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines = []
+    for row in rows:
+        cells = [
+            "{server:.2f} / {client:.2f} / {machine:.2f}".format(**row[mode]["cpu_ms"])
+            for mode in MODES
+        ]
+        base = row["stateless"]["cpu_ms"]["machine"]
+        ceilings = [f"{base / row[mode]['cpu_ms']['machine']:.2f}×" for mode in MODES[1:3]]
+        lines.append(
+            f"| {row['setup']} | {row['classes']} | " + " | ".join(cells + ceilings) + " |"
         )
     return head + lines
 
@@ -480,8 +590,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ce-eval-bench-runs-") as tmp:
         for store, replicas in configs:
             label = store if replicas == 1 else f"{store} ×{replicas} replicas"
-            with servers(store, replicas, Path(tmp)) as urls:
-                setup = Setup(label, urls, sizes=replicas == 1)
+            with servers(store, replicas, Path(tmp)) as processes:
+                urls = [server.url for server in processes]
+                pids = [server.process.pid for server in processes]
+                setup = Setup(label, urls, sizes=replicas == 1, pids=pids)
                 for c in classes:
                     rows.append(
                         measure(setup, workloads[c], args.clients, args.seconds, args.rounds)
@@ -490,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{note}; {elapsed:.0f} s in all")
     print()
-    for line in table(rows):
+    for line in table(rows) + cpu_table(rows):
         print(line)
     for line in verdicts(rows):
         print(line)
