@@ -184,6 +184,13 @@ def _parse(model: type[BaseModel], payload: Any, settings: Settings) -> Any:
         raise validation_error_from_pydantic(exc, settings.echo_max_chars) from None
 
 
+#: A pushed batch: its JSON object, the parsed request, or the body's parser (run in the
+#: evaluation's compute thread).
+BatchPayload = (
+    Mapping[str, Any] | AddBatchRequest | Callable[[], Mapping[str, Any] | AddBatchRequest]
+)
+
+
 class _Hasher(Protocol):
     def update(self, data: bytes | memoryview, /) -> Any: ...
 
@@ -1027,9 +1034,7 @@ class RunsDataPlane:
     async def add_batch_async(
         self,
         run_id: str,
-        payload: Mapping[str, Any]
-        | AddBatchRequest
-        | Callable[[], Mapping[str, Any] | AddBatchRequest],
+        payload: BatchPayload,
         *,
         principal: str | None = None,
     ) -> dict[str, Any]:
@@ -1051,9 +1056,7 @@ class RunsDataPlane:
     def _prepare_parsed(
         self,
         run_id: str,
-        payload: Mapping[str, Any]
-        | AddBatchRequest
-        | Callable[[], Mapping[str, Any] | AddBatchRequest],
+        payload: BatchPayload,
         *,
         principal: str | None = None,
     ) -> dict[str, Any] | PendingBatch:
