@@ -145,16 +145,20 @@ def test_db_upgrade_command_creates_the_schema(tmp_path):
 def test_kill_server_mid_push_then_push_again_counts_every_batch_once(tmp_path, serve):
     database = f"sqlite:///{tmp_path / 'runs.db'}"
     logits, targets, weights = write_dataset(tmp_path / "data", 3, files=3, rows=1000, classes=6)
-    batch_size = 10
+    batch_size = 5
     total = len(targets) // batch_size
     server = serve(database).start()
     metric_args = [a for m in METRICS for a in ("--metric", m)]
     run_id = cli(
         "run", "create", "--url", server.url, "--name", "crash", *metric_args, "--id-only"
     ).stdout.strip()  # fmt: skip
+    # One batch in flight, 800 of them: the kill lands after batch 20 with hundreds to go, even
+    # when this process is scheduled late on a busy machine (with 4 in flight, 400 batches could
+    # all land between two polls).
     push = subprocess.Popen(
         [sys.executable, "-m", "ce_eval_client.cli", "run", "push", "--url", server.url, run_id,
-         str(tmp_path / "data"), "--batch-size", str(batch_size), "--retries", "2", "--quiet"],
+         str(tmp_path / "data"), "--batch-size", str(batch_size), "--retries", "2", "--quiet",
+         "--concurrency", "1"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 60
