@@ -158,15 +158,24 @@ def test_shutdown_closes_regions(tmp_path: Path, segment: shared_memory.SharedMe
 # --- inputs and outputs in shared memory ----------------------------------------------------
 
 
-def test_infer_reads_inputs_and_writes_outputs_in_regions(
+def _inputs_in_and_outputs_out(
     client: TestClient, segment: shared_memory.SharedMemory
-) -> None:
+) -> tuple[np.ndarray, np.ndarray]:
+    """4 x 7 logits at offset 0 and targets at 256 of region "in" (bytes 0-1023), region "out"
+    on bytes 1024-3071 of the same object."""
     logits = RNG.standard_normal((4, 7)).astype(np.float32)
     targets = RNG.integers(0, 7, size=4)
     _write(segment, logits, 0)
     _write(segment, targets, 256)
     assert _register(client, "in", "/" + segment.name, 1024).status_code == 200
     assert _register(client, "out", "/" + segment.name, 2048, offset=1024).status_code == 200
+    return logits, targets
+
+
+def test_infer_reads_inputs_and_writes_outputs_in_regions(
+    client: TestClient, segment: shared_memory.SharedMemory
+) -> None:
+    logits, targets = _inputs_in_and_outputs_out(client, segment)
     grad_bytes = logits.nbytes
     body = {
         "inputs": [
@@ -207,12 +216,7 @@ def test_shared_infer_parses_evaluates_and_encodes_in_one_thread_hop(
 ) -> None:
     """Each compute-thread hop costs two thread wake-ups: a request naming regions (parsing
     and encoding cost their tensors' bytes) takes one for all its work, not one per step."""
-    logits = RNG.standard_normal((4, 7)).astype(np.float32)
-    targets = RNG.integers(0, 7, size=4)
-    _write(segment, logits, 0)
-    _write(segment, targets, 256)
-    assert _register(client, "in", "/" + segment.name, 1024).status_code == 200
-    assert _register(client, "out", "/" + segment.name, 2048, offset=1024).status_code == 200
+    logits, targets = _inputs_in_and_outputs_out(client, segment)
     dataplane = client.app.state.dataplane  # type: ignore[attr-defined]
     hops: list[str] = []
     in_thread = dataplane.in_thread
