@@ -6,6 +6,7 @@ unknown runs, and the same runs afterwards."""
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from service.store import Store
 from tests.servers import PostgresCluster
 from tests.test_push_writer import RUN, _locked_database, _plane, _pushes, planes  # noqa: F401
 from tests.test_runs_details import batches
+from tests.test_runs_push_cost import sqlite_statements
 
 C = 12
 TIMES = {"created_at", "updated_at", "closed_at"}
@@ -206,25 +208,21 @@ def test_a_group_locks_its_runs_first_in_id_order(
 ) -> None:
     """Two replicas' groups holding the same runs lock them in the same order (no deadlock):
     every run of a group is locked before its first batch row, by id."""
-    from sqlalchemy import event
-
     plane, _ = planes
     made = capture_prepared(plane)
     ids = [plane.create_run(RUN)["id"] for _ in range(3)]
     for run_id, body in zip(ids, _pushes(23, 3), strict=True):
         plane.add_batch(run_id, dict(body))
-    locked: list[str] = []
-    statements: list[str] = []
-
-    @event.listens_for(plane.store.engine, "before_cursor_execute")
-    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
-        statements.append(statement.split()[0])
-        if statement.startswith("SELECT runs.pk"):
-            locked.append(parameters[0])
-
+    traced = sqlite_statements(plane.store.engine)
     group = [replace(b, batch_id=f"again-{i}") for i, b in enumerate(reversed(made))]
     outcomes = plane.write_batches(group)
     assert [o["seq"] for o in outcomes if isinstance(o, dict)] == [2, 2, 2]
+    statements = [statement.split()[0] for statement in traced]
+    locked = [
+        re.search(r"runs\.id = '([^']+)'", s).group(1)  # type: ignore[union-attr]
+        for s in traced
+        if s.startswith("SELECT runs.pk")
+    ]
     assert locked == sorted(ids)
     assert statements.index("INSERT") > statements.index("SELECT") + 2
 
