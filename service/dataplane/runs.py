@@ -41,7 +41,7 @@ import numpy as np
 import orjson
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
-from sqlalchemy import Select, delete, exists, func, select
+from sqlalchemy import Connection, Select, delete, exists, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
@@ -1201,9 +1201,10 @@ class RunsDataPlane:
         outcomes: list[BatchOutcome] = []
         grouped = len(batches) > 1
         try:
-            with _store_guard(), self.store.write() as session:
+            with _store_guard(), self.store.transaction() as connection:
                 # in id order: two replicas' groups lock shared runs in the same order
-                runs = {i: pushes.lock_run(session, i) for i in sorted({b.run_id for b in batches})}
+                ids = sorted({b.run_id for b in batches})
+                runs = {i: pushes.lock_run(connection, i) for i in ids}
                 written: dict[str, tuple[Run, dict[str, Any]]] = {}
                 for batch in batches:
                     run = runs[batch.run_id]
@@ -1214,17 +1215,17 @@ class RunsDataPlane:
                         outcomes.append(_Unwritten.CLOSED)
                         continue
                     if grouped:
-                        session.connection().exec_driver_sql("SAVEPOINT push")
+                        connection.exec_driver_sql("SAVEPOINT push")
                     before = {name: getattr(run, name) for name in pushes.TOTALS}
                     try:
-                        answer, totals = self._add_to_run(session, run, batch)
+                        answer, totals = self._add_to_run(connection, run, batch)
                     except (_BatchStored, ServiceError) as exc:
                         refused: BatchOutcome = (
                             _Unwritten.STORED if isinstance(exc, _BatchStored) else exc
                         )
                         if not grouped:
                             raise _Refused(refused) from exc  # out of the transaction
-                        session.connection().exec_driver_sql("ROLLBACK TO SAVEPOINT push")
+                        connection.exec_driver_sql("ROLLBACK TO SAVEPOINT push")
                         for name, value in before.items():
                             setattr(run, name, value)
                         outcomes.append(refused)
@@ -1232,13 +1233,13 @@ class RunsDataPlane:
                     written[run.id] = run, totals
                     outcomes.append(answer)
                 for run, totals in written.values():
-                    pushes.update_totals(session, run, totals)
+                    pushes.update_totals(connection, run, totals)
         except _Refused as exc:
             return [exc.outcome]
         return outcomes
 
     def _add_to_run(
-        self, session: Session, run: Run, batch: PreparedBatch
+        self, connection: Connection, run: Run, batch: PreparedBatch
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Insert the batch's row (``_BatchStored`` on its unique key), check and add it to
         ``run``'s slices and confusion blocks, and set ``run``'s totals to the new ones: the
@@ -1256,7 +1257,7 @@ class RunsDataPlane:
             "created_at": utcnow(),
         }
         try:
-            pushes.insert_batch(session, row)
+            pushes.insert_batch(connection, row)
         except IntegrityError as exc:
             raise _BatchStored from exc
         _refuse_non_finite(batch, run.sum, run.denominator, batch.weighted)
@@ -1264,10 +1265,10 @@ class RunsDataPlane:
         replicates = _merge_replicates(run.replicate_state, batch.replicates)
         _refuse_non_finite_state(replicates, "the run", batch.weighted)
         if batch.slices:
-            self._add_slices(session, run, config, batch.slices)
+            self._add_slices(connection, run, config, batch.slices)
         if batch.cells is not None:
-            pushes.add_block(session, run.pk, row["seq"], batch.cells)
-            pushes.compact_when_due(session, run.pk, batch.cells.size)
+            pushes.add_block(connection, run.pk, row["seq"], batch.cells)
+            pushes.compact_when_due(connection, run.pk, batch.cells.size)
         totals: dict[str, Any] = {
             "batches": row["seq"],
             "count": run.count + batch.count,
@@ -1427,7 +1428,7 @@ class RunsDataPlane:
 
     @staticmethod
     def _add_slices(
-        session: Session,
+        connection: Connection,
         run: Run,
         config: RunConfig,
         batch: Mapping[str, Mapping[str, pushes.SliceTotals]],
@@ -1435,8 +1436,8 @@ class RunsDataPlane:
         """Add the batch's slice totals to the run's (under the run's lock); 422 naming the
         first value beyond ``max_slice_values`` of its key, before anything is written."""
         wanted = [(key, value) for key, values in batch.items() for value in values]
-        stored = pushes.load_slices(session, run.pk, wanted)
-        known = pushes.slice_value_counts(session, run.pk)
+        stored = pushes.load_slices(connection, run.pk, wanted)
+        known = pushes.slice_value_counts(connection, run.pk)
         for key, values in batch.items():
             new = [v for v in values if (key, v) not in stored]
             room = config.max_slice_values - known.get(key, 0)
@@ -1473,7 +1474,7 @@ class RunsDataPlane:
                     ],
                 )
         for (key, value), totals in merged.items():
-            pushes.put_slice(session, run.pk, key, value, totals, new=(key, value) not in stored)
+            pushes.put_slice(connection, run.pk, key, value, totals, new=(key, value) not in stored)
 
     def add_batches(
         self,
@@ -1657,7 +1658,7 @@ class RunsDataPlane:
         with self._merging:
             cells = self.cells.get(key)
             if cells is None:
-                cells = pushes.load_cells(session, run.pk, size)
+                cells = pushes.load_cells(session.connection(), run.pk, size)
                 self.cells.put(key, cells)
         return cells
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -154,9 +154,8 @@ class Store:
         #: in memory)
         self.shared = self.dialect != "sqlite" or _sqlite_file(self.url) is not None
         self._read = sessionmaker(self.engine, expire_on_commit=False)
-        self._write = sessionmaker(
-            self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False
-        )
+        self._writes = self.engine.execution_options(sqlite_immediate=True)
+        self._write = sessionmaker(self._writes, expire_on_commit=False)
         # SQLite has one writer at a time: this process's writers queue here, woken as soon as
         # the last commits, instead of polling the file lock (``busy_timeout`` sleeps).
         self._writer: AbstractContextManager[Any] = (
@@ -173,6 +172,13 @@ class Store:
         """One transaction; committed on success, rolled back on any exception."""
         with self._writer, self._write() as session, session.begin():
             yield session
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One write transaction on a Core connection, no ``Session`` (the push hot path: half
+        the cost of :meth:`write`'s); committed on success, rolled back on any exception."""
+        with self._writer, self._writes.begin() as connection:
+            yield connection
 
     def upgrade(self, revision: str = "head") -> None:
         """Apply migrations up to ``revision``; safe when several replicas start at once."""

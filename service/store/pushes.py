@@ -1,6 +1,8 @@
 """The statements of a batch push, in SQLAlchemy Core: the hot path of every run, so no unit of
 work and no identity map. Runs come back as detached ``Run`` objects, batches as dicts (plain
-values; nothing is written unless these functions write it).
+values; nothing is written unless these functions write it). The statements every push runs
+(lock the run, insert the batch, write the totals, append and size the confusion blocks) go
+through :class:`~service.store.prepared.Prepared`: compiled once, run on the DBAPI cursor.
 """
 
 from __future__ import annotations
@@ -9,11 +11,23 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import Table, bindparam, delete, func, insert, select, text, tuple_, update
+from sqlalchemy import (
+    Connection,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from ce_engine.metrics.cells import Cells
 from service.store.models import Batch, ConfusionBlock, Run, RunSlice
+from service.store.prepared import Prepared
 
 
 @dataclass(frozen=True)
@@ -58,9 +72,20 @@ _LOCK_RUN = select(RUNS).where(RUNS.c.id == bindparam("run_id")).with_for_update
 _FIND_BATCH = select(BATCHES).where(
     BATCHES.c.run_pk == bindparam("run_pk"), BATCHES.c.batch_id == bindparam("batch_id")
 )
-_INSERT_BATCH = insert(BATCHES)
-_INSERT_BLOCK = insert(BLOCKS)
-_UPDATE_TOTALS = update(RUNS).where(RUNS.c.pk == bindparam("run_pk"))
+#: The columns a push gives a batch row (the primary key is the database's).
+BATCH_COLUMNS = (
+    "run_pk", "batch_id", "seq", "content_hash", "count", "sum", "denominator", "result",
+    "created_at",
+)  # fmt: skip
+_INSERT_BATCH = insert(BATCHES).values({name: bindparam(name) for name in BATCH_COLUMNS})
+_INSERT_BLOCK = insert(BLOCKS).values(
+    {name: bindparam(name) for name in ("run_pk", "seq", "batches", "cells", "data")}
+)
+_UPDATE_TOTALS = (
+    update(RUNS)
+    .where(RUNS.c.pk == bindparam("run_pk"))
+    .values({name: bindparam(name) for name in TOTALS})
+)
 _BLOCK_SIZES = text(
     "SELECT coalesce(sum(cells), 0), coalesce((SELECT cells FROM confusion_blocks "
     "WHERE run_pk = :run_pk ORDER BY seq LIMIT 1), 0), count(*) FROM confusion_blocks "
@@ -77,10 +102,14 @@ COMPACT_MIN_CELLS = 65536
 COMPACT_MAX_BLOCKS = 256
 
 
-def lock_run(session: Session, run_id: str) -> Run | None:
+def _prepared(connection: Connection, statement: Any, columns: Any = ()) -> Prepared:
+    return Prepared.of(statement, connection.dialect, columns)
+
+
+def lock_run(connection: Connection, run_id: str) -> Run | None:
     """The run's row, locked for the transaction (``FOR UPDATE``; SQLite's writer lock is the
     transaction's), or None when missing."""
-    row = session.connection().execute(_LOCK_RUN, {"run_id": run_id}).mappings().one_or_none()
+    row = _prepared(connection, _LOCK_RUN, RUNS.c).one_or_none(connection, {"run_id": run_id})
     return None if row is None else Run(**row)
 
 
@@ -91,14 +120,15 @@ def find_batch(session: Session, run_pk: int, batch_id: str) -> dict[str, Any] |
     return None if row is None else dict(row)
 
 
-def insert_batch(session: Session, row: dict[str, Any]) -> None:
-    """One batch row (``IntegrityError`` when its ``(run_pk, batch_id)`` exists)."""
-    session.connection().execute(_INSERT_BATCH, row)
+def insert_batch(connection: Connection, row: dict[str, Any]) -> None:
+    """One batch row (``BATCH_COLUMNS``; ``IntegrityError`` when its ``(run_pk, batch_id)``
+    exists)."""
+    _prepared(connection, _INSERT_BATCH).execute(connection, row)
 
 
-def update_totals(session: Session, run: Run, totals: dict[str, Any]) -> None:
+def update_totals(connection: Connection, run: Run, totals: dict[str, Any]) -> None:
     """Write ``totals`` (the ``TOTALS`` columns) to the run's row and to ``run``."""
-    session.connection().execute(_UPDATE_TOTALS, {"run_pk": run.pk, **totals})
+    _prepared(connection, _UPDATE_TOTALS).execute(connection, {"run_pk": run.pk, **totals})
     for name, value in totals.items():
         setattr(run, name, value)
 
@@ -117,7 +147,7 @@ def unpack_cells(size: int, count: int, data: bytes) -> Cells:
     return Cells(size, index, weight)
 
 
-def add_block(session: Session, run_pk: int, seq: int, cells: Cells) -> None:
+def add_block(connection: Connection, run_pk: int, seq: int, cells: Cells) -> None:
     """Append batch ``seq``'s confusion cells to the run (one row, whatever the run holds).
     The caller holds the run's lock, so blocks are written in batch order."""
     row = {
@@ -127,13 +157,13 @@ def add_block(session: Session, run_pk: int, seq: int, cells: Cells) -> None:
         "cells": int(cells.index.size),
         "data": pack_cells(cells),
     }
-    session.connection().execute(_INSERT_BLOCK, row)
+    _prepared(connection, _INSERT_BLOCK).execute(connection, row)
 
 
-def load_cells(session: Session, run_pk: int, size: int) -> Cells:
+def load_cells(connection: Connection, run_pk: int, size: int) -> Cells:
     """The run's confusion cells: Σ of its blocks in ``seq`` order (one statement, so one
     snapshot; each cell's sum adds the batches in order, as a running dense sum would)."""
-    rows = session.connection().execute(
+    rows = connection.execute(
         select(BLOCKS.c.cells, BLOCKS.c.data)
         .where(BLOCKS.c.run_pk == run_pk)
         .order_by(BLOCKS.c.seq)
@@ -141,20 +171,20 @@ def load_cells(session: Session, run_pk: int, size: int) -> Cells:
     return Cells.merge(size, [unpack_cells(size, n, data) for n, data in rows])
 
 
-def compact_when_due(session: Session, run_pk: int, size: int) -> bool:
+def compact_when_due(connection: Connection, run_pk: int, size: int) -> bool:
     """Merge the run's blocks into one (under the run's lock) once those after the first hold
     ≥ max(``COMPACT_MIN_CELLS``, the first's cells) cells, or there are more than
     max(``COMPACT_MAX_BLOCKS``, the first's cells / ``COMPACT_MAX_BLOCKS``); True when it
     did."""
-    connection = session.connection()
-    total, first, count = connection.execute(_BLOCK_SIZES, {"run_pk": run_pk}).one()
+    sizes = _prepared(connection, _BLOCK_SIZES).scalars(connection, {"run_pk": run_pk})
+    total, first, count = (int(n) for n in sizes)
     many = count > max(COMPACT_MAX_BLOCKS, first // COMPACT_MAX_BLOCKS)
     if total - first < max(COMPACT_MIN_CELLS, first) and not many:
         return False
     blocks = connection.execute(
         select(BLOCKS.c.seq, BLOCKS.c.batches).where(BLOCKS.c.run_pk == run_pk)
     ).all()
-    merged = load_cells(session, run_pk, size)
+    merged = load_cells(connection, run_pk, size)
     connection.execute(delete(BLOCKS).where(BLOCKS.c.run_pk == run_pk))
     row = {
         "run_pk": run_pk,
@@ -167,16 +197,16 @@ def compact_when_due(session: Session, run_pk: int, size: int) -> bool:
     return True
 
 
-def slice_value_counts(session: Session, run_pk: int) -> dict[str, int]:
+def slice_value_counts(connection: Connection, run_pk: int) -> dict[str, int]:
     """Slice key → the number of values the run has for it."""
     query = (
         select(SLICES.c.key, func.count()).where(SLICES.c.run_pk == run_pk).group_by(SLICES.c.key)
     )
-    return {str(k): int(n) for k, n in session.connection().execute(query)}
+    return {str(k): int(n) for k, n in connection.execute(query)}
 
 
 def load_slices(
-    session: Session, run_pk: int, wanted: list[tuple[str, str]]
+    connection: Connection, run_pk: int, wanted: list[tuple[str, str]]
 ) -> dict[tuple[str, str], SliceTotals]:
     """The stored totals of these (key, value) pairs of the run, if any."""
     found = {}
@@ -185,7 +215,7 @@ def load_slices(
         query = select(SLICES).where(
             SLICES.c.run_pk == run_pk, tuple_(SLICES.c.key, SLICES.c.value).in_(chunk)
         )
-        for row in session.connection().execute(query).mappings():
+        for row in connection.execute(query).mappings():
             found[row["key"], row["value"]] = SliceTotals(
                 count=row["count"],
                 ignored=row["ignored"],
@@ -199,7 +229,7 @@ def load_slices(
 
 
 def put_slice(
-    session: Session, run_pk: int, key: str, value: str, totals: SliceTotals, *, new: bool
+    connection: Connection, run_pk: int, key: str, value: str, totals: SliceTotals, *, new: bool
 ) -> None:
     """Insert (``new``) or overwrite the run's totals of slice ``key`` = ``value``."""
     fields = {
@@ -211,7 +241,6 @@ def put_slice(
         "replicate_state": totals.replicate_state,
         "fingerprint": totals.fingerprint,
     }
-    connection = session.connection()
     if new:
         connection.execute(insert(SLICES), {"run_pk": run_pk, "key": key, "value": value, **fields})
     else:
@@ -251,7 +280,7 @@ def slice_totals(
     """The run's slice totals with their replicate states: of the (key, value) ``pairs``, or
     of the ``MAX_SLICE_VALUES_LOADED`` largest values of ``key``."""
     if pairs is not None:
-        return load_slices(session, run_pk, pairs)
+        return load_slices(session.connection(), run_pk, pairs)
     rows = sorted(slice_rows(session, run_pk, key), key=lambda r: (-r.count, r.value))
     values = [(key, str(row.value)) for row in rows[:MAX_SLICE_VALUES_LOADED]]
-    return load_slices(session, run_pk, values)
+    return load_slices(session.connection(), run_pk, values)
