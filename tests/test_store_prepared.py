@@ -4,6 +4,8 @@ PostgreSQL, and raise the errors ``Connection.execute`` raises."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 from sqlalchemy import Connection, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ce_engine.metrics.cells import Cells
-from service.store import Store, pushes
+from service.store import Store, prepared, pushes
 from service.store.prepared import Prepared
 from tests.servers import PostgresCluster
 from tests.test_runs_details import runs_plane
@@ -71,7 +73,7 @@ def test_the_locked_run_row_reads_as_core_reads_it(store: Store) -> None:
         a, _ = _pks(connection)
         run_id = connection.execute(select(pushes.RUNS.c.id).where(pushes.RUNS.c.pk == a)).scalar()
         core = dict(connection.execute(pushes._LOCK_RUN, {"run_id": run_id}).mappings().one())
-        fast = Prepared.of(pushes._LOCK_RUN, connection.dialect, pushes.RUNS.c)
+        fast = Prepared.of(pushes._LOCK_RUN, connection, pushes.RUNS.c)
         assert fast.one_or_none(connection, {"run_id": run_id}) == core
         assert fast.one_or_none(connection, {"run_id": "missing"}) is None
         assert core["created_at"].tzinfo is not None and core["options"] is not None
@@ -118,11 +120,10 @@ def test_batch_rows_totals_and_blocks_are_written_as_core_writes_them(store: Sto
         core, fast = (_row(connection, pushes.BLOCKS, run_pk=pk) for pk in (a, b))
         assert _without(fast, "run_pk") == _without(core, "run_pk")
 
-        sizes = Prepared.of(pushes._BLOCK_SIZES, connection.dialect)
+        sizes = Prepared.of(pushes._BLOCK_SIZES, connection)
         assert sizes.scalars(connection, {"run_pk": b}) == tuple(
             connection.execute(pushes._BLOCK_SIZES, {"run_pk": a}).one()
         )
-        assert not pushes.compact_when_due(connection, b, 5)
 
 
 def test_errors_are_raised_as_connection_execute_raises_them(store: Store) -> None:
@@ -142,8 +143,36 @@ def test_errors_are_raised_as_connection_execute_raises_them(store: Store) -> No
             assert connection.execute(select(pushes.BATCHES.c.seq)).scalars().all() == [1]
 
 
-def test_a_statement_is_compiled_once_per_dialect(store: Store) -> None:
-    dialect = store.engine.dialect
-    once = Prepared.of(pushes._INSERT_BATCH, dialect)
-    assert Prepared.of(pushes._INSERT_BATCH, dialect) is once
-    assert sorted(once.binds) == sorted(pushes.BATCH_COLUMNS)
+def test_a_disposed_engines_compiled_statements_go_with_it(tmp_path: Path) -> None:
+    made = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    made.upgrade()
+    with made.transaction() as connection:
+        assert pushes.lock_run(connection, "missing") is None
+        assert connection.info[prepared.INFO_KEY]
+    dialect = weakref.ref(made.engine.dialect)
+    made.dispose()
+    del made, connection
+    gc.collect()
+    assert dialect() is None
+
+
+@pytest.mark.postgres
+def test_a_dropped_connection_is_invalidated_and_raised_as_sqlalchemy_does(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    """The database ends the session mid-transaction (a restart, a failover): an
+    ``OperationalError`` that says the connection was invalidated (the push answers 503), and
+    the pool's next connection works."""
+    made, _ = runs_plane(postgres_cluster.create_database())
+    try:
+        with made.engine.connect() as connection:
+            pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            with made.engine.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            with pytest.raises(OperationalError) as info:
+                pushes.lock_run(connection, "missing")
+            assert info.value.connection_invalidated and connection.invalidated
+        with made.transaction() as connection:
+            assert pushes.lock_run(connection, "missing") is None
+    finally:
+        made.dispose()

@@ -8,7 +8,9 @@ selected column's result processor (the column types' own, so JSON goes through 
 serializer and timestamps through ``UTCDateTime``). :meth:`Prepared.execute` is then the DBAPI
 call plus those processors. Errors are raised as ``Connection.execute`` raises them
 (``sqlalchemy.exc.DBAPIError.instance``: ``IntegrityError``, ``OperationalError``…), and a
-disconnect invalidates the connection, as SQLAlchemy does.
+disconnect invalidates the connection, as SQLAlchemy does; the pool's other connections are
+not invalidated with it (the engines ping them before use: ``pool_pre_ping``). These
+statements run no SQLAlchemy cursor events (``before_cursor_execute``…).
 
 ``tests/test_store_prepared.py`` checks that each statement writes and reads what its Core
 form does, on SQLite and PostgreSQL.
@@ -17,7 +19,6 @@ form does, on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -27,8 +28,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-#: dialect → statement → its compiled form (dialects are per engine; a disposed engine's go).
-_COMPILED: weakref.WeakKeyDictionary[Dialect, dict[int, Prepared]] = weakref.WeakKeyDictionary()
+#: The key of a connection's compiled statements in its ``Connection.info`` (kept with the
+#: pooled DBAPI connection, closed with it: a disposed engine's go with its connections).
+INFO_KEY = "ce_eval.prepared"
 
 
 class Prepared:
@@ -41,7 +43,7 @@ class Prepared:
         compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
         if compiled.escaped_bind_names:  # names the DBAPI would not see as given
             raise ValueError(f"bind names need escaping: {compiled.escaped_bind_names}")
-        self.dialect = dialect
+        self.statement = statement  # alive while cached under its id
         self.sql = compiled.string
         self.positional = compiled.positional
         #: parameter names in the order of the SQL's placeholders (positional paramstyles)
@@ -57,14 +59,15 @@ class Prepared:
 
     @classmethod
     def of(
-        cls, statement: ClauseElement, dialect: Dialect, columns: Sequence[Column[Any]] = ()
+        cls, statement: ClauseElement, connection: Connection, columns: Sequence[Column[Any]] = ()
     ) -> Prepared:
-        """The compiled form of ``statement`` for ``dialect``, compiled on first use (keyed by
-        the statement's identity: for statements built once, as module constants)."""
-        cache = _COMPILED.setdefault(dialect, {})
+        """The compiled form of ``statement`` for ``connection``'s dialect, compiled on its
+        first use on that pooled connection (keyed by the statement's identity: for statements
+        built once, such as module constants)."""
+        cache: dict[int, Prepared] = connection.info.setdefault(INFO_KEY, {})
         prepared = cache.get(id(statement))
         if prepared is None:
-            prepared = cache[id(statement)] = cls(statement, dialect, columns)
+            prepared = cache[id(statement)] = cls(statement, connection.dialect, columns)
         return prepared
 
     def parameters(self, values: Mapping[str, Any]) -> dict[str, Any] | list[Any]:
@@ -99,40 +102,38 @@ class Prepared:
             raise ValueError("the statement returned no row")
         return tuple(row)
 
-    def _result_processors(self, description: Sequence[Any]) -> list[tuple[str, Any]]:
+    def _result_processors(
+        self, dialect: Dialect, description: Sequence[Any]
+    ) -> list[tuple[str, Any]]:
         """(name, processor) of each selected column, given its DBAPI type code."""
         return [
-            (
-                column.name,
-                column.type.dialect_impl(self.dialect).result_processor(self.dialect, d[1]),
-            )
+            (column.name, column.type.dialect_impl(dialect).result_processor(dialect, d[1]))
             for column, d in zip(self.columns, description, strict=bool(self.columns))
         ]
 
     def _run(self, connection: Connection, values: Mapping[str, Any], *, fetch: bool) -> Any:
+        dialect = connection.dialect
+        error = dialect.loaded_dbapi.Error
         parameters = self.parameters(values)
         dbapi_connection = connection.connection.dbapi_connection
         assert dbapi_connection is not None
-        cursor = dbapi_connection.cursor()
+        cursor = None
         try:
+            cursor = dbapi_connection.cursor()
             cursor.execute(self.sql, parameters)
             if not fetch:
                 return None
             if self.results is None:
-                self.results = self._result_processors(cursor.description)
+                self.results = self._result_processors(dialect, cursor.description)
             return cursor.fetchone()
-        except self.dialect.loaded_dbapi.Error as exc:
-            disconnect = self.dialect.is_disconnect(exc, dbapi_connection, cursor)
+        except error as exc:
+            disconnect = dialect.is_disconnect(exc, dbapi_connection, cursor)
             if disconnect:
                 connection.invalidate(exc)
             raise DBAPIError.instance(
-                self.sql,
-                parameters,
-                exc,
-                self.dialect.loaded_dbapi.Error,
-                connection_invalidated=disconnect,
-                dialect=self.dialect,
+                self.sql, parameters, exc, error, connection_invalidated=disconnect, dialect=dialect
             ) from exc
         finally:
-            with contextlib.suppress(self.dialect.loaded_dbapi.Error):  # an invalidated one's
-                cursor.close()
+            if cursor is not None:
+                with contextlib.suppress(error):  # an invalidated connection's
+                    cursor.close()

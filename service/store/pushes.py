@@ -77,7 +77,8 @@ BATCH_COLUMNS = (
     "run_pk", "batch_id", "seq", "content_hash", "count", "sum", "denominator", "result",
     "created_at",
 )  # fmt: skip
-_INSERT_BATCH = insert(BATCHES).values({name: bindparam(name) for name in BATCH_COLUMNS})
+# inline: no RETURNING of the new primary key (PostgreSQL), which nothing reads
+_INSERT_BATCH = insert(BATCHES).values({name: bindparam(name) for name in BATCH_COLUMNS}).inline()
 _INSERT_BLOCK = insert(BLOCKS).values(
     {name: bindparam(name) for name in ("run_pk", "seq", "batches", "cells", "data")}
 )
@@ -103,7 +104,7 @@ COMPACT_MAX_BLOCKS = 256
 
 
 def _prepared(connection: Connection, statement: Any, columns: Any = ()) -> Prepared:
-    return Prepared.of(statement, connection.dialect, columns)
+    return Prepared.of(statement, connection, columns)
 
 
 def lock_run(connection: Connection, run_id: str) -> Run | None:
