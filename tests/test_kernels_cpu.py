@@ -388,6 +388,49 @@ def test_softmax_row_stats_against_float64_reference(c, temperature, dtype):
     assert got["nll"].dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [6, 1000, 32000])
+def test_softmax_row_stats_of_a_row_do_not_depend_on_its_batch(c, dtype):
+    """A row's statistics are the same bits whether it comes alone, in a batch of 5 or 7, or
+    with all the others (a run's pushes in any batch size add up to the whole set's)."""
+    m = max(64, 400_000 // c)
+    z = (RNG.standard_normal((m, c)) * 2).astype(dtype)
+    y = RNG.integers(0, c, size=m)
+    whole = cpu.softmax_row_stats(z, y)
+    for size in (1, 5, 7):
+        parts = [cpu.softmax_row_stats(z[i : i + size], y[i : i + size]) for i in range(0, m, size)]
+        for name, values in whole.items():
+            got = np.concatenate([part[name] for part in parts])
+            np.testing.assert_array_equal(got, values, err_msg=f"{name}, batches of {size}")
+
+
+@pytest.mark.parametrize("c", [6, 1000, 32000])
+def test_loss_rows_of_a_row_do_not_depend_on_its_batch(c):
+    """The fused losses' per-row sums (softmax with class weights and smoothing, sigmoid with
+    element weights) are the same bits alone, in batches of 5 or 7, or with all rows."""
+    m = max(64, 400_000 // c)
+    z = (RNG.standard_normal((m, c)) * 2).astype(np.float32)
+    y = RNG.integers(0, c, size=m)
+    t = (RNG.random((m, c)) < 0.3).astype(np.float32)
+    v = RNG.uniform(0.5, 2.0, size=(m, c)).astype(np.float32)
+    w = RNG.uniform(0.5, 2.0, size=c)
+    kernels = {
+        "softmax": lambda a, b: (
+            cpu.softmax_cross_entropy_rows(z[a:b], y[a:b], weight=w, label_smoothing=0.1).per_sample
+        ),
+        "sigmoid": lambda a, b: (
+            cpu.binary_cross_entropy_rows(
+                z[a:b], t[a:b], element_weight=v[a:b], label_smoothing=0.1
+            ).per_sample
+        ),
+    }
+    for name, rows in kernels.items():
+        whole = rows(0, m)
+        for size in (1, 5, 7):
+            got = np.concatenate([rows(i, i + size) for i in range(0, m, size)])
+            np.testing.assert_array_equal(got, whole, err_msg=f"{name}, batches of {size}")
+
+
 @pytest.mark.parametrize("shape", [(12000, 7), (300, 500), (40, 3000), (50, 9)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_row_max_every_branch(monkeypatch, shape, threads):

@@ -517,6 +517,21 @@ def test_merge_of_split_equals_whole(
     assert_metrics_equal(merged.compute(), whole.compute(), rtol=1e-9)
 
 
+@pytest.mark.parametrize("c", [6, 1000])
+def test_merged_5_row_batches_of_float32_logits_equal_the_whole_set(c: int) -> None:
+    """A run pushed in batches of 5 equals one evaluation of all rows up to float64 summation
+    order (the per-row values are the same bits however the rows are batched)."""
+    rng = np.random.default_rng(c)
+    n = 4000 if c < 100 else 400
+    z = (rng.standard_normal((n, c)) * 2).astype(np.float32)
+    y = rng.integers(0, c, size=n)
+    w = rng.uniform(0.5, 2.0, size=n)
+    opts = {"top_k": [1, 5]}
+    parts = [batch_state(z[i : i + 5], y[i : i + 5], w[i : i + 5], opts) for i in range(0, n, 5)]
+    merged = reduce(MetricState.merge, parts)
+    assert_metrics_equal(merged.compute(), batch_state(z, y, w, opts).compute(), rtol=1e-12)
+
+
 def test_empty_state_is_the_merge_identity() -> None:
     z = RNG.standard_normal((10, 4))
     y = RNG.integers(0, 4, size=10)

@@ -11,7 +11,6 @@ The math is the reference's (``ce_engine.losses.cross_entropy``); see each funct
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import threading
@@ -188,14 +187,6 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-@functools.lru_cache(maxsize=16)
-def _ones(c: int, dtype: type[np.floating] = F32) -> npt.NDArray[np.floating]:
-    """A read-only vector of ``c`` ones (row sums through BLAS)."""
-    ones = np.ones(c, dtype=dtype)
-    ones.setflags(write=False)
-    return ones
-
-
 #: A per-row factor: an (M,) array, or a scalar when every row shares it.
 Factor = npt.NDArray[np.floating] | float
 
@@ -213,20 +204,39 @@ def _part(v: Factor, lo: int, hi: int) -> Factor:
 
 
 def _row_sums64(
-    chunk: FloatArray,
+    chunk: npt.NDArray[np.floating],
     out: npt.NDArray[np.float64],
     transposed: bool,
     weights: npt.NDArray[np.float64] | None = None,
 ) -> None:
-    """Σ_c w_c·chunk_ic per row, accumulated in float64 (w = 1 when None), for a float32
-    (rows, C) chunk or its (C, rows) transpose. NumPy's own loops, not BLAS: a float64 BLAS
-    call from the pool's threads starts BLAS threads of its own, which stall on busy cores."""
-    if weights is not None:
-        np.einsum("ji,j->i" if transposed else "ij,j->i", chunk, weights, out=out)
-    elif transposed:
+    """Σ_c w_c·chunk_ic per row, accumulated in float64 (w = 1 when None), for a float32 or
+    float64 (rows, C) chunk or its (C, rows) transpose. NumPy's own loops, not BLAS: each row
+    is summed the same way whatever rows share its chunk (BLAS kernels split a matrix-vector
+    product by the matrix's shape, so a row's sum would depend on its batch), and a float64
+    BLAS call from the pool's threads starts BLAS threads of its own, which stall on busy
+    cores."""
+    if transposed:  # C small: one elementwise add per class, in class order
+        if weights is not None:
+            weighted = _scratch.get64("row_sums", *chunk.shape)
+            np.multiply(chunk, weights[:, None], out=weighted)
+            chunk = weighted
         np.add.reduce(chunk, axis=0, dtype=np.float64, out=out)
+    elif weights is not None:
+        np.einsum("ij,j->i", chunk, weights, out=out)
+    elif chunk.dtype == np.float64:  # (einsum sums a lone float64 row another way)
+        np.add.reduce(chunk, axis=1, out=out)
     else:
         np.einsum("ij->i", chunk, dtype=np.float64, out=out)
+
+
+def _row_dots64(
+    a: npt.NDArray[np.floating], b: npt.NDArray[np.floating], out: npt.NDArray[np.float64]
+) -> None:
+    """Σ_c a_ic·b_ic per row of two (rows, C) chunks: float64 products (exact for float32
+    factors), summed per row by NumPy's pairwise loop, the same bits in any batch."""
+    products = _scratch.get64("row_dots", *a.shape)
+    np.multiply(a, b, out=products)
+    np.add.reduce(products, axis=1, out=out)
 
 
 @dataclass
@@ -508,8 +518,9 @@ def binary_cross_entropy_rows(
              (= (1 − y)·z + (1 + (pw − 1)·y)·softplus(−z), without its ∞ − ∞ at z = −∞)
         ∂ℓ_ic/∂z_ic = v_ic·[(1 + (pw_c − 1)·y_ic)·σ(z_ic) − pw_c·y_ic]
 
-    ``per_sample`` is Σ_c ℓ_ic per row; ``grad`` (when ``grad_scale`` is given) is the
-    elementwise derivative times ``grad_scale``; ``grad_out`` may be ``logits`` (in place).
+    ``per_sample`` is Σ_c ℓ_ic per row (float64, :func:`_row_sums64`); ``grad`` (when
+    ``grad_scale`` is given) is the elementwise derivative times ``grad_scale``; ``grad_out``
+    may be ``logits`` (in place).
     ``logits`` (M, C) float32 C-contiguous; ``targets``/``element_weight`` (M, C).
     """
     if logits.dtype != F32 or logits.ndim != 2 or not logits.flags.c_contiguous:
@@ -531,8 +542,6 @@ def binary_cross_entropy_rows(
             raise ValueError("grad_out must be a C-contiguous (M, C) float32 array")
     probs = np.empty((m_rows, c), dtype=F32) if probabilities else None
     scale = F32(grad_scale or 0.0)
-
-    ones = _ones(c)
 
     def labels(lo: int, hi: int) -> FloatArray:
         if not eps and t.dtype == F32:
@@ -578,10 +587,9 @@ def binary_cross_entropy_rows(
         np.add(acc, tmp, out=acc)
         if v is not None:
             np.multiply(acc, v[lo:hi], out=acc)
-        rows = _scratch.get("rows", 1, n)[0]
-        np.matmul(acc, ones, out=rows)
-        per_sample[lo:hi] = rows
-        if not np.isfinite(rows).all():  # and where a float32 row sum overflowed
+        rows = per_sample[lo:hi]
+        _row_sums64(acc, rows, transposed=False)
+        if not np.isfinite(rows).all():
             bad = np.flatnonzero(~np.isfinite(rows))
             per_sample[lo + bad] = _bce_exact_rows(
                 z[bad], yk[bad], pw, None if v is None else v[lo:hi][bad]
@@ -642,9 +650,11 @@ def softmax_row_stats(
         nll = log S_i − s_iy        entropy = log S_i − Σ_c e_ic·s_ic / S_i   (0·log 0 = 0)
         brier = Σ_c p_ic² − 2·p_iy + 1
 
-    ``logits`` (M, C) float32/float64 (the results keep that dtype; prediction and rank are
-    int64); ``targets`` (M,) valid class ids; T > 0. Only the statistics in ``want`` are
-    computed; no (M, C) array is allocated beyond a chunk's scratch.
+    S_i, Σ_c e_ic·s_ic and Σ_c e_ic² are accumulated in float64 (:func:`_row_sums64`,
+    :func:`_row_dots64`), so a row's statistics are the same bits in any batch. ``logits`` (M, C)
+    float32/float64 (nll, entropy and brier keep that dtype, confidence is float64,
+    prediction and rank int64); ``targets`` (M,) valid class ids; T > 0. Only the statistics
+    in ``want`` are computed; no (M, C) array is allocated beyond a chunk's scratch.
     """
     m_rows, c = logits.shape
     dtype = logits.dtype
@@ -656,7 +666,6 @@ def softmax_row_stats(
     cols = np.arange(c)
     need_exp = bool(want - {"rank"})
     inv_t = dtype.type(1.0 / temperature)
-    ones = np.ones(c, dtype=dtype)
 
     def work(lo: int, hi: int) -> None:
         z = logits[lo:hi]
@@ -680,21 +689,25 @@ def softmax_row_stats(
         if inv_t != 1:
             np.multiply(shifted, inv_t, out=shifted)
         e = np.exp(shifted)
-        total = e @ ones
+        total = np.empty(n, np.float64)
+        _row_sums64(e, total, transposed=False)
         lse = np.log(total)
         s_y = (z_y - m) * inv_t
         if "confidence" in want:
-            out["confidence"][lo:hi] = 1.0 / total.astype(np.float64)
+            out["confidence"][lo:hi] = 1.0 / total
         if "nll" in want:
             out["nll"][lo:hi] = lse - s_y
         if "entropy" in want:
-            mean_s = np.einsum("ij,ij->i", e, shifted)
+            mean_s = np.empty(n, np.float64)
+            _row_dots64(e, shifted, mean_s)
             bad = np.flatnonzero(~np.isfinite(mean_s))  # −inf logits: e·s = 0·(−∞)
             if bad.size:
-                mean_s[bad] = np.where(e[bad] > 0, e[bad] * shifted[bad], 0).sum(axis=1)
+                terms = np.where(e[bad] > 0, e[bad] * shifted[bad], 0)
+                mean_s[bad] = terms.sum(axis=1, dtype=np.float64)
             out["entropy"][lo:hi] = lse - mean_s / total
         if "brier" in want:
-            sq = np.einsum("ij,ij->i", e, e)
+            sq = np.empty(n, np.float64)
+            _row_dots64(e, e, sq)
             out["brier"][lo:hi] = sq / (total * total) - 2.0 * np.exp(s_y) / total + 1.0
 
     run_blocks(m_rows, c, work, threads=threads, chunk_bytes=chunk_bytes)
