@@ -31,6 +31,7 @@ import ce_engine
 from bench._results import write_results
 from ce_engine.metrics import MetricState
 from ce_engine.metrics import softmax as metrics_module
+from ce_engine.metrics.cells import Cells
 
 SHAPES = [(4096, 1000), (1024, 32000)]
 METRIC_SETS = {
@@ -70,8 +71,9 @@ def state_round_trip(rng: np.random.Generator, repeat: int) -> list[dict[str, An
 
     def as_lists() -> dict[str, Any]:
         data = state.to_dict()
+        dense = {k: v.dense() if isinstance(v, Cells) else v for k, v in state.stats.items()}
         data["stats"] = {
-            k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in state.stats.items()
+            k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in dense.items()
         }
         return data
 
