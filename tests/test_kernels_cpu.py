@@ -397,6 +397,8 @@ def test_softmax_row_stats_of_a_row_do_not_depend_on_its_batch(c, dtype):
     z = (RNG.standard_normal((m, c)) * 2).astype(dtype)
     y = RNG.integers(0, c, size=m)
     whole = cpu.softmax_row_stats(z, y)
+    for name, values in cpu.softmax_row_stats(np.asfortranarray(z), y).items():
+        np.testing.assert_array_equal(values, whole[name], err_msg=f"{name}, column-major")
     for size in (1, 5, 7):
         parts = [cpu.softmax_row_stats(z[i : i + size], y[i : i + size]) for i in range(0, m, size)]
         for name, values in whole.items():

@@ -685,7 +685,7 @@ def softmax_row_stats(
         if not need_exp:
             return
         m = z[r, pred]
-        shifted = np.subtract(z, m[:, None], dtype=dtype)
+        shifted = np.subtract(z, m[:, None], dtype=dtype, order="C")  # rows contiguous
         if inv_t != 1:
             np.multiply(shifted, inv_t, out=shifted)
         e = np.exp(shifted)
@@ -702,7 +702,7 @@ def softmax_row_stats(
             _row_dots64(e, shifted, mean_s)
             bad = np.flatnonzero(~np.isfinite(mean_s))  # −inf logits: e·s = 0·(−∞)
             if bad.size:
-                terms = np.where(e[bad] > 0, e[bad] * shifted[bad], 0)
+                terms = np.where(e[bad] > 0, e[bad].astype(np.float64) * shifted[bad], 0)
                 mean_s[bad] = terms.sum(axis=1, dtype=np.float64)
             out["entropy"][lo:hi] = lse - mean_s / total
         if "brier" in want:
